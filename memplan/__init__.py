@@ -1,0 +1,1 @@
+"""memplan: will it fit? Peak-VRAM prediction for LLM fine-tuning."""

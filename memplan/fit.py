@@ -1,0 +1,174 @@
+"""`memplan fit`: search the open knobs for a fixed effective batch, drop what does not fit, rank by speed.
+
+Everything here is pure Python over the analytic estimator: thousands of configurations in well under a second.
+The speed model (`predicted_tokens_per_s`) is one replaceable function; probes (the tune stage) correct it later.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from memplan.errors import ConfigError
+from memplan.predict.breakdown import Breakdown
+from memplan.predict.estimator import estimate
+from memplan.spec.hardware import GPU
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import Method, Optimizer, Precision, TrainConfig
+
+DEFAULT_MARGIN = 0.05  # keep 5 % of the card free: allocator variance, eval batches, other processes
+MFU_PEAK = 0.45  # model-FLOPs utilisation a well-fed HF Trainer step reaches on a large micro-batch
+MFU_HALF_TOKENS = 1024  # tokens per micro-batch at which utilisation reaches half of MFU_PEAK
+QLORA_SLOWDOWN = 1.35  # dequantising NF4 weights in every matmul (bitsandbytes kernels)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    train: TrainConfig
+    breakdown: Breakdown
+    fits: bool
+    tokens_per_s: float  # predicted, per GPU
+
+    @property
+    def total_bytes(self) -> int:
+        return self.breakdown.total_bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Suggestion:
+    change: str  # e.g. "turn on gradient checkpointing"
+    candidate: Candidate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FitResult:
+    model: ModelSpec
+    gpu: GPU
+    margin: float
+    global_batch: int
+    usable_bytes: int
+    ranked: tuple[Candidate, ...]  # fitting candidates, fastest first
+    searched: int
+    best_effort: Candidate  # the smallest-memory candidate when nothing fits
+    suggestions: tuple[Suggestion, ...] = field(default=())
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.ranked)
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.ranked[0] if self.ranked else None
+
+
+def predicted_tokens_per_s(spec: ModelSpec, train: TrainConfig, gpu: GPU) -> float:
+    """FLOPs model: forward 2N + attention, backward 2x that (input grads) + 2N weight grads for what trains,
+    one more forward when recomputing; utilisation rises with tokens per micro-batch."""
+    n_params = spec.num_parameters
+    if spec.is_moe:  # only routed experts run per token
+        dense = spec.num_parameters - spec.num_layers * spec.num_experts * sum(
+            lin.params for lin in spec.mlp_linears())
+        n_params = dense + spec.num_layers * spec.experts_per_token * sum(lin.params for lin in spec.mlp_linears())
+    attn = 2 * spec.num_layers * spec.q_dim * train.seq_len  # causal QK^T + PV per token, forward
+    fwd = 2 * n_params + attn
+    if train.method is Method.FULL:
+        weight_grads = 2 * n_params
+    elif train.method is Method.FREEZE:
+        weight_grads = 2 * n_params * min(train.freeze_trainable_layers, spec.num_layers) / spec.num_layers
+    else:
+        weight_grads = 0  # adapters' weight grads are negligible
+    # forward + input-gradient backward (same cost) + weight gradients + the recomputed forward
+    flops = 2 * fwd + weight_grads + (fwd if train.checkpointing else 0)
+    peak = _peak_flops(gpu, train.precision)
+    tokens = train.batch_size * train.seq_len
+    mfu = MFU_PEAK * tokens / (tokens + MFU_HALF_TOKENS)
+    rate = peak * mfu / flops
+    return rate / QLORA_SLOWDOWN if train.method is Method.QLORA else rate
+
+
+def _peak_flops(gpu: GPU, precision: Precision) -> float:
+    if precision is Precision.FP32:
+        return (gpu.fp32_tflops or 19.5) * 1e12
+    return (gpu.dense_bf16_tflops or (gpu.fp32_tflops or 19.5) * 4) * 1e12
+
+
+def _micro_batches(global_batch: int, gpus: int) -> list[int]:
+    if global_batch % gpus:
+        raise ConfigError(f"--global-batch {global_batch} is not divisible by {gpus} GPUs: "
+                          f"use a multiple of {gpus}")
+    per_gpu = global_batch // gpus
+    return [b for b in range(1, per_gpu + 1) if per_gpu % b == 0]
+
+
+def search_space(base: TrainConfig, gpu: GPU, *, global_batch: int, precisions: list[Precision] | None = None,
+                 checkpointing: list[bool] | None = None, lora_ranks: list[int] | None = None,
+                 optimizers: list[Optimizer] | None = None) -> list[TrainConfig]:
+    """Every configuration with micro x accum x GPUs == global_batch over the open knobs."""
+    if precisions is None:
+        precisions = [Precision.BF16, Precision.PURE_BF16] if gpu.bf16 else [Precision.FP16]
+    bad = [p for p in precisions if p in (Precision.BF16, Precision.PURE_BF16) and not gpu.bf16]
+    if bad:
+        raise ConfigError(f"{gpu.name} has no bf16 support: use --precision fp16 or fp32")
+    out = []
+    for b in _micro_batches(global_batch, base.gpus):
+        for prec in precisions:
+            if prec is Precision.FP32 and base.attn.value == "flash_attention_2":
+                continue
+            for ckpt in checkpointing if checkpointing is not None else [False, True]:
+                for rank in lora_ranks or [base.lora_rank]:
+                    for opt in optimizers or [base.optimizer]:
+                        out.append(base.with_(batch_size=b, grad_accum=global_batch // (b * base.gpus),
+                                              precision=prec, checkpointing=ckpt, lora_rank=rank, optimizer=opt))
+    return out
+
+
+def evaluate(spec: ModelSpec, train: TrainConfig, gpu: GPU, usable: int) -> Candidate:
+    bd = estimate(spec, train)
+    return Candidate(train=train, breakdown=bd, fits=bd.total_bytes <= usable,
+                     tokens_per_s=predicted_tokens_per_s(spec, train, gpu))
+
+
+def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, *, global_batch: int, margin: float = DEFAULT_MARGIN,
+        **space: object) -> FitResult:
+    """Rank every fitting configuration by predicted speed; when none fits, suggest the cheapest changes."""
+    if not 0.0 <= margin < 0.5:
+        raise ConfigError(f"--margin must be in [0, 0.5), got {margin}")
+    usable = int(gpu.memory_bytes * (1.0 - margin))
+    configs = search_space(base, gpu, global_batch=global_batch, **space)  # type: ignore[arg-type]
+    cands = [evaluate(spec, t, gpu, usable) for t in configs]
+    ranked = sorted((c for c in cands if c.fits), key=lambda c: (-c.tokens_per_s, c.total_bytes))
+    smallest = min(cands, key=lambda c: (c.total_bytes, not c.train.checkpointing))
+    suggestions = () if ranked else tuple(_suggest(spec, smallest.train, gpu, usable))
+    return FitResult(model=spec, gpu=gpu, margin=margin, global_batch=global_batch, usable_bytes=usable,
+                     ranked=tuple(ranked), searched=len(cands), best_effort=smallest, suggestions=suggestions)
+
+
+def _suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list[Suggestion]:
+    """Cheapest changes (one knob at a time, then combined) from the smallest-memory configuration."""
+    changes: list[tuple[str, dict[str, object]]] = [
+        ("turn on gradient checkpointing", dict(checkpointing=True)),
+        ("micro-batch 1 with more accumulation", dict(batch_size=1, grad_accum=start.effective_batch // start.gpus)),
+        ("8-bit AdamW (bitsandbytes)", dict(optimizer=Optimizer.ADAMW_8BIT)),
+    ]
+    if start.method in (Method.FULL, Method.FREEZE):
+        changes.append(("LoRA instead of full fine-tuning", dict(method=Method.LORA)))
+    if start.method is not Method.QLORA:
+        changes.append(("QLoRA 4-bit", dict(method=Method.QLORA, quant_bits=4)))
+    if start.seq_len > 512:
+        changes.append((f"shorter sequences ({start.seq_len // 2} tokens)", dict(seq_len=start.seq_len // 2)))
+    out = [Suggestion(change=label, candidate=evaluate(spec, start.with_(**change), gpu, usable))
+           for label, change in changes]
+    combined: dict[str, object] = {}
+    for i, (_, change) in enumerate(changes[1:], start=2):  # cumulative: first i changes together
+        combined.update(changes[0][1] if i == 2 else {})
+        combined.update(change)
+        label = " + ".join(lbl for lbl, _ in changes[:i])
+        out.append(Suggestion(change=label, candidate=evaluate(spec, start.with_(**combined), gpu, usable)))
+    fitting = sorted((s for s in out if s.candidate.fits), key=lambda s: -s.candidate.tokens_per_s)
+    rest = sorted((s for s in out if not s.candidate.fits), key=lambda s: s.candidate.total_bytes)
+    return (fitting + rest)[:8]
+
+
+def suggested_gpus_note(spec: ModelSpec, cand: Candidate, gpu: GPU) -> int:
+    """How many GPUs' worth of memory the best-effort configuration needs (before any sharding model)."""
+    return math.ceil(cand.total_bytes / gpu.memory_bytes)

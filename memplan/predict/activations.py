@@ -1,0 +1,199 @@
+"""Saved activations: the decoder layer and the LM head written as tape programs (what transformers 5.x runs).
+
+`layer_saved(layout, tokens, trains, x_rg)` is the bytes one decoder layer keeps for backward. Layers differ only in
+whether their weights train (freeze) and whether their input already requires grad (the first LoRA layer's does
+not, unless checkpointing turned on input grads), so the estimator runs at most three programs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.predict.layout import Layout
+from memplan.predict.tape import T, Tape, param
+from memplan.spec.train import Attention
+
+FP32 = 4
+
+
+@dataclass(slots=True)
+class _Ctx:
+    tape: Tape
+    lay: Layout
+    tokens: int  # batch x seq
+    batch: int
+    seq: int
+    trains: bool  # this layer's own weights train (full / freeze-trainable)
+    stream: int  # width of the residual stream (the rotary cos/sin follow it)
+
+    @property
+    def c(self) -> int:
+        return self.lay.compute_width
+
+    def norm_width(self) -> int:
+        return self.lay.trainable_width if self.trains else self.lay.base_width
+
+
+def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
+    """LlamaRMSNorm: x.float(); x * rsqrt(mean(x^2) + eps); weight * x.to(in_dtype). Gemma: x * (1 + w)."""
+    tp, rows = cx.tape, x.numel // dim
+    xf = tp.cast(x, FP32)
+    tp.saving_input(xf)  # pow(2)
+    rs = tp.saving_output(T(rows, FP32, xf.rg))  # rsqrt saves its result
+    xr = tp.mul(xf, rs)
+    w = param(dim, cx.norm_width(), cx.trains)
+    if gemma:
+        return tp.cast(tp.mul(xr, param(dim, FP32, cx.trains), width=FP32), x.width)
+    hn = tp.cast(xr, x.width)
+    return tp.mul(w, hn, width=max(w.width, hn.width))
+
+
+def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | None = None) -> T:
+    """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
+    tp, lay = cx.tape, cx.lay
+    w_trains = cx.trains if trains is None else trains
+    xin = tp.cast(x, 2) if lay.amp else x
+    y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
+    if name in lay.lora_modules:
+        xl = tp.cast(x, lay.lora_width) if lay.amp else x  # peft _cast_input_dtype to the adapter dtype
+        if lay.train.lora_dropout > 0:
+            tp.save(T(xl.numel, 1, False))  # dropout mask (bool)
+            xl = tp.new(xl)
+        xa = tp.cast(xl, 2) if lay.amp else xl
+        a = tp.linear(xa, in_f, lay.train.lora_rank, w_trains=True, width=cx.c)
+        tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+        y.rg = True
+    return y
+
+
+def attention(cx: _Ctx, h: T) -> T:
+    s, lay, tp = cx.lay.spec, cx.lay, cx.tape
+    n = cx.tokens
+    if s.fused_qkv:
+        qkv = linear(cx, h, "qkv_proj", s.hidden_size, s.q_dim + 2 * s.kv_dim)
+        q, k, v = qkv.view(n * s.q_dim), qkv.view(n * s.kv_dim), qkv.view(n * s.kv_dim)
+    else:
+        q = linear(cx, h, "q_proj", s.hidden_size, s.q_dim)
+        k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
+        v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
+    if s.qk_norm:
+        q, k = rms_norm(cx, q, s.head_dim), rms_norm(cx, k, s.head_dim)
+    rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
+    q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
+    if lay.amp:  # sdpa / matmul autocast to half
+        q, k, v = tp.cast(q, 2), tp.cast(k, 2), tp.cast(v, 2)
+    rg = q.rg or k.rg or v.rg
+    if lay.attn is Attention.EAGER:
+        out = tp.new(_eager(cx, q, k, v, rg))  # transpose(1, 2).reshape of a (B, H, S, D) result: a copy
+    else:
+        # sdpa / flash: saves q, k, v, out and the fp32 logsumexp (B, heads, S). The kernels return `out` in
+        # (B, S, H, D) memory, so transpose(1, 2).reshape is a view: o_proj saves the same storage.
+        out = T(n * s.q_dim, cx.c, rg)
+        if rg:
+            tp.save(q, k, v, out, T(n * s.num_heads, FP32, False))
+    return linear(cx, out, "o_proj", s.q_dim, s.hidden_size)
+
+
+def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:
+    """eager_attention_forward: repeat_kv copies, scores, (softcap), fp32 softmax, probs @ v."""
+    s, tp = cx.lay.spec, cx.tape
+    if s.num_kv_heads != s.num_heads:
+        k, v = tp.new(k, numel=q.numel), tp.new(v, numel=q.numel)
+    scores = T(cx.batch * s.num_heads * cx.seq * cx.seq, q.width, rg)
+    if rg:
+        tp.save(q, k)
+    if s.config.get("attn_logit_softcapping"):
+        scores = tp.saving_output(scores)  # tanh(scores / cap) * cap
+    probs = tp.saving_output(scores, width=FP32)  # softmax(dim=-1, dtype=float32)
+    probs = tp.cast(probs, q.width)  # .to(query.dtype)
+    probs = tp.cast(probs, 2) if cx.lay.amp else probs
+    return _matmul(cx, probs, v, q.numel)
+
+
+def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
+    if a.rg or b.rg:
+        cx.tape.save(a, b)
+    return T(out_numel, cx.c, a.rg or b.rg)
+
+
+def mlp(cx: _Ctx, h: T) -> T:
+    s = cx.lay.spec
+    n, hid = cx.tokens, s.hidden_size
+    if s.is_moe:  # balanced routing: each token visits `experts_per_token` experts of width moe_intermediate
+        return _moe(cx, h)
+    inter = s.intermediate_size
+    if s.fused_gate_up:
+        gu = linear(cx, h, "gate_up_proj", hid, 2 * inter)
+        gate, up = gu.view(n * inter), gu.view(n * inter)
+    else:
+        gate = linear(cx, h, "gate_proj", hid, inter)
+        up = linear(cx, h, "up_proj", hid, inter)
+    act = cx.tape.saving_input(gate)  # silu / gelu_tanh
+    prod = cx.tape.mul(act, up)
+    return linear(cx, prod, "down_proj", inter, hid)
+
+
+def _moe(cx: _Ctx, h: T) -> T:
+    s, tp = cx.lay.spec, cx.tape
+    n, k = cx.tokens, s.experts_per_token
+    logits = linear(cx, h, "router", s.hidden_size, s.num_experts)
+    tp.saving_output(tp.cast(logits, FP32), width=FP32)  # softmax(router_logits, dtype=float)
+    routed = T(n * k * s.hidden_size, h.width, h.rg)  # hidden_states[token_idx], all experts together
+    sub = _Ctx(tp, cx.lay, n * k, cx.batch, cx.seq, cx.trains, cx.stream)
+    inter = s.moe_intermediate_size
+    gate = linear(sub, routed, "experts.gate", s.hidden_size, inter)
+    up = linear(sub, routed, "experts.up", s.hidden_size, inter)
+    prod = tp.mul(tp.saving_input(gate), up)
+    out = linear(sub, prod, "experts.down", inter, s.hidden_size)
+    tp.mul(out, T(n * k, FP32, True))  # x routing weight
+    return T(n * s.hidden_size, out.width, True)
+
+
+def decoder_layer(cx: _Ctx, x: T) -> T:
+    s = cx.lay.spec
+    gemma = s.norms_per_layer == 4
+    a = attention(cx, rms_norm(cx, x, s.hidden_size, gemma=gemma))
+    if gemma:
+        a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
+    x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
+    m = mlp(cx, rms_norm(cx, x, s.hidden_size, gemma=gemma))
+    if gemma:
+        m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
+    return T(x.numel, max(x.width, m.width), x.rg or m.rg)
+
+
+def stream_width(lay: Layout) -> int:
+    """dtype of the residual stream: the embedding's (fp32 master weights under AMP full, else the base dtype)."""
+    return lay.trainable_width if lay.full else lay.base_width
+
+
+def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool) -> int:
+    """Bytes one decoder layer saves for backward (its input included when it is saved)."""
+    tape = Tape()
+    cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay))
+    decoder_layer(cx, T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg))
+    return tape.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class HeadSaved:
+    norm_bytes: int  # final norm's saved tensors
+    logits_bytes: int  # (B, S, V) logits in the compute dtype
+    logprobs_bytes: int  # fp32 log_softmax output saved by cross entropy
+    upcast_bytes: int  # logits.float() copy when logits are half
+    softcap_bytes: int  # gemma2 final_logit_softcapping: tanh output saved
+
+
+def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
+    s = lay.spec
+    n = batch * seq
+    tape = Tape()
+    cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
+    x = T(n * s.hidden_size, stream_width(lay), True)
+    hn = rms_norm(cx, x, s.hidden_size, gemma=s.norms_per_layer == 4)
+    norm = tape.nbytes
+    c = lay.compute_width
+    softcap = n * s.vocab_size * c if s.config.get("final_logit_softcapping") else 0
+    return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0),  # lm_head saves its input
+                     logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,
+                     upcast_bytes=n * s.vocab_size * FP32 if c != FP32 else 0, softcap_bytes=softcap)

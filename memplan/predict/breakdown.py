@@ -1,0 +1,42 @@
+"""Result dataclasses of the estimator: one Breakdown, made of named Terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Term:
+    name: str  # weights, gradients, optimizer_states, activations, transient, ...
+    bytes: int
+    explain: str  # the formula or reason behind the number
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Breakdown:
+    """Peak memory of one configuration. `terms` sum to `peak_allocated_bytes` (the reference-step peak of live
+    tensor bytes, comparable with torch.cuda.max_memory_allocated)."""
+
+    terms: tuple[Term, ...]
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int  # what the CUDA caching allocator holds at the peak
+    cuda_context_bytes: int  # CUDA context + cuBLAS workspace, outside the allocator
+    phase: str  # forward / backward / optimizer: where the peak happens
+    trainable_params: int
+    method: str = "analytic"  # or "exact" (trace)
+
+    @property
+    def total_bytes(self) -> int:
+        """What nvidia-smi would show: reserved + context. A fits verdict compares this with the card."""
+        return self.peak_reserved_bytes + self.cuda_context_bytes
+
+    def term(self, name: str) -> int:
+        return sum(t.bytes for t in self.terms if t.name == name)
+
+    def memory_dict(self) -> dict[str, int]:
+        out = {t.name: t.bytes for t in self.terms}
+        for key in ("weights", "gradients", "optimizer_states", "activations", "transient"):
+            out.setdefault(key, 0)
+        out.update(peak_allocated_bytes=self.peak_allocated_bytes, peak_reserved_bytes=self.peak_reserved_bytes,
+                   cuda_context_bytes=self.cuda_context_bytes, total_bytes=self.total_bytes)
+        return out

@@ -1,0 +1,110 @@
+"""The analytic estimator: peak live bytes of the reference step (NOTES §1), term by term, in pure Python.
+
+The peak is the largest of four moments of step 2 (optimizer states exist by then):
+  forward end   weights + states + autocast cache + saved activations + logits, upcast and log-probs
+  backward start  ... + log-probs + their gradient + the logits' gradient (the cross-entropy backward)
+  layer backward  with checkpointing: one layer recomputed on top of the kept layer inputs, + its gradient buffers
+  optimizer     weights + gradients + states + the step's temporaries (foreach AdamW: one more state copy)
+Saved activations come from the tape programs in `activations.py`.
+"""
+
+from __future__ import annotations
+
+from memplan.predict.activations import head_saved, layer_saved, stream_width
+from memplan.predict.breakdown import Breakdown, Term
+from memplan.predict.cuda import cuda_overheads
+from memplan.predict.layout import Layout
+from memplan.predict.weights import model_states
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import TrainConfig
+
+FP32 = 4
+
+
+def estimate(spec: ModelSpec, train: TrainConfig) -> Breakdown:
+    """Peak memory of `train` on `spec`, per GPU, with its terms and the phase where the peak happens."""
+    lay = Layout.of(spec, train)
+    _check_targets(lay)
+    st = model_states(lay)
+    b, s, L = train.batch_size, train.seq_len, spec.num_layers
+    n, v = b * s, spec.vocab_size
+    c = lay.compute_width
+    acts, first_layer_full = _activations(lay)
+    head = head_saved(lay, batch=b, seq=s)
+    head_keep = head.norm_bytes + head.logprobs_bytes + head.softcap_bytes
+    # cross-entropy backward: log-probs (saved) + their gradient + the logits' gradient, all fp32 (B, S, V)
+    ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
+    ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
+    layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0)
+    base = st.weights_bytes + st.optimizer_states_bytes
+    head_grads = _head_grad_bytes(lay)
+    moments = {
+        "forward": base + st.autocast_cache_bytes + acts + head.norm_bytes + ce_fwd,
+        "backward": base + st.autocast_cache_bytes + acts + max(
+            head.norm_bytes + ce_bwd,
+            head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
+        "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes,
+    }
+    phase = max(moments, key=moments.__getitem__)
+    peak = moments[phase]
+    terms = _terms(lay, st, acts, phase, peak)
+    reserved, context = cuda_overheads(peak, lay)
+    return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
+                     cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params)
+
+
+def _activations(lay: Layout) -> tuple[int, int]:
+    """(bytes kept for backward by all decoder layers, bytes one recomputed layer saves)."""
+    tr, L = lay.train, lay.spec.num_layers
+    b, s = tr.batch_size, tr.seq_len
+    full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
+    if tr.checkpointing:
+        # non-reentrant checkpoint keeps each layer's input hidden states (the rest is recomputed in backward)
+        kept = b * s * lay.spec.hidden_size * stream_width(lay)
+        return L * kept, full_layer
+    if lay.full:
+        return L * full_layer, full_layer
+    if tr.is_lora:  # the first layer's input does not require grad (frozen embedding)
+        first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False)
+        return first + (L - 1) * full_layer, full_layer
+    # freeze: frozen layers below save nothing; the first trainable one sees an input without grad
+    k = lay.trainable_layers
+    first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False)
+    return first + (k - 1) * full_layer, full_layer
+
+
+def _layer_backward_buffers(lay: Layout, n: int) -> int:
+    """Gradient buffers alive inside one layer's backward: the MLP's three (B, S, I) grads dominate."""
+    s = lay.spec
+    inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
+    return 3 * n * inter * lay.compute_width
+
+
+def _head_grad_bytes(lay: Layout) -> int:
+    if not lay.full:
+        return 0
+    return lay.spec.head_params * lay.trainable_width
+
+
+def _check_targets(lay: Layout) -> None:
+    from memplan.errors import ConfigError
+
+    names = {lin.name for lin in lay.spec.layer_linears()}
+    unknown = sorted(set(lay.lora_modules) - names)
+    if unknown:
+        raise ConfigError(f"--lora-targets {','.join(unknown)} not in {lay.spec.model_type} layers; "
+                          f"choose from {','.join(sorted(names))} or all-linear")
+
+
+def _terms(lay, st, acts, phase, peak) -> tuple[Term, ...]:  # noqa: ANN001
+    terms = [Term(name="weights", bytes=st.weights_bytes, explain="params x width")]
+    if phase == "optimizer":
+        terms += [Term(name="gradients", bytes=st.gradients_bytes, explain="trainable x width"),
+                  Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain="states"),
+                  Term(name="transient", bytes=st.optimizer_step_bytes, explain="optimizer step temporaries")]
+    else:
+        terms += [Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain="states"),
+                  Term(name="activations", bytes=acts + st.autocast_cache_bytes, explain="saved for backward")]
+    rest = peak - sum(t.bytes for t in terms)
+    terms.append(Term(name="transient" if phase != "optimizer" else "other", bytes=rest, explain="peak moment"))
+    return tuple(terms)

@@ -1,0 +1,59 @@
+"""Where every parameter lives: dtype width, trainable or not, LoRA adapters (NOTES §2 precision semantics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig, resolve_attention
+
+AMP = (Precision.FP16, Precision.BF16)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """Derived once per estimate: widths in bytes and which modules train."""
+
+    spec: ModelSpec
+    train: TrainConfig
+    attn: Attention
+    amp: bool
+    compute_width: int  # linear outputs: 4 (fp32) or 2 (fp16/bf16)
+    base_width: int  # frozen/base weights and the embedding output ("stream") for LoRA/freeze
+    trainable_width: int  # weights that train: fp32 master copies except under pure_bf16
+    lora_width: int  # adapters: fp32 (peft upcasts) except under pure_bf16
+    lora_modules: frozenset[str]
+    trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
+
+    @classmethod
+    def of(cls, spec: ModelSpec, train: TrainConfig) -> Layout:
+        amp = train.precision in AMP
+        half = train.precision is not Precision.FP32
+        full = train.method is Method.FULL
+        trainable_width = 2 if train.precision is Precision.PURE_BF16 else 4
+        names = {lin.name for lin in spec.layer_linears()}
+        if not train.is_lora:
+            lora: frozenset[str] = frozenset()
+        elif ALL_LINEAR in train.lora_targets:
+            lora = frozenset(names)
+        else:
+            lora = frozenset(train.lora_targets)
+        return cls(
+            spec=spec, train=train, attn=resolve_attention(spec.model_type, train.attn), amp=amp,
+            compute_width=2 if half else 4,
+            base_width=trainable_width if full else (2 if half else 4),
+            trainable_width=trainable_width,
+            lora_width=trainable_width,
+            lora_modules=lora,
+            trainable_layers=spec.num_layers if full else
+            (min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0),
+        )
+
+    @property
+    def full(self) -> bool:
+        return self.train.method is Method.FULL
+
+    def lora_params_per_layer(self) -> int:
+        r = self.train.lora_rank
+        return sum(r * (lin.in_features + lin.out_features) for lin in self.spec.layer_linears()
+                   if lin.name in self.lora_modules)

@@ -1,0 +1,95 @@
+"""A tiny symbolic autograd tape: which tensors does one decoder layer save for backward?
+
+Each op below mirrors what the real torch op saves (its `derivatives.yaml` entry) for the code transformers 5.x
+runs; a storage saved by several ops counts once, and a saved view pins its whole base storage.
+Pure Python on integers: one layer takes microseconds.
+Rule of thumb for products: `mul(a, b)` saves `b` iff `a` requires grad and `a` iff `b` does; `linear(x, W)` saves
+`x` iff W trains (parameters themselves are counted as weights, never here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import count
+
+_ids = count()
+
+
+@dataclass(slots=True)
+class T:
+    """A symbolic tensor: element count, bytes per element, requires-grad; views share `storage`."""
+
+    numel: int
+    width: int
+    rg: bool
+    param: bool = False
+    storage: int = field(default_factory=lambda: next(_ids))
+    storage_bytes: int = -1
+
+    def __post_init__(self) -> None:
+        if self.storage_bytes < 0:
+            self.storage_bytes = self.numel * self.width
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.width
+
+    def view(self, numel: int, rg: bool | None = None) -> T:
+        """A slice/transpose/reshape without copy: same storage."""
+        return T(numel, self.width, self.rg if rg is None else rg, self.param, self.storage, self.storage_bytes)
+
+
+def param(numel: int, width: int, trains: bool) -> T:
+    return T(numel, width, trains, param=True)
+
+
+@dataclass(slots=True)
+class Tape:
+    """Collects saved storages (id -> bytes) while a layer program runs."""
+
+    saved: dict[int, int] = field(default_factory=dict)
+
+    def save(self, *tensors: T) -> None:
+        for t in tensors:
+            if not t.param:
+                self.saved[t.storage] = t.storage_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.saved.values())
+
+    # ---- ops ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def new(like: T, *, numel: int | None = None, width: int | None = None, rg: bool | None = None) -> T:
+        return T(like.numel if numel is None else numel, like.width if width is None else width,
+                 like.rg if rg is None else rg)
+
+    def cast(self, x: T, width: int) -> T:
+        """x.to(dtype): a new tensor unless the dtype already matches; saves nothing."""
+        return x if x.width == width else self.new(x, width=width)
+
+    def mul(self, a: T, b: T, width: int | None = None) -> T:
+        if a.rg:
+            self.save(b)
+        if b.rg:
+            self.save(a)
+        return T(max(a.numel, b.numel), width or max(a.width, b.width), a.rg or b.rg)
+
+    def saving_input(self, x: T, width: int | None = None) -> T:
+        """silu, gelu, pow: backward needs the input."""
+        if x.rg:
+            self.save(x)
+        return self.new(x, width=width)
+
+    def saving_output(self, x: T, width: int | None = None, numel: int | None = None) -> T:
+        """tanh, rsqrt, softmax, log_softmax: backward needs the result."""
+        out = self.new(x, width=width, numel=numel)
+        if x.rg:
+            self.save(out)
+        return out
+
+    def linear(self, x: T, in_features: int, out_features: int, *, w_trains: bool, width: int) -> T:
+        """F.linear: saves x if the weight trains (x already in the compute dtype)."""
+        if w_trains:
+            self.save(x)
+        return T(x.numel // in_features * out_features, width, x.rg or w_trains)

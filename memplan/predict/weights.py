@@ -1,0 +1,120 @@
+"""Model states: weights (incl. quantized storage), gradients, optimizer states and the optimizer step's temporaries.
+
+Bytes-per-parameter sums are written out next to each formula (DeepSpeed's habit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.predict.layout import Layout
+from memplan.spec.train import Method, Optimizer
+
+NF4_BLOCK = 64  # bitsandbytes NF4 blocksize; absmax quantized to 8 bits (double quant), 2nd level fp32 per 256
+OPT8_BLOCK = 256  # bitsandbytes 8-bit optimizer state blocksize (fp32 absmax per block)
+OPT8_MIN_SIZE = 4096  # bnb keeps 32-bit states for tensors smaller than min_8bit_size
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelStates:
+    weights_bytes: int
+    trainable_params: int
+    frozen_params: int
+    quantized_params: int
+    gradients_bytes: int
+    optimizer_states_bytes: int
+    optimizer_step_bytes: int  # temporaries inside optimizer.step()
+    autocast_cache_bytes: int  # half copies of fp32 weights cast by autocast during forward
+    largest_linear: int  # params of the biggest nn.Linear (dequantization / per-tensor temporaries)
+
+
+def _quantized_bytes(numel: int, bits: int, out_features_total: int) -> int:
+    if bits == 4:
+        # NF4: 0.5 B/param packed + 1 B absmax per 64 (double quant) + 4 B per 256 absmax blocks
+        blocks = -(-numel // NF4_BLOCK)
+        return numel // 2 + blocks + 4 * -(-blocks // 256)
+    # LLM.int8: 1 B/param + fp32 row scale (SCB) per output feature
+    return numel + 4 * out_features_total
+
+
+def model_states(lay: Layout) -> ModelStates:
+    s, tr = lay.spec, lay.train
+    total = s.num_parameters
+    linears = s.layer_linears()
+    linear_params = sum(lin.in_features * lin.out_features for lin in linears)
+    if s.is_moe:
+        linear_params += sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts
+    buffers = s.head_dim // 2 * 4  # rotary inv_freq (fp32)
+    largest = max([lin.in_features * lin.out_features for lin in linears + s.mlp_linears()])
+    quantized = 0
+    if tr.method is Method.FULL:
+        trainable, weights = total, total * lay.trainable_width
+        ac_params = linear_params * s.num_layers + s.vocab_size * s.hidden_size  # all linears incl. lm_head
+    elif tr.method is Method.FREEZE:
+        trainable = lay.trainable_layers * s.layer_params
+        weights = trainable * lay.trainable_width + (total - trainable) * lay.base_width
+        ac_params = linear_params * lay.trainable_layers if lay.trainable_width == 4 else 0
+    else:
+        trainable = lay.lora_params_per_layer() * s.num_layers
+        weights = (total * lay.base_width) + trainable * lay.lora_width
+        ac_params = trainable if lay.lora_width == 4 else 0
+        if tr.method is Method.QLORA:
+            quantized = linear_params * s.num_layers  # every decoder nn.Linear; lm_head is skipped by bnb
+            outs = sum(lin.out_features for lin in linears) * s.num_layers
+            weights += _quantized_bytes(quantized, tr.quant_bits, outs) - quantized * lay.base_width
+    if not lay.amp:
+        ac_params = 0
+    grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
+    width = grads // trainable if trainable else 4
+    states, step = _optimizer(lay, trainable, width)
+    return ModelStates(weights_bytes=weights + buffers, trainable_params=trainable, frozen_params=total - trainable,
+                       quantized_params=quantized, gradients_bytes=grads, optimizer_states_bytes=states,
+                       optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params, largest_linear=largest)
+
+
+def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:
+    """(state bytes, step temporary bytes) for `trainable` params whose grads/states have `width` bytes."""
+    opt = lay.train.optimizer
+    if opt is Optimizer.ADAMW:
+        # exp_avg + exp_avg_sq in the param dtype; foreach step: _foreach_sqrt(exp_avg_sq) is one more copy
+        return 2 * trainable * width, trainable * width
+    if opt in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT):
+        # 2 states x (1 B + 4 B absmax / 256); fused kernel, no temporaries
+        return 2 * (trainable + 4 * -(-trainable // OPT8_BLOCK)), 0
+    if opt is Optimizer.SGD:
+        return 0, 0
+    if opt is Optimizer.SGD_MOMENTUM:
+        return trainable * width, 0  # momentum_buffer
+    return _adafactor(lay, width)
+
+
+def _adafactor(lay: Layout, width: int) -> tuple[int, int]:
+    """HF Adafactor (beta1=None): factored row/col second moments for matrices, full for vectors."""
+    s = lay.spec
+    states = 0
+    shapes = _trainable_shapes(lay)
+    for rows, cols, n in shapes:
+        states += n * ((rows + cols) if cols else rows) * 4
+    biggest = max((r * (c or 1) for r, c, _ in shapes), default=0)
+    del s, width
+    return states, 3 * biggest * 4  # update = grad**2 (fp32), approx, update*grad: per tensor, fp32
+
+
+def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
+    """(rows, cols or 0, count) of every trainable tensor."""
+    s = lay.spec
+    h = s.hidden_size
+    if lay.train.is_lora:
+        r = lay.train.lora_rank
+        out = []
+        for lin in s.layer_linears():
+            if lin.name in lay.lora_modules:
+                out += [(r, lin.in_features, s.num_layers), (lin.out_features, r, s.num_layers)]
+        return out
+    layer = [(lin.out_features, lin.in_features, 1) for lin in s.layer_linears()]
+    layer += [(h, 0, s.norms_per_layer)]
+    n = lay.trainable_layers
+    shapes = [(r, c, k * n) for r, c, k in layer]
+    if lay.full:
+        shapes += [(s.vocab_size, h, 1 if s.tie_word_embeddings else 2), (h, 0, 1)]
+    return shapes

@@ -1,0 +1,1 @@
+"""Probe: real training steps, measured (torch imported only inside functions)."""

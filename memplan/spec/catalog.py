@@ -1,0 +1,101 @@
+"""The shipped model catalog (exact config.json fields) and name resolution for `--model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from memplan.errors import UnknownModel
+from memplan.spec.model import CATALOG_DIR, ModelSpec, load_config_file
+
+# suffixes dropped to make short names; a short name that two entries would share is not registered
+_DROP = ("-hf", "-v0.1", "-4k-instruct", "-chat-v1.0", "-base-2407", "-base", "-intermediate-step-1431k-3t")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CatalogEntry:
+    hf_id: str  # e.g. "meta-llama/Meta-Llama-3-8B"
+    short_name: str  # e.g. "llama-3-8b"
+    path: Path
+
+
+def _short(name: str) -> str:
+    name = name.lower()
+    return name[5:] if name.startswith("meta-") else name
+
+
+@lru_cache(maxsize=1)
+def _index() -> tuple[dict[str, CatalogEntry], tuple[CatalogEntry, ...]]:
+    entries = []
+    for path in sorted(CATALOG_DIR.glob("*.json")):
+        org, _, name = path.stem.partition("__")
+        entries.append(CatalogEntry(hf_id=f"{org}/{name}", short_name=_short(name), path=path))
+    names: dict[str, CatalogEntry] = {}
+    for e in entries:
+        names[e.hf_id.lower()] = e
+        names[e.short_name] = e
+    counts: dict[str, list[CatalogEntry]] = {}
+    for e in entries:  # shorter aliases, only when unambiguous
+        alias = e.short_name
+        for suffix in _DROP:
+            if alias.endswith(suffix):
+                alias = alias[: -len(suffix)]
+                counts.setdefault(alias, []).append(e)
+    for alias, owners in counts.items():
+        if len(owners) == 1 and alias not in names:
+            names[alias] = owners[0]
+    return names, tuple(entries)
+
+
+def catalog_entries() -> tuple[CatalogEntry, ...]:
+    return _index()[1]
+
+
+def find_entry(name: str) -> CatalogEntry | None:
+    return _index()[0].get(name.strip().lower())
+
+
+@lru_cache(maxsize=64)
+def _load_entry(hf_id: str) -> ModelSpec:
+    entry = find_entry(hf_id)
+    assert entry is not None
+    cfg = load_config_file(entry.path)
+    return ModelSpec.from_config_dict(cfg, name=entry.short_name)
+
+
+def catalog_param_count(entry: CatalogEntry) -> int | None:
+    """The publicly stated parameter count shipped with the entry (a check on our own count)."""
+    return load_config_file(entry.path).get("_param_count")
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """--model: a catalog name or hub id, a folder with config.json, a config.json path, or (with transformers
+    installed and the hub reachable) any hub id."""
+    entry = find_entry(name)
+    if entry is not None:
+        return _load_entry(entry.hf_id)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModel(f"folder {path} has no config.json; pass a folder holding one, or the file itself")
+        path = path / "config.json"
+    if path.is_file():
+        return ModelSpec.from_config_dict(load_config_file(path), name=str(path))
+    return _from_hub(name)
+
+
+def _from_hub(name: str) -> ModelSpec:
+    hint = (f"unknown model {name!r}: not in the catalog (see `memplan models`), not a local folder or config.json; "
+            "download its config.json and pass its path with --model")
+    if "/" not in name:
+        raise UnknownModel(hint)
+    try:
+        from transformers import AutoConfig  # optional: only for hub ids outside the catalog
+    except ImportError:
+        raise UnknownModel(hint + " (transformers is not installed, so the hub was not tried)") from None
+    try:
+        cfg = AutoConfig.from_pretrained(name).to_dict()
+    except Exception as err:  # noqa: BLE001 - any hub/network failure means the same thing to the user
+        raise UnknownModel(f"{hint} (hub lookup failed: {type(err).__name__})") from None
+    return ModelSpec.from_config_dict(cfg, name=name)

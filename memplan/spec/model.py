@@ -1,0 +1,210 @@
+"""ModelSpec: the torch-free dimensions of a decoder LLM, from the shipped catalog, a local config.json or the hub.
+
+Derived fields (head_dim, biases, fused projections, tying) follow what transformers builds for each model_type;
+the per-family facts are in `_FAMILIES`, each with its source.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memplan.errors import ConfigError, UnknownModel, UnsupportedModel
+
+CATALOG_DIR = Path(__file__).parent / "catalog"
+
+# Per model_type facts that config.json does not store. Sources: transformers modeling_<type>.py (5.x).
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},  # Qwen2Attention: q/k/v Linear(bias=True), o_proj bias=False
+    "qwen3": {"qk_norm": True},  # Qwen3Attention: q_norm / k_norm RMSNorm(head_dim)
+    "gemma2": {"norms_per_layer": 4, "tied_default": True, "act": "gelu", "gemma_norm": True},
+    "phi3": {"fused_qkv": True, "fused_gate_up": True},  # Phi3Attention.qkv_proj, Phi3MLP.gate_up_proj
+    "mixtral": {"moe": True},
+    "qwen3_moe": {"moe": True, "qk_norm": True},
+    "internlm2": {"fused_qkv": True, "remote_code": True},  # wqkv + wo, w1/w3/w2 (trust_remote_code)
+}
+_KNOWN_UNMODELLED = {"bloom", "gpt2", "gpt_neox", "falcon", "opt", "bert", "t5"}
+_ARCH_TO_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Linear:
+    """One nn.Linear of a decoder layer: module name (as peft targets it), shape, bias."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    """Dimensions of a decoder-only causal LM; `config` keeps the raw config.json for the exact mode."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    norms_per_layer: int = 2
+    act: str = "silu"
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    sliding_window: int | None = None
+    remote_code: bool = False
+    config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def attention_linears(self) -> tuple[Linear, ...]:
+        h, b = self.hidden_size, self.qkv_bias
+        if self.fused_qkv:
+            qkv = (Linear(name="qkv_proj", in_features=h, out_features=self.q_dim + 2 * self.kv_dim, bias=b),)
+        else:
+            qkv = (
+                Linear(name="q_proj", in_features=h, out_features=self.q_dim, bias=b),
+                Linear(name="k_proj", in_features=h, out_features=self.kv_dim, bias=b),
+                Linear(name="v_proj", in_features=h, out_features=self.kv_dim, bias=b),
+            )
+        return (*qkv, Linear(name="o_proj", in_features=self.q_dim, out_features=h))
+
+    def mlp_linears(self) -> tuple[Linear, ...]:
+        """The dense MLP of one layer (for MoE: one expert, repeated `num_experts` times)."""
+        h = self.hidden_size
+        i = self.moe_intermediate_size if self.is_moe else self.intermediate_size
+        if self.fused_gate_up:
+            up: tuple[Linear, ...] = (Linear(name="gate_up_proj", in_features=h, out_features=2 * i),)
+        else:
+            up = (Linear(name="gate_proj", in_features=h, out_features=i),
+                  Linear(name="up_proj", in_features=h, out_features=i))
+        return (*up, Linear(name="down_proj", in_features=i, out_features=h))
+
+    def layer_linears(self) -> tuple[Linear, ...]:
+        """Every nn.Linear of one decoder layer that peft's 'all-linear' would wrap (MoE experts excluded)."""
+        if self.is_moe:
+            return self.attention_linears()
+        return self.attention_linears() + self.mlp_linears()
+
+    @property
+    def layer_params(self) -> int:
+        h = self.hidden_size
+        n = sum(lin.params for lin in self.attention_linears())
+        n += self.norms_per_layer * h  # RMSNorm weights: 2 per layer (4 in gemma2)
+        if self.qk_norm:
+            n += 2 * self.head_dim  # q_norm, k_norm
+        mlp = sum(lin.params for lin in self.mlp_linears())
+        if self.is_moe:
+            n += h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
+        else:
+            n += mlp
+        return n
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def head_params(self) -> int:
+        """Final norm + lm_head (0 extra when tied to the embedding)."""
+        return self.hidden_size + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
+
+    @property
+    def num_parameters(self) -> int:
+        """Exact parameter count from the shapes (buffers such as rotary inv_freq excluded)."""
+        return self.embedding_params + self.num_layers * self.layer_params + self.head_params
+
+    # ---- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any], *, name: str | None = None) -> ModelSpec:
+        """Build from a transformers config.json dict; raises ConfigError naming every missing/bad field."""
+        mtype = cfg.get("model_type") or _ARCH_TO_TYPE.get((cfg.get("architectures") or [""])[0])
+        label = name or cfg.get("_name_or_path") or "config.json"
+        if mtype in _KNOWN_UNMODELLED or (mtype and mtype not in _FAMILIES):
+            raise UnsupportedModel(
+                f"{label}: model_type {mtype!r} is not modelled by the analytic formulas "
+                f"(known: {', '.join(sorted(_FAMILIES))}); use the exact mode: --exact"
+            )
+        if not mtype:
+            raise ConfigError(f"{label}: config.json has no model_type; add one (e.g. \"model_type\": \"llama\")")
+        fam = _FAMILIES[mtype]
+        required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+        required += ["moe_intermediate_size" if mtype == "qwen3_moe" else "intermediate_size"]
+        problems = [f"{label}: missing {k}" for k in required if k not in cfg]
+        problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in required
+                     if k in cfg and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] <= 0)]
+        if problems:
+            raise ConfigError(problems)
+        heads = cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        if heads % kv:
+            raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.get("moe") else 0
+        tied = cfg.get("tie_word_embeddings")
+        return cls(
+            name=name or cfg.get("_name_or_path") or mtype,
+            model_type=mtype,
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            intermediate_size=cfg.get("intermediate_size", 0),
+            vocab_size=cfg["vocab_size"],
+            tie_word_embeddings=bool(fam.get("tied_default", False) if tied is None else tied),
+            qkv_bias=bool(fam.get("qkv_bias", cfg.get("attention_bias", False))),
+            qk_norm=bool(fam.get("qk_norm", False)),
+            fused_qkv=bool(fam.get("fused_qkv", False)),
+            fused_gate_up=bool(fam.get("fused_gate_up", False)),
+            norms_per_layer=fam.get("norms_per_layer", 2),
+            act=fam.get("act", "silu"),
+            num_experts=experts,
+            experts_per_token=(cfg.get("num_experts_per_tok") or 0) if experts else 0,
+            moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
+            if experts else 0,
+            sliding_window=cfg.get("sliding_window"),
+            remote_code=bool(fam.get("remote_code", False)),
+            config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
+        )
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a config.json, turning malformed JSON into a ConfigError."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data

@@ -1,0 +1,127 @@
+"""TrainConfig: every knob of one training configuration, validated at once (ConfigError lists every problem)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from enum import Enum
+
+from memplan.errors import ConfigError
+
+
+class Method(str, Enum):
+    FULL = "full"
+    FREEZE = "freeze"  # LLaMA-Factory finetuning_type=freeze: only the last N layers train
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"  # AMP: fp32 master weights, fp16 autocast (see NOTES §2)
+    BF16 = "bf16"  # AMP with bf16
+    PURE_BF16 = "pure_bf16"  # weights, grads, states all bf16
+
+
+class Optimizer(str, Enum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw_8bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+    SGD = "sgd"
+    SGD_MOMENTUM = "sgd_momentum"
+    ADAFACTOR = "adafactor"
+
+
+class Attention(str, Enum):
+    AUTO = "auto"  # what transformers picks: sdpa, or eager where the model refuses sdpa (gemma2)
+    SDPA = "sdpa"
+    EAGER = "eager"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """One configuration; defaults follow LLaMA-Factory's (lora, bf16, checkpointing on, cutoff_len 2048)."""
+
+    method: Method = Method.LORA
+    precision: Precision = Precision.BF16
+    batch_size: int = 1  # micro-batch per GPU
+    grad_accum: int = 1
+    seq_len: int = 2048
+    checkpointing: bool = True
+    optimizer: Optimizer = Optimizer.ADAMW
+    attn: Attention = Attention.AUTO
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # None: 2 x rank
+    lora_targets: tuple[str, ...] = (ALL_LINEAR,)
+    lora_dropout: float = 0.0
+    quant_bits: int = 4
+    freeze_trainable_layers: int = 2
+    gpus: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "freeze_trainable_layers", "gpus"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.quant_bits not in (4, 8):
+            problems.append(f"--quant-bits must be 4 or 8 (bitsandbytes NF4 or int8), got {self.quant_bits}")
+        if self.attn is Attention.FLASH_ATTENTION_2 and self.precision is Precision.FP32:
+            problems.append("--attn flash_attention_2 needs fp16/bf16 (it has no fp32 kernel): use --precision bf16 "
+                            "or --attn sdpa")
+        if not self.lora_targets:
+            problems.append("--lora-targets is empty: name modules (q_proj,v_proj) or all-linear")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method in (Method.LORA, Method.QLORA)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.gpus
+
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    def with_(self, **changes: object) -> TrainConfig:
+        """A copy with some knobs changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
+        out["lora_alpha"] = self.alpha
+        return out
+
+
+def parse_choice(enum: type[Enum], value: str, option: str) -> Enum:
+    """'BF16' -> Precision.BF16; unknown names raise ConfigError listing the choices."""
+    try:
+        return enum(str(value).strip().lower())
+    except ValueError:
+        choices = "|".join(m.value for m in enum)  # type: ignore[attr-defined]
+        raise ConfigError(f"unknown {option} {value!r}: choose one of {choices}") from None
+
+
+# model types whose transformers 5.x class refuses sdpa (`_supports_sdpa = False`: softcapping)
+_NO_SDPA = frozenset({"gemma2"})
+
+
+def resolve_attention(model_type: str, attn: Attention) -> Attention:
+    """The kernel transformers will really run: AUTO -> sdpa, or eager where sdpa is refused."""
+    if attn is Attention.AUTO:
+        return Attention.EAGER if model_type in _NO_SDPA else Attention.SDPA
+    if attn is Attention.SDPA and model_type in _NO_SDPA:
+        raise ConfigError(f"{model_type} does not support --attn sdpa in transformers 5 (softcapping): "
+                          "use --attn eager or flash_attention_2")
+    return attn

@@ -1,0 +1,27 @@
+"""Small real model configs of several architectures, for CPU ground truth in tests and benchmarks.
+
+Sized so that activations, logits and weights all matter (as they do for a 7B model at long sequence), while one
+measured reference step stays under a second on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from memplan.spec.model import ModelSpec
+
+_BASE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=4,
+             num_hidden_layers=3, vocab_size=4096, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", **_BASE),
+    "mistral": dict(model_type="mistral", **{**_BASE, "num_key_value_heads": 2}, sliding_window=None),
+    "qwen2": dict(model_type="qwen2", **_BASE, tie_word_embeddings=True),
+    "gemma2": dict(model_type="gemma2", **{**_BASE, "num_attention_heads": 4, "num_key_value_heads": 2},
+                   head_dim=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=64,
+                   sliding_window=4096, hidden_activation="gelu_pytorch_tanh"),
+    "phi3": dict(model_type="phi3", **{**_BASE, "num_key_value_heads": 8}, pad_token_id=0, sliding_window=None),
+    "qwen3": dict(model_type="qwen3", **_BASE, head_dim=32, tie_word_embeddings=True),
+}
+
+
+def tiny_spec(arch: str) -> ModelSpec:
+    return ModelSpec.from_config_dict(dict(TINY_CONFIGS[arch]), name=f"tiny-{arch}")

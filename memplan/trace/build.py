@@ -1,0 +1,88 @@
+"""Build the real transformers model (plus the peft wrapper) for a ModelSpec and TrainConfig.
+
+Shared by the CPU ground truth, the exact (fake-tensor) trace and the probe worker, so that all three run the very
+same model with the precision semantics of NOTES §2 (as HF Trainer / LLaMA-Factory set them up).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memplan._imports import try_import
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import Method, Optimizer, Precision, TrainConfig, resolve_attention
+
+_HALF = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.PURE_BF16: "bfloat16"}
+
+
+def hf_config(spec: ModelSpec, train: TrainConfig) -> Any:
+    transformers = try_import("transformers")
+    cfg = dict(spec.config)
+    cfg.pop("architectures", None)
+    cfg.pop("auto_map", None)
+    model_type = cfg.pop("model_type", spec.model_type)
+    config = transformers.AutoConfig.for_model(model_type, **cfg)
+    config._attn_implementation = resolve_attention(spec.model_type, train.attn).value
+    config.use_cache = False
+    return config
+
+
+def compute_dtype(train: TrainConfig) -> Any:
+    torch = try_import("torch")
+    return getattr(torch, _HALF[train.precision]) if train.precision in _HALF else torch.float32
+
+
+def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> Any:
+    """Random-weight model on `device` ("meta" for tracing), with dtypes, trainable flags, LoRA and checkpointing."""
+    torch = try_import("torch")
+    transformers = try_import("transformers")
+    if train.method is Method.QLORA:
+        raise NotImplementedError("QLoRA needs bitsandbytes on a CUDA device")
+    half = compute_dtype(train)
+    # LLaMA-Factory loads the base in the compute dtype and upcasts what trains to fp32 (unless pure_bf16)
+    load_dtype = torch.float32 if train.precision is Precision.FP32 else half
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(spec, train), dtype=load_dtype)
+    model.train()
+    if train.is_lora:
+        peft = try_import("peft")
+        targets: Any = "all-linear" if train.lora_targets == ("all-linear",) else list(train.lora_targets)
+        lcfg = peft.LoraConfig(r=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
+                               target_modules=targets, task_type="CAUSAL_LM")
+        # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); pure bf16 keeps them bf16
+        model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=train.precision is not Precision.PURE_BF16)
+    else:
+        trainable = _trainable_prefixes(spec, train)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable is None or any(t in name for t in trainable))
+            if p.requires_grad and train.precision in (Precision.FP16, Precision.BF16):
+                p.data = p.data.to(torch.float32)  # fp32 master weights under AMP
+    if train.checkpointing:
+        model.activation_checkpointing_enable()  # transformers 5 default: use_reentrant=False + input grads
+    return model
+
+
+def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None:
+    if train.method is Method.FULL:
+        return None
+    first = max(spec.num_layers - train.freeze_trainable_layers, 0)
+    return [f"layers.{i}." for i in range(first, spec.num_layers)]
+
+
+def build_optimizer(model: Any, train: TrainConfig) -> Any:
+    """The optimizer HF Trainer would create for `optim`, with foreach=True as on a GPU (NOTES §1)."""
+    torch = try_import("torch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer is Optimizer.ADAMW:
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=True)
+    if train.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(params, lr=1e-5, foreach=True)
+    if train.optimizer is Optimizer.SGD_MOMENTUM:
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=True)
+    if train.optimizer is Optimizer.ADAFACTOR:
+        transformers = try_import("transformers")
+        # Trainer's optim=adafactor: scale_parameter=False, relative_step=False
+        return transformers.optimization.Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False)
+    bnb = try_import("bitsandbytes")
+    cls = bnb.optim.PagedAdamW8bit if train.optimizer is Optimizer.PAGED_ADAMW_8BIT else bnb.optim.AdamW8bit
+    return cls(params, lr=1e-5, weight_decay=0.0)

@@ -146,23 +146,22 @@ def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, *, global_batch: int, marg
 def _suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list[Suggestion]:
     """Cheapest changes (one knob at a time, then combined) from the smallest-memory configuration."""
     changes: list[tuple[str, dict[str, object]]] = [
-        ("turn on gradient checkpointing", dict(checkpointing=True)),
-        ("micro-batch 1 with more accumulation", dict(batch_size=1, grad_accum=start.effective_batch // start.gpus)),
-        ("8-bit AdamW (bitsandbytes)", dict(optimizer=Optimizer.ADAMW_8BIT)),
+        ("gradient checkpointing", dict(checkpointing=True)),
+        ("micro-batch 1, more accumulation", dict(batch_size=1, grad_accum=start.effective_batch // start.gpus)),
+        ("8-bit AdamW", dict(optimizer=Optimizer.ADAMW_8BIT)),
     ]
     if start.method in (Method.FULL, Method.FREEZE):
-        changes.append(("LoRA instead of full fine-tuning", dict(method=Method.LORA)))
+        changes.append(("LoRA", dict(method=Method.LORA)))
     if start.method is not Method.QLORA:
         changes.append(("QLoRA 4-bit", dict(method=Method.QLORA, quant_bits=4)))
     if start.seq_len > 512:
-        changes.append((f"shorter sequences ({start.seq_len // 2} tokens)", dict(seq_len=start.seq_len // 2)))
+        changes.append((f"seq {start.seq_len // 2}", dict(seq_len=start.seq_len // 2)))
     out = [Suggestion(change=label, candidate=evaluate(spec, start.with_(**change), gpu, usable))
            for label, change in changes]
-    combined: dict[str, object] = {}
-    for i, (_, change) in enumerate(changes[1:], start=2):  # cumulative: first i changes together
-        combined.update(changes[0][1] if i == 2 else {})
-        combined.update(change)
-        label = " + ".join(lbl for lbl, _ in changes[:i])
+    combined: dict[str, object] = dict(changes[0][1])
+    for i in range(1, len(changes)):  # cumulative: the first i+1 changes together
+        combined.update(changes[i][1])
+        label = " + ".join(lbl for lbl, _ in changes[: i + 1])
         out.append(Suggestion(change=label, candidate=evaluate(spec, start.with_(**combined), gpu, usable)))
     fitting = sorted((s for s in out if s.candidate.fits), key=lambda s: -s.candidate.tokens_per_s)
     rest = sorted((s for s in out if not s.candidate.fits), key=lambda s: s.candidate.total_bytes)

@@ -1,2 +1,46 @@
-def main():
-    pass
+"""The `memplan` command: a thin Typer shell over the library. Errors become one line on stderr + exit code."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from memplan.errors import ExitCode, MemplanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Will it fit? Peak-VRAM prediction for LLM fine-tuning.")
+
+
+def _register() -> None:
+    from memplan.cli import estimate_cmd, fit_cmd, lists  # noqa: F401 - registers commands on `app`
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, mapping MemplanError to one line + its exit code (tracebacks with --debug)."""
+    _register()
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        rc = app(args=args, standalone_mode=False)
+    except MemplanError as err:
+        if debug:
+            raise
+        print(f"memplan: error: {err}", file=sys.stderr)
+        return int(err.exit_code)
+    except SystemExit as exc:  # typer.Exit inside commands
+        return int(exc.code or 0)
+    except Exception as err:  # usage errors of typer's vendored click (bad option, missing value)
+        if type(err).__name__ == "Abort":
+            return 130
+        if hasattr(err, "format_message") and hasattr(err, "exit_code") and not debug:
+            print(f"memplan: error: {err.format_message()}", file=sys.stderr)
+            return int(ExitCode.BAD_INPUT)
+        raise
+    return int(rc) if isinstance(rc, int) else 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -41,7 +41,7 @@ def estimate(spec: ModelSpec, train: TrainConfig) -> Breakdown:
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + head.norm_bytes + ce_fwd,
         "backward": base + st.autocast_cache_bytes + acts + max(
-            head.norm_bytes + ce_bwd,
+            head.norm_bytes + head.softcap_bytes + ce_bwd,
             head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
         "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes,
     }

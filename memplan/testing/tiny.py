@@ -18,7 +18,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma2": dict(model_type="gemma2", **{**_BASE, "num_attention_heads": 4, "num_key_value_heads": 2},
                    head_dim=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=64,
                    sliding_window=4096, hidden_activation="gelu_pytorch_tanh"),
-    "phi3": dict(model_type="phi3", **{**_BASE, "num_key_value_heads": 8}, pad_token_id=0, sliding_window=None),
+    "phi3": dict(model_type="phi3", **{**_BASE, "num_key_value_heads": 8}, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2, sliding_window=None),
     "qwen3": dict(model_type="qwen3", **_BASE, head_dim=32, tie_word_embeddings=True),
 }
 

@@ -1,0 +1,52 @@
+"""`memplan estimate`: the peak-memory breakdown of one configuration."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from memplan.cli import app
+from memplan.cli.options import (AccumOpt, AlphaOpt, AttnOpt, BatchOpt, BitsOpt, CkptOpt, DropoutOpt, FreezeOpt,
+                                 GpuOpt, JsonOpt, MethodOpt, Model, OptimOpt, PrecisionOpt, RankOpt, SeqOpt,
+                                 TargetsOpt, build_config)
+from memplan.errors import ExitCode
+
+
+@app.command()
+def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt = None, batch_size: BatchOpt = 1,
+             grad_accum: AccumOpt = 1, seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None,
+             lora_rank: RankOpt = None, lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None,
+             lora_dropout: DropoutOpt = None, quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
+             optimizer: OptimOpt = "adamw", attn: AttnOpt = "auto", gpu: GpuOpt = None,
+             margin: Annotated[float, typer.Option(help="fraction of the card kept free")] = 0.05,
+             explain: Annotated[bool, typer.Option("--explain", help="the formula behind each term")] = False,
+             json_out: JsonOpt = False) -> None:
+    """Peak VRAM of one configuration, term by term."""
+    from memplan.cli import render
+    from memplan.cli.options import parse_int_list
+    from memplan.errors import ConfigError
+    from memplan.predict.estimator import estimate as run_estimate
+    from memplan.spec.catalog import resolve_model
+    from memplan.spec.hardware import resolve_gpu
+
+    ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
+    if ranks is not None and len(ranks) != 1:
+        raise ConfigError("estimate takes one --lora-rank; lists and ranges are for `memplan fit`")
+    train = build_config(method=method, precision=precision, batch_size=batch_size, grad_accum=grad_accum,
+                         seq_len=seq_len, checkpointing=checkpointing, lora_rank=ranks[0] if ranks else None,
+                         lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
+                         quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
+                         optimizer=optimizer, attn=attn)
+    if not 0.0 <= margin < 0.5:
+        raise ConfigError(f"--margin must be in [0, 0.5), got {margin}")
+    spec = resolve_model(model)
+    card = resolve_gpu(gpu) if gpu else None
+    usable = int(card.memory_bytes * (1 - margin)) if card else None
+    bd = run_estimate(spec, train)
+    if json_out:
+        render.emit_json(render.estimate_json(spec, train, bd, card, usable))
+    else:
+        render.print_estimate(spec, train, bd, card, usable, explain)
+    if card is not None and usable is not None and bd.total_bytes > usable:
+        raise typer.Exit(int(ExitCode.DOES_NOT_FIT))

@@ -1,0 +1,56 @@
+"""`memplan fit`: does it fit, what is fastest, what to change."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from memplan.cli import app
+from memplan.cli.options import (AlphaOpt, AttnOpt, BitsOpt, CkptOpt, DropoutOpt, FreezeOpt, JsonOpt, MethodOpt,
+                                 Model, OptimOpt, PrecisionOpt, RankOpt, SeqOpt, TargetsOpt, build_config,
+                                 parse_int_list)
+from memplan.errors import ExitCode
+
+
+@app.command()
+def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB), name (memplan gpus) or auto")],
+        method: MethodOpt = "lora", precision: PrecisionOpt = None,
+        global_batch: Annotated[int, typer.Option("--global-batch", help="micro x accum x GPUs, kept exact")] = 16,
+        gpus: Annotated[int, typer.Option("--gpus", help="data-parallel GPUs")] = 1,
+        seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None, lora_rank: RankOpt = None,
+        lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None,
+        quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
+        optimizer: Annotated[Optional[str], typer.Option(help="one name or a comma list to search")] = None,
+        attn: AttnOpt = "auto",
+        margin: Annotated[float, typer.Option(help="fraction of the card kept free, in [0, 0.5)")] = 0.05,
+        top: Annotated[int, typer.Option(help="alternatives shown")] = 5, json_out: JsonOpt = False) -> None:
+    """Fits or not on this GPU, the fastest configuration, and what to change when nothing fits."""
+    from memplan.cli import render
+    from memplan.errors import ConfigError
+    from memplan.fit import fit as run_fit
+    from memplan.spec.catalog import resolve_model
+    from memplan.spec.hardware import resolve_gpu
+    from memplan.spec.train import Optimizer, Precision, parse_choice
+
+    ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
+    opts = [parse_choice(Optimizer, o, "--optimizer") for o in optimizer.split(",")] if optimizer else None
+    base = build_config(method=method, precision=None, batch_size=1, grad_accum=1, seq_len=seq_len,
+                        checkpointing=None, lora_rank=ranks[0] if ranks else None, lora_alpha=lora_alpha,
+                        lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
+                        freeze_trainable_layers=freeze_trainable_layers,
+                        optimizer=opts[0].value if opts else "adamw", attn=attn)
+    if gpus <= 0 or global_batch <= 0:
+        raise ConfigError("--gpus and --global-batch must be positive integers")
+    base = base.with_(gpus=gpus)
+    spec = resolve_model(model)
+    card = resolve_gpu(gpu)
+    res = run_fit(spec, base, card, global_batch=global_batch, margin=margin,
+                  precisions=[parse_choice(Precision, precision, "--precision")] if precision else None,
+                  checkpointing=[checkpointing] if checkpointing is not None else None,
+                  lora_ranks=ranks, optimizers=opts)
+    if json_out:
+        render.emit_json(render.fit_json(res))
+    else:
+        render.print_fit(res, top)
+    raise typer.Exit(int(ExitCode.OK if res.fits else ExitCode.DOES_NOT_FIT))

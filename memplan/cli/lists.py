@@ -1,0 +1,60 @@
+"""`memplan models` and `memplan gpus`: the shipped catalogs."""
+
+from __future__ import annotations
+
+from memplan.cli import app
+from memplan.cli.options import JsonOpt
+
+
+@app.command()
+def models(json_out: JsonOpt = False) -> None:
+    """The model catalog with exact parameter counts."""
+    from memplan.cli import render
+    from memplan.errors import MemplanError
+    from memplan.spec.catalog import catalog_entries, resolve_model
+
+    rows = []
+    for e in catalog_entries():
+        try:
+            spec = resolve_model(e.hf_id)
+            rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": spec.model_type,
+                         "parameters": spec.num_parameters, "analytic": True})
+        except MemplanError:
+            rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": "bloom", "parameters": None,
+                         "analytic": False})
+    if json_out:
+        render.emit_json({"models": rows})
+        return
+    table = render._table(["name", "hub id", "type", "parameters"])
+    for r in rows:
+        table.add_row(r["name"], r["hf_id"], r["model_type"],
+                      f"{r['parameters']:,}" if r["parameters"] else "exact mode only")
+    render.console.print(table)
+
+
+@app.command()
+def gpus(json_out: JsonOpt = False) -> None:
+    """The GPU catalog (and the detected GPU, if any)."""
+    from memplan.cli import render
+    from memplan.errors import MemplanError
+    from memplan.spec.hardware import detect_gpu, gpu_catalog
+
+    seen, rows = set(), []
+    for key, g in gpu_catalog().items():
+        if g.key == key and g.name not in seen:
+            seen.add(g.name)
+            rows.append({"key": key, "name": g.name, "memory_bytes": g.memory_bytes, "bf16": g.bf16,
+                         "dense_bf16_tflops": g.dense_bf16_tflops})
+    try:
+        detected = detect_gpu().name
+    except MemplanError:
+        detected = None
+    if json_out:
+        render.emit_json({"gpus": rows, "detected": detected})
+        return
+    table = render._table(["name (--gpu)", "GPU", "GiB", "bf16", "bf16 TFLOPS"])
+    for r in rows:
+        table.add_row(r["key"], r["name"], f"{r['memory_bytes'] / 2**30:.1f}", "yes" if r["bf16"] else "no",
+                      str(r["dense_bf16_tflops"] or "-"))
+    render.console.print(table)
+    render.console.print(f"detected: {detected or 'no NVIDIA GPU'}")

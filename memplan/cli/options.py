@@ -1,0 +1,82 @@
+"""Options shared by estimate and fit, and their conversion into a TrainConfig."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig, parse_choice
+
+Model = Annotated[str, typer.Option("--model", "-m", help="catalog name (memplan models), hub id, folder or config.json")]
+MethodOpt = Annotated[str, typer.Option("--method", help="full|freeze|lora|qlora")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32|fp16|bf16|pure_bf16")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="micro-batch per GPU")]
+AccumOpt = Annotated[int, typer.Option("--grad-accum", help="gradient accumulation steps")]
+SeqOpt = Annotated[int, typer.Option("--seq-len", "-s", help="tokens per sample")]
+CkptOpt = Annotated[Optional[bool], typer.Option("--checkpointing/--no-checkpointing",
+                                                 help="full recompute per decoder layer")]
+RankOpt = Annotated[Optional[str], typer.Option("--lora-rank", help="rank (fit: also a list 8,16 or range 8-64)")]
+AlphaOpt = Annotated[Optional[int], typer.Option("--lora-alpha", help="default 2 x rank")]
+TargetsOpt = Annotated[Optional[str], typer.Option("--lora-targets", help="comma list of modules, or all-linear")]
+DropoutOpt = Annotated[Optional[float], typer.Option("--lora-dropout")]
+BitsOpt = Annotated[Optional[int], typer.Option("--quant-bits", help="qlora: 4 (NF4) or 8 (int8)")]
+FreezeOpt = Annotated[Optional[int], typer.Option("--freeze-trainable-layers", help="freeze: last N layers train")]
+OptimOpt = Annotated[str, typer.Option("--optimizer", help="adamw|adamw_8bit|paged_adamw_8bit|sgd|sgd_momentum|adafactor")]
+AttnOpt = Annotated[str, typer.Option("--attn", help="auto|sdpa|eager|flash_attention_2")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="size (24GB, 80GiB), catalog name (memplan gpus) or auto")]
+
+
+def build_config(*, method: str, precision: str | None, batch_size: int, grad_accum: int, seq_len: int,
+                 checkpointing: bool | None, lora_rank: int | None, lora_alpha: int | None, lora_targets: str | None,
+                 lora_dropout: float | None, quant_bits: int | None, freeze_trainable_layers: int | None,
+                 optimizer: str, attn: str) -> TrainConfig:
+    """Options -> TrainConfig; LoRA/QLoRA/freeze options given with another method are an error."""
+    from memplan.errors import ConfigError
+
+    m = parse_choice(Method, method, "--method")
+    problems = []
+    lora_given = [n for n, v in (("--lora-rank", lora_rank), ("--lora-alpha", lora_alpha),
+                                 ("--lora-targets", lora_targets), ("--lora-dropout", lora_dropout)) if v is not None]
+    if lora_given and m not in (Method.LORA, Method.QLORA):
+        problems.append(f"{', '.join(lora_given)} given without LoRA: add --method lora (or qlora)")
+    if quant_bits is not None and m is not Method.QLORA:
+        problems.append("--quant-bits applies to --method qlora only")
+    if freeze_trainable_layers is not None and m is not Method.FREEZE:
+        problems.append("--freeze-trainable-layers applies to --method freeze only")
+    if problems:
+        raise ConfigError(problems)
+    kw: dict[str, object] = dict(method=m, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+                                 optimizer=parse_choice(Optimizer, optimizer, "--optimizer"),
+                                 attn=parse_choice(Attention, attn, "--attn"))
+    if precision is not None:
+        kw["precision"] = parse_choice(Precision, precision, "--precision")
+    if checkpointing is not None:
+        kw["checkpointing"] = checkpointing
+    if lora_rank is not None:
+        kw["lora_rank"] = lora_rank
+    for key, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout), ("quant_bits", quant_bits),
+                       ("freeze_trainable_layers", freeze_trainable_layers)):
+        if value is not None:
+            kw[key] = value
+    if lora_targets is not None:
+        kw["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    return TrainConfig(**kw)  # type: ignore[arg-type]
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    """'8' -> [8]; '8,16,32' -> [8, 16, 32]; '8-64' -> powers of two from 8 to 64."""
+    from memplan.errors import ConfigError
+
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            out, v = [], lo
+            while v <= hi:
+                out.append(v)
+                v *= 2
+            return out
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: use a number, a list (8,16) or a range (8-64)") from None

@@ -1,0 +1,141 @@
+"""The one output sink: rich tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from memplan.fit import Candidate, FitResult
+from memplan.predict.breakdown import Breakdown
+from memplan.spec.hardware import GPU
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import TrainConfig, resolve_attention
+from memplan.units import fmt_gib
+
+console = Console()
+
+
+def emit_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def config_dict(spec: ModelSpec, train: TrainConfig) -> dict[str, Any]:
+    out = train.to_dict()
+    out["attn"] = resolve_attention(spec.model_type, train.attn).value
+    out["effective_batch"] = train.effective_batch
+    return out
+
+
+def estimate_json(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU | None, usable: int | None) -> dict:
+    data: dict[str, Any] = {
+        "model": {"name": spec.name, "model_type": spec.model_type, "parameters": spec.num_parameters,
+                  "trainable_parameters": bd.trainable_params},
+        "config": config_dict(spec, train),
+        "memory": bd.memory_dict(),
+        "peak_phase": bd.phase,
+        "method": bd.method,
+    }
+    if gpu is not None:
+        data["gpu"] = {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "usable_bytes": usable}
+        data["fits"] = bd.total_bytes <= (usable or gpu.memory_bytes)
+    return data
+
+
+def breakdown_table(bd: Breakdown, *, explain: bool) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    table.add_column("", no_wrap=True)
+    if explain:
+        table.add_column("why")
+    rows = [(t.name, t.bytes, t.explain) for t in bd.terms]
+    rows += [("peak allocated", bd.peak_allocated_bytes, f"reference-step peak, during {bd.phase}"),
+             ("peak reserved", bd.peak_reserved_bytes, "CUDA caching allocator at the peak"),
+             ("CUDA context", bd.cuda_context_bytes, "context + cuBLAS workspace, outside the allocator"),
+             ("total (nvidia-smi)", bd.total_bytes, "reserved + context: compared with the card")]
+    top = max(bd.total_bytes, 1)
+    for name, nbytes, why in rows:
+        bar = "█" * max(0, round(30 * nbytes / top))
+        cells = [name, f"{nbytes / 2**30:.2f}", bar] + ([why] if explain else [])
+        table.add_row(*cells, style="bold" if name.startswith("total") else None)
+    return table
+
+
+def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU | None, usable: int | None,
+                   explain: bool) -> None:
+    console.print(f"[bold]{spec.name}[/] ({spec.num_parameters / 1e9:.2f} B params, "
+                  f"{bd.trainable_params:,} trainable) · {_describe(train, spec)}")
+    console.print(breakdown_table(bd, explain=explain))
+    if gpu is not None and usable is not None:
+        verdict = "[green]fits[/]" if bd.total_bytes <= usable else "[red]does not fit[/]"
+        console.print(f"{verdict} on {gpu.name}: {fmt_gib(bd.total_bytes)} of {fmt_gib(usable)} usable "
+                      f"({fmt_gib(gpu.memory_bytes)} total)")
+
+
+def _describe(train: TrainConfig, spec: ModelSpec) -> str:
+    parts = [train.method.value]
+    if train.is_lora:
+        parts.append(f"r={train.lora_rank}")
+    if train.method.value == "qlora":
+        parts.append(f"{train.quant_bits}-bit")
+    parts += [train.precision.value, f"micro-batch {train.batch_size} x accum {train.grad_accum}",
+              f"seq {train.seq_len}", "checkpointing" if train.checkpointing else "no checkpointing",
+              train.optimizer.value, resolve_attention(spec.model_type, train.attn).value]
+    return ", ".join(parts)
+
+
+def candidate_json(c: Candidate, spec: ModelSpec) -> dict[str, Any]:
+    return {"config": config_dict(spec, c.train), "memory": c.breakdown.memory_dict(), "fits": c.fits,
+            "predicted_tokens_per_s": round(c.tokens_per_s, 1), "peak_phase": c.breakdown.phase}
+
+
+def fit_json(res: FitResult) -> dict[str, Any]:
+    spec = res.model
+    best = res.best or res.best_effort
+    return {
+        "model": {"name": spec.name, "model_type": spec.model_type, "parameters": spec.num_parameters},
+        "gpu": {"name": res.gpu.name, "memory_bytes": res.gpu.memory_bytes, "usable_bytes": res.usable_bytes},
+        "margin": res.margin, "global_batch": res.global_batch, "searched": res.searched,
+        "fits": res.fits,
+        "config": config_dict(spec, best.train),
+        "memory": best.breakdown.memory_dict(),
+        "ranked": [candidate_json(c, spec) for c in res.ranked],
+        "suggestions": [{"change": s.change, **candidate_json(s.candidate, spec)} for s in res.suggestions],
+    }
+
+
+def print_fit(res: FitResult, top: int) -> None:
+    spec, gpu = res.model, res.gpu
+    head = f"[bold]{spec.name}[/] on {gpu.name} ({fmt_gib(res.usable_bytes)} usable, margin {res.margin:.0%}), " \
+           f"effective batch {res.global_batch} · {res.searched} configurations searched"
+    console.print(head)
+    if res.best is None:
+        console.print(f"[red bold]does not fit[/]: the smallest configuration needs "
+                      f"{fmt_gib(res.best_effort.total_bytes)} ({_describe(res.best_effort.train, spec)})")
+        table = _table(["change", "GiB", "fits", "tokens/s"])
+        for s in res.suggestions:
+            table.add_row(s.change, f"{s.candidate.total_bytes / 2**30:.2f}", "yes" if s.candidate.fits else "no",
+                          f"{s.candidate.tokens_per_s:,.0f}")
+        console.print("What would make it fit:")
+        console.print(table)
+        return
+    best = res.best
+    console.print(f"[green bold]fits[/]: fastest is {_describe(best.train, spec)} — "
+                  f"{fmt_gib(best.total_bytes)}, ~{best.tokens_per_s:,.0f} tokens/s predicted")
+    table = _table(["#", "micro x accum", "precision", "ckpt", "rank", "GiB", "headroom", "rel. speed"])
+    for i, c in enumerate(res.ranked[:top], 1):
+        table.add_row(str(i), f"{c.train.batch_size} x {c.train.grad_accum}", c.train.precision.value,
+                      "on" if c.train.checkpointing else "off", str(c.train.lora_rank) if c.train.is_lora else "-",
+                      f"{c.total_bytes / 2**30:.2f}", f"{(res.usable_bytes - c.total_bytes) / 2**30:.2f}",
+                      f"{c.tokens_per_s / best.tokens_per_s:.2f}")
+    console.print(table)
+
+
+def _table(cols: list[str]) -> Table:
+    t = Table(show_header=True, header_style="bold")
+    for col in cols:
+        t.add_column(col)
+    return t

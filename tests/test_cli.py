@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memplan.cli import main
+
+
+def run(capsys, *args):
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_estimate_json_schema(capsys):
+    rc, out, _ = run(capsys, "estimate", "--model", "llama-2-7b", "--gpu", "24GB", "--json")
+    data = json.loads(out)
+    for key in ("weights", "gradients", "optimizer_states", "activations", "transient", "peak_allocated_bytes",
+                "peak_reserved_bytes", "cuda_context_bytes", "total_bytes"):
+        assert isinstance(data["memory"][key], int)
+    assert data["model"] == {"name": "llama-2-7b-hf", "model_type": "llama", "parameters": 6738415616,
+                             "trainable_parameters": data["model"]["trainable_parameters"]}
+    assert data["fits"] is True and rc == 0
+    assert data["config"]["method"] == "lora" and data["config"]["attn"] == "sdpa"
+
+
+def test_estimate_table_and_explain(capsys):
+    rc, out, _ = run(capsys, "estimate", "--model", "qwen2.5-7b", "--method", "full", "--explain")
+    assert rc == 0 and "peak allocated" in out
+
+
+@pytest.mark.parametrize("args,code", [
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB"], 0),
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--method", "full"], 1),
+    (["estimate", "--model", "llama-2-7b", "--method", "full", "--gpu", "24GB"], 1),
+])
+def test_exit_codes(capsys, args, code):
+    assert run(capsys, *args)[0] == code
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["estimate", "--model", "nope"], "unknown model"),
+    (["estimate", "--model", "llama-2-7b", "--batch-size", "0"], "--batch-size"),
+    (["estimate", "--model", "llama-2-7b", "--method", "full", "--lora-rank", "8"], "without LoRA"),
+    (["estimate", "--model", "llama-2-7b", "--precision", "fp8"], "--precision"),
+    (["estimate", "--model", "llama-2-7b", "--optimizer", "lion"], "--optimizer"),
+    (["estimate", "--model", "llama-2-7b", "--attn", "xformers"], "--attn"),
+    (["estimate", "--model", "llama-2-7b", "--method", "qlora", "--quant-bits", "3"], "--quant-bits"),
+    (["estimate", "--model", "llama-2-7b", "--precision", "fp32", "--attn", "flash_attention_2"], "flash"),
+    (["fit", "--model", "llama-2-7b", "--gpu", "lots"], "unknown GPU"),
+    (["fit", "--model", "llama-2-7b", "--gpu", "t4", "--precision", "bf16"], "bf16"),
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--margin", "0.6"], "margin"),
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--gpus", "3"], "divisible"),
+    (["fit", "--model", "llama-2-7b", "--gpu", "auto"], "--gpu auto"),
+    (["estimate", "--model", "bloomz-7b1"], "--exact"),
+    (["estimate", "--model", "llama-2-7b", "--bogus"], "bogus"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, args, needle):
+    rc, _, err = run(capsys, *args)
+    assert rc == 2
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_fit_json_ranked(capsys):
+    rc, out, _ = run(capsys, "fit", "--model", "llama-3-8b", "--gpu", "a100-80gb", "--global-batch", "8",
+                     "--lora-rank", "8,64", "--json")
+    data = json.loads(out)
+    assert rc == 0 and data["fits"] and data["ranked"]
+    assert {c["config"]["lora_rank"] for c in data["ranked"]} == {8, 64}
+    assert all(c["config"]["effective_batch"] == 8 for c in data["ranked"])
+
+
+def test_models_and_gpus(capsys):
+    rc, out, _ = run(capsys, "models", "--json")
+    assert rc == 0 and len(json.loads(out)["models"]) >= 25
+    rc, out, _ = run(capsys, "gpus", "--json")
+    assert rc == 0 and any(g["key"] == "rtx4090" for g in json.loads(out)["gpus"])
+
+
+def test_analytic_path_imports_no_torch():
+    code = ("import sys; from memplan.cli import main; main(['fit','--model','llama-2-7b','--gpu','24GB','--json']);"
+            "heavy=[m for m in ('torch','transformers','peft','optuna') if m in sys.modules]; "
+            "sys.stderr.write('HEAVY=' + ','.join(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert "HEAVY=" in proc.stderr and proc.stderr.split("HEAVY=")[1].strip() == ""
+
+
+def test_python_dash_m(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--model", "llama-2-7b", "--json"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["model"]["parameters"] == 6738415616

@@ -1,0 +1,55 @@
+import pytest
+
+from memplan.errors import ConfigError
+from memplan.fit import fit
+from memplan.spec.catalog import resolve_model
+from memplan.spec.hardware import resolve_gpu
+from memplan.spec.train import Method, Precision, TrainConfig
+
+
+def _fit(model, gpu, method, seq=2048, gb=16, **kw):
+    return fit(resolve_model(model), TrainConfig(method=method, seq_len=seq, **kw), resolve_gpu(gpu),
+               global_batch=gb)
+
+
+def test_full_7b_does_not_fit_24gb_and_suggests():
+    res = _fit("llama-2-7b", "24GB", Method.FULL)
+    assert not res.fits
+    assert any(s.candidate.fits for s in res.suggestions)
+    assert res.suggestions[0].candidate.fits  # fitting changes come first
+
+
+def test_lora_7b_fits_24gb_at_2048():
+    res = _fit("llama-2-7b", "24GB", Method.LORA)
+    assert res.fits and res.best.total_bytes <= res.usable_bytes
+
+
+def test_qlora_7b_fits_8gb_at_1024():
+    assert _fit("llama-2-7b", "8GB", Method.QLORA, seq=1024).fits
+
+
+def test_full_70b_does_not_fit_80gb():
+    assert not _fit("llama-2-70b", "a100-80gb", Method.FULL).fits
+
+
+def test_effective_batch_kept_and_ranked_by_speed():
+    res = _fit("llama-3-8b", "a100-80gb", Method.LORA, gb=32)
+    assert res.ranked
+    assert all(c.train.batch_size * c.train.grad_accum * c.train.gpus == 32 for c in res.ranked)
+    speeds = [c.tokens_per_s for c in res.ranked]
+    assert speeds == sorted(speeds, reverse=True)
+
+
+def test_no_bf16_on_t4_and_bad_margin():
+    with pytest.raises(ConfigError, match="bf16"):
+        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("t4"), global_batch=8,
+            precisions=[Precision.BF16])
+    assert all(c.train.precision is Precision.FP16 for c in
+               fit(resolve_model("qwen2.5-0.5b"), TrainConfig(), resolve_gpu("t4"), global_batch=8).ranked)
+    with pytest.raises(ConfigError, match="margin"):
+        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("24GB"), global_batch=8, margin=0.5)
+
+
+def test_indivisible_global_batch():
+    with pytest.raises(ConfigError, match="divisible"):
+        fit(resolve_model("llama-2-7b"), TrainConfig(gpus=3), resolve_gpu("24GB"), global_batch=16)

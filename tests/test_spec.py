@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from memplan.errors import ConfigError, UnknownModel, UnsupportedModel
+from memplan.spec.catalog import catalog_entries, catalog_param_count, resolve_model
+from memplan.spec.hardware import resolve_gpu
+from memplan.units import GIB, parse_size
+
+ANALYTIC = [e for e in catalog_entries() if "bloom" not in e.hf_id]
+
+
+def test_catalog_has_at_least_25_models():
+    assert len(catalog_entries()) >= 25
+
+
+@pytest.mark.parametrize("entry", ANALYTIC, ids=lambda e: e.short_name)
+def test_parameter_count_equals_published(entry):
+    assert resolve_model(entry.hf_id).num_parameters == catalog_param_count(entry)
+
+
+@pytest.mark.parametrize("name,count", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),
+                                        ("mistral-7b-v0.1", 7_241_732_096), ("qwen2.5-7b", 7_615_616_512),
+                                        ("meta-llama/Meta-Llama-3-8B", 8_030_261_248),
+                                        ("LLAMA-3.1-8B", 8_030_261_248), ("phi-3-mini", 3_821_079_552),
+                                        ("mixtral-8x7b", 46_702_792_704), ("gemma-2-9b", 9_241_705_984)])
+def test_names_resolve(name, count):
+    assert resolve_model(name).num_parameters == count
+
+
+def test_local_folder_and_file(tmp_path):
+    cfg = json.loads(next(e.path for e in catalog_entries() if "Llama-2-7b" in e.hf_id).read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert resolve_model(str(tmp_path)).num_parameters == 6_738_415_616
+    assert resolve_model(str(tmp_path / "config.json")).num_parameters == 6_738_415_616
+
+
+def test_bad_configs(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        resolve_model(str(tmp_path / "bad.json"))
+    (tmp_path / "partial.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ConfigError, match="missing num_hidden_layers"):
+        resolve_model(str(tmp_path / "partial.json"))
+    with pytest.raises(UnknownModel):
+        resolve_model("no-such-model")
+    with pytest.raises(UnknownModel):
+        resolve_model(str(tmp_path))  # folder without config.json
+    with pytest.raises(UnsupportedModel, match="--exact"):
+        resolve_model("bloomz-7b1")
+
+
+@pytest.mark.parametrize("text,expected", [("24GB", 24 * GIB), ("24GiB", 24 * GIB), ("24564MiB", 24564 * 2**20),
+                                           ("80G", 80 * GIB)])
+def test_gpu_sizes_are_nominal(text, expected):
+    assert resolve_gpu(text).memory_bytes == expected
+
+
+def test_gpu_names_and_errors():
+    assert resolve_gpu("rtx4090").memory_bytes == 24564 * 2**20
+    assert resolve_gpu("a100-80gb").memory_bytes == 80 * GIB
+    assert not resolve_gpu("t4").bf16
+    with pytest.raises(Exception, match="unknown GPU"):
+        resolve_gpu("gtx9999")
+    with pytest.raises(ConfigError):
+        parse_size("-3GB")

@@ -94,7 +94,7 @@ def write(rows: list[dict[str, object]], name: str) -> str:
     errs = [abs(float(r["error_pct"])) for r in rows]
     summary = (f"{len(rows)} configurations, {len({r['arch'] for r in rows})} architectures: "
                f"median |error| {statistics.median(errs):.2f} %, worst {max(errs):.2f} %")
-    lines = [f"# Analytic estimate vs CPU allocator truth\n", f"Command: `python benchmarks/accuracy.py`\n",
+    lines = ["# Analytic estimate vs CPU allocator truth\n", "Command: `python benchmarks/accuracy.py`\n",
              f"{summary}\n", "| arch | method | precision | ckpt | optimizer | attn | lora | batch | seq | truth MiB "
              "| truth phase | estimate MiB | error % |", "|" + "---|" * 13]
     for r in rows:

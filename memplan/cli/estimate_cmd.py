@@ -7,9 +7,26 @@ from typing import Annotated
 import typer
 
 from memplan.cli import app
-from memplan.cli.options import (AccumOpt, AlphaOpt, AttnOpt, BatchOpt, BitsOpt, CkptOpt, DropoutOpt, FreezeOpt,
-                                 GpuOpt, JsonOpt, MethodOpt, Model, OptimOpt, PrecisionOpt, RankOpt, SeqOpt,
-                                 TargetsOpt, build_config)
+from memplan.cli.options import (
+    AccumOpt,
+    AlphaOpt,
+    AttnOpt,
+    BatchOpt,
+    BitsOpt,
+    CkptOpt,
+    DropoutOpt,
+    FreezeOpt,
+    GpuOpt,
+    JsonOpt,
+    MethodOpt,
+    Model,
+    OptimOpt,
+    PrecisionOpt,
+    RankOpt,
+    SeqOpt,
+    TargetsOpt,
+    build_config,
+)
 from memplan.errors import ExitCode
 
 

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from memplan.cli import app
-from memplan.cli.options import (AlphaOpt, AttnOpt, BitsOpt, CkptOpt, DropoutOpt, FreezeOpt, JsonOpt, MethodOpt,
-                                 Model, OptimOpt, PrecisionOpt, RankOpt, SeqOpt, TargetsOpt, build_config,
-                                 parse_int_list)
+from memplan.cli.options import (
+    AlphaOpt,
+    AttnOpt,
+    BitsOpt,
+    CkptOpt,
+    DropoutOpt,
+    FreezeOpt,
+    JsonOpt,
+    MethodOpt,
+    Model,
+    PrecisionOpt,
+    RankOpt,
+    SeqOpt,
+    TargetsOpt,
+    build_config,
+    parse_int_list,
+)
 from memplan.errors import ExitCode
 
 
@@ -21,7 +35,7 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
         seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None, lora_rank: RankOpt = None,
         lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None,
         quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
-        optimizer: Annotated[Optional[str], typer.Option(help="one name or a comma list to search")] = None,
+        optimizer: Annotated[str | None, typer.Option(help="one name or a comma list to search")] = None,
         attn: AttnOpt = "auto",
         margin: Annotated[float, typer.Option(help="fraction of the card kept free, in [0, 0.5)")] = 0.05,
         top: Annotated[int, typer.Option(help="alternatives shown")] = 5, json_out: JsonOpt = False) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -10,22 +10,22 @@ from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainCon
 
 Model = Annotated[str, typer.Option("--model", "-m", help="catalog name (memplan models), hub id, folder or config.json")]
 MethodOpt = Annotated[str, typer.Option("--method", help="full|freeze|lora|qlora")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32|fp16|bf16|pure_bf16")]
+PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32|fp16|bf16|pure_bf16")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="micro-batch per GPU")]
 AccumOpt = Annotated[int, typer.Option("--grad-accum", help="gradient accumulation steps")]
 SeqOpt = Annotated[int, typer.Option("--seq-len", "-s", help="tokens per sample")]
-CkptOpt = Annotated[Optional[bool], typer.Option("--checkpointing/--no-checkpointing",
+CkptOpt = Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing",
                                                  help="full recompute per decoder layer")]
-RankOpt = Annotated[Optional[str], typer.Option("--lora-rank", help="rank (fit: also a list 8,16 or range 8-64)")]
-AlphaOpt = Annotated[Optional[int], typer.Option("--lora-alpha", help="default 2 x rank")]
-TargetsOpt = Annotated[Optional[str], typer.Option("--lora-targets", help="comma list of modules, or all-linear")]
-DropoutOpt = Annotated[Optional[float], typer.Option("--lora-dropout")]
-BitsOpt = Annotated[Optional[int], typer.Option("--quant-bits", help="qlora: 4 (NF4) or 8 (int8)")]
-FreezeOpt = Annotated[Optional[int], typer.Option("--freeze-trainable-layers", help="freeze: last N layers train")]
+RankOpt = Annotated[str | None, typer.Option("--lora-rank", help="rank (fit: also a list 8,16 or range 8-64)")]
+AlphaOpt = Annotated[int | None, typer.Option("--lora-alpha", help="default 2 x rank")]
+TargetsOpt = Annotated[str | None, typer.Option("--lora-targets", help="comma list of modules, or all-linear")]
+DropoutOpt = Annotated[float | None, typer.Option("--lora-dropout")]
+BitsOpt = Annotated[int | None, typer.Option("--quant-bits", help="qlora: 4 (NF4) or 8 (int8)")]
+FreezeOpt = Annotated[int | None, typer.Option("--freeze-trainable-layers", help="freeze: last N layers train")]
 OptimOpt = Annotated[str, typer.Option("--optimizer", help="adamw|adamw_8bit|paged_adamw_8bit|sgd|sgd_momentum|adafactor")]
 AttnOpt = Annotated[str, typer.Option("--attn", help="auto|sdpa|eager|flash_attention_2")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="size (24GB, 80GiB), catalog name (memplan gpus) or auto")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", help="size (24GB, 80GiB), catalog name (memplan gpus) or auto")]
 
 
 def build_config(*, method: str, precision: str | None, batch_size: int, grad_accum: int, seq_len: int,

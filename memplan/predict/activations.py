@@ -190,7 +190,7 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     tape = Tape()
     cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
     x = T(n * s.hidden_size, stream_width(lay), True)
-    hn = rms_norm(cx, x, s.hidden_size, gemma=s.norms_per_layer == 4)
+    rms_norm(cx, x, s.hidden_size, gemma=s.norms_per_layer == 4)
     norm = tape.nbytes
     c = lay.compute_width
     softcap = n * s.vocab_size * c if s.config.get("final_logit_softcapping") else 0

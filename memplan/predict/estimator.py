@@ -14,7 +14,7 @@ from memplan.predict.activations import head_saved, layer_saved, stream_width
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.layout import Layout
-from memplan.predict.weights import model_states
+from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
@@ -26,7 +26,7 @@ def estimate(spec: ModelSpec, train: TrainConfig) -> Breakdown:
     lay = Layout.of(spec, train)
     _check_targets(lay)
     st = model_states(lay)
-    b, s, L = train.batch_size, train.seq_len, spec.num_layers
+    b, s = train.batch_size, train.seq_len
     n, v = b * s, spec.vocab_size
     c = lay.compute_width
     acts, first_layer_full = _activations(lay)
@@ -96,15 +96,32 @@ def _check_targets(lay: Layout) -> None:
                           f"choose from {','.join(sorted(names))} or all-linear")
 
 
-def _terms(lay, st, acts, phase, peak) -> tuple[Term, ...]:  # noqa: ANN001
-    terms = [Term(name="weights", bytes=st.weights_bytes, explain="params x width")]
+def _terms(lay: Layout, st: ModelStates, acts: int, phase: str, peak: int) -> tuple[Term, ...]:
+    """Split the peak into named terms; `transient` is what the peak moment adds on top of the kept state."""
+    tr = lay.train
+    w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.frozen_params:,} frozen x "
+                 f"{lay.base_width} B" + (f" ({st.quantized_params:,} quantized to {tr.quant_bits}-bit)"
+                                          if st.quantized_params else "") + " + buffers")
+    states = {"adamw": "2 states (exp_avg, exp_avg_sq) x param width", "sgd": "none",
+              "sgd_momentum": "1 momentum buffer x param width",
+              "adafactor": "factored second moment: rows + cols per matrix, fp32",
+              "adamw_8bit": "2 states x (1 B + 4 B absmax / 256)",
+              "paged_adamw_8bit": "2 states x (1 B + 4 B absmax / 256), paged"}[tr.optimizer.value]
+    terms = [Term(name="weights", bytes=st.weights_bytes, explain=w_explain),
+             Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain=states)]
     if phase == "optimizer":
-        terms += [Term(name="gradients", bytes=st.gradients_bytes, explain="trainable x width"),
-                  Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain="states"),
-                  Term(name="transient", bytes=st.optimizer_step_bytes, explain="optimizer step temporaries")]
-    else:
-        terms += [Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain="states"),
-                  Term(name="activations", bytes=acts + st.autocast_cache_bytes, explain="saved for backward")]
-    rest = peak - sum(t.bytes for t in terms)
-    terms.append(Term(name="transient" if phase != "optimizer" else "other", bytes=rest, explain="peak moment"))
+        terms += [Term(name="gradients", bytes=st.gradients_bytes, explain="trainable params x param width"),
+                  Term(name="activations", bytes=0, explain="all freed after backward")]
+        step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if tr.optimizer.value == "adamw" else "step"
+        terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
+                          explain=f"optimizer.step() temporaries ({step})"))
+        return tuple(terms)
+    ckpt = "checkpointed layer inputs (B x S x hidden each)" if tr.checkpointing else \
+        "tensors saved for backward by every decoder layer (tape program)"
+    ac = f" + autocast half copies of fp32 weights {st.autocast_cache_bytes:,} B" if st.autocast_cache_bytes else ""
+    terms += [Term(name="gradients", bytes=0, explain="allocated during backward; included in transient"),
+              Term(name="activations", bytes=acts + st.autocast_cache_bytes, explain=ckpt + ac)]
+    what = "logits, fp32 upcast and log-probs at the loss" if phase == "forward" else \
+        "cross-entropy backward (three fp32 B x S x vocab) or a recomputed layer + gradient buffers"
+    terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms), explain=f"{what}; LM head"))
     return tuple(terms)

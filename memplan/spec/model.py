@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memplan.errors import ConfigError, UnknownModel, UnsupportedModel
+from memplan.errors import ConfigError, UnsupportedModel
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 

@@ -6,7 +6,6 @@ The speed model (`predicted_tokens_per_s`) is one replaceable function; probes (
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from memplan.errors import ConfigError
@@ -92,6 +91,13 @@ def _peak_flops(gpu: GPU, precision: Precision) -> float:
     return (gpu.dense_bf16_tflops or (gpu.fp32_tflops or 19.5) * 4) * 1e12
 
 
+def usable_bytes(gpu: GPU, margin: float) -> int:
+    """The card's memory less the safety margin; the margin must be in [0, 0.5)."""
+    if not 0.0 <= margin < 0.5:
+        raise ConfigError(f"--margin must be in [0, 0.5), got {margin}")
+    return int(gpu.memory_bytes * (1.0 - margin))
+
+
 def _micro_batches(global_batch: int, gpus: int) -> list[int]:
     if global_batch % gpus:
         raise ConfigError(f"--global-batch {global_batch} is not divisible by {gpus} GPUs: "
@@ -131,9 +137,7 @@ def evaluate(spec: ModelSpec, train: TrainConfig, gpu: GPU, usable: int) -> Cand
 def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, *, global_batch: int, margin: float = DEFAULT_MARGIN,
         **space: object) -> FitResult:
     """Rank every fitting configuration by predicted speed; when none fits, suggest the cheapest changes."""
-    if not 0.0 <= margin < 0.5:
-        raise ConfigError(f"--margin must be in [0, 0.5), got {margin}")
-    usable = int(gpu.memory_bytes * (1.0 - margin))
+    usable = usable_bytes(gpu, margin)
     configs = search_space(base, gpu, global_batch=global_batch, **space)  # type: ignore[arg-type]
     cands = [evaluate(spec, t, gpu, usable) for t in configs]
     ranked = sorted((c for c in cands if c.fits), key=lambda c: (-c.tokens_per_s, c.total_bytes))
@@ -166,8 +170,3 @@ def _suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list
     fitting = sorted((s for s in out if s.candidate.fits), key=lambda s: -s.candidate.tokens_per_s)
     rest = sorted((s for s in out if not s.candidate.fits), key=lambda s: s.candidate.total_bytes)
     return (fitting + rest)[:8]
-
-
-def suggested_gpus_note(spec: ModelSpec, cand: Candidate, gpu: GPU) -> int:
-    """How many GPUs' worth of memory the best-effort configuration needs (before any sharding model)."""
-    return math.ceil(cand.total_bytes / gpu.memory_bytes)

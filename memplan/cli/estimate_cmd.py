@@ -43,6 +43,7 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
     from memplan.cli import render
     from memplan.cli.options import parse_int_list
     from memplan.errors import ConfigError
+    from memplan.fit import usable_bytes
     from memplan.predict.estimator import estimate as run_estimate
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
@@ -55,11 +56,9 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
                          lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
                          quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
                          optimizer=optimizer, attn=attn)
-    if not 0.0 <= margin < 0.5:
-        raise ConfigError(f"--margin must be in [0, 0.5), got {margin}")
     spec = resolve_model(model)
     card = resolve_gpu(gpu) if gpu else None
-    usable = int(card.memory_bytes * (1 - margin)) if card else None
+    usable = usable_bytes(card, margin) if card else None
     bd = run_estimate(spec, train)
     if json_out:
         render.emit_json(render.estimate_json(spec, train, bd, card, usable))

@@ -12,6 +12,7 @@ def models(json_out: JsonOpt = False) -> None:
     from memplan.cli import render
     from memplan.errors import MemplanError
     from memplan.spec.catalog import catalog_entries, resolve_model
+    from memplan.spec.model import load_config_file
 
     rows = []
     for e in catalog_entries():
@@ -20,16 +21,17 @@ def models(json_out: JsonOpt = False) -> None:
             rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": spec.model_type,
                          "parameters": spec.num_parameters, "analytic": True})
         except MemplanError:
-            rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": "bloom", "parameters": None,
+            rows.append({"name": e.short_name, "hf_id": e.hf_id,
+                         "model_type": load_config_file(e.path).get("model_type"), "parameters": None,
                          "analytic": False})
     if json_out:
         render.emit_json({"models": rows})
         return
-    table = render._table(["name", "hub id", "type", "parameters"])
+    out = render.table(["name", "hub id", "type", "parameters"])
     for r in rows:
-        table.add_row(r["name"], r["hf_id"], r["model_type"],
+        out.add_row(r["name"], r["hf_id"], r["model_type"],
                       f"{r['parameters']:,}" if r["parameters"] else "exact mode only")
-    render.console.print(table)
+    render.console.print(out)
 
 
 @app.command()
@@ -52,9 +54,9 @@ def gpus(json_out: JsonOpt = False) -> None:
     if json_out:
         render.emit_json({"gpus": rows, "detected": detected})
         return
-    table = render._table(["name (--gpu)", "GPU", "GiB", "bf16", "bf16 TFLOPS"])
+    out = render.table(["name (--gpu)", "GPU", "GiB", "bf16", "bf16 TFLOPS"])
     for r in rows:
-        table.add_row(r["key"], r["name"], f"{r['memory_bytes'] / 2**30:.1f}", "yes" if r["bf16"] else "no",
+        out.add_row(r["key"], r["name"], f"{r['memory_bytes'] / 2**30:.1f}", "yes" if r["bf16"] else "no",
                       str(r["dense_bf16_tflops"] or "-"))
-    render.console.print(table)
+    render.console.print(out)
     render.console.print(f"detected: {detected or 'no NVIDIA GPU'}")

@@ -115,26 +115,26 @@ def print_fit(res: FitResult, top: int) -> None:
     if res.best is None:
         console.print(f"[red bold]does not fit[/]: the smallest configuration needs "
                       f"{fmt_gib(res.best_effort.total_bytes)} ({_describe(res.best_effort.train, spec)})")
-        table = _table(["change", "GiB", "fits", "tokens/s"])
+        rows = table(["change", "GiB", "fits", "tokens/s"])
         for s in res.suggestions:
-            table.add_row(s.change, f"{s.candidate.total_bytes / 2**30:.2f}", "yes" if s.candidate.fits else "no",
+            rows.add_row(s.change, f"{s.candidate.total_bytes / 2**30:.2f}", "yes" if s.candidate.fits else "no",
                           f"{s.candidate.tokens_per_s:,.0f}")
         console.print("What would make it fit:")
-        console.print(table)
+        console.print(rows)
         return
     best = res.best
     console.print(f"[green bold]fits[/]: fastest is {_describe(best.train, spec)} — "
                   f"{fmt_gib(best.total_bytes)}, ~{best.tokens_per_s:,.0f} tokens/s predicted")
-    table = _table(["#", "micro x accum", "precision", "ckpt", "rank", "GiB", "headroom", "rel. speed"])
+    ranked = table(["#", "micro x accum", "precision", "ckpt", "rank", "GiB", "headroom", "rel. speed"])
     for i, c in enumerate(res.ranked[:top], 1):
-        table.add_row(str(i), f"{c.train.batch_size} x {c.train.grad_accum}", c.train.precision.value,
+        ranked.add_row(str(i), f"{c.train.batch_size} x {c.train.grad_accum}", c.train.precision.value,
                       "on" if c.train.checkpointing else "off", str(c.train.lora_rank) if c.train.is_lora else "-",
                       f"{c.total_bytes / 2**30:.2f}", f"{(res.usable_bytes - c.total_bytes) / 2**30:.2f}",
                       f"{c.tokens_per_s / best.tokens_per_s:.2f}")
-    console.print(table)
+    console.print(ranked)
 
 
-def _table(cols: list[str]) -> Table:
+def table(cols: list[str]) -> Table:
     t = Table(show_header=True, header_style="bold")
     for col in cols:
         t.add_column(col)

@@ -10,6 +10,7 @@ Saved activations come from the tape programs in `activations.py`.
 
 from __future__ import annotations
 
+from memplan.errors import ConfigError
 from memplan.predict.activations import head_saved, layer_saved, stream_width
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
@@ -87,8 +88,6 @@ def _head_grad_bytes(lay: Layout) -> int:
 
 
 def _check_targets(lay: Layout) -> None:
-    from memplan.errors import ConfigError
-
     names = {lin.name for lin in lay.spec.layer_linears()}
     unknown = sorted(set(lay.lora_modules) - names)
     if unknown:

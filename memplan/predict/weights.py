@@ -85,18 +85,16 @@ def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:
         return 0, 0
     if opt is Optimizer.SGD_MOMENTUM:
         return trainable * width, 0  # momentum_buffer
-    return _adafactor(lay, width)
+    return _adafactor(lay)
 
 
-def _adafactor(lay: Layout, width: int) -> tuple[int, int]:
+def _adafactor(lay: Layout) -> tuple[int, int]:
     """HF Adafactor (beta1=None): factored row/col second moments for matrices, full for vectors."""
-    s = lay.spec
     states = 0
     shapes = _trainable_shapes(lay)
     for rows, cols, n in shapes:
         states += n * ((rows + cols) if cols else rows) * 4
     biggest = max((r * (c or 1) for r, c, _ in shapes), default=0)
-    del s, width
     return states, 3 * biggest * 4  # update = grad**2 (fp32), approx, update*grad: per tensor, fp32
 
 

@@ -55,6 +55,8 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
         ("qwen2", dict(method="lora", precision="bf16", lora_dropout=0.1, checkpointing=False)),
         ("llama", dict(method="lora", precision="fp16", lora_rank=16, checkpointing=True, batch_size=8, seq_len=128)),
         ("phi3", dict(method="lora", precision="bf16", lora_targets=("qkv_proj", "o_proj"), checkpointing=False)),
+        ("mistral", dict(method="lora", precision="bf16", lora_dropout=0.05, checkpointing=True, batch_size=4)),
+        ("llama", dict(method="freeze", precision="bf16", checkpointing=True, freeze_trainable_layers=1)),
     ]
     for arch, kw in extra:
         kw = {"batch_size": 2, "seq_len": 256, **kw}
@@ -71,7 +73,7 @@ def run(quick: bool) -> list[dict[str, object]]:
         spec = tiny_spec(arch)
         truth = measure_cpu_peak(spec, cfg)
         t0 = time.perf_counter()
-        est = estimate(spec, cfg)
+        est = estimate(spec, cfg, device="cpu")
         est_us = (time.perf_counter() - t0) * 1e6
         err = 100.0 * (est.peak_allocated_bytes / truth.peak_bytes - 1.0)
         rows.append(dict(arch=arch, method=cfg.method.value, precision=cfg.precision.value,

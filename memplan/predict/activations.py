@@ -57,7 +57,9 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     if name in lay.lora_modules:
         xl = tp.cast(x, lay.lora_width) if lay.amp else x  # peft _cast_input_dtype to the adapter dtype
         if lay.train.lora_dropout > 0:
-            tp.save(T(xl.numel, 1, False))  # dropout mask (bool)
+            # CUDA native_dropout saves a bool mask; the CPU kernel computes x * noise and saves the noise
+            if xl.rg:  # kept for backward only when the input needs a gradient
+                tp.save(T(xl.numel, 1 if lay.device == "cuda" else xl.width, False))
             xl = tp.new(xl)
         xa = tp.cast(xl, 2) if lay.amp else xl
         a = tp.linear(xa, in_f, lay.train.lora_rank, w_trains=True, width=cx.c)

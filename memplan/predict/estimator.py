@@ -17,14 +17,16 @@ from memplan.predict.cuda import cuda_overheads
 from memplan.predict.layout import Layout
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import TrainConfig
+from memplan.spec.train import Method, TrainConfig
 
 FP32 = 4
 
 
-def estimate(spec: ModelSpec, train: TrainConfig) -> Breakdown:
-    """Peak memory of `train` on `spec`, per GPU, with its terms and the phase where the peak happens."""
-    lay = Layout.of(spec, train)
+def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Breakdown:
+    """Peak memory of `train` on `spec`, per GPU, with its terms and the phase where the peak happens.
+
+    device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements."""
+    lay = Layout.of(spec, train, device)
     _check_targets(lay)
     st = model_states(lay)
     b, s = train.batch_size, train.seq_len
@@ -38,17 +40,25 @@ def estimate(spec: ModelSpec, train: TrainConfig) -> Breakdown:
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
     layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0)
     base = st.weights_bytes + st.optimizer_states_bytes
+    # autocast's weight copies live until forward ends; in backward only those saved by a graph remain: all of
+    # them without checkpointing, the LM head's (+ the recomputed layer's, in layer_grad) with it
+    ac_backward = st.autocast_cache_bytes
+    if train.checkpointing:
+        cast_layers = lay.trainable_layers if train.method is Method.FREEZE else spec.num_layers
+        ac_backward -= cast_layers * st.autocast_layer_bytes
+        layer_grad += st.autocast_layer_bytes
     head_grads = _head_grad_bytes(lay)
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + head.norm_bytes + ce_fwd,
-        "backward": base + st.autocast_cache_bytes + acts + max(
+        "backward": base + ac_backward + acts + max(
             head.norm_bytes + head.softcap_bytes + ce_bwd,
             head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
         "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes,
     }
     phase = max(moments, key=moments.__getitem__)
     peak = moments[phase]
-    terms = _terms(lay, st, acts, phase, peak)
+    ac = st.autocast_cache_bytes if phase == "forward" else ac_backward
+    terms = _terms(lay, st, acts, ac, phase, peak)
     reserved, context = cuda_overheads(peak, lay)
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params)
@@ -95,7 +105,7 @@ def _check_targets(lay: Layout) -> None:
                           f"choose from {','.join(sorted(names))} or all-linear")
 
 
-def _terms(lay: Layout, st: ModelStates, acts: int, phase: str, peak: int) -> tuple[Term, ...]:
+def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: int) -> tuple[Term, ...]:
     """Split the peak into named terms; `transient` is what the peak moment adds on top of the kept state."""
     tr = lay.train
     w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.frozen_params:,} frozen x "
@@ -117,9 +127,9 @@ def _terms(lay: Layout, st: ModelStates, acts: int, phase: str, peak: int) -> tu
         return tuple(terms)
     ckpt = "checkpointed layer inputs (B x S x hidden each)" if tr.checkpointing else \
         "tensors saved for backward by every decoder layer (tape program)"
-    ac = f" + autocast half copies of fp32 weights {st.autocast_cache_bytes:,} B" if st.autocast_cache_bytes else ""
+    cast = f" + autocast half copies of fp32 weights {ac:,} B" if ac else ""
     terms += [Term(name="gradients", bytes=0, explain="allocated during backward; included in transient"),
-              Term(name="activations", bytes=acts + st.autocast_cache_bytes, explain=ckpt + ac)]
+              Term(name="activations", bytes=acts + ac, explain=ckpt + cast)]
     what = "logits, fp32 upcast and log-probs at the loss" if phase == "forward" else \
         "cross-entropy backward (three fp32 B x S x vocab) or a recomputed layer + gradient buffers"
     terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms), explain=f"{what}; LM head"))

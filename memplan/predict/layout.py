@@ -23,10 +23,11 @@ class Layout:
     trainable_width: int  # weights that train: fp32 master copies except under pure_bf16
     lora_width: int  # adapters: fp32 (peft upcasts) except under pure_bf16
     lora_modules: frozenset[str]
+    device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
 
     @classmethod
-    def of(cls, spec: ModelSpec, train: TrainConfig) -> Layout:
+    def of(cls, spec: ModelSpec, train: TrainConfig, device: str = "cuda") -> Layout:
         amp = train.precision in AMP
         half = train.precision is not Precision.FP32
         full = train.method is Method.FULL
@@ -45,6 +46,7 @@ class Layout:
             trainable_width=trainable_width,
             lora_width=trainable_width,
             lora_modules=lora,
+            device=device,
             trainable_layers=spec.num_layers if full else
             (min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0),
         )

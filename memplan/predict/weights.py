@@ -25,6 +25,7 @@ class ModelStates:
     optimizer_states_bytes: int
     optimizer_step_bytes: int  # temporaries inside optimizer.step()
     autocast_cache_bytes: int  # half copies of fp32 weights cast by autocast during forward
+    autocast_layer_bytes: int  # the part of it one decoder layer casts (checkpointing frees and recasts it)
     largest_linear: int  # params of the biggest nn.Linear (dequantization / per-tensor temporaries)
 
 
@@ -49,27 +50,31 @@ def model_states(lay: Layout) -> ModelStates:
     quantized = 0
     if tr.method is Method.FULL:
         trainable, weights = total, total * lay.trainable_width
+        ac_layer = linear_params
         ac_params = linear_params * s.num_layers + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:
         trainable = lay.trainable_layers * s.layer_params
         weights = trainable * lay.trainable_width + (total - trainable) * lay.base_width
-        ac_params = linear_params * lay.trainable_layers if lay.trainable_width == 4 else 0
+        ac_layer = linear_params if lay.trainable_width == 4 else 0
+        ac_params = ac_layer * lay.trainable_layers
     else:
         trainable = lay.lora_params_per_layer() * s.num_layers
         weights = (total * lay.base_width) + trainable * lay.lora_width
-        ac_params = trainable if lay.lora_width == 4 else 0
+        ac_layer = lay.lora_params_per_layer() if lay.lora_width == 4 else 0
+        ac_params = ac_layer * s.num_layers
         if tr.method is Method.QLORA:
             quantized = linear_params * s.num_layers  # every decoder nn.Linear; lm_head is skipped by bnb
             outs = sum(lin.out_features for lin in linears) * s.num_layers
             weights += _quantized_bytes(quantized, tr.quant_bits, outs) - quantized * lay.base_width
     if not lay.amp:
-        ac_params = 0
+        ac_params = ac_layer = 0
     grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
     width = grads // trainable if trainable else 4
     states, step = _optimizer(lay, trainable, width)
     return ModelStates(weights_bytes=weights + buffers, trainable_params=trainable, frozen_params=total - trainable,
                        quantized_params=quantized, gradients_bytes=grads, optimizer_states_bytes=states,
-                       optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params, largest_linear=largest)
+                       optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params,
+                       autocast_layer_bytes=2 * ac_layer, largest_linear=largest)
 
 
 def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:

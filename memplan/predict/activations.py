@@ -88,11 +88,14 @@ def attention(cx: _Ctx, h: T) -> T:
     if lay.attn is Attention.EAGER:
         out = tp.new(_eager(cx, q, k, v, rg))  # transpose(1, 2).reshape of a (B, H, S, D) result: a copy
     else:
-        # sdpa / flash: saves q, k, v, out and the fp32 logsumexp (B, heads, S). The kernels return `out` in
-        # (B, S, H, D) memory, so transpose(1, 2).reshape is a view: o_proj saves the same storage.
+        # sdpa / flash: saves q, k, v, out and the fp32 logsumexp (B, heads, S). CUDA kernels return `out` in
+        # (B, S, H, D) memory, so transformers' transpose(1, 2).contiguous() is free; the CPU kernel follows the
+        # query's layout, which a torch.cat rope (phi3) makes (B, H, S, D): then it is a copy.
         out = T(n * s.q_dim, cx.c, rg)
         if rg:
             tp.save(q, k, v, out, T(n * s.num_heads, FP32, False))
+        if lay.device == "cpu" and s.rope_concat:
+            out = tp.new(out)
     return linear(cx, out, "o_proj", s.q_dim, s.hidden_size)
 
 

@@ -17,7 +17,7 @@ from memplan.predict.cuda import cuda_overheads
 from memplan.predict.layout import Layout
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Method, TrainConfig
+from memplan.spec.train import Attention, Method, TrainConfig
 
 FP32 = 4
 
@@ -40,6 +40,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
     layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0)
     base = st.weights_bytes + st.optimizer_states_bytes
+    # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
+    # whole forward, and through backward when checkpointed layers keep it as an input
+    masks = spec.mask_types * b * s * s * stream_width(lay) if lay.attn is Attention.EAGER else 0
     # autocast's weight copies live until forward ends; in backward only those saved by a graph remain: all of
     # them without checkpointing, the LM head's (+ the recomputed layer's, in layer_grad) with it
     ac_backward = st.autocast_cache_bytes
@@ -49,8 +52,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         layer_grad += st.autocast_layer_bytes
     head_grads = _head_grad_bytes(lay)
     moments = {
-        "forward": base + st.autocast_cache_bytes + acts + head.norm_bytes + ce_fwd,
-        "backward": base + ac_backward + acts + max(
+        "forward": base + st.autocast_cache_bytes + acts + masks + head.norm_bytes + ce_fwd,
+        "backward": base + ac_backward + acts + (masks if train.checkpointing else 0) + max(
             head.norm_bytes + head.softcap_bytes + ce_bwd,
             head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
         "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes,

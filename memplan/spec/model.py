@@ -21,8 +21,10 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {},
     "qwen2": {"qkv_bias": True},  # Qwen2Attention: q/k/v Linear(bias=True), o_proj bias=False
     "qwen3": {"qk_norm": True},  # Qwen3Attention: q_norm / k_norm RMSNorm(head_dim)
-    "gemma2": {"norms_per_layer": 4, "tied_default": True, "act": "gelu", "gemma_norm": True},
-    "phi3": {"fused_qkv": True, "fused_gate_up": True},  # Phi3Attention.qkv_proj, Phi3MLP.gate_up_proj
+    # Gemma2: 4 norms/layer, tied, and two eager masks per forward (full + sliding, create_*_mask)
+    "gemma2": {"norms_per_layer": 4, "tied_default": True, "act": "gelu", "mask_types": 2},
+    # Phi3Attention.qkv_proj, Phi3MLP.gate_up_proj; apply_rotary_pos_emb concatenates the rotary part (partial rope)
+    "phi3": {"fused_qkv": True, "fused_gate_up": True, "rope_concat": True},
     "mixtral": {"moe": True},
     "qwen3_moe": {"moe": True, "qk_norm": True},
     "internlm2": {"fused_qkv": True, "remote_code": True},  # wqkv + wo, w1/w3/w2 (trust_remote_code)
@@ -63,6 +65,8 @@ class ModelSpec:
     qk_norm: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    rope_concat: bool = False  # rope output made by torch.cat: a fresh (B, H, S, D) tensor
+    mask_types: int = 1  # attention masks built per forward (eager materialises each as (B, 1, S, S))
     norms_per_layer: int = 2
     act: str = "silu"
     num_experts: int = 0
@@ -185,6 +189,8 @@ class ModelSpec:
             qk_norm=bool(fam.get("qk_norm", False)),
             fused_qkv=bool(fam.get("fused_qkv", False)),
             fused_gate_up=bool(fam.get("fused_gate_up", False)),
+            rope_concat=bool(fam.get("rope_concat", False)),
+            mask_types=fam.get("mask_types", 1),
             norms_per_layer=fam.get("norms_per_layer", 2),
             act=fam.get("act", "silu"),
             num_experts=experts,

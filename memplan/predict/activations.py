@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.train import Attention
+from memplan.spec.train import Attention, Method
 
 FP32 = 4
 
@@ -52,7 +52,14 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
-    xin = tp.cast(x, 2) if lay.amp else x
+    if lay.train.method is Method.QLORA and name != "router":
+        # bitsandbytes Linear4bit/8bitLt: x.to(compute_dtype), then MatMul4Bit saves its input A whenever any
+        # input needs grad (`ctx.tensors = (A, B)`), although only the frozen weight's grad would use it
+        xin = tp.cast(x, cx.c)
+        if xin.rg:
+            tp.save(xin)
+    else:
+        xin = tp.cast(x, 2) if lay.amp else x
     y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
     if name in lay.lora_modules:
         xl = tp.cast(x, lay.lora_width) if lay.amp else x  # peft _cast_input_dtype to the adapter dtype

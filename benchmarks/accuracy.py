@@ -57,6 +57,11 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
         ("phi3", dict(method="lora", precision="bf16", lora_targets=("qkv_proj", "o_proj"), checkpointing=False)),
         ("mistral", dict(method="lora", precision="bf16", lora_dropout=0.05, checkpointing=True, batch_size=4)),
         ("llama", dict(method="freeze", precision="bf16", checkpointing=True, freeze_trainable_layers=1)),
+        # MoE (transformers 5 grouped experts; peft 0.21 wraps expert parameters under all-linear LoRA)
+        ("mixtral", dict(method="full", precision="fp32", checkpointing=False)),
+        ("mixtral", dict(method="full", precision="bf16", checkpointing=False)),
+        ("mixtral", dict(method="lora", precision="bf16", checkpointing=False)),
+        ("mixtral", dict(method="lora", precision="bf16", checkpointing=True, batch_size=4)),
     ]
     for arch, kw in extra:
         kw = {"batch_size": 2, "seq_len": 256, **kw}
@@ -87,15 +92,24 @@ def run(quick: bool) -> list[dict[str, object]]:
     return rows
 
 
+MOE = {"mixtral"}
+
+
+def _summary(rows: list[dict[str, object]], label: str) -> str:
+    errs = [abs(float(r["error_pct"])) for r in rows]
+    return (f"{label}: {len(rows)} configurations, {len({r['arch'] for r in rows})} architectures, "
+            f"median |error| {statistics.median(errs):.2f} %, worst {max(errs):.2f} %")
+
+
 def write(rows: list[dict[str, object]], name: str) -> str:
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / f"{name}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    errs = [abs(float(r["error_pct"])) for r in rows]
-    summary = (f"{len(rows)} configurations, {len({r['arch'] for r in rows})} architectures: "
-               f"median |error| {statistics.median(errs):.2f} %, worst {max(errs):.2f} %")
+    summary = "; ".join(_summary([r for r in rows if (r["arch"] in MOE) == moe], label)
+                        for moe, label in ((False, "dense"), (True, "MoE")) if any((r["arch"] in MOE) == moe
+                                                                                 for r in rows))
     lines = ["# Analytic estimate vs CPU allocator truth\n", "Command: `python benchmarks/accuracy.py`\n",
              f"{summary}\n", "| arch | method | precision | ckpt | optimizer | attn | lora | batch | seq | truth MiB "
              "| truth phase | estimate MiB | error % |", "|" + "---|" * 13]

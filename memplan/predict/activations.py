@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.train import Attention, Method
+from memplan.spec.train import ALL_LINEAR, Attention, Method
 
 FP32 = 4
 
@@ -25,10 +25,15 @@ class _Ctx:
     seq: int
     trains: bool  # this layer's own weights train (full / freeze-trainable)
     stream: int  # width of the residual stream (the rotary cos/sin follow it)
+    autocast: bool = True  # False where the op has no autocast rule (MoE grouped matmuls): stream dtype
+
+    @property
+    def amp(self) -> bool:
+        return self.lay.amp and self.autocast
 
     @property
     def c(self) -> int:
-        return self.lay.compute_width
+        return self.lay.compute_width if self.autocast else self.stream
 
     def norm_width(self) -> int:
         return self.lay.trainable_width if self.trains else self.lay.base_width
@@ -52,14 +57,14 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
-    if lay.train.method is Method.QLORA and name != "router":
+    if lay.train.method is Method.QLORA and not name.startswith(("router", "experts")):
         # bitsandbytes Linear4bit/8bitLt: x.to(compute_dtype), then MatMul4Bit saves its input A whenever any
         # input needs grad (`ctx.tensors = (A, B)`), although only the frozen weight's grad would use it
         xin = tp.cast(x, cx.c)
         if xin.rg:
             tp.save(xin)
     else:
-        xin = tp.cast(x, 2) if lay.amp else x
+        xin = tp.cast(x, 2) if cx.amp else x
     y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
     if name in lay.lora_modules:
         xl = tp.cast(x, lay.lora_width) if lay.amp else x  # peft _cast_input_dtype to the adapter dtype
@@ -146,18 +151,31 @@ def mlp(cx: _Ctx, h: T) -> T:
 
 
 def _moe(cx: _Ctx, h: T) -> T:
-    s, tp = cx.lay.spec, cx.tape
+    """Sparse MoE block (transformers 5: a router, then every expert on its gathered tokens). The tokens x
+    experts_per_token rows are the same whatever the routing balance, so saved bytes do not depend on it.
+    With LoRA on all linear layers peft 0.21 also wraps the router and the 3D expert parameters
+    (target_parameters): the experts then run a grouped matmul on merged weights W + BA, saved for backward."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
     n, k = cx.tokens, s.experts_per_token
-    logits = linear(cx, h, "router", s.hidden_size, s.num_experts)
-    tp.saving_output(tp.cast(logits, FP32), width=FP32)  # softmax(router_logits, dtype=float)
+    wrapped = lay.train.is_lora and ALL_LINEAR in lay.train.lora_targets
+    router_trains = cx.trains or wrapped
+    hin = tp.cast(h, 2) if lay.amp else h
+    logits = tp.linear(hin, s.hidden_size, s.num_experts, w_trains=router_trains, width=cx.c)
+    if wrapped:
+        tp.save(T(n * lay.train.lora_rank, cx.c, True))  # router LoRA: A's output
+    probs = tp.saving_output(tp.cast(logits, FP32), width=FP32)  # softmax(router_logits.float())
+    weights = T(n * k, FP32, probs.rg)  # top-k probabilities, renormalised
     routed = T(n * k * s.hidden_size, h.width, h.rg)  # hidden_states[token_idx], all experts together
-    sub = _Ctx(tp, cx.lay, n * k, cx.batch, cx.seq, cx.trains, cx.stream)
+    # the experts' grouped matmul has no autocast rule: it runs in the dtype of the (gathered) stream
+    sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, cx.stream, autocast=False)
     inter = s.moe_intermediate_size
     gate = linear(sub, routed, "experts.gate", s.hidden_size, inter)
     up = linear(sub, routed, "experts.up", s.hidden_size, inter)
     prod = tp.mul(tp.saving_input(gate), up)
     out = linear(sub, prod, "experts.down", inter, s.hidden_size)
-    tp.mul(out, T(n * k, FP32, True))  # x routing weight
+    tp.mul(out, weights)  # x routing weight
+    if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype
+        tp.save(T(s.num_experts * 3 * inter * s.hidden_size, cx.c, False))
     return T(n * s.hidden_size, out.width, True)
 
 

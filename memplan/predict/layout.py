@@ -56,6 +56,11 @@ class Layout:
         return self.train.method is Method.FULL
 
     def lora_params_per_layer(self) -> int:
-        r = self.train.lora_rank
-        return sum(r * (lin.in_features + lin.out_features) for lin in self.spec.layer_linears()
-                   if lin.name in self.lora_modules)
+        s, r = self.spec, self.train.lora_rank
+        n = sum(r * (lin.in_features + lin.out_features) for lin in s.layer_linears() if lin.name in self.lora_modules)
+        if s.is_moe and ALL_LINEAR in self.train.lora_targets:
+            # peft 0.21 also wraps the router and the 3D expert parameters (shapes read off a built model):
+            # router A (r, H) + B (E, r); gate_up A (2Er, H) + B (2I, 2Er); down A (Er, I) + B (H, Er)
+            e, h, i = s.num_experts, s.hidden_size, s.moe_intermediate_size
+            n += r * (h + e) + 2 * e * r * (h + 2 * i) + e * r * (i + h)
+        return n

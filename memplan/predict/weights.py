@@ -42,9 +42,9 @@ def model_states(lay: Layout) -> ModelStates:
     s, tr = lay.spec, lay.train
     total = s.num_parameters
     linears = s.layer_linears()
-    linear_params = sum(lin.in_features * lin.out_features for lin in linears)
-    if s.is_moe:
-        linear_params += sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts
+    linear_params = sum(lin.in_features * lin.out_features for lin in linears)  # autocast-cast per layer
+    expert_params = sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts \
+        if s.is_moe else 0  # grouped matmul: no autocast copies
     buffers = s.head_dim // 2 * 4  # rotary inv_freq (fp32)
     largest = max([lin.in_features * lin.out_features for lin in linears + s.mlp_linears()])
     quantized = 0
@@ -63,7 +63,7 @@ def model_states(lay: Layout) -> ModelStates:
         ac_layer = lay.lora_params_per_layer() if lay.lora_width == 4 else 0
         ac_params = ac_layer * s.num_layers
         if tr.method is Method.QLORA:
-            quantized = linear_params * s.num_layers  # every decoder nn.Linear; lm_head is skipped by bnb
+            quantized = (linear_params + expert_params) * s.num_layers  # decoder linears; bnb skips lm_head
             outs = sum(lin.out_features for lin in linears) * s.num_layers
             weights += _quantized_bytes(quantized, tr.quant_bits, outs) - quantized * lay.base_width
     if not lay.amp:

@@ -26,6 +26,7 @@ class Truth:
     step: int  # 1 or 2
     baseline_bytes: int  # parameters and buffers before the first step
     phase_peaks: dict[str, int]  # "forward:2" -> peak live bytes inside that phase
+    peak_op: str  # the innermost profiled op running at the peak (e.g. aten::_log_softmax_backward_data)
     losses: tuple[float, ...]
 
 
@@ -90,5 +91,7 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
     for start, end, name in marks:
         if start <= peak_ns <= end:
             phase, step = name.split(":")[0], int(name.split(":")[1])
+    running = [(e.duration_ns(), e.name()) for e in events if e.name() != "[memory]"
+               and e.start_ns() <= peak_ns <= e.start_ns() + e.duration_ns()]
     return Truth(peak_bytes=baseline + peak, phase=phase, step=step, baseline_bytes=baseline,
-                 phase_peaks=phase_peaks, losses=tuple(losses))
+                 phase_peaks=phase_peaks, peak_op=min(running)[1] if running else "", losses=tuple(losses))

@@ -6,6 +6,7 @@ The speed model (`predicted_tokens_per_s`) is one replaceable function; probes (
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from memplan.errors import ConfigError
@@ -13,7 +14,7 @@ from memplan.predict.breakdown import Breakdown
 from memplan.predict.estimator import estimate
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Method, Optimizer, Precision, TrainConfig
+from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 
 DEFAULT_MARGIN = 0.05  # keep 5 % of the card free: allocator variance, eval batches, other processes
 MFU_PEAK = 0.45  # model-FLOPs utilisation a well-fed HF Trainer step reaches on a large micro-batch
@@ -108,23 +109,25 @@ def _micro_batches(global_batch: int, gpus: int) -> list[int]:
 
 def search_space(base: TrainConfig, gpu: GPU, *, global_batch: int, precisions: list[Precision] | None = None,
                  checkpointing: list[bool] | None = None, lora_ranks: list[int] | None = None,
-                 optimizers: list[Optimizer] | None = None) -> list[TrainConfig]:
+                 optimizers: list[Optimizer] | None = None,
+                 attentions: list[Attention] | None = None) -> list[TrainConfig]:
     """Every configuration with micro x accum x GPUs == global_batch over the open knobs."""
     if precisions is None:
         precisions = [Precision.BF16, Precision.PURE_BF16] if gpu.bf16 else [Precision.FP16]
-    bad = [p for p in precisions if p in (Precision.BF16, Precision.PURE_BF16) and not gpu.bf16]
-    if bad:
+    if any(p in (Precision.BF16, Precision.PURE_BF16) for p in precisions) and not gpu.bf16:
         raise ConfigError(f"{gpu.name} has no bf16 support: use --precision fp16 or fp32")
+    attns = attentions or [base.attn]
+    if Attention.FLASH_ATTENTION_2 in attns and not gpu.bf16:  # flash-attn 2 needs Ampere or newer, like bf16
+        raise ConfigError(f"{gpu.name} cannot run flash_attention_2 (needs an Ampere or newer GPU): use sdpa")
     out = []
-    for b in _micro_batches(global_batch, base.gpus):
-        for prec in precisions:
-            if prec is Precision.FP32 and base.attn.value == "flash_attention_2":
-                continue
-            for ckpt in checkpointing if checkpointing is not None else [False, True]:
-                for rank in lora_ranks or [base.lora_rank]:
-                    for opt in optimizers or [base.optimizer]:
-                        out.append(base.with_(batch_size=b, grad_accum=global_batch // (b * base.gpus),
-                                              precision=prec, checkpointing=ckpt, lora_rank=rank, optimizer=opt))
+    for b, prec, ckpt, rank, opt, attn in itertools.product(
+            _micro_batches(global_batch, base.gpus), precisions,
+            checkpointing if checkpointing is not None else [False, True],
+            lora_ranks or [base.lora_rank], optimizers or [base.optimizer], attns):
+        if prec is Precision.FP32 and attn is Attention.FLASH_ATTENTION_2:
+            continue  # no fp32 kernel
+        out.append(base.with_(batch_size=b, grad_accum=global_batch // (b * base.gpus), precision=prec,
+                              checkpointing=ckpt, lora_rank=rank, optimizer=opt, attn=attn))
     return out
 
 

@@ -53,3 +53,20 @@ def test_no_bf16_on_t4_and_bad_margin():
 def test_indivisible_global_batch():
     with pytest.raises(ConfigError, match="divisible"):
         fit(resolve_model("llama-2-7b"), TrainConfig(gpus=3), resolve_gpu("24GB"), global_batch=16)
+
+
+def test_attention_list_is_searched_and_flash_refused_on_t4():
+    from memplan.spec.train import Attention
+
+    res = fit(resolve_model("llama-3-8b"), TrainConfig(), resolve_gpu("a100-80gb"), global_batch=4,
+              attentions=[Attention.SDPA, Attention.EAGER])
+    assert {c.train.attn for c in res.ranked} == {Attention.SDPA, Attention.EAGER}
+    same = {(c.train.batch_size, c.train.precision, c.train.checkpointing): c for c in res.ranked
+            if c.train.attn is Attention.SDPA}
+    for c in res.ranked:  # eager materialises the scores: never less memory than sdpa
+        if c.train.attn is Attention.EAGER:
+            key = (c.train.batch_size, c.train.precision, c.train.checkpointing)
+            assert key not in same or c.total_bytes >= same[key].total_bytes
+    with pytest.raises(ConfigError, match="flash_attention_2"):
+        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("t4"), global_batch=4,
+            precisions=[Precision.FP16], attentions=[Attention.FLASH_ATTENTION_2])

@@ -64,3 +64,9 @@ def test_gpu_names_and_errors():
         resolve_gpu("gtx9999")
     with pytest.raises(ConfigError):
         parse_size("-3GB")
+
+
+def test_hub_id_outside_catalog_is_a_clear_error_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnknownModel, match="pass its path with --model"):
+        resolve_model("some-org/some-model-not-in-catalog")

@@ -9,7 +9,6 @@ import typer
 from memplan.cli import app
 from memplan.cli.options import (
     AlphaOpt,
-    AttnOpt,
     BitsOpt,
     CkptOpt,
     DropoutOpt,
@@ -36,7 +35,8 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
         lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None,
         quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
         optimizer: Annotated[str | None, typer.Option(help="one name or a comma list to search")] = None,
-        attn: AttnOpt = "auto",
+        attn: Annotated[str, typer.Option(help="auto|sdpa|eager|flash_attention_2, or a comma list to search")]
+        = "auto",
         margin: Annotated[float, typer.Option(help="fraction of the card kept free, in [0, 0.5)")] = 0.05,
         top: Annotated[int, typer.Option(help="alternatives shown")] = 5, json_out: JsonOpt = False) -> None:
     """Fits or not on this GPU, the fastest configuration, and what to change when nothing fits."""
@@ -45,7 +45,7 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
     from memplan.fit import fit as run_fit
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
-    from memplan.spec.train import Optimizer, Precision, parse_choice
+    from memplan.spec.train import Attention, Optimizer, Precision, parse_choice
 
     ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
     opts = [parse_choice(Optimizer, o, "--optimizer") for o in optimizer.split(",")] if optimizer else None
@@ -53,7 +53,7 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
                         checkpointing=None, lora_rank=ranks[0] if ranks else None, lora_alpha=lora_alpha,
                         lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
                         freeze_trainable_layers=freeze_trainable_layers,
-                        optimizer=opts[0].value if opts else "adamw", attn=attn)
+                        optimizer=opts[0].value if opts else "adamw", attn=attn.split(",")[0])
     if gpus <= 0 or global_batch <= 0:
         raise ConfigError("--gpus and --global-batch must be positive integers")
     base = base.with_(gpus=gpus)
@@ -62,7 +62,8 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
     res = run_fit(spec, base, card, global_batch=global_batch, margin=margin,
                   precisions=[parse_choice(Precision, precision, "--precision")] if precision else None,
                   checkpointing=[checkpointing] if checkpointing is not None else None,
-                  lora_ranks=ranks, optimizers=opts)
+                  lora_ranks=ranks, optimizers=opts,
+                  attentions=[parse_choice(Attention, a, "--attn") for a in attn.split(",")])
     if json_out:
         render.emit_json(render.fit_json(res))
     else:

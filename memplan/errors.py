@@ -11,6 +11,7 @@ class ExitCode(IntEnum):
     OK = 0  # fits / success
     DOES_NOT_FIT = 1
     BAD_INPUT = 2
+    PROBE_FAILED = 3  # the probe crashed or timed out (not an OOM)
 
 
 class MemplanError(Exception):

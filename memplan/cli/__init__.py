@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _register() -> None:
-    from memplan.cli import estimate_cmd, fit_cmd, lists  # noqa: F401 - registers commands on `app`
+    from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd  # noqa: F401 - registers commands on `app`
 
 
 def main(argv: list[str] | None = None) -> int:

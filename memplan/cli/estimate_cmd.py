@@ -41,18 +41,14 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
              json_out: JsonOpt = False) -> None:
     """Peak VRAM of one configuration, term by term."""
     from memplan.cli import render
-    from memplan.cli.options import parse_int_list
-    from memplan.errors import ConfigError
+    from memplan.cli.options import one_rank
     from memplan.fit import usable_bytes
     from memplan.predict.estimator import estimate as run_estimate
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
 
-    ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
-    if ranks is not None and len(ranks) != 1:
-        raise ConfigError("estimate takes one --lora-rank; lists and ranges are for `memplan fit`")
     train = build_config(method=method, precision=precision, batch_size=batch_size, grad_accum=grad_accum,
-                         seq_len=seq_len, checkpointing=checkpointing, lora_rank=ranks[0] if ranks else None,
+                         seq_len=seq_len, checkpointing=checkpointing, lora_rank=one_rank(lora_rank, "estimate"),
                          lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
                          quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
                          optimizer=optimizer, attn=attn)

@@ -80,3 +80,15 @@ def parse_int_list(text: str, option: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{option} {text!r}: use a number, a list (8,16) or a range (8-64)") from None
+
+
+def one_rank(text: str | None, command: str) -> int | None:
+    """--lora-rank for commands that take a single configuration."""
+    from memplan.errors import ConfigError
+
+    if text is None:
+        return None
+    ranks = parse_int_list(text, "--lora-rank")
+    if len(ranks) != 1:
+        raise ConfigError(f"{command} takes one --lora-rank; lists and ranges are for `memplan fit`")
+    return ranks[0]

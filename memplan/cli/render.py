@@ -9,11 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from memplan.fit import Candidate, FitResult
+from memplan.probe.result import ProbeResult
 from memplan.predict.breakdown import Breakdown
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig, resolve_attention
-from memplan.units import fmt_gib
+from memplan.units import fmt_bytes, fmt_gib
 
 console = Console()
 
@@ -139,3 +140,24 @@ def table(cols: list[str]) -> Table:
     for col in cols:
         t.add_column(col)
     return t
+
+
+def print_probe(result: ProbeResult, predicted: Breakdown) -> None:
+    colour = {"ok": "green", "oom": "red"}.get(result.status.value, "yellow")
+    console.print(f"[{colour} bold]{result.status.value}[/] on {result.device}"
+                  + (" (cached)" if result.cached else "") + (f": {result.error}" if result.error else ""))
+    if result.status.value != "ok":
+        return
+    rows = table(["measured", "value", "analytic estimate", "error"])
+    err = 100 * (predicted.peak_allocated_bytes / result.peak_allocated_bytes - 1)
+    rows.add_row("peak allocated", fmt_bytes(result.peak_allocated_bytes), fmt_bytes(predicted.peak_allocated_bytes),
+                 f"{err:+.2f} %")
+    if result.device != "cpu":  # the CPU allocator does not cache: reserved == allocated there
+        rows.add_row("peak reserved", fmt_bytes(result.peak_reserved_bytes),
+                     fmt_bytes(predicted.peak_reserved_bytes), "")
+    if result.nvml_used_bytes is not None:
+        rows.add_row("nvidia-smi used", fmt_bytes(result.nvml_used_bytes), fmt_bytes(predicted.total_bytes), "")
+    rows.add_row("step time", f"{result.step_time_s:.3f} s", "", "")
+    rows.add_row("tokens/s", f"{result.tokens_per_s:,.0f}", "", "")
+    rows.add_row("losses", ", ".join(f"{x:.3f}" for x in result.losses), "", "")
+    console.print(rows)

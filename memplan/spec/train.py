@@ -125,3 +125,15 @@ def resolve_attention(model_type: str, attn: Attention) -> Attention:
         raise ConfigError(f"{model_type} does not support --attn sdpa in transformers 5 (softcapping): "
                           "use --attn eager or flash_attention_2")
     return attn
+
+
+def train_from_dict(data: dict[str, object]) -> TrainConfig:
+    """Inverse of TrainConfig.to_dict (unknown keys such as effective_batch are ignored)."""
+    kinds = {"method": Method, "precision": Precision, "optimizer": Optimizer, "attn": Attention}
+    kw: dict[str, object] = {}
+    for f in fields(TrainConfig):
+        if f.name in data:
+            value = data[f.name]
+            kw[f.name] = kinds[f.name](value) if f.name in kinds else tuple(value) if f.name == "lora_targets" \
+                else value  # type: ignore[arg-type]
+    return TrainConfig(**kw)  # type: ignore[arg-type]

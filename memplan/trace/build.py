@@ -36,14 +36,18 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
     """Random-weight model on `device` ("meta" for tracing), with dtypes, trainable flags, LoRA and checkpointing."""
     torch = try_import("torch")
     transformers = try_import("transformers")
-    if train.method is Method.QLORA:
-        raise NotImplementedError("QLoRA needs bitsandbytes on a CUDA device")
+    if train.method is Method.QLORA and device != "cuda":
+        from memplan.errors import ConfigError
+
+        raise ConfigError("QLoRA runs only on a CUDA device (bitsandbytes): use --device cuda, or estimate it")
     half = compute_dtype(train)
     # LLaMA-Factory loads the base in the compute dtype and upcasts what trains to fp32 (unless pure_bf16)
     load_dtype = torch.float32 if train.precision is Precision.FP32 else half
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config(spec, train), dtype=load_dtype)
     model.train()
+    if train.method is Method.QLORA:
+        _quantize_linears(model, train, half)
     if train.is_lora:
         peft = try_import("peft")
         targets: Any = "all-linear" if train.lora_targets == ("all-linear",) else list(train.lora_targets)
@@ -60,6 +64,31 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
     if train.checkpointing:
         model.activation_checkpointing_enable()  # transformers 5 default: use_reentrant=False + input grads
     return model
+
+
+def _quantize_linears(model: Any, train: TrainConfig, half: Any) -> None:
+    """Swap every decoder nn.Linear (not lm_head) for a bitsandbytes Linear4bit (NF4, double quant) or Linear8bitLt,
+    as transformers' BitsAndBytesConfig(load_in_4bit/8bit) does; the weights are quantised on `.cuda()`."""
+    torch = try_import("torch")
+    bnb = try_import("bitsandbytes")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or name == "lm_head":
+                continue
+            weight = child.weight.data.to("cpu", half)
+            if train.quant_bits == 4:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=half, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4")
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.to(half), requires_grad=False)
+            setattr(parent, name, q.cuda())
+    torch.cuda.empty_cache()
 
 
 def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None:

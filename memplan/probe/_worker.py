@@ -1,0 +1,114 @@
+"""The probe's child process: build the model, run real training steps, measure, write a JSON result.
+
+    python -m memplan.probe._worker REQUEST.json RESULT.json
+
+Runs in a fresh interpreter so that a CUDA OOM, a crash or a hang never harms the caller. Progress goes to stderr
+as `memplan-progress: <stage>` lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memplan.probe.result import ProbeResult, ProbeStatus
+from memplan.probe.truth import reference_step
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import train_from_dict
+from memplan.trace.build import build_model, build_optimizer
+from memplan.trace.tracker import LiveBytes
+
+
+def progress(stage: str) -> None:
+    print(f"memplan-progress: {stage}", file=sys.stderr, flush=True)
+
+
+def run(req: dict[str, Any]) -> ProbeResult:
+    spec = ModelSpec.from_config_dict(req["config"], name=req["name"])
+    train = train_from_dict(req["train"])
+    device = req["device"]
+    torch.manual_seed(req.get("seed", 0))
+    if device == "cuda":
+        return _run_cuda(spec, train, req)
+    progress("build")
+    model = build_model(spec, train, device="cpu")
+    optimizer = build_optimizer(model, train)
+    ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))  # full length: the worst case
+    tracker = LiveBytes(capacity_bytes=req.get("capacity_bytes"))
+    tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids])
+    with tracker:
+        times, losses = _steps(model, optimizer, train, ids, req, sync=lambda: None)
+    return _result(train, "cpu", times, losses, tracker.peak, tracker.peak)
+
+
+def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any]) -> ProbeResult:
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA device")
+    total = torch.cuda.get_device_properties(0).total_memory
+    if req.get("gpu_memory_bytes"):  # answer "would it fit on a smaller card" on this one
+        torch.cuda.set_per_process_memory_fraction(min(1.0, req["gpu_memory_bytes"] / total))
+    elif req.get("gpu_fraction"):
+        torch.cuda.set_per_process_memory_fraction(req["gpu_fraction"])
+    progress("build")
+    model = build_model(spec, train, device="cuda")
+    optimizer = build_optimizer(model, train)
+    ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = _steps(model, optimizer, train, ids, req, sync=torch.cuda.synchronize)
+    return _result(train, torch.cuda.get_device_name(0), times, losses, torch.cuda.max_memory_allocated(),
+                   torch.cuda.max_memory_reserved(), _nvml_used())
+
+
+def _steps(model: Any, optimizer: Any, train: Any, ids: Any, req: dict[str, Any], sync: Any) -> tuple[list, list]:
+    times, losses = [], []
+    total = req["warmup"] + req["steps"]
+    for i in range(total):
+        progress(f"{'warm-up' if i < req['warmup'] else 'step'} {i + 1}/{total}")
+        sync()
+        t0 = time.perf_counter()
+        losses += reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1)
+        sync()
+        if i >= req["warmup"]:
+            times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+def _result(train: Any, device: str, times: list, losses: list, peak: int, reserved: int,
+            nvml: int | None = None) -> ProbeResult:
+    step = statistics.median(times) if times else 0.0
+    tokens = train.batch_size * train.seq_len * train.grad_accum
+    return ProbeResult(status=ProbeStatus.OK, device=device, peak_allocated_bytes=int(peak),
+                       peak_reserved_bytes=int(reserved), nvml_used_bytes=nvml, step_time_s=step,
+                       tokens_per_s=tokens / step if step else 0.0, losses=tuple(losses))
+
+
+def _nvml_used() -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    except Exception:  # noqa: BLE001 - NVML is optional extra information
+        return None
+
+
+def main(argv: list[str]) -> int:
+    request, result = Path(argv[0]), Path(argv[1])
+    req = json.loads(request.read_text())
+    try:
+        res = run(req)
+    except torch.OutOfMemoryError as err:
+        res = ProbeResult(status=ProbeStatus.OOM, device=req["device"], error=str(err).splitlines()[0])
+    result.write_text(json.dumps(res.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""Run a probe in a child process with a timeout; a crash, OOM or hang there is reported, never raised."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memplan.probe import cache
+from memplan.probe.oom import classify_failure
+from memplan.probe.result import ProbeResult, ProbeStatus
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import TrainConfig
+
+PROGRESS = "memplan-progress: "
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeOptions:
+    steps: int = 3  # measured optimizer steps
+    warmup: int = 1  # optimizer steps before measuring (the first allocates the optimizer states)
+    device: str = "cpu"  # cpu or cuda
+    capacity_bytes: int | None = None  # cpu: simulated device size (exceeding it is an OOM)
+    gpu_memory_bytes: int | None = None  # cuda: cap the process to this size (set_per_process_memory_fraction)
+    gpu_fraction: float | None = None  # cuda: or cap it to this fraction of the card
+    timeout_s: float = 600.0
+    use_cache: bool = True
+    seed: int = 0
+
+
+def request_for(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions) -> dict[str, Any]:
+    return {"config": spec.config, "name": spec.name, "train": train.to_dict(), "steps": opts.steps,
+            "warmup": opts.warmup, "device": opts.device, "capacity_bytes": opts.capacity_bytes,
+            "gpu_memory_bytes": opts.gpu_memory_bytes, "gpu_fraction": opts.gpu_fraction, "seed": opts.seed}
+
+
+def probe(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions = ProbeOptions(), *,
+          on_progress: Callable[[str], None] | None = None) -> ProbeResult:
+    """Measure `train` on `spec` with real steps in a fresh interpreter (cached on disk unless use_cache=False)."""
+    if opts.steps <= 0 or opts.warmup < 0:
+        from memplan.errors import ConfigError
+
+        raise ConfigError("--steps must be positive and --warmup not negative")
+    request = request_for(spec, train, opts)
+    key = cache.cache_key(request, _device_name(opts.device))
+    if opts.use_cache and (hit := cache.load(key)) is not None:
+        return hit
+    result = launch(request, timeout_s=opts.timeout_s, on_progress=on_progress)
+    if result.status in (ProbeStatus.OK, ProbeStatus.OOM):  # errors and timeouts are worth retrying
+        cache.store(key, result)
+    return result
+
+
+def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[str], None] | None = None,
+           argv: list[str] | None = None) -> ProbeResult:
+    """Spawn the worker (or `argv`, for tests) on `request`; collect its result file or classify its failure."""
+    with tempfile.TemporaryDirectory(prefix="memplan-probe-") as tmp:
+        req_path, res_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req_path.write_text(json.dumps(request))
+        cmd = (argv or [sys.executable, "-m", "memplan.probe._worker"]) + [str(req_path), str(res_path)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, errors="replace")
+        tail: deque[str] = deque(maxlen=200)
+        reader = threading.Thread(target=_read, args=(proc, tail, on_progress), daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            reader.join(timeout=5)
+            return ProbeResult(status=ProbeStatus.TIMEOUT, device=request["device"],
+                               error=f"probe did not finish within {timeout_s:g} s")
+        reader.join(timeout=5)
+        text = "".join(tail)
+        if proc.returncode == 0 and res_path.is_file():
+            return ProbeResult.from_dict(json.loads(res_path.read_text()))
+        status = classify_failure(proc.returncode, text)
+        if status is ProbeStatus.OK:  # exit 0 without a result file
+            status = ProbeStatus.ERROR
+        return ProbeResult(status=status, device=request["device"], error=_last_error_line(text, proc.returncode))
+
+
+def _read(proc: subprocess.Popen, tail: deque[str], on_progress: Callable[[str], None] | None) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith(PROGRESS):
+            if on_progress:
+                on_progress(line[len(PROGRESS):].strip())
+        else:
+            tail.append(line)
+
+
+def _last_error_line(text: str, returncode: int | None) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else f"probe process exited with status {returncode}"
+
+
+def _device_name(device: str) -> str:
+    """A cache-key name for the device, without importing torch in this process (nvidia-smi through NVML)."""
+    if device != "cuda":
+        return "cpu"
+    try:
+        from memplan.spec.hardware import detect_gpu
+
+        return detect_gpu().name
+    except Exception:  # noqa: BLE001 - no NVML: the worker will report the error itself
+        return "cuda"

@@ -1,0 +1,62 @@
+"""Live tensor bytes, counted at the dispatcher: every op's outputs add their storage's bytes once; a storage's
+finalizer subtracts them (NOTES §4). Works on real CPU tensors and on fake tensors alike.
+
+With `capacity_bytes` it also simulates a device of that size: an allocation that would push live bytes past it
+raises SimulatedOOM, which the probe reports exactly as a CUDA OOM (this is what makes OOM paths testable on CPU).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+OOM_MESSAGE = "memplan: simulated out of memory"
+
+
+class SimulatedOOM(torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError):  # type: ignore[misc]
+    """Raised when live bytes would exceed the simulated capacity (a subclass of torch.OutOfMemoryError)."""
+
+
+class LiveBytes(TorchDispatchMode):
+    """Running and peak live bytes of all storages created inside the mode (plus those seeded)."""
+
+    def __init__(self, capacity_bytes: int | None = None) -> None:
+        super().__init__()
+        self.capacity_bytes = capacity_bytes
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def seed(self, tensors: Any) -> None:
+        """Count tensors that exist before the mode starts (parameters, buffers, inputs)."""
+        for t in tensors:
+            self._add(t, check=False)
+
+    def _add(self, t: torch.Tensor, check: bool = True) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._seen:
+            return
+        nbytes = storage.nbytes()
+        if check and self.capacity_bytes is not None and self.live + nbytes > self.capacity_bytes:
+            raise SimulatedOOM(f"{OOM_MESSAGE}: tried to allocate {nbytes} bytes with {self.live} live "
+                               f"of {self.capacity_bytes} capacity")
+        self._seen.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._add(t)
+        return out

@@ -1,0 +1,105 @@
+"""Probes on CPU: real steps in a child process, simulated capacity, failures contained, results cached."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from memplan.cli import main
+from memplan.probe import launch as launch_mod
+from memplan.probe.launch import ProbeOptions, launch, probe
+from memplan.probe.oom import classify_failure
+from memplan.probe.result import ProbeStatus
+from memplan.probe.truth import measure_cpu_peak
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import Method, Precision, TrainConfig
+
+SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
+             num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
+TRAIN = TrainConfig(method=Method.FULL, precision=Precision.FP32, checkpointing=False, batch_size=2, seq_len=128)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def ok_result():
+    return probe(ModelSpec.from_config_dict(dict(SMALL), name="small"), TRAIN, ProbeOptions(use_cache=False))
+
+
+def test_ok_probe_measures_the_exact_peak(ok_result):
+    truth = measure_cpu_peak(ModelSpec.from_config_dict(dict(SMALL), name="small"), TRAIN)
+    assert ok_result.status is ProbeStatus.OK
+    assert ok_result.peak_allocated_bytes == truth.peak_bytes
+    assert ok_result.tokens_per_s > 0 and ok_result.step_time_s > 0
+    assert len(ok_result.losses) == 4 and all(math.isfinite(x) for x in ok_result.losses)
+
+
+def test_capacity_below_peak_is_oom(ok_result):
+    spec = ModelSpec.from_config_dict(dict(SMALL), name="small")
+    res = probe(spec, TRAIN, ProbeOptions(use_cache=False, capacity_bytes=ok_result.peak_allocated_bytes - 1))
+    assert res.status is ProbeStatus.OOM and "simulated out of memory" in res.error
+
+
+def test_crashing_child_is_an_error_with_its_message():
+    spec = ModelSpec.from_config_dict({**SMALL, "hidden_act": "no_such_activation"}, name="broken")
+    res = probe(spec, TRAIN, ProbeOptions(use_cache=False))
+    assert res.status is ProbeStatus.ERROR and "no_such_activation" in res.error
+
+
+def test_hung_child_times_out_and_parent_survives():
+    res = launch({"device": "cpu"}, timeout_s=1.0, argv=[sys.executable, "-c", "import time; time.sleep(60)"])
+    assert res.status is ProbeStatus.TIMEOUT
+
+
+def test_child_killed_without_result_is_classified():
+    code = "import sys; sys.stderr.write('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\\n'); " \
+           "sys.exit(1)"
+    res = launch({"device": "cuda"}, timeout_s=30, argv=[sys.executable, "-c", code])
+    assert res.status is ProbeStatus.OOM and "CUDA out of memory" in res.error
+
+
+def test_cache_returns_stored_result_without_running(monkeypatch):
+    spec = ModelSpec.from_config_dict(dict(SMALL), name="small")
+    first = probe(spec, TRAIN, ProbeOptions(steps=1))
+    assert first.status is ProbeStatus.OK and not first.cached
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the probe ran although a cached result exists")
+
+    monkeypatch.setattr(launch_mod, "launch", no_run)
+    again = probe(spec, TRAIN, ProbeOptions(steps=1))
+    assert again.cached and again.peak_allocated_bytes == first.peak_allocated_bytes
+    with pytest.raises(AssertionError):
+        probe(spec, TRAIN, ProbeOptions(steps=1, use_cache=False))
+
+
+@pytest.mark.parametrize("code,text,status", [
+    (0, "", ProbeStatus.OK),
+    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", ProbeStatus.OOM),
+    (1, "RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)", ProbeStatus.OOM),
+    (1, "RuntimeError: HIP out of memory. Tried to allocate", ProbeStatus.OOM),
+    (1, "KeyError: 'no_such_activation'", ProbeStatus.ERROR),
+    (-9, "", ProbeStatus.ERROR),
+])
+def test_classify_failure(code, text, status):
+    assert classify_failure(code, text) is status
+
+
+@pytest.mark.parametrize("args", [["--device", "tpu"], ["--capacity", "lots"], ["--gpu", "24GB"],
+                                  ["--steps", "0"]])
+def test_probe_bad_input(capsys, args):
+    assert main(["probe", "--model", "llama-2-7b", *args]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_probe_cli_json(capsys, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(SMALL))
+    rc = main(["probe", "--model", str(cfg), "--method", "full", "--precision", "fp32", "--no-checkpointing",
+               "--batch-size", "2", "--seq-len", "128", "--steps", "1", "--capacity", "1MB", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 1 and data["probe"]["status"] == "oom"

@@ -103,3 +103,14 @@ def test_probe_cli_json(capsys, tmp_path):
                "--batch-size", "2", "--seq-len", "128", "--steps", "1", "--capacity", "1MB", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert rc == 1 and data["probe"]["status"] == "oom"
+
+
+def test_gpu_validate_dry_run_lists_the_matrix(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_validate.py", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    models = {line.split("'model': '")[1].split("'")[0] for line in proc.stdout.splitlines() if "'model'" in line}
+    assert {"qwen2.5-0.5b", "mistral-7b-v0.1"} <= models
+    assert (tmp_path / "gpu_validate.csv").is_file()

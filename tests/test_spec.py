@@ -46,8 +46,13 @@ def test_bad_configs(tmp_path):
         resolve_model("no-such-model")
     with pytest.raises(UnknownModel):
         resolve_model(str(tmp_path))  # folder without config.json
+    bloom = resolve_model("bloomz-7b1")  # known to transformers, not to the formulas
+    assert not bloom.analytic
     with pytest.raises(UnsupportedModel, match="--exact"):
-        resolve_model("bloomz-7b1")
+        from memplan.predict.estimator import estimate
+        from memplan.spec.train import TrainConfig
+
+        estimate(bloom, TrainConfig())
 
 
 @pytest.mark.parametrize("text,expected", [("24GB", 24 * GIB), ("24GiB", 24 * GIB), ("24564MiB", 24564 * 2**20),

@@ -9,7 +9,8 @@ import typer
 from memplan.errors import ExitCode, MemplanError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Will it fit? Peak-VRAM prediction for LLM fine-tuning.")
+                  help="Will it fit? Peak-VRAM prediction for LLM fine-tuning. "
+                       "`memplan trace` = `memplan estimate --exact` (fake-tensor trace of the real model).")
 
 
 def _register() -> None:
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    if args[:1] == ["trace"]:  # `memplan trace ...` is `memplan estimate --exact ...`
+        args = ["estimate", "--exact", *args[1:]]
     try:
         rc = app(args=args, standalone_mode=False)
     except MemplanError as err:

@@ -38,8 +38,12 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
              optimizer: OptimOpt = "adamw", attn: AttnOpt = "auto", gpu: GpuOpt = None,
              margin: Annotated[float, typer.Option(help="fraction of the card kept free")] = 0.05,
              explain: Annotated[bool, typer.Option("--explain", help="the formula behind each term")] = False,
+             exact: Annotated[bool, typer.Option("--exact", help="trace the real transformers model on fake "
+                                                 "tensors (needs memplan[trace]); `memplan trace` = this")] = False,
+             trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
+                                                             help="exact mode: allow the model's own code")] = False,
              json_out: JsonOpt = False) -> None:
-    """Peak VRAM of one configuration, term by term."""
+    """Peak VRAM of one configuration, term by term (`memplan trace ...` runs it with --exact)."""
     from memplan.cli import render
     from memplan.cli.options import one_rank
     from memplan.fit import usable_bytes
@@ -55,10 +59,22 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
     spec = resolve_model(model)
     card = resolve_gpu(gpu) if gpu else None
     usable = usable_bytes(card, margin) if card else None
-    bd = run_estimate(spec, train)
-    if json_out:
-        render.emit_json(render.estimate_json(spec, train, bd, card, usable))
+    note = ""
+    if exact or not spec.analytic:
+        from memplan.trace.fake import exact_estimate, exact_mode_available
+
+        if not exact and not exact_mode_available():
+            run_estimate(spec, train)  # raises the clear "not in the analytic formulas" error
+        if not exact:
+            note = f"{spec.model_type} is not in the analytic formulas: using the exact mode (fake-tensor trace)"
+        bd = exact_estimate(spec, train, trust_remote_code=trust_remote_code)
     else:
+        bd = run_estimate(spec, train)
+    if json_out:
+        render.emit_json({**render.estimate_json(spec, train, bd, card, usable), **({"note": note} if note else {})})
+    else:
+        if note:
+            render.console.print(f"[yellow]{note}[/]")
         render.print_estimate(spec, train, bd, card, usable, explain)
     if card is not None and usable is not None and bd.total_bytes > usable:
         raise typer.Exit(int(ExitCode.DOES_NOT_FIT))

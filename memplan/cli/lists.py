@@ -10,20 +10,13 @@ from memplan.cli.options import JsonOpt
 def models(json_out: JsonOpt = False) -> None:
     """The model catalog with exact parameter counts."""
     from memplan.cli import render
-    from memplan.errors import MemplanError
     from memplan.spec.catalog import catalog_entries, resolve_model
-    from memplan.spec.model import load_config_file
 
     rows = []
     for e in catalog_entries():
-        try:
-            spec = resolve_model(e.hf_id)
-            rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": spec.model_type,
-                         "parameters": spec.num_parameters, "analytic": True})
-        except MemplanError:
-            rows.append({"name": e.short_name, "hf_id": e.hf_id,
-                         "model_type": load_config_file(e.path).get("model_type"), "parameters": None,
-                         "analytic": False})
+        spec = resolve_model(e.hf_id)
+        rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": spec.model_type,
+                     "parameters": spec.num_parameters if spec.analytic else None, "analytic": spec.analytic})
     if json_out:
         render.emit_json({"models": rows})
         return

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from memplan.predict.layout import Layout
-
 MIB = 1024**2
 
 
-def cuda_overheads(peak_allocated: int, lay: Layout) -> tuple[int, int]:
-    """(peak reserved bytes, context bytes). Placeholder calibration, see README 'memory model'."""
-    del lay
+def cuda_overheads(peak_allocated: int) -> tuple[int, int]:
+    """(peak reserved bytes, context bytes): not yet calibrated on a GPU, see README 'Limits'."""
     reserved = int(peak_allocated * 1.05) + 2 * 20 * MIB
     return reserved, 500 * MIB

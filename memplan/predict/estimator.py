@@ -10,7 +10,7 @@ Saved activations come from the tape programs in `activations.py`.
 
 from __future__ import annotations
 
-from memplan.errors import ConfigError
+from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.activations import head_saved, layer_saved, stream_width
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
@@ -26,6 +26,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     """Peak memory of `train` on `spec`, per GPU, with its terms and the phase where the peak happens.
 
     device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements."""
+    if not spec.analytic:
+        raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
+                               "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
     lay = Layout.of(spec, train, device)
     _check_targets(lay)
     st = model_states(lay)
@@ -62,7 +65,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     peak = moments[phase]
     ac = st.autocast_cache_bytes if phase == "forward" else ac_backward
     terms = _terms(lay, st, acts, ac, phase, peak)
-    reserved, context = cuda_overheads(peak, lay)
+    reserved, context = cuda_overheads(peak)
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params)
 

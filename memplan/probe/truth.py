@@ -30,8 +30,10 @@ class Truth:
     losses: tuple[float, ...]
 
 
-def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mark: Any, steps: int = 2) -> list[float]:
-    """Run `steps` optimizer steps of the reference step; `mark(name)` returns a context manager per phase."""
+def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mark: Any, steps: int = 2,
+                   record_losses: bool = True) -> list[float]:
+    """Run `steps` optimizer steps of the reference step; `mark(name)` returns a context manager per phase.
+    record_losses=False for fake tensors, whose values cannot be read."""
     torch = try_import("torch")
     amp = train.precision in (Precision.FP16, Precision.BF16)
     losses = []
@@ -43,7 +45,8 @@ def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mar
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             with mark(f"backward:{step}"):
                 (loss / train.grad_accum).backward()
-            losses.append(float(loss.detach()))
+            if record_losses:
+                losses.append(float(loss.detach()))
             del loss
         with mark(f"optimizer:{step}"):
             optimizer.step()

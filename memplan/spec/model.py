@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memplan.errors import ConfigError, UnsupportedModel
+from memplan.errors import ConfigError
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -29,7 +29,6 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"moe": True, "qk_norm": True},
     "internlm2": {"fused_qkv": True, "remote_code": True},  # wqkv + wo, w1/w3/w2 (trust_remote_code)
 }
-_KNOWN_UNMODELLED = {"bloom", "gpt2", "gpt_neox", "falcon", "opt", "bert", "t5"}
 _ARCH_TO_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 
@@ -74,6 +73,7 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     sliding_window: int | None = None
     remote_code: bool = False
+    analytic: bool = True  # False: an architecture the formulas do not know (only the exact mode can trace it)
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- derived -------------------------------------------------------------------------------------------
@@ -148,15 +148,27 @@ class ModelSpec:
 
     # ---- constructors -------------------------------------------------------------------------------------------
     @classmethod
+    def _generic(cls, cfg: dict[str, Any], mtype: str, name: str) -> ModelSpec:
+        """An architecture the formulas do not know: keep the config for the exact mode, rough dims for display."""
+        hidden = _first(cfg, "hidden_size", "n_embed", "n_embd", "d_model", default=0)
+        heads = _first(cfg, "num_attention_heads", "n_head", default=1)
+        return cls(name=name, model_type=mtype, hidden_size=hidden,
+                   num_layers=_first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0),
+                   num_heads=heads, num_kv_heads=_first(cfg, "num_key_value_heads", default=heads),
+                   head_dim=hidden // heads if heads else 0,
+                   intermediate_size=_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+                   vocab_size=_first(cfg, "vocab_size", default=0),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), analytic=False,
+                   remote_code="auto_map" in cfg,
+                   config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"})
+
+    @classmethod
     def from_config_dict(cls, cfg: dict[str, Any], *, name: str | None = None) -> ModelSpec:
         """Build from a transformers config.json dict; raises ConfigError naming every missing/bad field."""
         mtype = cfg.get("model_type") or _ARCH_TO_TYPE.get((cfg.get("architectures") or [""])[0])
         label = name or cfg.get("_name_or_path") or "config.json"
-        if mtype in _KNOWN_UNMODELLED or (mtype and mtype not in _FAMILIES):
-            raise UnsupportedModel(
-                f"{label}: model_type {mtype!r} is not modelled by the analytic formulas "
-                f"(known: {', '.join(sorted(_FAMILIES))}); use the exact mode: --exact"
-            )
+        if mtype and mtype not in _FAMILIES:
+            return cls._generic(cfg, mtype, str(name or label))
         if not mtype:
             raise ConfigError(f"{label}: config.json has no model_type; add one (e.g. \"model_type\": \"llama\")")
         fam = _FAMILIES[mtype]
@@ -201,6 +213,10 @@ class ModelSpec:
             remote_code=bool(fam.get("remote_code", False)),
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
         )
+
+
+def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), default)
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def parse_choice(enum: type[Enum], value: str, option: str) -> Enum:
 
 
 # model types whose transformers 5.x class refuses sdpa (`_supports_sdpa = False`: softcapping)
-_NO_SDPA = frozenset({"gemma2"})
+_NO_SDPA = frozenset({"gemma2", "bloom"})
 
 
 def resolve_attention(model_type: str, attn: Attention) -> Attention:

@@ -29,6 +29,8 @@ class LiveBytes(TorchDispatchMode):
         self.capacity_bytes = capacity_bytes
         self.live = 0
         self.peak = 0
+        self.phase = ""  # set by the caller around forward / backward / optimizer
+        self.peak_phase = ""
         self._seen: set[int] = set()
 
     def seed(self, tensors: Any) -> None:
@@ -47,7 +49,8 @@ class LiveBytes(TorchDispatchMode):
                                f"of {self.capacity_bytes} capacity")
         self._seen.add(key)
         self.live += nbytes
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak, self.peak_phase = self.live, self.phase
         weakref.finalize(storage, self._free, key, nbytes)
 
     def _free(self, key: int, nbytes: int) -> None:

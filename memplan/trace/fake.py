@@ -1,0 +1,200 @@
+"""The exact mode: run the real transformers model's reference step on fake tensors and count live bytes.
+
+No memory is allocated and no GPU is needed (NOTES §4): the model (and its peft wrapper) is built on the meta
+device, its parameters are swapped for fake CPU tensors inside FakeTensorMode, and the reference step runs under
+the LiveBytes tracker. The peak is linear in the number of decoder layers, so the model is traced with k, k+1 and
+k+2 layers and extrapolated to the real depth; when the third point is off the line the full depth is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from memplan._imports import try_import
+from memplan.errors import ConfigError, UnsupportedModel
+from memplan.predict.breakdown import Breakdown, Term
+from memplan.predict.cuda import cuda_overheads
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import Method, TrainConfig
+
+LINEARITY_TOLERANCE = 1e-3  # relative gap of the third point from the line of the first two
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trace:
+    """Live bytes of one traced depth."""
+
+    layers: int
+    peak: int
+    weights: int  # parameters + buffers
+    states: int  # optimizer states after the steps
+    forward_end: int  # live bytes when step 2's forward returned
+    trainable: int  # trainable parameters
+    phase: str
+
+
+def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int) -> Trace:
+    """Trace the reference step of `spec` cut to `layers` decoder layers."""
+    torch = try_import("torch")
+    try_import("transformers")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.probe.truth import reference_step
+    from memplan.trace.build import build_model, build_optimizer
+    from memplan.trace.tracker import LiveBytes
+
+    cut = dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
+    with _quiet():
+        model = build_model(cut, train, device="meta")  # outside the fake mode (NOTES §4)
+    tracker = LiveBytes()
+    marks: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def mark(name: str):  # noqa: ANN202
+        tracker.phase = name.split(":")[0]
+        yield
+        marks[name] = tracker.live
+
+    with FakeTensorMode(), _no_packed_sequence_detection(), _quiet():
+        _fake_parameters(model, torch)
+        optimizer = build_optimizer(model, train)
+        ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
+        tensors = list(model.parameters()) + list(model.buffers())
+        tracker.seed(tensors + [ids])
+        weights = tracker.live - ids.untyped_storage().nbytes()
+        with tracker:
+            reference_step(model, optimizer, train, ids, mark, record_losses=False)
+        states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
+                     if isinstance(t, torch.Tensor))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
+                 forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase)
+
+
+def _fake_parameters(model: Any, torch: Any) -> None:
+    """Replace meta parameters and buffers by fake CPU tensors of the same dtype, keeping tied weights tied."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"),
+                                                     requires_grad=p.requires_grad)
+                module._parameters[name] = memo[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                if id(b) not in memo:
+                    memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
+                module._buffers[name] = memo[id(b)]
+
+
+@contextlib.contextmanager
+def _quiet():  # noqa: ANN202
+    """transformers' deprecation warnings and config notices are not the user's business here."""
+    import warnings
+
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def _no_packed_sequence_detection():  # noqa: ANN202
+    """Under fake tensors transformers thinks it is tracing and builds a full (B,1,S,S) mask (NOTES §4)."""
+    import transformers.masking_utils as mu
+
+    original = mu.find_packed_sequence_indices
+    mu.find_packed_sequence_indices = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = original
+
+
+def exact_mode_available() -> bool:
+    """torch and transformers importable (checked without importing them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
+
+
+def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False) -> Breakdown:
+    """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one."""
+    if spec.remote_code and not trust_remote_code:
+        raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
+                               "pass --trust-remote-code to run its code")
+    if spec.is_moe:
+        raise UnsupportedModel(f"{spec.name}: MoE routing is data-dependent and cannot run on fake tensors; "
+                               "use the analytic estimate (balanced routing)")
+    note = ""
+    traced_train = train
+    if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
+        traced_train = train.with_(method=Method.LORA)
+        note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
+    first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
+    depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
+    try:
+        traces = [trace_depth(spec, traced_train, d) for d in depths]
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise ConfigError(f"{spec.name}: transformers cannot build or run this config on fake tensors: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    full = _extrapolate(traces, spec.num_layers)
+    if full is None:  # not linear in depth (mixed layer types): trace the real depth
+        full = trace_depth(spec, traced_train, spec.num_layers)
+        note += "; traced at full depth (per-layer memory not linear)"
+    peak, weights, states = full.peak, full.weights, full.states
+    if train.method is Method.QLORA:
+        from memplan.predict.estimator import estimate
+
+        delta_w = _analytic(spec, train, "weights") - _analytic(spec, traced_train, "weights")
+        delta_peak = estimate(spec, train).peak_allocated_bytes - estimate(spec, traced_train).peak_allocated_bytes
+        peak, weights = peak + delta_peak, weights + delta_w
+    acts = max(full.forward_end - weights - states, 0) if full.forward_end else 0
+    terms = [Term(name="weights", bytes=weights, explain="parameters and buffers of the real model" + note),
+             Term(name="optimizer_states", bytes=states, explain="torch optimizer state tensors after two steps"),
+             Term(name="gradients", bytes=0, explain="included in transient"),
+             Term(name="activations", bytes=min(acts, peak - weights - states),
+                  explain="live at the end of step 2's forward, beyond weights and states")]
+    terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
+                      explain=f"the rest of the peak, during {full.phase}"))
+    reserved, context = cuda_overheads(peak)
+    return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
+                     cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable,
+                     method="exact")
+
+
+def _extrapolate(traces: list[Trace], layers: int) -> Trace | None:
+    if len(traces) < 2 or traces[-1].layers == layers:
+        return traces[-1] if traces[-1].layers == layers else None
+    a, b = traces[0], traces[1]
+
+    def line(x: int, y: int, n: int) -> int:
+        return x + (y - x) * (n - a.layers)
+
+    if len(traces) == 3:
+        c = traces[2]
+        for field in ("peak", "weights", "states", "forward_end", "trainable"):
+            want, got = line(getattr(a, field), getattr(b, field), c.layers), getattr(c, field)
+            if abs(got - want) > LINEARITY_TOLERANCE * max(got, 1):
+                return None
+    if a.phase != b.phase:
+        return None
+    return Trace(layers=layers, peak=line(a.peak, b.peak, layers), weights=line(a.weights, b.weights, layers),
+                 states=line(a.states, b.states, layers), forward_end=line(a.forward_end, b.forward_end, layers),
+                 trainable=line(a.trainable, b.trainable, layers), phase=b.phase)
+
+
+def _analytic(spec: ModelSpec, train: TrainConfig, term: str) -> int:
+    from memplan.predict.estimator import estimate
+
+    return estimate(spec, train).term(term)

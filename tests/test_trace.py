@@ -1,0 +1,77 @@
+"""The exact mode (fake-tensor trace of the real model) against the CPU allocator truth."""
+
+import dataclasses
+import json
+
+import pytest
+
+from memplan.cli import main
+from memplan.errors import UnsupportedModel
+from memplan.probe.truth import measure_cpu_peak
+from memplan.spec.catalog import resolve_model
+from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
+from memplan.testing.tiny import tiny_spec
+from memplan.trace.fake import exact_estimate
+
+CASES = [
+    ("llama", dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False)),
+    ("mistral", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True, batch_size=4)),
+    ("qwen2", dict(method=Method.FULL, precision=Precision.PURE_BF16, optimizer=Optimizer.SGD_MOMENTUM)),
+    ("gemma2", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False)),
+    ("phi3", dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False)),
+    ("llama", dict(method=Method.LORA, precision=Precision.FP32, attn=Attention.EAGER, lora_dropout=0.1)),
+]
+
+
+@pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{k['method'].value}" for a, k in CASES])
+def test_exact_equals_cpu_truth(arch, kw):
+    cfg = TrainConfig(**{"batch_size": 2, "seq_len": 256, **kw})
+    exact = exact_estimate(tiny_spec(arch), cfg).peak_allocated_bytes
+    truth = measure_cpu_peak(tiny_spec(arch), cfg).peak_bytes
+    assert abs(exact / truth - 1) <= 0.005, (exact, truth)
+
+
+def test_depth_extrapolation_matches_a_deep_model():
+    spec = tiny_spec("llama")
+    deep = dataclasses.replace(spec, num_layers=8, config={**spec.config, "num_hidden_layers": 8})
+    cfg = TrainConfig(method=Method.LORA, batch_size=2, seq_len=128, checkpointing=False)
+    assert abs(exact_estimate(deep, cfg).peak_allocated_bytes / measure_cpu_peak(deep, cfg).peak_bytes - 1) <= 0.005
+
+
+def test_exact_and_analytic_agree_on_a_7b_model():
+    spec, cfg = resolve_model("llama-2-7b"), TrainConfig(method=Method.LORA, seq_len=1024)
+    from memplan.predict.estimator import estimate
+
+    assert abs(estimate(spec, cfg).peak_allocated_bytes / exact_estimate(spec, cfg).peak_allocated_bytes - 1) < 0.01
+
+
+def test_unknown_architecture_falls_back_to_exact(capsys):
+    assert main(["estimate", "--model", "bloomz-7b1", "--seq-len", "256", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"] == "exact" and "exact mode" in data["note"]
+
+
+def test_fallback_without_torch_is_a_clear_error(capsys, monkeypatch):
+    import memplan.trace.fake as fake
+
+    monkeypatch.setattr(fake, "exact_mode_available", lambda: False)
+    assert main(["estimate", "--model", "bloomz-7b1"]) == 2
+    assert "memplan[trace]" in capsys.readouterr().err
+
+
+def test_remote_code_refused_and_moe_explained(capsys):
+    assert main(["trace", "--model", "internlm2_5-7b"]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-remote-code" in err and err.count("\n") == 1
+    with pytest.raises(UnsupportedModel, match="MoE"):
+        exact_estimate(resolve_model("mixtral-8x7b"), TrainConfig())
+
+
+def test_unbuildable_config_is_one_line(capsys, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                               "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 100,
+                               "hidden_act": "no_such_activation"}))
+    assert main(["trace", "--model", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build" in err and err.count("\n") == 1

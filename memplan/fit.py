@@ -6,6 +6,7 @@ The speed model (`predicted_tokens_per_s`) is one replaceable function; probes (
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -173,3 +174,16 @@ def _suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list
     fitting = sorted((s for s in out if s.candidate.fits), key=lambda s: -s.candidate.tokens_per_s)
     rest = sorted((s for s in out if not s.candidate.fits), key=lambda s: s.candidate.total_bytes)
     return (fitting + rest)[:8]
+
+
+def recheck_exact(res: FitResult, top: int = 3) -> FitResult:
+    """Re-estimate the `top` ranked candidates with the exact mode (fake-tensor traces); drop those that no longer
+    fit and keep the order by predicted speed. Needs the `trace` extra."""
+    from memplan.trace.fake import exact_estimate
+
+    checked = []
+    for cand in res.ranked[:top]:
+        bd = exact_estimate(res.model, cand.train)
+        checked.append(dataclasses.replace(cand, breakdown=bd, fits=bd.total_bytes <= res.usable_bytes))
+    ranked = tuple(c for c in checked if c.fits) + res.ranked[top:]
+    return dataclasses.replace(res, ranked=ranked)

@@ -75,3 +75,12 @@ def test_unbuildable_config_is_one_line(capsys, tmp_path):
     assert main(["trace", "--model", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "cannot build" in err and err.count("\n") == 1
+
+
+def test_fit_exact_rechecks_top_candidates(capsys):
+    rc = main(["fit", "--model", "llama-3.2-1b", "--gpu", "24GB", "--global-batch", "4", "--exact", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    methods = [c["estimate_method"] for c in data["ranked"]]
+    assert methods[:3] == ["exact"] * 3 and set(methods[3:]) <= {"analytic"}
+    assert all(c["memory"]["total_bytes"] <= data["gpu"]["usable_bytes"] for c in data["ranked"][:3])

@@ -38,7 +38,9 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
         attn: Annotated[str, typer.Option(help="auto|sdpa|eager|flash_attention_2, or a comma list to search")]
         = "auto",
         margin: Annotated[float, typer.Option(help="fraction of the card kept free, in [0, 0.5)")] = 0.05,
-        top: Annotated[int, typer.Option(help="alternatives shown")] = 5, json_out: JsonOpt = False) -> None:
+        top: Annotated[int, typer.Option(help="alternatives shown")] = 5,
+        exact: Annotated[bool, typer.Option("--exact", help="re-check the top candidates with fake-tensor traces")]
+        = False, json_out: JsonOpt = False) -> None:
     """Fits or not on this GPU, the fastest configuration, and what to change when nothing fits."""
     from memplan.cli import render
     from memplan.errors import ConfigError
@@ -64,6 +66,10 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
                   checkpointing=[checkpointing] if checkpointing is not None else None,
                   lora_ranks=ranks, optimizers=opts,
                   attentions=[parse_choice(Attention, a, "--attn") for a in attn.split(",")])
+    if exact:
+        from memplan.fit import recheck_exact
+
+        res = recheck_exact(res, top=min(top, 3))
     if json_out:
         render.emit_json(render.fit_json(res))
     else:

@@ -90,7 +90,8 @@ def _describe(train: TrainConfig, spec: ModelSpec) -> str:
 
 def candidate_json(c: Candidate, spec: ModelSpec) -> dict[str, Any]:
     return {"config": config_dict(spec, c.train), "memory": c.breakdown.memory_dict(), "fits": c.fits,
-            "predicted_tokens_per_s": round(c.tokens_per_s, 1), "peak_phase": c.breakdown.phase}
+            "predicted_tokens_per_s": round(c.tokens_per_s, 1), "peak_phase": c.breakdown.phase,
+            "estimate_method": c.breakdown.method}
 
 
 def fit_json(res: FitResult) -> dict[str, Any]:
@@ -128,11 +129,14 @@ def print_fit(res: FitResult, top: int) -> None:
                   f"{fmt_gib(best.total_bytes)}, ~{best.tokens_per_s:,.0f} tokens/s predicted")
     ranked = table(["#", "micro x accum", "precision", "ckpt", "rank", "GiB", "headroom", "rel. speed"])
     for i, c in enumerate(res.ranked[:top], 1):
-        ranked.add_row(str(i), f"{c.train.batch_size} x {c.train.grad_accum}", c.train.precision.value,
+        ranked.add_row(f"{i}{'*' if c.breakdown.method == 'exact' else ''}",
+                       f"{c.train.batch_size} x {c.train.grad_accum}", c.train.precision.value,
                       "on" if c.train.checkpointing else "off", str(c.train.lora_rank) if c.train.is_lora else "-",
                       f"{c.total_bytes / 2**30:.2f}", f"{(res.usable_bytes - c.total_bytes) / 2**30:.2f}",
                       f"{c.tokens_per_s / best.tokens_per_s:.2f}")
     console.print(ranked)
+    if any(c.breakdown.method == "exact" for c in res.ranked[:top]):
+        console.print("* re-checked with the exact mode (fake-tensor trace of the real model)")
 
 
 def table(cols: list[str]) -> Table:

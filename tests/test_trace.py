@@ -84,3 +84,13 @@ def test_fit_exact_rechecks_top_candidates(capsys):
     methods = [c["estimate_method"] for c in data["ranked"]]
     assert methods[:3] == ["exact"] * 3 and set(methods[3:]) <= {"analytic"}
     assert all(c["memory"]["total_bytes"] <= data["gpu"]["usable_bytes"] for c in data["ranked"][:3])
+
+
+def test_by_module_accounts_for_the_whole_peak(capsys):
+    cfg = TrainConfig(method=Method.LORA, batch_size=2, seq_len=128, checkpointing=True)
+    bd = exact_estimate(tiny_spec("llama"), cfg, by_module=True)
+    owners = dict(bd.by_module)
+    assert sum(owners.values()) == bd.peak_allocated_bytes
+    assert owners["model.layers.*"] > 0 and owners["parameters"] > 0  # checkpointed inputs, weights
+    assert main(["estimate", "--model", "llama-2-7b", "--by-module"]) == 2  # needs --exact
+    assert "--exact" in capsys.readouterr().err

@@ -40,12 +40,15 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
              explain: Annotated[bool, typer.Option("--explain", help="the formula behind each term")] = False,
              exact: Annotated[bool, typer.Option("--exact", help="trace the real transformers model on fake "
                                                  "tensors (needs memplan[trace]); `memplan trace` = this")] = False,
+             by_module: Annotated[bool, typer.Option("--by-module", help="exact mode: live bytes at the peak by "
+                                                     "the module that allocated them")] = False,
              trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
                                                              help="exact mode: allow the model's own code")] = False,
              json_out: JsonOpt = False) -> None:
     """Peak VRAM of one configuration, term by term (`memplan trace ...` runs it with --exact)."""
     from memplan.cli import render
     from memplan.cli.options import one_rank
+    from memplan.errors import ConfigError
     from memplan.fit import usable_bytes
     from memplan.predict.estimator import estimate as run_estimate
     from memplan.spec.catalog import resolve_model
@@ -60,6 +63,8 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
     card = resolve_gpu(gpu) if gpu else None
     usable = usable_bytes(card, margin) if card else None
     note = ""
+    if by_module and not exact:
+        raise ConfigError("--by-module needs the exact mode: add --exact (or use memplan trace)")
     if exact or not spec.analytic:
         from memplan.trace.fake import exact_estimate, exact_mode_available
 
@@ -67,7 +72,7 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
             run_estimate(spec, train)  # raises the clear "not in the analytic formulas" error
         if not exact:
             note = f"{spec.model_type} is not in the analytic formulas: using the exact mode (fake-tensor trace)"
-        bd = exact_estimate(spec, train, trust_remote_code=trust_remote_code)
+        bd = exact_estimate(spec, train, trust_remote_code=trust_remote_code, by_module=by_module)
     else:
         bd = run_estimate(spec, train)
     if json_out:

@@ -39,6 +39,8 @@ def estimate_json(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU |
         "peak_phase": bd.phase,
         "method": bd.method,
     }
+    if bd.by_module:
+        data["by_module"] = dict(bd.by_module)
     if gpu is not None:
         data["gpu"] = {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "usable_bytes": usable}
         data["fits"] = bd.total_bytes <= (usable or gpu.memory_bytes)
@@ -70,6 +72,11 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
     console.print(f"[bold]{spec.name}[/] ({spec.num_parameters / 1e9:.2f} B params, "
                   f"{bd.trainable_params:,} trainable) · {_describe(train, spec)}")
     console.print(breakdown_table(bd, explain=explain))
+    if bd.by_module:
+        rows = table(["live at the peak, allocated by", "GiB"])
+        for name, nbytes in bd.by_module[:12]:
+            rows.add_row(name, f"{nbytes / 2**30:.3f}")
+        console.print(rows)
     if gpu is not None and usable is not None:
         verdict = "[green]fits[/]" if bd.total_bytes <= usable else "[red]does not fit[/]"
         console.print(f"{verdict} on {gpu.name}: {fmt_gib(bd.total_bytes)} of {fmt_gib(usable)} usable "

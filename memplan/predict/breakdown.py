@@ -24,6 +24,7 @@ class Breakdown:
     phase: str  # forward / backward / optimizer: where the peak happens
     trainable_params: int
     method: str = "analytic"  # or "exact" (trace)
+    by_module: tuple[tuple[str, int], ...] = ()  # exact mode, --by-module: live bytes at the peak by allocator
 
     @property
     def total_bytes(self) -> int:

@@ -34,10 +34,12 @@ class Trace:
     forward_end: int  # live bytes when step 2's forward returned
     trainable: int  # trainable parameters
     phase: str
+    by_module: dict[str, int] = dataclasses.field(default_factory=dict)  # live bytes at the peak, by allocator
 
 
-def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int) -> Trace:
-    """Trace the reference step of `spec` cut to `layers` decoder layers."""
+def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: bool = False) -> Trace:
+    """Trace the reference step of `spec` cut to `layers` decoder layers (by_module: attribute live bytes to the
+    module whose forward allocated them, `layers.*` pooled; backward and optimizer allocations by phase)."""
     torch = try_import("torch")
     try_import("transformers")
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -49,12 +51,14 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int) -> Trace:
     cut = dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
     with _quiet():
         model = build_model(cut, train, device="meta")  # outside the fake mode (NOTES §4)
-    tracker = LiveBytes()
+    tracker = LiveBytes(by_owner=by_module)
     marks: dict[str, int] = {}
+    if by_module:
+        _attribute_to_modules(model, tracker)
 
     @contextlib.contextmanager
     def mark(name: str):  # noqa: ANN202
-        tracker.phase = name.split(":")[0]
+        tracker.phase, tracker.owner = name.split(":")[0], ""
         yield
         marks[name] = tracker.live
 
@@ -71,7 +75,33 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int) -> Trace:
                      if isinstance(t, torch.Tensor))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
-                 forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase)
+                 forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
+                 by_module=tracker.peak_by_owner)
+
+
+def _attribute_to_modules(model: Any, tracker: Any) -> None:
+    """Forward pre/post hooks keep `tracker.owner` on the innermost running module (`layers.N` -> `layers.*`);
+    allocations in backward (recomputation included) and in the optimizer step are attributed to that phase."""
+    import re
+
+    stack: list[str] = []
+
+    def enter(name: str) -> Any:
+        def hook(*_: Any) -> None:
+            if tracker.phase == "forward":  # checkpoint recomputes in backward may stop early: no post hook
+                stack.append(name)
+                tracker.owner = name
+        return hook
+
+    def leave(*_: Any) -> None:
+        if tracker.phase == "forward":
+            stack.pop()
+            tracker.owner = stack[-1] if stack else ""
+
+    for name, module in model.named_modules():
+        short = re.sub(r"\.layers\.\d+", ".layers.*", name.replace("base_model.model.", "")) or "model"
+        module.register_forward_pre_hook(enter(short))
+        module.register_forward_hook(leave)
 
 
 def _fake_parameters(model: Any, torch: Any) -> None:
@@ -128,7 +158,8 @@ def exact_mode_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
 
 
-def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False) -> Breakdown:
+def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,
+                   by_module: bool = False) -> Breakdown:
     """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one."""
     if spec.remote_code and not trust_remote_code:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
@@ -144,13 +175,13 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:
-        traces = [trace_depth(spec, traced_train, d) for d in depths]
+        traces = [trace_depth(spec, traced_train, d, by_module) for d in depths]
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
         raise ConfigError(f"{spec.name}: transformers cannot build or run this config on fake tensors: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     full = _extrapolate(traces, spec.num_layers)
     if full is None:  # not linear in depth (mixed layer types): trace the real depth
-        full = trace_depth(spec, traced_train, spec.num_layers)
+        full = trace_depth(spec, traced_train, spec.num_layers, by_module)
         note += "; traced at full depth (per-layer memory not linear)"
     peak, weights, states = full.peak, full.weights, full.states
     if train.method is Method.QLORA:
@@ -170,6 +201,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     reserved, context = cuda_overheads(peak)
     return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable,
+                     by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
                      method="exact")
 
 
@@ -191,7 +223,8 @@ def _extrapolate(traces: list[Trace], layers: int) -> Trace | None:
         return None
     return Trace(layers=layers, peak=line(a.peak, b.peak, layers), weights=line(a.weights, b.weights, layers),
                  states=line(a.states, b.states, layers), forward_end=line(a.forward_end, b.forward_end, layers),
-                 trainable=line(a.trainable, b.trainable, layers), phase=b.phase)
+                 trainable=line(a.trainable, b.trainable, layers), phase=b.phase,
+                 by_module={k: line(a.by_module.get(k, 0), v, layers) for k, v in b.by_module.items()})
 
 
 def _analytic(spec: ModelSpec, train: TrainConfig, term: str) -> int:

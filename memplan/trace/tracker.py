@@ -24,9 +24,13 @@ class SimulatedOOM(torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") 
 class LiveBytes(TorchDispatchMode):
     """Running and peak live bytes of all storages created inside the mode (plus those seeded)."""
 
-    def __init__(self, capacity_bytes: int | None = None) -> None:
+    def __init__(self, capacity_bytes: int | None = None, by_owner: bool = False) -> None:
         super().__init__()
         self.capacity_bytes = capacity_bytes
+        self.by_owner = by_owner  # attribute bytes to `owner` (a module path or a phase) and keep them at the peak
+        self.owner = ""
+        self._live_by_owner: dict[str, int] = {}
+        self.peak_by_owner: dict[str, int] = {}
         self.live = 0
         self.peak = 0
         self.phase = ""  # set by the caller around forward / backward / optimizer
@@ -49,13 +53,20 @@ class LiveBytes(TorchDispatchMode):
                                f"of {self.capacity_bytes} capacity")
         self._seen.add(key)
         self.live += nbytes
+        owner = (self.owner or self.phase or "parameters") if self.by_owner else ""
+        if self.by_owner:
+            self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + nbytes
         if self.live > self.peak:
             self.peak, self.peak_phase = self.live, self.phase
-        weakref.finalize(storage, self._free, key, nbytes)
+            if self.by_owner:
+                self.peak_by_owner = dict(self._live_by_owner)
+        weakref.finalize(storage, self._free, key, nbytes, owner)
 
-    def _free(self, key: int, nbytes: int) -> None:
+    def _free(self, key: int, nbytes: int, owner: str) -> None:
         self._seen.discard(key)
         self.live -= nbytes
+        if self.by_owner:
+            self._live_by_owner[owner] -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))

@@ -57,6 +57,12 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
         ("phi3", dict(method="lora", precision="bf16", lora_targets=("qkv_proj", "o_proj"), checkpointing=False)),
         ("mistral", dict(method="lora", precision="bf16", lora_dropout=0.05, checkpointing=True, batch_size=4)),
         ("llama", dict(method="freeze", precision="bf16", checkpointing=True, freeze_trainable_layers=1)),
+        # gradient accumulation: later micro-steps run with every gradient alive
+        ("llama", dict(method="full", precision="fp32", grad_accum=2, batch_size=4, seq_len=128,
+                       checkpointing=False)),
+        ("qwen2", dict(method="lora", precision="bf16", grad_accum=2, checkpointing=False)),
+        ("gemma2", dict(method="freeze", precision="bf16", grad_accum=3, checkpointing=False)),
+        ("phi3", dict(method="full", precision="pure_bf16", grad_accum=2, checkpointing=True)),
         # MoE (transformers 5 grouped experts; peft 0.21 wraps expert parameters under all-linear LoRA)
         ("mixtral", dict(method="full", precision="fp32", checkpointing=False)),
         ("mixtral", dict(method="full", precision="bf16", checkpointing=False)),
@@ -83,6 +89,7 @@ def run(quick: bool) -> list[dict[str, object]]:
         err = 100.0 * (est.peak_allocated_bytes / truth.peak_bytes - 1.0)
         rows.append(dict(arch=arch, method=cfg.method.value, precision=cfg.precision.value,
                          checkpointing=cfg.checkpointing, optimizer=cfg.optimizer.value, attn=cfg.attn.value,
+                         grad_accum=cfg.grad_accum,
                          lora=f"r{cfg.lora_rank}:{'+'.join(cfg.lora_targets)}:d{cfg.lora_dropout}" if cfg.is_lora
                          else "", batch=cfg.batch_size, seq=cfg.seq_len, truth_bytes=truth.peak_bytes,
                          truth_phase=f"{truth.phase}:{truth.step}", estimate_bytes=est.peak_allocated_bytes,
@@ -111,11 +118,12 @@ def write(rows: list[dict[str, object]], name: str) -> str:
                         for moe, label in ((False, "dense"), (True, "MoE")) if any((r["arch"] in MOE) == moe
                                                                                  for r in rows))
     lines = ["# Analytic estimate vs CPU allocator truth\n", "Command: `python benchmarks/accuracy.py`\n",
-             f"{summary}\n", "| arch | method | precision | ckpt | optimizer | attn | lora | batch | seq | truth MiB "
-             "| truth phase | estimate MiB | error % |", "|" + "---|" * 13]
+             f"{summary}\n", "| arch | method | precision | ckpt | optimizer | attn | lora | batch | accum | seq | "
+             "truth MiB | truth phase | estimate MiB | error % |", "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['method']} | {r['precision']} | {r['checkpointing']} | {r['optimizer']} | "
-                     f"{r['attn']} | {r['lora']} | {r['batch']} | {r['seq']} | {int(r['truth_bytes']) / 2**20:.2f} | "
+                     f"{r['attn']} | {r['lora']} | {r['batch']} | {r['grad_accum']} | {r['seq']} | "
+                     f"{int(r['truth_bytes']) / 2**20:.2f} | "
                      f"{r['truth_phase']} | {int(r['estimate_bytes']) / 2**20:.2f} | {r['error_pct']:+.2f} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -16,7 +16,9 @@ CASES = [
     ("qwen2", dict(method=Method.FULL, precision=Precision.BF16, checkpointing=False)),
     ("gemma2", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False)),
     ("phi3", dict(method=Method.LORA, precision=Precision.PURE_BF16, checkpointing=False)),
-    ("llama", dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False, optimizer=Optimizer.SGD)),
+    ("llama", dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False, optimizer=Optimizer.SGD,
+                   grad_accum=2)),
+    ("qwen2", dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False, grad_accum=2)),
     ("llama", dict(method=Method.LORA, precision=Precision.FP32, attn=Attention.EAGER, checkpointing=False,
                    lora_dropout=0.1)),
 ]

@@ -10,11 +10,12 @@ from memplan.errors import ExitCode, MemplanError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Will it fit? Peak-VRAM prediction for LLM fine-tuning. "
-                       "`memplan trace` = `memplan estimate --exact` (fake-tensor trace of the real model).")
+                       "`memplan trace` = `memplan estimate --exact` (fake-tensor trace of the real model); "
+                       "`memplan fit --probe` = `memplan tune`.")
 
 
 def _register() -> None:
-    from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd  # noqa: F401 - registers commands on `app`
+    from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd, tune_cmd  # noqa: F401 - registers commands on `app`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         args.remove("--debug")
     if args[:1] == ["trace"]:  # `memplan trace ...` is `memplan estimate --exact ...`
         args = ["estimate", "--exact", *args[1:]]
+    if args[:1] == ["fit"] and "--probe" in args:  # `memplan fit --probe ...` is `memplan tune ...`
+        args = ["tune", *[a for a in args[1:] if a != "--probe"]]
     try:
         rc = app(args=args, standalone_mode=False)
     except MemplanError as err:

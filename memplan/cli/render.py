@@ -172,3 +172,41 @@ def print_probe(result: ProbeResult, predicted: Breakdown) -> None:
     rows.add_row("tokens/s", f"{result.tokens_per_s:,.0f}", "", "")
     rows.add_row("losses", ", ".join(f"{x:.3f}" for x in result.losses), "", "")
     console.print(rows)
+
+
+def _knobs(t: TrainConfig) -> str:
+    rank = f" r{t.lora_rank}" if t.is_lora else ""
+    return (f"micro {t.batch_size} x accum {t.grad_accum}, {t.precision.value}, "
+            f"ckpt {'on' if t.checkpointing else 'off'}{rank}, {t.optimizer.value}, {t.attn.value}")
+
+
+def print_trial(rec: Any) -> None:
+    """One line per trial while the study runs."""
+    what = {"probe": f"{rec.status:7s}", "predicted-infeasible": "skip: predicted over capacity",
+            "monotone-infeasible": "skip: larger than an OOM", "pruned": "skip: predicted slower"}[rec.source]
+    measured = f" peak {fmt_bytes(rec.peak_bytes)}, {rec.tokens_per_s:,.0f} tokens/s" if rec.source == "probe" \
+        and rec.status == "ok" else ""
+    console.print(f"#{rec.number:<3d} {_knobs(rec.train)} → {what}{measured}")
+
+
+def tune_json(res: Any, spec: ModelSpec) -> dict[str, Any]:
+    def rec(r: Any) -> dict[str, Any]:
+        return {"number": r.number, "config": config_dict(spec, r.train), "source": r.source, "status": r.status,
+                "tokens_per_s": round(r.tokens_per_s, 1), "peak_bytes": r.peak_bytes, "feasible": r.feasible}
+
+    return {"study": res.study_name, "storage": res.storage, "usable_bytes": res.usable_bytes,
+            "fits": res.best is not None, "confirmed_by_probe": res.best is not None,
+            "best": rec(res.best) if res.best else None, "probes": res.probes, "ooms": res.ooms,
+            "calibration": res.calibration, "trials": [rec(r) for r in res.trials]}
+
+
+def print_tune(res: Any, spec: ModelSpec, gpu: GPU) -> None:
+    console.print(f"study {res.study_name} ({res.probes} probes, {res.ooms} OOM, {len(res.trials)} trials)")
+    if res.best is None:
+        console.print(f"[red bold]no configuration confirmed[/] on {gpu.name}: nothing probed fits "
+                      f"{fmt_bytes(res.usable_bytes)}")
+        return
+    b = res.best
+    console.print(f"[green bold]fits — confirmed by probe[/]: {_knobs(b.train)} (effective batch "
+                  f"{b.train.effective_batch}), {b.tokens_per_s:,.0f} tokens/s, peak {fmt_bytes(b.peak_bytes)}, "
+                  f"headroom {fmt_bytes(res.usable_bytes - b.peak_bytes)} on {gpu.name}")

@@ -54,6 +54,10 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
     head_grads = _head_grad_bytes(lay)
+    # with accumulation, micro-steps after the first run forward and backward with every gradient already alive
+    if train.grad_accum > 1:
+        base += st.gradients_bytes
+        head_grads = 0
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + head.norm_bytes + ce_fwd,
         "backward": base + ac_backward + acts + (masks if train.checkpointing else 0) + max(

@@ -13,6 +13,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +31,25 @@ def progress(stage: str) -> None:
     print(f"memplan-progress: {stage}", file=sys.stderr, flush=True)
 
 
-def run(req: dict[str, Any]) -> ProbeResult:
+def run(req: dict[str, Any], report: Callable[[str], None] = progress) -> ProbeResult:
     spec = ModelSpec.from_config_dict(req["config"], name=req["name"])
     train = train_from_dict(req["train"])
     device = req["device"]
     torch.manual_seed(req.get("seed", 0))
     if device == "cuda":
-        return _run_cuda(spec, train, req)
-    progress("build")
+        return _run_cuda(spec, train, req, report)
+    report("build")
     model = build_model(spec, train, device="cpu")
     optimizer = build_optimizer(model, train)
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))  # full length: the worst case
     tracker = LiveBytes(capacity_bytes=req.get("capacity_bytes"))
     tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids])
     with tracker:
-        times, losses = _steps(model, optimizer, train, ids, req, sync=lambda: None)
+        times, losses = _steps(model, optimizer, train, ids, req, lambda: None, report)
     return _result(train, "cpu", times, losses, tracker.peak, tracker.peak)
 
 
-def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any]) -> ProbeResult:
+def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any], report: Callable[[str], None]) -> ProbeResult:
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no CUDA device")
     total = torch.cuda.get_device_properties(0).total_memory
@@ -56,21 +57,22 @@ def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any]) -> ProbeResult:
         torch.cuda.set_per_process_memory_fraction(min(1.0, req["gpu_memory_bytes"] / total))
     elif req.get("gpu_fraction"):
         torch.cuda.set_per_process_memory_fraction(req["gpu_fraction"])
-    progress("build")
+    report("build")
     model = build_model(spec, train, device="cuda")
     optimizer = build_optimizer(model, train)
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
-    times, losses = _steps(model, optimizer, train, ids, req, sync=torch.cuda.synchronize)
+    times, losses = _steps(model, optimizer, train, ids, req, torch.cuda.synchronize, report)
     return _result(train, torch.cuda.get_device_name(0), times, losses, torch.cuda.max_memory_allocated(),
                    torch.cuda.max_memory_reserved(), _nvml_used())
 
 
-def _steps(model: Any, optimizer: Any, train: Any, ids: Any, req: dict[str, Any], sync: Any) -> tuple[list, list]:
+def _steps(model: Any, optimizer: Any, train: Any, ids: Any, req: dict[str, Any], sync: Any,
+           report: Callable[[str], None]) -> tuple[list, list]:
     times, losses = [], []
     total = req["warmup"] + req["steps"]
     for i in range(total):
-        progress(f"{'warm-up' if i < req['warmup'] else 'step'} {i + 1}/{total}")
+        report(f"{'warm-up' if i < req['warmup'] else 'step'} {i + 1}/{total}")
         sync()
         t0 = time.perf_counter()
         losses += reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1)

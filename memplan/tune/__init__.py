@@ -1,0 +1,1 @@
+"""Tune: an Optuna study, steered by the estimator, that probes few configurations (optuna imported in functions)."""

@@ -1,0 +1,227 @@
+"""The tuner: of all configurations with the user's effective batch and sequence length, find the fastest that
+does not run out of memory, with as few real probes as possible.
+
+The estimator steers an Optuna study (ask/tell, so a probe's OOM is a COMPLETE trial with a violated constraint,
+not a FAIL): the analytic ranking's best candidates are enqueued first; a configuration predicted over capacity
+(after calibration), or larger than one that already went OOM with the same other knobs, is recorded with its
+estimate as infeasible and never probed; one predicted well below the best measured speed is recorded as
+pruned. Every probe updates the per-study calibration (measured / predicted memory and speed), kept in the study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from memplan._imports import try_import
+from memplan.fit import predicted_tokens_per_s, search_space
+from memplan.predict.estimator import estimate
+from memplan.probe.result import ProbeResult, ProbeStatus
+from memplan.spec.hardware import GPU
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import TrainConfig, train_from_dict
+
+Evaluator = Callable[[TrainConfig], ProbeResult]
+SPEED_PRUNE = 0.8  # skip candidates whose calibrated speed is below this share of the best measured one
+KNOBS = ("batch_size", "precision", "checkpointing", "lora_rank", "optimizer", "attn")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialRecord:
+    number: int
+    train: TrainConfig
+    source: str  # probe / predicted-infeasible / monotone-infeasible / pruned / repeat
+    status: str  # ok / oom / error / timeout / skipped
+    tokens_per_s: float
+    peak_bytes: int  # measured when probed, else the calibrated prediction
+    feasible: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TuneResult:
+    study_name: str
+    storage: str
+    usable_bytes: int
+    best: TrialRecord | None
+    trials: tuple[TrialRecord, ...]
+    calibration: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> int:
+        return sum(1 for t in self.trials if t.source == "probe")
+
+    @property
+    def ooms(self) -> int:
+        return sum(1 for t in self.trials if t.source == "probe" and t.status == "oom")
+
+
+def study_name(spec: ModelSpec, base: TrainConfig, usable: int, global_batch: int, space: list[TrainConfig]) -> str:
+    """Stable name from the model, the capacity and the knobs, so an interrupted study resumes."""
+    material = json.dumps({"config": spec.config, "base": base.to_dict(), "usable": usable, "gb": global_batch,
+                           "space": sorted(json.dumps(_params(t), sort_keys=True) for t in space)}, sort_keys=True)
+    label = re.sub(r"[^A-Za-z0-9.]+", "-", spec.name.rsplit("/", 1)[-1]).strip("-")
+    return f"memplan-{label}-{hashlib.sha256(material.encode()).hexdigest()[:12]}"
+
+
+def _params(t: TrainConfig) -> dict[str, object]:
+    d = t.to_dict()
+    return {k: d[k] for k in KNOBS}
+
+
+def _key(t: TrainConfig) -> str:
+    return json.dumps(_params(t), sort_keys=True)
+
+
+def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, global_batch: int,
+         usable_bytes: int, device: str = "cuda", storage: str = "sqlite:///memplan-tune.db", n_probes: int = 4,
+         timeout_s: float | None = None, seed: int = 0, on_trial: Callable[[TrialRecord], None] | None = None,
+         **space_knobs: object) -> TuneResult:
+    """Run (or resume) the study; returns every trial and the fastest configuration measured to fit."""
+    optuna = try_import("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = search_space(base, gpu, global_batch=global_batch, **space_knobs)  # type: ignore[arg-type]
+    by_key = {_key(t): t for t in space}
+    name = study_name(spec, base, usable_bytes, global_batch, space)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)  # reads Trial.set_constraint
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                load_if_exists=True)
+    predicted = {k: _prediction(spec, t, gpu, device) for k, t in by_key.items()}
+    known = _known(study, by_key)
+    if not study.trials:  # seed with the analytic ranking: predicted to fit, fastest first
+        for k in _ranked(predicted, usable_bytes, {})[:n_probes]:
+            study.enqueue_trial(_params(by_key[k]))
+    start, exhausted = time.perf_counter(), 0
+    while _probes(known) < n_probes and len(known) < len(by_key) and exhausted < 3 * len(by_key):
+        if timeout_s is not None and time.perf_counter() - start > timeout_s:
+            break
+        trial = study.ask(_distributions(optuna, space))
+        key = json.dumps({k: trial.params[k] for k in KNOBS}, sort_keys=True)
+        cal = _calibration(known, predicted, usable_bytes)
+        if key in known:  # the sampler proposed a configuration we already know: tell the same, do not probe
+            record = known[key]
+            _tell(study, trial, record, "repeat")
+            exhausted += 1
+            continue
+        record = _decide(trial.number, by_key[key], key, known, predicted, cal, usable_bytes, evaluator)
+        known[key] = record
+        _tell(study, trial, record, record.source)
+        study.set_user_attr("calibration", _calibration(known, predicted, usable_bytes))
+        if on_trial:
+            on_trial(record)
+    feasible = [r for r in known.values() if r.feasible and r.source == "probe" and r.status == "ok"]
+    best = max(feasible, key=lambda r: r.tokens_per_s) if feasible else None
+    return TuneResult(study_name=name, storage=storage, usable_bytes=usable_bytes, best=best,
+                      trials=tuple(sorted(known.values(), key=lambda r: r.number)),
+                      calibration=_calibration(known, predicted, usable_bytes))
+
+
+def _prediction(spec: ModelSpec, t: TrainConfig, gpu: GPU, device: str) -> tuple[int, float]:
+    """(predicted bytes compared with capacity, predicted tokens/s)."""
+    bd = estimate(spec, t, device=device)
+    return (bd.total_bytes if device == "cuda" else bd.peak_allocated_bytes), predicted_tokens_per_s(spec, t, gpu)
+
+
+def _ranked(predicted: dict[str, tuple[int, float]], usable: int, cal: dict[str, float]) -> list[str]:
+    mem, speed = cal.get("memory_ratio", 1.0), cal.get("speed_ratio", 1.0)
+    fits = [k for k, (b, _) in predicted.items() if b * mem <= usable]
+    return sorted(fits, key=lambda k: -predicted[k][1] * speed)
+
+
+def _decide(number: int, train: TrainConfig, key: str, known: dict[str, TrialRecord],
+            predicted: dict[str, tuple[int, float]], cal: dict[str, float], usable: int,
+            evaluator: Evaluator) -> TrialRecord:
+    pred_bytes = int(predicted[key][0] * cal.get("memory_ratio", 1.0))
+    pred_speed = predicted[key][1] * cal.get("speed_ratio", 1.0)
+
+    def skipped(source: str) -> TrialRecord:
+        return TrialRecord(number=number, train=train, source=source, status="skipped", tokens_per_s=pred_speed,
+                           peak_bytes=pred_bytes, feasible=False)
+
+    if pred_bytes > usable:
+        return skipped("predicted-infeasible")
+    if _larger_than_an_oom(train, known):
+        return skipped("monotone-infeasible")
+    best = max((r.tokens_per_s for r in known.values() if r.source == "probe" and r.feasible), default=0.0)
+    if best and pred_speed < SPEED_PRUNE * best:
+        return skipped("pruned")
+    res = evaluator(train)
+    ok = res.status is ProbeStatus.OK
+    return TrialRecord(number=number, train=train, source="probe", status=res.status.value,
+                       tokens_per_s=res.tokens_per_s if ok else 0.0,
+                       peak_bytes=max(res.peak_reserved_bytes, res.peak_allocated_bytes) if ok else pred_bytes,
+                       feasible=ok and max(res.peak_reserved_bytes, res.peak_allocated_bytes) <= usable)
+
+
+def _larger_than_an_oom(train: TrainConfig, known: dict[str, TrialRecord]) -> bool:
+    """Monotonicity: more micro-batch with every other knob equal cannot need less memory."""
+    for r in known.values():
+        if r.source == "probe" and r.status == "oom" and train.batch_size >= r.train.batch_size and \
+                train.with_(batch_size=r.train.batch_size, grad_accum=r.train.grad_accum) == r.train:
+            return True
+    return False
+
+
+def _calibration(known: dict[str, TrialRecord], predicted: dict[str, tuple[int, float]],
+                 usable: int | None = None) -> dict[str, float]:
+    """measured / predicted for memory (the largest ratio seen: conservative; an OOM of a configuration predicted
+    at P under capacity says the ratio is at least capacity / P) and speed (the median)."""
+    mem, speed = [], []
+    for key, r in known.items():
+        if r.source != "probe":
+            continue
+        if r.status == "ok":
+            mem.append(r.peak_bytes / predicted[key][0])
+            speed.append(r.tokens_per_s / predicted[key][1])
+        elif r.status == "oom" and usable:
+            mem.append(usable / predicted[key][0] * (1 + 1e-9))
+    out: dict[str, float] = {}
+    if mem:
+        out["memory_ratio"] = max(mem)
+    if speed:
+        speed.sort()
+        out["speed_ratio"] = speed[len(speed) // 2]
+    return out
+
+
+def _distributions(optuna, space: list[TrainConfig]) -> dict[str, object]:  # noqa: ANN001
+    values: dict[str, list[object]] = {k: [] for k in KNOBS}
+    for t in space:
+        for k, v in _params(t).items():
+            if v not in values[k]:
+                values[k].append(v)
+    return {k: optuna.distributions.CategoricalDistribution(v) for k, v in values.items()}
+
+
+def _tell(study, trial, record: TrialRecord, source: str) -> None:  # noqa: ANN001
+    trial.set_user_attr("source", source)
+    trial.set_user_attr("status", record.status)
+    trial.set_user_attr("peak_bytes", record.peak_bytes)
+    trial.set_user_attr("train", record.train.to_dict())
+    # constraint <= 0 is feasible (Optuna's convention); an OOM or a predicted overflow violates it
+    trial.set_user_attr("constraint", 0.0 if record.feasible else 1.0)
+    trial.set_constraint("memory", 0.0 if record.feasible else 1.0)
+    study.tell(trial, record.tokens_per_s)
+
+
+def _known(study, by_key: dict[str, TrainConfig]) -> dict[str, TrialRecord]:  # noqa: ANN001
+    """Records of finished trials of a resumed study (first occurrence of each configuration)."""
+    out: dict[str, TrialRecord] = {}
+    for ft in study.trials:
+        if ft.state.name != "COMPLETE" or "train" not in ft.user_attrs or ft.user_attrs.get("source") == "repeat":
+            continue
+        train = train_from_dict(ft.user_attrs["train"])
+        key = _key(train)
+        if key in by_key and key not in out:
+            out[key] = TrialRecord(number=ft.number, train=train, source=ft.user_attrs["source"],
+                                   status=ft.user_attrs["status"], tokens_per_s=float(ft.value or 0.0),
+                                   peak_bytes=int(ft.user_attrs["peak_bytes"]),
+                                   feasible=ft.user_attrs["constraint"] <= 0)
+    return out
+
+
+def _probes(known: dict[str, TrialRecord]) -> int:
+    return sum(1 for r in known.values() if r.source == "probe")

@@ -1,0 +1,94 @@
+"""The tuner end to end on CPU: real (in-process) probes of a small model against a simulated capacity."""
+
+import pytest
+
+from memplan.cli import main
+from memplan.predict.estimator import estimate
+from memplan.probe.inprocess import probe_in_process
+from memplan.probe.launch import ProbeOptions
+from memplan.spec.hardware import GPU
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import Method, Precision, TrainConfig
+from memplan.tune.study import tune
+
+SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
+             num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
+SPEC = ModelSpec.from_config_dict(dict(SMALL), name="small")
+BASE = TrainConfig(method=Method.FULL, precision=Precision.FP32, seq_len=128)
+
+
+def capacity_between(a: TrainConfig, b: TrainConfig) -> int:
+    lo, hi = (estimate(SPEC, t, device="cpu").peak_allocated_bytes for t in (a, b))
+    return (lo + hi) // 2
+
+
+class Counting:
+    """A real in-process probe against a simulated device of `capacity` bytes, counting its calls."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.calls = capacity, []
+
+    def __call__(self, train: TrainConfig):
+        self.calls.append(train)
+        return probe_in_process(SPEC, train, ProbeOptions(steps=1, warmup=1, capacity_bytes=self.capacity))
+
+
+def run(tmp_path, evaluator, usable, n_probes=3, name="study.db"):
+    return tune(SPEC, BASE, GPU(name="sim", memory_bytes=usable), evaluator, global_batch=8, usable_bytes=usable,
+                device="cpu", storage=f"sqlite:///{tmp_path / name}", n_probes=n_probes,
+                precisions=[Precision.FP32])
+
+
+def test_capacity_forces_checkpointing_or_smaller_micro_batch(tmp_path):
+    fastest = BASE.with_(batch_size=8, grad_accum=1, checkpointing=False)
+    cap = capacity_between(BASE.with_(batch_size=8, checkpointing=True), fastest)
+    ev = Counting(cap)
+    res = run(tmp_path, ev, cap)
+    assert res.best is not None and res.best.feasible and res.best.peak_bytes <= cap
+    assert res.best.train != fastest
+    assert all(t.batch_size * t.grad_accum == 8 for t in ev.calls)  # effective batch never changed
+    assert fastest not in ev.calls  # predicted over capacity: recorded, never probed
+    assert any(r.train == fastest and r.source == "predicted-infeasible" for r in res.trials)
+    assert len(ev.calls) <= 3 and res.probes == len(ev.calls)
+
+
+def test_oom_is_a_complete_trial_and_larger_batches_are_skipped(tmp_path):
+    import optuna
+
+    # the device really has less memory than the study was told (another process holds some)
+    told = capacity_between(BASE.with_(batch_size=8, checkpointing=True), BASE.with_(batch_size=8))
+    real = int(estimate(SPEC, BASE.with_(batch_size=4, grad_accum=2, checkpointing=True),
+                        device="cpu").peak_allocated_bytes * 1.02)
+    ev = Counting(real)
+    res = run(tmp_path, ev, told, n_probes=4)
+    ooms = [r for r in res.trials if r.source == "probe" and r.status == "oom"]
+    assert ooms and res.best is not None and res.best.peak_bytes < real
+    study = optuna.load_study(study_name=res.study_name, storage=res.storage)
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    for oom in ooms:  # nothing larger with the same other knobs was probed after it
+        later = [t for t in ev.calls[ev.calls.index(oom.train) + 1:]
+                 if t.checkpointing == oom.train.checkpointing and t.batch_size > oom.train.batch_size]
+        assert not later
+
+
+def test_interrupted_study_resumes_without_repeating_probes(tmp_path):
+    cap = capacity_between(BASE.with_(batch_size=8, checkpointing=True), BASE.with_(batch_size=8))
+    first = Counting(cap)
+    r1 = run(tmp_path, first, cap, n_probes=1, name="resume.db")
+    second = Counting(cap)
+    r2 = run(tmp_path, second, cap, n_probes=2, name="resume.db")
+    assert r1.study_name == r2.study_name and len(first.calls) == 1 and len(second.calls) == 1
+    assert second.calls[0] != first.calls[0]
+    assert r2.probes == 2 and "memory_ratio" in r2.calibration
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["tune", "--model", "llama-2-7b", "--device", "cpu"], "--capacity"),
+    (["tune", "--model", "llama-2-7b", "--device", "tpu"], "--device"),
+    (["fit", "--probe", "--model", "llama-2-7b", "--device", "cpu", "--capacity", "1GB", "--n-probes", "0"],
+     "--n-probes"),
+])
+def test_tune_bad_input(capsys, args, needle):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1

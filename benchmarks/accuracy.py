@@ -57,6 +57,10 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
         ("phi3", dict(method="lora", precision="bf16", lora_targets=("qkv_proj", "o_proj"), checkpointing=False)),
         ("mistral", dict(method="lora", precision="bf16", lora_dropout=0.05, checkpointing=True, batch_size=4)),
         ("llama", dict(method="freeze", precision="bf16", checkpointing=True, freeze_trainable_layers=1)),
+        # sliding window shorter than the sequence: explicit sdpa mask, repeat_kv copies
+        ("mistral-sw", dict(method="lora", precision="pure_bf16", batch_size=2, seq_len=512, checkpointing=False)),
+        ("mistral-sw", dict(method="full", precision="bf16", checkpointing=False)),
+        ("mistral-sw", dict(method="full", precision="fp32", checkpointing=True)),
         # gradient accumulation: later micro-steps run with every gradient alive
         ("llama", dict(method="full", precision="fp32", grad_accum=2, batch_size=4, seq_len=128,
                        checkpointing=False)),

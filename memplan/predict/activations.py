@@ -104,11 +104,22 @@ def attention(cx: _Ctx, h: T) -> T:
         # (B, S, H, D) memory, so transformers' transpose(1, 2).contiguous() is free; the CPU kernel follows the
         # query's layout, which a torch.cat rope (phi3) makes (B, H, S, D): then it is a copy.
         out = T(n * s.q_dim, cx.c, rg)
+        if sdpa_masked(lay):  # an explicit mask: no enable_gqa (repeat_kv copies), and sdpa converts the bool
+            if s.num_kv_heads != s.num_heads:  # mask to the query dtype, saved per layer
+                k, v = tp.new(k, numel=q.numel), tp.new(v, numel=q.numel)
+            if rg:
+                tp.save(T(cx.batch * cx.seq * cx.seq, q.width, False))
         if rg:
             tp.save(q, k, v, out, T(n * s.num_heads, FP32, False))
         if lay.device == "cpu" and s.rope_concat:
             out = tp.new(out)
     return linear(cx, out, "o_proj", s.q_dim, s.hidden_size)
+
+
+def sdpa_masked(lay: Layout) -> bool:
+    """sdpa gets an explicit (B, 1, S, S) mask when a sliding window is shorter than the sequence."""
+    w = lay.spec.sliding_window
+    return lay.attn is not Attention.EAGER and w is not None and w < lay.train.seq_len
 
 
 def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:

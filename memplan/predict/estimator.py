@@ -11,7 +11,7 @@ Saved activations come from the tape programs in `activations.py`.
 from __future__ import annotations
 
 from memplan.errors import ConfigError, UnsupportedModel
-from memplan.predict.activations import head_saved, layer_saved, stream_width
+from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.layout import Layout
@@ -45,7 +45,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     base = st.weights_bytes + st.optimizer_states_bytes
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
     # whole forward, and through backward when checkpointed layers keep it as an input
-    masks = spec.mask_types * b * s * s * stream_width(lay) if lay.attn is Attention.EAGER else 0
+    masks = spec.mask_types * b * s * s * stream_width(lay) if lay.attn is Attention.EAGER else \
+        spec.mask_types * b * s * s if sdpa_masked(lay) else 0  # sdpa: the bool sliding-window mask
     # autocast's weight copies live until forward ends; in backward only those saved by a graph remain: all of
     # them without checkpointing, the LM head's (+ the recomputed layer's, in layer_grad) with it
     ac_backward = st.autocast_cache_bytes
@@ -58,15 +59,23 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     if train.grad_accum > 1:
         base += st.gradients_bytes
         head_grads = 0
+    kept = base + ac_backward + acts + (masks if train.checkpointing else 0)
+    grad_logits = n * v * (FP32 if c == FP32 else c)  # the logits' gradient, back in the compute dtype
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + head.norm_bytes + ce_fwd,
-        "backward": base + ac_backward + acts + (masks if train.checkpointing else 0) + max(
+        "backward": kept + max(
             head.norm_bytes + head.softcap_bytes + ce_bwd,
+            # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
+            head.norm_bytes + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
             head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
         "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes,
+        # end of backward with tied embeddings trained: the embedding's dense (V, H) gradient and its sum with
+        # the lm_head gradient already in .grad (AccumulateGrad adds out of place here)
+        "backward end": base + (0 if train.grad_accum > 1 else st.gradients_bytes) + _tied_embedding_extra(lay),
     }
     phase = max(moments, key=moments.__getitem__)
     peak = moments[phase]
+    phase = phase.split()[0]  # "backward end" is a backward moment
     ac = st.autocast_cache_bytes if phase == "forward" else ac_backward
     terms = _terms(lay, st, acts, ac, phase, peak)
     reserved, context = cuda_overheads(peak)
@@ -102,9 +111,25 @@ def _layer_backward_buffers(lay: Layout, n: int) -> int:
 
 
 def _head_grad_bytes(lay: Layout) -> int:
+    """Gradients of the final norm and lm_head once the head's backward is done (tied or not, lm_head's grad
+    is a dense (V, H) tensor)."""
     if not lay.full:
         return 0
-    return lay.spec.head_params * lay.trainable_width
+    return (lay.spec.hidden_size + lay.spec.vocab_size * lay.spec.hidden_size) * lay.trainable_width
+
+
+def _tied_embedding_extra(lay: Layout) -> int:
+    if not (lay.full and lay.spec.tie_word_embeddings):
+        return 0
+    return 2 * lay.spec.vocab_size * lay.spec.hidden_size * lay.trainable_width
+
+
+def _lm_head_grad_peak(lay: Layout) -> int:
+    """lm_head's weight gradient being made: (V, H) in the compute dtype, plus its fp32 copy under AMP."""
+    if not lay.full:
+        return 0
+    vh = lay.spec.vocab_size * lay.spec.hidden_size
+    return vh * lay.compute_width + (vh * FP32 if lay.amp else 0)
 
 
 def _check_targets(lay: Layout) -> None:

@@ -12,8 +12,10 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
 
-def probe_in_process(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions = ProbeOptions()) -> ProbeResult:
+def probe_in_process(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions | None = None) -> ProbeResult:
     import torch
+
+    opts = opts or ProbeOptions()
 
     from memplan.probe._worker import run
 

@@ -41,9 +41,10 @@ def request_for(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions) -> dict
             "gpu_memory_bytes": opts.gpu_memory_bytes, "gpu_fraction": opts.gpu_fraction, "seed": opts.seed}
 
 
-def probe(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions = ProbeOptions(), *,
+def probe(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions | None = None, *,
           on_progress: Callable[[str], None] | None = None) -> ProbeResult:
     """Measure `train` on `spec` with real steps in a fresh interpreter (cached on disk unless use_cache=False)."""
+    opts = opts or ProbeOptions()
     if opts.steps <= 0 or opts.warmup < 0:
         from memplan.errors import ConfigError
 

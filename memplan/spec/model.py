@@ -209,10 +209,17 @@ class ModelSpec:
             experts_per_token=(cfg.get("num_experts_per_tok") or 0) if experts else 0,
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
             if experts else 0,
-            sliding_window=cfg.get("sliding_window"),
+            sliding_window=_sliding_window(cfg, mtype),
             remote_code=bool(fam.get("remote_code", False)),
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
         )
+
+
+def _sliding_window(cfg: dict[str, Any], mtype: str) -> int | None:
+    """The window transformers really applies: Qwen2/3 only with use_sliding_window; MistralConfig defaults 4096."""
+    if mtype in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window"):
+        return None
+    return cfg.get("sliding_window", 4096 if mtype == "mistral" else None)
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

@@ -21,6 +21,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "phi3": dict(model_type="phi3", **{**_BASE, "num_key_value_heads": 8}, pad_token_id=0, bos_token_id=1,
                  eos_token_id=2, sliding_window=None),
     "qwen3": dict(model_type="qwen3", **_BASE, head_dim=32, tie_word_embeddings=True),
+    # a sliding window shorter than the sequences tested: sdpa then takes an explicit mask
+    "mistral-sw": dict(model_type="mistral", **{**_BASE, "num_key_value_heads": 2}, sliding_window=64),
     "mixtral": dict(model_type="mixtral", **{**_BASE, "intermediate_size": 352}, num_local_experts=4,
                     num_experts_per_tok=2, sliding_window=None),
 }

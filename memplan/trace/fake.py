@@ -34,6 +34,7 @@ class Trace:
     forward_end: int  # live bytes when step 2's forward returned
     trainable: int  # trainable parameters
     phase: str
+    op: str = ""  # the op that made the peak
     by_module: dict[str, int] = dataclasses.field(default_factory=dict)  # live bytes at the peak, by allocator
 
 
@@ -76,6 +77,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
                  forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
+                 op=tracker.peak_op,
                  by_module=tracker.peak_by_owner)
 
 

@@ -35,6 +35,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.phase = ""  # set by the caller around forward / backward / optimizer
         self.peak_phase = ""
+        self.peak_op = ""  # the op whose output made the peak
+        self._op = ""
         self._seen: set[int] = set()
 
     def seed(self, tensors: Any) -> None:
@@ -57,7 +59,7 @@ class LiveBytes(TorchDispatchMode):
         if self.by_owner:
             self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + nbytes
         if self.live > self.peak:
-            self.peak, self.peak_phase = self.live, self.phase
+            self.peak, self.peak_phase, self.peak_op = self.live, self.phase, self._op
             if self.by_owner:
                 self.peak_by_owner = dict(self._live_by_owner)
         weakref.finalize(storage, self._free, key, nbytes, owner)
@@ -70,6 +72,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
+        self._op = str(func)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._add(t)

@@ -15,6 +15,7 @@ Goal (issue #6): memplan >= 97 % of the oracle's tokens/s with <= 25 % of its pr
 from __future__ import annotations
 
 import csv
+import functools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,9 @@ def accelerate(memo: Memo, base: TrainConfig, gb: int) -> tuple[Run, TrainConfig
 
 def scenarios() -> list[tuple[str, TrainConfig, int, float]]:
     """(arch, base, global batch, capacity position between the smallest and the largest predicted peak)."""
-    full = TrainConfig(method=Method.FULL, precision=Precision.FP32, seq_len=128, grad_accum=1)
-    lora = TrainConfig(method=Method.LORA, precision=Precision.FP32, seq_len=256, grad_accum=1)
+    # sdpa, the kernel `auto` resolves to here, so that every strategy reads the same measurements
+    full = TrainConfig(method=Method.FULL, precision=Precision.FP32, seq_len=128, attn=Attention.SDPA)
+    lora = TrainConfig(method=Method.LORA, precision=Precision.FP32, seq_len=256, attn=Attention.SDPA)
     return [("llama", full, 16, 0.45), ("qwen2", lora, 8, 0.35), ("mistral", full, 8, 0.6)]
 
 
@@ -132,7 +134,8 @@ def main() -> list[dict[str, object]]:
         o_run, o_best, o_speed = oracle(memo, cands)
         with tempfile.TemporaryDirectory() as tmp:
             m_run = Run()
-            res = tune(spec, base, GPU(name="sim", memory_bytes=cap), lambda t: m_run.probe(memo, t), global_batch=gb, usable_bytes=cap, device="cpu",
+            res = tune(spec, base, GPU(name="sim", memory_bytes=cap), functools.partial(m_run.probe, memo),
+                       global_batch=gb, usable_bytes=cap, device="cpu",
                        storage=f"sqlite:///{tmp}/s.db", n_probes=max(1, len(cands) // 4),
                        precisions=[Precision.FP32], attentions=ATTNS)
         m_best = res.best.train if res.best else None
@@ -163,7 +166,8 @@ if __name__ == "__main__":
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    lines = ["# Tuner vs alternatives (CPU, small models, simulated capacity)\n", "Command: `python benchmarks/tuner.py`\n",
-             (__doc__ or "").split("\n\n")[1] + "\n", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines = ["# Tuner vs alternatives (CPU, small models, simulated capacity)\n",
+             "Command: `python benchmarks/tuner.py`\n", (__doc__ or "").split("\n\n")[1] + "\n",
+             "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in table]
     (RESULTS / "tuner.md").write_text("\n".join(lines) + "\n")

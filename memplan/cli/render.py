@@ -180,13 +180,14 @@ def _knobs(t: TrainConfig) -> str:
             f"ckpt {'on' if t.checkpointing else 'off'}{rank}, {t.optimizer.value}, {t.attn.value}")
 
 
-def print_trial(rec: Any) -> None:
-    """One line per trial while the study runs."""
+def print_trial(rec: Any, best_tokens_per_s: float) -> None:
+    """One line per trial while the study runs: configuration, outcome, peak, tokens/s, best so far."""
     what = {"probe": f"{rec.status:7s}", "predicted-infeasible": "skip: predicted over capacity",
             "monotone-infeasible": "skip: larger than an OOM", "pruned": "skip: predicted slower"}[rec.source]
     measured = f" peak {fmt_bytes(rec.peak_bytes)}, {rec.tokens_per_s:,.0f} tokens/s" if rec.source == "probe" \
         and rec.status == "ok" else ""
-    console.print(f"#{rec.number:<3d} {_knobs(rec.train)} → {what}{measured}")
+    best = f" | best {best_tokens_per_s:,.0f} tokens/s" if best_tokens_per_s else ""
+    console.print(f"#{rec.number:<3d} {_knobs(rec.train)} → {what}{measured}{best}")
 
 
 def tune_json(res: Any, spec: ModelSpec) -> dict[str, Any]:

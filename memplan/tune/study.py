@@ -78,7 +78,7 @@ def _key(t: TrainConfig) -> str:
 
 def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, global_batch: int,
          usable_bytes: int, device: str = "cuda", storage: str = "sqlite:///memplan-tune.db", n_probes: int = 4,
-         timeout_s: float | None = None, seed: int = 0, on_trial: Callable[[TrialRecord], None] | None = None,
+         timeout_s: float | None = None, seed: int = 0, on_trial: Callable[[TrialRecord, float], None] | None = None,
          **space_knobs: object) -> TuneResult:
     """Run (or resume) the study; returns every trial and the fastest configuration measured to fit."""
     optuna = try_import("optuna")
@@ -111,7 +111,8 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
         _tell(study, trial, record, record.source)
         study.set_user_attr("calibration", _calibration(known, predicted, usable_bytes))
         if on_trial:
-            on_trial(record)
+            on_trial(record, max((r.tokens_per_s for r in known.values()
+                                  if r.source == "probe" and r.feasible), default=0.0))
     feasible = [r for r in known.values() if r.feasible and r.source == "probe" and r.status == "ok"]
     best = max(feasible, key=lambda r: r.tokens_per_s) if feasible else None
     return TuneResult(study_name=name, storage=storage, usable_bytes=usable_bytes, best=best,

@@ -44,7 +44,8 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
     if quick:
         return out
     extra = [  # one-off knobs on llama / qwen2
-        ("llama", dict(method="full", precision="fp32", optimizer="sgd", batch_size=4, seq_len=512, checkpointing=False)),
+        ("llama", dict(method="full", precision="fp32", optimizer="sgd", batch_size=4, seq_len=512,
+                       checkpointing=False)),
         ("llama", dict(method="full", precision="bf16", optimizer="sgd_momentum", checkpointing=True)),
         ("llama", dict(method="full", precision="fp32", optimizer="adafactor", checkpointing=False)),
         ("qwen2", dict(method="full", precision="fp16", optimizer="adamw", checkpointing=False)),

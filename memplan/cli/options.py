@@ -8,7 +8,8 @@ import typer
 
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig, parse_choice
 
-Model = Annotated[str, typer.Option("--model", "-m", help="catalog name (memplan models), hub id, folder or config.json")]
+Model = Annotated[str, typer.Option("--model", "-m",
+                                    help="catalog name (memplan models), hub id, folder or config.json")]
 MethodOpt = Annotated[str, typer.Option("--method", help="full|freeze|lora|qlora")]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32|fp16|bf16|pure_bf16")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="micro-batch per GPU")]
@@ -22,7 +23,8 @@ TargetsOpt = Annotated[str | None, typer.Option("--lora-targets", help="comma li
 DropoutOpt = Annotated[float | None, typer.Option("--lora-dropout")]
 BitsOpt = Annotated[int | None, typer.Option("--quant-bits", help="qlora: 4 (NF4) or 8 (int8)")]
 FreezeOpt = Annotated[int | None, typer.Option("--freeze-trainable-layers", help="freeze: last N layers train")]
-OptimOpt = Annotated[str, typer.Option("--optimizer", help="adamw|adamw_8bit|paged_adamw_8bit|sgd|sgd_momentum|adafactor")]
+OptimOpt = Annotated[str, typer.Option("--optimizer",
+                                       help="adamw|adamw_8bit|paged_adamw_8bit|sgd|sgd_momentum|adafactor")]
 AttnOpt = Annotated[str, typer.Option("--attn", help="auto|sdpa|eager|flash_attention_2")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 GpuOpt = Annotated[str | None, typer.Option("--gpu", help="size (24GB, 80GiB), catalog name (memplan gpus) or auto")]

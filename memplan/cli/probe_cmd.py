@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from memplan.cli import app
-from memplan.cli.options import (AccumOpt, AlphaOpt, AttnOpt, BatchOpt, BitsOpt, CkptOpt, DropoutOpt, FreezeOpt,
-                                 JsonOpt, MethodOpt, Model, OptimOpt, PrecisionOpt, RankOpt, SeqOpt, TargetsOpt,
-                                 build_config, one_rank)
+from memplan.cli.options import (
+    AccumOpt,
+    AlphaOpt,
+    AttnOpt,
+    BatchOpt,
+    BitsOpt,
+    CkptOpt,
+    DropoutOpt,
+    FreezeOpt,
+    JsonOpt,
+    MethodOpt,
+    Model,
+    OptimOpt,
+    PrecisionOpt,
+    RankOpt,
+    SeqOpt,
+    TargetsOpt,
+    build_config,
+    one_rank,
+)
 from memplan.errors import ExitCode
 
 
@@ -22,9 +39,9 @@ def probe(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt = No
           steps: Annotated[int, typer.Option(help="measured optimizer steps")] = 3,
           warmup: Annotated[int, typer.Option(help="optimizer steps before measuring")] = 1,
           device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-          capacity: Annotated[Optional[str], typer.Option(help="cpu: simulated device size, e.g. 200MB")] = None,
-          gpu: Annotated[Optional[str], typer.Option(help="cuda: cap the process to this card size (24GB)")] = None,
-          gpu_fraction: Annotated[Optional[float], typer.Option(help="cuda: cap to this fraction")] = None,
+          capacity: Annotated[str | None, typer.Option(help="cpu: simulated device size, e.g. 200MB")] = None,
+          gpu: Annotated[str | None, typer.Option(help="cuda: cap the process to this card size (24GB)")] = None,
+          gpu_fraction: Annotated[float | None, typer.Option(help="cuda: cap to this fraction")] = None,
           timeout: Annotated[float, typer.Option(help="seconds before the probe is killed")] = 600.0,
           no_cache: Annotated[bool, typer.Option("--no-cache", help="run even if a result is cached")] = False,
           json_out: JsonOpt = False) -> None:

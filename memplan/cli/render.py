@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from memplan.fit import Candidate, FitResult
-from memplan.probe.result import ProbeResult
 from memplan.predict.breakdown import Breakdown
+from memplan.probe.result import ProbeResult
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig, resolve_attention

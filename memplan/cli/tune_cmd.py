@@ -2,30 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from memplan.cli import app
-from memplan.cli.options import (AlphaOpt, BitsOpt, CkptOpt, DropoutOpt, FreezeOpt, JsonOpt, MethodOpt, Model,
-                                 PrecisionOpt, RankOpt, SeqOpt, TargetsOpt, build_config, parse_int_list)
+from memplan.cli.options import (
+    AlphaOpt,
+    BitsOpt,
+    CkptOpt,
+    DropoutOpt,
+    FreezeOpt,
+    JsonOpt,
+    MethodOpt,
+    Model,
+    PrecisionOpt,
+    RankOpt,
+    SeqOpt,
+    TargetsOpt,
+    build_config,
+    parse_int_list,
+)
 from memplan.errors import ExitCode
 
 
 @app.command()
-def tune(model: Model, gpu: Annotated[Optional[str], typer.Option(help="cuda: the card to fit (size, name, auto)")]
+def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the card to fit (size, name, auto)")]
          = None, method: MethodOpt = "lora", precision: PrecisionOpt = None,
          global_batch: Annotated[int, typer.Option("--global-batch", help="micro x accum x GPUs, kept exact")] = 16,
          seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None, lora_rank: RankOpt = None,
          lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None,
          quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
-         optimizer: Annotated[Optional[str], typer.Option(help="one name or a comma list to search")] = None,
+         optimizer: Annotated[str | None, typer.Option(help="one name or a comma list to search")] = None,
          attn: Annotated[str, typer.Option(help="one kernel or a comma list to search")] = "auto",
          device: Annotated[str, typer.Option(help="cuda, or cpu with --capacity")] = "cuda",
-         capacity: Annotated[Optional[str], typer.Option(help="cpu: simulated device size, e.g. 200MB")] = None,
+         capacity: Annotated[str | None, typer.Option(help="cpu: simulated device size, e.g. 200MB")] = None,
          margin: Annotated[float, typer.Option(help="fraction of the card kept free")] = 0.05,
          n_probes: Annotated[int, typer.Option("--n-probes", help="most probes to run")] = 4,
-         timeout: Annotated[Optional[float], typer.Option(help="wall-time cap of the study, seconds")] = None,
+         timeout: Annotated[float | None, typer.Option(help="wall-time cap of the study, seconds")] = None,
          probe_timeout: Annotated[float, typer.Option(help="seconds before one probe is killed")] = 600.0,
          steps: Annotated[int, typer.Option(help="measured steps per probe")] = 3,
          storage: Annotated[str, typer.Option(help="Optuna storage URL (resumes a study of the same name)")]

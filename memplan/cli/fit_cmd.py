@@ -20,8 +20,7 @@ from memplan.cli.options import (
     RankOpt,
     SeqOpt,
     TargetsOpt,
-    build_config,
-    parse_int_list,
+    search_config,
 )
 from memplan.errors import ExitCode
 
@@ -47,25 +46,17 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
     from memplan.fit import fit as run_fit
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
-    from memplan.spec.train import Attention, Optimizer, Precision, parse_choice
 
-    ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
-    opts = [parse_choice(Optimizer, o, "--optimizer") for o in optimizer.split(",")] if optimizer else None
-    base = build_config(method=method, precision=None, batch_size=1, grad_accum=1, seq_len=seq_len,
-                        checkpointing=None, lora_rank=ranks[0] if ranks else None, lora_alpha=lora_alpha,
-                        lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
-                        freeze_trainable_layers=freeze_trainable_layers,
-                        optimizer=opts[0].value if opts else "adamw", attn=attn.split(",")[0])
+    base, space = search_config(method=method, seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
+                                freeze_trainable_layers=freeze_trainable_layers, optimizer=optimizer, attn=attn,
+                                precision=precision, checkpointing=checkpointing)
     if gpus <= 0 or global_batch <= 0:
         raise ConfigError("--gpus and --global-batch must be positive integers")
     base = base.with_(gpus=gpus)
     spec = resolve_model(model)
     card = resolve_gpu(gpu)
-    res = run_fit(spec, base, card, global_batch=global_batch, margin=margin,
-                  precisions=[parse_choice(Precision, precision, "--precision")] if precision else None,
-                  checkpointing=[checkpointing] if checkpointing is not None else None,
-                  lora_ranks=ranks, optimizers=opts,
-                  attentions=[parse_choice(Attention, a, "--attn") for a in attn.split(",")])
+    res = run_fit(spec, base, card, global_batch=global_batch, margin=margin, **space)  # type: ignore[arg-type]
     if exact:
         from memplan.fit import recheck_exact
 

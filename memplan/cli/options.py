@@ -94,3 +94,23 @@ def one_rank(text: str | None, command: str) -> int | None:
     if len(ranks) != 1:
         raise ConfigError(f"{command} takes one --lora-rank; lists and ranges are for `memplan fit`")
     return ranks[0]
+
+
+def search_config(*, method: str, seq_len: int, lora_rank: str | None, lora_alpha: int | None,
+                  lora_targets: str | None, lora_dropout: float | None, quant_bits: int | None,
+                  freeze_trainable_layers: int | None, optimizer: str | None, attn: str, precision: str | None,
+                  checkpointing: bool | None) -> tuple[TrainConfig, dict[str, object]]:
+    """fit / tune: the base configuration and the open knobs to search (lists for rank, optimizer, kernel)."""
+    ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
+    opts = [parse_choice(Optimizer, o, "--optimizer") for o in optimizer.split(",")] if optimizer else None
+    attns = [parse_choice(Attention, a, "--attn") for a in attn.split(",")]
+    base = build_config(method=method, precision=None, batch_size=1, grad_accum=1, seq_len=seq_len,
+                        checkpointing=None, lora_rank=ranks[0] if ranks else None, lora_alpha=lora_alpha,
+                        lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
+                        freeze_trainable_layers=freeze_trainable_layers,
+                        optimizer=opts[0].value if opts else "adamw", attn=attns[0].value)
+    space: dict[str, object] = dict(
+        precisions=[parse_choice(Precision, precision, "--precision")] if precision else None,
+        checkpointing=[checkpointing] if checkpointing is not None else None,
+        lora_ranks=ranks, optimizers=opts, attentions=attns)
+    return base, space

@@ -20,8 +20,7 @@ from memplan.cli.options import (
     RankOpt,
     SeqOpt,
     TargetsOpt,
-    build_config,
-    parse_int_list,
+    search_config,
 )
 from memplan.errors import ExitCode
 
@@ -52,17 +51,13 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
     from memplan.probe.launch import ProbeOptions, probe
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import GPU, resolve_gpu
-    from memplan.spec.train import Attention, Optimizer, Precision, parse_choice
     from memplan.tune.study import tune as run_tune
     from memplan.units import parse_size
 
-    ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
-    opts = [parse_choice(Optimizer, o, "--optimizer") for o in optimizer.split(",")] if optimizer else None
-    base = build_config(method=method, precision=None, batch_size=1, grad_accum=1, seq_len=seq_len,
-                        checkpointing=None, lora_rank=ranks[0] if ranks else None, lora_alpha=lora_alpha,
-                        lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
-                        freeze_trainable_layers=freeze_trainable_layers,
-                        optimizer=opts[0].value if opts else "adamw", attn=attn.split(",")[0])
+    base, space = search_config(method=method, seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
+                                freeze_trainable_layers=freeze_trainable_layers, optimizer=optimizer, attn=attn,
+                                precision=precision, checkpointing=checkpointing)
     if device == "cpu":
         if not capacity or gpu:
             raise ConfigError("--device cpu tunes against a simulated device: give --capacity (and no --gpu)")
@@ -83,10 +78,7 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
     progress = None if json_out else render.print_trial
     res = run_tune(spec, base, card, lambda t: probe(spec, t, popts), global_batch=global_batch,
                    usable_bytes=usable, device=device, storage=storage, n_probes=n_probes, timeout_s=timeout,
-                   on_trial=progress,
-                   precisions=[parse_choice(Precision, precision, "--precision")] if precision else None,
-                   checkpointing=[checkpointing] if checkpointing is not None else None, lora_ranks=ranks,
-                   optimizers=opts, attentions=[parse_choice(Attention, a, "--attn") for a in attn.split(",")])
+                   on_trial=progress, **space)  # type: ignore[arg-type]
     if json_out:
         render.emit_json(render.tune_json(res, spec))
     else:

@@ -132,8 +132,8 @@ def search_space(base: TrainConfig, gpu: GPU, *, global_batch: int, precisions: 
     return out
 
 
-def evaluate(spec: ModelSpec, train: TrainConfig, gpu: GPU, usable: int) -> Candidate:
-    bd = estimate(spec, train)
+def evaluate(spec: ModelSpec, train: TrainConfig, gpu: GPU, usable: int, shards: int = 1) -> Candidate:
+    bd = estimate(spec, train, shards=shards)
     return Candidate(train=train, breakdown=bd, fits=bd.total_bytes <= usable,
                      tokens_per_s=predicted_tokens_per_s(spec, train, gpu))
 
@@ -171,9 +171,16 @@ def _suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list
         combined.update(changes[i][1])
         label = " + ".join(lbl for lbl, _ in changes[: i + 1])
         out.append(Suggestion(change=label, candidate=evaluate(spec, start.with_(**combined), gpu, usable)))
+    for n in (2, 4, 8):  # more GPUs, model states sharded (ZeRO-3 / FSDP full_shard), effective batch kept
+        per_rank = start.effective_batch // n
+        micro = min(start.batch_size, per_rank)
+        if per_rank and start.effective_batch % n == 0 and per_rank % micro == 0:
+            t = start.with_(gpus=n, batch_size=micro, grad_accum=per_rank // micro)
+            out.append(Suggestion(change=f"{n} GPUs, ZeRO-3 / FSDP full_shard",
+                                  candidate=evaluate(spec, t, gpu, usable, shards=n)))
     fitting = sorted((s for s in out if s.candidate.fits), key=lambda s: -s.candidate.tokens_per_s)
     rest = sorted((s for s in out if not s.candidate.fits), key=lambda s: s.candidate.total_bytes)
-    return (fitting + rest)[:8]
+    return (fitting + rest)[:10]
 
 
 def recheck_exact(res: FitResult, top: int = 3) -> FitResult:

@@ -70,3 +70,15 @@ def test_attention_list_is_searched_and_flash_refused_on_t4():
     with pytest.raises(ConfigError, match="flash_attention_2"):
         fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("t4"), global_batch=4,
             precisions=[Precision.FP16], attentions=[Attention.FLASH_ATTENTION_2])
+
+
+def test_suggestions_include_more_gpus_with_the_effective_batch_kept():
+    res = _fit("llama-2-7b", "24GB", Method.FULL)
+    gpus = [s for s in res.suggestions if "GPUs" in s.change]
+    assert gpus and any(s.candidate.fits for s in gpus)
+    for s in gpus:
+        t = s.candidate.train
+        assert t.gpus > 1 and t.batch_size * t.grad_accum * t.gpus == 16
+    # sharding divides the model states: more ranks, less memory per rank
+    sizes = sorted((s.candidate.train.gpus, s.candidate.total_bytes) for s in gpus)
+    assert [b for _, b in sizes] == sorted((b for _, b in sizes), reverse=True)

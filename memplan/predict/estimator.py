@@ -15,23 +15,24 @@ from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, st
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.layout import Layout
-from memplan.predict.weights import ModelStates, model_states
+from memplan.predict.weights import ModelStates, model_states, shard_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import Attention, Method, TrainConfig
 
 FP32 = 4
 
 
-def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Breakdown:
+def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", shards: int = 1) -> Breakdown:
     """Peak memory of `train` on `spec`, per GPU, with its terms and the phase where the peak happens.
 
-    device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements."""
+    device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements.
+    shards=N: first-order ZeRO-3 / FSDP full_shard over N ranks (see `shard_states`)."""
     if not spec.analytic:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
     lay = Layout.of(spec, train, device)
     _check_targets(lay)
-    st = model_states(lay)
+    st = model_states(lay) if shards == 1 else shard_states(model_states(lay), lay, shards)
     b, s = train.batch_size, train.seq_len
     n, v = b * s, spec.vocab_size
     c = lay.compute_width

@@ -203,6 +203,14 @@ def tune_json(res: Any, spec: ModelSpec) -> dict[str, Any]:
 
 def print_tune(res: Any, spec: ModelSpec, gpu: GPU) -> None:
     console.print(f"study {res.study_name} ({res.probes} probes, {res.ooms} OOM, {len(res.trials)} trials)")
+    rows = table(["#", "micro x accum", "precision", "ckpt", "attn", "outcome", "peak", "tokens/s"])
+    for r in sorted(res.trials, key=lambda r: (r.source != "probe", -r.tokens_per_s)):
+        t = r.train
+        rows.add_row(str(r.number), f"{t.batch_size} x {t.grad_accum}", t.precision.value,
+                     "on" if t.checkpointing else "off", t.attn.value,
+                     r.status if r.source == "probe" else r.source, fmt_bytes(r.peak_bytes),
+                     f"{r.tokens_per_s:,.0f}" if r.source == "probe" and r.status == "ok" else "-")
+    console.print(rows)
     if res.best is None:
         console.print(f"[red bold]no configuration confirmed[/] on {gpu.name}: nothing probed fits "
                       f"{fmt_bytes(res.usable_bytes)}")

@@ -94,3 +94,14 @@ def test_by_module_accounts_for_the_whole_peak(capsys):
     assert owners["model.layers.*"] > 0 and owners["parameters"] > 0  # checkpointed inputs, weights
     assert main(["estimate", "--model", "llama-2-7b", "--by-module"]) == 2  # needs --exact
     assert "--exact" in capsys.readouterr().err
+
+
+def test_phase_switch_with_depth_is_extrapolated_per_phase():
+    # at 1-3 layers the backward peaks; at 24 layers the optimizer step does (it grows faster per layer)
+    from memplan.predict.estimator import estimate
+
+    spec = resolve_model("qwen2.5-0.5b")
+    cfg = TrainConfig(method=Method.FULL, precision=Precision.BF16, batch_size=1, seq_len=512, checkpointing=False)
+    exact = exact_estimate(spec, cfg)
+    assert exact.phase == "optimizer"
+    assert abs(exact.peak_allocated_bytes / estimate(spec, cfg).peak_allocated_bytes - 1) < 1e-4

@@ -35,6 +35,7 @@ class Trace:
     trainable: int  # trainable parameters
     phase: str
     op: str = ""  # the op that made the peak
+    phase_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # forward / backward / optimizer
     by_module: dict[str, int] = dataclasses.field(default_factory=dict)  # live bytes at the peak, by allocator
 
 
@@ -77,7 +78,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
                  forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
-                 op=tracker.peak_op,
+                 op=tracker.peak_op, phase_peaks=dict(tracker.phase_peaks),
                  by_module=tracker.peak_by_owner)
 
 
@@ -208,24 +209,31 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
 
 
 def _extrapolate(traces: list[Trace], layers: int) -> Trace | None:
-    if len(traces) < 2 or traces[-1].layers == layers:
-        return traces[-1] if traces[-1].layers == layers else None
+    """Each quantity, and the peak of each phase separately, on the line through the first two depths (checked
+    against the third). The peak is the largest extrapolated phase peak: which phase wins can change with depth
+    (the optimizer step grows faster per layer than a LoRA backward, say), so the overall peak is not linear."""
+    if traces[-1].layers == layers:
+        return traces[-1]
+    if len(traces) < 2:
+        return None
     a, b = traces[0], traces[1]
 
     def line(x: int, y: int, n: int) -> int:
         return x + (y - x) * (n - a.layers)
 
+    fields = ("weights", "states", "forward_end", "trainable")
     if len(traces) == 3:
         c = traces[2]
-        for field in ("peak", "weights", "states", "forward_end", "trainable"):
-            want, got = line(getattr(a, field), getattr(b, field), c.layers), getattr(c, field)
-            if abs(got - want) > LINEARITY_TOLERANCE * max(got, 1):
+        pairs = [(getattr(a, f), getattr(b, f), getattr(c, f)) for f in fields]
+        pairs += [(a.phase_peaks.get(p, 0), b.phase_peaks.get(p, 0), c.phase_peaks.get(p, 0)) for p in b.phase_peaks]
+        for x, y, z in pairs:
+            if abs(z - line(x, y, c.layers)) > LINEARITY_TOLERANCE * max(z, 1):
                 return None
-    if a.phase != b.phase:
-        return None
-    return Trace(layers=layers, peak=line(a.peak, b.peak, layers), weights=line(a.weights, b.weights, layers),
+    peaks = {p: line(a.phase_peaks.get(p, 0), v, layers) for p, v in b.phase_peaks.items()}
+    phase = max(peaks, key=peaks.__getitem__)
+    return Trace(layers=layers, peak=peaks[phase], weights=line(a.weights, b.weights, layers),
                  states=line(a.states, b.states, layers), forward_end=line(a.forward_end, b.forward_end, layers),
-                 trainable=line(a.trainable, b.trainable, layers), phase=b.phase,
+                 trainable=line(a.trainable, b.trainable, layers), phase=phase, phase_peaks=peaks,
                  by_module={k: line(a.by_module.get(k, 0), v, layers) for k, v in b.by_module.items()})
 
 

@@ -36,6 +36,7 @@ class LiveBytes(TorchDispatchMode):
         self.phase = ""  # set by the caller around forward / backward / optimizer
         self.peak_phase = ""
         self.peak_op = ""  # the op whose output made the peak
+        self.phase_peaks: dict[str, int] = {}  # the peak inside each phase
         self._op = ""
         self._seen: set[int] = set()
 
@@ -58,6 +59,8 @@ class LiveBytes(TorchDispatchMode):
         owner = (self.owner or self.phase or "parameters") if self.by_owner else ""
         if self.by_owner:
             self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + nbytes
+        if self.live > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.live
         if self.live > self.peak:
             self.peak, self.peak_phase, self.peak_op = self.live, self.phase, self._op
             if self.by_owner:

@@ -15,6 +15,8 @@ SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_att
              num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
 SPEC = ModelSpec.from_config_dict(dict(SMALL), name="small")
 BASE = TrainConfig(method=Method.FULL, precision=Precision.FP32, seq_len=128)
+CKPT8 = BASE.with_(batch_size=8, checkpointing=True)
+NO_CKPT8 = BASE.with_(batch_size=8, checkpointing=False)
 
 
 def capacity_between(a: TrainConfig, b: TrainConfig) -> int:
@@ -56,7 +58,7 @@ def test_oom_is_a_complete_trial_and_larger_batches_are_skipped(tmp_path):
     import optuna
 
     # the device really has less memory than the study was told (another process holds some)
-    told = capacity_between(BASE.with_(batch_size=8, checkpointing=True), BASE.with_(batch_size=8))
+    told = capacity_between(CKPT8, NO_CKPT8)
     real = int(estimate(SPEC, BASE.with_(batch_size=4, grad_accum=2, checkpointing=True),
                         device="cpu").peak_allocated_bytes * 1.02)
     ev = Counting(real)
@@ -72,7 +74,7 @@ def test_oom_is_a_complete_trial_and_larger_batches_are_skipped(tmp_path):
 
 
 def test_interrupted_study_resumes_without_repeating_probes(tmp_path):
-    cap = capacity_between(BASE.with_(batch_size=8, checkpointing=True), BASE.with_(batch_size=8))
+    cap = capacity_between(CKPT8, NO_CKPT8)
     first = Counting(cap)
     r1 = run(tmp_path, first, cap, n_probes=1, name="resume.db")
     second = Counting(cap)
@@ -92,3 +94,21 @@ def test_tune_bad_input(capsys, args, needle):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_tune_cli_confirms_and_exports_the_winner(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(SMALL))
+    out = tmp_path / "winner.json"
+    cap = capacity_between(CKPT8, NO_CKPT8)
+    rc = main(["tune", "--model", str(cfg), "--method", "full", "--precision", "fp32", "--seq-len", "128",
+               "--global-batch", "8", "--device", "cpu", "--capacity", f"{cap}B", "--margin", "0",
+               "--n-probes", "1", "--steps", "1", "--storage", f"sqlite:///{tmp_path / 's.db'}",
+               "--export", "json", "-o", str(out), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["confirmed_by_probe"] and data["probes"] == 1
+    plan = json.loads(out.read_text())["config"]
+    assert plan["batch_size"] * plan["grad_accum"] == 8 and plan["batch_size"] == data["best"]["config"]["batch_size"]

@@ -39,7 +39,11 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
         margin: Annotated[float, typer.Option(help="fraction of the card kept free, in [0, 0.5)")] = 0.05,
         top: Annotated[int, typer.Option(help="alternatives shown")] = 5,
         exact: Annotated[bool, typer.Option("--exact", help="re-check the top candidates with fake-tensor traces")]
-        = False, json_out: JsonOpt = False) -> None:
+        = False,
+        export: Annotated[str | None, typer.Option(help="write the recommended plan: llamafactory | hf | json")]
+        = None,
+        output: Annotated[str | None, typer.Option("--output", "-o", help="file for --export")] = None,
+        json_out: JsonOpt = False) -> None:
     """Fits or not on this GPU, the fastest configuration, and what to change when nothing fits."""
     from memplan.cli import render
     from memplan.errors import ConfigError
@@ -61,6 +65,14 @@ def fit(model: Model, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB
         from memplan.fit import recheck_exact
 
         res = recheck_exact(res, top=min(top, 3))
+    if (export is None) != (output is None):
+        raise ConfigError("--export FORMAT and -o FILE go together")
+    if export and output and res.best:
+        from pathlib import Path
+
+        from memplan.export import write_plan
+
+        write_plan(export, spec, res.best.train, Path(output))
     if json_out:
         render.emit_json(render.fit_json(res))
     else:

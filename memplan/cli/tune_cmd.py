@@ -43,6 +43,8 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
          steps: Annotated[int, typer.Option(help="measured steps per probe")] = 3,
          storage: Annotated[str, typer.Option(help="Optuna storage URL (resumes a study of the same name)")]
          = "sqlite:///memplan-tune.db",
+         export: Annotated[str | None, typer.Option(help="write the winner: llamafactory | hf | json")] = None,
+         output: Annotated[str | None, typer.Option("--output", "-o", help="file for --export")] = None,
          json_out: JsonOpt = False) -> None:
     """Probe few configurations (steered by the estimator) and confirm the fastest one that does not OOM."""
     from memplan.cli import render
@@ -58,6 +60,10 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
                                 lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
                                 freeze_trainable_layers=freeze_trainable_layers, optimizer=optimizer, attn=attn,
                                 precision=precision, checkpointing=checkpointing)
+    if (export is None) != (output is None):
+        raise ConfigError("--export FORMAT and -o FILE go together")
+    if export is not None and export not in ("llamafactory", "hf", "json"):
+        raise ConfigError(f"--export {export!r}: choose one of llamafactory|hf|json")
     if device == "cpu":
         if not capacity or gpu:
             raise ConfigError("--device cpu tunes against a simulated device: give --capacity (and no --gpu)")
@@ -79,6 +85,12 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
     res = run_tune(spec, base, card, lambda t: probe(spec, t, popts), global_batch=global_batch,
                    usable_bytes=usable, device=device, storage=storage, n_probes=n_probes, timeout_s=timeout,
                    on_trial=progress, **space)  # type: ignore[arg-type]
+    if export and output and res.best:
+        from pathlib import Path
+
+        from memplan.export import write_plan
+
+        write_plan(export, spec, res.best.train, Path(output))
     if json_out:
         render.emit_json(render.tune_json(res, spec))
     else:

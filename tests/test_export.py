@@ -14,7 +14,8 @@ from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainCon
 # Seq2SeqTrainingArguments it extends) that memplan writes
 LF_KEYS = {"model_name_or_path", "finetuning_type", "per_device_train_batch_size", "gradient_accumulation_steps",
            "cutoff_len", "disable_gradient_checkpointing", "optim", "flash_attn", "bf16", "fp16", "pure_bf16",
-           "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "quantization_bit", "freeze_trainable_layers"}
+           "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "quantization_bit", "freeze_trainable_layers",
+           "optim_args"}
 CONFIGS = [TrainConfig(),
            TrainConfig(method=Method.FULL, precision=Precision.PURE_BF16, optimizer=Optimizer.SGD_MOMENTUM),
            TrainConfig(method=Method.QLORA, quant_bits=8, lora_targets=("q_proj", "v_proj"), attn=Attention.SDPA),

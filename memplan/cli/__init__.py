@@ -15,19 +15,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _register() -> None:
-    from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd, tune_cmd  # noqa: F401 - registers commands on `app`
+    from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd, run_cmd, tune_cmd  # noqa: F401 - registers commands
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, mapping MemplanError to one line + its exit code (tracebacks with --debug)."""
     _register()
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    ours = args[: args.index("--")] if "--" in args else args  # what follows -- belongs to `memplan run`'s command
+    debug = "--debug" in ours
     if debug:
         args.remove("--debug")
     if args[:1] == ["trace"]:  # `memplan trace ...` is `memplan estimate --exact ...`
         args = ["estimate", "--exact", *args[1:]]
-    if args[:1] == ["fit"] and "--probe" in args:  # `memplan fit --probe ...` is `memplan tune ...`
+    if args[:1] == ["fit"] and "--probe" in ours:  # `memplan fit --probe ...` is `memplan tune ...`
         args = ["tune", *[a for a in args[1:] if a != "--probe"]]
     try:
         rc = app(args=args, standalone_mode=False)

@@ -14,13 +14,14 @@ from memplan.cli.options import (
     BatchOpt,
     BitsOpt,
     CkptOpt,
+    ConfigOpt,
     DropoutOpt,
     FreezeOpt,
     GpuOpt,
     JsonOpt,
     MethodOpt,
-    Model,
     OptimOpt,
+    OptModel,
     PrecisionOpt,
     RankOpt,
     SeqOpt,
@@ -31,7 +32,8 @@ from memplan.errors import ExitCode
 
 
 @app.command()
-def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt = None, batch_size: BatchOpt = 1,
+def estimate(ctx: typer.Context, model: OptModel = None, config: ConfigOpt = None, method: MethodOpt = "lora",
+             precision: PrecisionOpt = None, batch_size: BatchOpt = 1,
              grad_accum: AccumOpt = 1, seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None,
              lora_rank: RankOpt = None, lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None,
              lora_dropout: DropoutOpt = None, quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
@@ -47,18 +49,22 @@ def estimate(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt =
              json_out: JsonOpt = False) -> None:
     """Peak VRAM of one configuration, term by term (`memplan trace ...` runs it with --exact)."""
     from memplan.cli import render
-    from memplan.cli.options import one_rank
+    from memplan.cli.options import given_options, merge_config, model_and_config, one_rank
     from memplan.errors import ConfigError
     from memplan.fit import usable_bytes
     from memplan.predict.estimator import estimate as run_estimate
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
 
-    train = build_config(method=method, precision=precision, batch_size=batch_size, grad_accum=grad_accum,
-                         seq_len=seq_len, checkpointing=checkpointing, lora_rank=one_rank(lora_rank, "estimate"),
-                         lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
-                         quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
-                         optimizer=optimizer, attn=attn)
+    model, lf = model_and_config(model, config)
+    if lf is not None:
+        train = merge_config(lf.train, ctx.params, given_options(ctx))
+    else:
+        train = build_config(method=method, precision=precision, batch_size=batch_size, grad_accum=grad_accum,
+                             seq_len=seq_len, checkpointing=checkpointing, lora_rank=one_rank(lora_rank, "estimate"),
+                             lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
+                             quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
+                             optimizer=optimizer, attn=attn)
     spec = resolve_model(model)
     card = resolve_gpu(gpu) if gpu else None
     usable = usable_bytes(card, margin) if card else None

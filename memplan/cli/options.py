@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -10,6 +10,8 @@ from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainCon
 
 Model = Annotated[str, typer.Option("--model", "-m",
                                     help="catalog name (memplan models), hub id, folder or config.json")]
+OptModel = Annotated[str | None, typer.Option("--model", "-m", help="catalog name (memplan models), hub id, folder "
+                                             "or config.json (default: model_name_or_path of --config)")]
 MethodOpt = Annotated[str, typer.Option("--method", help="full|freeze|lora|qlora")]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32|fp16|bf16|pure_bf16")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="micro-batch per GPU")]
@@ -114,3 +116,45 @@ def search_config(*, method: str, seq_len: int, lora_rank: str | None, lora_alph
         checkpointing=[checkpointing] if checkpointing is not None else None,
         lora_ranks=ranks, optimizers=opts, attentions=attns)
     return base, space
+
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="a LLaMA-Factory training YAML: the model "
+                                               "and knobs come from it; options given on the command line win")]
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """Parameters the user typed (or set through the environment), as opposed to defaults."""
+    return {name for name in ctx.params
+            if (src := ctx.get_parameter_source(name)) is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+def merge_config(base: TrainConfig, values: dict[str, object], given: set[str]) -> TrainConfig:
+    """A config file's TrainConfig with the options the user gave on the command line applied on top."""
+    from memplan.spec.train import train_from_dict
+
+    data = base.to_dict()
+    data["lora_alpha"] = base.lora_alpha  # None keeps "2 x rank" when only the rank is overridden
+    kinds = {"method": Method, "precision": Precision, "optimizer": Optimizer, "attn": Attention}
+    for name in given & set(data):
+        value = values[name]
+        if name in kinds:
+            value = parse_choice(kinds[name], str(value), f"--{name}")
+        elif name == "lora_rank":
+            value = one_rank(str(value), "this command")
+        elif name == "lora_targets":
+            value = [t.strip() for t in str(value).split(",") if t.strip()]
+        data[name] = value
+    return train_from_dict(data)
+
+
+def model_and_config(model: str | None, config: str | None) -> tuple[str, Any]:
+    """--model and/or --config -> (model name, the LlamaFactoryConfig or None)."""
+    from memplan.errors import ConfigError
+    from memplan.spec.llamafactory import read_llamafactory
+
+    if config is None:
+        if model is None:
+            raise ConfigError("give --model NAME (or --config train.yaml)")
+        return model, None
+    lf = read_llamafactory(config)
+    return model or lf.model, lf

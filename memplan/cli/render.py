@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -116,6 +117,12 @@ def fit_json(res: FitResult) -> dict[str, Any]:
     }
 
 
+def print_as_written(c: Candidate, res: FitResult, path: str | None) -> None:
+    verdict = "[green]fits[/]" if c.fits else "[red]does not fit[/]"
+    console.print(f"{path} as written: {_describe(c.train, res.model)} — {fmt_gib(c.total_bytes)} of "
+                  f"{fmt_gib(res.usable_bytes)} usable: {verdict}")
+
+
 def print_fit(res: FitResult, top: int) -> None:
     spec, gpu = res.model, res.gpu
     head = f"[bold]{spec.name}[/] on {gpu.name} ({fmt_gib(res.usable_bytes)} usable, margin {res.margin:.0%}), " \
@@ -219,3 +226,20 @@ def print_tune(res: Any, spec: ModelSpec, gpu: GPU) -> None:
     console.print(f"[green bold]fits — confirmed by probe[/]: {_knobs(b.train)} (effective batch "
                   f"{b.train.effective_batch}), {b.tokens_per_s:,.0f} tokens/s, peak {fmt_bytes(b.peak_bytes)}, "
                   f"headroom {fmt_bytes(res.usable_bytes - b.peak_bytes)} on {gpu.name}")
+
+
+def echo_raw(line: str) -> None:
+    """The supervised command's output, passed through untouched."""
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def print_run(result: Any) -> None:
+    rows = table(["attempt", "configuration", "resumed from", "exit", "status", "time"])
+    for a in result.attempts:
+        rows.add_row(str(a.index), _knobs(a.train), a.resumed_from or "-", str(a.returncode), a.status,
+                     f"{a.duration_s:.0f} s")
+    console.print(rows)
+    color = "green" if result.outcome == "finished" else "red"
+    console.print(f"[{color} bold]{result.outcome}[/] after {len(result.attempts)} attempt(s)"
+                  f"{': ' + result.reason if result.reason else ''} · decisions in {result.log_path}")

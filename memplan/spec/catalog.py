@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -53,7 +54,14 @@ def catalog_entries() -> tuple[CatalogEntry, ...]:
 
 
 def find_entry(name: str) -> CatalogEntry | None:
-    return _index()[0].get(name.strip().lower())
+    """A catalog entry by hub id or short name; chat / instruct variants resolve to their base model, whose
+    config.json has the same dimensions (Llama-3-8B-Instruct -> Meta-Llama-3-8B, gemma-2-9b-it -> gemma-2-9b)."""
+    names = _index()[0]
+    key = name.strip().lower()
+    if key in names:
+        return names[key]
+    base = re.sub(r"-(instruct|chat|it)(?=-|$)", "", key)
+    return names.get(base) or names.get(_short(base.rpartition("/")[2]))
 
 
 @lru_cache(maxsize=64)

@@ -313,3 +313,17 @@ def test_trainer_helper_continues_from_the_current_step(tmp_path):
     assert ev.global_step == 5 and ev.resumed_from.endswith("checkpoint-5")  # nothing lost: saved at the OOM
     assert ev.chosen.effective_batch == ev.failed.effective_batch == 4 and ev.chosen.batch_size == 2
     assert trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("train", [t for t in ROUND_TRIP if t.method in (Method.FULL, Method.LORA)])
+def test_hf_and_json_exports_read_back(train):
+    from memplan.export import hf_training_kwargs, plan_json
+    from memplan.spec.train import train_from_dict
+
+    argv = ["python", "train.py"]
+    for key, value in hf_training_kwargs(train).items():
+        argv += [f"--{key}", str(value)]
+    back = ArgsTarget.open(argv, train.with_(batch_size=1, grad_accum=1, checkpointing=not train.checkpointing))
+    assert back.train == train.with_(precision=back.train.precision)  # flags carry every knob but pure vs AMP bf16
+    assert back.train.precision is (Precision.BF16 if train.precision is Precision.PURE_BF16 else train.precision)
+    assert train_from_dict(plan_json(SPEC, train)["config"]) == train.with_(lora_alpha=train.alpha)

@@ -19,7 +19,7 @@ from memplan.errors import ConfigError
 from memplan.export import HF_OPTIM, llamafactory_yaml
 from memplan.spec.llamafactory import OPTIM_FROM_HF, read_llamafactory
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Precision, TrainConfig
+from memplan.spec.train import Optimizer, Precision, TrainConfig
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -151,6 +151,8 @@ class ArgsTarget:
             if optim not in OPTIM_FROM_HF:
                 raise ConfigError(f"--optim {optim} in the command is not modelled: one of {', '.join(OPTIM_FROM_HF)}")
             changes["optimizer"] = OPTIM_FROM_HF[optim]
+            if optim == "sgd" and "momentum" in (_value(argv, "optim_args") or ""):
+                changes["optimizer"] = Optimizer.SGD_MOMENTUM
         if _truthy(_value(argv, "bf16")):
             changes["precision"] = Precision.BF16
         elif _truthy(_value(argv, "fp16")):

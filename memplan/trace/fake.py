@@ -64,7 +64,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         yield
         marks[name] = tracker.live
 
-    with FakeTensorMode(), _no_packed_sequence_detection(), _quiet():
+    with FakeTensorMode(), _no_packed_sequence_detection(), _fake_friendly_experts(), _quiet():
         _fake_parameters(model, torch)
         optimizer = build_optimizer(model, train)
         ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
@@ -142,6 +142,51 @@ def _quiet():  # noqa: ANN202
 
 
 @contextlib.contextmanager
+def _fake_friendly_experts():  # noqa: ANN202
+    """MoE experts in transformers 5 run as grouped matmuls over the T x k routed rows, so their memory does not
+    depend on the routing. torch's meta kernel for grouped_mm accepts bf16 only (a CUDA rule) while the CPU kernel
+    takes any dtype; on fake tensors of other dtypes a stand-in with aten's autograd behaviour runs instead: it
+    saves the input only when the weight needs a gradient (and the weight only when the input does), returns
+    (S, out), and computes in backward only the gradients that are needed (transformers' own fallback op saves
+    and computes both, which over-counts frozen experts)."""
+    try:
+        import transformers.integrations.moe as moe
+    except ImportError:  # a transformers without MoE integrations: nothing to patch
+        yield
+        return
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    class GroupedMM(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, input: Any, weight: Any, offs: Any) -> Any:  # noqa: ARG004
+            # derivatives.yaml: grad_input needs the weight, grad_weight needs the input; each saved only if needed
+            need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+            ctx.shapes = ((input.shape, input.dtype), (weight.shape, weight.dtype))  # shapes only, no references
+            return input.new_empty(input.size(0), weight.size(-1))
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            (in_shape, in_dtype), (w_shape, w_dtype) = ctx.shapes
+            return (grad.new_empty(in_shape, dtype=in_dtype) if ctx.needs_input_grad[0] else None,
+                    grad.new_empty(w_shape, dtype=w_dtype) if ctx.needs_input_grad[1] else None, None)
+
+    original = moe._grouped_mm
+
+    def grouped_mm(input: Any, weight: Any, offs: Any) -> Any:
+        if isinstance(weight, FakeTensor) and weight.dtype != torch.bfloat16:
+            return GroupedMM.apply(input.to(weight.dtype), weight, offs)
+        return original(input, weight, offs=offs)
+
+    moe._grouped_mm = grouped_mm
+    try:
+        yield
+    finally:
+        moe._grouped_mm = original
+
+
+@contextlib.contextmanager
 def _no_packed_sequence_detection():  # noqa: ANN202
     """Under fake tensors transformers thinks it is tracing and builds a full (B,1,S,S) mask (NOTES §4)."""
     import transformers.masking_utils as mu
@@ -167,14 +212,14 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     if spec.remote_code and not trust_remote_code:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
                                "pass --trust-remote-code to run its code")
-    if spec.is_moe:
-        raise UnsupportedModel(f"{spec.name}: MoE routing is data-dependent and cannot run on fake tensors; "
-                               "use the analytic estimate (balanced routing)")
     note = ""
     traced_train = train
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
+    if spec.is_moe:
+        note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
+                 "does not depend on how the router balances them")
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:

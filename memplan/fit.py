@@ -15,12 +15,17 @@ from memplan.predict.breakdown import Breakdown
 from memplan.predict.estimator import estimate
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
+from memplan.spec.train import Attention, Method, Offload, Optimizer, Precision, Sharding, TrainConfig
 
 DEFAULT_MARGIN = 0.05  # keep 5 % of the card free: allocator variance, eval batches, other processes
 MFU_PEAK = 0.45  # model-FLOPs utilisation a well-fed HF Trainer step reaches on a large micro-batch
 MFU_HALF_TOKENS = 1024  # tokens per micro-batch at which utilisation reaches half of MFU_PEAK
 QLORA_SLOWDOWN = 1.35  # dequantising NF4 weights in every matmul (bitsandbytes kernels)
+# data-parallel scaling per GPU (uncalibrated assumptions, like MFU_PEAK): gradient all-reduce / reduce-scatter
+# overlaps backward; parameter all-gathers (ZeRO-3, FSDP) and host transfers (offload, over PCIe) do not fully
+SCALING = {Sharding.NONE: 0.97, Sharding.NO_SHARD: 0.97, Sharding.ZERO1: 0.97, Sharding.ZERO2: 0.95,
+           Sharding.SHARD_GRAD_OP: 0.93, Sharding.ZERO3: 0.85, Sharding.FULL_SHARD: 0.87, Sharding.HYBRID_SHARD: 0.9}
+OFFLOAD_SLOWDOWN = {Offload.NONE: 1.0, Offload.OPTIMIZER: 2.0, Offload.PARAMS: 3.0}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,10 +66,16 @@ class FitResult:
     def best(self) -> Candidate | None:
         return self.ranked[0] if self.ranked else None
 
+    @property
+    def fewest_gpus(self) -> Candidate | None:
+        """The fitting candidate with the fewest GPUs (the fastest among those)."""
+        return min(self.ranked, key=lambda c: (c.train.gpus, -c.tokens_per_s)) if self.ranked else None
+
 
 def predicted_tokens_per_s(spec: ModelSpec, train: TrainConfig, gpu: GPU) -> float:
     """FLOPs model: forward 2N + attention, backward 2x that (input grads) + 2N weight grads for what trains,
-    one more forward when recomputing; utilisation rises with tokens per micro-batch."""
+    one more forward when recomputing; utilisation rises with tokens per micro-batch. Several GPUs: the sum over
+    ranks, scaled by the sharding's assumed efficiency."""
     n_params = spec.num_parameters
     if spec.is_moe:  # only routed experts run per token
         dense = spec.num_parameters - spec.num_layers * spec.num_experts * sum(
@@ -83,7 +94,9 @@ def predicted_tokens_per_s(spec: ModelSpec, train: TrainConfig, gpu: GPU) -> flo
     peak = _peak_flops(gpu, train.precision)
     tokens = train.batch_size * train.seq_len
     mfu = MFU_PEAK * tokens / (tokens + MFU_HALF_TOKENS)
-    rate = peak * mfu / flops
+    rate = peak * mfu / flops / OFFLOAD_SLOWDOWN[train.offload]
+    if train.gpus > 1:  # all ranks together
+        rate *= train.gpus * SCALING[train.sharding]
     return rate / QLORA_SLOWDOWN if train.method is Method.QLORA else rate
 
 
@@ -110,9 +123,11 @@ def _micro_batches(global_batch: int, gpus: int) -> list[int]:
 
 def search_space(base: TrainConfig, gpu: GPU, *, global_batch: int, precisions: list[Precision] | None = None,
                  checkpointing: list[bool] | None = None, lora_ranks: list[int] | None = None,
-                 optimizers: list[Optimizer] | None = None,
-                 attentions: list[Attention] | None = None) -> list[TrainConfig]:
-    """Every configuration with micro x accum x GPUs == global_batch over the open knobs."""
+                 optimizers: list[Optimizer] | None = None, attentions: list[Attention] | None = None,
+                 gpu_counts: list[int] | None = None, shardings: list[Sharding] | None = None,
+                 offloads: list[Offload] | None = None) -> list[TrainConfig]:
+    """Every configuration with micro x accum x GPUs == global_batch over the open knobs (GPU counts and their
+    shardings too, when given)."""
     if precisions is None:
         precisions = [Precision.BF16, Precision.PURE_BF16] if gpu.bf16 else [Precision.FP16]
     if any(p in (Precision.BF16, Precision.PURE_BF16) for p in precisions) and not gpu.bf16:
@@ -121,19 +136,52 @@ def search_space(base: TrainConfig, gpu: GPU, *, global_batch: int, precisions: 
     if Attention.FLASH_ATTENTION_2 in attns and not gpu.bf16:  # flash-attn 2 needs Ampere or newer, like bf16
         raise ConfigError(f"{gpu.name} cannot run flash_attention_2 (needs an Ampere or newer GPU): use sdpa")
     out = []
-    for b, prec, ckpt, rank, opt, attn in itertools.product(
-            _micro_batches(global_batch, base.gpus), precisions,
-            checkpointing if checkpointing is not None else [False, True],
-            lora_ranks or [base.lora_rank], optimizers or [base.optimizer], attns):
-        if prec is Precision.FP32 and attn is Attention.FLASH_ATTENTION_2:
-            continue  # no fp32 kernel
-        out.append(base.with_(batch_size=b, grad_accum=global_batch // (b * base.gpus), precision=prec,
-                              checkpointing=ckpt, lora_rank=rank, optimizer=opt, attn=attn))
+    for n, shard, off in _layouts(base, gpu_counts, shardings, offloads, global_batch):
+        for b, prec, ckpt, rank, opt, attn in itertools.product(
+                _micro_batches(global_batch, n), precisions,
+                checkpointing if checkpointing is not None else [False, True],
+                lora_ranks or [base.lora_rank], optimizers or [base.optimizer], attns):
+            if prec is Precision.FP32 and attn is Attention.FLASH_ATTENTION_2:
+                continue  # no fp32 kernel
+            out.append(base.with_(batch_size=b, grad_accum=global_batch // (b * n), precision=prec,
+                                  checkpointing=ckpt, lora_rank=rank, optimizer=opt, attn=attn, gpus=n,
+                                  sharding=shard, offload=off))
     return out
 
 
-def evaluate(spec: ModelSpec, train: TrainConfig, gpu: GPU, usable: int, shards: int = 1) -> Candidate:
-    bd = estimate(spec, train, shards=shards)
+def _layouts(base: TrainConfig, counts: list[int] | None, shardings: list[Sharding] | None,
+             offloads: list[Offload] | None, global_batch: int) -> list[tuple[int, Sharding, Offload]]:
+    """(GPUs, sharding, offload) to search. One GPU: as given (ZeRO / offload only when asked for); several: DDP,
+    ZeRO 1/2/3 and FSDP full_shard / shard_grad_op (hybrid_shard with several nodes) unless given."""
+    out = []
+    counts = counts or [base.gpus]
+    for n in counts:
+        if global_batch % n and len(counts) > 1:
+            continue  # a single count that does not divide the batch gets _micro_batches' own message
+        if shardings:
+            options = shardings
+        elif n == 1:
+            options = [base.sharding]
+        else:
+            options = [Sharding.NONE, Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FULL_SHARD,
+                       Sharding.SHARD_GRAD_OP] + ([Sharding.HYBRID_SHARD] if base.nodes > 1 else [])
+        for shard in options:
+            for off in offloads or [base.offload]:
+                if off is Offload.PARAMS and not shard.shards_params:
+                    continue
+                if off is not Offload.NONE and shard in (Sharding.NONE, Sharding.NO_SHARD):
+                    continue
+                if n % base.nodes:
+                    continue
+                out.append((n, shard, off))
+    if not out:
+        raise ConfigError(f"no GPU count in {counts} divides --global-batch {global_batch} (and --nodes "
+                          f"{base.nodes}) with the sharding asked for")
+    return out
+
+
+def evaluate(spec: ModelSpec, train: TrainConfig, gpu: GPU, usable: int) -> Candidate:
+    bd = estimate(spec, train)
     return Candidate(train=train, breakdown=bd, fits=bd.total_bytes <= usable,
                      tokens_per_s=predicted_tokens_per_s(spec, train, gpu))
 
@@ -175,9 +223,8 @@ def _suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list
         per_rank = start.effective_batch // n
         micro = min(start.batch_size, per_rank)
         if per_rank and start.effective_batch % n == 0 and per_rank % micro == 0:
-            t = start.with_(gpus=n, batch_size=micro, grad_accum=per_rank // micro)
-            out.append(Suggestion(change=f"{n} GPUs, ZeRO-3 / FSDP full_shard",
-                                  candidate=evaluate(spec, t, gpu, usable, shards=n)))
+            t = start.with_(gpus=n, batch_size=micro, grad_accum=per_rank // micro, sharding=Sharding.ZERO3)
+            out.append(Suggestion(change=f"{n} GPUs, DeepSpeed ZeRO-3", candidate=evaluate(spec, t, gpu, usable)))
     fitting = sorted((s for s in out if s.candidate.fits), key=lambda s: -s.candidate.tokens_per_s)
     rest = sorted((s for s in out if not s.candidate.fits), key=lambda s: s.candidate.total_bytes)
     return (fitting + rest)[:10]

@@ -17,15 +17,19 @@ from memplan.cli.options import (
     ConfigOpt,
     DropoutOpt,
     FreezeOpt,
+    FsdpOpt,
     GpuOpt,
     JsonOpt,
     MethodOpt,
+    NodesOpt,
+    OffloadOpt,
     OptimOpt,
     OptModel,
     PrecisionOpt,
     RankOpt,
     SeqOpt,
     TargetsOpt,
+    ZeroOpt,
     build_config,
 )
 from memplan.errors import ExitCode
@@ -38,6 +42,8 @@ def estimate(ctx: typer.Context, model: OptModel = None, config: ConfigOpt = Non
              lora_rank: RankOpt = None, lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None,
              lora_dropout: DropoutOpt = None, quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
              optimizer: OptimOpt = "adamw", attn: AttnOpt = "auto", gpu: GpuOpt = None,
+             gpus: Annotated[int, typer.Option("--gpus", help="data-parallel GPUs (per-rank memory)")] = 1,
+             nodes: NodesOpt = 1, zero: ZeroOpt = None, fsdp: FsdpOpt = None, offload: OffloadOpt = None,
              margin: Annotated[float, typer.Option(help="fraction of the card kept free")] = 0.05,
              explain: Annotated[bool, typer.Option("--explain", help="the formula behind each term")] = False,
              exact: Annotated[bool, typer.Option("--exact", help="trace the real transformers model on fake "
@@ -49,7 +55,7 @@ def estimate(ctx: typer.Context, model: OptModel = None, config: ConfigOpt = Non
              json_out: JsonOpt = False) -> None:
     """Peak VRAM of one configuration, term by term (`memplan trace ...` runs it with --exact)."""
     from memplan.cli import render
-    from memplan.cli.options import given_options, merge_config, model_and_config, one_rank
+    from memplan.cli.options import given_options, merge_config, model_and_config, one_rank, parse_sharding
     from memplan.errors import ConfigError
     from memplan.fit import usable_bytes
     from memplan.predict.estimator import estimate as run_estimate
@@ -65,6 +71,9 @@ def estimate(ctx: typer.Context, model: OptModel = None, config: ConfigOpt = Non
                              lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
                              quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
                              optimizer=optimizer, attn=attn)
+    dist = parse_sharding(zero, fsdp, offload)
+    if dist or {"gpus", "nodes"} & given_options(ctx):
+        train = train.with_(**{"gpus": gpus, "nodes": nodes, **dist})
     spec = resolve_model(model)
     card = resolve_gpu(gpu) if gpu else None
     usable = usable_bytes(card, margin) if card else None

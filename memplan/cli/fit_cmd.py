@@ -14,13 +14,16 @@ from memplan.cli.options import (
     ConfigOpt,
     DropoutOpt,
     FreezeOpt,
+    FsdpOpt,
     JsonOpt,
     MethodOpt,
+    NodesOpt,
     OptModel,
     PrecisionOpt,
     RankOpt,
     SeqOpt,
     TargetsOpt,
+    ZeroOpt,
     search_config,
 )
 from memplan.errors import ExitCode
@@ -31,7 +34,11 @@ from memplan.spec.train import TrainConfig
 def fit(ctx: typer.Context, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB), name (memplan gpus) or auto")],
         model: OptModel = None, config: ConfigOpt = None, method: MethodOpt = "lora", precision: PrecisionOpt = None,
         global_batch: Annotated[int, typer.Option("--global-batch", help="micro x accum x GPUs, kept exact")] = 16,
-        gpus: Annotated[int, typer.Option("--gpus", help="data-parallel GPUs")] = 1,
+        gpus: Annotated[str, typer.Option("--gpus", help="data-parallel GPUs: a count or a list (1,2,4,8) to "
+                                                        "find the fewest that fit and the fastest")] = "1",
+        nodes: NodesOpt = 1, zero: ZeroOpt = None, fsdp: FsdpOpt = None,
+        offload: Annotated[str | None, typer.Option("--offload", help="optimizer|params, or a list to search")]
+        = None,
         seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None, lora_rank: RankOpt = None,
         lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None,
         quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
@@ -60,13 +67,20 @@ def fit(ctx: typer.Context, gpu: Annotated[str, typer.Option("--gpu", help="size
                                 lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
                                 freeze_trainable_layers=freeze_trainable_layers, optimizer=optimizer, attn=attn,
                                 precision=precision, checkpointing=checkpointing)
-    if gpus <= 0 or global_batch <= 0:
+    from memplan.cli.options import parse_int_list, parse_sharding
+    from memplan.spec.train import Offload, parse_choice
+
+    counts = parse_int_list(gpus, "--gpus")
+    if not counts or min(counts) <= 0 or global_batch <= 0:
         raise ConfigError("--gpus and --global-batch must be positive integers")
+    dist = parse_sharding(zero, fsdp, None)
+    offloads = [parse_choice(Offload, o, "--offload") for o in offload.split(",")] if offload else None
+    space = {**space, "gpu_counts": counts, "shardings": [dist["sharding"]] if dist else None, "offloads": offloads}
     as_written = None
     if lf is not None:  # the YAML pins its knobs; fit searches micro x accum (and checkpointing unless given)
         base, space, global_batch = pin_to_config(lf.train, base, space, given, global_batch)
-        as_written = lf.train.with_(gpus=gpus)
-    base = base.with_(gpus=gpus)
+        as_written = lf.train.with_(gpus=counts[0], nodes=nodes)
+    base = base.with_(gpus=counts[0], nodes=nodes)
     spec = resolve_model(model)
     card = resolve_gpu(gpu)
     res = run_fit(spec, base, card, global_batch=global_batch, margin=margin, **space)  # type: ignore[arg-type]

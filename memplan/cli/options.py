@@ -158,3 +158,31 @@ def model_and_config(model: str | None, config: str | None) -> tuple[str, Any]:
         return model, None
     lf = read_llamafactory(config)
     return model or lf.model, lf
+
+
+NodesOpt = Annotated[int, typer.Option("--nodes", help="machines; --gpus counts every GPU across them")]
+ZeroOpt = Annotated[int | None, typer.Option("--zero", help="DeepSpeed ZeRO stage 0|1|2|3 (0 = plain DDP)")]
+FsdpOpt = Annotated[str | None, typer.Option("--fsdp", help="full_shard|shard_grad_op|hybrid_shard|no_shard")]
+OffloadOpt = Annotated[str | None, typer.Option("--offload", help="optimizer|params (CPU offload)")]
+
+
+def parse_sharding(zero: int | None, fsdp: str | None, offload: str | None) -> dict[str, object]:
+    """--zero / --fsdp / --offload -> TrainConfig fields (sharding, offload)."""
+    from memplan.errors import ConfigError
+    from memplan.spec.train import Offload, Sharding
+
+    if zero is not None and fsdp is not None:
+        raise ConfigError("--zero and --fsdp are two engines: give one")
+    out: dict[str, object] = {}
+    if zero is not None:
+        if zero not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero {zero}: ZeRO stages are 0, 1, 2, 3")
+        out["sharding"] = Sharding.NONE if zero == 0 else Sharding(f"zero{zero}")
+    if fsdp is not None:
+        choice = parse_choice(Sharding, fsdp, "--fsdp")
+        if choice.is_deepspeed or choice is Sharding.NONE:  # type: ignore[attr-defined]
+            raise ConfigError(f"--fsdp {fsdp}: choose full_shard|shard_grad_op|hybrid_shard|no_shard")
+        out["sharding"] = choice
+    if offload is not None:
+        out["offload"] = parse_choice(Offload, offload, "--offload")
+    return out

@@ -78,6 +78,8 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
         for name, nbytes in bd.by_module[:12]:
             rows.add_row(name, f"{nbytes / 2**30:.3f}")
         console.print(rows)
+    if bd.host_bytes:
+        console.print(f"host memory for the offloaded states: {fmt_gib(bd.host_bytes)} per node")
     if gpu is not None and usable is not None:
         verdict = "[green]fits[/]" if bd.total_bytes <= usable else "[red]does not fit[/]"
         console.print(f"{verdict} on {gpu.name}: {fmt_gib(bd.total_bytes)} of {fmt_gib(usable)} usable "
@@ -93,6 +95,11 @@ def _describe(train: TrainConfig, spec: ModelSpec) -> str:
     parts += [train.precision.value, f"micro-batch {train.batch_size} x accum {train.grad_accum}",
               f"seq {train.seq_len}", "checkpointing" if train.checkpointing else "no checkpointing",
               train.optimizer.value, resolve_attention(spec.model_type, train.attn).value]
+    if train.gpus > 1 or train.sharding.value != "none":
+        dist = "DDP" if train.sharding.value == "none" else train.sharding.value
+        nodes = f" on {train.nodes} nodes" if train.nodes > 1 else ""
+        offload = f" + offload {train.offload.value}" if train.offload.value != "none" else ""
+        parts.append(f"{train.gpus} GPUs{nodes}, {dist}{offload} (memory per rank)")
     return ", ".join(parts)
 
 
@@ -114,6 +121,7 @@ def fit_json(res: FitResult) -> dict[str, Any]:
         "memory": best.breakdown.memory_dict(),
         "ranked": [candidate_json(c, spec) for c in res.ranked],
         "suggestions": [{"change": s.change, **candidate_json(s.candidate, spec)} for s in res.suggestions],
+        "fewest_gpus": candidate_json(res.fewest_gpus, spec) if res.fewest_gpus else None,
     }
 
 
@@ -141,13 +149,22 @@ def print_fit(res: FitResult, top: int) -> None:
     best = res.best
     console.print(f"[green bold]fits[/]: fastest is {_describe(best.train, spec)} — "
                   f"{fmt_gib(best.total_bytes)}, ~{best.tokens_per_s:,.0f} tokens/s predicted")
-    ranked = table(["#", "micro x accum", "precision", "ckpt", "rank", "GiB", "headroom", "rel. speed"])
+    multi = len({c.train.gpus for c in res.ranked}) > 1 or best.train.gpus > 1
+    fewest = res.fewest_gpus
+    if multi and fewest is not None:
+        console.print(f"fewest GPUs: {_describe(fewest.train, spec)} — {fmt_gib(fewest.total_bytes)}, "
+                      f"~{fewest.tokens_per_s:,.0f} tokens/s")
+    cols = ["#"] + (["GPUs", "sharding"] if multi else []) + ["micro x accum", "precision", "ckpt", "rank", "GiB",
+                                                             "headroom", "rel. speed"]
+    ranked = table(cols)
     for i, c in enumerate(res.ranked[:top], 1):
-        ranked.add_row(f"{i}{'*' if c.breakdown.method == 'exact' else ''}",
+        dist = [str(c.train.gpus), c.train.sharding.value + (f"+{c.train.offload.value}" if c.train.offload.value
+                                                             != "none" else "")] if multi else []
+        ranked.add_row(f"{i}{'*' if c.breakdown.method == 'exact' else ''}", *dist,
                        f"{c.train.batch_size} x {c.train.grad_accum}", c.train.precision.value,
-                      "on" if c.train.checkpointing else "off", str(c.train.lora_rank) if c.train.is_lora else "-",
-                      f"{c.total_bytes / 2**30:.2f}", f"{(res.usable_bytes - c.total_bytes) / 2**30:.2f}",
-                      f"{c.tokens_per_s / best.tokens_per_s:.2f}")
+                       "on" if c.train.checkpointing else "off", str(c.train.lora_rank) if c.train.is_lora else "-",
+                       f"{c.total_bytes / 2**30:.2f}", f"{(res.usable_bytes - c.total_bytes) / 2**30:.2f}",
+                       f"{c.tokens_per_s / best.tokens_per_s:.2f}")
     console.print(ranked)
     if any(c.breakdown.method == "exact" for c in res.ranked[:top]):
         console.print("* re-checked with the exact mode (fake-tensor trace of the real model)")

@@ -25,6 +25,7 @@ class Breakdown:
     trainable_params: int
     method: str = "analytic"  # or "exact" (trace)
     by_module: tuple[tuple[str, int], ...] = ()  # exact mode, --by-module: live bytes at the peak by allocator
+    host_bytes: int = 0  # CPU memory per node for offloaded states / parameters (ZeRO / FSDP offload)
 
     @property
     def total_bytes(self) -> int:
@@ -39,5 +40,6 @@ class Breakdown:
         for key in ("weights", "gradients", "optimizer_states", "activations", "transient"):
             out.setdefault(key, 0)
         out.update(peak_allocated_bytes=self.peak_allocated_bytes, peak_reserved_bytes=self.peak_reserved_bytes,
-                   cuda_context_bytes=self.cuda_context_bytes, total_bytes=self.total_bytes)
+                   cuda_context_bytes=self.cuda_context_bytes, total_bytes=self.total_bytes,
+                   host_bytes=self.host_bytes)
         return out

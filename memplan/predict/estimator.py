@@ -15,24 +15,27 @@ from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, st
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.layout import Layout
-from memplan.predict.weights import ModelStates, model_states, shard_states
+from memplan.predict.sharding import RankStates, rank_states
+from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Attention, Method, TrainConfig
+from memplan.spec.train import Attention, Method, Sharding, TrainConfig
 
 FP32 = 4
 
 
-def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", shards: int = 1) -> Breakdown:
-    """Peak memory of `train` on `spec`, per GPU, with its terms and the phase where the peak happens.
+def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Breakdown:
+    """Peak memory of `train` on `spec`, per GPU (per rank under data parallelism: train.gpus, train.sharding,
+    train.offload; see sharding.py), with its terms and the phase where the peak happens.
 
-    device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements.
-    shards=N: first-order ZeRO-3 / FSDP full_shard over N ranks (see `shard_states`)."""
+    device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements."""
     if not spec.analytic:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
     lay = Layout.of(spec, train, device)
     _check_targets(lay)
-    st = model_states(lay) if shards == 1 else shard_states(model_states(lay), lay, shards)
+    rs = rank_states(lay, model_states(lay))
+    st = rs.states
+    comm = rs.gathered_bytes + rs.bucket_bytes
     b, s = train.batch_size, train.seq_len
     n, v = b * s, spec.vocab_size
     c = lay.compute_width
@@ -43,7 +46,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", shard
     ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
     layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0)
-    base = st.weights_bytes + st.optimizer_states_bytes
+    base = st.weights_bytes + st.optimizer_states_bytes + comm
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
     # whole forward, and through backward when checkpointed layers keep it as an input
     masks = spec.mask_types * b * s * s * stream_width(lay) if lay.attn is Attention.EAGER else \
@@ -69,7 +72,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", shard
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
             head.norm_bytes + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
             head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
-        "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes,
+        "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes,
         # end of backward with tied embeddings trained: the embedding's dense (V, H) gradient and its sum with
         # the lm_head gradient already in .grad (AccumulateGrad adds out of place here)
         "backward end": base + (0 if train.grad_accum > 1 else st.gradients_bytes) + _tied_embedding_extra(lay),
@@ -78,10 +81,11 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", shard
     peak = moments[phase]
     phase = phase.split()[0]  # "backward end" is a backward moment
     ac = st.autocast_cache_bytes if phase == "forward" else ac_backward
-    terms = _terms(lay, st, acts, ac, phase, peak)
+    terms = _terms(lay, st, acts, ac, phase, peak, rs)
     reserved, context = cuda_overheads(peak)
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
-                     cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params)
+                     cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
+                     host_bytes=rs.host_bytes)
 
 
 def _activations(lay: Layout) -> tuple[int, int]:
@@ -141,7 +145,8 @@ def _check_targets(lay: Layout) -> None:
                           f"choose from {','.join(sorted(names))} or all-linear")
 
 
-def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: int) -> tuple[Term, ...]:
+def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: int,
+           rs: RankStates) -> tuple[Term, ...]:
     """Split the peak into named terms; `transient` is what the peak moment adds on top of the kept state."""
     tr = lay.train
     w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.frozen_params:,} frozen x "
@@ -154,6 +159,12 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
               "paged_adamw_8bit": "2 states x (1 B + 4 B absmax / 256), paged"}[tr.optimizer.value]
     terms = [Term(name="weights", bytes=st.weights_bytes, explain=w_explain),
              Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain=states)]
+    if rs.gathered_bytes or rs.bucket_bytes:
+        terms.append(Term(name="sharding", bytes=rs.gathered_bytes + rs.bucket_bytes,
+                          explain=f"{rs.explain}: gathered parameters {rs.gathered_bytes:,} B + communication "
+                                  f"buckets {rs.bucket_bytes:,} B"))
+    elif lay.train.sharding is not Sharding.NONE or lay.train.gpus > 1:
+        terms[0] = Term(name="weights", bytes=st.weights_bytes, explain=f"{w_explain}; {rs.explain}")
     if phase == "optimizer":
         terms += [Term(name="gradients", bytes=st.gradients_bytes, explain="trainable params x param width"),
                   Term(name="activations", bytes=0, explain="all freed after backward")]

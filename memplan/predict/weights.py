@@ -5,7 +5,7 @@ Bytes-per-parameter sums are written out next to each formula (DeepSpeed's habit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.spec.train import Method, Optimizer
@@ -121,14 +121,3 @@ def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
     if lay.full:
         shapes += [(s.vocab_size, h, 1 if s.tie_word_embeddings else 2), (h, 0, 1)]
     return shapes
-
-
-def shard_states(st: ModelStates, lay: Layout, shards: int) -> ModelStates:
-    """First-order ZeRO-3 / FSDP full_shard: weights, gradients, optimizer states and the step's temporaries
-    divided over `shards` ranks, plus two decoder layers gathered in the compute dtype (the running one and the
-    prefetched next). Communication buckets and the sharded head are refined by the scale-out issue."""
-    gathered = 2 * lay.spec.layer_params * lay.compute_width
-    return replace(st, weights_bytes=-(-st.weights_bytes // shards) + gathered,
-                   gradients_bytes=-(-st.gradients_bytes // shards),
-                   optimizer_states_bytes=-(-st.optimizer_states_bytes // shards),
-                   optimizer_step_bytes=-(-st.optimizer_step_bytes // shards))

@@ -31,13 +31,13 @@ class Truth:
 
 
 def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mark: Any, steps: int = 2,
-                   record_losses: bool = True) -> list[float]:
-    """Run `steps` optimizer steps of the reference step; `mark(name)` returns a context manager per phase.
-    record_losses=False for fake tensors, whose values cannot be read."""
+                   record_losses: bool = True, first: int = 1) -> list[float]:
+    """Run `steps` optimizer steps of the reference step, numbered from `first`; `mark(name)` returns a context
+    manager per phase. record_losses=False for fake tensors, whose values cannot be read."""
     torch = try_import("torch")
     amp = train.precision in (Precision.FP16, Precision.BF16)
     losses = []
-    for step in range(1, steps + 1):
+    for step in range(first, first + steps):
         for _ in range(train.grad_accum):
             with mark(f"forward:{step}"):
                 ctx = torch.autocast("cpu", dtype=compute_dtype(train)) if amp else contextlib.nullcontext()

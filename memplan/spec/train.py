@@ -38,6 +38,33 @@ class Attention(str, Enum):
     FLASH_ATTENTION_2 = "flash_attention_2"
 
 
+class Sharding(str, Enum):
+    """How model states are split over data-parallel ranks (NONE with several GPUs is plain DDP)."""
+
+    NONE = "none"
+    ZERO1 = "zero1"  # DeepSpeed: optimizer states (and fp32 master weights) partitioned
+    ZERO2 = "zero2"  # + gradients
+    ZERO3 = "zero3"  # + parameters, gathered layer by layer
+    FULL_SHARD = "full_shard"  # torch FSDP: parameters, gradients, states sharded; units gathered when used
+    SHARD_GRAD_OP = "shard_grad_op"  # FSDP: gradients and states sharded; parameters kept after forward
+    HYBRID_SHARD = "hybrid_shard"  # FSDP full_shard inside a node, replicated across nodes
+    NO_SHARD = "no_shard"  # FSDP without sharding (DDP-like)
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
+
+    @property
+    def shards_params(self) -> bool:
+        return self in (Sharding.ZERO3, Sharding.FULL_SHARD, Sharding.HYBRID_SHARD)
+
+
+class Offload(str, Enum):
+    NONE = "none"
+    OPTIMIZER = "optimizer"  # optimizer states (+ fp32 master weights and grads) in host memory
+    PARAMS = "params"  # + the parameter shards (ZeRO-3 / FSDP full or hybrid shard only)
+
+
 ALL_LINEAR = "all-linear"
 
 
@@ -59,11 +86,14 @@ class TrainConfig:
     lora_dropout: float = 0.0
     quant_bits: int = 4
     freeze_trainable_layers: int = 2
-    gpus: int = 1
+    gpus: int = 1  # data-parallel ranks in all (world size)
+    nodes: int = 1
+    sharding: Sharding = Sharding.NONE
+    offload: Offload = Offload.NONE
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "freeze_trainable_layers", "gpus"):
+        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "freeze_trainable_layers", "gpus", "nodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -74,6 +104,12 @@ class TrainConfig:
         if self.attn is Attention.FLASH_ATTENTION_2 and self.precision is Precision.FP32:
             problems.append("--attn flash_attention_2 needs fp16/bf16 (it has no fp32 kernel): use --precision bf16 "
                             "or --attn sdpa")
+        if isinstance(self.gpus, int) and isinstance(self.nodes, int) and self.nodes > 0 and self.gpus % self.nodes:
+            problems.append(f"--gpus {self.gpus} is not a multiple of --nodes {self.nodes}: --gpus counts every GPU")
+        if self.offload is Offload.PARAMS and not self.sharding.shards_params:
+            problems.append("--offload params needs sharded parameters: --zero 3 or --fsdp full_shard|hybrid_shard")
+        if self.offload is not Offload.NONE and self.sharding in (Sharding.NONE, Sharding.NO_SHARD):
+            problems.append("--offload needs ZeRO (--zero 1|2|3) or FSDP sharding (--fsdp full_shard|...)")
         if not self.lora_targets:
             problems.append("--lora-targets is empty: name modules (q_proj,v_proj) or all-linear")
         if problems:
@@ -82,6 +118,10 @@ class TrainConfig:
     @property
     def is_lora(self) -> bool:
         return self.method in (Method.LORA, Method.QLORA)
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus // self.nodes
 
     @property
     def effective_batch(self) -> int:
@@ -129,7 +169,8 @@ def resolve_attention(model_type: str, attn: Attention) -> Attention:
 
 def train_from_dict(data: dict[str, object]) -> TrainConfig:
     """Inverse of TrainConfig.to_dict (unknown keys such as effective_batch are ignored)."""
-    kinds = {"method": Method, "precision": Precision, "optimizer": Optimizer, "attn": Attention}
+    kinds = {"method": Method, "precision": Precision, "optimizer": Optimizer, "attn": Attention,
+             "sharding": Sharding, "offload": Offload}
     kw: dict[str, object] = {}
     for f in fields(TrainConfig):
         if f.name in data:

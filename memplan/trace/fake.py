@@ -71,15 +71,32 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         tensors = list(model.parameters()) + list(model.buffers())
         tracker.seed(tensors + [ids])
         weights = tracker.live - ids.untyped_storage().nbytes()
-        with tracker:
-            reference_step(model, optimizer, train, ids, mark, record_losses=False)
-        states = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
-                     if isinstance(t, torch.Tensor))
+        _create_optimizer_states(model, optimizer)
+        state_tensors = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        tracker.phase = "optimizer"  # by_module: states are the optimizer's, as when step 1 created them
+        tracker.seed(state_tensors)
+        tracker.phase = ""
+        states = sum(t.untyped_storage().nbytes() for t in state_tensors)
+        with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
+            reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
                  forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
                  op=tracker.peak_op, phase_peaks=dict(tracker.phase_peaks),
                  by_module=tracker.peak_by_owner)
+
+
+def _create_optimizer_states(model: Any, optimizer: Any) -> None:
+    """Step 1 of the reference step, minus forward and backward: an optimizer step on zero gradients creates the
+    states. Step 1's own forward and backward run without states, so its peak never exceeds step 2's, and its
+    optimizer phase (grads + states being created + temporaries) equals step 2's: tracing step 2 alone suffices."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _attribute_to_modules(model: Any, tracker: Any) -> None:

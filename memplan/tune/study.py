@@ -6,13 +6,20 @@ not a FAIL): the analytic ranking's best candidates are enqueued first; a config
 (after calibration), or larger than one that already went OOM with the same other knobs, is recorded with its
 estimate as infeasible and never probed; one predicted well below the best measured speed is recorded as
 pruned. Every probe updates the per-study calibration (measured / predicted memory and speed), kept in the study.
+
+Many workers (processes, machines) can run `tune` on one study in a shared database: each re-reads the finished
+trials before it asks, a configuration another worker is already probing is left to it (the lower trial number
+wins), `n_probes` is the study's budget, and with an RDB URL a heartbeat marks a dead worker's trial failed and
+Optuna's RetryFailedTrialCallback puts its configuration back in the queue.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +33,8 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig, train_from_dict
 
 Evaluator = Callable[[TrainConfig], ProbeResult]
+HEARTBEAT_S = 20  # RDB storages: a running probe beats this often ...
+GRACE_S = 120  # ... and a trial silent this long belonged to a dead worker: failed, then retried
 SPEED_PRUNE = 0.8  # skip candidates whose calibrated speed is below this share of the best measured one
 KNOBS = ("batch_size", "precision", "checkpointing", "lora_rank", "optimizer", "attn")
 
@@ -87,37 +96,95 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
     by_key = {_key(t): t for t in space}
     name = study_name(spec, base, usable_bytes, global_batch, space)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)  # reads Trial.set_constraint
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=_storage(optuna, storage), direction="maximize",
+                                sampler=sampler, load_if_exists=True)
     predicted = {k: _prediction(spec, t, gpu, device) for k, t in by_key.items()}
     known = _known(study, by_key)
     if not study.trials:  # seed with the analytic ranking: predicted to fit, fastest first
         for k in _ranked(predicted, usable_bytes, {})[:n_probes]:
             study.enqueue_trial(_params(by_key[k]))
     start, exhausted = time.perf_counter(), 0
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     while _probes(known) < n_probes and len(known) < len(by_key) and exhausted < 3 * len(by_key):
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
             break
+        _fail_stale(optuna, study)
         trial = study.ask(_distributions(optuna, space))
         key = json.dumps({k: trial.params[k] for k in KNOBS}, sort_keys=True)
+        known = _known(study, by_key)  # other workers may have finished trials since
         cal = _calibration(known, predicted, usable_bytes)
         if key in known:  # the sampler proposed a configuration we already know: tell the same, do not probe
-            record = known[key]
-            _tell(study, trial, record, "repeat")
+            _tell(study, trial, known[key], "repeat")
             exhausted += 1
             continue
-        record = _decide(trial.number, by_key[key], key, known, predicted, cal, usable_bytes, evaluator)
+        if _claimed(study, trial, key):  # another worker is probing it right now
+            trial.set_user_attr("source", "claimed")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            exhausted += 1
+            continue
+        trial.set_user_attr("worker", worker)
+        with _heartbeat(study, trial):
+            record = _decide(trial.number, by_key[key], key, known, predicted, cal, usable_bytes, evaluator)
         known[key] = record
         _tell(study, trial, record, record.source)
         study.set_user_attr("calibration", _calibration(known, predicted, usable_bytes))
         if on_trial:
             on_trial(record, max((r.tokens_per_s for r in known.values()
                                   if r.source == "probe" and r.feasible), default=0.0))
+    known = _known(study, by_key)  # the whole study: every worker's trials
     feasible = [r for r in known.values() if r.feasible and r.source == "probe" and r.status == "ok"]
     best = max(feasible, key=lambda r: r.tokens_per_s) if feasible else None
     return TuneResult(study_name=name, storage=storage, usable_bytes=usable_bytes, best=best,
                       trials=tuple(sorted(known.values(), key=lambda r: r.number)),
                       calibration=_calibration(known, predicted, usable_bytes))
+
+
+def _storage(optuna, url: str):  # noqa: ANN001, ANN202
+    """sqlite: the URL as is. Other RDB URLs (postgresql://, mysql://): heartbeat and retry of dead workers'
+    trials (Optuna's RDBStorage heartbeat + RetryFailedTrialCallback)."""
+    if not url.startswith(("postgresql", "mysql")):
+        return url
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+        except ImportError:
+            from memplan.errors import MissingExtra
+
+            raise MissingExtra(f"--storage {url.split(':', 1)[0]}: install its driver, e.g. pip install "
+                               "'memplan[distributed]' (psycopg) for PostgreSQL") from None
+        except Exception:  # noqa: BLE001 - workers starting together race to create Optuna's tables
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _fail_stale(optuna, study) -> None:  # noqa: ANN001
+    if getattr(study._storage, "get_heartbeat_interval", lambda: None)():  # noqa: SLF001
+        optuna.storages.fail_stale_trials(study)
+
+
+def _heartbeat(study, trial):  # noqa: ANN001, ANN202
+    """Beat while the probe runs (Optuna does this inside study.optimize; ask/tell must start it itself)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)  # noqa: SLF001
+
+
+def _claimed(study, trial, key: str) -> bool:  # noqa: ANN001
+    """Another RUNNING trial with a lower number has the same configuration (ties go to the first asker)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.number < trial.number and t.params and \
+                json.dumps({k: t.params.get(k) for k in KNOBS}, sort_keys=True) == key:
+            return True
+    return False
 
 
 def _prediction(spec: ModelSpec, t: TrainConfig, gpu: GPU, device: str) -> tuple[int, float]:
@@ -217,7 +284,7 @@ def _known(study, by_key: dict[str, TrainConfig]) -> dict[str, TrialRecord]:  # 
         train = train_from_dict(ft.user_attrs["train"])
         key = _key(train)
         if key in by_key and key not in out:
-            out[key] = TrialRecord(number=ft.number, train=train, source=ft.user_attrs["source"],
+            out[key] = TrialRecord(number=ft.number, train=by_key[key], source=ft.user_attrs["source"],
                                    status=ft.user_attrs["status"], tokens_per_s=float(ft.value or 0.0),
                                    peak_bytes=int(ft.user_attrs["peak_bytes"]),
                                    feasible=ft.user_attrs["constraint"] <= 0)

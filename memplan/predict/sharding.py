@@ -1,0 +1,162 @@
+"""Per-rank model states under data parallelism: DDP, DeepSpeed ZeRO 1/2/3, torch FSDP, with CPU offload.
+
+Input: the single-GPU ModelStates (HF AMP semantics: fp32 trainable weights, autocast half copies). Output: what
+one rank holds, plus the communication buffers and gathered parameters the framework adds, and host memory.
+
+DeepSpeed runs its own mixed precision: with bf16/fp16 the module itself is half (2 B/param) and the optimizer
+holds fp32 master weights, fp32 gradients and states for its partition. Per trainable parameter (DeepSpeed's
+`estimate_zero2_model_states_mem_needs`): 2 (half params) + 18 / N = 2 half grads + 4 fp32 grads + 4 master + 8
+Adam states; ZeRO-1 keeps the half grads whole (2 + 2 + 16 / N); ZeRO-3 partitions the half params too and
+gathers the largest layer with its half grads (`estimate_zero3_model_states_mem_needs`: 4 x largest + 18 / N).
+torch FSDP (as HF Trainer / accelerate set it up) keeps the flat parameters in their own dtype (fp32 under AMP),
+shards params, grads and states over the shard group, and gathers each wrapped decoder layer in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.predict.layout import Layout
+from memplan.predict.weights import ModelStates
+from memplan.spec.train import Offload, Optimizer, Precision, Sharding
+
+DS_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed zero_optimization.reduce_bucket_size default
+DS_ALLGATHER_BUCKET = 500_000_000  # elements: allgather_bucket_size default (ZeRO-1/2 updated params)
+DS_PREFETCH_BUCKET = 50_000_000  # elements: stage3_prefetch_bucket_size default
+DDP_BUCKET_MB = 25  # torch DDP bucket_cap_mb default (the buckets together copy every gradient)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankStates:
+    """What one rank holds. `gathered_bytes` and `bucket_bytes` live through forward and backward;
+    `step_extra_bytes` is added during the optimizer step; host bytes are per node."""
+
+    states: ModelStates
+    gathered_bytes: int  # parameters gathered for compute (ZeRO-3 / FSDP units, FSDP shard_grad_op's full copy)
+    bucket_bytes: int  # gradient reduce buckets (DDP copies, DeepSpeed ipg buffer) and prefetch buckets
+    step_extra_bytes: int  # ZeRO-1/2 allgather bucket of updated params
+    host_bytes: int  # CPU memory per node for offloaded states / params
+    explain: str
+
+
+def _ceil(x: int, n: int) -> int:
+    return -(-x // n)
+
+
+def shard_group(lay: Layout) -> int:
+    tr = lay.train
+    if tr.sharding is Sharding.HYBRID_SHARD:
+        return tr.gpus_per_node
+    if tr.sharding in (Sharding.NONE, Sharding.NO_SHARD):
+        return 1
+    return tr.gpus
+
+
+def largest_unit_params(lay: Layout) -> int:
+    """The biggest block gathered at once: a decoder layer, or the (V, H) embedding / LM head."""
+    s = lay.spec
+    return max(s.layer_params, s.vocab_size * s.hidden_size)
+
+
+def model_state_bytes(lay: Layout, st: ModelStates) -> tuple[int, int]:
+    """(GPU bytes per rank, host bytes per node) of model states alone: the quantity DeepSpeed's estimators give
+    (no activations, buckets or temporaries)."""
+    rs = rank_states(lay, st)
+    gpu = rs.states.weights_bytes + rs.states.gradients_bytes + rs.states.optimizer_states_bytes
+    if lay.train.sharding is Sharding.ZERO3:  # DeepSpeed counts the largest layer's half params + half grads
+        gpu += 2 * largest_unit_params(lay) * _half(lay)
+    return gpu, rs.host_bytes
+
+
+def _half(lay: Layout) -> int:
+    return 4 if lay.train.precision is Precision.FP32 else 2
+
+
+def rank_states(lay: Layout, st: ModelStates) -> RankStates:
+    tr = lay.train
+    if tr.sharding.is_deepspeed:
+        return _deepspeed(lay, st)
+    if tr.sharding in (Sharding.FULL_SHARD, Sharding.HYBRID_SHARD, Sharding.SHARD_GRAD_OP):
+        return _fsdp(lay, st)
+    ddp = st.gradients_bytes if tr.gpus > 1 and tr.sharding is Sharding.NONE else 0
+    what = f"DDP: gradient buckets ({DDP_BUCKET_MB} MB each) copy every gradient" if ddp else "no sharding"
+    return RankStates(states=st, gathered_bytes=0, bucket_bytes=ddp, step_extra_bytes=0, host_bytes=0,
+                      explain=what)
+
+
+def _fp32_states(lay: Layout, st: ModelStates) -> int:
+    """Optimizer states over fp32 partitions (DeepSpeed's optimizer always steps fp32 master weights)."""
+    width = 2 if lay.train.precision is Precision.PURE_BF16 else 4
+    if lay.train.optimizer in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT, Optimizer.ADAFACTOR):
+        return st.optimizer_states_bytes
+    return st.optimizer_states_bytes * 4 // width
+
+
+def _deepspeed(lay: Layout, st: ModelStates) -> RankStates:
+    tr, n = lay.train, shard_group(lay)
+    half = _half(lay)
+    mixed = half == 2
+    t, f = st.trainable_params, st.frozen_params
+    frozen = st.weights_bytes - t * lay.trainable_width  # frozen/quantized base + buffers, as loaded
+    master = 4 * t if mixed else 0  # fp32 master weights
+    grad32 = 4 * t if mixed else 0  # fp32 gradient partition
+    states = _fp32_states(lay, st)
+    partitioned = master + grad32 + states  # 16 B/param with AdamW under mixed precision
+    if tr.sharding is Sharding.ZERO3:
+        weights = _ceil(t * half + frozen, n)
+        grads = 0  # half grads exist per layer only: in the gathered term
+        gathered = 2 * largest_unit_params(lay) * half
+        bucket = min(DS_PREFETCH_BUCKET, t + f) * half + min(DS_REDUCE_BUCKET, t) * half
+        step_extra = 0
+    else:
+        weights = t * half + frozen
+        grads = t * half if tr.sharding is Sharding.ZERO1 else _ceil(t * half, n)
+        gathered = 0
+        bucket = min(DS_REDUCE_BUCKET, t) * half
+        step_extra = min(DS_ALLGATHER_BUCKET, t) * half
+    host = 0
+    if tr.offload is not Offload.NONE:  # the optimizer's partition lives in host memory
+        host = partitioned * tr.gpus_per_node // n if n > 1 else partitioned
+        partitioned = 0
+        if tr.sharding is not Sharding.ZERO3:
+            grads = 0  # half grads stream through the buckets to the CPU optimizer
+    if tr.offload is Offload.PARAMS:
+        host += weights * tr.gpus_per_node
+        weights = 0
+    ranked = ModelStates(
+        weights_bytes=weights, trainable_params=t, frozen_params=f, quantized_params=st.quantized_params,
+        gradients_bytes=grads, optimizer_states_bytes=_ceil(partitioned, n),
+        optimizer_step_bytes=0 if tr.offload is not Offload.NONE else _ceil(st.optimizer_step_bytes, n),
+        autocast_cache_bytes=0, autocast_layer_bytes=0,  # the module is already half: nothing to cast
+        largest_linear=st.largest_linear)
+    what = (f"DeepSpeed {tr.sharding.value} over {n} ranks: {half} B params"
+            + (" + 16 B/param (fp32 master, grads, Adam) partitioned" if mixed else "")
+            + (f", offload {tr.offload.value}" if tr.offload is not Offload.NONE else ""))
+    return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=bucket, step_extra_bytes=step_extra,
+                      host_bytes=host, explain=what)
+
+
+def _fsdp(lay: Layout, st: ModelStates) -> RankStates:
+    tr, n, s = lay.train, shard_group(lay), lay.spec
+    cw = lay.compute_width
+    heads = s.vocab_size * s.hidden_size * (1 if s.tie_word_embeddings else 2)
+    if tr.sharding is Sharding.SHARD_GRAD_OP:  # parameters stay gathered from forward through backward
+        gathered = s.num_parameters * cw
+    else:  # the root unit (embeddings, head) and two decoder layers (running + prefetched) in compute dtype
+        gathered = (heads + 2 * s.layer_params) * cw
+    unsharded_grads = s.layer_params * cw if st.gradients_bytes else 0  # one unit's grads before reduce-scatter
+    weights, grads = _ceil(st.weights_bytes, n), _ceil(st.gradients_bytes, n)
+    states = _ceil(st.optimizer_states_bytes, n)
+    host = 0
+    if tr.offload is not Offload.NONE:  # FSDP CPUOffload moves parameters and gradients; the optimizer follows
+        host = (weights + grads + states) * tr.gpus_per_node
+        weights = grads = states = 0
+    ranked = ModelStates(
+        weights_bytes=weights, trainable_params=st.trainable_params, frozen_params=st.frozen_params,
+        quantized_params=st.quantized_params, gradients_bytes=grads,
+        optimizer_states_bytes=states, optimizer_step_bytes=0 if host else _ceil(st.optimizer_step_bytes, n),
+        autocast_cache_bytes=0, autocast_layer_bytes=0,  # MixedPrecision gathers half params: no autocast copies
+        largest_linear=st.largest_linear)
+    what = f"FSDP {tr.sharding.value} over {n} ranks" + (f", offload {tr.offload.value}" if host else "")
+    return RankStates(states=ranked, gathered_bytes=gathered + unsharded_grads, bucket_bytes=0, step_extra_bytes=0,
+                      host_bytes=host, explain=what)

@@ -1,0 +1,163 @@
+"""Scale out: per-rank memory under DDP / ZeRO / FSDP (checked against DeepSpeed's own estimators), `fit --gpus`,
+and one Optuna study shared by two worker processes on a real PostgreSQL server."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from memplan.cli import main
+from memplan.errors import ConfigError
+from memplan.predict.estimator import estimate
+from memplan.predict.layout import Layout
+from memplan.predict.sharding import largest_unit_params, model_state_bytes
+from memplan.predict.weights import model_states
+from memplan.spec.catalog import resolve_model
+from memplan.spec.train import Method, Offload, Precision, Sharding, TrainConfig
+
+SIZES = [("llama-2-7b", 8, 1), ("llama-2-13b", 16, 2), ("llama-2-70b", 64, 8), ("qwen2.5-7b", 4, 1)]
+
+
+@pytest.mark.parametrize(("model", "gpus", "nodes"), SIZES)
+@pytest.mark.parametrize("offload", [Offload.NONE, Offload.OPTIMIZER])
+def test_zero2_model_states_equal_deepspeed(model, gpus, nodes, offload):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    spec = resolve_model(model)
+    lay = Layout.of(spec, TrainConfig(method=Method.FULL, precision=Precision.BF16, gpus=gpus, nodes=nodes,
+                                      sharding=Sharding.ZERO2, offload=offload))
+    gpu, _ = model_state_bytes(lay, model_states(lay))
+    _, ds_gpu = estimate_zero2_model_states_mem_needs(spec.num_parameters, gpus // nodes, nodes,
+                                                      offload is not Offload.NONE, 1.5)
+    assert abs(gpu / ds_gpu - 1) < 1e-6  # equal up to the rotary buffers memplan also counts
+
+
+@pytest.mark.parametrize(("model", "gpus", "nodes"), SIZES)
+@pytest.mark.parametrize("offload", [Offload.NONE, Offload.OPTIMIZER, Offload.PARAMS])
+def test_zero3_model_states_equal_deepspeed(model, gpus, nodes, offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    spec = resolve_model(model)
+    lay = Layout.of(spec, TrainConfig(method=Method.FULL, precision=Precision.BF16, gpus=gpus, nodes=nodes,
+                                      sharding=Sharding.ZERO3, offload=offload))
+    gpu, host = model_state_bytes(lay, model_states(lay))
+    ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        spec.num_parameters, largest_unit_params(lay), gpus // nodes, nodes, offload is not Offload.NONE,
+        offload is Offload.PARAMS, True, 1.5)
+    assert abs(gpu / ds_gpu - 1) < 1e-6
+    if offload is not Offload.NONE:  # host: DeepSpeed's zero.Init formula without its 1.5 buffer factor
+        assert abs(host / (ds_cpu / 1.5) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("sharding", [Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FULL_SHARD])
+def test_memory_per_rank_falls_with_more_gpus(sharding):
+    spec = resolve_model("llama-2-13b")
+    peaks = [estimate(spec, TrainConfig(method=Method.FULL, gpus=n, sharding=sharding)).peak_allocated_bytes
+             for n in (1, 2, 4, 8, 16)]
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0]
+
+
+def test_stages_and_engines_order_as_expected():
+    spec = resolve_model("llama-2-7b")
+
+    def peak(**kw):
+        return estimate(spec, TrainConfig(method=Method.FULL, gpus=8, **kw)).peak_allocated_bytes
+
+    ddp, z1, z2, z3 = peak(), peak(sharding=Sharding.ZERO1), peak(sharding=Sharding.ZERO2), \
+        peak(sharding=Sharding.ZERO3)
+    assert ddp > z1 > z2 > z3
+    assert peak(sharding=Sharding.ZERO3, offload=Offload.PARAMS) < peak(sharding=Sharding.ZERO3,
+                                                                          offload=Offload.OPTIMIZER) < z3
+    assert peak(sharding=Sharding.FULL_SHARD) < peak(sharding=Sharding.SHARD_GRAD_OP)
+    # hybrid_shard shards inside a node only: 16 GPUs on 2 nodes hold what full_shard over 8 holds
+    hybrid = estimate(spec, TrainConfig(method=Method.FULL, gpus=16, nodes=2, sharding=Sharding.HYBRID_SHARD))
+    full8 = estimate(spec, TrainConfig(method=Method.FULL, gpus=8, sharding=Sharding.FULL_SHARD))
+    assert hybrid.peak_allocated_bytes == full8.peak_allocated_bytes
+    # DDP on several GPUs adds its gradient buckets to a single GPU's memory
+    assert ddp > estimate(spec, TrainConfig(method=Method.FULL)).peak_allocated_bytes
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(sharding=Sharding.ZERO2, offload=Offload.PARAMS), "--offload params needs sharded parameters"),
+    (dict(offload=Offload.OPTIMIZER), "--offload needs ZeRO"),
+    (dict(gpus=6, nodes=4), "not a multiple of --nodes"),
+])
+def test_impossible_sharding_combinations(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kw)
+
+
+def test_estimate_and_fit_cli(capsys):
+    assert main(["estimate", "--model", "llama-2-7b", "--method", "full", "--gpus", "8", "--zero", "3",
+                 "--offload", "optimizer", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["sharding"] == "zero3" and out["memory"]["host_bytes"] > 0 and out["memory"]["sharding"]
+    assert main(["estimate", "--model", "llama-2-7b", "--zero", "3", "--fsdp", "full_shard"]) == 2
+    assert "two engines" in capsys.readouterr().err
+    assert main(["fit", "--model", "llama-2-13b", "--method", "full", "--gpu", "80GB", "--gpus", "1,2,4,8",
+                 "--global-batch", "32", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["fewest_gpus"]["config"]["gpus"] == 2  # 13B full fine-tuning does not fit one 80 GB card
+    assert fit["config"]["gpus"] * fit["config"]["batch_size"] * fit["config"]["grad_accum"] == 32
+    assert main(["fit", "--model", "llama-2-13b", "--method", "full", "--gpu", "80GB", "--gpus", "1"]) == 1
+
+
+# --- one study, two workers, PostgreSQL ----------------------------------------------------------------------
+
+SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
+             num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    """A database on the PostgreSQL server .ci/run started ($MEMPLAN_TEST_POSTGRES_URL), or on one started
+    here with pgserver (PostgreSQL binaries from pip)."""
+    url = os.environ.get("MEMPLAN_TEST_POSTGRES_URL")
+    server = None
+    if not url:
+        pgserver = pytest.importorskip("pgserver")
+        server = pgserver.get_server(str(tmp_path_factory.mktemp("pg")), cleanup_mode="stop")
+        url = server.get_uri()
+    import psycopg
+
+    db = f"memplan_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url.replace("postgresql://", "postgresql://", 1), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {db}")
+    head, _, query = url.partition("?")
+    yield f"{head.rsplit('/', 1)[0]}/{db}" + (f"?{query}" if query else "")
+    del server
+
+
+def test_two_workers_share_one_postgresql_study(postgres_url, tmp_path):
+    import optuna
+
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps(SMALL))
+    spec = resolve_model(str(model))
+    base = TrainConfig(method=Method.FULL, precision=Precision.FP32, seq_len=128, grad_accum=1)
+    lo, hi = (estimate(spec, base.with_(batch_size=8, checkpointing=c), device="cpu").peak_allocated_bytes
+              for c in (True, False))
+    capacity = (lo + hi) // 2  # micro-batch 8 fits with checkpointing only
+    cmd = [sys.executable, "-m", "memplan", "tune", "--model", str(model), "--method", "full", "--precision",
+           "fp32", "--seq-len", "128", "--global-batch", "8", "--device", "cpu", "--capacity", f"{capacity}B",
+           "--margin", "0", "--n-probes", "4", "--steps", "1", "--storage", postgres_url, "--json"]
+    env = {**os.environ, "MEMPLAN_CACHE_DIR": str(tmp_path / "cache")}  # no shared probe cache: real probes
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    names = {r["study"] for r in results}
+    assert len(names) == 1  # both workers joined the same study
+    study = optuna.load_study(study_name=names.pop(), storage=postgres_url)
+    probes = [t for t in study.trials if t.user_attrs.get("source") == "probe"]
+    keys = [json.dumps(t.params, sort_keys=True) for t in probes]
+    assert len(keys) == len(set(keys))  # no configuration probed twice
+    assert len(probes) <= 4 + 1  # the study's budget (one in-flight probe may finish after it is reached)
+    assert len({t.user_attrs["worker"] for t in probes}) == 2  # both workers probed
+    best = max((t for t in probes if t.user_attrs["constraint"] <= 0), key=lambda t: t.value)
+    assert all(r["best"]["config"]["batch_size"] == best.params["batch_size"] for r in results)
+    assert best.params["checkpointing"] or best.params["batch_size"] < 8  # the capacity was respected

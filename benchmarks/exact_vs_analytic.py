@@ -74,7 +74,8 @@ if __name__ == "__main__":
     walls = speed()
     (RESULTS / "exact_speed.json").write_text(json.dumps(
         {"command": "python benchmarks/exact_vs_analytic.py", "what": "memplan trace --seq-len 2048, fresh "
-         "interpreter, median wall seconds of 3 runs including imports, on a 2-core CPU machine", "wall_s": walls}, indent=2) + "\n")
+         "interpreter, median wall seconds of 3 runs including imports, on a 2-core CPU machine",
+         "wall_s": walls}, indent=2) + "\n")
     table = compare()
     with open(RESULTS / "exact_vs_analytic.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))

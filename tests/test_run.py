@@ -327,3 +327,20 @@ def test_hf_and_json_exports_read_back(train):
     assert back.train == train.with_(precision=back.train.precision)  # flags carry every knob but pure vs AMP bf16
     assert back.train.precision is (Precision.BF16 if train.precision is Precision.PURE_BF16 else train.precision)
     assert train_from_dict(plan_json(SPEC, train)["config"]) == train.with_(lora_alpha=train.alpha)
+
+
+@pytest.mark.parametrize(("zero", "expected"), [
+    ({"stage": 3, "offload_optimizer": {"device": "cpu"}}, ("zero3", "optimizer")),
+    ({"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}, ("zero3", "params")),
+    ({"stage": 2}, ("zero2", "none")),
+    ({"stage": 0}, ("none", "none")),
+])
+def test_deepspeed_json_named_in_the_yaml_sets_the_sharding(zero, expected, tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": zero}))
+    path = tmp_path / "train.yaml"
+    path.write_text(LF_YAML + "deepspeed: ds.json\n")
+    lf = read_llamafactory(path)
+    assert (lf.train.sharding.value, lf.train.offload.value) == expected
+    path.write_text(LF_YAML + "deepspeed: missing.json\n")
+    with pytest.raises(ConfigError, match="missing.json: no such file"):
+        read_llamafactory(path)

@@ -129,4 +129,6 @@ def pin_to_config(written: TrainConfig, base: TrainConfig, space: dict[str, obje
             space[key] = [value]
     if "global_batch" not in given:
         global_batch = written.effective_batch
+    if not {"zero", "fsdp", "offload"} & given and written.sharding.value != "none":  # the YAML's DeepSpeed JSON
+        space.update(shardings=[written.sharding], offloads=[written.offload])
     return pinned, space, global_batch

@@ -7,7 +7,7 @@ accumulation 1, optim adamw_torch, flash_attn auto, no bf16/fp16 (fp32), checkpo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,30 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"))
 
 
+def deepspeed_sharding(ds_path: str, relative_to: Path) -> dict[str, Any]:
+    """A DeepSpeed JSON -> TrainConfig fields: zero_optimization.stage and its offload_optimizer / offload_param
+    devices. The path is tried as written, then beside the YAML; a missing file is a ConfigError."""
+    import json
+
+    from memplan.spec.train import Offload, Sharding
+
+    candidates = [Path(ds_path), relative_to / ds_path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"deepspeed {ds_path}: no such file (looked beside the YAML too)")
+    try:
+        zero = json.loads(found.read_text()).get("zero_optimization", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"deepspeed {ds_path}: not a DeepSpeed JSON config") from None
+    stage = int(zero.get("stage", 0))
+    out: dict[str, Any] = {"sharding": Sharding.NONE if stage == 0 else Sharding(f"zero{stage}")}
+    if str(zero.get("offload_param", {}).get("device", "none")) in ("cpu", "nvme"):
+        out["offload"] = Offload.PARAMS
+    elif str(zero.get("offload_optimizer", {}).get("device", "none")) in ("cpu", "nvme"):
+        out["offload"] = Offload.OPTIMIZER
+    return out
+
+
 def read_llamafactory(path: str | Path) -> LlamaFactoryConfig:
     """Read a LLaMA-Factory training YAML; a missing file or malformed YAML is a ConfigError (one line)."""
     import yaml
@@ -138,6 +162,9 @@ def read_llamafactory(path: str | Path) -> LlamaFactoryConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of LLaMA-Factory arguments")
     try:
-        return config_from_llamafactory(raw)
+        lf = config_from_llamafactory(raw)
+        if lf.deepspeed:  # the ZeRO stage and offload come from the DeepSpeed JSON the YAML names
+            lf = replace(lf, train=lf.train.with_(**deepspeed_sharding(str(lf.deepspeed), path.parent)))
+        return lf
     except ConfigError as err:
         raise ConfigError([f"--config {path}: {p}" for p in err.problems]) from None

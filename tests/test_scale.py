@@ -105,6 +105,32 @@ def test_estimate_and_fit_cli(capsys):
     assert main(["fit", "--model", "llama-2-13b", "--method", "full", "--gpu", "80GB", "--gpus", "1"]) == 1
 
 
+def test_probe_under_torchrun_reports_every_rank(tmp_path, monkeypatch, capsys):
+    """Two DDP ranks on CPU (gloo): each rank's peak equals the per-rank estimate (DDP's buckets included); a
+    simulated device that holds one GPU's step but not a DDP rank's is an OOM, reported, never a hang."""
+    from memplan.probe.launch import ProbeOptions, probe
+    from memplan.testing.tiny import tiny_spec
+
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path))
+    spec = tiny_spec("llama")
+    train = TrainConfig(method=Method.FULL, precision=Precision.FP32, batch_size=2, seq_len=128,
+                        checkpointing=False, gpus=2)
+    res = probe(spec, train, ProbeOptions(steps=1, warmup=1, timeout_s=300))
+    predicted = estimate(spec, train, device="cpu").peak_allocated_bytes
+    assert res.status.value == "ok" and len(res.rank_peak_bytes) == 2
+    assert res.peak_allocated_bytes == max(res.rank_peak_bytes)
+    assert all(abs(p / predicted - 1) < 0.005 for p in res.rank_peak_bytes)
+    single = estimate(spec, train.with_(gpus=1), device="cpu").peak_allocated_bytes
+    assert single < predicted  # the buckets are real
+    from memplan.testing.tiny import TINY_CONFIGS
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIGS["llama"]))
+    assert main(["probe", "--model", str(tmp_path / "config.json"), "--method", "full", "--precision", "fp32",
+                 "--batch-size", "2", "--seq-len", "128", "--no-checkpointing", "--gpus", "2", "--steps", "1",
+                 "--capacity", f"{(single + predicted) // 2}B", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["probe"]["status"] == "oom"
+
+
 # --- one study, two workers, PostgreSQL ----------------------------------------------------------------------
 
 SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,

@@ -192,6 +192,8 @@ def print_probe(result: ProbeResult, predicted: Breakdown) -> None:
                      fmt_bytes(predicted.peak_reserved_bytes), "")
     if result.nvml_used_bytes is not None:
         rows.add_row("nvidia-smi used", fmt_bytes(result.nvml_used_bytes), fmt_bytes(predicted.total_bytes), "")
+    if len(result.rank_peak_bytes) > 1:
+        rows.add_row("peak per rank", ", ".join(fmt_bytes(b) for b in result.rank_peak_bytes), "", "")
     rows.add_row("step time", f"{result.step_time_s:.3f} s", "", "")
     rows.add_row("tokens/s", f"{result.tokens_per_s:,.0f}", "", "")
     rows.add_row("losses", ", ".join(f"{x:.3f}" for x in result.losses), "", "")

@@ -1,15 +1,18 @@
 """The probe's child process: build the model, run real training steps, measure, write a JSON result.
 
     python -m memplan.probe._worker REQUEST.json RESULT.json
+    torchrun --nproc-per-node N -m memplan.probe._worker REQUEST.json RESULT.json   # each rank: RESULT.json.rankR
 
 Runs in a fresh interpreter so that a CUDA OOM, a crash or a hang never harms the caller. Progress goes to stderr
-as `memplan-progress: <stage>` lines.
+as `memplan-progress: <stage>` lines. Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (gloo on CPU,
+nccl on CUDA) after measuring starts, so its gradient buckets are counted, and every rank writes its own result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -40,28 +43,45 @@ def run(req: dict[str, Any], report: Callable[[str], None] = progress) -> ProbeR
         return _run_cuda(spec, train, req, report)
     report("build")
     model = build_model(spec, train, device="cpu")
-    optimizer = build_optimizer(model, train)
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))  # full length: the worst case
     tracker = LiveBytes(capacity_bytes=req.get("capacity_bytes"))
     tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids])
     with tracker:
+        model = _data_parallel(model, train, "cpu")
+        optimizer = build_optimizer(model, train)
         times, losses = _steps(model, optimizer, train, ids, req, lambda: None, report)
     return _result(train, "cpu", times, losses, tracker.peak, tracker.peak)
+
+
+def _data_parallel(model: Any, train: Any, device: str) -> Any:
+    """Under torchrun: DDP over the process group (the only multi-GPU wrapper probes run so far)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return model
+    import torch.distributed as dist
+
+    if train.sharding.value != "none":
+        raise RuntimeError(f"probes under torchrun run DDP only; {train.sharding.value} is estimated, not probed")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
 
 
 def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any], report: Callable[[str], None]) -> ProbeResult:
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no CUDA device")
-    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     if req.get("gpu_memory_bytes"):  # answer "would it fit on a smaller card" on this one
         torch.cuda.set_per_process_memory_fraction(min(1.0, req["gpu_memory_bytes"] / total))
     elif req.get("gpu_fraction"):
         torch.cuda.set_per_process_memory_fraction(req["gpu_fraction"])
     report("build")
     model = build_model(spec, train, device="cuda")
-    optimizer = build_optimizer(model, train)
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
+    model = _data_parallel(model, train, "cuda")
+    optimizer = build_optimizer(model, train)
     times, losses = _steps(model, optimizer, train, ids, req, torch.cuda.synchronize, report)
     return _result(train, torch.cuda.get_device_name(0), times, losses, torch.cuda.max_memory_allocated(),
                    torch.cuda.max_memory_reserved(), _nvml_used())
@@ -103,12 +123,18 @@ def _nvml_used() -> int | None:
 
 def main(argv: list[str]) -> int:
     request, result = Path(argv[0]), Path(argv[1])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        result = result.with_name(f"{result.name}.rank{os.environ.get('RANK', '0')}")
     req = json.loads(request.read_text())
     try:
         res = run(req)
     except torch.OutOfMemoryError as err:
         res = ProbeResult(status=ProbeStatus.OOM, device=req["device"], error=str(err).splitlines()[0])
     result.write_text(json.dumps(res.to_dict()))
+    import torch.distributed as dist
+
+    if dist.is_initialized() and res.status is ProbeStatus.OK:
+        dist.destroy_process_group()
     return 0
 
 

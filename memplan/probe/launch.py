@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -65,6 +66,10 @@ def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[
     with tempfile.TemporaryDirectory(prefix="memplan-probe-") as tmp:
         req_path, res_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req_path.write_text(json.dumps(request))
+        ranks = int(request["train"].get("gpus", 1))
+        if argv is None and ranks > 1:  # one process per GPU, as the training would run
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                    "-m", "memplan.probe._worker"]
         cmd = (argv or [sys.executable, "-m", "memplan.probe._worker"]) + [str(req_path), str(res_path)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, errors="replace")
@@ -81,12 +86,35 @@ def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[
                                error=f"probe did not finish within {timeout_s:g} s")
         reader.join(timeout=5)
         text = "".join(tail)
+        if ranks > 1:
+            merged = _merge_ranks([res_path.with_name(f"{res_path.name}.rank{r}") for r in range(ranks)])
+            if merged is not None:
+                return merged
         if proc.returncode == 0 and res_path.is_file():
             return ProbeResult.from_dict(json.loads(res_path.read_text()))
         status = classify_failure(proc.returncode, text)
         if status is ProbeStatus.OK:  # exit 0 without a result file
             status = ProbeStatus.ERROR
         return ProbeResult(status=status, device=request["device"], error=_last_error_line(text, proc.returncode))
+
+
+def _merge_ranks(paths: list[Path]) -> ProbeResult | None:
+    """Per-rank results -> one: OOM if any rank ran out of memory, the peak of the fullest rank, the slowest
+    rank's step time, tokens/s of all ranks together. None when no rank wrote a result (a crash)."""
+    results = [ProbeResult.from_dict(json.loads(p.read_text())) for p in paths if p.is_file()]
+    if not results:
+        return None
+    oom = next((r for r in results if r.status is ProbeStatus.OOM), None)
+    if oom is not None:
+        return oom
+    if len(results) < len(paths) or any(r.status is not ProbeStatus.OK for r in results):
+        return next((r for r in results if r.status is not ProbeStatus.OK), None)
+    worst = max(results, key=lambda r: r.peak_allocated_bytes)
+    slowest = max(r.step_time_s for r in results)
+    tokens = sum(r.tokens_per_s * r.step_time_s for r in results)  # tokens per step, all ranks
+    return dataclasses.replace(worst, step_time_s=slowest, tokens_per_s=tokens / slowest if slowest else 0.0,
+                               peak_reserved_bytes=max(r.peak_reserved_bytes for r in results),
+                               rank_peak_bytes=tuple(r.peak_allocated_bytes for r in results))
 
 
 def _read(proc: subprocess.Popen, tail: deque[str], on_progress: Callable[[str], None] | None) -> None:

@@ -24,12 +24,14 @@ class ProbeResult:
     tokens_per_s: float = 0.0  # micro-batch x seq x accumulation / step time
     losses: tuple[float, ...] = ()
     error: str = ""  # the failure's message (oom / error / timeout)
+    rank_peak_bytes: tuple[int, ...] = ()  # several GPUs (torchrun): each rank's peak; the peak above is the max
     cached: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["status"] = self.status.value
         out["losses"] = list(self.losses)
+        out["rank_peak_bytes"] = list(self.rank_peak_bytes)
         return out
 
     @classmethod
@@ -37,4 +39,5 @@ class ProbeResult:
         kw = dict(data)
         kw["status"] = ProbeStatus(kw["status"])
         kw["losses"] = tuple(kw.get("losses") or ())  # type: ignore[arg-type]
+        kw["rank_peak_bytes"] = tuple(kw.get("rank_peak_bytes") or ())  # type: ignore[arg-type]
         return cls(**kw)  # type: ignore[arg-type]

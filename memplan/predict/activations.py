@@ -177,9 +177,12 @@ def _moe(cx: _Ctx, h: T) -> T:
     probs = tp.saving_output(tp.cast(logits, FP32), width=FP32)  # softmax(router_logits.float())
     weights = T(n * k, FP32, probs.rg)  # top-k probabilities, renormalised
     routed = T(n * k * s.hidden_size, h.width, h.rg)  # hidden_states[token_idx], all experts together
-    # the experts' grouped matmul has no autocast rule: it runs in the dtype of the (gathered) stream
-    sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, cx.stream, autocast=False)
+    # the experts' grouped matmul has no autocast rule: transformers casts its input to the expert weights' dtype
+    # (`input.to(weight.dtype)`): the stream's, except in freeze's trained layers under AMP (fp32 weights)
+    width = lay.trainable_width if cx.trains and not lay.train.is_lora else h.width
+    sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, width, autocast=False)
     inter = s.moe_intermediate_size
+    routed = tp.cast(routed, width)
     gate = linear(sub, routed, "experts.gate", s.hidden_size, inter)
     up = linear(sub, routed, "experts.up", s.hidden_size, inter)
     prod = tp.mul(tp.saving_input(gate), up)
@@ -187,7 +190,7 @@ def _moe(cx: _Ctx, h: T) -> T:
     tp.mul(out, weights)  # x routing weight
     if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype
         tp.save(T(s.num_experts * 3 * inter * s.hidden_size, cx.c, False))
-    return T(n * s.hidden_size, out.width, True)
+    return T(n * s.hidden_size, h.width, True)  # `.to(hidden_states.dtype)` at the end
 
 
 def decoder_layer(cx: _Ctx, x: T) -> T:

@@ -73,6 +73,7 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
         ("mixtral", dict(method="full", precision="bf16", checkpointing=False)),
         ("mixtral", dict(method="lora", precision="bf16", checkpointing=False)),
         ("mixtral", dict(method="lora", precision="bf16", checkpointing=True, batch_size=4)),
+        ("mixtral", dict(method="freeze", precision="bf16", checkpointing=False)),
     ]
     for arch, kw in extra:
         kw = {"batch_size": 2, "seq_len": 256, **kw}

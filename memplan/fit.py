@@ -237,6 +237,9 @@ def recheck_exact(res: FitResult, top: int = 3) -> FitResult:
 
     checked = []
     for cand in res.ranked[:top]:
+        if cand.train.gpus > 1 or cand.train.sharding is not Sharding.NONE:
+            checked.append(cand)  # per-rank memory is analytic only (the exact mode traces one GPU)
+            continue
         bd = exact_estimate(res.model, cand.train)
         checked.append(dataclasses.replace(cand, breakdown=bd, fits=bd.total_bytes <= res.usable_bytes))
     ranked = tuple(c for c in checked if c.fits) + res.ranked[top:]

@@ -21,6 +21,7 @@ CASES = [
     ("qwen2", dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False, grad_accum=2)),
     ("llama", dict(method=Method.LORA, precision=Precision.FP32, attn=Attention.EAGER, checkpointing=False,
                    lora_dropout=0.1)),
+    ("mixtral", dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False)),  # fp32 experts
 ]
 
 

@@ -97,6 +97,8 @@ def test_estimate_and_fit_cli(capsys):
     assert out["config"]["sharding"] == "zero3" and out["memory"]["host_bytes"] > 0 and out["memory"]["sharding"]
     assert main(["estimate", "--model", "llama-2-7b", "--zero", "3", "--fsdp", "full_shard"]) == 2
     assert "two engines" in capsys.readouterr().err
+    assert main(["estimate", "--model", "llama-2-7b", "--gpus", "8", "--zero", "3", "--exact"]) == 2
+    assert "per-rank memory under DDP / ZeRO / FSDP is analytic" in capsys.readouterr().err
     assert main(["fit", "--model", "llama-2-13b", "--method", "full", "--gpu", "80GB", "--gpus", "1,2,4,8",
                  "--global-batch", "32", "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)

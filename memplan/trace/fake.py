@@ -234,6 +234,9 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
+    if train.gpus > 1 or train.sharding.value != "none":
+        raise UnsupportedModel("the exact mode traces one GPU's step; per-rank memory under DDP / ZeRO / FSDP "
+                               "is analytic: drop --exact (memplan estimate --gpus N --zero/--fsdp ...)")
     if spec.is_moe:
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")

@@ -133,6 +133,18 @@ def test_probe_under_torchrun_reports_every_rank(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["probe"]["status"] == "oom"
 
 
+def test_tune_probes_every_candidate_on_two_ranks(tmp_path, capsys):
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps(SMALL))
+    rc = main(["tune", "--model", str(model), "--method", "full", "--precision", "fp32", "--seq-len", "64",
+               "--global-batch", "4", "--gpus", "2", "--device", "cpu", "--capacity", "1GB", "--n-probes", "1",
+               "--steps", "1", "--no-checkpointing", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["best"]["config"]["gpus"] == 2
+    best = out["best"]["config"]
+    assert best["batch_size"] * best["grad_accum"] * 2 == 4  # the effective batch counts both ranks
+
+
 # --- one study, two workers, PostgreSQL ----------------------------------------------------------------------
 
 SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,

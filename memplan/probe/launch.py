@@ -66,7 +66,7 @@ def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[
     with tempfile.TemporaryDirectory(prefix="memplan-probe-") as tmp:
         req_path, res_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req_path.write_text(json.dumps(request))
-        ranks = int(request["train"].get("gpus", 1))
+        ranks = int(request.get("train", {}).get("gpus", 1))
         if argv is None and ranks > 1:  # one process per GPU, as the training would run
             argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                     "-m", "memplan.probe._worker"]

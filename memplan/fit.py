@@ -237,8 +237,10 @@ def recheck_exact(res: FitResult, top: int = 3) -> FitResult:
 
     checked = []
     for cand in res.ranked[:top]:
-        if cand.train.gpus > 1 or cand.train.sharding is not Sharding.NONE:
-            checked.append(cand)  # per-rank memory is analytic only (the exact mode traces one GPU)
+        fsdp = cand.train.sharding in (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD)
+        if (cand.train.gpus > 1 or cand.train.sharding is not Sharding.NONE) and not fsdp or \
+                cand.train.offload is not Offload.NONE:
+            checked.append(cand)  # DDP / ZeRO / offload: per-rank memory is analytic only
             continue
         bd = exact_estimate(res.model, cand.train)
         checked.append(dataclasses.replace(cand, breakdown=bd, fits=bd.total_bytes <= res.usable_bytes))

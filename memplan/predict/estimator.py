@@ -45,7 +45,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     # cross-entropy backward: log-probs (saved) + their gradient + the logits' gradient, all fp32 (B, S, V)
     ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
-    layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0)
+    layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0) + \
+        rs.layer_backward_bytes
     base = st.weights_bytes + st.optimizer_states_bytes + comm
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
     # whole forward, and through backward when checkpointed layers keep it as an input
@@ -72,7 +73,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
             head.norm_bytes + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
             head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
-        "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes,
+        "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
+        - (0 if rs.gathered_in_step else rs.gathered_bytes),
         # end of backward with tied embeddings trained: the embedding's dense (V, H) gradient and its sum with
         # the lm_head gradient already in .grad (AccumulateGrad adds out of place here)
         "backward end": base + (0 if train.grad_accum > 1 else st.gradients_bytes) + _tied_embedding_extra(lay),

@@ -37,6 +37,8 @@ class RankStates:
     step_extra_bytes: int  # ZeRO-1/2 allgather bucket of updated params
     host_bytes: int  # CPU memory per node for offloaded states / params
     explain: str
+    layer_backward_bytes: int = 0  # FSDP: one more gathered layer and its unsharded grads inside a layer's backward
+    gathered_in_step: bool = True  # False: everything is resharded before the optimizer step (FSDP)
 
 
 def _ceil(x: int, n: int) -> int:
@@ -137,14 +139,20 @@ def _deepspeed(lay: Layout, st: ModelStates) -> RankStates:
 
 
 def _fsdp(lay: Layout, st: ModelStates) -> RankStates:
+    """FSDP2 (each decoder layer and the root wrapped; measured with the exact mode under a fake process group):
+    the root (embeddings, head) stays gathered from its forward through backward, one decoder layer is gathered
+    (prefetched) at the loss, two plus the running layer's unsharded gradients inside a layer's backward, none in
+    the optimizer step. shard_grad_op keeps every layer gathered from forward to the end of backward."""
     tr, n, s = lay.train, shard_group(lay), lay.spec
-    cw = lay.compute_width
-    heads = s.vocab_size * s.hidden_size * (1 if s.tie_word_embeddings else 2)
-    if tr.sharding is Sharding.SHARD_GRAD_OP:  # parameters stay gathered from forward through backward
-        gathered = s.num_parameters * cw
-    else:  # the root unit (embeddings, head) and two decoder layers (running + prefetched) in compute dtype
-        gathered = (heads + 2 * s.layer_params) * cw
-    unsharded_grads = s.layer_params * cw if st.gradients_bytes else 0  # one unit's grads before reduce-scatter
+    cw = lay.compute_width  # MixedPrecisionPolicy gathers half parameters under AMP
+    root = s.vocab_size * s.hidden_size * (1 if s.tie_word_embeddings else 2) + s.hidden_size
+    per_layer_trained = s.layer_params if st.trainable_params >= s.layer_params else \
+        st.trainable_params // s.num_layers  # LoRA: the adapters' gradients only
+    unsharded_grads = per_layer_trained * cw if st.gradients_bytes else 0
+    if tr.sharding is Sharding.SHARD_GRAD_OP:
+        gathered, layer_extra = s.num_parameters * cw, unsharded_grads
+    else:
+        gathered, layer_extra = (root + s.layer_params) * cw, s.layer_params * cw + unsharded_grads
     weights, grads = _ceil(st.weights_bytes, n), _ceil(st.gradients_bytes, n)
     states = _ceil(st.optimizer_states_bytes, n)
     host = 0
@@ -158,5 +166,5 @@ def _fsdp(lay: Layout, st: ModelStates) -> RankStates:
         autocast_cache_bytes=0, autocast_layer_bytes=0,  # MixedPrecision gathers half params: no autocast copies
         largest_linear=st.largest_linear)
     what = f"FSDP {tr.sharding.value} over {n} ranks" + (f", offload {tr.offload.value}" if host else "")
-    return RankStates(states=ranked, gathered_bytes=gathered + unsharded_grads, bucket_bytes=0, step_extra_bytes=0,
-                      host_bytes=host, explain=what)
+    return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=0, step_extra_bytes=0,
+                      host_bytes=host, explain=what, layer_backward_bytes=layer_extra, gathered_in_step=False)

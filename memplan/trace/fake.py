@@ -64,19 +64,24 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         yield
         marks[name] = tracker.live
 
-    with FakeTensorMode(), _no_packed_sequence_detection(), _fake_friendly_experts(), _quiet():
+    with _fake_process_group(train) as mesh, FakeTensorMode(), _no_packed_sequence_detection(), \
+            _fake_friendly_experts(), _quiet():
         _fake_parameters(model, torch)
-        optimizer = build_optimizer(model, train)
         ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
         tensors = list(model.parameters()) + list(model.buffers())
         tracker.seed(tensors + [ids])
+        del tensors  # sharding must be able to free the full parameters
+        if mesh is not None:
+            with tracker:  # the shards are allocated, the full parameters freed
+                _fully_shard(model, mesh, train)
+        optimizer = build_optimizer(model, train)
         weights = tracker.live - ids.untyped_storage().nbytes()
         _create_optimizer_states(model, optimizer)
         state_tensors = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
         tracker.phase = "optimizer"  # by_module: states are the optimizer's, as when step 1 created them
         tracker.seed(state_tensors)
         tracker.phase = ""
-        states = sum(t.untyped_storage().nbytes() for t in state_tensors)
+        states = sum(_storage_bytes(t) for t in state_tensors)
         with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
             reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -84,6 +89,54 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
                  forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
                  op=tracker.peak_op, phase_peaks=dict(tracker.phase_peaks),
                  by_module=tracker.peak_by_owner)
+
+
+FSDP = ("full_shard", "shard_grad_op", "hybrid_shard")
+
+
+def _storage_bytes(t: Any) -> int:
+    """Bytes a tensor really holds: a DTensor's are its local shard's (its own storage is a placeholder)."""
+    local = getattr(t, "_local_tensor", None)
+    return (local if local is not None else t).untyped_storage().nbytes()
+
+
+@contextlib.contextmanager
+def _fake_process_group(train: TrainConfig):  # noqa: ANN202
+    """FSDP configs: torch's fake process group (rank 0 of the shard group; collectives do nothing) and its
+    device mesh, built outside FakeTensorMode. Yields None for everything else."""
+    if train.sharding.value not in FSDP:
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world = train.gpus_per_node if train.sharding.value == "hybrid_shard" else train.gpus
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fully_shard(model: Any, mesh: Any, train: TrainConfig) -> None:
+    """FSDP2 as HF Trainer / accelerate apply it: each decoder layer, then the root; half parameters gathered
+    under AMP (MixedPrecisionPolicy), layers kept gathered after forward for shard_grad_op."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from memplan.trace.build import compute_dtype
+
+    amp = train.precision.value in ("fp16", "bf16")
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(train), reduce_dtype=torch.float32) if amp else \
+        MixedPrecisionPolicy()
+    reshard = train.sharding.value != "shard_grad_op"
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
 
 
 def _create_optimizer_states(model: Any, optimizer: Any) -> None:
@@ -234,9 +287,10 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
-    if train.gpus > 1 or train.sharding.value != "none":
-        raise UnsupportedModel("the exact mode traces one GPU's step; per-rank memory under DDP / ZeRO / FSDP "
-                               "is analytic: drop --exact (memplan estimate --gpus N --zero/--fsdp ...)")
+    if train.sharding.value not in FSDP and (train.gpus > 1 or train.sharding.value != "none") or \
+            train.offload.value != "none":
+        raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
+                               "per-rank memory under DDP / ZeRO / offload is analytic: drop --exact")
     if spec.is_moe:
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")

@@ -11,7 +11,7 @@ import weakref
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 OOM_MESSAGE = "memplan: simulated out of memory"
@@ -38,7 +38,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak_op = ""  # the op whose output made the peak
         self.phase_peaks: dict[str, int] = {}  # the peak inside each phase
         self._op = ""
-        self._seen: set[int] = set()
+        self._nbytes: dict[int, int] = {}  # live storages (by StorageImpl) -> their current size
+        self._owner: dict[int, str] = {}
 
     def seed(self, tensors: Any) -> None:
         """Count tensors that exist before the mode starts (parameters, buffers, inputs)."""
@@ -46,17 +47,26 @@ class LiveBytes(TorchDispatchMode):
             self._add(t, check=False)
 
     def _add(self, t: torch.Tensor, check: bool = True) -> None:
+        if is_traceable_wrapper_subclass(t):  # DTensor & co: the wrapper's storage is a placeholder of the
+            for name in t.__tensor_flatten__()[0]:  # global size; the memory is in the inner (local) tensors
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    self._add(inner, check)
+            return
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self._seen:
+        if key in self._nbytes:
             return
-        nbytes = storage.nbytes()
-        if check and self.capacity_bytes is not None and self.live + nbytes > self.capacity_bytes:
+        owner = (self.owner or self.phase or "parameters") if self.by_owner else ""
+        self._grow(storage.nbytes(), owner, check)
+        self._nbytes[key], self._owner[key] = storage.nbytes(), owner
+        weakref.finalize(storage, self._free, key)
+
+    def _grow(self, nbytes: int, owner: str, check: bool = True) -> None:
+        if check and nbytes > 0 and self.capacity_bytes is not None and self.live + nbytes > self.capacity_bytes:
             raise SimulatedOOM(f"{OOM_MESSAGE}: tried to allocate {nbytes} bytes with {self.live} live "
                                f"of {self.capacity_bytes} capacity")
-        self._seen.add(key)
         self.live += nbytes
-        owner = (self.owner or self.phase or "parameters") if self.by_owner else ""
         if self.by_owner:
             self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + nbytes
         if self.live > self.phase_peaks.get(self.phase, 0):
@@ -65,13 +75,46 @@ class LiveBytes(TorchDispatchMode):
             self.peak, self.peak_phase, self.peak_op = self.live, self.phase, self._op
             if self.by_owner:
                 self.peak_by_owner = dict(self._live_by_owner)
-        weakref.finalize(storage, self._free, key, nbytes, owner)
 
-    def _free(self, key: int, nbytes: int, owner: str) -> None:
-        self._seen.discard(key)
+    def _free(self, key: int) -> None:
+        nbytes, owner = self._nbytes.pop(key, 0), self._owner.pop(key, "")
         self.live -= nbytes
         if self.by_owner:
-            self._live_by_owner[owner] -= nbytes
+            self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) - nbytes
+
+    def _resized(self, storage: Any, size: int) -> None:
+        """FSDP frees and re-allocates gathered parameters by resizing their storage (`resize_(0)` / back)."""
+        key = storage._cdata
+        if key in self._nbytes:
+            owner = self._owner[key]
+            delta = int(size) - self._nbytes[key]
+            if delta > 0:
+                self._grow(delta, owner)
+            else:
+                self.live += delta
+                if self.by_owner:
+                    self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + delta
+            self._nbytes[key] = int(size)
+
+    def __enter__(self) -> LiveBytes:
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage: Any, size: int) -> Any:
+            if size > storage.nbytes():  # check the capacity before growing
+                tracker._resized(storage, size)
+                return original(storage, size)
+            out = original(storage, size)
+            tracker._resized(storage, size)
+            return out
+
+        self._restore = original
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.UntypedStorage.resize_ = self._restore  # type: ignore[method-assign]
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))

@@ -74,6 +74,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         if mesh is not None:
             with tracker:  # the shards are allocated, the full parameters freed
                 _fully_shard(model, mesh, train)
+            tracker.reset_peak()  # frameworks load and shard on the host (or meta): the GPU only sees shards
         optimizer = build_optimizer(model, train)
         weights = tracker.live - ids.untyped_storage().nbytes()
         _create_optimizer_states(model, optimizer)
@@ -295,6 +296,8 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
+    if train.sharding.value in FSDP:  # with one layer FSDP has nothing to prefetch: start the line at two
+        first += 1
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:
         traces = [trace_depth(spec, traced_train, d, by_module) for d in depths]

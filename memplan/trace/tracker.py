@@ -41,6 +41,12 @@ class LiveBytes(TorchDispatchMode):
         self._nbytes: dict[int, int] = {}  # live storages (by StorageImpl) -> their current size
         self._owner: dict[int, str] = {}
 
+    def reset_peak(self) -> None:
+        """Start the peak over from what is live now (after FSDP sharding: the full model never was on the GPU)."""
+        self.peak, self.peak_phase, self.peak_op, self.phase_peaks = self.live, self.phase, "", {}
+        if self.by_owner:
+            self.peak_by_owner = dict(self._live_by_owner)
+
     def seed(self, tensors: Any) -> None:
         """Count tensors that exist before the mode starts (parameters, buffers, inputs)."""
         for t in tensors:

@@ -51,21 +51,15 @@ def compare() -> list[dict[str, object]]:
     return rows
 
 
-def _wall(cmd: list[str], runs: int = 3) -> float:
-    """Median wall seconds of `runs` fresh interpreters (this 2-core machine is noisy)."""
-    walls = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        walls.append(time.perf_counter() - t0)
-    return round(statistics.median(walls), 2)
-
-
 def speed() -> dict[str, float]:
-    out = {"imports only (torch, transformers + llama model code, peft)": _wall(
-        [sys.executable, "-c", "import torch, transformers, peft; from transformers import LlamaForCausalLM"])}
+    from speed import wall  # benchmarks/speed.py: median wall seconds of fresh interpreters
+
+    out = {"imports only (torch, transformers + llama model code, peft)": round(wall(
+        [sys.executable, "-c", "import torch, transformers, peft; from transformers import LlamaForCausalLM"],
+        runs=3), 2)}
     for name in SPEED:
-        out[name] = _wall([sys.executable, "-m", "memplan", "trace", "--model", name, "--seq-len", "2048", "--json"])
+        out[name] = round(wall([sys.executable, "-m", "memplan", "trace", "--model", name, "--seq-len", "2048",
+                                "--json"], runs=3), 2)
     return out
 
 

@@ -1,0 +1,124 @@
+"""FSDP2: the exact mode (fake process group) vs a real 2-rank gloo run, and the analytic FSDP terms vs the trace.
+
+    python benchmarks/fsdp.py   # -> benchmarks/results/fsdp.md
+
+The real run (this file re-launched under torchrun with --rank-worker) wraps the tiny llama with fully_shard and
+runs the reference step under the same live-bytes tracker, and under the profiler's memory events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+GIB = 2**30
+
+
+def rank_worker() -> None:
+    """One gloo rank: tracker peak and profiler peak (absolute: the full model built before sharding included)."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from memplan.probe.truth import reference_step
+    from memplan.testing.tiny import tiny_spec
+    from memplan.trace.build import build_model, build_optimizer
+    from memplan.trace.fake import _fully_shard
+    from memplan.trace.tracker import LiveBytes
+
+    dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    spec, train = tiny_spec("llama"), _tiny_config(dist.get_world_size())
+    out = {}
+    for counter in ("tracker", "profiler"):
+        torch.manual_seed(0)
+        model = build_model(spec, train, device="cpu")
+        ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
+        full = sum(p.untyped_storage().nbytes() for p in model.parameters()) + ids.untyped_storage().nbytes()
+        if counter == "tracker":
+            tracker = LiveBytes()
+            tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids])
+            with tracker:
+                _fully_shard(model, mesh, train)
+            tracker.reset_peak()
+            with tracker:
+                optimizer = build_optimizer(model, train)
+                reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext())
+            out["tracker_bytes"] = tracker.peak
+        else:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                _fully_shard(model, mesh, train)
+                optimizer = build_optimizer(model, train)
+                reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext())
+            events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+            live, peak = full, full
+            for _, nbytes in events:
+                live += nbytes
+                peak = max(peak, live)
+            out["profiler_bytes"] = peak
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+    dist.destroy_process_group()
+
+
+def _tiny_config(gpus: int):  # noqa: ANN202
+    from memplan.spec.train import Method, Precision, Sharding, TrainConfig
+
+    return TrainConfig(method=Method.FULL, precision=Precision.FP32, batch_size=2, seq_len=128,
+                       checkpointing=False, gpus=gpus, sharding=Sharding.FULL_SHARD)
+
+
+def main() -> str:
+    from memplan.predict.estimator import estimate
+    from memplan.spec.catalog import resolve_model
+    from memplan.spec.train import Method, Precision, Sharding, TrainConfig
+    from memplan.testing.tiny import tiny_spec
+    from memplan.trace.fake import exact_estimate
+
+    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           __file__, "--rank-worker"], capture_output=True, text=True, check=True)
+    measured = json.loads(next(ln for ln in real.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    traced = exact_estimate(tiny_spec("llama"), _tiny_config(2)).peak_allocated_bytes
+    lines = ["# FSDP2: exact mode vs a real run, analytic vs exact\n", "Command: `python benchmarks/fsdp.py`\n",
+             "## Tiny llama, full fp32, 2 ranks (micro 2, seq 128)\n",
+             "| counted by | bytes |", "|---|---|",
+             f"| exact mode (fake process group, fake tensors) | {traced:,} |",
+             f"| real gloo ranks, live-bytes tracker | {measured['tracker_bytes']:,} |",
+             f"| real gloo ranks, profiler memory events | {measured['profiler_bytes']:,} |", "",
+             "The profiler's peak (absolute: the full model built before sharding is included) is higher than the "
+             "tracker's. The difference is not identified yet: allocations the dispatcher does not see, such as the "
+             "gloo collectives' host buffers, are suspected. Until it is explained, no CPU FSDP measurement is taken "
+             "as the CUDA truth.\n",
+             "## Analytic vs exact at 7B (Llama-2-7B, seq 2048, micro 1, checkpointing on, bf16 AMP)\n",
+             "| config | exact GiB/rank | analytic GiB/rank | diff | trace s |", "|---|---|---|---|---|"]
+    spec = resolve_model("llama-2-7b")
+    for label, kw in (("full, 8 ranks, full_shard", dict(method=Method.FULL, sharding=Sharding.FULL_SHARD)),
+                      ("LoRA, 8 ranks, full_shard", dict(method=Method.LORA, sharding=Sharding.FULL_SHARD)),
+                      ("full, 8 ranks, shard_grad_op", dict(method=Method.FULL, sharding=Sharding.SHARD_GRAD_OP)),
+                      ("full, 4 ranks, full_shard", dict(method=Method.FULL, sharding=Sharding.FULL_SHARD, gpus=4))):
+        train = TrainConfig(precision=Precision.BF16, **{"gpus": 8, **kw})
+        t0 = time.perf_counter()
+        exact = exact_estimate(spec, train).peak_allocated_bytes
+        dt = time.perf_counter() - t0
+        analytic = estimate(spec, train).peak_allocated_bytes
+        lines.append(f"| {label} | {exact / GIB:.2f} | {analytic / GIB:.2f} | "
+                     f"{100 * (analytic / exact - 1):+.1f} % | {dt:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if "--rank-worker" in sys.argv:
+        rank_worker()
+    else:
+        RESULTS.mkdir(exist_ok=True)
+        text = main()
+        (RESULTS / "fsdp.md").write_text(text)
+        print(text)

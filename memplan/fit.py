@@ -156,7 +156,7 @@ def _layouts(base: TrainConfig, counts: list[int] | None, shardings: list[Shardi
     out = []
     counts = counts or [base.gpus]
     for n in counts:
-        if global_batch % n and len(counts) > 1:
+        if n % base.nodes or global_batch % n and len(counts) > 1:
             continue  # a single count that does not divide the batch gets _micro_batches' own message
         if shardings:
             options = shardings
@@ -170,8 +170,6 @@ def _layouts(base: TrainConfig, counts: list[int] | None, shardings: list[Shardi
                 if off is Offload.PARAMS and not shard.shards_params:
                     continue
                 if off is not Offload.NONE and shard in (Sharding.NONE, Sharding.NO_SHARD):
-                    continue
-                if n % base.nodes:
                     continue
                 out.append((n, shard, off))
     if not out:

@@ -63,8 +63,9 @@ def estimate(ctx: typer.Context, model: OptModel = None, config: ConfigOpt = Non
     from memplan.spec.hardware import resolve_gpu
 
     model, lf = model_and_config(model, config)
+    given = given_options(ctx)
     if lf is not None:
-        train = merge_config(lf.train, ctx.params, given_options(ctx))
+        train = merge_config(lf.train, ctx.params, given)
     else:
         train = build_config(method=method, precision=precision, batch_size=batch_size, grad_accum=grad_accum,
                              seq_len=seq_len, checkpointing=checkpointing, lora_rank=one_rank(lora_rank, "estimate"),
@@ -72,7 +73,7 @@ def estimate(ctx: typer.Context, model: OptModel = None, config: ConfigOpt = Non
                              quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
                              optimizer=optimizer, attn=attn)
     dist = parse_sharding(zero, fsdp, offload)
-    if dist or {"gpus", "nodes"} & given_options(ctx):
+    if dist or {"gpus", "nodes"} & given:
         train = train.with_(**{"gpus": gpus, "nodes": nodes, **dist})
     spec = resolve_model(model)
     card = resolve_gpu(gpu) if gpu else None

@@ -134,3 +134,20 @@ def test_phase_switch_with_depth_is_extrapolated_per_phase():
     exact = exact_estimate(spec, cfg)
     assert exact.phase == "optimizer"
     assert abs(exact.peak_allocated_bytes / estimate(spec, cfg).peak_allocated_bytes - 1) < 1e-4
+
+
+def test_trace_command_exits_fast_with_all_output_and_its_code(tmp_path):
+    # `memplan trace` skips the interpreter teardown (os._exit): stdout must still arrive whole, codes unchanged
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "memplan", "trace", "--model", "llama-3.2-1b", "--seq-len", "128",
+                         "--json"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["method"] == "exact"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                               "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 100,
+                               "hidden_act": "no_such_activation"}))
+    bad = subprocess.run([sys.executable, "-m", "memplan", "trace", "--model", str(cfg)], capture_output=True,
+                         text=True, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot build" in bad.stderr

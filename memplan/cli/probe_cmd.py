@@ -16,16 +16,21 @@ from memplan.cli.options import (
     CkptOpt,
     DropoutOpt,
     FreezeOpt,
+    FsdpOpt,
     JsonOpt,
     MethodOpt,
     Model,
+    NodesOpt,
+    OffloadOpt,
     OptimOpt,
     PrecisionOpt,
     RankOpt,
     SeqOpt,
     TargetsOpt,
+    ZeroOpt,
     build_config,
     one_rank,
+    parse_sharding,
 )
 from memplan.errors import ExitCode
 
@@ -43,8 +48,9 @@ def probe(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt = No
           gpu: Annotated[str | None, typer.Option(help="cuda: cap the process to this card size (24GB)")] = None,
           gpu_fraction: Annotated[float | None, typer.Option(help="cuda: cap to this fraction")] = None,
           timeout: Annotated[float, typer.Option(help="seconds before the probe is killed")] = 600.0,
-          gpus: Annotated[int, typer.Option("--gpus", help="ranks: >1 launches torchrun with DDP and reports "
-                                                           "the fullest rank (per-rank peaks in --json)")] = 1,
+          gpus: Annotated[int, typer.Option("--gpus", help="ranks: >1 launches torchrun (DDP, or --zero / --fsdp) "
+                                                           "and reports the fullest rank (per-rank in --json)")] = 1,
+          nodes: NodesOpt = 1, zero: ZeroOpt = None, fsdp: FsdpOpt = None, offload: OffloadOpt = None,
           no_cache: Annotated[bool, typer.Option("--no-cache", help="run even if a result is cached")] = False,
           json_out: JsonOpt = False) -> None:
     """Run a few real training steps in an isolated process and measure peak memory and throughput."""
@@ -62,7 +68,8 @@ def probe(model: Model, method: MethodOpt = "lora", precision: PrecisionOpt = No
                          seq_len=seq_len, checkpointing=checkpointing, lora_rank=one_rank(lora_rank, "probe"),
                          lora_alpha=lora_alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
                          quant_bits=quant_bits, freeze_trainable_layers=freeze_trainable_layers,
-                         optimizer=optimizer, attn=attn).with_(gpus=gpus)
+                         optimizer=optimizer, attn=attn).with_(gpus=gpus, nodes=nodes,
+                                                               **parse_sharding(zero, fsdp, offload))
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cpu" and (gpu or gpu_fraction):

@@ -13,13 +13,17 @@ from memplan.cli.options import (
     CkptOpt,
     DropoutOpt,
     FreezeOpt,
+    FsdpOpt,
     JsonOpt,
     MethodOpt,
     Model,
+    NodesOpt,
+    OffloadOpt,
     PrecisionOpt,
     RankOpt,
     SeqOpt,
     TargetsOpt,
+    ZeroOpt,
     search_config,
 )
 from memplan.errors import ExitCode
@@ -29,8 +33,9 @@ from memplan.errors import ExitCode
 def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the card to fit (size, name, auto)")]
          = None, method: MethodOpt = "lora", precision: PrecisionOpt = None,
          global_batch: Annotated[int, typer.Option("--global-batch", help="micro x accum x GPUs, kept exact")] = 16,
-         gpus: Annotated[int, typer.Option("--gpus", help="data-parallel ranks: probes run under torchrun (DDP)")]
-         = 1,
+         gpus: Annotated[int, typer.Option("--gpus", help="data-parallel ranks: probes run under torchrun (DDP, or "
+                                                          "--zero / --fsdp)")] = 1,
+         nodes: NodesOpt = 1, zero: ZeroOpt = None, fsdp: FsdpOpt = None, offload: OffloadOpt = None,
          seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None, lora_rank: RankOpt = None,
          lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None,
          quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
@@ -78,10 +83,10 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
         raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
     if n_probes <= 0 or gpus <= 0:
         raise ConfigError("--n-probes and --gpus must be positive")
-    base = base.with_(gpus=gpus)
-    from memplan.spec.train import Sharding
+    from memplan.cli.options import parse_sharding
 
-    space = {**space, "shardings": [Sharding.NONE]}  # probes run DDP; ZeRO / FSDP are estimated, not probed
+    base = base.with_(gpus=gpus, nodes=nodes, **parse_sharding(zero, fsdp, offload))
+    space = {**space, "shardings": [base.sharding]}  # the engine the user runs; fit --gpus compares engines
     spec = resolve_model(model)
     usable = usable_bytes(card, margin)
     popts = ProbeOptions(steps=steps, warmup=1, device=device, timeout_s=probe_timeout,

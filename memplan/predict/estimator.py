@@ -18,7 +18,7 @@ from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Attention, Method, Sharding, TrainConfig
+from memplan.spec.train import Attention, Method, Precision, Sharding, TrainConfig
 
 FP32 = 4
 
@@ -32,6 +32,10 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
     lay = Layout.of(spec, train, device)
+    if train.sharding.is_deepspeed and train.precision in (Precision.BF16, Precision.FP16):
+        # DeepSpeed's own mixed precision: the module itself is half (no autocast, no fp32 weights on it); the
+        # fp32 copies live in the optimizer's partition (sharding.py)
+        lay = Layout.of(spec, train.with_(precision=Precision.PURE_BF16), device)
     _check_targets(lay)
     rs = rank_states(lay, model_states(lay))
     st = rs.states
@@ -68,7 +72,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     grad_logits = n * v * (FP32 if c == FP32 else c)  # the logits' gradient, back in the compute dtype
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + head.norm_bytes + ce_fwd,
-        "backward": kept + max(
+        "backward": kept + rs.backward_bucket_bytes + max(
             head.norm_bytes + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
             head.norm_bytes + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
@@ -77,7 +81,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         - (0 if rs.gathered_in_step else rs.gathered_bytes),
         # end of backward with tied embeddings trained: the embedding's dense (V, H) gradient and its sum with
         # the lm_head gradient already in .grad (AccumulateGrad adds out of place here)
-        "backward end": base + (0 if train.grad_accum > 1 else st.gradients_bytes) + _tied_embedding_extra(lay),
+        "backward end": base + rs.backward_bucket_bytes + (0 if train.grad_accum > 1 else st.gradients_bytes)
+        + _tied_embedding_extra(lay),
     }
     phase = max(moments, key=moments.__getitem__)
     peak = moments[phase]
@@ -161,8 +166,10 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
               "paged_adamw_8bit": "2 states x (1 B + 4 B absmax / 256), paged"}[tr.optimizer.value]
     terms = [Term(name="weights", bytes=st.weights_bytes, explain=w_explain),
              Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain=states)]
-    if rs.gathered_bytes or rs.bucket_bytes:
-        terms.append(Term(name="sharding", bytes=rs.gathered_bytes + rs.bucket_bytes,
+    if rs.gathered_bytes or rs.bucket_bytes or rs.backward_bucket_bytes:
+        gathered = rs.gathered_bytes if phase != "optimizer" or rs.gathered_in_step else 0
+        terms.append(Term(name="sharding", bytes=gathered + rs.bucket_bytes
+                          + (rs.backward_bucket_bytes if phase == "backward" else 0),
                           explain=f"{rs.explain}: gathered parameters {rs.gathered_bytes:,} B + communication "
                                   f"buckets {rs.bucket_bytes:,} B"))
     elif lay.train.sharding is not Sharding.NONE or lay.train.gpus > 1:

@@ -6,8 +6,9 @@ one rank holds, plus the communication buffers and gathered parameters the frame
 DeepSpeed runs its own mixed precision: with bf16/fp16 the module itself is half (2 B/param) and the optimizer
 holds fp32 master weights, fp32 gradients and states for its partition. Per trainable parameter (DeepSpeed's
 `estimate_zero2_model_states_mem_needs`): 2 (half params) + 18 / N = 2 half grads + 4 fp32 grads + 4 master + 8
-Adam states; ZeRO-1 keeps the half grads whole (2 + 2 + 16 / N); ZeRO-3 partitions the half params too and
-gathers the largest layer with its half grads (`estimate_zero3_model_states_mem_needs`: 4 x largest + 18 / N).
+Adam states; ZeRO-3 partitions the half params too and gathers the largest layer with its half grads
+(`estimate_zero3_model_states_mem_needs`: 4 x largest + 18 / N). Those formulas are the model states; _deepspeed
+adds when each part is alive and DeepSpeed's buffers, as measured on real ranks (tests/test_scale.py).
 torch FSDP (as HF Trainer / accelerate set it up) keeps the flat parameters in their own dtype (fp32 under AMP),
 shards params, grads and states over the shard group, and gathers each wrapped decoder layer in the compute dtype.
 """
@@ -18,11 +19,10 @@ from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.predict.weights import ModelStates
-from memplan.spec.train import Offload, Optimizer, Precision, Sharding
+from memplan.spec.train import Offload, Optimizer, Precision, Sharding, TrainConfig
 
 DS_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed zero_optimization.reduce_bucket_size default
-DS_ALLGATHER_BUCKET = 500_000_000  # elements: allgather_bucket_size default (ZeRO-1/2 updated params)
-DS_PREFETCH_BUCKET = 50_000_000  # elements: stage3_prefetch_bucket_size default
+DS_MAX_LIVE_PARAMS = 1_000_000_000  # stage3_max_live_parameters default (also in LLaMA-Factory's configs)
 DDP_BUCKET_MB = 25  # torch DDP bucket_cap_mb default (the buckets together copy every gradient)
 
 
@@ -38,6 +38,8 @@ class RankStates:
     host_bytes: int  # CPU memory per node for offloaded states / params
     explain: str
     layer_backward_bytes: int = 0  # FSDP: one more gathered layer and its unsharded grads inside a layer's backward
+    backward_bucket_bytes: int = 0  # alive from the first backward to the step only (ZeRO-1/2 ipg buffer)
+    ds_grad_bytes: int = 0  # DeepSpeed: the gradients its estimators count (ZeRO-1/2 half + fp32, ZeRO-3 fp32)
     gathered_in_step: bool = True  # False: everything is resharded before the optimizer step (FSDP)
 
 
@@ -64,7 +66,8 @@ def model_state_bytes(lay: Layout, st: ModelStates) -> tuple[int, int]:
     """(GPU bytes per rank, host bytes per node) of model states alone: the quantity DeepSpeed's estimators give
     (no activations, buckets or temporaries)."""
     rs = rank_states(lay, st)
-    gpu = rs.states.weights_bytes + rs.states.gradients_bytes + rs.states.optimizer_states_bytes
+    grads = rs.ds_grad_bytes if lay.train.sharding.is_deepspeed else rs.states.gradients_bytes
+    gpu = rs.states.weights_bytes + grads + rs.states.optimizer_states_bytes
     if lay.train.sharding is Sharding.ZERO3:  # DeepSpeed counts the largest layer's half params + half grads
         gpu += 2 * largest_unit_params(lay) * _half(lay)
     return gpu, rs.host_bytes
@@ -86,6 +89,12 @@ def rank_states(lay: Layout, st: ModelStates) -> RankStates:
                       explain=what)
 
 
+def ds_reduce_bucket(tr: TrainConfig, hidden_size: int) -> int:
+    """reduce_bucket_size in elements: the DeepSpeed JSON's, or what HF Trainer fills for "auto" (hidden_size^2,
+    transformers.integrations.deepspeed)."""
+    return tr.ds_reduce_bucket if tr.ds_reduce_bucket is not None else hidden_size * hidden_size
+
+
 def _fp32_states(lay: Layout, st: ModelStates) -> int:
     """Optimizer states over fp32 partitions (DeepSpeed's optimizer always steps fp32 master weights)."""
     width = 2 if lay.train.precision is Precision.PURE_BF16 else 4
@@ -95,47 +104,56 @@ def _fp32_states(lay: Layout, st: ModelStates) -> int:
 
 
 def _deepspeed(lay: Layout, st: ModelStates) -> RankStates:
+    """DeepSpeed 0.19 as measured on real ranks (CPU accelerator, gloo; memplan.probe.parallel): the module in
+    the half dtype, an fp32 partition the optimizer steps (a copy even in fp32) with its Adam states; gradients
+    reduced in buckets into this rank's partition as backward runs (ZeRO-1 like ZeRO-2, except that it keeps
+    whole gradients while accumulating micro-steps) and turned into fp32 for the step; the contiguous-gradients
+    (ipg) buffer of reduce_bucket_size elements, from backward to the step. ZeRO-3 keeps that buffer and a
+    flat gradient partition for the whole run, and up to stage3_max_live_parameters gathered from forward
+    through backward (parameters reused within stage3_max_reuse_distance stay gathered)."""
     tr, n = lay.train, shard_group(lay)
     half = _half(lay)
-    mixed = half == 2
     t, f = st.trainable_params, st.frozen_params
     frozen = st.weights_bytes - t * lay.trainable_width  # frozen/quantized base + buffers, as loaded
-    master = 4 * t if mixed else 0  # fp32 master weights
-    grad32 = 4 * t if mixed else 0  # fp32 gradient partition
+    reduce = ds_reduce_bucket(tr, lay.spec.hidden_size)
+    master = 4 * t  # fp32 partition the optimizer steps
     states = _fp32_states(lay, st)
-    partitioned = master + grad32 + states  # 16 B/param with AdamW under mixed precision
+    grad_part = _ceil(t * half, n)  # reduced gradients of this rank's partition, in the module's dtype
+    grad32 = _ceil(4 * t, n)  # the fp32 gradients the optimizer steps (made from grad_part)
+    ipg = reduce * half if t else 0
+    offload = tr.offload is not Offload.NONE
     if tr.sharding is Sharding.ZERO3:
         weights = _ceil(t * half + frozen, n)
-        grads = 0  # half grads exist per layer only: in the gathered term
-        gathered = 2 * largest_unit_params(lay) * half
-        bucket = min(DS_PREFETCH_BUCKET, t + f) * half + min(DS_REDUCE_BUCKET, t) * half
-        step_extra = 0
+        grads, backward_bucket = 0, 0
+        bucket = ipg + (0 if offload else grad_part)  # allocated at initialisation
+        gathered = max(min(DS_MAX_LIVE_PARAMS, t + f), largest_unit_params(lay)) * half
+        step_extra = 0 if offload else grad32
     else:
         weights = t * half + frozen
-        grads = t * half if tr.sharding is Sharding.ZERO1 else _ceil(t * half, n)
-        gathered = 0
-        bucket = min(DS_REDUCE_BUCKET, t) * half
-        step_extra = min(DS_ALLGATHER_BUCKET, t) * half
+        # ZeRO-1 accumulating over micro-steps keeps whole gradients until the boundary (measured)
+        whole = tr.sharding is Sharding.ZERO1 and tr.grad_accum > 1
+        grads = 0 if offload else t * half if whole else grad_part  # offload: streamed to the CPU optimizer
+        bucket, backward_bucket, gathered = 0, ipg, 0
+        step_extra = 0 if offload else max(grad32 - grads, 0)  # half gradients become fp32 ones
     host = 0
-    if tr.offload is not Offload.NONE:  # the optimizer's partition lives in host memory
-        host = partitioned * tr.gpus_per_node // n if n > 1 else partitioned
+    partitioned = _ceil(master + states, n)
+    if offload:  # the optimizer's partition (fp32 master, grads and states) lives in host memory
+        host = _ceil(master + 4 * t + states, n) * tr.gpus_per_node
         partitioned = 0
-        if tr.sharding is not Sharding.ZERO3:
-            grads = 0  # half grads stream through the buckets to the CPU optimizer
     if tr.offload is Offload.PARAMS:
         host += weights * tr.gpus_per_node
         weights = 0
     ranked = ModelStates(
         weights_bytes=weights, trainable_params=t, frozen_params=f, quantized_params=st.quantized_params,
-        gradients_bytes=grads, optimizer_states_bytes=_ceil(partitioned, n),
-        optimizer_step_bytes=0 if tr.offload is not Offload.NONE else _ceil(st.optimizer_step_bytes, n),
+        gradients_bytes=grads, optimizer_states_bytes=partitioned,
+        optimizer_step_bytes=0 if offload else _ceil(st.optimizer_step_bytes * 4 // lay.trainable_width, n),
         autocast_cache_bytes=0, autocast_layer_bytes=0,  # the module is already half: nothing to cast
         largest_linear=st.largest_linear)
-    what = (f"DeepSpeed {tr.sharding.value} over {n} ranks: {half} B params"
-            + (" + 16 B/param (fp32 master, grads, Adam) partitioned" if mixed else "")
-            + (f", offload {tr.offload.value}" if tr.offload is not Offload.NONE else ""))
+    what = (f"DeepSpeed {tr.sharding.value} over {n} ranks: {half} B params, fp32 partition + states, "
+            f"ipg buffer {reduce:,} elements" + (f", offload {tr.offload.value}" if offload else ""))
     return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=bucket, step_extra_bytes=step_extra,
-                      host_bytes=host, explain=what)
+                      host_bytes=host, explain=what, backward_bucket_bytes=backward_bucket,
+                      gathered_in_step=False, ds_grad_bytes=0 if offload else grads + grad32)
 
 
 def _fsdp(lay: Layout, st: ModelStates) -> RankStates:

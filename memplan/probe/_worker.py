@@ -4,13 +4,13 @@
     torchrun --nproc-per-node N -m memplan.probe._worker REQUEST.json RESULT.json   # each rank: RESULT.json.rankR
 
 Runs in a fresh interpreter so that a CUDA OOM, a crash or a hang never harms the caller. Progress goes to stderr
-as `memplan-progress: <stage>` lines. Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (gloo on CPU,
-nccl on CUDA) after measuring starts, so its gradient buckets are counted, and every rank writes its own result.
+as `memplan-progress: <stage>` lines. Under torchrun the model is wrapped in DDP, FSDP2 or DeepSpeed ZeRO
+(memplan.probe.parallel; gloo on CPU, nccl on CUDA) after measuring starts, so buckets and shards are counted, and
+every rank writes its own result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from memplan.probe import parallel
 from memplan.probe.result import ProbeResult, ProbeStatus
-from memplan.probe.truth import reference_step
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import train_from_dict
 from memplan.trace.build import build_model, build_optimizer
@@ -47,24 +47,13 @@ def run(req: dict[str, Any], report: Callable[[str], None] = progress) -> ProbeR
     tracker = LiveBytes(capacity_bytes=req.get("capacity_bytes"))
     tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids])
     with tracker:
-        model = _data_parallel(model, train, "cpu")
-        optimizer = build_optimizer(model, train)
-        times, losses = _steps(model, optimizer, train, ids, req, lambda: None, report)
+        wrapped = parallel.wrap(model, train, "cpu", lambda m: build_optimizer(m, train))
+    del model
+    if wrapped.reset_peak:
+        tracker.reset_peak()
+    with tracker:
+        times, losses = _steps(wrapped, train, ids, req, lambda: None, report)
     return _result(train, "cpu", times, losses, tracker.peak, tracker.peak)
-
-
-def _data_parallel(model: Any, train: Any, device: str) -> Any:
-    """Under torchrun: DDP over the process group (the only multi-GPU wrapper probes run so far)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return model
-    import torch.distributed as dist
-
-    if train.sharding.value != "none":
-        raise RuntimeError(f"probes under torchrun run DDP only; {train.sharding.value} is estimated, not probed")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo" if device == "cpu" else "nccl")
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
 
 
 def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any], report: Callable[[str], None]) -> ProbeResult:
@@ -77,17 +66,21 @@ def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any], report: Callable
     elif req.get("gpu_fraction"):
         torch.cuda.set_per_process_memory_fraction(req["gpu_fraction"])
     report("build")
-    model = build_model(spec, train, device="cuda")
+    host_built = train.sharding.value != "none"  # FSDP / DeepSpeed move a model built on the host
+    model = build_model(spec, train, device="cpu" if host_built else "cuda")
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
-    model = _data_parallel(model, train, "cuda")
-    optimizer = build_optimizer(model, train)
-    times, losses = _steps(model, optimizer, train, ids, req, torch.cuda.synchronize, report)
+    wrapped = parallel.wrap(model, train, "cuda", lambda m: build_optimizer(m, train))
+    del model
+    if wrapped.reset_peak:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = _steps(wrapped, train, ids, req, torch.cuda.synchronize, report)
     return _result(train, torch.cuda.get_device_name(0), times, losses, torch.cuda.max_memory_allocated(),
                    torch.cuda.max_memory_reserved(), _nvml_used())
 
 
-def _steps(model: Any, optimizer: Any, train: Any, ids: Any, req: dict[str, Any], sync: Any,
+def _steps(wrapped: parallel.Wrapped, train: Any, ids: Any, req: dict[str, Any], sync: Any,
            report: Callable[[str], None]) -> tuple[list, list]:
     times, losses = [], []
     total = req["warmup"] + req["steps"]
@@ -95,7 +88,7 @@ def _steps(model: Any, optimizer: Any, train: Any, ids: Any, req: dict[str, Any]
         report(f"{'warm-up' if i < req['warmup'] else 'step'} {i + 1}/{total}")
         sync()
         t0 = time.perf_counter()
-        losses += reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1)
+        losses += wrapped.step(ids)
         sync()
         if i >= req["warmup"]:
             times.append(time.perf_counter() - t0)
@@ -123,7 +116,7 @@ def _nvml_used() -> int | None:
 
 def main(argv: list[str]) -> int:
     request, result = Path(argv[0]), Path(argv[1])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "LOCAL_RANK" in os.environ:  # under torchrun: one result per rank
         result = result.with_name(f"{result.name}.rank{os.environ.get('RANK', '0')}")
     req = json.loads(request.read_text())
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.probe import cache
+from memplan.probe.parallel import check_probeable
 from memplan.probe.oom import classify_failure
 from memplan.probe.result import ProbeResult, ProbeStatus
 from memplan.spec.model import ModelSpec
@@ -50,6 +51,7 @@ def probe(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions | None = None,
         from memplan.errors import ConfigError
 
         raise ConfigError("--steps must be positive and --warmup not negative")
+    check_probeable(train, opts.device)
     request = request_for(spec, train, opts)
     key = cache.cache_key(request, _device_name(opts.device))
     if opts.use_cache and (hit := cache.load(key)) is not None:
@@ -67,7 +69,8 @@ def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[
         req_path, res_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req_path.write_text(json.dumps(request))
         ranks = int(request.get("train", {}).get("gpus", 1))
-        if argv is None and ranks > 1:  # one process per GPU, as the training would run
+        ranked = ranks > 1 or request.get("train", {}).get("sharding", "none") != "none"  # needs a process group
+        if argv is None and ranked:  # one process per GPU, as the training would run
             argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                     "-m", "memplan.probe._worker"]
         cmd = (argv or [sys.executable, "-m", "memplan.probe._worker"]) + [str(req_path), str(res_path)]
@@ -86,7 +89,7 @@ def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[
                                error=f"probe did not finish within {timeout_s:g} s")
         reader.join(timeout=5)
         text = "".join(tail)
-        if ranks > 1:
+        if ranked:
             merged = _merge_ranks([res_path.with_name(f"{res_path.name}.rank{r}") for r in range(ranks)])
             if merged is not None:
                 return merged

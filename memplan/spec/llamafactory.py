@@ -123,10 +123,11 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
 
 
 def deepspeed_sharding(ds_path: str, relative_to: Path) -> dict[str, Any]:
-    """A DeepSpeed JSON -> TrainConfig fields: zero_optimization.stage and its offload_optimizer / offload_param
-    devices. The path is tried as written, then beside the YAML; a missing file is a ConfigError."""
+    """A DeepSpeed JSON -> TrainConfig fields: zero_optimization.stage, its offload_optimizer / offload_param
+    devices and reduce_bucket_size. The path is tried as written, then beside the YAML; a missing file is a ConfigError."""
     import json
 
+    from memplan.predict.sharding import DS_REDUCE_BUCKET
     from memplan.spec.train import Offload, Sharding
 
     candidates = [Path(ds_path), relative_to / ds_path]
@@ -139,6 +140,13 @@ def deepspeed_sharding(ds_path: str, relative_to: Path) -> dict[str, Any]:
         raise ConfigError(f"deepspeed {ds_path}: not a DeepSpeed JSON config") from None
     stage = int(zero.get("stage", 0))
     out: dict[str, Any] = {"sharding": Sharding.NONE if stage == 0 else Sharding(f"zero{stage}")}
+    bucket = zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)  # absent: DeepSpeed's default; auto: HF fills it
+    if bucket != "auto":
+        try:
+            out["ds_reduce_bucket"] = int(float(bucket))
+        except (TypeError, ValueError):
+            raise ConfigError(f"deepspeed {ds_path}: zero_optimization.reduce_bucket_size must be a number or auto, "
+                              f"got {bucket!r}") from None
     if str(zero.get("offload_param", {}).get("device", "none")) in ("cpu", "nvme"):
         out["offload"] = Offload.PARAMS
     elif str(zero.get("offload_optimizer", {}).get("device", "none")) in ("cpu", "nvme"):

@@ -90,6 +90,9 @@ class TrainConfig:
     nodes: int = 1
     sharding: Sharding = Sharding.NONE
     offload: Offload = Offload.NONE
+    # DeepSpeed zero_optimization.reduce_bucket_size in elements; None = "auto", which HF Trainer fills with
+    # hidden_size^2 (LLaMA-Factory's example DeepSpeed configs say auto)
+    ds_reduce_bucket: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,6 +100,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        bucket = self.ds_reduce_bucket
+        if bucket is not None and (not isinstance(bucket, int) or isinstance(bucket, bool) or bucket <= 0):
+            problems.append(f"DeepSpeed reduce_bucket_size must be a positive integer or auto, got {bucket!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.quant_bits not in (4, 8):

@@ -134,10 +134,15 @@ def _fully_shard(model: Any, mesh: Any, train: TrainConfig) -> None:
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype(train), reduce_dtype=torch.float32) if amp else \
         MixedPrecisionPolicy()
     reshard = train.sharding.value != "shard_grad_op"
+    kw: dict[str, Any] = {"reshard_after_forward": reshard, "mp_policy": policy}
+    if train.offload.value != "none":  # probes on CUDA (the trace refuses offload): shards live on the host
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kw["offload_policy"] = CPUOffloadPolicy()
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+            fully_shard(module, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
 
 
 def _create_optimizer_states(model: Any, optimizer: Any) -> None:

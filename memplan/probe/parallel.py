@@ -1,0 +1,152 @@
+"""Probe ranks under torchrun: wrap the model the way the training framework would, then step it.
+
+- plain DDP (`--gpus N`): torch DistributedDataParallel; its gradient buckets are counted.
+- FSDP (`--fsdp full_shard|shard_grad_op|hybrid_shard|no_shard`): FSDP2 `fully_shard` on each decoder layer and
+  the root, as HF Trainer / accelerate apply it (the same wrapping the exact mode traces). hybrid_shard shards
+  inside a node and replicates across `--nodes`; no_shard replicates on every rank.
+- DeepSpeed ZeRO (`--zero 1|2|3`): `deepspeed.initialize` with memplan's optimizer as the client optimizer and
+  the bucket sizes the estimator assumes (HF Trainer's "auto" fill unless set). On CPU, DeepSpeed's cpu
+  accelerator (gloo).
+
+The peak restarts after FSDP / DeepSpeed have wrapped the model: they take a model built on the host and put only
+what each rank keeps on its device (on CPU there is one memory, so the full model built first is not counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from memplan.predict.sharding import ds_reduce_bucket
+from memplan.spec.train import Offload, Precision, Sharding, TrainConfig
+
+FSDP = (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD, Sharding.NO_SHARD)
+
+
+@dataclass(slots=True)
+class Wrapped:
+    """The wrapped model and one optimizer step of the reference step on it (returns the micro-steps' losses)."""
+
+    model: Any
+    step: Callable[[Any], list[float]]
+    reset_peak: bool  # the framework moved/partitioned a host-built model: measure from here
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed(train: TrainConfig) -> bool:
+    """Runs under torchrun: several ranks, or a sharding framework (DeepSpeed / FSDP need a process group)."""
+    return train.gpus > 1 or train.sharding is not Sharding.NONE
+
+
+def check_probeable(train: TrainConfig, device: str) -> None:
+    """Refuse what a probe cannot run, before any process starts (one line for the user)."""
+    from memplan.errors import ConfigError
+
+    if device == "cpu" and train.offload is not Offload.NONE:
+        raise ConfigError("offload moves states to host memory: on a cpu probe host and device are one memory; "
+                         "probe offload with --device cuda")
+    if train.sharding is Sharding.HYBRID_SHARD and train.gpus % max(train.nodes, 1):
+        raise ConfigError(f"hybrid_shard: {train.gpus} GPUs do not split over {train.nodes} nodes")
+
+
+def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:
+    """Wrap `model` (built on the host, or on `device` for DDP) for this rank and return its step."""
+    from memplan.probe.truth import reference_step
+
+    if train.sharding.is_deepspeed:
+        return _deepspeed(model, train, device, build_optimizer)
+    if world_size() > 1 or train.sharding is not Sharding.NONE:
+        _init_process_group(device)
+    if train.sharding in FSDP:
+        _fsdp(model, train, device)
+    elif world_size() > 1:
+        import torch
+
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+    optimizer = build_optimizer(model)
+
+    def step(ids: Any) -> list[float]:
+        return reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1)
+
+    return Wrapped(model=model, step=step, reset_peak=train.sharding in FSDP)
+
+
+def _init_process_group(device: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+
+
+def _fsdp(model: Any, train: TrainConfig, device: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from memplan.trace.fake import _fully_shard
+
+    n = world_size()
+    if train.sharding is Sharding.HYBRID_SHARD:  # replicate across nodes, shard inside one
+        shape = (max(train.nodes, 1), n // max(train.nodes, 1))
+    elif train.sharding is Sharding.NO_SHARD:  # every rank a replica: FSDP2's HSDP with shards of one
+        shape = (n, 1)
+    else:
+        shape = (n,)
+    names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
+    mesh = init_device_mesh(device, shape, mesh_dim_names=names)
+    _fully_shard(model, mesh, train)
+
+
+def deepspeed_config(train: TrainConfig, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON HF Trainer would hand DeepSpeed for `train` (its "auto" buckets filled the same way)."""
+    h = hidden_size  # HF's "auto" fill for the ZeRO-3 knobs (transformers.integrations.deepspeed)
+    zero: dict[str, Any] = {"stage": int(train.sharding.value[-1]),
+                            "reduce_bucket_size": ds_reduce_bucket(train, h),
+                            "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                            "stage3_param_persistence_threshold": 10 * h}
+    if train.offload is not Offload.NONE:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if train.offload is Offload.PARAMS:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": train.batch_size,
+                           "gradient_accumulation_steps": train.grad_accum, "zero_optimization": zero,
+                           "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1,
+                           "wall_clock_breakdown": False}
+    if train.precision is Precision.FP16:
+        cfg["fp16"] = {"enabled": True}
+    elif train.precision in (Precision.BF16, Precision.PURE_BF16):
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's cpu accelerator: gloo, host tensors
+    try:
+        import deepspeed
+    except ImportError:
+        raise RuntimeError("--zero probes need DeepSpeed: pip install deepspeed") from None
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=build_optimizer(model),
+                                      config=deepspeed_config(train, model.config.hidden_size))
+
+    def step(ids: Any) -> list[float]:
+        losses = []
+        for _ in range(train.grad_accum):  # the engine scales the loss and steps at the accumulation boundary
+            loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            del loss
+        return losses
+
+    return Wrapped(model=engine, step=step, reset_peak=True)

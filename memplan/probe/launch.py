@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from memplan.probe import cache
-from memplan.probe.parallel import check_probeable
 from memplan.probe.oom import classify_failure
+from memplan.probe.parallel import check_probeable
 from memplan.probe.result import ProbeResult, ProbeStatus
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig

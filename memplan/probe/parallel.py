@@ -39,11 +39,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def distributed(train: TrainConfig) -> bool:
-    """Runs under torchrun: several ranks, or a sharding framework (DeepSpeed / FSDP need a process group)."""
-    return train.gpus > 1 or train.sharding is not Sharding.NONE
-
-
 def check_probeable(train: TrainConfig, device: str) -> None:
     """Refuse what a probe cannot run, before any process starts (one line for the user)."""
     from memplan.errors import ConfigError
@@ -51,8 +46,6 @@ def check_probeable(train: TrainConfig, device: str) -> None:
     if device == "cpu" and train.offload is not Offload.NONE:
         raise ConfigError("offload moves states to host memory: on a cpu probe host and device are one memory; "
                          "probe offload with --device cuda")
-    if train.sharding is Sharding.HYBRID_SHARD and train.gpus % max(train.nodes, 1):
-        raise ConfigError(f"hybrid_shard: {train.gpus} GPUs do not split over {train.nodes} nodes")
 
 
 def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:
@@ -92,7 +85,7 @@ def _fsdp(model: Any, train: TrainConfig, device: str) -> None:
 
     n = world_size()
     if train.sharding is Sharding.HYBRID_SHARD:  # replicate across nodes, shard inside one
-        shape = (max(train.nodes, 1), n // max(train.nodes, 1))
+        shape = (train.nodes, n // train.nodes)
     elif train.sharding is Sharding.NO_SHARD:  # every rank a replica: FSDP2's HSDP with shards of one
         shape = (n, 1)
     else:
@@ -130,7 +123,7 @@ def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Cal
     try:
         import deepspeed
     except ImportError:
-        raise RuntimeError("--zero probes need DeepSpeed: pip install deepspeed") from None
+        raise RuntimeError("--zero probes need DeepSpeed: pip install 'memplan[distributed]'") from None
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

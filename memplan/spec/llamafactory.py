@@ -124,7 +124,8 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
 
 def deepspeed_sharding(ds_path: str, relative_to: Path) -> dict[str, Any]:
     """A DeepSpeed JSON -> TrainConfig fields: zero_optimization.stage, its offload_optimizer / offload_param
-    devices and reduce_bucket_size. The path is tried as written, then beside the YAML; a missing file is a ConfigError."""
+    devices and reduce_bucket_size. The path is tried as written, then beside the YAML; a missing file is a
+    ConfigError."""
     import json
 
     from memplan.predict.sharding import DS_REDUCE_BUCKET

@@ -26,8 +26,7 @@ CONFIGS = {
     "LoRA bf16 ckpt": dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True),
     "full bf16 accum 2": dict(method=Method.FULL, precision=Precision.BF16, checkpointing=False, grad_accum=2),
 }
-SHARDINGS = [Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP,
-             Sharding.NO_SHARD]
+SHARDINGS = [Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP]
 CASES = [("llama", c, s) for c in ("full fp32", "full bf16 ckpt", "LoRA bf16 ckpt") for s in SHARDINGS] + \
     [("llama", "full bf16 accum 2", s) for s in (Sharding.ZERO1, Sharding.ZERO2)] + \
     [("qwen2", "full bf16 ckpt", s) for s in (Sharding.ZERO2, Sharding.ZERO3, Sharding.FULL_SHARD)]
@@ -44,8 +43,7 @@ def main() -> list[dict[str, object]]:
         if res.status.value != "ok":
             raise SystemExit(f"{arch} {label} {sharding.value}: {res.status.value} {res.error}")
         analytic = estimate(spec, train, device="cpu")
-        exact = None if sharding.is_deepspeed or sharding is Sharding.NO_SHARD else \
-            exact_estimate(spec, train).peak_allocated_bytes
+        exact = None if sharding.is_deepspeed else exact_estimate(spec, train).peak_allocated_bytes
         measured = res.peak_allocated_bytes
         rows.append(dict(model=f"tiny-{arch}", config=label, sharding=sharding.value, ranks=2,
                          measured_bytes=measured, rank_bytes=" / ".join(f"{b:,}" for b in res.rank_peak_bytes),
@@ -69,7 +67,9 @@ def write(rows: list[dict[str, object]]) -> None:
              "Command: `python benchmarks/sharded_probes.py` (micro 2, seq 128; DeepSpeed 0.19 with its cpu "
              "accelerator and HF Trainer's \"auto\" buckets; FSDP2 `fully_shard` per decoder layer + root). "
              "Measured = the fullest rank's live-bytes peak after the framework wrapped the host-built model. "
-             "gloo's own temporaries inside collectives are not counted (NCCL has none: see fsdp.md).\n",
+             "gloo's own temporaries inside collectives are not counted, except where a view of one reaches "
+             "Python: its reduce-scatter clones the input, and FSDP2 splits that clone (NCCL makes no copy; "
+             "see the README).\n",
              f"Worst |analytic - measured|: {worst:.2f} %. FSDP exact trace vs measured: worst "
              f"{max(exact):.3f} %.\n",
              "| model | config | sharding | measured B (rank 0 / rank 1) | analytic B | diff | exact B | diff |",

@@ -1,9 +1,9 @@
 """Probe ranks under torchrun: wrap the model the way the training framework would, then step it.
 
 - plain DDP (`--gpus N`): torch DistributedDataParallel; its gradient buckets are counted.
-- FSDP (`--fsdp full_shard|shard_grad_op|hybrid_shard|no_shard`): FSDP2 `fully_shard` on each decoder layer and
-  the root, as HF Trainer / accelerate apply it (the same wrapping the exact mode traces). hybrid_shard shards
-  inside a node and replicates across `--nodes`; no_shard replicates on every rank.
+- FSDP (`--fsdp full_shard|shard_grad_op|hybrid_shard`): FSDP2 `fully_shard` on each decoder layer and the root,
+  as HF Trainer / accelerate apply it (the same wrapping the exact mode traces). hybrid_shard shards inside a node
+  and replicates across `--nodes`. no_shard is FSDP1's DDP-like mode, which FSDP2 does not have: refused.
 - DeepSpeed ZeRO (`--zero 1|2|3`): `deepspeed.initialize` with memplan's optimizer as the client optimizer and
   the bucket sizes the estimator assumes (HF Trainer's "auto" fill unless set). On CPU, DeepSpeed's cpu
   accelerator (gloo).
@@ -23,7 +23,7 @@ from typing import Any
 from memplan.predict.sharding import ds_reduce_bucket
 from memplan.spec.train import Offload, Precision, Sharding, TrainConfig
 
-FSDP = (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD, Sharding.NO_SHARD)
+FSDP = (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD)
 
 
 @dataclass(slots=True)
@@ -46,6 +46,8 @@ def check_probeable(train: TrainConfig, device: str) -> None:
     if device == "cpu" and train.offload is not Offload.NONE:
         raise ConfigError("offload moves states to host memory: on a cpu probe host and device are one memory; "
                          "probe offload with --device cuda")
+    if train.sharding is Sharding.NO_SHARD:
+        raise ConfigError("--fsdp no_shard is FSDP1's DDP-like mode (FSDP2 has none): probe it as DDP, without --fsdp")
 
 
 def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:
@@ -84,12 +86,8 @@ def _fsdp(model: Any, train: TrainConfig, device: str) -> None:
     from memplan.trace.fake import _fully_shard
 
     n = world_size()
-    if train.sharding is Sharding.HYBRID_SHARD:  # replicate across nodes, shard inside one
-        shape = (train.nodes, n // train.nodes)
-    elif train.sharding is Sharding.NO_SHARD:  # every rank a replica: FSDP2's HSDP with shards of one
-        shape = (n, 1)
-    else:
-        shape = (n,)
+    # hybrid_shard: replicate across nodes, shard inside one (FSDP2's HSDP on a 2-D mesh)
+    shape = (train.nodes, n // train.nodes) if train.sharding is Sharding.HYBRID_SHARD else (n,)
     names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
     mesh = init_device_mesh(device, shape, mesh_dim_names=names)
     _fully_shard(model, mesh, train)

@@ -235,7 +235,7 @@ def recheck_exact(res: FitResult, top: int = 3) -> FitResult:
 
     checked = []
     for cand in res.ranked[:top]:
-        fsdp = cand.train.sharding in (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD)
+        fsdp = cand.train.sharding.is_fsdp2
         if (cand.train.gpus > 1 or cand.train.sharding is not Sharding.NONE) and not fsdp or \
                 cand.train.offload is not Offload.NONE:
             checked.append(cand)  # DDP / ZeRO / offload: per-rank memory is analytic only

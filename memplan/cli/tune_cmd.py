@@ -24,6 +24,7 @@ from memplan.cli.options import (
     SeqOpt,
     TargetsOpt,
     ZeroOpt,
+    parse_sharding,
     search_config,
 )
 from memplan.errors import ExitCode
@@ -83,8 +84,6 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
         raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
     if n_probes <= 0 or gpus <= 0:
         raise ConfigError("--n-probes and --gpus must be positive")
-    from memplan.cli.options import parse_sharding
-
     base = base.with_(gpus=gpus, nodes=nodes, **parse_sharding(zero, fsdp, offload))
     space = {**space, "shardings": [base.sharding]}  # the engine the user runs; fit --gpus compares engines
     spec = resolve_model(model)

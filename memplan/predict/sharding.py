@@ -81,7 +81,7 @@ def rank_states(lay: Layout, st: ModelStates) -> RankStates:
     tr = lay.train
     if tr.sharding.is_deepspeed:
         return _deepspeed(lay, st)
-    if tr.sharding in (Sharding.FULL_SHARD, Sharding.HYBRID_SHARD, Sharding.SHARD_GRAD_OP):
+    if tr.sharding.is_fsdp2:
         return _fsdp(lay, st)
     ddp = st.gradients_bytes if tr.gpus > 1 and tr.sharding is Sharding.NONE else 0
     what = f"DDP: gradient buckets ({DDP_BUCKET_MB} MB each) copy every gradient" if ddp else "no sharding"

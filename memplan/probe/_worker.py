@@ -49,7 +49,7 @@ def run(req: dict[str, Any], report: Callable[[str], None] = progress) -> ProbeR
     with tracker:
         wrapped = parallel.wrap(model, train, "cpu", lambda m: build_optimizer(m, train))
     del model
-    if wrapped.reset_peak:
+    if parallel.host_built(train):
         tracker.reset_peak()
     with tracker:
         times, losses = _steps(wrapped, train, ids, req, lambda: None, report)
@@ -66,13 +66,13 @@ def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any], report: Callable
     elif req.get("gpu_fraction"):
         torch.cuda.set_per_process_memory_fraction(req["gpu_fraction"])
     report("build")
-    host_built = train.sharding.value != "none"  # FSDP / DeepSpeed move a model built on the host
+    host_built = parallel.host_built(train)
     model = build_model(spec, train, device="cpu" if host_built else "cuda")
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     wrapped = parallel.wrap(model, train, "cuda", lambda m: build_optimizer(m, train))
     del model
-    if wrapped.reset_peak:
+    if host_built:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, losses = _steps(wrapped, train, ids, req, torch.cuda.synchronize, report)

@@ -23,8 +23,6 @@ from typing import Any
 from memplan.predict.sharding import ds_reduce_bucket
 from memplan.spec.train import Offload, Precision, Sharding, TrainConfig
 
-FSDP = (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD)
-
 
 @dataclass(slots=True)
 class Wrapped:
@@ -32,7 +30,12 @@ class Wrapped:
 
     model: Any
     step: Callable[[Any], list[float]]
-    reset_peak: bool  # the framework moved/partitioned a host-built model: measure from here
+
+
+def host_built(train: TrainConfig) -> bool:
+    """FSDP and DeepSpeed take a model built on the host and put on the device only what each rank keeps: the
+    peak is measured from after wrapping."""
+    return train.sharding is not Sharding.NONE
 
 
 def world_size() -> int:
@@ -58,7 +61,7 @@ def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[
         return _deepspeed(model, train, device, build_optimizer)
     if world_size() > 1 or train.sharding is not Sharding.NONE:
         _init_process_group(device)
-    if train.sharding in FSDP:
+    if train.sharding.is_fsdp2:
         _fsdp(model, train, device)
     elif world_size() > 1:
         import torch
@@ -70,7 +73,7 @@ def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[
     def step(ids: Any) -> list[float]:
         return reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1)
 
-    return Wrapped(model=model, step=step, reset_peak=train.sharding in FSDP)
+    return Wrapped(model=model, step=step)
 
 
 def _init_process_group(device: str) -> None:
@@ -140,4 +143,4 @@ def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Cal
             del loss
         return losses
 
-    return Wrapped(model=engine, step=step, reset_peak=True)
+    return Wrapped(model=engine, step=step)

@@ -55,6 +55,11 @@ class Sharding(str, Enum):
         return self in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
 
     @property
+    def is_fsdp2(self) -> bool:
+        """Wrapped with torch's FSDP2 `fully_shard` (no_shard is FSDP1's DDP-like mode: no FSDP2 equivalent)."""
+        return self in (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD)
+
+    @property
     def shards_params(self) -> bool:
         return self in (Sharding.ZERO3, Sharding.FULL_SHARD, Sharding.HYBRID_SHARD)
 

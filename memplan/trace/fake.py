@@ -92,9 +92,6 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
                  by_module=tracker.peak_by_owner)
 
 
-FSDP = ("full_shard", "shard_grad_op", "hybrid_shard")
-
-
 def _storage_bytes(t: Any) -> int:
     """Bytes a tensor really holds: a DTensor's are its local shard's (its own storage is a placeholder)."""
     local = getattr(t, "_local_tensor", None)
@@ -105,7 +102,7 @@ def _storage_bytes(t: Any) -> int:
 def _fake_process_group(train: TrainConfig):  # noqa: ANN202
     """FSDP configs: torch's fake process group (rank 0 of the shard group; collectives do nothing) and its
     device mesh, built outside FakeTensorMode. Yields None for everything else."""
-    if train.sharding.value not in FSDP:
+    if not train.sharding.is_fsdp2:
         yield None
         return
     import torch.distributed as dist
@@ -293,7 +290,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
-    if train.sharding.value not in FSDP and (train.gpus > 1 or train.sharding.value != "none") or \
+    if not train.sharding.is_fsdp2 and (train.gpus > 1 or train.sharding.value != "none") or \
             train.offload.value != "none":
         raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
                                "per-rank memory under DDP / ZeRO / offload is analytic: drop --exact")
@@ -301,7 +298,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
-    if train.sharding.value in FSDP:  # FSDP's prefetching only settles from three layers on (measured on 7B:
+    if train.sharding.is_fsdp2:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:

@@ -144,6 +144,9 @@ def test_trace_command_exits_fast_with_all_output_and_its_code(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "memplan", "trace", "--model", "llama-3.2-1b", "--seq-len", "128",
                          "--json"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and json.loads(ok.stdout)["method"] == "exact"
+    # cold, the CLI traced its deepest depth in a forked child: the same bytes as this (warm, in-turn) process
+    warm = exact_estimate(resolve_model("llama-3.2-1b"), TrainConfig(seq_len=128))
+    assert json.loads(ok.stdout)["memory"]["peak_allocated_bytes"] == warm.peak_allocated_bytes
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                                "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 100,
@@ -151,3 +154,65 @@ def test_trace_command_exits_fast_with_all_output_and_its_code(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "memplan", "trace", "--model", str(cfg)], capture_output=True,
                          text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot build" in bad.stderr
+
+
+FORK_SCRIPT = """
+import json, os, sys, time
+import memplan.trace.fake as fk
+from memplan.spec.catalog import resolve_model
+from memplan.spec.train import TrainConfig
+
+mode = sys.argv[1]
+
+
+class Unpicklable(Exception):
+    def __init__(self):
+        super().__init__("depth 3 broke")
+        self.hook = lambda: None
+
+
+def trace(spec, train, layers, by_module=False):
+    if layers == 3 and mode == "error":
+        raise ValueError("depth 3 broke")
+    if layers == 3 and mode == "unpicklable":
+        raise Unpicklable()
+    if layers == 3 and mode == "parent-fails":
+        time.sleep(600)
+    if layers == 1 and mode == "parent-fails":
+        raise KeyError("depth 1 broke")
+    return fk.Trace(layers=layers, peak=10 * layers, weights=1, states=2, forward_end=3, trainable=4,
+                    phase="backward", op=str(os.getpid()), by_module={"layers.*": layers})
+
+
+fk.trace_depth = trace
+try:
+    traces = fk._trace_depths(resolve_model("llama-3.2-1b"), TrainConfig(), [1, 2, 3], True)
+except Exception as err:
+    print(json.dumps({"error": type(err).__name__, "message": str(err)}))
+else:
+    print(json.dumps({"pids": [int(t.op) for t in traces], "peaks": [t.peak for t in traces],
+                      "modules": [t.by_module for t in traces], "me": os.getpid(), "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "error", "unpicklable", "parent-fails"])
+def test_a_cold_trace_forks_its_deepest_depth_and_gets_back_the_trace_or_the_error(mode):
+    # a fresh interpreter that has not imported torch: depth 3 runs in a forked child, depths 1 and 2 here
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "fork") or (os.cpu_count() or 1) < 2:
+        pytest.skip("a cold trace forks only where fork and a second CPU exist")
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT, mode], capture_output=True, text=True, check=False,
+                          timeout=120)  # parent-fails: the sleeping child must be killed, not waited for
+    out = json.loads(done.stdout)
+    if mode == "ok":
+        assert out["peaks"] == [10, 20, 30] and out["modules"][2] == {"layers.*": 3} and not out["torch"]
+        assert out["pids"][:2] == [out["me"]] * 2 and out["pids"][2] != out["me"]
+    elif mode == "error":
+        assert out == {"error": "ValueError", "message": "depth 3 broke"}
+    elif mode == "unpicklable":
+        assert out == {"error": "RuntimeError", "message": "Unpicklable: depth 3 broke"}
+    else:
+        assert out == {"error": "KeyError", "message": "'depth 1 broke'"}

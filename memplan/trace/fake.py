@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import pickle
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +93,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
                  forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
-                 op=tracker.peak_op, phase_peaks=dict(tracker.phase_peaks),
+                 op=str(tracker.peak_op), phase_peaks=dict(tracker.phase_peaks),
                  by_module=tracker.peak_by_owner)
 
 
@@ -302,7 +307,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:
-        traces = [trace_depth(spec, traced_train, d, by_module) for d in depths]
+        traces = _trace_depths(spec, traced_train, depths, by_module)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
         raise ConfigError(f"{spec.name}: transformers cannot build or run this config on fake tensors: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
@@ -330,6 +335,45 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
                      cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable,
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
                      method="exact")
+
+
+def _trace_depths(spec: ModelSpec, train: TrainConfig, depths: list[int], by_module: bool) -> list[Trace]:
+    """Trace each depth. Cold (torch not imported yet, one thread, fork and a second CPU available), the deepest
+    depth is traced by a child forked before any import: its imports and trace run on the other core while this
+    process imports and traces the rest. The imports are most of a cold trace's wall time (forking after torch is
+    imported can deadlock, so a warm process traces in turn)."""
+    cold = "torch" not in sys.modules and threading.active_count() == 1 and hasattr(os, "fork")
+    if len(depths) < 2 or not cold or (os.cpu_count() or 1) < 2:
+        return [trace_depth(spec, train, d, by_module) for d in depths]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: trace, send the Trace (or the error) back, leave without running any cleanup
+        os.close(read)
+        try:
+            result: Any = trace_depth(spec, train, depths[-1], by_module)
+        except BaseException as err:  # noqa: BLE001 (re-raised in the parent)
+            result = err
+        try:
+            data = pickle.dumps(result)
+        except Exception:  # noqa: BLE001 an error pickle cannot carry: its type and message
+            data = pickle.dumps(RuntimeError(f"{type(result).__name__}: {result}"))
+        with contextlib.suppress(OSError), os.fdopen(write, "wb") as pipe:
+            pipe.write(data)
+        os._exit(0)
+    os.close(write)
+    try:
+        traces = [trace_depth(spec, train, d, by_module) for d in depths[:-1]]
+        with os.fdopen(read, "rb") as pipe:
+            data = pipe.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running: this process failed first
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    last = pickle.loads(data) if data else RuntimeError("the forked trace died without a result")
+    if isinstance(last, BaseException):
+        raise last
+    return [*traces, last]
 
 
 def _extrapolate(traces: list[Trace], layers: int) -> Trace | None:

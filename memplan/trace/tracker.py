@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 
 OOM_MESSAGE = "memplan: simulated out of memory"
+_DEVICE = torch.ops.prim.device.default
 
 
 class SimulatedOOM(torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError):  # type: ignore[misc]
@@ -35,9 +36,9 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.phase = ""  # set by the caller around forward / backward / optimizer
         self.peak_phase = ""
-        self.peak_op = ""  # the op whose output made the peak
+        self.peak_op: Any = ""  # the op whose output made the peak (an OpOverload: str() it to read)
         self.phase_peaks: dict[str, int] = {}  # the peak inside each phase
-        self._op = ""
+        self._op: Any = ""
         self._nbytes: dict[int, int] = {}  # live storages (by StorageImpl) -> their current size
         self._owner: dict[int, str] = {}
 
@@ -123,8 +124,10 @@ class LiveBytes(TorchDispatchMode):
         super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is _DEVICE:  # C++ asks a fake tensor's device ~1,400 times per traced layer: allocates nothing
+            return func(*args)
         out = func(*args, **(kwargs or {}))
-        self._op = str(func)
+        self._op = func
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._add(t)

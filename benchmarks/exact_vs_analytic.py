@@ -2,7 +2,7 @@
 mode's wall time for a 7B and a 70B model including imports.
 
     python benchmarks/exact_vs_analytic.py   # -> benchmarks/results/exact_vs_analytic.{csv,md}, exact_speed.json
-    python benchmarks/exact_vs_analytic.py --speed-only   # -> exact_speed.json alone
+    python benchmarks/exact_vs_analytic.py --speed-only [--label NAME]   # -> exact_speed.json alone
 """
 
 from __future__ import annotations
@@ -51,15 +51,31 @@ def compare() -> list[dict[str, object]]:
     return rows
 
 
-def speed() -> dict[str, float]:
-    from speed import wall  # benchmarks/speed.py: median wall seconds of fresh interpreters
+def speed(runs: int = 5) -> dict[str, object]:
+    """Median and best wall seconds of fresh interpreters (this machine's timings drift by ~10 % run to run)."""
+    import importlib.metadata
+    import importlib.util
+    import os
 
-    out = {"imports only (torch, transformers + llama model code, peft; exit without teardown, as memplan)": round(
-        wall([sys.executable, "-c", "import os, torch, transformers, peft; from transformers import LlamaForCausalLM;"
-              " os._exit(0)"], runs=3), 2)}
+    from speed import walls  # benchmarks/speed.py: wall seconds of fresh interpreters
+
+    def stats(cmd: list[str]) -> dict[str, float]:
+        times = walls(cmd, runs)
+        return {"median": round(statistics.median(times), 2), "best": round(min(times), 2)}
+
+    imports = "import os, torch, transformers, peft; from transformers import LlamaForCausalLM; os._exit(0)"
+    out: dict[str, object] = {
+        "python": sys.executable, "cpus": os.cpu_count(),
+        "distributions": len(list(importlib.metadata.distributions())),
+        "scipy (transformers imports it when present)": importlib.util.find_spec("scipy") is not None,
+        "imports only (torch, transformers + llama model code, peft; exit without teardown, as memplan)":
+            stats([sys.executable, "-c", imports])}
     for name in SPEED:
-        out[name] = round(wall([sys.executable, "-m", "memplan", "trace", "--model", name, "--seq-len", "2048",
-                                "--json"], runs=3), 2)
+        trace = ["trace", "--model", name, "--seq-len", "2048", "--json"]
+        out[name] = stats([sys.executable, "-m", "memplan", *trace])
+        # the same with the deepest depth traced in turn rather than in a forked child (as on one CPU)
+        out[f"{name}, no fork"] = stats([sys.executable, "-c", "import os, sys; os.cpu_count = lambda: 1; "
+                                         f"sys.argv = ['memplan', *{trace!r}]; from memplan.cli import run; run()"])
     for name in SPEED:  # the trace alone: in this process, imports done, after one warm-up trace
         spec, cfg = resolve_model(name), TrainConfig(seq_len=2048)
         exact_estimate(spec, cfg)
@@ -71,11 +87,17 @@ def speed() -> dict[str, float]:
 
 if __name__ == "__main__":
     RESULTS.mkdir(exist_ok=True)
+    label = sys.argv[sys.argv.index("--label") + 1] if "--label" in sys.argv else "dev"
     walls = speed()
-    (RESULTS / "exact_speed.json").write_text(json.dumps(
-        {"command": " ".join(["python", "benchmarks/exact_vs_analytic.py", *sys.argv[1:]]),
-         "what": "memplan trace --seq-len 2048, fresh interpreter, median wall seconds of 3 runs including "
-         "imports, on a 2-core CPU machine; and the trace alone in-process", "wall_s": walls}, indent=2) + "\n")
+    path = RESULTS / "exact_speed.json"
+    previous = json.loads(path.read_text()).get("environments", {}) if path.exists() else {}
+    path.write_text(json.dumps(
+        {"command": "python benchmarks/exact_vs_analytic.py --speed-only [--label NAME] (per environment: dev = "
+                    "this repo's .[dev] install; clean-venv = a fresh venv with only `pip install torch==2.13.0 "
+                    "-e .[trace]`, run with that venv's python)",
+         "what": "memplan trace --seq-len 2048 in fresh interpreters, wall seconds including imports (median and "
+                 "best of 5), on a 2-core CPU machine; and the trace alone in-process",
+         "environments": {**previous, label: walls}}, indent=2) + "\n")
     if "--speed-only" in sys.argv:
         sys.exit(0)
     table = compare()
@@ -89,7 +111,7 @@ if __name__ == "__main__":
              "Command: `python benchmarks/exact_vs_analytic.py`\n",
              f"{len(table)} configurations of {len({r['model'] for r in table})} catalog models: median |diff| "
              f"{statistics.median(diffs):.3f} %, worst {max(diffs):.3f} %, {len(over)} above 3 %.\n",
-             f"Exact-mode wall time with imports (seq 2048): {walls}\n",
+             f"Exact-mode wall time with imports (seq 2048): see exact_speed.json ({label})\n",
              "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in table]
     (RESULTS / "exact_vs_analytic.md").write_text("\n".join(lines) + "\n")

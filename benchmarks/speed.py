@@ -19,13 +19,19 @@ FIT = [sys.executable, "-m", "memplan", "fit", "--model", "llama-2-7b", "--gpu",
 TORCH = [sys.executable, "-c", "import torch"]
 
 
-def wall(cmd: list[str], runs: int = 5) -> float:
+def walls(cmd: list[str], runs: int = 5) -> list[float]:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=False, capture_output=True)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+    return times
+
+
+def wall(cmd: list[str], runs: int = 5) -> float:
+    return statistics.median(walls(cmd, runs))
 
 
 def per_estimate_us() -> float:

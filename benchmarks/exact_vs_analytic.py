@@ -51,7 +51,7 @@ def compare() -> list[dict[str, object]]:
     return rows
 
 
-def speed(runs: int = 5) -> dict[str, object]:
+def speed(runs: int = 7) -> dict[str, object]:
     """Median and best wall seconds of fresh interpreters (this machine's timings drift by ~10 % run to run)."""
     import importlib.metadata
     import importlib.util
@@ -96,7 +96,7 @@ if __name__ == "__main__":
                     "this repo's .[dev] install; clean-venv = a fresh venv with only `pip install torch==2.13.0 "
                     "-e .[trace]`, run with that venv's python)",
          "what": "memplan trace --seq-len 2048 in fresh interpreters, wall seconds including imports (median and "
-                 "best of 5), on a 2-core CPU machine; and the trace alone in-process",
+                 "best of 7), on a 2-core CPU machine; and the trace alone in-process",
          "environments": {**previous, label: walls}}, indent=2) + "\n")
     if "--speed-only" in sys.argv:
         sys.exit(0)

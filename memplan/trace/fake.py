@@ -362,8 +362,8 @@ def _trace_depths(spec: ModelSpec, train: TrainConfig, depths: list[int], by_mod
         os._exit(0)
     os.close(write)
     try:
-        traces = [trace_depth(spec, train, d, by_module) for d in depths[:-1]]
-        with os.fdopen(read, "rb") as pipe:
+        with os.fdopen(read, "rb") as pipe:  # closed however this ends
+            traces = [trace_depth(spec, train, d, by_module) for d in depths[:-1]]
             data = pipe.read()
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -88,7 +88,7 @@ def speed(runs: int = 7) -> dict[str, object]:
 if __name__ == "__main__":
     RESULTS.mkdir(exist_ok=True)
     label = sys.argv[sys.argv.index("--label") + 1] if "--label" in sys.argv else "dev"
-    walls = speed()
+    timings = speed()
     path = RESULTS / "exact_speed.json"
     previous = json.loads(path.read_text()).get("environments", {}) if path.exists() else {}
     path.write_text(json.dumps(
@@ -97,7 +97,7 @@ if __name__ == "__main__":
                     "-e .[trace]`, run with that venv's python)",
          "what": "memplan trace --seq-len 2048 in fresh interpreters, wall seconds including imports (median and "
                  "best of 7), on a 2-core CPU machine; and the trace alone in-process",
-         "environments": {**previous, label: walls}}, indent=2) + "\n")
+         "environments": {**previous, label: timings}}, indent=2) + "\n")
     if "--speed-only" in sys.argv:
         sys.exit(0)
     table = compare()

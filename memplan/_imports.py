@@ -14,6 +14,7 @@ _EXTRA_OF = {
     "peft": "trace",
     "pynvml": "probe",
     "optuna": "tune",
+    "bitsandbytes": "qlora",
 }
 
 

@@ -130,7 +130,7 @@ def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:
     scores = T(cx.batch * s.num_heads * cx.seq * cx.seq, q.width, rg)
     if rg:
         tp.save(q, k)
-    if s.config.get("attn_logit_softcapping"):
+    if s.attn_softcap:
         scores = tp.saving_output(scores)  # tanh(scores / cap) * cap
     probs = tp.saving_output(scores, width=FP32)  # softmax(dim=-1, dtype=float32)
     probs = tp.cast(probs, q.width)  # .to(query.dtype)
@@ -195,7 +195,7 @@ def _moe(cx: _Ctx, h: T) -> T:
 
 def decoder_layer(cx: _Ctx, x: T) -> T:
     s = cx.lay.spec
-    gemma = s.norms_per_layer == 4
+    gemma = s.family.sandwich_norms
     a = attention(cx, rms_norm(cx, x, s.hidden_size, gemma=gemma))
     if gemma:
         a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
@@ -234,10 +234,10 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     tape = Tape()
     cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
     x = T(n * s.hidden_size, stream_width(lay), True)
-    rms_norm(cx, x, s.hidden_size, gemma=s.norms_per_layer == 4)
+    rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms)
     norm = tape.nbytes
     c = lay.compute_width
-    softcap = n * s.vocab_size * c if s.config.get("final_logit_softcapping") else 0
+    softcap = n * s.vocab_size * c if s.final_softcap else 0
     return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0),  # lm_head saves its input
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,
                      upcast_bytes=n * s.vocab_size * FP32 if c != FP32 else 0, softcap_bytes=softcap)

@@ -18,6 +18,7 @@ from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
+from memplan.spec.optimizers import facts
 from memplan.spec.train import Attention, Method, Precision, Sharding, TrainConfig
 
 FP32 = 4
@@ -159,11 +160,8 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
     w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.frozen_params:,} frozen x "
                  f"{lay.base_width} B" + (f" ({st.quantized_params:,} quantized to {tr.quant_bits}-bit)"
                                           if st.quantized_params else "") + " + buffers")
-    states = {"adamw": "2 states (exp_avg, exp_avg_sq) x param width", "sgd": "none",
-              "sgd_momentum": "1 momentum buffer x param width",
-              "adafactor": "factored second moment: rows + cols per matrix, fp32",
-              "adamw_8bit": "2 states x (1 B + 4 B absmax / 256)",
-              "paged_adamw_8bit": "2 states x (1 B + 4 B absmax / 256), paged"}[tr.optimizer.value]
+    opt = facts(tr.optimizer)
+    states = opt.explain
     terms = [Term(name="weights", bytes=st.weights_bytes, explain=w_explain),
              Term(name="optimizer_states", bytes=st.optimizer_states_bytes, explain=states)]
     if rs.gathered_bytes or rs.bucket_bytes or rs.backward_bucket_bytes:
@@ -177,7 +175,7 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
     if phase == "optimizer":
         terms += [Term(name="gradients", bytes=st.gradients_bytes, explain="trainable params x param width"),
                   Term(name="activations", bytes=0, explain="all freed after backward")]
-        step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if tr.optimizer.value == "adamw" else "step"
+        step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if opt.foreach_copy else "step"
         terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                           explain=f"optimizer.step() temporaries ({step})"))
         return tuple(terms)

@@ -40,7 +40,7 @@ class Layout:
         else:
             lora = frozenset(train.lora_targets)
         return cls(
-            spec=spec, train=train, attn=resolve_attention(spec.model_type, train.attn), amp=amp,
+            spec=spec, train=train, attn=resolve_attention(spec.family, train.attn), amp=amp,
             compute_width=2 if half else 4,
             base_width=trainable_width if full else (2 if half else 4),
             trainable_width=trainable_width,

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.predict.weights import ModelStates
-from memplan.spec.train import Offload, Optimizer, Precision, Sharding, TrainConfig
+from memplan.spec.optimizers import facts
+from memplan.spec.train import Offload, Precision, Sharding, TrainConfig
 
 DS_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed zero_optimization.reduce_bucket_size default
 DS_MAX_LIVE_PARAMS = 1_000_000_000  # stage3_max_live_parameters default (also in LLaMA-Factory's configs)
@@ -98,7 +99,7 @@ def ds_reduce_bucket(tr: TrainConfig, hidden_size: int) -> int:
 def _fp32_states(lay: Layout, st: ModelStates) -> int:
     """Optimizer states over fp32 partitions (DeepSpeed's optimizer always steps fp32 master weights)."""
     width = 2 if lay.train.precision is Precision.PURE_BF16 else 4
-    if lay.train.optimizer in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT, Optimizer.ADAFACTOR):
+    if not facts(lay.train.optimizer).states.follows_param_width:  # 8-bit / fp32 / factored: as they are
         return st.optimizer_states_bytes
     return st.optimizer_states_bytes * 4 // width
 

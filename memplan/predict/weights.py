@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
-from memplan.spec.train import Method, Optimizer
+from memplan.spec.optimizers import States, facts
+from memplan.spec.train import Method
 
 NF4_BLOCK = 64  # bitsandbytes NF4 blocksize; absmax quantized to 8 bits (double quant), 2nd level fp32 per 256
 OPT8_BLOCK = 256  # bitsandbytes 8-bit optimizer state blocksize (fp32 absmax per block)
@@ -79,18 +80,23 @@ def model_states(lay: Layout) -> ModelStates:
 
 def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:
     """(state bytes, step temporary bytes) for `trainable` params whose grads/states have `width` bytes."""
-    opt = lay.train.optimizer
-    if opt is Optimizer.ADAMW:
-        # exp_avg + exp_avg_sq in the param dtype; foreach step: _foreach_sqrt(exp_avg_sq) is one more copy
-        return 2 * trainable * width, trainable * width
-    if opt in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT):
+    opt = facts(lay.train.optimizer)
+    step = trainable * width if opt.foreach_copy else 0  # foreach: _foreach_sqrt(exp_avg_sq) is one more copy
+    rule = opt.states
+    if rule is States.ADAM:
+        return 2 * trainable * width, step  # exp_avg + exp_avg_sq in the param dtype
+    if rule is States.ADAM_FP32:
+        return 2 * trainable * 4, step  # bitsandbytes 32-bit: fp32 states whatever the param dtype
+    if rule is States.ADAM_8BIT:
         # 2 states x (1 B + 4 B absmax / 256); fused kernel, no temporaries
-        return 2 * (trainable + 4 * -(-trainable // OPT8_BLOCK)), 0
-    if opt is Optimizer.SGD:
-        return 0, 0
-    if opt is Optimizer.SGD_MOMENTUM:
-        return trainable * width, 0  # momentum_buffer
-    return _adafactor(lay)
+        return 2 * (trainable + 4 * -(-trainable // OPT8_BLOCK)), step
+    if rule is States.NONE:
+        return 0, step
+    if rule is States.MOMENTUM:
+        return trainable * width, step  # momentum_buffer
+    if rule is States.FACTORED:
+        return _adafactor(lay)
+    raise AssertionError(f"no state rule for {rule}")
 
 
 def _adafactor(lay: Layout) -> tuple[int, int]:

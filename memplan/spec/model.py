@@ -1,7 +1,7 @@
 """ModelSpec: the torch-free dimensions of a decoder LLM, from the shipped catalog, a local config.json or the hub.
 
-Derived fields (head_dim, biases, fused projections, tying) follow what transformers builds for each model_type;
-the per-family facts are in `_FAMILIES`, each with its source.
+Derived fields (head_dim, biases, tying, the sliding window) follow what transformers builds for each model_type;
+the per-family facts are in `memplan.spec.families.FAMILIES`, each with its source.
 """
 
 from __future__ import annotations
@@ -12,25 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import ConfigError
+from memplan.spec.families import Family, family_of, type_of_architecture
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
-
-# Per model_type facts that config.json does not store. Sources: transformers modeling_<type>.py (5.x).
-_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {"qkv_bias": True},  # Qwen2Attention: q/k/v Linear(bias=True), o_proj bias=False
-    "qwen3": {"qk_norm": True},  # Qwen3Attention: q_norm / k_norm RMSNorm(head_dim)
-    # Gemma2: 4 norms/layer, tied, and two eager masks per forward (full + sliding, create_*_mask)
-    "gemma2": {"norms_per_layer": 4, "tied_default": True, "act": "gelu", "mask_types": 2},
-    # Phi3Attention.qkv_proj, Phi3MLP.gate_up_proj; apply_rotary_pos_emb concatenates the rotary part (partial rope)
-    "phi3": {"fused_qkv": True, "fused_gate_up": True, "rope_concat": True},
-    "mixtral": {"moe": True},
-    "qwen3_moe": {"moe": True, "qk_norm": True},
-    "internlm2": {"fused_qkv": True, "remote_code": True},  # wqkv + wo, w1/w3/w2 (trust_remote_code)
-}
-_ARCH_TO_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Linear:
@@ -60,21 +44,47 @@ class ModelSpec:
     intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool
+    family: Family  # what the model_type builds beyond the config (memplan.spec.families)
     qkv_bias: bool = False
-    qk_norm: bool = False
-    fused_qkv: bool = False
-    fused_gate_up: bool = False
-    rope_concat: bool = False  # rope output made by torch.cat: a fresh (B, H, S, D) tensor
-    mask_types: int = 1  # attention masks built per forward (eager materialises each as (B, 1, S, S))
-    norms_per_layer: int = 2
-    act: str = "silu"
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     sliding_window: int | None = None
+    attn_softcap: float | None = None  # Gemma2 attn_logit_softcapping: tanh(scores / cap) * cap
+    final_softcap: float | None = None  # Gemma2 final_logit_softcapping on the logits
     remote_code: bool = False
-    analytic: bool = True  # False: an architecture the formulas do not know (only the exact mode can trace it)
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # ---- family facts ------------------------------------------------------------------------------------------
+    @property
+    def analytic(self) -> bool:
+        """False: an architecture the formulas do not know (only the exact mode can trace it)."""
+        return self.family.analytic
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family.qk_norm
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.family.fused_qkv
+
+    @property
+    def fused_gate_up(self) -> bool:
+        return self.family.fused_gate_up
+
+    @property
+    def rope_concat(self) -> bool:
+        """rope output made by torch.cat: a fresh (B, H, S, D) tensor."""
+        return self.family.rope_concat
+
+    @property
+    def mask_types(self) -> int:
+        return self.family.mask_types
+
+    @property
+    def norms_per_layer(self) -> int:
+        return self.family.norms_per_layer
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
@@ -158,22 +168,21 @@ class ModelSpec:
                    head_dim=hidden // heads if heads else 0,
                    intermediate_size=_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
                    vocab_size=_first(cfg, "vocab_size", default=0),
-                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), analytic=False,
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), family=family_of(mtype),
                    remote_code="auto_map" in cfg,
                    config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"})
 
     @classmethod
     def from_config_dict(cls, cfg: dict[str, Any], *, name: str | None = None) -> ModelSpec:
         """Build from a transformers config.json dict; raises ConfigError naming every missing/bad field."""
-        mtype = cfg.get("model_type") or _ARCH_TO_TYPE.get((cfg.get("architectures") or [""])[0])
+        mtype = cfg.get("model_type") or type_of_architecture((cfg.get("architectures") or [""])[0])
         label = name or cfg.get("_name_or_path") or "config.json"
-        if mtype and mtype not in _FAMILIES:
-            return cls._generic(cfg, mtype, str(name or label))
         if not mtype:
             raise ConfigError(f"{label}: config.json has no model_type; add one (e.g. \"model_type\": \"llama\")")
-        fam = _FAMILIES[mtype]
-        required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
-        required += ["moe_intermediate_size" if mtype == "qwen3_moe" else "intermediate_size"]
+        fam = family_of(mtype)
+        if not fam.analytic:
+            return cls._generic(cfg, mtype, str(name or label))
+        required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]
         problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in required
                      if k in cfg and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] <= 0)]
@@ -184,11 +193,13 @@ class ModelSpec:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         if heads % kv:
             raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-        experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.get("moe") else 0
+        experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
         tied = cfg.get("tie_word_embeddings")
+        bias = fam.qkv_bias if fam.qkv_bias is not None else cfg.get("attention_bias", fam.attention_bias_default)
         return cls(
             name=name or cfg.get("_name_or_path") or mtype,
             model_type=mtype,
+            family=fam,
             hidden_size=cfg["hidden_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
@@ -196,30 +207,25 @@ class ModelSpec:
             head_dim=head_dim,
             intermediate_size=cfg.get("intermediate_size", 0),
             vocab_size=cfg["vocab_size"],
-            tie_word_embeddings=bool(fam.get("tied_default", False) if tied is None else tied),
-            qkv_bias=bool(fam.get("qkv_bias", cfg.get("attention_bias", False))),
-            qk_norm=bool(fam.get("qk_norm", False)),
-            fused_qkv=bool(fam.get("fused_qkv", False)),
-            fused_gate_up=bool(fam.get("fused_gate_up", False)),
-            rope_concat=bool(fam.get("rope_concat", False)),
-            mask_types=fam.get("mask_types", 1),
-            norms_per_layer=fam.get("norms_per_layer", 2),
-            act=fam.get("act", "silu"),
+            tie_word_embeddings=bool(fam.tied_default if tied is None else tied),
+            qkv_bias=bool(bias),
             num_experts=experts,
             experts_per_token=(cfg.get("num_experts_per_tok") or 0) if experts else 0,
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
             if experts else 0,
-            sliding_window=_sliding_window(cfg, mtype),
-            remote_code=bool(fam.get("remote_code", False)),
+            sliding_window=_sliding_window(cfg, fam),
+            attn_softcap=cfg.get("attn_logit_softcapping") or None,
+            final_softcap=cfg.get("final_logit_softcapping") or None,
+            remote_code=fam.remote_code,
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
         )
 
 
-def _sliding_window(cfg: dict[str, Any], mtype: str) -> int | None:
-    """The window transformers really applies: Qwen2/3 only with use_sliding_window; MistralConfig defaults 4096."""
-    if mtype in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window"):
+def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:
+    """The window transformers really applies (Qwen2/3 only with use_sliding_window; MistralConfig's default)."""
+    if fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag):
         return None
-    return cfg.get("sliding_window", 4096 if mtype == "mistral" else None)
+    return cfg.get("sliding_window", fam.sliding_window_default)
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

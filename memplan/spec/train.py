@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 
 from memplan.errors import ConfigError
+from memplan.spec.families import Family
+from memplan.spec.optimizers import Optimizer
 
 
 class Method(str, Enum):
@@ -20,15 +22,6 @@ class Precision(str, Enum):
     FP16 = "fp16"  # AMP: fp32 master weights, fp16 autocast (see NOTES §2)
     BF16 = "bf16"  # AMP with bf16
     PURE_BF16 = "pure_bf16"  # weights, grads, states all bf16
-
-
-class Optimizer(str, Enum):
-    ADAMW = "adamw"
-    ADAMW_8BIT = "adamw_8bit"
-    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
-    SGD = "sgd"
-    SGD_MOMENTUM = "sgd_momentum"
-    ADAFACTOR = "adafactor"
 
 
 class Attention(str, Enum):
@@ -164,16 +157,12 @@ def parse_choice(enum: type[Enum], value: str, option: str) -> Enum:
         raise ConfigError(f"unknown {option} {value!r}: choose one of {choices}") from None
 
 
-# model types whose transformers 5.x class refuses sdpa (`_supports_sdpa = False`: softcapping)
-_NO_SDPA = frozenset({"gemma2", "bloom"})
-
-
-def resolve_attention(model_type: str, attn: Attention) -> Attention:
-    """The kernel transformers will really run: AUTO -> sdpa, or eager where sdpa is refused."""
+def resolve_attention(family: Family, attn: Attention) -> Attention:
+    """The kernel transformers will really run: AUTO -> sdpa, or eager where the family refuses sdpa."""
     if attn is Attention.AUTO:
-        return Attention.EAGER if model_type in _NO_SDPA else Attention.SDPA
-    if attn is Attention.SDPA and model_type in _NO_SDPA:
-        raise ConfigError(f"{model_type} does not support --attn sdpa in transformers 5 (softcapping): "
+        return Attention.SDPA if family.sdpa else Attention.EAGER
+    if attn is Attention.SDPA and not family.sdpa:
+        raise ConfigError(f"{family.model_type} does not support --attn sdpa in transformers 5 (softcapping): "
                           "use --attn eager or flash_attention_2")
     return attn
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from memplan._imports import try_import
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Method, Optimizer, Precision, TrainConfig, resolve_attention
+from memplan.spec.optimizers import facts
+from memplan.spec.train import Method, Precision, TrainConfig, resolve_attention
 
 _HALF = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.PURE_BF16: "bfloat16"}
 
@@ -22,7 +23,7 @@ def hf_config(spec: ModelSpec, train: TrainConfig) -> Any:
     cfg.pop("auto_map", None)
     model_type = cfg.pop("model_type", spec.model_type)
     config = transformers.AutoConfig.for_model(model_type, **cfg)
-    config._attn_implementation = resolve_attention(spec.model_type, train.attn).value
+    config._attn_implementation = resolve_attention(spec.family, train.attn).value
     config.use_cache = False
     return config
 
@@ -99,19 +100,7 @@ def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None
 
 
 def build_optimizer(model: Any, train: TrainConfig) -> Any:
-    """The optimizer HF Trainer would create for `optim`, with foreach=True as on a GPU (NOTES §1)."""
-    torch = try_import("torch")
+    """The optimizer HF Trainer would create for `optim` (memplan.spec.optimizers), foreach=True as on a GPU."""
+    module, name, kwargs = facts(train.optimizer).builder
     params = [p for p in model.parameters() if p.requires_grad]
-    if train.optimizer is Optimizer.ADAMW:
-        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=True)
-    if train.optimizer is Optimizer.SGD:
-        return torch.optim.SGD(params, lr=1e-5, foreach=True)
-    if train.optimizer is Optimizer.SGD_MOMENTUM:
-        return torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=True)
-    if train.optimizer is Optimizer.ADAFACTOR:
-        transformers = try_import("transformers")
-        # Trainer's optim=adafactor: scale_parameter=False, relative_step=False
-        return transformers.optimization.Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False)
-    bnb = try_import("bitsandbytes")
-    cls = bnb.optim.PagedAdamW8bit if train.optimizer is Optimizer.PAGED_ADAMW_8BIT else bnb.optim.AdamW8bit
-    return cls(params, lr=1e-5, weight_decay=0.0)
+    return getattr(try_import(module), name)(params, lr=1e-5, **dict(kwargs))

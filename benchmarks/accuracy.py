@@ -80,7 +80,7 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
         for key, enum in (("method", Method), ("precision", Precision), ("optimizer", Optimizer), ("attn", Attention)):
             if key in kw:
                 kw[key] = enum(kw[key])
-        out.append((arch, TrainConfig(**kw)))
+        out.append((arch, TrainConfig().with_(**kw)))
     return out
 
 

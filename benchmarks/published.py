@@ -81,7 +81,7 @@ def main(path: Path) -> str:
     out = []
     for rid, (model, knobs) in ROWS.items():
         r = rows[rid]
-        bd = estimate(resolve_model(model), TrainConfig(**knobs))  # type: ignore[arg-type]
+        bd = estimate(resolve_model(model), TrainConfig().with_(**knobs))  # type: ignore[arg-type]
         key = compared_value(r["metric"])
         est_gib = bd.memory_dict()[key] / 2**30
         measured = float(r["measured_gib"])

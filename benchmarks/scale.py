@@ -58,7 +58,7 @@ def deepspeed_rows() -> list[str]:
                                 (Sharding.ZERO3, (Offload.NONE, Offload.OPTIMIZER, Offload.PARAMS))):
             for n in (8, 64):
                 for off in offloads:
-                    t = TrainConfig(method=Method.FULL, precision=Precision.BF16, gpus=n, nodes=max(1, n // 8),
+                    t = TrainConfig().with_(method=Method.FULL, precision=Precision.BF16, gpus=n, nodes=max(1, n // 8),
                                     sharding=stage, offload=off)
                     lay = Layout.of(spec, t)
                     ours, _ = model_state_bytes(lay, model_states(lay))
@@ -84,7 +84,7 @@ def per_rank() -> list[dict[str, object]]:
                 if n == 1 and shard is Sharding.NONE:
                     t = TrainConfig(method=Method.FULL, precision=Precision.BF16, seq_len=2048)
                 else:
-                    t = TrainConfig(method=Method.FULL, precision=Precision.BF16, seq_len=2048, gpus=n,
+                    t = TrainConfig().with_(method=Method.FULL, precision=Precision.BF16, seq_len=2048, gpus=n,
                                     nodes=max(1, n // 8), sharding=shard, offload=off)
                 row[f"{n} GPUs"] = round(estimate(spec, t).total_bytes / GIB, 1)
             rows.append(row)
@@ -97,7 +97,7 @@ def published() -> tuple[list[str], list[float]]:
     errors = []
     for rid, (name, knobs) in ROWS.items():
         r = rows[rid]
-        t = TrainConfig(**knobs)  # type: ignore[arg-type]
+        t = TrainConfig().with_(**knobs)  # type: ignore[arg-type]
         ours = estimate(resolve_model(name), t).peak_allocated_bytes / GIB
         measured = float(r["measured_gib"])
         err = 100 * (ours / measured - 1)

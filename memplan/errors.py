@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import IntEnum
 
 
@@ -20,12 +22,35 @@ class MemplanError(Exception):
     exit_code = ExitCode.BAD_INPUT
 
 
-class ConfigError(MemplanError):
-    """One or more bad configuration values; collects every problem so the user fixes them all at once."""
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A bad value of one field; `text` has `{}` where the field's name goes, spelled by each front end (a CLI
+    flag, a LLaMA-Factory key, a Python argument)."""
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+    field: str
+    text: str
+
+    def spell(self, names: Mapping[str, str] | None = None) -> str:
+        return self.text.replace("{}", (names or {}).get(self.field) or cli_flag(self.field))
+
+
+def cli_flag(field: str) -> str:
+    """The command-line spelling of a TrainConfig / search field: batch_size -> --batch-size."""
+    return "--" + field.replace("_", "-")
+
+
+class ConfigError(MemplanError):
+    """One or more bad configuration values; collects every problem so the user fixes them all at once.
+    `str()` spells field names as CLI flags; `respelled(names)` as another front end does."""
+
+    def __init__(self, problems: list[str | Problem] | str | Problem):
+        self.keyed = [problems] if isinstance(problems, (str, Problem)) else list(problems)
+        self.problems = [p.spell() if isinstance(p, Problem) else p for p in self.keyed]
         super().__init__("; ".join(self.problems))
+
+    def respelled(self, names: Mapping[str, str], prefix: str = "") -> ConfigError:
+        """The same problems with fields named by `names` (field -> the front end's name), each after `prefix`."""
+        return ConfigError([prefix + (p.spell(names) if isinstance(p, Problem) else p) for p in self.keyed])
 
 
 class UnknownModel(MemplanError):

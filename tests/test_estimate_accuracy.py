@@ -29,7 +29,7 @@ CASES = [
 def errors():
     out = []
     for arch, kw in CASES:
-        cfg = TrainConfig(**{"batch_size": 2, "seq_len": 256, **kw})
+        cfg = TrainConfig().with_(**{"batch_size": 2, "seq_len": 256, **kw})
         truth = measure_cpu_peak(tiny_spec(arch), cfg)
         assert all(loss == loss for loss in truth.losses)  # finite
         out.append(100 * (estimate(tiny_spec(arch), cfg, device="cpu").peak_allocated_bytes / truth.peak_bytes - 1))

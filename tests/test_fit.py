@@ -8,7 +8,7 @@ from memplan.spec.train import Method, Precision, TrainConfig
 
 
 def _fit(model, gpu, method, seq=2048, gb=16, **kw):
-    return fit(resolve_model(model), TrainConfig(method=method, seq_len=seq, **kw), resolve_gpu(gpu),
+    return fit(resolve_model(model), TrainConfig().with_(method=method, seq_len=seq, **kw), resolve_gpu(gpu),
                global_batch=gb)
 
 
@@ -52,7 +52,7 @@ def test_no_bf16_on_t4_and_bad_margin():
 
 def test_indivisible_global_batch():
     with pytest.raises(ConfigError, match="divisible"):
-        fit(resolve_model("llama-2-7b"), TrainConfig(gpus=3), resolve_gpu("24GB"), global_batch=16)
+        fit(resolve_model("llama-2-7b"), TrainConfig().with_(gpus=3), resolve_gpu("24GB"), global_batch=16)
 
 
 def test_attention_list_is_searched_and_flash_refused_on_t4():

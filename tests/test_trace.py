@@ -29,7 +29,7 @@ CASES = [
 
 @pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{k['method'].value}" for a, k in CASES])
 def test_exact_equals_cpu_truth(arch, kw):
-    cfg = TrainConfig(**{"batch_size": 2, "seq_len": 256, **kw})
+    cfg = TrainConfig().with_(**{"batch_size": 2, "seq_len": 256, **kw})
     exact = exact_estimate(tiny_spec(arch), cfg).peak_allocated_bytes
     truth = measure_cpu_peak(tiny_spec(arch), cfg).peak_bytes
     assert abs(exact / truth - 1) <= 0.005, (exact, truth)
@@ -136,6 +136,7 @@ def test_phase_switch_with_depth_is_extrapolated_per_phase():
     assert abs(exact.peak_allocated_bytes / estimate(spec, cfg).peak_allocated_bytes - 1) < 1e-4
 
 
+@pytest.mark.integration
 def test_trace_command_exits_fast_with_all_output_and_its_code(tmp_path):
     # `memplan trace` skips the interpreter teardown (os._exit): stdout must still arrive whole, codes unchanged
     import subprocess
@@ -196,6 +197,7 @@ else:
 
 
 @pytest.mark.parametrize("mode", ["ok", "error", "unpicklable", "parent-fails"])
+@pytest.mark.integration
 def test_a_cold_trace_forks_its_deepest_depth_and_gets_back_the_trace_or_the_error(mode):
     # a fresh interpreter that has not imported torch: depth 3 runs in a forked child, depths 1 and 2 here
     import os

@@ -26,7 +26,7 @@ def emit_json(data: dict[str, Any]) -> None:
 
 def config_dict(spec: ModelSpec, train: TrainConfig) -> dict[str, Any]:
     out = train.to_dict()
-    out["attn"] = resolve_attention(spec.model_type, train.attn).value
+    out["attn"] = resolve_attention(spec.family, train.attn).value
     out["effective_batch"] = train.effective_batch
     return out
 
@@ -94,7 +94,7 @@ def _describe(train: TrainConfig, spec: ModelSpec) -> str:
         parts.append(f"{train.quant_bits}-bit")
     parts += [train.precision.value, f"micro-batch {train.batch_size} x accum {train.grad_accum}",
               f"seq {train.seq_len}", "checkpointing" if train.checkpointing else "no checkpointing",
-              train.optimizer.value, resolve_attention(spec.model_type, train.attn).value]
+              train.optimizer.value, resolve_attention(spec.family, train.attn).value]
     if train.gpus > 1 or train.sharding.value != "none":
         dist = "DDP" if train.sharding.value == "none" else train.sharding.value
         nodes = f" on {train.nodes} nodes" if train.nodes > 1 else ""
@@ -208,18 +208,23 @@ def _knobs(t: TrainConfig) -> str:
 
 def print_trial(rec: Any, best_tokens_per_s: float) -> None:
     """One line per trial while the study runs: configuration, outcome, peak, tokens/s, best so far."""
-    what = {"probe": f"{rec.status:7s}", "predicted-infeasible": "skip: predicted over capacity",
-            "monotone-infeasible": "skip: larger than an OOM", "pruned": "skip: predicted slower"}[rec.source]
-    measured = f" peak {fmt_bytes(rec.peak_bytes)}, {rec.tokens_per_s:,.0f} tokens/s" if rec.source == "probe" \
-        and rec.status == "ok" else ""
+    from memplan.tune.study import TrialSource, TrialStatus
+
+    what = {TrialSource.PROBE: f"{rec.status.value:7s}",
+            TrialSource.PREDICTED_INFEASIBLE: "skip: predicted over capacity",
+            TrialSource.MONOTONE_INFEASIBLE: "skip: larger than an OOM",
+            TrialSource.PRUNED: "skip: predicted slower"}[rec.source]
+    measured = f" peak {fmt_bytes(rec.peak_bytes)}, {rec.tokens_per_s:,.0f} tokens/s" \
+        if rec.source is TrialSource.PROBE and rec.status is TrialStatus.OK else ""
     best = f" | best {best_tokens_per_s:,.0f} tokens/s" if best_tokens_per_s else ""
     console.print(f"#{rec.number:<3d} {_knobs(rec.train)} → {what}{measured}{best}")
 
 
 def tune_json(res: Any, spec: ModelSpec) -> dict[str, Any]:
     def rec(r: Any) -> dict[str, Any]:
-        return {"number": r.number, "config": config_dict(spec, r.train), "source": r.source, "status": r.status,
-                "tokens_per_s": round(r.tokens_per_s, 1), "peak_bytes": r.peak_bytes, "feasible": r.feasible}
+        return {"number": r.number, "config": config_dict(spec, r.train), "source": r.source.value,
+                "status": r.status.value, "tokens_per_s": round(r.tokens_per_s, 1), "peak_bytes": r.peak_bytes,
+                "feasible": r.feasible}
 
     return {"study": res.study_name, "storage": res.storage, "usable_bytes": res.usable_bytes,
             "fits": res.best is not None, "confirmed_by_probe": res.best is not None,
@@ -228,14 +233,17 @@ def tune_json(res: Any, spec: ModelSpec) -> dict[str, Any]:
 
 
 def print_tune(res: Any, spec: ModelSpec, gpu: GPU) -> None:
+    from memplan.tune.study import TrialSource, TrialStatus
+
     console.print(f"study {res.study_name} ({res.probes} probes, {res.ooms} OOM, {len(res.trials)} trials)")
     rows = table(["#", "micro x accum", "precision", "ckpt", "attn", "outcome", "peak", "tokens/s"])
-    for r in sorted(res.trials, key=lambda r: (r.source != "probe", -r.tokens_per_s)):
+    for r in sorted(res.trials, key=lambda r: (r.source is not TrialSource.PROBE, -r.tokens_per_s)):
         t = r.train
         rows.add_row(str(r.number), f"{t.batch_size} x {t.grad_accum}", t.precision.value,
                      "on" if t.checkpointing else "off", t.attn.value,
-                     r.status if r.source == "probe" else r.source, fmt_bytes(r.peak_bytes),
-                     f"{r.tokens_per_s:,.0f}" if r.source == "probe" and r.status == "ok" else "-")
+                     r.status.value if r.source is TrialSource.PROBE else r.source.value, fmt_bytes(r.peak_bytes),
+                     f"{r.tokens_per_s:,.0f}" if r.source is TrialSource.PROBE and r.status is TrialStatus.OK
+                     else "-")
     console.print(rows)
     if res.best is None:
         console.print(f"[red bold]no configuration confirmed[/] on {gpu.name}: nothing probed fits "
@@ -254,11 +262,13 @@ def echo_raw(line: str) -> None:
 
 
 def print_run(result: Any) -> None:
+    from memplan.run.supervisor import RunOutcome
+
     rows = table(["attempt", "configuration", "resumed from", "exit", "status", "time"])
     for a in result.attempts:
-        rows.add_row(str(a.index), _knobs(a.train), a.resumed_from or "-", str(a.returncode), a.status,
+        rows.add_row(str(a.index), _knobs(a.train), a.resumed_from or "-", str(a.returncode), a.status.value,
                      f"{a.duration_s:.0f} s")
     console.print(rows)
-    color = "green" if result.outcome == "finished" else "red"
-    console.print(f"[{color} bold]{result.outcome}[/] after {len(result.attempts)} attempt(s)"
+    color = "green" if result.outcome is RunOutcome.FINISHED else "red"
+    console.print(f"[{color} bold]{result.outcome.value}[/] after {len(result.attempts)} attempt(s)"
                   f"{': ' + result.reason if result.reason else ''} · decisions in {result.log_path}")

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 from memplan.predict.layout import Layout
 from memplan.predict.weights import ModelStates
 from memplan.spec.optimizers import facts
-from memplan.spec.train import Offload, Precision, Sharding, TrainConfig
-
-DS_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed zero_optimization.reduce_bucket_size default
-DS_MAX_LIVE_PARAMS = 1_000_000_000  # stage3_max_live_parameters default (also in LLaMA-Factory's configs)
-DDP_BUCKET_MB = 25  # torch DDP bucket_cap_mb default (the buckets together copy every gradient)
+from memplan.spec.parallel import DDP_BUCKET_MB, DS_MAX_LIVE_PARAMS, Offload, Sharding
+from memplan.spec.train import Precision
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,12 +87,6 @@ def rank_states(lay: Layout, st: ModelStates) -> RankStates:
                       explain=what)
 
 
-def ds_reduce_bucket(tr: TrainConfig, hidden_size: int) -> int:
-    """reduce_bucket_size in elements: the DeepSpeed JSON's, or what HF Trainer fills for "auto" (hidden_size^2,
-    transformers.integrations.deepspeed)."""
-    return tr.ds_reduce_bucket if tr.ds_reduce_bucket is not None else hidden_size * hidden_size
-
-
 def _fp32_states(lay: Layout, st: ModelStates) -> int:
     """Optimizer states over fp32 partitions (DeepSpeed's optimizer always steps fp32 master weights)."""
     width = 2 if lay.train.precision is Precision.PURE_BF16 else 4
@@ -116,7 +107,7 @@ def _deepspeed(lay: Layout, st: ModelStates) -> RankStates:
     half = _half(lay)
     t, f = st.trainable_params, st.frozen_params
     frozen = st.weights_bytes - t * lay.trainable_width  # frozen/quantized base + buffers, as loaded
-    reduce = ds_reduce_bucket(tr, lay.spec.hidden_size)
+    reduce = tr.parallel.reduce_bucket(lay.spec.hidden_size)
     master = 4 * t  # fp32 partition the optimizer steps
     states = _fp32_states(lay, st)
     grad_part = _ceil(t * half, n)  # reduced gradients of this rank's partition, in the module's dtype

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from memplan.predict.sharding import ds_reduce_bucket
 from memplan.spec.train import Offload, Precision, Sharding, TrainConfig
 
 
@@ -100,7 +99,7 @@ def deepspeed_config(train: TrainConfig, hidden_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON HF Trainer would hand DeepSpeed for `train` (its "auto" buckets filled the same way)."""
     h = hidden_size  # HF's "auto" fill for the ZeRO-3 knobs (transformers.integrations.deepspeed)
     zero: dict[str, Any] = {"stage": int(train.sharding.value[-1]),
-                            "reduce_bucket_size": ds_reduce_bucket(train, h),
+                            "reduce_bucket_size": train.parallel.reduce_bucket(h),
                             "stage3_prefetch_bucket_size": int(0.9 * h * h),
                             "stage3_param_persistence_threshold": 10 * h}
     if train.offload is not Offload.NONE:

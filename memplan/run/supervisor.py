@@ -15,14 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
 
 from memplan.errors import ConfigError
 from memplan.predict.estimator import estimate
 from memplan.probe.oom import classify_failure
-from memplan.probe.result import ProbeStatus
 from memplan.run.policy import replan
 from memplan.run.target import ArgsTarget, YamlTarget, fresh_optimizer_view, newest_checkpoint, optimizer_changed
 from memplan.spec.hardware import GPU
@@ -30,6 +30,20 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
 TAIL_LINES = 400  # output lines kept for OOM classification
+
+
+class AttemptStatus(str, Enum):
+    """How one launch of the training command ended (the value is what the decision log holds)."""
+    OK = "ok"  # exit status 0
+    OOM = "oom"  # failed with an out-of-memory signature in its output: re-planned and retried
+    ERROR = "error"  # failed otherwise: not retried
+
+
+class RunOutcome(str, Enum):
+    """How the supervised run ended (the value is what the decision log holds)."""
+    FINISHED = "finished"  # the last attempt exited 0
+    FAILED = "failed"  # a failure that is not an OOM
+    GAVE_UP = "gave_up"  # out of memory with no retries left, or no configuration left to try
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,7 +63,7 @@ class Attempt:
     config_path: str
     resumed_from: str | None
     returncode: int
-    status: str  # ok | oom | error
+    status: AttemptStatus
     duration_s: float
 
 
@@ -58,9 +72,8 @@ class RunResult:
     attempts: tuple[Attempt, ...]
     exit_code: int  # 0, or the last command's own status (128 + signal when it was killed)
     log_path: Path
-    outcome: str  # finished | failed | gave_up
+    outcome: RunOutcome
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class DecisionLog:
@@ -133,26 +146,26 @@ def supervise(spec: ModelSpec, target: YamlTarget | ArgsTarget, options: RunOpti
                   config=train.to_dict())
         start = time.monotonic()
         rc, tail = execute(argv, write, options.env)
-        status = classify_failure(rc, tail)
+        status = _attempt_status(rc, tail)
         attempts.append(Attempt(index=index, argv=tuple(argv), train=train, config_path=config_path,
-                                resumed_from=str(resume) if resume else None, returncode=rc, status=status.value,
+                                resumed_from=str(resume) if resume else None, returncode=rc, status=status,
                                 duration_s=round(time.monotonic() - start, 2)))
         log.write("exit", attempt=index, returncode=rc, status=status.value, duration_s=attempts[-1].duration_s)
-        if status is ProbeStatus.OK:
-            return _finish(log, attempts, 0, "finished")
-        if status is not ProbeStatus.OOM:
-            return _finish(log, attempts, rc, "failed", "the command failed without an out-of-memory error: "
-                                                        "not retried")
+        if status is AttemptStatus.OK:
+            return _finish(log, attempts, 0, RunOutcome.FINISHED)
+        if status is not AttemptStatus.OOM:
+            return _finish(log, attempts, rc, RunOutcome.FAILED,
+                           "the command failed without an out-of-memory error: not retried")
         failures.append(train)
         if index >= options.max_retries:
-            return _finish(log, attempts, rc, "gave_up", f"out of memory after {index + 1} attempts "
-                                                         f"(--max-retries {options.max_retries})")
+            return _finish(log, attempts, rc, RunOutcome.GAVE_UP,
+                           f"out of memory after {index + 1} attempts (--max-retries {options.max_retries})")
         plan = replan(spec, train, failures, gpu=options.gpu, allow_method_change=options.allow_method_change)
         log.write("replan", attempt=index, failed=train.to_dict(), bound_bytes=plan.bound_bytes,
                   chosen=plan.train.to_dict() if plan.train else None, predicted_bytes=plan.predicted_bytes,
                   reason=plan.reason)
         if plan.train is None:
-            return _finish(log, attempts, rc, "gave_up", plan.reason)
+            return _finish(log, attempts, rc, RunOutcome.GAVE_UP, plan.reason)
         assert plan.train.effective_batch == train.effective_batch  # the policy's promise, kept here too
         resume = newest_checkpoint(target.output_dir)
         if resume is not None and optimizer_changed(train, plan.train):
@@ -164,6 +177,12 @@ def supervise(spec: ModelSpec, target: YamlTarget | ArgsTarget, options: RunOpti
         train = plan.train
 
 
-def _finish(log: DecisionLog, attempts: list[Attempt], code: int, outcome: str, reason: str = "") -> RunResult:
-    log.write("finish", outcome=outcome, exit_code=code, attempts=len(attempts), reason=reason)
+def _attempt_status(returncode: int, text: str) -> AttemptStatus:
+    """The probe's classifier (exit status + OOM signatures: ok, oom or error), as a training run's status."""
+    return AttemptStatus(classify_failure(returncode, text).value)
+
+
+def _finish(log: DecisionLog, attempts: list[Attempt], code: int, outcome: RunOutcome,
+            reason: str = "") -> RunResult:
+    log.write("finish", outcome=outcome.value, exit_code=code, attempts=len(attempts), reason=reason)
     return RunResult(attempts=tuple(attempts), exit_code=code, log_path=log.path, outcome=outcome, reason=reason)

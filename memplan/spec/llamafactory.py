@@ -128,8 +128,7 @@ def deepspeed_sharding(ds_path: str, relative_to: Path) -> dict[str, Any]:
     ConfigError."""
     import json
 
-    from memplan.predict.sharding import DS_REDUCE_BUCKET
-    from memplan.spec.train import Offload, Sharding
+    from memplan.spec.parallel import DS_REDUCE_BUCKET, Offload, Sharding
 
     candidates = [Path(ds_path), relative_to / ds_path]
     found = next((p for p in candidates if p.is_file()), None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from enum import Enum
 
-from memplan.errors import ConfigError
+from memplan.errors import ConfigError, Problem
 from memplan.spec.families import Family
 from memplan.spec.optimizers import Optimizer
+from memplan.spec.parallel import PARALLEL_FIELDS, Offload, Parallelism, Sharding, positive_int
 
 
 class Method(str, Enum):
@@ -31,38 +32,6 @@ class Attention(str, Enum):
     FLASH_ATTENTION_2 = "flash_attention_2"
 
 
-class Sharding(str, Enum):
-    """How model states are split over data-parallel ranks (NONE with several GPUs is plain DDP)."""
-
-    NONE = "none"
-    ZERO1 = "zero1"  # DeepSpeed: optimizer states (and fp32 master weights) partitioned
-    ZERO2 = "zero2"  # + gradients
-    ZERO3 = "zero3"  # + parameters, gathered layer by layer
-    FULL_SHARD = "full_shard"  # torch FSDP: parameters, gradients, states sharded; units gathered when used
-    SHARD_GRAD_OP = "shard_grad_op"  # FSDP: gradients and states sharded; parameters kept after forward
-    HYBRID_SHARD = "hybrid_shard"  # FSDP full_shard inside a node, replicated across nodes
-    NO_SHARD = "no_shard"  # FSDP without sharding (DDP-like)
-
-    @property
-    def is_deepspeed(self) -> bool:
-        return self in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
-
-    @property
-    def is_fsdp2(self) -> bool:
-        """Wrapped with torch's FSDP2 `fully_shard` (no_shard is FSDP1's DDP-like mode: no FSDP2 equivalent)."""
-        return self in (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD)
-
-    @property
-    def shards_params(self) -> bool:
-        return self in (Sharding.ZERO3, Sharding.FULL_SHARD, Sharding.HYBRID_SHARD)
-
-
-class Offload(str, Enum):
-    NONE = "none"
-    OPTIMIZER = "optimizer"  # optimizer states (+ fp32 master weights and grads) in host memory
-    PARAMS = "params"  # + the parameter shards (ZeRO-3 / FSDP full or hybrid shard only)
-
-
 ALL_LINEAR = "all-linear"
 
 
@@ -84,40 +53,45 @@ class TrainConfig:
     lora_dropout: float = 0.0
     quant_bits: int = 4
     freeze_trainable_layers: int = 2
-    gpus: int = 1  # data-parallel ranks in all (world size)
-    nodes: int = 1
-    sharding: Sharding = Sharding.NONE
-    offload: Offload = Offload.NONE
-    # DeepSpeed zero_optimization.reduce_bucket_size in elements; None = "auto", which HF Trainer fills with
-    # hidden_size^2 (LLaMA-Factory's example DeepSpeed configs say auto)
-    ds_reduce_bucket: int | None = None
+    parallel: Parallelism = Parallelism()  # ranks, nodes, sharding, offload (memplan.spec.parallel)
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "freeze_trainable_layers", "gpus", "nodes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        bucket = self.ds_reduce_bucket
-        if bucket is not None and (not isinstance(bucket, int) or isinstance(bucket, bool) or bucket <= 0):
-            problems.append(f"DeepSpeed reduce_bucket_size must be a positive integer or auto, got {bucket!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        problems: list[str | Problem] = []
+        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "freeze_trainable_layers"):
+            problems += positive_int(name, getattr(self, name))
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(Problem("lora_dropout", f"{{}} must be in [0, 1), got {self.lora_dropout!r}"))
         if self.quant_bits not in (4, 8):
-            problems.append(f"--quant-bits must be 4 or 8 (bitsandbytes NF4 or int8), got {self.quant_bits}")
+            problems.append(Problem("quant_bits", f"{{}} must be 4 or 8 (bitsandbytes NF4 or int8), got "
+                                                  f"{self.quant_bits!r}"))
         if self.attn is Attention.FLASH_ATTENTION_2 and self.precision is Precision.FP32:
-            problems.append("--attn flash_attention_2 needs fp16/bf16 (it has no fp32 kernel): use --precision bf16 "
-                            "or --attn sdpa")
-        if isinstance(self.gpus, int) and isinstance(self.nodes, int) and self.nodes > 0 and self.gpus % self.nodes:
-            problems.append(f"--gpus {self.gpus} is not a multiple of --nodes {self.nodes}: --gpus counts every GPU")
-        if self.offload is Offload.PARAMS and not self.sharding.shards_params:
-            problems.append("--offload params needs sharded parameters: --zero 3 or --fsdp full_shard|hybrid_shard")
-        if self.offload is not Offload.NONE and self.sharding in (Sharding.NONE, Sharding.NO_SHARD):
-            problems.append("--offload needs ZeRO (--zero 1|2|3) or FSDP sharding (--fsdp full_shard|...)")
+            problems.append(Problem("attn", "{} flash_attention_2 needs fp16/bf16 (it has no fp32 kernel): use bf16 "
+                                            "or sdpa"))
         if not self.lora_targets:
-            problems.append("--lora-targets is empty: name modules (q_proj,v_proj) or all-linear")
+            problems.append(Problem("lora_targets", "{} is empty: name modules (q_proj,v_proj) or all-linear"))
         if problems:
             raise ConfigError(problems)
+
+    # ---- the parallel layout, read through (memplan.spec.parallel.Parallelism) -------------------------------
+    @property
+    def gpus(self) -> int:
+        return self.parallel.gpus
+
+    @property
+    def nodes(self) -> int:
+        return self.parallel.nodes
+
+    @property
+    def sharding(self) -> Sharding:
+        return self.parallel.sharding
+
+    @property
+    def offload(self) -> Offload:
+        return self.parallel.offload
+
+    @property
+    def ds_reduce_bucket(self) -> int | None:
+        return self.parallel.ds_reduce_bucket
 
     @property
     def is_lora(self) -> bool:
@@ -125,7 +99,7 @@ class TrainConfig:
 
     @property
     def gpus_per_node(self) -> int:
-        return self.gpus // self.nodes
+        return self.parallel.gpus_per_node
 
     @property
     def effective_batch(self) -> int:
@@ -136,16 +110,25 @@ class TrainConfig:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
     def with_(self, **changes: object) -> TrainConfig:
-        """A copy with some knobs changed (validated again)."""
-        return replace(self, **changes)
+        """A copy with some knobs changed (validated again); the parallel fields may be given flat (gpus=8)."""
+        flat = {k: changes.pop(k) for k in list(changes) if k in PARALLEL_FIELDS}
+        if flat:
+            changes["parallel"] = replace(changes.get("parallel", self.parallel), **flat)  # type: ignore[arg-type]
+        return replace(self, **changes)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
+        """Flat JSON-ready dict (the parallel fields beside the others): probe requests, cache keys, studies."""
         out: dict[str, object] = {}
         for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
+            if f.name != "parallel":
+                out[f.name] = _plain(getattr(self, f.name))
+        out.update((name, _plain(getattr(self.parallel, name))) for name in PARALLEL_FIELDS)
         out["lora_alpha"] = self.alpha
         return out
+
+
+def _plain(value: object) -> object:
+    return value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
 
 
 def parse_choice(enum: type[Enum], value: str, option: str) -> Enum:
@@ -172,9 +155,9 @@ def train_from_dict(data: dict[str, object]) -> TrainConfig:
     kinds = {"method": Method, "precision": Precision, "optimizer": Optimizer, "attn": Attention,
              "sharding": Sharding, "offload": Offload}
     kw: dict[str, object] = {}
-    for f in fields(TrainConfig):
-        if f.name in data:
-            value = data[f.name]
-            kw[f.name] = kinds[f.name](value) if f.name in kinds else tuple(value) if f.name == "lora_targets" \
+    for name in [f.name for f in fields(TrainConfig) if f.name != "parallel"] + list(PARALLEL_FIELDS):
+        if name in data:
+            value = data[name]
+            kw[name] = kinds[name](value) if name in kinds else tuple(value) if name == "lora_targets" \
                 else value  # type: ignore[arg-type]
-    return TrainConfig(**kw)  # type: ignore[arg-type]
+    return TrainConfig().with_(**kw)

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from memplan._imports import try_import
 from memplan.fit import predicted_tokens_per_s, search_space
@@ -39,12 +40,35 @@ SPEED_PRUNE = 0.8  # skip candidates whose calibrated speed is below this share 
 KNOBS = ("batch_size", "precision", "checkpointing", "lora_rank", "optimizer", "attn")
 
 
+class TrialSource(str, Enum):
+    """How a trial's record was decided; the value is what the study's user attrs and --json hold."""
+    PROBE = "probe"  # measured by a real probe
+    PREDICTED_INFEASIBLE = "predicted-infeasible"  # calibrated prediction over capacity: never probed
+    MONOTONE_INFEASIBLE = "monotone-infeasible"  # larger micro-batch than an OOM with the same other knobs
+    PRUNED = "pruned"  # predicted well below the best measured speed
+    REPEAT = "repeat"  # the sampler proposed a known configuration: told the same record again
+    CLAIMED = "claimed"  # another worker was probing it (a PRUNED trial's user attr only, never a record)
+
+
+class TrialStatus(str, Enum):
+    """A trial's outcome: a probe's status (memplan.probe.result.ProbeStatus, same values), or skipped."""
+    OK = ProbeStatus.OK.value
+    OOM = ProbeStatus.OOM.value
+    ERROR = ProbeStatus.ERROR.value
+    TIMEOUT = ProbeStatus.TIMEOUT.value
+    SKIPPED = "skipped"  # not probed (source is not probe)
+
+    @classmethod
+    def of(cls, status: ProbeStatus) -> TrialStatus:
+        return cls(status.value)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrialRecord:
     number: int
     train: TrainConfig
-    source: str  # probe / predicted-infeasible / monotone-infeasible / pruned / repeat
-    status: str  # ok / oom / error / timeout / skipped
+    source: TrialSource
+    status: TrialStatus
     tokens_per_s: float
     peak_bytes: int  # measured when probed, else the calibrated prediction
     feasible: bool
@@ -61,11 +85,11 @@ class TuneResult:
 
     @property
     def probes(self) -> int:
-        return sum(1 for t in self.trials if t.source == "probe")
+        return sum(1 for t in self.trials if t.source is TrialSource.PROBE)
 
     @property
     def ooms(self) -> int:
-        return sum(1 for t in self.trials if t.source == "probe" and t.status == "oom")
+        return sum(1 for t in self.trials if t.source is TrialSource.PROBE and t.status is TrialStatus.OOM)
 
 
 def study_name(spec: ModelSpec, base: TrainConfig, usable: int, global_batch: int, space: list[TrainConfig]) -> str:
@@ -114,11 +138,11 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
         known = _known(study, by_key)  # other workers may have finished trials since
         cal = _calibration(known, predicted, usable_bytes)
         if key in known:  # the sampler proposed a configuration we already know: tell the same, do not probe
-            _tell(study, trial, known[key], "repeat")
+            _tell(study, trial, known[key], TrialSource.REPEAT)
             exhausted += 1
             continue
         if _claimed(study, trial, key):  # another worker is probing it right now
-            trial.set_user_attr("source", "claimed")
+            trial.set_user_attr("source", TrialSource.CLAIMED.value)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             exhausted += 1
             continue
@@ -130,9 +154,10 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
         study.set_user_attr("calibration", _calibration(known, predicted, usable_bytes))
         if on_trial:
             on_trial(record, max((r.tokens_per_s for r in known.values()
-                                  if r.source == "probe" and r.feasible), default=0.0))
+                                  if r.source is TrialSource.PROBE and r.feasible), default=0.0))
     known = _known(study, by_key)  # the whole study: every worker's trials
-    feasible = [r for r in known.values() if r.feasible and r.source == "probe" and r.status == "ok"]
+    feasible = [r for r in known.values()
+                if r.feasible and r.source is TrialSource.PROBE and r.status is TrialStatus.OK]
     best = max(feasible, key=lambda r: r.tokens_per_s) if feasible else None
     return TuneResult(study_name=name, storage=storage, usable_bytes=usable_bytes, best=best,
                       trials=tuple(sorted(known.values(), key=lambda r: r.number)),
@@ -205,20 +230,21 @@ def _decide(number: int, train: TrainConfig, key: str, known: dict[str, TrialRec
     pred_bytes = int(predicted[key][0] * cal.get("memory_ratio", 1.0))
     pred_speed = predicted[key][1] * cal.get("speed_ratio", 1.0)
 
-    def skipped(source: str) -> TrialRecord:
-        return TrialRecord(number=number, train=train, source=source, status="skipped", tokens_per_s=pred_speed,
-                           peak_bytes=pred_bytes, feasible=False)
+    def skipped(source: TrialSource) -> TrialRecord:
+        return TrialRecord(number=number, train=train, source=source, status=TrialStatus.SKIPPED,
+                           tokens_per_s=pred_speed, peak_bytes=pred_bytes, feasible=False)
 
     if pred_bytes > usable:
-        return skipped("predicted-infeasible")
+        return skipped(TrialSource.PREDICTED_INFEASIBLE)
     if _larger_than_an_oom(train, known):
-        return skipped("monotone-infeasible")
-    best = max((r.tokens_per_s for r in known.values() if r.source == "probe" and r.feasible), default=0.0)
+        return skipped(TrialSource.MONOTONE_INFEASIBLE)
+    best = max((r.tokens_per_s for r in known.values() if r.source is TrialSource.PROBE and r.feasible),
+               default=0.0)
     if best and pred_speed < SPEED_PRUNE * best:
-        return skipped("pruned")
+        return skipped(TrialSource.PRUNED)
     res = evaluator(train)
     ok = res.status is ProbeStatus.OK
-    return TrialRecord(number=number, train=train, source="probe", status=res.status.value,
+    return TrialRecord(number=number, train=train, source=TrialSource.PROBE, status=TrialStatus.of(res.status),
                        tokens_per_s=res.tokens_per_s if ok else 0.0,
                        peak_bytes=max(res.peak_reserved_bytes, res.peak_allocated_bytes) if ok else pred_bytes,
                        feasible=ok and max(res.peak_reserved_bytes, res.peak_allocated_bytes) <= usable)
@@ -227,7 +253,8 @@ def _decide(number: int, train: TrainConfig, key: str, known: dict[str, TrialRec
 def _larger_than_an_oom(train: TrainConfig, known: dict[str, TrialRecord]) -> bool:
     """Monotonicity: more micro-batch with every other knob equal cannot need less memory."""
     for r in known.values():
-        if r.source == "probe" and r.status == "oom" and train.batch_size >= r.train.batch_size and \
+        if r.source is TrialSource.PROBE and r.status is TrialStatus.OOM and \
+                train.batch_size >= r.train.batch_size and \
                 train.with_(batch_size=r.train.batch_size, grad_accum=r.train.grad_accum) == r.train:
             return True
     return False
@@ -239,12 +266,12 @@ def _calibration(known: dict[str, TrialRecord], predicted: dict[str, tuple[int, 
     at P under capacity says the ratio is at least capacity / P) and speed (the median)."""
     mem, speed = [], []
     for key, r in known.items():
-        if r.source != "probe":
+        if r.source is not TrialSource.PROBE:
             continue
-        if r.status == "ok":
+        if r.status is TrialStatus.OK:
             mem.append(r.peak_bytes / predicted[key][0])
             speed.append(r.tokens_per_s / predicted[key][1])
-        elif r.status == "oom" and usable:
+        elif r.status is TrialStatus.OOM and usable:
             mem.append(usable / predicted[key][0] * (1 + 1e-9))
     out: dict[str, float] = {}
     if mem:
@@ -264,9 +291,9 @@ def _distributions(optuna, space: list[TrainConfig]) -> dict[str, object]:  # no
     return {k: optuna.distributions.CategoricalDistribution(v) for k, v in values.items()}
 
 
-def _tell(study, trial, record: TrialRecord, source: str) -> None:  # noqa: ANN001
-    trial.set_user_attr("source", source)
-    trial.set_user_attr("status", record.status)
+def _tell(study, trial, record: TrialRecord, source: TrialSource) -> None:  # noqa: ANN001
+    trial.set_user_attr("source", source.value)  # plain strings in the storage: old studies keep loading
+    trial.set_user_attr("status", record.status.value)
     trial.set_user_attr("peak_bytes", record.peak_bytes)
     trial.set_user_attr("train", record.train.to_dict())
     # constraint <= 0 is feasible (Optuna's convention); an OOM or a predicted overflow violates it
@@ -279,17 +306,18 @@ def _known(study, by_key: dict[str, TrainConfig]) -> dict[str, TrialRecord]:  # 
     """Records of finished trials of a resumed study (first occurrence of each configuration)."""
     out: dict[str, TrialRecord] = {}
     for ft in study.trials:
-        if ft.state.name != "COMPLETE" or "train" not in ft.user_attrs or ft.user_attrs.get("source") == "repeat":
+        if ft.state.name != "COMPLETE" or "train" not in ft.user_attrs or \
+                ft.user_attrs.get("source") == TrialSource.REPEAT.value:
             continue
         train = train_from_dict(ft.user_attrs["train"])
         key = _key(train)
         if key in by_key and key not in out:
-            out[key] = TrialRecord(number=ft.number, train=by_key[key], source=ft.user_attrs["source"],
-                                   status=ft.user_attrs["status"], tokens_per_s=float(ft.value or 0.0),
+            out[key] = TrialRecord(number=ft.number, train=by_key[key], source=TrialSource(ft.user_attrs["source"]),
+                                   status=TrialStatus(ft.user_attrs["status"]), tokens_per_s=float(ft.value or 0.0),
                                    peak_bytes=int(ft.user_attrs["peak_bytes"]),
                                    feasible=ft.user_attrs["constraint"] <= 0)
     return out
 
 
 def _probes(known: dict[str, TrialRecord]) -> int:
-    return sum(1 for r in known.values() if r.source == "probe")
+    return sum(1 for r in known.values() if r.source is TrialSource.PROBE)

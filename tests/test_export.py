@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from memplan.cli import main
-from memplan.export import hf_training_kwargs, llamafactory_yaml
+from memplan.formats.hf import hf_training_kwargs
+from memplan.formats.llamafactory import llamafactory_yaml
 from memplan.spec.catalog import resolve_model
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 
@@ -57,3 +58,23 @@ def test_fit_exports_the_recommended_plan(tmp_path, capsys):
     assert json.loads((tmp_path / "p.json").read_text())["config"]["method"] == "lora"
     assert main(["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--export", "xml", "-o", str(path)]) == 2
     assert main(["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--export", "hf"]) == 2
+
+
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
+    """Write -> read gives the same knobs for every optimizer in the table: LLaMA-Factory YAML, HF flags and a
+    live TrainingArguments (whose `optim` the in-process retune used to ignore)."""
+    from transformers import TrainingArguments
+
+    from memplan.formats.hf import config_from_args, config_from_flags, rewrite_flags
+    from memplan.formats.llamafactory import config_from_llamafactory
+
+    spec = resolve_model("llama-3-8b")
+    train = TrainConfig(method=Method.FULL, precision=Precision.FP32, optimizer=optimizer, batch_size=2,
+                        grad_accum=4, checkpointing=False)
+    assert config_from_llamafactory(llamafactory_yaml(spec, train)).train == train
+    kw = hf_training_kwargs(train, output_dir=str(tmp_path))
+    args = TrainingArguments(**kw, report_to=[])
+    assert config_from_args(args, TrainConfig(method=Method.FULL)) == train
+    argv = rewrite_flags(["train.py"], TrainConfig(method=Method.FULL), train)
+    assert config_from_flags(argv, TrainConfig(method=Method.FULL)) == train

@@ -9,12 +9,11 @@ import yaml
 
 from memplan.cli import main
 from memplan.errors import ConfigError
-from memplan.export import llamafactory_yaml
+from memplan.formats.llamafactory import config_from_llamafactory, llamafactory_yaml, read_llamafactory
 from memplan.predict.estimator import estimate
 from memplan.run.policy import replan
 from memplan.run.target import ArgsTarget, fresh_optimizer_view, newest_checkpoint
 from memplan.spec.catalog import resolve_model
-from memplan.spec.llamafactory import config_from_llamafactory, read_llamafactory
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 from memplan.testing.tiny import TINY_CONFIGS
 
@@ -222,6 +221,7 @@ def _script(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+@pytest.mark.integration
 def test_a_failure_that_is_not_an_oom_is_not_retried(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     rc = main(["run", "--method", "lora", "--model", "llama-2-7b", "--log", str(log), "--",
@@ -232,6 +232,7 @@ def test_a_failure_that_is_not_an_oom_is_not_retried(tmp_path, capsys):
     assert "KeyError: boom" in capsys.readouterr().out  # the command's output is streamed
 
 
+@pytest.mark.integration
 def test_max_retries_is_honoured(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     code = "import sys; print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB'); sys.exit(1)"
@@ -276,6 +277,7 @@ def _tiny_run(tmp_path, micro: int = 4, accum: int = 1) -> tuple:
     return path, raw
 
 
+@pytest.mark.integration
 def test_run_relaunches_after_an_oom_and_resumes_with_the_same_effective_batch(tmp_path, capsys):
     path, raw = _tiny_run(tmp_path)  # samples 20.. are long: micro-batch 4 OOMs in step 6, after checkpoint-4
     original = path.read_bytes()
@@ -299,6 +301,7 @@ def test_run_relaunches_after_an_oom_and_resumes_with_the_same_effective_batch(t
     assert [r["status"] for r in records if r["event"] == "exit"] == ["oom", "ok"]
 
 
+@pytest.mark.integration
 def test_trainer_helper_continues_from_the_current_step(tmp_path):
     from memplan.run.hf import train_with_retune
     from memplan.testing import hf_train
@@ -317,7 +320,8 @@ def test_trainer_helper_continues_from_the_current_step(tmp_path):
 
 @pytest.mark.parametrize("train", [t for t in ROUND_TRIP if t.method in (Method.FULL, Method.LORA)])
 def test_hf_and_json_exports_read_back(train):
-    from memplan.export import hf_training_kwargs, plan_json
+    from memplan.formats.hf import hf_training_kwargs
+    from memplan.formats.plan import plan_json
     from memplan.spec.train import train_from_dict
 
     argv = ["python", "train.py"]

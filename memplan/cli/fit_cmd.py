@@ -98,7 +98,7 @@ def fit(ctx: typer.Context, gpu: Annotated[str, typer.Option("--gpu", help="size
     if export and output and res.best:
         from pathlib import Path
 
-        from memplan.export import write_plan
+        from memplan.formats.plan import write_plan
 
         write_plan(export, spec, res.best.train, Path(output), base=lf.raw if lf else None)
     if json_out:

@@ -98,7 +98,7 @@ def tune(model: Model, gpu: Annotated[str | None, typer.Option(help="cuda: the c
     if export and output and res.best:
         from pathlib import Path
 
-        from memplan.export import write_plan
+        from memplan.formats.plan import write_plan
 
         write_plan(export, spec, res.best.train, Path(output))
     if json_out:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from memplan.spec.train import Offload, Precision, Sharding, TrainConfig
+from memplan.spec.train import Offload, Sharding, TrainConfig
 
 
 @dataclass(slots=True)
@@ -95,28 +95,6 @@ def _fsdp(model: Any, train: TrainConfig, device: str) -> None:
     _fully_shard(model, mesh, train)
 
 
-def deepspeed_config(train: TrainConfig, hidden_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON HF Trainer would hand DeepSpeed for `train` (its "auto" buckets filled the same way)."""
-    h = hidden_size  # HF's "auto" fill for the ZeRO-3 knobs (transformers.integrations.deepspeed)
-    zero: dict[str, Any] = {"stage": int(train.sharding.value[-1]),
-                            "reduce_bucket_size": train.parallel.reduce_bucket(h),
-                            "stage3_prefetch_bucket_size": int(0.9 * h * h),
-                            "stage3_param_persistence_threshold": 10 * h}
-    if train.offload is not Offload.NONE:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if train.offload is Offload.PARAMS:
-        zero["offload_param"] = {"device": "cpu"}
-    cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": train.batch_size,
-                           "gradient_accumulation_steps": train.grad_accum, "zero_optimization": zero,
-                           "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1,
-                           "wall_clock_breakdown": False}
-    if train.precision is Precision.FP16:
-        cfg["fp16"] = {"enabled": True}
-    elif train.precision in (Precision.BF16, Precision.PURE_BF16):
-        cfg["bf16"] = {"enabled": True}
-    return cfg
-
-
 def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's cpu accelerator: gloo, host tensors
@@ -125,6 +103,8 @@ def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Cal
     except ImportError:
         raise RuntimeError("--zero probes need DeepSpeed: pip install 'memplan[distributed]'") from None
     import logging
+
+    from memplan.formats.deepspeed import deepspeed_config
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)

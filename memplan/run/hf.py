@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memplan.formats.hf import apply_to_args, config_from_args
 from memplan.probe.oom import is_oom_text
 from memplan.run.policy import replan
 from memplan.run.supervisor import DecisionLog
@@ -21,7 +22,7 @@ from memplan.run.target import fresh_optimizer_view, newest_checkpoint, optimize
 from memplan.spec.catalog import resolve_model
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Precision, TrainConfig
+from memplan.spec.train import TrainConfig
 
 try:  # the callback base class, when transformers is installed (it is, for anyone holding a Trainer)
     from transformers import TrainerCallback as _Callback
@@ -51,29 +52,14 @@ class RetuneEvent:
     reason: str
 
 
-def config_from_trainer(trainer: Any, base: TrainConfig) -> TrainConfig:
-    """The knobs HF TrainingArguments carry, over `base` (method, rank, sequence: what the arguments do not say)."""
-    args = trainer.args
-    precision = Precision.BF16 if args.bf16 else Precision.FP16 if args.fp16 else base.precision
-    return base.with_(batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
-                      checkpointing=bool(args.gradient_checkpointing), precision=precision)
-
-
 def _is_oom(err: BaseException) -> bool:
     return type(err).__name__ in ("OutOfMemoryError", "SimulatedOOM") or is_oom_text(f"{type(err).__name__}: {err}")
 
 
 def _apply(trainer: Any, train: TrainConfig) -> None:
-    from memplan.export import HF_OPTIM
-
-    args = trainer.args
-    args.per_device_train_batch_size = train.batch_size
-    args.gradient_accumulation_steps = train.grad_accum
-    args.gradient_checkpointing = train.checkpointing
-    if HF_OPTIM[train.optimizer] != args.optim:
-        args.optim = HF_OPTIM[train.optimizer]
+    if apply_to_args(trainer.args, train):
         trainer.optimizer, trainer.lr_scheduler = None, None  # rebuilt by train() from args.optim
-    trainer._train_batch_size = args.train_batch_size  # noqa: SLF001 - Trainer sizes its dataloader from this
+    trainer._train_batch_size = trainer.args.train_batch_size  # noqa: SLF001 - the dataloader is sized from this
 
 
 def train_with_retune(trainer: Any, model: ModelSpec | str, *, base: TrainConfig | None = None,
@@ -86,7 +72,7 @@ def train_with_retune(trainer: Any, model: ModelSpec | str, *, base: TrainConfig
     callback = RetuneCallback()
     trainer.add_callback(callback)
     log = DecisionLog(Path(log_path) if log_path else Path(trainer.args.output_dir) / "memplan-retune.jsonl")
-    train = config_from_trainer(trainer, base or TrainConfig())
+    train = config_from_args(trainer.args, base or TrainConfig())
     failures: list[TrainConfig] = []
     events: list[RetuneEvent] = []
     resume = resume_from_checkpoint

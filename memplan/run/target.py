@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import ConfigError
-from memplan.export import HF_OPTIM, llamafactory_yaml
-from memplan.spec.llamafactory import OPTIM_FROM_HF, read_llamafactory
+from memplan.formats.hf import config_from_flags, flag_value, rewrite_flags, set_flag
+from memplan.formats.llamafactory import llamafactory_yaml, read_llamafactory
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Optimizer, Precision, TrainConfig
+from memplan.spec.train import TrainConfig
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -91,37 +91,6 @@ class YamlTarget:
         return argv, str(copy)
 
 
-def _flag(argv: list[str], name: str) -> tuple[int, int] | None:
-    """(start, count) of `--name value`, `--name=value` or a bare boolean `--name` in argv."""
-    for i, a in enumerate(argv):
-        if a == f"--{name}":
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            return i, 2 if has_value else 1
-        if a.startswith(f"--{name}="):
-            return i, 1
-    return None
-
-
-def _value(argv: list[str], name: str) -> str | None:
-    hit = _flag(argv, name)
-    if hit is None:
-        return None
-    i, n = hit
-    return argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1] if n == 2 else "true"
-
-
-def _truthy(text: str | None) -> bool | None:
-    return None if text is None else text.strip().lower() in ("true", "1", "yes")
-
-
-def _set(argv: list[str], name: str, value: str) -> list[str]:
-    hit = _flag(argv, name)
-    if hit is None:
-        return [*argv, f"--{name}", value]
-    i, n = hit
-    return [*argv[:i], f"--{name}", value, *argv[i + n:]]
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArgsTarget:
     """HF TrainingArguments flags on the command line (HfArgumentParser style)."""
@@ -134,47 +103,17 @@ class ArgsTarget:
     @classmethod
     def open(cls, argv: list[str], base: TrainConfig) -> ArgsTarget:
         """`base` carries what the flags do not say (method, rank, sequence: memplan's own options); a flag that is
-        absent means TrainingArguments' default (batch 8, no accumulation, no checkpointing, adamw_torch, fp32)."""
-        changes: dict[str, object] = dict(batch_size=8, grad_accum=1, checkpointing=False,
-                                          optimizer=OPTIM_FROM_HF["adamw_torch"], precision=Precision.FP32)
-        for flag, knob in (("per_device_train_batch_size", "batch_size"),
-                           ("gradient_accumulation_steps", "grad_accum")):
-            text = _value(argv, flag)
-            if text is not None:
-                try:
-                    changes[knob] = int(text)
-                except ValueError:
-                    raise ConfigError(f"--{flag} {text!r} in the command is not an integer") from None
-        if (ckpt := _truthy(_value(argv, "gradient_checkpointing"))) is not None:
-            changes["checkpointing"] = ckpt
-        if (optim := _value(argv, "optim")) is not None:
-            if optim not in OPTIM_FROM_HF:
-                raise ConfigError(f"--optim {optim} in the command is not modelled: one of {', '.join(OPTIM_FROM_HF)}")
-            changes["optimizer"] = OPTIM_FROM_HF[optim]
-            if optim == "sgd" and "momentum" in (_value(argv, "optim_args") or ""):
-                changes["optimizer"] = Optimizer.SGD_MOMENTUM
-        if _truthy(_value(argv, "bf16")):
-            changes["precision"] = Precision.BF16
-        elif _truthy(_value(argv, "fp16")):
-            changes["precision"] = Precision.FP16
-        return cls(argv=tuple(argv), train=base.with_(**changes), model=_value(argv, "model_name_or_path"),
-                   output_dir=_value(argv, "output_dir"))
+        absent means TrainingArguments' default (memplan.formats.hf)."""
+        return cls(argv=tuple(argv), train=config_from_flags(argv, base), model=flag_value(argv, "model_name_or_path"),
+                   output_dir=flag_value(argv, "output_dir"))
 
     def prepare(self, attempt: int, spec: ModelSpec, train: TrainConfig, resume: Path | None) -> tuple[list[str], str]:
         argv = list(self.argv)
         if attempt == 0 and resume is None and train == self.train:
             return argv, ""
-        argv = _set(argv, "per_device_train_batch_size", str(train.batch_size))
-        argv = _set(argv, "gradient_accumulation_steps", str(train.grad_accum))
-        if train.checkpointing != self.train.checkpointing:
-            argv = _set(argv, "gradient_checkpointing", str(train.checkpointing))
-        if train.optimizer != self.train.optimizer:
-            argv = _set(argv, "optim", HF_OPTIM[train.optimizer])
-        if train.method != self.train.method:
-            raise ConfigError("a method change cannot be expressed in HF TrainingArguments flags: use a "
-                              "LLaMA-Factory --config, or run without --allow-method-change")
+        argv = rewrite_flags(argv, self.train, train)
         if resume is not None:
-            argv = _set(argv, "resume_from_checkpoint", str(resume))
+            argv = set_flag(argv, "resume_from_checkpoint", str(resume))
         return argv, ""
 
 

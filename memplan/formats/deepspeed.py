@@ -1,0 +1,62 @@
+"""DeepSpeed JSON: read the ZeRO stage, offload and reduce_bucket_size a config names; write the config HF Trainer
+would hand DeepSpeed (its "auto" values filled as transformers.integrations.deepspeed fills them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from memplan.errors import ConfigError
+from memplan.spec.parallel import DS_REDUCE_BUCKET, Offload, Sharding
+from memplan.spec.train import Precision, TrainConfig
+
+
+def read_deepspeed(ds_path: str, relative_to: Path) -> dict[str, Any]:
+    """A DeepSpeed JSON -> Parallelism fields: zero_optimization.stage, its offload_optimizer / offload_param
+    devices and reduce_bucket_size. The path is tried as written, then beside `relative_to`; a missing file is a
+    ConfigError."""
+    candidates = [Path(ds_path), relative_to / ds_path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"deepspeed {ds_path}: no such file (looked beside the YAML too)")
+    try:
+        zero = json.loads(found.read_text()).get("zero_optimization", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"deepspeed {ds_path}: not a DeepSpeed JSON config") from None
+    stage = int(zero.get("stage", 0))
+    out: dict[str, Any] = {"sharding": Sharding.NONE if stage == 0 else Sharding(f"zero{stage}")}
+    bucket = zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)  # absent: DeepSpeed's default; auto: HF fills it
+    if bucket != "auto":
+        try:
+            out["ds_reduce_bucket"] = int(float(bucket))
+        except (TypeError, ValueError):
+            raise ConfigError(f"deepspeed {ds_path}: zero_optimization.reduce_bucket_size must be a number or auto, "
+                              f"got {bucket!r}") from None
+    if str(zero.get("offload_param", {}).get("device", "none")) in ("cpu", "nvme"):
+        out["offload"] = Offload.PARAMS
+    elif str(zero.get("offload_optimizer", {}).get("device", "none")) in ("cpu", "nvme"):
+        out["offload"] = Offload.OPTIMIZER
+    return out
+
+
+def deepspeed_config(train: TrainConfig, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON HF Trainer would hand DeepSpeed for `train` (its "auto" buckets filled the same way)."""
+    h = hidden_size  # HF's "auto" fill for the ZeRO-3 knobs (transformers.integrations.deepspeed)
+    zero: dict[str, Any] = {"stage": int(train.sharding.value[-1]),
+                            "reduce_bucket_size": train.parallel.reduce_bucket(h),
+                            "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                            "stage3_param_persistence_threshold": 10 * h}
+    if train.offload is not Offload.NONE:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if train.offload is Offload.PARAMS:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": train.batch_size,
+                           "gradient_accumulation_steps": train.grad_accum, "zero_optimization": zero,
+                           "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1,
+                           "wall_clock_breakdown": False}
+    if train.precision is Precision.FP16:
+        cfg["fp16"] = {"enabled": True}
+    elif train.precision in (Precision.BF16, Precision.PURE_BF16):
+        cfg["bf16"] = {"enabled": True}
+    return cfg

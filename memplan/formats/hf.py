@@ -1,0 +1,136 @@
+"""HF `TrainingArguments`: the keywords a plan exports, the same fields read from a command line's flags
+(HfArgumentParser style) or from a live Trainer's `args`, and written back into either.
+
+One reader serves both carriers: a field absent means TrainingArguments' default (per-device batch 8, no
+accumulation, no checkpointing, adamw_torch, fp32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from memplan.errors import ConfigError
+from memplan.spec import optimizers
+from memplan.spec.train import Precision, TrainConfig
+
+# TrainingArguments defaults for the fields memplan reads (transformers.training_args.TrainingArguments)
+DEFAULTS: dict[str, object] = dict(batch_size=8, grad_accum=1, checkpointing=False,
+                                   optimizer=optimizers.Optimizer.ADAMW, precision=Precision.FP32)
+
+
+def hf_training_kwargs(train: TrainConfig, output_dir: str = "output") -> dict[str, Any]:
+    """Keyword arguments for transformers.TrainingArguments (validated by building one in the tests)."""
+    opt = optimizers.facts(train.optimizer)
+    kw: dict[str, Any] = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "bf16": train.precision in (Precision.BF16, Precision.PURE_BF16),
+        "fp16": train.precision is Precision.FP16,
+        "gradient_checkpointing": train.checkpointing,
+        "optim": opt.hf_optim,
+    }
+    if opt.optim_args:
+        kw["optim_args"] = opt.optim_args
+    return kw
+
+
+def _truthy(value: object) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
+
+
+def config_from_fields(get: Callable[[str], object | None], base: TrainConfig, where: str) -> TrainConfig:
+    """The knobs TrainingArguments carry, read through `get(field name) -> value or None` (flags give strings, a
+    Trainer's args typed values), over `base` (method, rank, sequence: what the arguments do not say)."""
+    changes = dict(DEFAULTS)
+    for name, knob in (("per_device_train_batch_size", "batch_size"), ("gradient_accumulation_steps", "grad_accum")):
+        value = get(name)
+        if value is not None:
+            try:
+                changes[knob] = int(value)  # type: ignore[call-overload]
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{name} {value!r} {where} is not an integer") from None
+    if (ckpt := get("gradient_checkpointing")) is not None:
+        changes["checkpointing"] = _truthy(ckpt)
+    if (optim := get("optim")) is not None:
+        optim = getattr(optim, "value", optim)  # a Trainer holds an OptimizerNames enum
+        chosen = optimizers.from_hf(str(optim), str(get("optim_args") or ""))
+        if chosen is None:
+            raise ConfigError(f"--optim {optim} {where} is not modelled: one of {', '.join(optimizers.hf_names())}")
+        changes["optimizer"] = chosen
+    if _truthy(get("bf16") or False):  # AMP: pure bf16 (a bf16-loaded model) cannot be told from the flags
+        changes["precision"] = Precision.BF16
+    elif _truthy(get("fp16") or False):
+        changes["precision"] = Precision.FP16
+    return base.with_(**changes)
+
+
+# ---- a command line's flags -----------------------------------------------------------------------------------
+def _flag(argv: list[str], name: str) -> tuple[int, int] | None:
+    """(start, count) of `--name value`, `--name=value` or a bare boolean `--name` in argv."""
+    for i, a in enumerate(argv):
+        if a == f"--{name}":
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            return i, 2 if has_value else 1
+        if a.startswith(f"--{name}="):
+            return i, 1
+    return None
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+    hit = _flag(argv, name)
+    if hit is None:
+        return None
+    i, n = hit
+    return argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1] if n == 2 else "true"
+
+
+def set_flag(argv: list[str], name: str, value: str) -> list[str]:
+    hit = _flag(argv, name)
+    if hit is None:
+        return [*argv, f"--{name}", value]
+    i, n = hit
+    return [*argv[:i], f"--{name}", value, *argv[i + n:]]
+
+
+def config_from_flags(argv: list[str], base: TrainConfig) -> TrainConfig:
+    return config_from_fields(lambda name: flag_value(argv, name), base, "in the command")
+
+
+def rewrite_flags(argv: list[str], before: TrainConfig, after: TrainConfig) -> list[str]:
+    """argv with the flags of `after` where it differs from `before` (batch and accumulation always written)."""
+    if after.method != before.method:
+        raise ConfigError("a method change cannot be expressed in HF TrainingArguments flags: use a "
+                          "LLaMA-Factory --config, or run without --allow-method-change")
+    argv = set_flag(argv, "per_device_train_batch_size", str(after.batch_size))
+    argv = set_flag(argv, "gradient_accumulation_steps", str(after.grad_accum))
+    if after.checkpointing != before.checkpointing:
+        argv = set_flag(argv, "gradient_checkpointing", str(after.checkpointing))
+    if after.optimizer != before.optimizer:
+        opt = optimizers.facts(after.optimizer)
+        argv = set_flag(argv, "optim", opt.hf_optim)
+        if opt.optim_args:
+            argv = set_flag(argv, "optim_args", opt.optim_args)
+    return argv
+
+
+# ---- a live Trainer's arguments -------------------------------------------------------------------------------
+def config_from_args(args: Any, base: TrainConfig) -> TrainConfig:
+    """A TrainingArguments object -> TrainConfig over `base`."""
+    return config_from_fields(lambda name: getattr(args, name, None), base, "in the Trainer's arguments")
+
+
+def apply_to_args(args: Any, train: TrainConfig) -> bool:
+    """Set `train`'s micro-batch, accumulation, checkpointing and optimizer on a TrainingArguments object; True
+    when the optimizer changed (the Trainer must build a new one)."""
+    args.per_device_train_batch_size = train.batch_size
+    args.gradient_accumulation_steps = train.grad_accum
+    args.gradient_checkpointing = train.checkpointing
+    opt = optimizers.facts(train.optimizer)
+    current = getattr(args.optim, "value", args.optim)
+    if opt.hf_optim == current and (opt.optim_args or "") == (getattr(args, "optim_args", None) or ""):
+        return False
+    args.optim = opt.hf_optim
+    args.optim_args = opt.optim_args or None
+    return True

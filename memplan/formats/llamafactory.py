@@ -1,0 +1,193 @@
+"""LLaMA-Factory training YAML: read it into (model, TrainConfig) keeping every key memplan does not model, and
+write a plan back with the input's other keys kept in place.
+
+Defaults are LLaMA-Factory's own (hparams/finetuning_args.py, model_args.py) and HF Seq2SeqTrainingArguments':
+finetuning_type lora, lora_rank 8, lora_alpha 2 x rank, lora_target all, cutoff_len 2048, per-device batch 8,
+accumulation 1, optim adamw_torch, flash_attn auto, no bf16/fp16 (fp32), checkpointing on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from memplan.errors import ConfigError
+from memplan.formats.deepspeed import read_deepspeed
+from memplan.spec import optimizers
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig
+
+# TrainConfig field -> the YAML key that carries it (problems are spelled with these names)
+KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size",
+        "grad_accum": "gradient_accumulation_steps", "seq_len": "cutoff_len", "checkpointing":
+        "disable_gradient_checkpointing", "optimizer": "optim", "attn": "flash_attn", "lora_rank": "lora_rank",
+        "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_targets": "lora_target",
+        "quant_bits": "quantization_bit", "freeze_trainable_layers": "freeze_trainable_layers",
+        "precision": "bf16/fp16/pure_bf16", "gpus": "--gpus", "nodes": "--nodes", "sharding": "deepspeed",
+        "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size"}
+# (YAML key, TrainConfig field, LLaMA-Factory's default) of the integer knobs
+_INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
+         ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
+         ("freeze_trainable_layers", "freeze_trainable_layers", 2))
+# ModelArguments.flash_attn: the first name of each is what an export writes
+_ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.SDPA: ("sdpa",),
+                                           Attention.EAGER: ("disabled", "eager"),
+                                           Attention.FLASH_ATTENTION_2: ("fa2", "flash_attention_2")}
+_PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
+               "lora_target", "freeze_trainable_layers")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LlamaFactoryConfig:
+    """What memplan read from the YAML, and the YAML itself (`raw`, every key as written)."""
+
+    model: str  # model_name_or_path
+    train: TrainConfig
+    raw: dict[str, Any] = field(default_factory=dict)
+    output_dir: str | None = None
+    deepspeed: str | None = None  # path of a DeepSpeed JSON, kept as written
+
+
+# ---- reading --------------------------------------------------------------------------------------------------
+def _bool(raw: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _method(raw: dict[str, Any]) -> Method:
+    kind = str(raw.get("finetuning_type", "lora")).lower()
+    bits = raw.get("quantization_bit")
+    if kind not in ("full", "freeze", "lora"):
+        raise ConfigError(f"finetuning_type {kind!r}: memplan models full, freeze and lora (oft is not modelled)")
+    if bits is not None:
+        if kind != "lora":
+            raise ConfigError(f"quantization_bit with finetuning_type {kind}: memplan models quantized training "
+                              "as QLoRA only (finetuning_type: lora)")
+        return Method.QLORA
+    return Method(kind)
+
+
+def _precision(raw: dict[str, Any]) -> Precision:
+    if _bool(raw, "pure_bf16"):
+        return Precision.PURE_BF16
+    bf16, fp16 = _bool(raw, "bf16"), _bool(raw, "fp16")
+    if bf16 and fp16:
+        raise ConfigError("bf16 and fp16 are both true: choose one")
+    return Precision.BF16 if bf16 else Precision.FP16 if fp16 else Precision.FP32
+
+
+def _targets(value: Any) -> tuple[str, ...]:
+    names = value if isinstance(value, list) else str(value).split(",")
+    names = [str(n).strip() for n in names if str(n).strip()]
+    return (ALL_LINEAR,) if names in ([], ["all"]) else tuple(names)
+
+
+def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
+    """A parsed YAML mapping -> LlamaFactoryConfig; every problem in the modelled fields is reported at once."""
+    problems: list[str] = []
+    if not raw.get("model_name_or_path"):
+        problems.append("model_name_or_path is missing")
+    kw: dict[str, Any] = {}
+    for name, fn in (("method", _method), ("precision", _precision)):
+        try:
+            kw[name] = fn(raw)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    optim = str(raw.get("optim", "adamw_torch"))
+    chosen = optimizers.from_hf(optim, str(raw.get("optim_args", "")))
+    if chosen is None:
+        problems.append(f"optim {optim!r} is not modelled: use one of {', '.join(optimizers.hf_names())}")
+    else:
+        kw["optimizer"] = chosen
+    attn = str(raw.get("flash_attn", "auto")).lower()
+    kernel = next((a for a, names in _ATTN.items() if attn in names), None)
+    if kernel is None:
+        problems.append(f"flash_attn {attn!r}: choose one of {', '.join(n for ns in _ATTN.values() for n in ns)}")
+    else:
+        kw["attn"] = kernel
+    try:  # LLaMA-Factory enables checkpointing itself unless disabled; HF's gradient_checkpointing is not read
+        kw["checkpointing"] = not _bool(raw, "disable_gradient_checkpointing")
+    except ConfigError as err:
+        problems.extend(err.problems)
+    for key, name, default in _INTS:
+        kw[name] = raw.get(key, default)
+    if raw.get("lora_alpha") is not None:
+        kw["lora_alpha"] = raw["lora_alpha"]
+    kw["lora_dropout"] = float(raw.get("lora_dropout", 0.0) or 0.0)
+    kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
+    if raw.get("quantization_bit") is not None:
+        kw["quant_bits"] = raw["quantization_bit"]
+    train = None
+    if not problems:
+        try:
+            train = TrainConfig(**kw)
+        except ConfigError as err:
+            problems.extend(err.respelled(KEYS).problems)
+    if problems or train is None:
+        raise ConfigError(problems)
+    return LlamaFactoryConfig(model=str(raw["model_name_or_path"]), train=train, raw=dict(raw),
+                              output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"))
+
+
+def read_llamafactory(path: str | Path) -> LlamaFactoryConfig:
+    """Read a LLaMA-Factory training YAML (and the DeepSpeed JSON it names); a missing file or malformed YAML is a
+    ConfigError (one line)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"--config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: malformed YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of LLaMA-Factory arguments")
+    try:
+        lf = config_from_llamafactory(raw)
+        if lf.deepspeed:  # the ZeRO stage and offload come from the DeepSpeed JSON the YAML names
+            lf = replace(lf, train=lf.train.with_(**read_deepspeed(str(lf.deepspeed), path.parent)))
+        return lf
+    except ConfigError as err:
+        raise err.respelled(KEYS, prefix=f"--config {path}: ") from None
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A LLaMA-Factory training YAML with the plan's knobs; every other key of `base` is kept as it was, in place."""
+    opt = optimizers.facts(train.optimizer)
+    plan: dict[str, Any] = dict(
+        finetuning_type="full" if train.method is Method.FULL else
+        "freeze" if train.method is Method.FREEZE else "lora",
+        per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
+        cutoff_len=train.seq_len, disable_gradient_checkpointing=not train.checkpointing,
+        optim=opt.hf_optim, flash_attn=_ATTN[train.attn][0])
+    if opt.optim_args:
+        plan["optim_args"] = opt.optim_args
+    if train.precision is Precision.PURE_BF16:
+        plan["pure_bf16"] = True
+    elif train.precision in (Precision.BF16, Precision.FP16):
+        plan[train.precision.value] = True
+    if train.is_lora:
+        plan.update(lora_rank=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
+                    lora_target="all" if ALL_LINEAR in train.lora_targets else ",".join(train.lora_targets))
+    if train.method is Method.QLORA:
+        plan["quantization_bit"] = train.quant_bits
+    if train.method is Method.FREEZE:
+        plan["freeze_trainable_layers"] = train.freeze_trainable_layers
+    owned = {*_PLAN_OWNED, *plan}
+    out = {"model_name_or_path": spec.config.get("_name_or_path") or spec.name}
+    for key, value in (base or {}).items():  # the input's order and its other keys, untouched
+        if key not in owned:
+            out[key] = value
+        elif key in plan:
+            out[key] = plan[key]
+    out.update((k, v) for k, v in plan.items() if k not in out)
+    return out

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from memplan.predict.estimator import estimate
-from memplan.probe.truth import measure_cpu_peak
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 from memplan.testing.tiny import tiny_spec
+from memplan.testing.truth import measure_cpu_peak
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from memplan.predict.estimator import estimate
 from memplan.spec.catalog import catalog_entries, resolve_model
 from memplan.spec.train import Method, Precision, TrainConfig
-from memplan.trace.fake import exact_estimate
+from memplan.trace.exact import exact_estimate
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [  # method, precision, batch, seq, checkpointing

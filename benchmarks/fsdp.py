@@ -25,10 +25,10 @@ def rank_worker() -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from memplan.probe.truth import reference_step
+    from memplan.build.model import build_model, build_optimizer
+    from memplan.build.shard import fully_shard_model
+    from memplan.build.step import reference_step
     from memplan.testing.tiny import tiny_spec
-    from memplan.trace.build import build_model, build_optimizer
-    from memplan.trace.fake import _fully_shard
     from memplan.trace.tracker import LiveBytes
 
     dist.init_process_group("gloo")
@@ -43,7 +43,7 @@ def rank_worker() -> None:
     tracker = LiveBytes()
     tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids])
     with tracker:
-        _fully_shard(model, mesh, train)
+        fully_shard_model(model, mesh, train)
     tracker.reset_peak()
     with tracker:
         optimizer = build_optimizer(model, train)
@@ -57,7 +57,7 @@ def rank_worker() -> None:
         torch.manual_seed(0)
         model = build_model(spec, train, device="cpu")
         ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
-        _fully_shard(model, mesh, train)
+        fully_shard_model(model, mesh, train)
         with record_function("memplan:sharded"):
             pass
         optimizer = build_optimizer(model, train)
@@ -89,7 +89,7 @@ def main() -> str:
     from memplan.spec.catalog import resolve_model
     from memplan.spec.train import Method, Precision, Sharding, TrainConfig
     from memplan.testing.tiny import tiny_spec
-    from memplan.trace.fake import exact_estimate
+    from memplan.trace.exact import exact_estimate
 
     real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            __file__, "--rank-worker"], capture_output=True, text=True, check=True)

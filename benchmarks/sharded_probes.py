@@ -17,7 +17,7 @@ from memplan.predict.estimator import estimate
 from memplan.probe.launch import ProbeOptions, probe
 from memplan.spec.train import Method, Precision, Sharding, TrainConfig
 from memplan.testing.tiny import tiny_spec
-from memplan.trace.fake import exact_estimate
+from memplan.trace.exact import exact_estimate
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {

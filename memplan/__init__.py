@@ -9,7 +9,7 @@ from memplan.probe.launch import ProbeOptions, probe
 from memplan.spec.catalog import resolve_model
 from memplan.spec.hardware import resolve_gpu
 from memplan.spec.train import TrainConfig
-from memplan.trace.fake import exact_estimate
+from memplan.trace.exact import exact_estimate
 from memplan.tune.study import tune
 
 __all__ = ["ProbeOptions", "TrainConfig", "estimate", "exact_estimate", "fit", "probe", "resolve_gpu",

@@ -231,7 +231,7 @@ def _suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list
 def recheck_exact(res: FitResult, top: int = 3) -> FitResult:
     """Re-estimate the `top` ranked candidates with the exact mode (fake-tensor traces); drop those that no longer
     fit and keep the order by predicted speed. Needs the `trace` extra."""
-    from memplan.trace.fake import exact_estimate
+    from memplan.trace.exact import exact_estimate
 
     checked = []
     for cand in res.ranked[:top]:

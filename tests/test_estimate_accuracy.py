@@ -6,9 +6,12 @@ import statistics
 import pytest
 
 from memplan.predict.estimator import estimate
-from memplan.probe.truth import measure_cpu_peak
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 from memplan.testing.tiny import tiny_spec
+from memplan.testing.truth import measure_cpu_peak
+
+# nine real training steps measured on the CPU allocator (about a minute on two cores): with the slow set
+pytestmark = pytest.mark.integration
 
 CASES = [
     ("llama", dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False)),

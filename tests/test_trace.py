@@ -7,11 +7,11 @@ import pytest
 
 from memplan.cli import main
 from memplan.errors import UnsupportedModel
-from memplan.probe.truth import measure_cpu_peak
 from memplan.spec.catalog import resolve_model
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 from memplan.testing.tiny import tiny_spec
-from memplan.trace.fake import exact_estimate
+from memplan.testing.truth import measure_cpu_peak
+from memplan.trace.exact import exact_estimate
 
 CASES = [
     ("llama", dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False)),
@@ -56,7 +56,7 @@ def test_unknown_architecture_falls_back_to_exact(capsys):
 
 
 def test_fallback_without_torch_is_a_clear_error(capsys, monkeypatch):
-    import memplan.trace.fake as fake
+    import memplan.trace.exact as fake
 
     monkeypatch.setattr(fake, "exact_mode_available", lambda: False)
     assert main(["estimate", "--model", "bloomz-7b1"]) == 2
@@ -159,7 +159,8 @@ def test_trace_command_exits_fast_with_all_output_and_its_code(tmp_path):
 
 FORK_SCRIPT = """
 import json, os, sys, time
-import memplan.trace.fake as fk
+import memplan.trace.fork as fk
+import memplan.trace.step as st
 from memplan.spec.catalog import resolve_model
 from memplan.spec.train import TrainConfig
 
@@ -181,13 +182,13 @@ def trace(spec, train, layers, by_module=False):
         time.sleep(600)
     if layers == 1 and mode == "parent-fails":
         raise KeyError("depth 1 broke")
-    return fk.Trace(layers=layers, peak=10 * layers, weights=1, states=2, forward_end=3, trainable=4,
+    return st.Trace(layers=layers, peak=10 * layers, weights=1, states=2, forward_end=3, trainable=4,
                     phase="backward", op=str(os.getpid()), by_module={"layers.*": layers})
 
 
-fk.trace_depth = trace
+st.trace_depth = trace
 try:
-    traces = fk._trace_depths(resolve_model("llama-3.2-1b"), TrainConfig(), [1, 2, 3], True)
+    traces = fk.trace_depths(resolve_model("llama-3.2-1b"), TrainConfig(), [1, 2, 3], True)
 except Exception as err:
     print(json.dumps({"error": type(err).__name__, "message": str(err)}))
 else:

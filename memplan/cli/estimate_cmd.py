@@ -82,7 +82,7 @@ def estimate(ctx: typer.Context, model: OptModel = None, config: ConfigOpt = Non
     if by_module and not exact:
         raise ConfigError("--by-module needs the exact mode: add --exact (or use memplan trace)")
     if exact or not spec.analytic:
-        from memplan.trace.fake import exact_estimate, exact_mode_available
+        from memplan.trace.exact import exact_estimate, exact_mode_available
 
         if not exact and not exact_mode_available():
             run_estimate(spec, train)  # raises the clear "not in the analytic formulas" error

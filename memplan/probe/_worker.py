@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from memplan.build.model import build_model, build_optimizer
 from memplan.probe import parallel
 from memplan.probe.result import ProbeResult, ProbeStatus
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import train_from_dict
-from memplan.trace.build import build_model, build_optimizer
 from memplan.trace.tracker import LiveBytes
 
 

@@ -54,7 +54,7 @@ def check_probeable(train: TrainConfig, device: str) -> None:
 
 def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:
     """Wrap `model` (built on the host, or on `device` for DDP) for this rank and return its step."""
-    from memplan.probe.truth import reference_step
+    from memplan.build.step import reference_step
 
     if train.sharding.is_deepspeed:
         return _deepspeed(model, train, device, build_optimizer)
@@ -85,14 +85,14 @@ def _init_process_group(device: str) -> None:
 def _fsdp(model: Any, train: TrainConfig, device: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from memplan.trace.fake import _fully_shard
+    from memplan.build.shard import fully_shard_model
 
     n = world_size()
     # hybrid_shard: replicate across nodes, shard inside one (FSDP2's HSDP on a 2-D mesh)
     shape = (train.nodes, n // train.nodes) if train.sharding is Sharding.HYBRID_SHARD else (n,)
     names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
     mesh = init_device_mesh(device, shape, mesh_dim_names=names)
-    _fully_shard(model, mesh, train)
+    fully_shard_model(model, mesh, train)
 
 
 def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:

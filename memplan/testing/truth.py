@@ -1,22 +1,19 @@
-"""Exact CPU ground truth (NOTES §3): the allocator peak of the reference training step, from profiler events.
+"""Exact CPU ground truth: the allocator peak of the reference training step, from the profiler's memory events.
 
-The reference step (NOTES §1, as HF Trainer runs it): for two optimizer steps, `grad_accum` micro-steps of
-`loss = model(input_ids=ids, labels=ids).loss; loss.backward()`, then `optimizer.step(); zero_grad(set_to_none)`.
-Trainer's compute_loss keeps only the loss, so the logits are released before backward.
+PyTorch's CPU allocator does not cache, so its memory events are the truth: accumulate them in time order, take
+the running maximum, add the parameters and buffers alive before. Deterministic to the byte; the oracle every
+estimator is judged against in tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any
 
 from memplan._imports import try_import
+from memplan.build.model import build_model, build_optimizer
+from memplan.build.step import PHASES, reference_step
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Precision, TrainConfig
-from memplan.trace.build import build_model, build_optimizer, compute_dtype
-
-PHASES = ("forward", "backward", "optimizer")
+from memplan.spec.train import TrainConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,30 +25,6 @@ class Truth:
     phase_peaks: dict[str, int]  # "forward:2" -> peak live bytes inside that phase
     peak_op: str  # the innermost profiled op running at the peak (e.g. aten::_log_softmax_backward_data)
     losses: tuple[float, ...]
-
-
-def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mark: Any, steps: int = 2,
-                   record_losses: bool = True, first: int = 1) -> list[float]:
-    """Run `steps` optimizer steps of the reference step, numbered from `first`; `mark(name)` returns a context
-    manager per phase. record_losses=False for fake tensors, whose values cannot be read."""
-    torch = try_import("torch")
-    amp = train.precision in (Precision.FP16, Precision.BF16)
-    losses = []
-    for step in range(first, first + steps):
-        for _ in range(train.grad_accum):
-            with mark(f"forward:{step}"):
-                ctx = torch.autocast("cpu", dtype=compute_dtype(train)) if amp else contextlib.nullcontext()
-                with ctx:
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            with mark(f"backward:{step}"):
-                (loss / train.grad_accum).backward()
-            if record_losses:
-                losses.append(float(loss.detach()))
-            del loss
-        with mark(f"optimizer:{step}"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return losses
 
 
 def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> Truth:

@@ -1,8 +1,5 @@
-"""Build the real transformers model (plus the peft wrapper) for a ModelSpec and TrainConfig.
-
-Shared by the CPU ground truth, the exact (fake-tensor) trace and the probe worker, so that all three run the very
-same model with the precision semantics of NOTES §2 (as HF Trainer / LLaMA-Factory set them up).
-"""
+"""Build the real transformers model (plus the peft wrapper) and its optimizer for a ModelSpec and TrainConfig,
+with the precision semantics HF Trainer / LLaMA-Factory set up (README "The memory model")."""
 
 from __future__ import annotations
 

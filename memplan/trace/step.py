@@ -1,0 +1,135 @@
+"""Trace one depth: the reference step of a model cut to k decoder layers, on fake tensors, under the live-bytes
+tracker. Builds on the meta device outside FakeTensorMode, swaps in fake parameters inside it, creates the optimizer
+states with one step on zero gradients, then traces step 2 (states alive from the start, as in every later step)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from memplan._imports import try_import
+from memplan.spec.model import ModelSpec
+from memplan.spec.train import TrainConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trace:
+    """Live bytes of one traced depth."""
+
+    layers: int
+    peak: int
+    weights: int  # parameters + buffers
+    states: int  # optimizer states after the steps
+    forward_end: int  # live bytes when step 2's forward returned
+    trainable: int  # trainable parameters
+    phase: str
+    op: str = ""  # the op that made the peak
+    phase_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # forward / backward / optimizer
+    by_module: dict[str, int] = dataclasses.field(default_factory=dict)  # live bytes at the peak, by allocator
+
+
+def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: bool = False) -> Trace:
+    """Trace the reference step of `spec` cut to `layers` decoder layers (by_module: attribute live bytes to the
+    module whose forward allocated them, `layers.*` pooled; backward and optimizer allocations by phase)."""
+    torch = try_import("torch")
+    try_import("transformers")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.build.model import build_model, build_optimizer
+    from memplan.build.shard import fully_shard_model
+    from memplan.build.step import reference_step
+    from memplan.trace.patches import (
+        fake_friendly_experts,
+        fake_parameters,
+        fake_process_group,
+        no_packed_sequence_detection,
+        quiet,
+    )
+    from memplan.trace.tracker import LiveBytes
+
+    cut = dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
+    with quiet():
+        model = build_model(cut, train, device="meta")  # outside the fake mode (NOTES §4)
+    tracker = LiveBytes(by_owner=by_module)
+    marks: dict[str, int] = {}
+    if by_module:
+        _attribute_to_modules(model, tracker)
+
+    @contextlib.contextmanager
+    def mark(name: str):  # noqa: ANN202
+        tracker.phase, tracker.owner = name.split(":")[0], ""
+        yield
+        marks[name] = tracker.live
+
+    with fake_process_group(train) as mesh, FakeTensorMode(), no_packed_sequence_detection(), \
+            fake_friendly_experts(), quiet():
+        fake_parameters(model, torch)
+        ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
+        tensors = list(model.parameters()) + list(model.buffers())
+        tracker.seed(tensors + [ids])
+        del tensors  # sharding must be able to free the full parameters
+        if mesh is not None:
+            with tracker:  # the shards are allocated, the full parameters freed
+                fully_shard_model(model, mesh, train)
+            tracker.reset_peak()  # frameworks load and shard on the host (or meta): the GPU only sees shards
+        optimizer = build_optimizer(model, train)
+        weights = tracker.live - ids.untyped_storage().nbytes()
+        _create_optimizer_states(model, optimizer)
+        state_tensors = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        tracker.phase = "optimizer"  # by_module: states are the optimizer's, as when step 1 created them
+        tracker.seed(state_tensors)
+        tracker.phase = ""
+        states = sum(_storage_bytes(t) for t in state_tensors)
+        with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
+            reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
+                 forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
+                 op=str(tracker.peak_op), phase_peaks=dict(tracker.phase_peaks),
+                 by_module=tracker.peak_by_owner)
+
+
+def _storage_bytes(t: Any) -> int:
+    """Bytes a tensor really holds: a DTensor's are its local shard's (its own storage is a placeholder)."""
+    local = getattr(t, "_local_tensor", None)
+    return (local if local is not None else t).untyped_storage().nbytes()
+
+
+def _create_optimizer_states(model: Any, optimizer: Any) -> None:
+    """Step 1 of the reference step, minus forward and backward: an optimizer step on zero gradients creates the
+    states. Step 1's own forward and backward run without states, so its peak never exceeds step 2's, and its
+    optimizer phase (grads + states being created + temporaries) equals step 2's: tracing step 2 alone suffices."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _attribute_to_modules(model: Any, tracker: Any) -> None:
+    """Forward pre/post hooks keep `tracker.owner` on the innermost running module (`layers.N` -> `layers.*`);
+    allocations in backward (recomputation included) and in the optimizer step are attributed to that phase."""
+    import re
+
+    stack: list[str] = []
+
+    def enter(name: str) -> Any:
+        def hook(*_: Any) -> None:
+            if tracker.phase == "forward":  # checkpoint recomputes in backward may stop early: no post hook
+                stack.append(name)
+                tracker.owner = name
+        return hook
+
+    def leave(*_: Any) -> None:
+        if tracker.phase == "forward":
+            stack.pop()
+            tracker.owner = stack[-1] if stack else ""
+
+    for name, module in model.named_modules():
+        short = re.sub(r"\.layers\.\d+", ".layers.*", name.replace("base_model.model.", "")) or "model"
+        module.register_forward_pre_hook(enter(short))
+        module.register_forward_hook(leave)

@@ -25,6 +25,7 @@ from memplan.probe.inprocess import probe_in_process
 from memplan.probe.launch import ProbeOptions
 from memplan.probe.result import ProbeResult, ProbeStatus
 from memplan.spec.hardware import GPU
+from memplan.spec.space import SearchSpace
 from memplan.spec.train import Attention, Method, Precision, TrainConfig
 from memplan.testing.tiny import tiny_spec
 from memplan.tune.study import tune
@@ -135,9 +136,9 @@ def main() -> list[dict[str, object]]:
         with tempfile.TemporaryDirectory() as tmp:
             m_run = Run()
             res = tune(spec, base, GPU(name="sim", memory_bytes=cap), functools.partial(m_run.probe, memo),
-                       global_batch=gb, usable_bytes=cap, device="cpu",
-                       storage=f"sqlite:///{tmp}/s.db", n_probes=max(1, len(cands) // 4),
-                       precisions=[Precision.FP32], attentions=ATTNS)
+                       space=SearchSpace(global_batch=gb, precisions=(Precision.FP32,), attentions=tuple(ATTNS)),
+                       usable_bytes=cap, device="cpu", storage=f"sqlite:///{tmp}/s.db",
+                       n_probes=max(1, len(cands) // 4))
         m_best = res.best.train if res.best else None
         m_speed = memo.measure(m_best)[0].tokens_per_s if m_best else 0.0
         for name, (run, best, speed) in {"oracle": (o_run, o_best, o_speed), "memplan": (m_run, m_best, m_speed),

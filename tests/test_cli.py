@@ -70,6 +70,41 @@ def test_fit_json_ranked(capsys):
     assert all(c["config"]["effective_batch"] == 8 for c in data["ranked"])
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--gpus", "0-4"], "--gpus '0-4': ranges start above 0"),
+    (["--gpus", "0"], "--gpus '0': values are positive integers"),
+    (["--lora-rank", "0-8"], "--lora-rank '0-8': ranges start above 0"),
+    (["--lora-rank", "4-12"], "4-12 does not end on a power-of-two multiple of 4: use 4-16, or a list 4,8,12"),
+    (["--lora-rank", "8-4"], "--lora-rank '8-4': a range runs from low to high"),
+    (["--lora-rank", "-8"], "--lora-rank '-8': values are positive integers"),
+    (["--lora-rank", "8,0"], "--lora-rank '8,0': values are positive integers"),
+    (["--lora-rank", "4-13:4"], "4-13:4 does not end on 13"),
+    (["--lora-rank", "1-100:1"], "expands to 100 values; at most 64"),
+    (["--lora-rank", "8-2000000"], "values are at most 1000000"),
+    (["--lora-rank", "8-x"], "--lora-rank '8-x': use a number"),
+])
+def test_bad_int_lists_are_one_line_exit_2(capsys, args, needle):
+    rc, _, err = run(capsys, "fit", "--model", "llama-2-7b", "--gpu", "24GB", *args)
+    assert rc == 2
+    assert err.startswith("memplan: error: ") and needle in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("ranks,expected", [("8-64", {8, 16, 32, 64}), ("4-12:4", {4, 8, 12}),
+                                            ("16", {16}), ("8,32", {8, 32})])
+def test_rank_ranges_and_steps_expand(capsys, ranks, expected):
+    rc, out, _ = run(capsys, "fit", "--model", "llama-3-8b", "--gpu", "a100-80gb", "--global-batch", "8",
+                     "--lora-rank", ranks, "--json")
+    assert rc == 0
+    assert {c["config"]["lora_rank"] for c in json.loads(out)["ranked"]} == expected
+
+
+def test_single_configuration_commands_take_one_rank(capsys):
+    rc, _, err = run(capsys, "estimate", "--model", "llama-2-7b", "--lora-rank", "8-8")
+    assert rc == 2 and "estimate takes one --lora-rank" in err and err.count("\n") == 1
+    rc, out, _ = run(capsys, "estimate", "--model", "llama-2-7b", "--lora-rank", "16", "--json")
+    assert rc == 0 and json.loads(out)["config"]["lora_rank"] == 16
+
+
 def test_models_and_gpus(capsys):
     rc, out, _ = run(capsys, "models", "--json")
     assert rc == 0 and len(json.loads(out)["models"]) >= 25
@@ -77,6 +112,7 @@ def test_models_and_gpus(capsys):
     assert rc == 0 and any(g["key"] == "rtx4090" for g in json.loads(out)["gpus"])
 
 
+@pytest.mark.integration
 def test_analytic_path_imports_no_torch():
     code = ("import sys; from memplan.cli import main; main(['fit','--model','llama-2-7b','--gpu','24GB','--json']);"
             "heavy=[m for m in ('torch','transformers','peft','optuna') if m in sys.modules]; "
@@ -85,6 +121,7 @@ def test_analytic_path_imports_no_torch():
     assert "HEAVY=" in proc.stderr and proc.stderr.split("HEAVY=")[1].strip() == ""
 
 
+@pytest.mark.integration
 def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--model", "llama-2-7b", "--json"],
                           capture_output=True, text=True, check=False)

@@ -2,17 +2,40 @@ import pytest
 
 from memplan.errors import ConfigError
 from memplan.predict.estimator import estimate
-from memplan.spec.catalog import resolve_model
+from memplan.spec.catalog import catalog_entries, resolve_model
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 
 M7 = resolve_model("llama-2-7b")
+ANALYTIC = [e for e in catalog_entries() if resolve_model(e.hf_id).analytic]
 
 
-def test_terms_sum_to_peak():
-    bd = estimate(M7, TrainConfig(method=Method.FULL, checkpointing=False))
-    assert sum(t.bytes for t in bd.terms) == bd.peak_allocated_bytes
+@pytest.mark.parametrize("precision,width", [(Precision.FP32, 4), (Precision.BF16, 4), (Precision.PURE_BF16, 2)])
+def test_full_adamw_terms_equal_figures_derived_by_hand(precision, width):
+    # full fine-tuning with AdamW peaks in optimizer.step(): weights, gradients, exp_avg and exp_avg_sq, and
+    # foreach AdamW's _foreach_sqrt(exp_avg_sq) copy, each `width` bytes per parameter (fp32 master weights under
+    # bf16 AMP, 2 B under pure bf16), plus the rotary inv_freq buffer (head_dim / 2 fp32 values)
+    n, rotary = M7.num_parameters, M7.head_dim // 2 * 4
+    bd = estimate(M7, TrainConfig(method=Method.FULL, precision=precision, checkpointing=False, seq_len=512))
+    assert bd.phase == "optimizer" and bd.trainable_params == n
+    assert {t.name: t.bytes for t in bd.terms} == {"weights": width * n + rotary, "optimizer_states": 2 * width * n,
+                                                   "gradients": width * n, "activations": 0, "transient": width * n}
+    assert bd.peak_allocated_bytes == 5 * width * n + rotary
     assert bd.peak_reserved_bytes >= bd.peak_allocated_bytes
     assert bd.total_bytes == bd.peak_reserved_bytes + bd.cuda_context_bytes
+
+
+def test_lora_terms_equal_figures_derived_by_hand():
+    # LoRA rank 16 on every linear of llama-2-7b (32 layers; q, k, v, o: 4096 -> 4096; gate, up: 4096 -> 11008;
+    # down: 11008 -> 4096): r x (in + out) per adapter; bf16 base weights, fp32 adapters and AdamW states
+    h, i, r = 4096, 11008, 16
+    adapters = 32 * r * (4 * (h + h) + 3 * (h + i))
+    bd = estimate(M7, TrainConfig(method=Method.LORA, lora_rank=r, precision=Precision.BF16, seq_len=1024))
+    assert bd.trainable_params == adapters == 39_976_960
+    assert bd.term("weights") == 2 * M7.num_parameters + 4 * adapters + M7.head_dim // 2 * 4
+    assert bd.term("optimizer_states") == 2 * 4 * adapters
+    assert all(t.bytes >= 0 for t in bd.terms), bd.terms
+    assert bd.term("activations") > 0 and bd.phase in ("forward", "backward")
+    assert sum(t.bytes for t in bd.terms) == bd.peak_allocated_bytes
 
 
 def test_full_fp32_adamw_is_at_least_16_bytes_per_param():
@@ -53,11 +76,25 @@ def test_bad_inputs():
         estimate(M7, TrainConfig(lora_targets=("qkv_proj",)))
 
 
-def test_every_catalog_model_estimates_quickly():
-    from memplan.spec.catalog import catalog_entries
-
-    for e in catalog_entries():
-        if "bloom" in e.hf_id:
-            continue
-        bd = estimate(resolve_model(e.hf_id), TrainConfig())
-        assert bd.peak_allocated_bytes > resolve_model(e.hf_id).num_parameters  # > 1 B/param for bf16 LoRA
+@pytest.mark.parametrize("entry", ANALYTIC, ids=lambda e: e.short_name)
+def test_every_catalog_model_has_consistent_terms(entry):
+    spec = resolve_model(entry.hf_id)
+    n, rotary = spec.num_parameters, spec.head_dim // 2 * 4
+    # full bf16 AMP with AdamW: fp32 master weights, gradients, two states and the foreach step copy coexist
+    full = estimate(spec, TrainConfig(method=Method.FULL))
+    assert full.trainable_params == n
+    assert full.term("weights") == 4 * n + rotary and full.term("optimizer_states") == 2 * 4 * n
+    assert full.peak_allocated_bytes >= 20 * n + rotary
+    # LoRA (the default, all-linear; attention only for MoE, where peft also wraps the experts): r x (in + out)
+    # per adapted linear in every layer, over bf16 base weights
+    linears = spec.attention_linears() + (() if spec.is_moe else spec.mlp_linears())
+    train = TrainConfig(lora_targets=tuple(lin.name for lin in linears)) if spec.is_moe else TrainConfig()
+    lora = estimate(spec, train)
+    adapters = spec.num_layers * train.lora_rank * sum(lin.in_features + lin.out_features for lin in linears)
+    assert lora.trainable_params == adapters
+    assert lora.term("weights") == 2 * n + 4 * adapters + rotary
+    assert lora.term("optimizer_states") == 2 * 4 * adapters
+    assert lora.peak_allocated_bytes >= lora.term("weights") + lora.term("optimizer_states")
+    for bd in (full, lora):
+        assert all(t.bytes >= 0 for t in bd.terms), bd.terms
+        assert sum(t.bytes for t in bd.terms) == bd.peak_allocated_bytes

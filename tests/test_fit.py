@@ -4,12 +4,13 @@ from memplan.errors import ConfigError
 from memplan.fit import fit
 from memplan.spec.catalog import resolve_model
 from memplan.spec.hardware import resolve_gpu
+from memplan.spec.space import SearchSpace
 from memplan.spec.train import Method, Precision, TrainConfig
 
 
 def _fit(model, gpu, method, seq=2048, gb=16, **kw):
     return fit(resolve_model(model), TrainConfig().with_(method=method, seq_len=seq, **kw), resolve_gpu(gpu),
-               global_batch=gb)
+               SearchSpace(global_batch=gb))
 
 
 def test_full_7b_does_not_fit_24gb_and_suggests():
@@ -42,24 +43,24 @@ def test_effective_batch_kept_and_ranked_by_speed():
 
 def test_no_bf16_on_t4_and_bad_margin():
     with pytest.raises(ConfigError, match="bf16"):
-        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("t4"), global_batch=8,
-            precisions=[Precision.BF16])
+        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("t4"),
+            SearchSpace(global_batch=8, precisions=(Precision.BF16,)))
     assert all(c.train.precision is Precision.FP16 for c in
-               fit(resolve_model("qwen2.5-0.5b"), TrainConfig(), resolve_gpu("t4"), global_batch=8).ranked)
+               fit(resolve_model("qwen2.5-0.5b"), TrainConfig(), resolve_gpu("t4"), SearchSpace(global_batch=8)).ranked)
     with pytest.raises(ConfigError, match="margin"):
-        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("24GB"), global_batch=8, margin=0.5)
+        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("24GB"), SearchSpace(global_batch=8), margin=0.5)
 
 
 def test_indivisible_global_batch():
     with pytest.raises(ConfigError, match="divisible"):
-        fit(resolve_model("llama-2-7b"), TrainConfig().with_(gpus=3), resolve_gpu("24GB"), global_batch=16)
+        fit(resolve_model("llama-2-7b"), TrainConfig().with_(gpus=3), resolve_gpu("24GB"), SearchSpace(global_batch=16))
 
 
 def test_attention_list_is_searched_and_flash_refused_on_t4():
     from memplan.spec.train import Attention
 
-    res = fit(resolve_model("llama-3-8b"), TrainConfig(), resolve_gpu("a100-80gb"), global_batch=4,
-              attentions=[Attention.SDPA, Attention.EAGER])
+    res = fit(resolve_model("llama-3-8b"), TrainConfig(), resolve_gpu("a100-80gb"),
+              SearchSpace(global_batch=4, attentions=(Attention.SDPA, Attention.EAGER)))
     assert {c.train.attn for c in res.ranked} == {Attention.SDPA, Attention.EAGER}
     same = {(c.train.batch_size, c.train.precision, c.train.checkpointing): c for c in res.ranked
             if c.train.attn is Attention.SDPA}
@@ -68,8 +69,8 @@ def test_attention_list_is_searched_and_flash_refused_on_t4():
             key = (c.train.batch_size, c.train.precision, c.train.checkpointing)
             assert key not in same or c.total_bytes >= same[key].total_bytes
     with pytest.raises(ConfigError, match="flash_attention_2"):
-        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("t4"), global_batch=4,
-            precisions=[Precision.FP16], attentions=[Attention.FLASH_ATTENTION_2])
+        fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("t4"),
+            SearchSpace(global_batch=4, precisions=(Precision.FP16,), attentions=(Attention.FLASH_ATTENTION_2,)))
 
 
 def test_suggestions_include_more_gpus_with_the_effective_batch_kept():

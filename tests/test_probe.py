@@ -11,12 +11,11 @@ from memplan.probe import launch as launch_mod
 from memplan.probe.launch import ProbeOptions, launch, probe
 from memplan.probe.oom import classify_failure
 from memplan.probe.result import ProbeStatus
-from memplan.probe.truth import measure_cpu_peak
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import Method, Precision, TrainConfig
+from memplan.testing.tiny import SMALL_LLAMA as SMALL
+from memplan.testing.truth import measure_cpu_peak
 
-SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
-             num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
 TRAIN = TrainConfig(method=Method.FULL, precision=Precision.FP32, checkpointing=False, batch_size=2, seq_len=128)
 
 
@@ -30,6 +29,7 @@ def ok_result():
     return probe(ModelSpec.from_config_dict(dict(SMALL), name="small"), TRAIN, ProbeOptions(use_cache=False))
 
 
+@pytest.mark.integration
 def test_ok_probe_measures_the_exact_peak(ok_result):
     truth = measure_cpu_peak(ModelSpec.from_config_dict(dict(SMALL), name="small"), TRAIN)
     assert ok_result.status is ProbeStatus.OK
@@ -38,23 +38,27 @@ def test_ok_probe_measures_the_exact_peak(ok_result):
     assert len(ok_result.losses) == 4 and all(math.isfinite(x) for x in ok_result.losses)
 
 
+@pytest.mark.integration
 def test_capacity_below_peak_is_oom(ok_result):
     spec = ModelSpec.from_config_dict(dict(SMALL), name="small")
     res = probe(spec, TRAIN, ProbeOptions(use_cache=False, capacity_bytes=ok_result.peak_allocated_bytes - 1))
     assert res.status is ProbeStatus.OOM and "simulated out of memory" in res.error
 
 
+@pytest.mark.integration
 def test_crashing_child_is_an_error_with_its_message():
     spec = ModelSpec.from_config_dict({**SMALL, "hidden_act": "no_such_activation"}, name="broken")
     res = probe(spec, TRAIN, ProbeOptions(use_cache=False))
     assert res.status is ProbeStatus.ERROR and "no_such_activation" in res.error
 
 
+@pytest.mark.integration
 def test_hung_child_times_out_and_parent_survives():
     res = launch({"device": "cpu"}, timeout_s=1.0, argv=[sys.executable, "-c", "import time; time.sleep(60)"])
     assert res.status is ProbeStatus.TIMEOUT
 
 
+@pytest.mark.integration
 def test_child_killed_without_result_is_classified():
     code = "import sys; sys.stderr.write('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\\n'); " \
            "sys.exit(1)"
@@ -62,6 +66,7 @@ def test_child_killed_without_result_is_classified():
     assert res.status is ProbeStatus.OOM and "CUDA out of memory" in res.error
 
 
+@pytest.mark.integration
 def test_cache_returns_stored_result_without_running(monkeypatch):
     spec = ModelSpec.from_config_dict(dict(SMALL), name="small")
     first = probe(spec, TRAIN, ProbeOptions(steps=1))
@@ -96,6 +101,7 @@ def test_probe_bad_input(capsys, args):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_probe_cli_json(capsys, tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(SMALL))
@@ -105,6 +111,7 @@ def test_probe_cli_json(capsys, tmp_path):
     assert rc == 1 and data["probe"]["status"] == "oom"
 
 
+@pytest.mark.integration
 def test_gpu_validate_dry_run_lists_the_matrix(tmp_path):
     import subprocess
 

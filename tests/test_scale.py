@@ -17,6 +17,7 @@ from memplan.predict.sharding import largest_unit_params, model_state_bytes
 from memplan.predict.weights import model_states
 from memplan.spec.catalog import resolve_model
 from memplan.spec.train import Method, Offload, Precision, Sharding, TrainConfig
+from memplan.testing.tiny import SMALL_LLAMA as SMALL
 
 SIZES = [("llama-2-7b", 8, 1), ("llama-2-13b", 16, 2), ("llama-2-70b", 64, 8), ("qwen2.5-7b", 4, 1)]
 
@@ -27,7 +28,7 @@ def test_zero2_model_states_equal_deepspeed(model, gpus, nodes, offload):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     spec = resolve_model(model)
-    lay = Layout.of(spec, TrainConfig(method=Method.FULL, precision=Precision.BF16, gpus=gpus, nodes=nodes,
+    lay = Layout.of(spec, TrainConfig().with_(method=Method.FULL, precision=Precision.BF16, gpus=gpus, nodes=nodes,
                                       sharding=Sharding.ZERO2, offload=offload))
     gpu, _ = model_state_bytes(lay, model_states(lay))
     _, ds_gpu = estimate_zero2_model_states_mem_needs(spec.num_parameters, gpus // nodes, nodes,
@@ -41,7 +42,7 @@ def test_zero3_model_states_equal_deepspeed(model, gpus, nodes, offload):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     spec = resolve_model(model)
-    lay = Layout.of(spec, TrainConfig(method=Method.FULL, precision=Precision.BF16, gpus=gpus, nodes=nodes,
+    lay = Layout.of(spec, TrainConfig().with_(method=Method.FULL, precision=Precision.BF16, gpus=gpus, nodes=nodes,
                                       sharding=Sharding.ZERO3, offload=offload))
     gpu, host = model_state_bytes(lay, model_states(lay))
     ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -55,7 +56,7 @@ def test_zero3_model_states_equal_deepspeed(model, gpus, nodes, offload):
 @pytest.mark.parametrize("sharding", [Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FULL_SHARD])
 def test_memory_per_rank_falls_with_more_gpus(sharding):
     spec = resolve_model("llama-2-13b")
-    peaks = [estimate(spec, TrainConfig(method=Method.FULL, gpus=n, sharding=sharding)).peak_allocated_bytes
+    peaks = [estimate(spec, TrainConfig().with_(method=Method.FULL, gpus=n, sharding=sharding)).peak_allocated_bytes
              for n in (1, 2, 4, 8, 16)]
     assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0]
 
@@ -64,7 +65,7 @@ def test_stages_and_engines_order_as_expected():
     spec = resolve_model("llama-2-7b")
 
     def peak(**kw):
-        return estimate(spec, TrainConfig(method=Method.FULL, gpus=8, **kw)).peak_allocated_bytes
+        return estimate(spec, TrainConfig().with_(method=Method.FULL, gpus=8, **kw)).peak_allocated_bytes
 
     ddp, z1, z2, z3 = peak(), peak(sharding=Sharding.ZERO1), peak(sharding=Sharding.ZERO2), \
         peak(sharding=Sharding.ZERO3)
@@ -74,8 +75,8 @@ def test_stages_and_engines_order_as_expected():
                                                                           offload=Offload.OPTIMIZER) < z3
     assert peak(sharding=Sharding.FULL_SHARD) < peak(sharding=Sharding.SHARD_GRAD_OP)
     # hybrid_shard shards inside a node only: 16 GPUs on 2 nodes hold what full_shard over 8 holds
-    hybrid = estimate(spec, TrainConfig(method=Method.FULL, gpus=16, nodes=2, sharding=Sharding.HYBRID_SHARD))
-    full8 = estimate(spec, TrainConfig(method=Method.FULL, gpus=8, sharding=Sharding.FULL_SHARD))
+    hybrid = estimate(spec, TrainConfig().with_(method=Method.FULL, gpus=16, nodes=2, sharding=Sharding.HYBRID_SHARD))
+    full8 = estimate(spec, TrainConfig().with_(method=Method.FULL, gpus=8, sharding=Sharding.FULL_SHARD))
     assert hybrid.peak_allocated_bytes == full8.peak_allocated_bytes
     # DDP on several GPUs adds its gradient buckets to a single GPU's memory
     assert ddp > estimate(spec, TrainConfig(method=Method.FULL)).peak_allocated_bytes
@@ -88,7 +89,7 @@ def test_stages_and_engines_order_as_expected():
 ])
 def test_impossible_sharding_combinations(kw, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**kw)
+        TrainConfig().with_(**kw)
 
 
 def test_estimate_and_fit_cli(capsys):
@@ -120,10 +121,10 @@ def test_exact_mode_traces_fsdp_under_a_fake_process_group(kw, tolerance, shardi
     model: the tracker counts DTensor local shards and FSDP's storage resizes), and the analytic FSDP terms agree
     (they overestimate LoRA without checkpointing by up to 6 %)."""
     from memplan.testing.tiny import tiny_spec
-    from memplan.trace.fake import exact_estimate
+    from memplan.trace.exact import exact_estimate
 
     spec = tiny_spec("llama")
-    one = TrainConfig(batch_size=2, seq_len=128, **kw)
+    one = TrainConfig().with_(batch_size=2, seq_len=128, **kw)
     two = one.with_(gpus=2, sharding=sharding)
     exact_one, exact_two = exact_estimate(spec, one), exact_estimate(spec, two)
     assert exact_two.term("weights") < 0.6 * exact_one.term("weights")  # shards, plus buffers
@@ -133,6 +134,7 @@ def test_exact_mode_traces_fsdp_under_a_fake_process_group(kw, tolerance, shardi
     assert -0.01 <= analytic / exact_two.peak_allocated_bytes - 1 <= tolerance
 
 
+@pytest.mark.integration
 def test_probe_under_torchrun_reports_every_rank(tmp_path, monkeypatch, capsys):
     """Two DDP ranks on CPU (gloo): each rank's peak equals the per-rank estimate (DDP's buckets included); a
     simulated device that holds one GPU's step but not a DDP rank's is an OOM, reported, never a hang."""
@@ -141,7 +143,7 @@ def test_probe_under_torchrun_reports_every_rank(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path))
     spec = tiny_spec("llama")
-    train = TrainConfig(method=Method.FULL, precision=Precision.FP32, batch_size=2, seq_len=128,
+    train = TrainConfig().with_(method=Method.FULL, precision=Precision.FP32, batch_size=2, seq_len=128,
                         checkpointing=False, gpus=2)
     res = probe(spec, train, ProbeOptions(steps=1, warmup=1, timeout_s=300))
     predicted = estimate(spec, train, device="cpu").peak_allocated_bytes
@@ -173,17 +175,18 @@ SHARDED_PROBES = [  # (tiny model, config, sharding, analytic tolerance vs the r
 @pytest.mark.parametrize(("arch", "kw", "sharding", "tolerance"), SHARDED_PROBES,
                          ids=[f"{a}-{k['method'].value}-{k['precision'].value}-{s.value}"
                               for a, k, s, _ in SHARDED_PROBES])
+@pytest.mark.integration
 def test_sharded_probe_on_real_ranks_matches_the_estimate(tmp_path, monkeypatch, arch, kw, sharding, tolerance):
     """DeepSpeed ZeRO (its cpu accelerator, gloo) and FSDP2 on two real ranks: the measured peak is the per-rank
     estimate (DeepSpeed's ipg buffer, fp32 partition and ZeRO-3's gathered parameters included); under FSDP it is
     also the exact mode's fake-process-group trace."""
     from memplan.probe.launch import ProbeOptions, probe
     from memplan.testing.tiny import tiny_spec
-    from memplan.trace.fake import exact_estimate
+    from memplan.trace.exact import exact_estimate
 
     monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path))
     spec = tiny_spec(arch)
-    train = TrainConfig(batch_size=2, seq_len=128, gpus=2, sharding=sharding, **kw)
+    train = TrainConfig().with_(batch_size=2, seq_len=128, gpus=2, sharding=sharding, **kw)
     res = probe(spec, train, ProbeOptions(steps=1, warmup=1, timeout_s=300))
     assert res.status.value == "ok", res.error
     assert len(res.rank_peak_bytes) == 2 and res.peak_allocated_bytes == max(res.rank_peak_bytes)
@@ -199,20 +202,20 @@ def test_sharded_probe_on_real_ranks_matches_the_estimate(tmp_path, monkeypatch,
 def test_deepspeed_buckets_follow_the_json(tmp_path):
     """A DeepSpeed JSON's reduce_bucket_size is read (a number, or "auto" = HF Trainer's hidden_size^2; absent =
     DeepSpeed's 5e8 default), and the ipg buffer it sizes is in the per-rank estimate."""
-    from memplan.spec.llamafactory import deepspeed_sharding
+    from memplan.formats.deepspeed import read_deepspeed
 
     spec = resolve_model("llama-2-7b")
     sizes = {}
     for name, zero in (("auto", {"stage": 2, "reduce_bucket_size": "auto"}), ("absent", {"stage": 2}),
                        ("number", {"stage": 2, "reduce_bucket_size": 2e8})):
         (tmp_path / f"{name}.json").write_text(json.dumps({"zero_optimization": zero}))
-        fields = deepspeed_sharding(f"{name}.json", tmp_path)
-        sizes[name] = estimate(spec, TrainConfig(method=Method.LORA, gpus=8, **fields)).peak_allocated_bytes
+        fields = read_deepspeed(f"{name}.json", tmp_path)
+        sizes[name] = estimate(spec, TrainConfig().with_(method=Method.LORA, gpus=8, **fields)).peak_allocated_bytes
         assert fields.get("ds_reduce_bucket") == {"auto": None, "absent": 500_000_000, "number": 200_000_000}[name]
     assert sizes["absent"] - sizes["auto"] == 2 * (500_000_000 - 4096 * 4096)  # bf16 buffer, backward peak
     (tmp_path / "bad.json").write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "x"}}))
     with pytest.raises(ConfigError, match="reduce_bucket_size must be a number or auto"):
-        deepspeed_sharding("bad.json", tmp_path)
+        read_deepspeed("bad.json", tmp_path)
 
 
 def test_unprobeable_layouts_are_refused_in_one_line(capsys):
@@ -224,6 +227,7 @@ def test_unprobeable_layouts_are_refused_in_one_line(capsys):
     assert err.count("\n") == 1 and "probe it as DDP" in err
 
 
+@pytest.mark.integration
 def test_tune_probes_every_candidate_on_two_ranks(tmp_path, capsys):
     model = tmp_path / "config.json"
     model.write_text(json.dumps(SMALL))
@@ -237,10 +241,6 @@ def test_tune_probes_every_candidate_on_two_ranks(tmp_path, capsys):
 
 
 # --- one study, two workers, PostgreSQL ----------------------------------------------------------------------
-
-SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
-             num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
-
 
 @pytest.fixture(scope="module")
 def postgres_url(tmp_path_factory):
@@ -262,6 +262,7 @@ def postgres_url(tmp_path_factory):
     del server
 
 
+@pytest.mark.integration
 def test_two_workers_share_one_postgresql_study(postgres_url, tmp_path):
     import optuna
 

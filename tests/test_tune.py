@@ -8,11 +8,11 @@ from memplan.probe.inprocess import probe_in_process
 from memplan.probe.launch import ProbeOptions
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
+from memplan.spec.space import SearchSpace
 from memplan.spec.train import Method, Precision, TrainConfig
+from memplan.testing.tiny import SMALL_LLAMA as SMALL
 from memplan.tune.study import tune
 
-SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
-             num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
 SPEC = ModelSpec.from_config_dict(dict(SMALL), name="small")
 BASE = TrainConfig(method=Method.FULL, precision=Precision.FP32, seq_len=128)
 CKPT8 = BASE.with_(batch_size=8, checkpointing=True)
@@ -36,9 +36,9 @@ class Counting:
 
 
 def run(tmp_path, evaluator, usable, n_probes=3, name="study.db"):
-    return tune(SPEC, BASE, GPU(name="sim", memory_bytes=usable), evaluator, global_batch=8, usable_bytes=usable,
-                device="cpu", storage=f"sqlite:///{tmp_path / name}", n_probes=n_probes,
-                precisions=[Precision.FP32])
+    return tune(SPEC, BASE, GPU(name="sim", memory_bytes=usable), evaluator,
+                space=SearchSpace(global_batch=8, precisions=(Precision.FP32,)), usable_bytes=usable,
+                device="cpu", storage=f"sqlite:///{tmp_path / name}", n_probes=n_probes)
 
 
 def test_capacity_forces_checkpointing_or_smaller_micro_batch(tmp_path):
@@ -96,6 +96,7 @@ def test_tune_bad_input(capsys, args, needle):
     assert needle in err and err.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_tune_cli_confirms_and_exports_the_winner(tmp_path, capsys, monkeypatch):
     import json
 

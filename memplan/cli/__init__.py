@@ -11,13 +11,12 @@ import typer
 from memplan.errors import ExitCode, MemplanError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Will it fit? Peak-VRAM prediction for LLM fine-tuning. "
-                       "`memplan trace` = `memplan estimate --exact` (fake-tensor trace of the real model); "
-                       "`memplan fit --probe` = `memplan tune`.")
+                  help="Will it fit? Peak-VRAM prediction for LLM fine-tuning: estimate one configuration, fit "
+                       "a GPU, trace the real model exactly, probe, tune, and run with OOM recovery.")
 
 
 def _register() -> None:
-    from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd, run_cmd, tune_cmd  # noqa: F401 - registers commands
+    from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd, run_cmd  # noqa: F401 - registers commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in ours
     if debug:
         args.remove("--debug")
-    if args[:1] == ["trace"]:  # `memplan trace ...` is `memplan estimate --exact ...`
-        args = ["estimate", "--exact", *args[1:]]
-    if args[:1] == ["fit"] and "--probe" in ours:  # `memplan fit --probe ...` is `memplan tune ...`
-        args = ["tune", *[a for a in args[1:] if a != "--probe"]]
     global _fast_exit
-    _fast_exit = args[:1] in (["estimate"], ["fit"])  # these only print (and write closed files)
+    _fast_exit = args[:1] in (["estimate"], ["trace"]) or args[:1] == ["fit"] and "--probe" not in ours  # print only
     try:
         rc = app(args=args, standalone_mode=False)
     except MemplanError as err:

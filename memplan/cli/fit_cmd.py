@@ -1,134 +1,173 @@
-"""`memplan fit`: does it fit, what is fastest, what to change."""
+"""`memplan fit`: does it fit, what is fastest, what to change; `fit --probe` (= `memplan tune`) confirms the
+fastest with few real probes."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from memplan.cli import app
 from memplan.cli.options import (
-    AlphaOpt,
-    BitsOpt,
-    CkptOpt,
+    SINGLE,
     ConfigOpt,
-    DropoutOpt,
-    FreezeOpt,
-    FsdpOpt,
+    ExportOpt,
+    GpuOpt,
     JsonOpt,
-    MethodOpt,
-    NodesOpt,
+    MarginOpt,
     OptModel,
-    PrecisionOpt,
-    RankOpt,
-    SeqOpt,
-    TargetsOpt,
-    ZeroOpt,
-    search_config,
+    OutputOpt,
+    knob_options,
 )
-from memplan.errors import ExitCode
-from memplan.spec.train import TrainConfig
+
+GlobalBatchOpt = Annotated[int | None, typer.Option("--global-batch", help="micro x accum x GPUs, kept exact "
+                                                    "(default 16, or the --config YAML's)")]
+ProbeOpt = Annotated[bool, typer.Option("--probe", help="confirm with real probes (the same as `memplan tune`)")]
+DeviceOpt = Annotated[str, typer.Option(help="--probe: cuda, or cpu with --capacity")]
+CapacityOpt = Annotated[str | None, typer.Option(help="--probe on cpu: simulated device size, e.g. 200MB")]
+NProbesOpt = Annotated[int, typer.Option("--n-probes", help="--probe: most probes to run")]
+TimeoutOpt = Annotated[float | None, typer.Option(help="--probe: wall-time cap of the study, seconds")]
+ProbeTimeoutOpt = Annotated[float, typer.Option(help="--probe: seconds before one probe is killed")]
+StepsOpt = Annotated[int, typer.Option(help="--probe: measured steps per probe")]
+StorageOpt = Annotated[str, typer.Option(help="--probe: Optuna storage URL (resumes a study of the same name)")]
 
 
 @app.command()
-def fit(ctx: typer.Context, gpu: Annotated[str, typer.Option("--gpu", help="size (24GB), name (memplan gpus) or auto")],
-        model: OptModel = None, config: ConfigOpt = None, method: MethodOpt = "lora", precision: PrecisionOpt = None,
-        global_batch: Annotated[int, typer.Option("--global-batch", help="micro x accum x GPUs, kept exact")] = 16,
-        gpus: Annotated[str, typer.Option("--gpus", help="data-parallel GPUs: a count or a list (1,2,4,8) to "
-                                                        "find the fewest that fit and the fastest")] = "1",
-        nodes: NodesOpt = 1, zero: ZeroOpt = None, fsdp: FsdpOpt = None,
-        offload: Annotated[str | None, typer.Option("--offload", help="optimizer|params, or a list to search")]
-        = None,
-        seq_len: SeqOpt = 2048, checkpointing: CkptOpt = None, lora_rank: RankOpt = None,
-        lora_alpha: AlphaOpt = None, lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None,
-        quant_bits: BitsOpt = None, freeze_trainable_layers: FreezeOpt = None,
-        optimizer: Annotated[str | None, typer.Option(help="one name or a comma list to search")] = None,
-        attn: Annotated[str, typer.Option(help="auto|sdpa|eager|flash_attention_2, or a comma list to search")]
-        = "auto",
-        margin: Annotated[float, typer.Option(help="fraction of the card kept free, in [0, 0.5)")] = 0.05,
-        top: Annotated[int, typer.Option(help="alternatives shown")] = 5,
+@knob_options(*SINGLE)
+def fit(gpu: GpuOpt = None, model: OptModel = None, config: ConfigOpt = None, global_batch: GlobalBatchOpt = None,
+        margin: MarginOpt = 0.05, top: Annotated[int, typer.Option(help="alternatives shown")] = 5,
         exact: Annotated[bool, typer.Option("--exact", help="re-check the top candidates with fake-tensor traces")]
-        = False,
-        export: Annotated[str | None, typer.Option(help="write the recommended plan: llamafactory | hf | json")]
-        = None,
-        output: Annotated[str | None, typer.Option("--output", "-o", help="file for --export")] = None,
-        json_out: JsonOpt = False) -> None:
-    """Fits or not on this GPU, the fastest configuration, and what to change when nothing fits."""
-    from memplan.cli import render
-    from memplan.cli.options import given_options, model_and_config
+        = False, export: ExportOpt = None, output: OutputOpt = None, probe: ProbeOpt = False,
+        device: DeviceOpt = "cuda", capacity: CapacityOpt = None, n_probes: NProbesOpt = 4,
+        timeout: TimeoutOpt = None, probe_timeout: ProbeTimeoutOpt = 600.0, steps: StepsOpt = 3,
+        storage: StorageOpt = "sqlite:///memplan-tune.db", json_out: JsonOpt = False, **knobs: Any) -> None:
+    """Fits or not on this GPU, the fastest configuration, and what to change when nothing fits; with --probe,
+    the fastest confirmed by real probes."""
+    if probe:
+        _tune(gpu, model, config, global_batch, margin, export, output, device, capacity, n_probes, timeout,
+              probe_timeout, steps, storage, json_out, knobs)
+        return
     from memplan.errors import ConfigError
-    from memplan.fit import fit as run_fit
-    from memplan.spec.catalog import resolve_model
-    from memplan.spec.hardware import resolve_gpu
 
-    model, lf = model_and_config(model, config)
-    given = given_options(ctx)
-    base, space = search_config(method=method, seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
-                                freeze_trainable_layers=freeze_trainable_layers, optimizer=optimizer, attn=attn,
-                                precision=precision, checkpointing=checkpointing)
-    from memplan.cli.options import parse_int_list, parse_sharding
-    from memplan.spec.train import Offload, parse_choice
+    if gpu is None:
+        raise ConfigError("fit needs --gpu (a size such as 24GB, a name from `memplan gpus`, or auto)")
+    _check_export(export, output)
+    _fit(gpu, model, config, global_batch, margin, top, exact, export, output, json_out, knobs)
 
-    counts = parse_int_list(gpus, "--gpus")
-    if not counts or min(counts) <= 0 or global_batch <= 0:
-        raise ConfigError("--gpus and --global-batch must be positive integers")
-    dist = parse_sharding(zero, fsdp, None)
-    offloads = [parse_choice(Offload, o, "--offload") for o in offload.split(",")] if offload else None
-    space = {**space, "gpu_counts": counts, "shardings": [dist["sharding"]] if dist else None, "offloads": offloads}
-    as_written = None
-    if lf is not None:  # the YAML pins its knobs; fit searches micro x accum (and checkpointing unless given)
-        base, space, global_batch = pin_to_config(lf.train, base, space, given, global_batch)
-        as_written = lf.train.with_(gpus=counts[0], nodes=nodes)
-    base = base.with_(gpus=counts[0], nodes=nodes)
-    spec = resolve_model(model)
-    card = resolve_gpu(gpu)
-    res = run_fit(spec, base, card, global_batch=global_batch, margin=margin, **space)  # type: ignore[arg-type]
-    written = None
-    if as_written is not None:
-        from memplan.fit import evaluate, usable_bytes
 
-        written = evaluate(spec, as_written, card, usable_bytes(card, margin))
-    if exact:
-        from memplan.fit import recheck_exact
+@app.command()
+@knob_options(*SINGLE)
+def tune(gpu: Annotated[str | None, typer.Option(help="cuda: the card to fit (size, name, auto)")] = None,
+         model: OptModel = None, config: ConfigOpt = None, global_batch: GlobalBatchOpt = None,
+         margin: MarginOpt = 0.05, export: ExportOpt = None, output: OutputOpt = None, device: DeviceOpt = "cuda",
+         capacity: CapacityOpt = None, n_probes: NProbesOpt = 4, timeout: TimeoutOpt = None,
+         probe_timeout: ProbeTimeoutOpt = 600.0, steps: StepsOpt = 3,
+         storage: StorageOpt = "sqlite:///memplan-tune.db", json_out: JsonOpt = False, **knobs: Any) -> None:
+    """Probe few configurations (steered by the estimator) and confirm the fastest one that does not OOM (the same
+    as `memplan fit --probe`)."""
+    _tune(gpu, model, config, global_batch, margin, export, output, device, capacity, n_probes, timeout,
+          probe_timeout, steps, storage, json_out, knobs)
 
-        res = recheck_exact(res, top=min(top, 3))
+
+def _check_export(export: str | None, output: str | None) -> None:
+    from memplan.errors import ConfigError
+    from memplan.formats.plan import check_format
+
     if (export is None) != (output is None):
         raise ConfigError("--export FORMAT and -o FILE go together")
-    if export and output and res.best:
-        from pathlib import Path
+    if export is not None:
+        check_format(export)
 
-        from memplan.formats.plan import write_plan
 
-        write_plan(export, spec, res.best.train, Path(output), base=lf.raw if lf else None)
+def _plan(model: str | None, config: str | None, global_batch: int | None, knobs: dict[str, Any]) -> tuple:
+    """(spec, base, space, the YAML read or None): the one path from fit / tune options to the search."""
+    from memplan.cli.options import given, model_and_config, search_space
+    from memplan.fit.pin import pin_to_config
+    from memplan.spec.catalog import resolve_model
+
+    model, lf = model_and_config(model, config)
+    typed = given(knobs)
+    base, space = search_space(typed, lf.train if lf else None, global_batch)
+    if lf is not None:  # the YAML pins its knobs; micro x accum (and checkpointing unless given) are searched
+        space = pin_to_config(lf.train, space, set(typed) | ({"global_batch"} if global_batch else set()))
+    return resolve_model(model), base, space, lf
+
+
+def _fit(gpu: str, model: str | None, config: str | None, global_batch: int | None, margin: float, top: int,
+         exact: bool, export: str | None, output: str | None, json_out: bool, knobs: dict[str, Any]) -> None:
+    from memplan.cli import render
+    from memplan.errors import ConfigError, ExitCode
+    from memplan.fit import fit as run_fit
+    from memplan.fit import recheck_exact
+    from memplan.spec.hardware import resolve_gpu
+
+    if top < 0:
+        raise ConfigError(f"--top must be 0 or more, got {top}")
+    spec, base, space, lf = _plan(model, config, global_batch, knobs)
+    card = resolve_gpu(gpu)
+    written = lf.train.with_(gpus=base.gpus, nodes=base.nodes) if lf else None
+    res = run_fit(spec, base, card, space, margin=margin, as_written=written)
+    if exact:
+        res = recheck_exact(res, top=min(top, 3))
+    _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None)
     if json_out:
-        extra = {"as_written": render.candidate_json(written, spec)} if written else {}
+        extra = {"as_written": render.candidate_json(res.as_written, spec)} if res.as_written else {}
         render.emit_json({**render.fit_json(res), **extra})
     else:
-        if written is not None:
-            render.print_as_written(written, res, config)
+        if res.as_written is not None:
+            render.print_as_written(res.as_written, res, config)
         render.print_fit(res, top)
     raise typer.Exit(int(ExitCode.OK if res.fits else ExitCode.DOES_NOT_FIT))
 
 
-def pin_to_config(written: TrainConfig, base: TrainConfig, space: dict[str, object], given: set[str],
-                  global_batch: int) -> tuple[TrainConfig, dict[str, object], int]:
-    """fit --config: the YAML's method, rank, precision, optimizer, kernel and sequence stay as written unless the
-    command line says otherwise; its effective batch is kept unless --global-batch is given."""
-    from memplan.cli.options import merge_config
+def _export(export: str | None, output: str | None, spec: Any, train: Any, base: dict | None) -> None:
+    if export and output and train is not None:
+        from pathlib import Path
 
-    pinned = merge_config(written, {}, set())
-    cli = {k for k in given if k in ("method", "seq_len", "lora_alpha", "lora_targets", "lora_dropout",
-                                     "quant_bits", "freeze_trainable_layers")}
-    pinned = pinned.with_(**{k: getattr(base, k) for k in cli})
-    space = dict(space)
-    for key, name, value in (("precisions", "precision", pinned.precision),
-                             ("optimizers", "optimizer", pinned.optimizer), ("attentions", "attn", pinned.attn),
-                             ("lora_ranks", "lora_rank", pinned.lora_rank)):
-        if name not in given:
-            space[key] = [value]
-    if "global_batch" not in given:
-        global_batch = written.effective_batch
-    if not {"zero", "fsdp", "offload"} & given and written.sharding.value != "none":  # the YAML's DeepSpeed JSON
-        space.update(shardings=[written.sharding], offloads=[written.offload])
-    return pinned, space, global_batch
+        from memplan.formats.plan import write_plan
+
+        write_plan(export, spec, train, Path(output), base=base)
+
+
+def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: int | None, margin: float,
+          export: str | None, output: str | None, device: str, capacity: str | None, n_probes: int,
+          timeout: float | None, probe_timeout: float, steps: int, storage: str, json_out: bool,
+          knobs: dict[str, Any]) -> None:
+    import dataclasses
+
+    from memplan.cli import render
+    from memplan.errors import ConfigError, ExitCode
+    from memplan.probe.launch import ProbeOptions, probe
+    from memplan.spec.hardware import GPU, resolve_gpu
+    from memplan.tune.study import tune as run_tune
+    from memplan.units import parse_size
+
+    _check_export(export, output)
+    if device == "cpu":
+        if not capacity or gpu:
+            raise ConfigError("--device cpu tunes against a simulated device: give --capacity (and no --gpu)")
+        card = GPU(name=f"simulated {capacity}", memory_bytes=parse_size(capacity, nominal=True))
+    elif device == "cuda":
+        if capacity:
+            raise ConfigError("--capacity is for --device cpu; on cuda give --gpu")
+        card = resolve_gpu(gpu or "auto")
+    else:
+        raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
+    if n_probes <= 0:
+        raise ConfigError("--n-probes must be positive")
+    spec, base, space, lf = _plan(model, config, global_batch, knobs)
+    if space.shardings is None:  # the engine the user runs (fit --gpus compares engines; probes cost real time)
+        space = dataclasses.replace(space, shardings=(base.sharding,))
+    usable = card.usable_bytes(margin)
+    popts = ProbeOptions(steps=steps, warmup=1, device=device, timeout_s=probe_timeout,
+                         capacity_bytes=usable if device == "cpu" else None,
+                         gpu_memory_bytes=usable if device == "cuda" else None)
+    progress = None if json_out else render.print_trial
+    res = run_tune(spec, base, card, lambda t: probe(spec, t, popts), space=space, usable_bytes=usable,
+                   device=device, storage=storage, n_probes=n_probes, timeout_s=timeout, on_trial=progress)
+    _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None)
+    if json_out:
+        render.emit_json(render.tune_json(res, spec))
+    else:
+        render.print_tune(res, spec, card)
+    raise typer.Exit(int(ExitCode.OK if res.best else ExitCode.DOES_NOT_FIT))

@@ -1,156 +1,201 @@
-"""Options shared by estimate and fit, and their conversion into a TrainConfig."""
+"""The command-line options of every training knob, in one table (`KNOBS`), and the one path from options to a
+TrainConfig or a SearchSpace. A knob's option is named after its dataclass field (batch_size -> --batch-size);
+adding one is a `Knob` entry here plus the field and its help text. Commands take the knobs they need with
+`@knob_options(...)`; a knob left out on the command line is None, and the dataclass default (or the --config
+YAML's value) holds.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
 
-from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig, parse_choice
-
-Model = Annotated[str, typer.Option("--model", "-m",
-                                    help="catalog name (memplan models), hub id, folder or config.json")]
-OptModel = Annotated[str | None, typer.Option("--model", "-m", help="catalog name (memplan models), hub id, folder "
-                                             "or config.json (default: model_name_or_path of --config)")]
-MethodOpt = Annotated[str, typer.Option("--method", help="full|freeze|lora|qlora")]
-PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32|fp16|bf16|pure_bf16")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="micro-batch per GPU")]
-AccumOpt = Annotated[int, typer.Option("--grad-accum", help="gradient accumulation steps")]
-SeqOpt = Annotated[int, typer.Option("--seq-len", "-s", help="tokens per sample")]
-CkptOpt = Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing",
-                                                 help="full recompute per decoder layer")]
-RankOpt = Annotated[str | None, typer.Option("--lora-rank", help="rank (fit: also a list 8,16 or range 8-64)")]
-AlphaOpt = Annotated[int | None, typer.Option("--lora-alpha", help="default 2 x rank")]
-TargetsOpt = Annotated[str | None, typer.Option("--lora-targets", help="comma list of modules, or all-linear")]
-DropoutOpt = Annotated[float | None, typer.Option("--lora-dropout")]
-BitsOpt = Annotated[int | None, typer.Option("--quant-bits", help="qlora: 4 (NF4) or 8 (int8)")]
-FreezeOpt = Annotated[int | None, typer.Option("--freeze-trainable-layers", help="freeze: last N layers train")]
-OptimOpt = Annotated[str, typer.Option("--optimizer",
-                                       help="adamw|adamw_8bit|paged_adamw_8bit|sgd|sgd_momentum|adafactor")]
-AttnOpt = Annotated[str, typer.Option("--attn", help="auto|sdpa|eager|flash_attention_2")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-GpuOpt = Annotated[str | None, typer.Option("--gpu", help="size (24GB, 80GiB), catalog name (memplan gpus) or auto")]
+from memplan.errors import ConfigError, Problem
+from memplan.spec.optimizers import Optimizer
+from memplan.spec.parallel import Offload, Sharding
+from memplan.spec.space import SearchSpace
+from memplan.spec.train import Attention, Method, Precision, TrainConfig, parse_choice
 
 
-def build_config(*, method: str, precision: str | None, batch_size: int, grad_accum: int, seq_len: int,
-                 checkpointing: bool | None, lora_rank: int | None, lora_alpha: int | None, lora_targets: str | None,
-                 lora_dropout: float | None, quant_bits: int | None, freeze_trainable_layers: int | None,
-                 optimizer: str, attn: str) -> TrainConfig:
-    """Options -> TrainConfig; LoRA/QLoRA/freeze options given with another method are an error."""
-    from memplan.errors import ConfigError
+@dataclass(frozen=True, slots=True)
+class Knob:
+    name: str  # the TrainConfig / Parallelism field it sets (zero / fsdp: the sharding)
+    help: str
+    short: str = ""
+    switch: bool = False  # a --name/--no-name flag
+    listable: bool = False  # fit / tune take a comma list (or a range) to search
 
-    m = parse_choice(Method, method, "--method")
-    problems = []
-    lora_given = [n for n, v in (("--lora-rank", lora_rank), ("--lora-alpha", lora_alpha),
-                                 ("--lora-targets", lora_targets), ("--lora-dropout", lora_dropout)) if v is not None]
-    if lora_given and m not in (Method.LORA, Method.QLORA):
+
+def _choices(enum: type[Enum]) -> str:
+    return "|".join(m.value for m in enum)  # type: ignore[attr-defined]
+
+
+KNOBS = {k.name: k for k in (
+    Knob("method", f"{_choices(Method)} (default lora)"),
+    Knob("precision", f"{_choices(Precision)} (default bf16; fit: what the GPU supports)"),
+    Knob("batch_size", "micro-batch per GPU", short="-b"),
+    Knob("grad_accum", "gradient accumulation steps"),
+    Knob("seq_len", "tokens per sample (default 2048)", short="-s"),
+    Knob("checkpointing", "full recompute per decoder layer (default on; fit: both)", switch=True),
+    Knob("lora_rank", "rank (default 8; fit / tune: also a list 8,16 or range 8-64)", listable=True),
+    Knob("lora_alpha", "default 2 x rank"),
+    Knob("lora_targets", "comma list of modules, or all-linear"),
+    Knob("lora_dropout", "default 0"),
+    Knob("quant_bits", "qlora: 4 (NF4) or 8 (int8)"),
+    Knob("freeze_trainable_layers", "freeze: last N layers train (default 2)"),
+    Knob("optimizer", f"{_choices(Optimizer)} (fit / tune: a comma list to search)", listable=True),
+    Knob("attn", f"{_choices(Attention)} (fit / tune: a comma list to search)", listable=True),
+    Knob("gpus", "data-parallel GPUs, every node counted (fit / tune: a list 1,2,4,8 to find the fewest that fit "
+                 "and the fastest)", listable=True),
+    Knob("nodes", "machines; --gpus counts every GPU across them"),
+    Knob("zero", "DeepSpeed ZeRO stage 0|1|2|3 (0 = plain DDP)"),
+    Knob("fsdp", "full_shard|shard_grad_op|hybrid_shard|no_shard"),
+    Knob("offload", f"{_choices(Offload)} (CPU offload; fit: a list to search)", listable=True),
+)}
+SINGLE = tuple(KNOBS)  # every knob: estimate, trace, probe
+_LORA_ONLY = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+_ENUMS: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
+                                 "attn": Attention, "offload": Offload}
+
+
+def knob_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the named knobs' options to a command (keyword parameters after its own, each defaulting to None)."""
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(func, eval_str=True)  # the command's own options, resolved
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        for name in names:
+            knob = KNOBS[name]
+            flag = "--" + name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if knob.switch else [flag, *([knob.short] if knob.short else [])]
+            kind = bool | None if knob.switch else str | None
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[kind, typer.Option(*decls, help=knob.help)]))
+            func.__annotations__[name] = params[-1].annotation
+        func.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        return func
+    return decorate
+
+
+def given(values: dict[str, Any], names: tuple[str, ...] = SINGLE) -> dict[str, Any]:
+    """The knobs the user typed: those of `names` that are not None."""
+    return {n: values[n] for n in names if values.get(n) is not None}
+
+
+def _int(name: str, text: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ConfigError(Problem(name, f"{{}} {text!r} must be an integer")) from None
+
+
+def _float(name: str, text: str) -> float:
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise ConfigError(Problem(name, f"{{}} {text!r} must be a number")) from None
+
+
+def _value(name: str, text: Any) -> Any:
+    """One knob's text -> the field's value (sharding from --zero / --fsdp handled by the caller)."""
+    if name == "checkpointing":
+        return text
+    if name in _ENUMS:
+        return parse_choice(_ENUMS[name], text, "--" + name.replace("_", "-"))
+    if name == "lora_targets":
+        return tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if name == "lora_dropout":
+        return _float(name, text)
+    return _int(name, text)
+
+
+def _sharding(knobs: dict[str, Any]) -> dict[str, Any]:
+    zero, fsdp = knobs.get("zero"), knobs.get("fsdp")
+    if zero is not None and fsdp is not None:
+        raise ConfigError("--zero and --fsdp are two engines: give one")
+    if zero is not None:
+        stage = _int("zero", zero)
+        if stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero {stage}: ZeRO stages are 0, 1, 2, 3")
+        return {"sharding": Sharding.NONE if stage == 0 else Sharding(f"zero{stage}")}
+    if fsdp is not None:
+        choice = parse_choice(Sharding, fsdp, "--fsdp")
+        if choice.is_deepspeed or choice is Sharding.NONE:  # type: ignore[attr-defined]
+            raise ConfigError(f"--fsdp {fsdp}: choose full_shard|shard_grad_op|hybrid_shard|no_shard")
+        return {"sharding": choice}
+    return {}
+
+
+def train_config(knobs: dict[str, Any], base: TrainConfig | None = None, *, command: str) -> TrainConfig:
+    """The knobs given on the command line over `base` (TrainConfig's defaults, or a --config YAML's values);
+    LoRA / QLoRA / freeze options with another method are an error. `command` names single-value commands in
+    the error for a list."""
+    base = base or TrainConfig()
+    method = _value("method", knobs["method"]) if "method" in knobs else base.method
+    problems: list[str] = []
+    lora_given = ["--" + n.replace("_", "-") for n in _LORA_ONLY if n in knobs]
+    if lora_given and method not in (Method.LORA, Method.QLORA):
         problems.append(f"{', '.join(lora_given)} given without LoRA: add --method lora (or qlora)")
-    if quant_bits is not None and m is not Method.QLORA:
+    if "quant_bits" in knobs and method is not Method.QLORA:
         problems.append("--quant-bits applies to --method qlora only")
-    if freeze_trainable_layers is not None and m is not Method.FREEZE:
+    if "freeze_trainable_layers" in knobs and method is not Method.FREEZE:
         problems.append("--freeze-trainable-layers applies to --method freeze only")
     if problems:
         raise ConfigError(problems)
-    kw: dict[str, object] = dict(method=m, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
-                                 optimizer=parse_choice(Optimizer, optimizer, "--optimizer"),
-                                 attn=parse_choice(Attention, attn, "--attn"))
-    if precision is not None:
-        kw["precision"] = parse_choice(Precision, precision, "--precision")
-    if checkpointing is not None:
-        kw["checkpointing"] = checkpointing
-    if lora_rank is not None:
-        kw["lora_rank"] = lora_rank
-    for key, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout), ("quant_bits", quant_bits),
-                       ("freeze_trainable_layers", freeze_trainable_layers)):
-        if value is not None:
-            kw[key] = value
-    if lora_targets is not None:
-        kw["lora_targets"] = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-    return TrainConfig(**kw)  # type: ignore[arg-type]
+    changes: dict[str, Any] = _sharding(knobs)
+    for name, text in knobs.items():
+        if name in ("zero", "fsdp"):
+            continue
+        if KNOBS[name].listable and name in ("lora_rank", "gpus"):
+            values = parse_int_list(str(text), "--" + name.replace("_", "-"))
+            if len(values) != 1 or any(c in str(text) for c in "-:,"):
+                raise ConfigError(f"{command} takes one --{name.replace('_', '-')}; lists and ranges are for "
+                                  "`memplan fit`" + (" and `memplan tune`" if name == "lora_rank" else ""))
+            changes[name] = values[0]
+        else:
+            changes[name] = _value(name, text)
+    return base.with_(**changes)
 
 
-def parse_int_list(text: str, option: str) -> list[int]:
-    """'8' -> [8]; '8,16,32' -> [8, 16, 32]; '8-64' -> powers of two from 8 to 64."""
-    from memplan.errors import ConfigError
-
+def search_space(knobs: dict[str, Any], base: TrainConfig | None, global_batch: int | None,
+                 ) -> tuple[TrainConfig, SearchSpace]:
+    """fit / tune: the base configuration (the first value of each list) and the space of the open knobs."""
+    lists: dict[str, Any] = {}
+    single = dict(knobs)
+    for name, parse in (("lora_rank", lambda t: parse_int_list(t, "--lora-rank")),
+                        ("gpus", lambda t: parse_int_list(t, "--gpus")),
+                        ("optimizer", lambda t: [_value("optimizer", o) for o in t.split(",")]),
+                        ("attn", lambda t: [_value("attn", a) for a in t.split(",")]),
+                        ("offload", lambda t: [_value("offload", o) for o in t.split(",")])):
+        if name in single:
+            lists[name] = tuple(parse(str(single.pop(name))))
+            single[name] = str(getattr(lists[name][0], "value", lists[name][0]))
+    train = train_config(single, base, command="fit")
+    kw: dict[str, Any] = dict(lora_ranks=lists.get("lora_rank"), optimizers=lists.get("optimizer"),
+                              attentions=lists.get("attn"), gpu_counts=lists.get("gpus"),
+                              offloads=lists.get("offload"))
+    if "precision" in knobs:
+        kw["precisions"] = (train.precision,)
+    if "checkpointing" in knobs:
+        kw["checkpointing"] = (train.checkpointing,)
+    if "zero" in knobs or "fsdp" in knobs:
+        kw["shardings"] = (train.sharding,)
+    if global_batch is not None:
+        kw["global_batch"] = global_batch
+    names = {"lora_ranks": "--lora-rank", "gpu_counts": "--gpus", "global_batch": "--global-batch"}
     try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-", 1))
-            out, v = [], lo
-            while v <= hi:
-                out.append(v)
-                v *= 2
-            return out
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} {text!r}: use a number, a list (8,16) or a range (8-64)") from None
-
-
-def one_rank(text: str | None, command: str) -> int | None:
-    """--lora-rank for commands that take a single configuration."""
-    from memplan.errors import ConfigError
-
-    if text is None:
-        return None
-    ranks = parse_int_list(text, "--lora-rank")
-    if len(ranks) != 1:
-        raise ConfigError(f"{command} takes one --lora-rank; lists and ranges are for `memplan fit`")
-    return ranks[0]
-
-
-def search_config(*, method: str, seq_len: int, lora_rank: str | None, lora_alpha: int | None,
-                  lora_targets: str | None, lora_dropout: float | None, quant_bits: int | None,
-                  freeze_trainable_layers: int | None, optimizer: str | None, attn: str, precision: str | None,
-                  checkpointing: bool | None) -> tuple[TrainConfig, dict[str, object]]:
-    """fit / tune: the base configuration and the open knobs to search (lists for rank, optimizer, kernel)."""
-    ranks = parse_int_list(lora_rank, "--lora-rank") if lora_rank is not None else None
-    opts = [parse_choice(Optimizer, o, "--optimizer") for o in optimizer.split(",")] if optimizer else None
-    attns = [parse_choice(Attention, a, "--attn") for a in attn.split(",")]
-    base = build_config(method=method, precision=None, batch_size=1, grad_accum=1, seq_len=seq_len,
-                        checkpointing=None, lora_rank=ranks[0] if ranks else None, lora_alpha=lora_alpha,
-                        lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=quant_bits,
-                        freeze_trainable_layers=freeze_trainable_layers,
-                        optimizer=opts[0].value if opts else "adamw", attn=attns[0].value)
-    space: dict[str, object] = dict(
-        precisions=[parse_choice(Precision, precision, "--precision")] if precision else None,
-        checkpointing=[checkpointing] if checkpointing is not None else None,
-        lora_ranks=ranks, optimizers=opts, attentions=attns)
-    return base, space
-
-
-ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="a LLaMA-Factory training YAML: the model "
-                                               "and knobs come from it; options given on the command line win")]
-
-
-def given_options(ctx: typer.Context) -> set[str]:
-    """Parameters the user typed (or set through the environment), as opposed to defaults."""
-    return {name for name in ctx.params
-            if (src := ctx.get_parameter_source(name)) is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")}
-
-
-def merge_config(base: TrainConfig, values: dict[str, object], given: set[str]) -> TrainConfig:
-    """A config file's TrainConfig with the options the user gave on the command line applied on top."""
-    from memplan.spec.train import train_from_dict
-
-    data = base.to_dict()
-    data["lora_alpha"] = base.lora_alpha  # None keeps "2 x rank" when only the rank is overridden
-    kinds = {"method": Method, "precision": Precision, "optimizer": Optimizer, "attn": Attention}
-    for name in given & set(data):
-        value = values[name]
-        if name in kinds:
-            value = parse_choice(kinds[name], str(value), f"--{name}")
-        elif name == "lora_rank":
-            value = one_rank(str(value), "this command")
-        elif name == "lora_targets":
-            value = [t.strip() for t in str(value).split(",") if t.strip()]
-        data[name] = value
-    return train_from_dict(data)
+        return train, SearchSpace(**kw)
+    except ConfigError as err:
+        raise err.respelled(names) from None
 
 
 def model_and_config(model: str | None, config: str | None) -> tuple[str, Any]:
     """--model and/or --config -> (model name, the LlamaFactoryConfig or None)."""
-    from memplan.errors import ConfigError
-    from memplan.spec.llamafactory import read_llamafactory
+    from memplan.formats.llamafactory import read_llamafactory
 
     if config is None:
         if model is None:
@@ -160,29 +205,79 @@ def model_and_config(model: str | None, config: str | None) -> tuple[str, Any]:
     return model or lf.model, lf
 
 
-NodesOpt = Annotated[int, typer.Option("--nodes", help="machines; --gpus counts every GPU across them")]
-ZeroOpt = Annotated[int | None, typer.Option("--zero", help="DeepSpeed ZeRO stage 0|1|2|3 (0 = plain DDP)")]
-FsdpOpt = Annotated[str | None, typer.Option("--fsdp", help="full_shard|shard_grad_op|hybrid_shard|no_shard")]
-OffloadOpt = Annotated[str | None, typer.Option("--offload", help="optimizer|params (CPU offload)")]
+# ---- the options every command spells the same way -------------------------------------------------------------
+Model = Annotated[str, typer.Option("--model", "-m",
+                                    help="catalog name (memplan models), hub id, folder or config.json")]
+OptModel = Annotated[str | None, typer.Option("--model", "-m", help="catalog name (memplan models), hub id, folder "
+                                             "or config.json (default: model_name_or_path of --config)")]
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="a LLaMA-Factory training YAML: the model "
+                                               "and knobs come from it; options given on the command line win")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", help="size (24GB, 80GiB), catalog name (memplan gpus) or auto")]
+MarginOpt = Annotated[float, typer.Option(help="fraction of the card kept free, in [0, 0.5)")]
+ExportOpt = Annotated[str | None, typer.Option(help="write the recommended plan: llamafactory | hf | json")]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="file for --export")]
 
 
-def parse_sharding(zero: int | None, fsdp: str | None, offload: str | None) -> dict[str, object]:
-    """--zero / --fsdp / --offload -> TrainConfig fields (sharding, offload)."""
+def parse_int_list(text: str, option: str) -> list[int]:
+    """'8' -> [8]; '8,16,32' -> [8, 16, 32]; '8-64' -> powers of two times 8 up to 64 (it must end on one:
+    8,16,32,64); '4-12:4' -> [4, 8, 12]. Every value is a positive integer; errors are one-line ConfigErrors."""
+    import re
+
     from memplan.errors import ConfigError
-    from memplan.spec.train import Offload, Sharding
 
-    if zero is not None and fsdp is not None:
-        raise ConfigError("--zero and --fsdp are two engines: give one")
-    out: dict[str, object] = {}
-    if zero is not None:
-        if zero not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero {zero}: ZeRO stages are 0, 1, 2, 3")
-        out["sharding"] = Sharding.NONE if zero == 0 else Sharding(f"zero{zero}")
-    if fsdp is not None:
-        choice = parse_choice(Sharding, fsdp, "--fsdp")
-        if choice.is_deepspeed or choice is Sharding.NONE:  # type: ignore[attr-defined]
-            raise ConfigError(f"--fsdp {fsdp}: choose full_shard|shard_grad_op|hybrid_shard|no_shard")
-        out["sharding"] = choice
-    if offload is not None:
-        out["offload"] = parse_choice(Offload, offload, "--offload")
-    return out
+    max_values, max_value = 64, 10**6
+
+    def fail(why: str) -> ConfigError:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        return ConfigError(f"{option} {shown!r}: {why}")
+
+    def num(digits: str) -> int:  # int() refuses thousands of digits: anything past 7 is too large anyway
+        if len(digits.lstrip("+-")) > 7:
+            raise fail("values are positive integers" if digits.startswith("-") else f"values are at most {max_value}")
+        return int(digits)
+
+    usage = "use a number, a list (8,16), a range (8-64, powers of two) or a stepped range (4-12:4)"
+    spec = text.strip()
+    ranged = re.fullmatch(r"(-?[0-9]+)\s*-\s*(-?[0-9]+)(?:\s*:\s*(-?[0-9]+))?", spec)
+    if ranged:  # parse and validate everything before expanding anything
+        lo, hi = num(ranged[1]), num(ranged[2])
+        step = num(ranged[3]) if ranged[3] is not None else None
+        if lo <= 0:
+            raise fail("ranges start above 0")
+        if hi < lo:
+            raise fail(f"a range runs from low to high: use {hi}-{lo}" if hi > 0 else "a range runs from low to high")
+        if hi > max_value:
+            raise fail(f"values are at most {max_value}")
+        if step is not None:
+            if step <= 0:
+                raise fail("the step of a range is a positive integer")
+            count = (hi - lo) // step + 1
+            last = lo + (count - 1) * step
+            if last != hi:
+                raise fail(f"{lo}-{hi}:{step} does not end on {hi}: use {lo}-{last}:{step} or "
+                           f"{lo}-{last + step}:{step}")
+            if count > max_values:
+                raise fail(f"expands to {count} values; at most {max_values}")
+            return list(range(lo, hi + 1, step))
+        out = [lo]
+        while out[-1] * 2 <= hi:  # at most log2(max_value) + 1 = 20 values
+            out.append(out[-1] * 2)
+        if out[-1] != hi:
+            listed = ",".join(str(v) for v in [*out, hi])
+            up = f"use {lo}-{out[-1] * 2}, or " if out[-1] * 2 <= max_value else "use "
+            raise fail(f"{lo}-{hi} does not end on a power-of-two multiple of {lo}: {up}a list {listed}")
+        return out
+    items = [x.strip() for x in spec.split(",") if x.strip()]
+    if not items or not all(re.fullmatch(r"[-+]?[0-9]+", x) for x in items):
+        raise fail(usage)
+    values = [num(x) for x in items]
+    if min(values) <= 0:
+        raise fail("values are positive integers")
+    if max(values) > max_value:
+        raise fail(f"values are at most {max_value}")
+    if len(values) > max_values:
+        raise fail(f"{len(values)} values; at most {max_values}")
+    return values
+
+

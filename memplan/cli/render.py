@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memplan.fit import Candidate, FitResult
-from memplan.predict.breakdown import Breakdown
+from memplan.predict.breakdown import Breakdown, Verdict
 from memplan.probe.result import ProbeResult
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
@@ -42,9 +42,11 @@ def estimate_json(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU |
     }
     if bd.by_module:
         data["by_module"] = dict(bd.by_module)
-    if gpu is not None:
+    if gpu is not None and usable is not None:
         data["gpu"] = {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "usable_bytes": usable}
-        data["fits"] = bd.total_bytes <= (usable or gpu.memory_bytes)
+        data["fits"] = bd.verdict(usable) is Verdict.FITS
+    if bd.note:
+        data["note"] = bd.note
     return data
 
 
@@ -70,6 +72,8 @@ def breakdown_table(bd: Breakdown, *, explain: bool) -> Table:
 
 def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU | None, usable: int | None,
                    explain: bool) -> None:
+    if bd.note:
+        console.print(f"[yellow]{bd.note}[/]")
     console.print(f"[bold]{spec.name}[/] ({spec.num_parameters / 1e9:.2f} B params, "
                   f"{bd.trainable_params:,} trainable) · {_describe(train, spec)}")
     console.print(breakdown_table(bd, explain=explain))
@@ -81,9 +85,8 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
     if bd.host_bytes:
         console.print(f"host memory for the offloaded states: {fmt_gib(bd.host_bytes)} per node")
     if gpu is not None and usable is not None:
-        verdict = "[green]fits[/]" if bd.total_bytes <= usable else "[red]does not fit[/]"
-        console.print(f"{verdict} on {gpu.name}: {fmt_gib(bd.total_bytes)} of {fmt_gib(usable)} usable "
-                      f"({fmt_gib(gpu.memory_bytes)} total)")
+        console.print(f"{_verdict(bd.verdict(usable))} on {gpu.name}: {fmt_gib(bd.total_bytes)} of "
+                      f"{fmt_gib(usable)} usable ({fmt_gib(gpu.memory_bytes)} total)")
 
 
 def _describe(train: TrainConfig, spec: ModelSpec) -> str:
@@ -125,10 +128,13 @@ def fit_json(res: FitResult) -> dict[str, Any]:
     }
 
 
+def _verdict(v: Verdict) -> str:
+    return f"[{'green' if v is Verdict.FITS else 'red'}]{v.value}[/]"
+
+
 def print_as_written(c: Candidate, res: FitResult, path: str | None) -> None:
-    verdict = "[green]fits[/]" if c.fits else "[red]does not fit[/]"
     console.print(f"{path} as written: {_describe(c.train, res.model)} — {fmt_gib(c.total_bytes)} of "
-                  f"{fmt_gib(res.usable_bytes)} usable: {verdict}")
+                  f"{fmt_gib(res.usable_bytes)} usable: {_verdict(c.verdict)}")
 
 
 def print_fit(res: FitResult, top: int) -> None:
@@ -177,21 +183,27 @@ def table(cols: list[str]) -> Table:
     return t
 
 
-def print_probe(result: ProbeResult, predicted: Breakdown) -> None:
+def print_probe(result: ProbeResult, predicted: Breakdown | None) -> None:
+    """The measurement, beside the estimate when there is one (a model no estimator handles has none)."""
     colour = {"ok": "green", "oom": "red"}.get(result.status.value, "yellow")
     console.print(f"[{colour} bold]{result.status.value}[/] on {result.device}"
                   + (" (cached)" if result.cached else "") + (f": {result.error}" if result.error else ""))
     if result.status.value != "ok":
         return
-    rows = table(["measured", "value", "analytic estimate", "error"])
-    err = 100 * (predicted.peak_allocated_bytes / result.peak_allocated_bytes - 1)
-    rows.add_row("peak allocated", fmt_bytes(result.peak_allocated_bytes), fmt_bytes(predicted.peak_allocated_bytes),
-                 f"{err:+.2f} %")
+
+    def est(nbytes: int) -> str:
+        return fmt_bytes(nbytes) if predicted else "-"
+
+    rows = table(["measured", "value", f"{predicted.method if predicted else 'no'} estimate", "error"])
+    err = f"{100 * (predicted.peak_allocated_bytes / result.peak_allocated_bytes - 1):+.2f} %" if predicted else ""
+    rows.add_row("peak allocated", fmt_bytes(result.peak_allocated_bytes),
+                 est(predicted.peak_allocated_bytes if predicted else 0), err)
     if result.device != "cpu":  # the CPU allocator does not cache: reserved == allocated there
         rows.add_row("peak reserved", fmt_bytes(result.peak_reserved_bytes),
-                     fmt_bytes(predicted.peak_reserved_bytes), "")
+                     est(predicted.peak_reserved_bytes if predicted else 0), "")
     if result.nvml_used_bytes is not None:
-        rows.add_row("nvidia-smi used", fmt_bytes(result.nvml_used_bytes), fmt_bytes(predicted.total_bytes), "")
+        rows.add_row("nvidia-smi used", fmt_bytes(result.nvml_used_bytes),
+                     est(predicted.total_bytes if predicted else 0), "")
     if len(result.rank_peak_bytes) > 1:
         rows.add_row("peak per rank", ", ".join(fmt_bytes(b) for b in result.rank_peak_bytes), "", "")
     rows.add_row("step time", f"{result.step_time_s:.3f} s", "", "")

@@ -2,59 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from memplan.cli import app
-from memplan.cli.options import (
-    AlphaOpt,
-    ConfigOpt,
-    DropoutOpt,
-    GpuOpt,
-    OptModel,
-    RankOpt,
-    SeqOpt,
-    TargetsOpt,
-)
+from memplan.cli.options import ConfigOpt, GpuOpt, OptModel, knob_options
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
+@knob_options("method", "seq_len", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
 def run(command: Annotated[list[str] | None, typer.Argument(help="the training command, after --")] = None,
-        config: ConfigOpt = None, model: OptModel = None,
-        method: Annotated[str | None, typer.Option(help="without --config: full|freeze|lora|qlora (what the "
-                                                        "script trains)")] = None,
-        seq_len: SeqOpt = 2048, lora_rank: RankOpt = None, lora_alpha: AlphaOpt = None,
-        lora_targets: TargetsOpt = None, lora_dropout: DropoutOpt = None, gpu: GpuOpt = None,
+        config: ConfigOpt = None, model: OptModel = None, gpu: GpuOpt = None,
         max_retries: Annotated[int, typer.Option("--max-retries", help="relaunches after an OOM")] = 3,
         log: Annotated[str | None, typer.Option(help="JSON lines decision log (default: beside the config, or "
                                                      "in the output dir)")] = None,
         allow_method_change: Annotated[bool, typer.Option("--allow-method-change",
                                                           help="after the other changes, LoRA may become QLoRA")]
-        = False) -> None:
+        = False, **knobs: Any) -> None:
     """Launch COMMAND (no shell); on an OOM re-plan with the same effective batch and resume from the newest
     checkpoint. The config comes from --config (a LLaMA-Factory YAML the command names) or from the command's
-    HF TrainingArguments flags (--per_device_train_batch_size, --gradient_accumulation_steps, ...)."""
+    HF TrainingArguments flags (--per_device_train_batch_size, --gradient_accumulation_steps, ...); without
+    --config, --method says what the script trains."""
     from pathlib import Path
 
     from memplan.cli import render
-    from memplan.cli.options import build_config, one_rank
+    from memplan.cli.options import given, train_config
     from memplan.errors import ConfigError
     from memplan.run.supervisor import RunOptions, open_target, supervise
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
 
-    argv = list(command or [])
+    typed = given(knobs, tuple(knobs))
     base = None
     if config is None:
-        if method is None:
+        if "method" not in typed:
             raise ConfigError("without --config, say what the script trains: --method full|freeze|lora|qlora "
                               "(and --model unless the command has --model_name_or_path)")
-        base = build_config(method=method, precision=None, batch_size=1, grad_accum=1, seq_len=seq_len,
-                            checkpointing=None, lora_rank=one_rank(lora_rank, "run"), lora_alpha=lora_alpha,
-                            lora_targets=lora_targets, lora_dropout=lora_dropout, quant_bits=None,
-                            freeze_trainable_layers=None, optimizer="adamw", attn="auto")
-    target = open_target(argv, config, base)
+        base = train_config(typed, command="run")
+    target = open_target(list(command or []), config, base)
     name = model or target.model
     if name is None:
         raise ConfigError("no model: give --model, or --model_name_or_path in the command")

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+
+
+class Verdict(str, Enum):
+    FITS = "fits"
+    DOES_NOT_FIT = "does not fit"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,11 +32,16 @@ class Breakdown:
     method: str = "analytic"  # or "exact" (trace)
     by_module: tuple[tuple[str, int], ...] = ()  # exact mode, --by-module: live bytes at the peak by allocator
     host_bytes: int = 0  # CPU memory per node for offloaded states / parameters (ZeRO / FSDP offload)
+    note: str = ""  # how it was estimated when that is not the plain analytic path (the exact-mode fallback)
 
     @property
     def total_bytes(self) -> int:
         """What nvidia-smi would show: reserved + context. A fits verdict compares this with the card."""
         return self.peak_reserved_bytes + self.cuda_context_bytes
+
+    def verdict(self, usable_bytes: int) -> Verdict:
+        """The one fits rule: what nvidia-smi would show, within the card's usable bytes."""
+        return Verdict.FITS if self.total_bytes <= usable_bytes else Verdict.DOES_NOT_FIT
 
     def term(self, name: str) -> int:
         return sum(t.bytes for t in self.terms if t.name == name)

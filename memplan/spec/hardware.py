@@ -12,6 +12,7 @@ from memplan.errors import ConfigError, UnknownGPU
 from memplan.units import GIB, parse_size
 
 GPU_CSV = Path(__file__).parent / "gpus.csv"
+DEFAULT_MARGIN = 0.05  # keep 5 % of the card free: allocator variance, eval batches, other processes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +23,12 @@ class GPU:
     dense_bf16_tflops: float | None = None
     fp32_tflops: float | None = None
     key: str = ""  # short catalog key, e.g. "a100-80gb"
+
+    def usable_bytes(self, margin: float = DEFAULT_MARGIN) -> int:
+        """The card's memory less the safety margin; the margin must be in [0, 0.5)."""
+        if not 0.0 <= margin < 0.5:
+            raise ConfigError(f"--margin must be in [0, 0.5), got {margin}")
+        return int(self.memory_bytes * (1.0 - margin))
 
 
 def _key(name: str) -> str:

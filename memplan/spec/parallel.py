@@ -92,6 +92,12 @@ class Parallelism:
         """One GPU, nothing sharded or offloaded."""
         return self.gpus == 1 and self.sharding is Sharding.NONE and self.offload is Offload.NONE
 
+    @property
+    def traceable(self) -> bool:
+        """The exact mode traces one GPU, or one FSDP2 rank under a fake process group; DDP, ZeRO and offload
+        are analytic only."""
+        return self.offload is Offload.NONE and (self.sharding.is_fsdp2 or self.is_single)
+
     def reduce_bucket(self, hidden_size: int) -> int:
         """reduce_bucket_size in elements: the DeepSpeed JSON's, or what HF Trainer fills for "auto"
         (hidden_size^2, transformers.integrations.deepspeed)."""

@@ -27,6 +27,10 @@ TINY_CONFIGS: dict[str, dict] = {
                     num_experts_per_tok=2, sliding_window=None),
 }
 
+# a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)
+SMALL_LLAMA: dict = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
+
 
 def tiny_spec(arch: str) -> ModelSpec:
     return ModelSpec.from_config_dict(dict(TINY_CONFIGS[arch]), name=f"tiny-{arch}")

@@ -3,6 +3,8 @@ extrapolated to the real one; the same Breakdown as the analytic estimator. No m
 
 from __future__ import annotations
 
+import dataclasses
+
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
@@ -21,6 +23,24 @@ def exact_mode_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
 
 
+def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, trust_remote_code: bool = False,
+                 by_module: bool = False, device: str = "cuda") -> Breakdown:
+    """The analytic estimate (for `device`'s kernels); the exact mode when asked for, or when the architecture is
+    not in the formulas (then `Breakdown.note` says so). Without the trace extra, an unknown architecture is the
+    analytic error."""
+    if by_module and not exact:
+        raise ConfigError("--by-module needs the exact mode: add --exact (or use memplan trace)")
+    if not exact and spec.analytic:
+        return estimate(spec, train, device=device)
+    if not exact and not exact_mode_available():
+        estimate(spec, train)  # raises the clear "not in the analytic formulas" error
+    bd = exact_estimate(spec, train, trust_remote_code=trust_remote_code, by_module=by_module)
+    if exact:
+        return bd
+    return dataclasses.replace(bd, note=f"{spec.model_type} is not in the analytic formulas: using the exact mode "
+                                        "(fake-tensor trace)")
+
+
 def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,
                    by_module: bool = False) -> Breakdown:
     """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one."""
@@ -32,8 +52,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
-    if not train.sharding.is_fsdp2 and (train.gpus > 1 or train.sharding.value != "none") or \
-            train.offload.value != "none":
+    if not train.parallel.traceable:
         raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
                                "per-rank memory under DDP / ZeRO / offload is analytic: drop --exact")
     if spec.is_moe:

@@ -31,13 +31,15 @@ from memplan.predict.estimator import estimate
 from memplan.probe.result import ProbeResult, ProbeStatus
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
+from memplan.spec.space import DIMENSIONS, SearchSpace, candidate_params
 from memplan.spec.train import TrainConfig, train_from_dict
 
 Evaluator = Callable[[TrainConfig], ProbeResult]
 HEARTBEAT_S = 20  # RDB storages: a running probe beats this often ...
 GRACE_S = 120  # ... and a trial silent this long belonged to a dead worker: failed, then retried
 SPEED_PRUNE = 0.8  # skip candidates whose calibrated speed is below this share of the best measured one
-KNOBS = ("batch_size", "precision", "checkpointing", "lora_rank", "optimizer", "attn")
+# the trial parameters: the search dimensions but the accumulation, which follows from micro-batch and GPUs
+KNOBS = tuple(d for d in DIMENSIONS if d != "grad_accum")
 
 
 class TrialSource(str, Enum):
@@ -48,6 +50,7 @@ class TrialSource(str, Enum):
     PRUNED = "pruned"  # predicted well below the best measured speed
     REPEAT = "repeat"  # the sampler proposed a known configuration: told the same record again
     CLAIMED = "claimed"  # another worker was probing it (a PRUNED trial's user attr only, never a record)
+    OUTSIDE = "outside-space"  # a sampled combination that is not a candidate (a PRUNED trial's user attr only)
 
 
 class TrialStatus(str, Enum):
@@ -101,7 +104,7 @@ def study_name(spec: ModelSpec, base: TrainConfig, usable: int, global_batch: in
 
 
 def _params(t: TrainConfig) -> dict[str, object]:
-    d = t.to_dict()
+    d = candidate_params(t)
     return {k: d[k] for k in KNOBS}
 
 
@@ -109,16 +112,16 @@ def _key(t: TrainConfig) -> str:
     return json.dumps(_params(t), sort_keys=True)
 
 
-def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, global_batch: int,
+def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, space: SearchSpace,
          usable_bytes: int, device: str = "cuda", storage: str = "sqlite:///memplan-tune.db", n_probes: int = 4,
          timeout_s: float | None = None, seed: int = 0, on_trial: Callable[[TrialRecord, float], None] | None = None,
-         **space_knobs: object) -> TuneResult:
+         ) -> TuneResult:
     """Run (or resume) the study; returns every trial and the fastest configuration measured to fit."""
     optuna = try_import("optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = search_space(base, gpu, global_batch=global_batch, **space_knobs)  # type: ignore[arg-type]
-    by_key = {_key(t): t for t in space}
-    name = study_name(spec, base, usable_bytes, global_batch, space)
+    candidates = search_space(base, gpu, space)
+    by_key = {_key(t): t for t in candidates}
+    name = study_name(spec, base, usable_bytes, space.global_batch, candidates)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)  # reads Trial.set_constraint
     study = optuna.create_study(study_name=name, storage=_storage(optuna, storage), direction="maximize",
                                 sampler=sampler, load_if_exists=True)
@@ -133,8 +136,13 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
             break
         _fail_stale(optuna, study)
-        trial = study.ask(_distributions(optuna, space))
+        trial = study.ask(_distributions(optuna, candidates))
         key = json.dumps({k: trial.params[k] for k in KNOBS}, sort_keys=True)
+        if key not in by_key:  # knobs sampled one by one: this combination is not a candidate (GPUs x micro)
+            trial.set_user_attr("source", TrialSource.OUTSIDE.value)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            exhausted += 1
+            continue
         known = _known(study, by_key)  # other workers may have finished trials since
         cal = _calibration(known, predicted, usable_bytes)
         if key in known:  # the sampler proposed a configuration we already know: tell the same, do not probe

@@ -1,0 +1,54 @@
+"""`memplan fit`: search the open knobs for a fixed effective batch, drop what does not fit, rank by speed.
+
+Everything here is pure Python over the analytic estimator: thousands of configurations in well under a second.
+`search` expands the SearchSpace, `speed` predicts tokens/s, `suggest` lists what would make it fit, `pin` keeps a
+LLaMA-Factory YAML's knobs; `recheck_exact` re-checks the winners with the exact mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from memplan.fit.result import Candidate, FitResult, Suggestion, evaluate
+from memplan.fit.search import search_space
+from memplan.fit.speed import predicted_tokens_per_s
+from memplan.fit.suggest import suggest
+from memplan.predict.breakdown import Verdict
+from memplan.spec.hardware import DEFAULT_MARGIN, GPU
+from memplan.spec.model import ModelSpec
+from memplan.spec.space import SearchSpace
+from memplan.spec.train import TrainConfig
+
+__all__ = ["Candidate", "FitResult", "Suggestion", "evaluate", "fit", "predicted_tokens_per_s", "recheck_exact",
+           "search_space"]
+
+
+def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None = None, *,
+        margin: float = DEFAULT_MARGIN, as_written: TrainConfig | None = None) -> FitResult:
+    """Rank every fitting configuration by predicted speed; when none fits, suggest the cheapest changes.
+    `as_written` (a config file's own configuration) is judged too, as `FitResult.as_written`."""
+    space = space or SearchSpace()
+    usable = gpu.usable_bytes(margin)
+    cands = [evaluate(spec, t, gpu, usable) for t in search_space(base, gpu, space)]
+    ranked = sorted((c for c in cands if c.fits), key=lambda c: (-c.tokens_per_s, c.total_bytes))
+    smallest = min(cands, key=lambda c: (c.total_bytes, not c.train.checkpointing))
+    suggestions = () if ranked else tuple(suggest(spec, smallest.train, gpu, usable))
+    return FitResult(model=spec, gpu=gpu, margin=margin, global_batch=space.global_batch, usable_bytes=usable,
+                     ranked=tuple(ranked), searched=len(cands), best_effort=smallest, suggestions=suggestions,
+                     as_written=evaluate(spec, as_written, gpu, usable) if as_written else None)
+
+
+def recheck_exact(res: FitResult, top: int = 3) -> FitResult:
+    """Re-estimate the `top` ranked candidates with the exact mode (fake-tensor traces); drop those that no longer
+    fit and keep the order by predicted speed. Needs the `trace` extra."""
+    from memplan.trace.exact import exact_estimate
+
+    checked = []
+    for cand in res.ranked[:top]:
+        if not cand.train.parallel.traceable:
+            checked.append(cand)  # DDP / ZeRO / offload: per-rank memory is analytic only
+            continue
+        bd = exact_estimate(res.model, cand.train)
+        checked.append(dataclasses.replace(cand, breakdown=bd, fits=bd.verdict(res.usable_bytes) is Verdict.FITS))
+    ranked = tuple(c for c in checked if c.fits) + res.ranked[top:]
+    return dataclasses.replace(res, ranked=ranked)

@@ -55,6 +55,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="mixtral", moe=True),
     Family(model_type="qwen3_moe", moe=True, qk_norm=True, intermediate_key="moe_intermediate_size",
            sliding_window_flag="use_sliding_window"),
+    # GlmAttention: q/k/v bias=config.attention_bias (GlmConfig default True), o_proj none; GlmMLP.gate_up_proj
+    # chunked; apply_rotary_pos_emb rotates partial_rotary_factor of head_dim and concatenates the rest
+    Family(model_type="glm", attention_bias_default=True, fused_gate_up=True, rope_concat=True),
     # wqkv + wo, w1/w3/w2 (trust_remote_code)
     Family(model_type="internlm2", fused_qkv=True, remote_code=True),
     # BloomForCausalLM: ALiBi + LayerNorm, not in the formulas; `_supports_sdpa = False`

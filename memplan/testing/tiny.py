@@ -25,6 +25,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "mistral-sw": dict(model_type="mistral", **{**_BASE, "num_key_value_heads": 2}, sliding_window=64),
     "mixtral": dict(model_type="mixtral", **{**_BASE, "intermediate_size": 352}, num_local_experts=4,
                     num_experts_per_tok=2, sliding_window=None),
+    # GLM-4 (model_type glm): q/k/v biases by default, fused gate_up, half-rotary rope
+    "glm": dict(model_type="glm", **_BASE, head_dim=32, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2),
 }
 
 # a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)

@@ -9,9 +9,6 @@ from memplan.errors import ConfigError
 GIB = 1024**3
 MIB = 1024**2
 
-# bytes per element of each storage dtype
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int64": 8}
-
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 # Decimal units (GB) are 10^k; binary units (GiB) are 2^10k. "G" alone is treated as GB (decimal), as vendors do.
 _FACTORS = {

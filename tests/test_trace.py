@@ -183,7 +183,7 @@ def trace(spec, train, layers, by_module=False):
     if layers == 1 and mode == "parent-fails":
         raise KeyError("depth 1 broke")
     return st.Trace(layers=layers, peak=10 * layers, weights=1, states=2, forward_end=3, trainable=4,
-                    phase="backward", op=str(os.getpid()), by_module={"layers.*": layers})
+                    phase=str(os.getpid()), by_module={"layers.*": layers})
 
 
 st.trace_depth = trace
@@ -192,7 +192,7 @@ try:
 except Exception as err:
     print(json.dumps({"error": type(err).__name__, "message": str(err)}))
 else:
-    print(json.dumps({"pids": [int(t.op) for t in traces], "peaks": [t.peak for t in traces],
+    print(json.dumps({"pids": [int(t.phase) for t in traces], "peaks": [t.peak for t in traces],
                       "modules": [t.by_module for t in traces], "me": os.getpid(), "torch": "torch" in sys.modules}))
 """
 

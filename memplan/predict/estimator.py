@@ -1,10 +1,12 @@
-"""The analytic estimator: peak live bytes of the reference step (NOTES §1), term by term, in pure Python.
+"""The analytic estimator: peak live bytes of the reference step (memplan.build.step), term by term, pure Python.
 
-The peak is the largest of four moments of step 2 (optimizer states exist by then):
-  forward end   weights + states + autocast cache + saved activations + logits, upcast and log-probs
-  backward start  ... + log-probs + their gradient + the logits' gradient (the cross-entropy backward)
-  layer backward  with checkpointing: one layer recomputed on top of the kept layer inputs, + its gradient buffers
+The peak is the largest of four moments of step 2 (optimizer states exist by then), as `estimate` names them:
+  forward       end of forward: weights + states + autocast cache + saved activations + logits, upcast, log-probs
+  backward      the largest of: the cross-entropy backward (log-probs + their gradient + the logits' gradient);
+                the LM head's backward; with checkpointing, one layer recomputed on the kept layer inputs + its
+                gradient buffers
   optimizer     weights + gradients + states + the step's temporaries (foreach AdamW: one more state copy)
+  backward end  every gradient done (tied embeddings: the dense embedding gradient and its sum)
 Saved activations come from the tape programs in `activations.py`.
 """
 

@@ -1,4 +1,4 @@
-"""Where every parameter lives: dtype width, trainable or not, LoRA adapters (NOTES §2 precision semantics)."""
+"""Where every parameter lives: dtype width, trainable or not, LoRA adapters (README "The memory model")."""
 
 from __future__ import annotations
 

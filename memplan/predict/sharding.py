@@ -139,8 +139,7 @@ def _deepspeed(lay: Layout, st: ModelStates) -> RankStates:
         weights_bytes=weights, trainable_params=t, frozen_params=f, quantized_params=st.quantized_params,
         gradients_bytes=grads, optimizer_states_bytes=partitioned,
         optimizer_step_bytes=0 if offload else _ceil(st.optimizer_step_bytes * 4 // lay.trainable_width, n),
-        autocast_cache_bytes=0, autocast_layer_bytes=0,  # the module is already half: nothing to cast
-        largest_linear=st.largest_linear)
+        autocast_cache_bytes=0, autocast_layer_bytes=0,)  # the module is already half: nothing to cast
     what = (f"DeepSpeed {tr.sharding.value} over {n} ranks: {half} B params, fp32 partition + states, "
             f"ipg buffer {reduce:,} elements" + (f", offload {tr.offload.value}" if offload else ""))
     return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=bucket, step_extra_bytes=step_extra,
@@ -173,8 +172,7 @@ def _fsdp(lay: Layout, st: ModelStates) -> RankStates:
         weights_bytes=weights, trainable_params=st.trainable_params, frozen_params=st.frozen_params,
         quantized_params=st.quantized_params, gradients_bytes=grads,
         optimizer_states_bytes=states, optimizer_step_bytes=0 if host else _ceil(st.optimizer_step_bytes, n),
-        autocast_cache_bytes=0, autocast_layer_bytes=0,  # MixedPrecision gathers half params: no autocast copies
-        largest_linear=st.largest_linear)
+        autocast_cache_bytes=0, autocast_layer_bytes=0,)  # MixedPrecision gathers half params: no autocast copies
     what = f"FSDP {tr.sharding.value} over {n} ranks" + (f", offload {tr.offload.value}" if host else "")
     return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=0, step_extra_bytes=0,
                       host_bytes=host, explain=what, layer_backward_bytes=layer_extra, gathered_in_step=False)

@@ -27,7 +27,6 @@ class ModelStates:
     optimizer_step_bytes: int  # temporaries inside optimizer.step()
     autocast_cache_bytes: int  # half copies of fp32 weights cast by autocast during forward
     autocast_layer_bytes: int  # the part of it one decoder layer casts (checkpointing frees and recasts it)
-    largest_linear: int  # params of the biggest nn.Linear (dequantization / per-tensor temporaries)
 
 
 def _quantized_bytes(numel: int, bits: int, out_features_total: int) -> int:
@@ -47,7 +46,6 @@ def model_states(lay: Layout) -> ModelStates:
     expert_params = sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts \
         if s.is_moe else 0  # grouped matmul: no autocast copies
     buffers = s.head_dim // 2 * 4  # rotary inv_freq (fp32)
-    largest = max([lin.in_features * lin.out_features for lin in linears + s.mlp_linears()])
     quantized = 0
     if tr.method is Method.FULL:
         trainable, weights = total, total * lay.trainable_width
@@ -75,7 +73,7 @@ def model_states(lay: Layout) -> ModelStates:
     return ModelStates(weights_bytes=weights + buffers, trainable_params=trainable, frozen_params=total - trainable,
                        quantized_params=quantized, gradients_bytes=grads, optimizer_states_bytes=states,
                        optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params,
-                       autocast_layer_bytes=2 * ac_layer, largest_linear=largest)
+                       autocast_layer_bytes=2 * ac_layer)
 
 
 def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:

@@ -1,1 +1,2 @@
-"""Probe: real training steps, measured (torch imported only inside functions)."""
+"""Probe: real training steps in a child process, measured (`launch` spawns `_worker`, which imports torch; the
+caller never does)."""

@@ -25,9 +25,8 @@ from memplan.spec.train import Offload, Sharding, TrainConfig
 
 @dataclass(slots=True)
 class Wrapped:
-    """The wrapped model and one optimizer step of the reference step on it (returns the micro-steps' losses)."""
+    """One optimizer step of the reference step on the wrapped model (returns the micro-steps' losses)."""
 
-    model: Any
     step: Callable[[Any], list[float]]
 
 
@@ -72,7 +71,7 @@ def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[
     def step(ids: Any) -> list[float]:
         return reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1)
 
-    return Wrapped(model=model, step=step)
+    return Wrapped(step=step)
 
 
 def _init_process_group(device: str) -> None:
@@ -122,4 +121,4 @@ def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Cal
             del loss
         return losses
 
-    return Wrapped(model=engine, step=step)
+    return Wrapped(step=step)

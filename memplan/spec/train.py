@@ -20,7 +20,7 @@ class Method(str, Enum):
 
 class Precision(str, Enum):
     FP32 = "fp32"
-    FP16 = "fp16"  # AMP: fp32 master weights, fp16 autocast (see NOTES §2)
+    FP16 = "fp16"  # AMP: fp32 master weights, fp16 autocast (README "The memory model")
     BF16 = "bf16"  # AMP with bf16
     PURE_BF16 = "pure_bf16"  # weights, grads, states all bf16
 

@@ -112,7 +112,8 @@ def fake_friendly_experts():  # noqa: ANN202
 
 @contextlib.contextmanager
 def no_packed_sequence_detection():  # noqa: ANN202
-    """Under fake tensors transformers thinks it is tracing and builds a full (B,1,S,S) mask (NOTES §4)."""
+    """Under fake tensors transformers thinks it is tracing and builds a full (B,1,S,S) mask instead of
+    `is_causal` (the forward peak was 6.5 % too high)."""
     import transformers.masking_utils as mu
 
     original = mu.find_packed_sequence_indices

@@ -25,7 +25,6 @@ class Trace:
     forward_end: int  # live bytes when step 2's forward returned
     trainable: int  # trainable parameters
     phase: str
-    op: str = ""  # the op that made the peak
     phase_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # forward / backward / optimizer
     by_module: dict[str, int] = dataclasses.field(default_factory=dict)  # live bytes at the peak, by allocator
 
@@ -51,7 +50,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
 
     cut = dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
     with quiet():
-        model = build_model(cut, train, device="meta")  # outside the fake mode (NOTES §4)
+        model = build_model(cut, train, device="meta")  # outside the fake mode: get_peft_model / .to() fail in it
     tracker = LiveBytes(by_owner=by_module)
     marks: dict[str, int] = {}
     if by_module:
@@ -87,7 +86,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
                  forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
-                 op=str(tracker.peak_op), phase_peaks=dict(tracker.phase_peaks),
+                 phase_peaks=dict(tracker.phase_peaks),
                  by_module=tracker.peak_by_owner)
 
 

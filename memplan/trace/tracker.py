@@ -1,5 +1,5 @@
 """Live tensor bytes, counted at the dispatcher: every op's outputs add their storage's bytes once; a storage's
-finalizer subtracts them (NOTES §4). Works on real CPU tensors and on fake tensors alike.
+finalizer subtracts them. Works on real CPU tensors and on fake tensors alike.
 
 With `capacity_bytes` it also simulates a device of that size: an allocation that would push live bytes past it
 raises SimulatedOOM, which the probe reports exactly as a CUDA OOM (this is what makes OOM paths testable on CPU).
@@ -36,15 +36,13 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.phase = ""  # set by the caller around forward / backward / optimizer
         self.peak_phase = ""
-        self.peak_op: Any = ""  # the op whose output made the peak (an OpOverload: str() it to read)
         self.phase_peaks: dict[str, int] = {}  # the peak inside each phase
-        self._op: Any = ""
         self._nbytes: dict[int, int] = {}  # live storages (by StorageImpl) -> their current size
         self._owner: dict[int, str] = {}
 
     def reset_peak(self) -> None:
         """Start the peak over from what is live now (after FSDP sharding: the full model never was on the GPU)."""
-        self.peak, self.peak_phase, self.peak_op, self.phase_peaks = self.live, self.phase, "", {}
+        self.peak, self.peak_phase, self.phase_peaks = self.live, self.phase, {}
         if self.by_owner:
             self.peak_by_owner = dict(self._live_by_owner)
 
@@ -79,7 +77,7 @@ class LiveBytes(TorchDispatchMode):
         if self.live > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.live
         if self.live > self.peak:
-            self.peak, self.peak_phase, self.peak_op = self.live, self.phase, self._op
+            self.peak, self.peak_phase = self.live, self.phase
             if self.by_owner:
                 self.peak_by_owner = dict(self._live_by_owner)
 
@@ -127,7 +125,6 @@ class LiveBytes(TorchDispatchMode):
         if func is _DEVICE:  # C++ asks a fake tensor's device ~1,400 times per traced layer: allocates nothing
             return func(*args)
         out = func(*args, **(kwargs or {}))
-        self._op = func
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._add(t)

@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+import warnings
 
 import pytest
 
@@ -10,7 +11,7 @@ from memplan.cli import main
 from memplan.probe import launch as launch_mod
 from memplan.probe.launch import ProbeOptions, launch, probe
 from memplan.probe.oom import classify_failure
-from memplan.probe.result import ProbeStatus
+from memplan.probe.result import ProbeResult, ProbeStatus
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import Method, Precision, TrainConfig
 from memplan.testing.tiny import SMALL_LLAMA as SMALL
@@ -121,3 +122,38 @@ def test_gpu_validate_dry_run_lists_the_matrix(tmp_path):
     models = {line.split("'model': '")[1].split("'")[0] for line in proc.stdout.splitlines() if "'model'" in line}
     assert {"qwen2.5-0.5b", "mistral-7b-v0.1"} <= models
     assert (tmp_path / "gpu_validate.csv").is_file()
+
+
+MEASURED = ProbeResult(status=ProbeStatus.OK, device="cpu", peak_allocated_bytes=1234, peak_reserved_bytes=1234,
+                       step_time_s=0.5, tokens_per_s=100.0, losses=(1.0,))
+
+
+@pytest.mark.parametrize("fault", ["cache dir is a file", "entry is a directory", "entry has wrong types",
+                                   "entry has a negative peak", "entry is not JSON"])
+def test_cache_faults_never_lose_the_measurement(fault, tmp_path, monkeypatch):
+    """A broken cache is a miss (the probe runs) and a cache that cannot be written is a warning: the measurement
+    that ran is returned either way."""
+    from memplan.probe import cache
+
+    spec = ModelSpec.from_config_dict(dict(SMALL), name="small")
+    runs = []
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: runs.append(1) or MEASURED)
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path / "cache"))
+    key = cache.cache_key(launch_mod.request_for(spec, TRAIN, ProbeOptions(steps=1)), "cpu")
+    entry = tmp_path / "cache" / f"{key}.json"
+    if fault == "cache dir is a file":
+        (tmp_path / "cache").write_text("not a folder")
+    else:
+        entry.parent.mkdir()
+        if fault == "entry is a directory":
+            entry.mkdir()
+        else:
+            bad = {"entry has wrong types": {**MEASURED.to_dict(), "peak_allocated_bytes": "lots"},
+                   "entry has a negative peak": {**MEASURED.to_dict(), "peak_allocated_bytes": -5}}.get(fault)
+            entry.write_text(json.dumps(bad) if bad else "{not json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = probe(spec, TRAIN, ProbeOptions(steps=1))
+    assert runs == [1] and res.status is ProbeStatus.OK and res.peak_allocated_bytes == 1234 and not res.cached
+    unwritable = fault in ("cache dir is a file", "entry is a directory")
+    assert any("probe cache" in str(w.message) for w in caught) == unwritable

@@ -75,3 +75,29 @@ def test_hub_id_outside_catalog_is_a_clear_error_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UnknownModel, match="pass its path with --model"):
         resolve_model("some-org/some-model-not-in-catalog")
+
+
+@pytest.mark.integration
+def test_a_cached_hub_repo_never_runs_its_code_unasked(tmp_path):
+    """transformers asks its own y/N question for remote code (answered y here); memplan passes
+    trust_remote_code=False, so the repository's configuration_*.py never runs without --trust-remote-code."""
+    import json
+    import subprocess
+    import sys
+
+    marker = tmp_path / "code-ran"
+    snap = tmp_path / "hub" / "models--acme--remote" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "models--acme--remote" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--remote" / "refs" / "main").write_text("a" * 40)
+    (snap / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig"}, "hidden_size": 64}))
+    (snap / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                                "from transformers import PretrainedConfig\n"
+                                                "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--model", "acme/remote"], input="y\ny\n",
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert not marker.exists()
+    assert proc.returncode == 2 and "--trust-remote-code" in proc.stderr and proc.stderr.count("\n") == 1

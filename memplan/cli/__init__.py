@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 
 import typer
 
@@ -19,9 +22,19 @@ def _register() -> None:
     from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd, run_cmd  # noqa: F401 - registers commands
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+                  line: str | None = None) -> None:
+    """memplan's own warnings are one line on stderr; other packages' keep Python's format."""
+    if f"{os.sep}memplan{os.sep}" in filename and issubclass(category, UserWarning):
+        print(f"memplan: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, mapping MemplanError to one line + its exit code (tracebacks with --debug)."""
     _register()
+    warnings.showwarning = _show_warning
     args = list(sys.argv[1:] if argv is None else argv)
     ours = args[: args.index("--")] if "--" in args else args  # what follows -- belongs to `memplan run`'s command
     debug = "--debug" in ours
@@ -29,26 +42,38 @@ def main(argv: list[str] | None = None) -> int:
         args.remove("--debug")
     global _fast_exit
     _fast_exit = args[:1] in (["estimate"], ["trace"]) or args[:1] == ["fit"] and "--probe" not in ours  # print only
+    terminated: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, _: terminated.append(signum) or _interrupt())
     try:
         rc = app(args=args, standalone_mode=False)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (timeout, scancel, systemd, Kubernetes): children stopped
+        return 128 + (terminated[0] if terminated else signal.SIGINT)
     except MemplanError as err:
         if debug:
             raise
         print(f"memplan: error: {err}", file=sys.stderr)
         return int(err.exit_code)
     except SystemExit as exc:  # typer.Exit inside commands
-        return int(exc.code or 0)
+        return 128 + terminated[0] if terminated else int(exc.code or 0)
     except Exception as err:  # usage errors of typer's vendored click (bad option, missing value)
-        if type(err).__name__ == "Abort":
-            return 130
+        if type(err).__name__ == "Abort":  # click's wrapper of a KeyboardInterrupt
+            return 128 + (terminated[0] if terminated else signal.SIGINT)
         if hasattr(err, "format_message") and hasattr(err, "exit_code") and not debug:
             print(f"memplan: error: {err.format_message()}", file=sys.stderr)
             return int(ExitCode.BAD_INPUT)
         raise
+    if terminated:  # typer returns Exit(130) for the KeyboardInterrupt a SIGTERM raised
+        return 128 + terminated[0]
     return int(rc) if isinstance(rc, int) else 0
 
 
 _fast_exit = False
+
+
+def _interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C: every `finally` runs, so probes, ranks and trainings are stopped and reaped."""
+    raise KeyboardInterrupt
 
 
 def run() -> None:

@@ -50,7 +50,7 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
 
     model, lf = model_and_config(model, config)
     train = train_config(given(knobs), lf.train if lf else None, command="estimate")
-    spec = resolve_model(model)
+    spec = resolve_model(model, trust_remote_code=trust_remote_code)
     card = resolve_gpu(gpu) if gpu else None
     usable = card.usable_bytes(margin) if card else None
     bd = estimate_any(spec, train, exact=exact, trust_remote_code=trust_remote_code, by_module=by_module)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memplan._proc import descendants, spawn, stop
 from memplan.probe import cache
 from memplan.probe.oom import classify_failure
 from memplan.probe.parallel import check_probeable
@@ -58,7 +61,9 @@ def probe(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions | None = None,
         return hit
     result = launch(request, timeout_s=opts.timeout_s, on_progress=on_progress)
     if result.status in (ProbeStatus.OK, ProbeStatus.OOM):  # errors and timeouts are worth retrying
-        cache.store(key, result)
+        problem = cache.store(key, result)
+        if problem:
+            warnings.warn(problem, stacklevel=2)
     return result
 
 
@@ -74,19 +79,21 @@ def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[
             argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                     "-m", "memplan.probe._worker"]
         cmd = (argv or [sys.executable, "-m", "memplan.probe._worker"]) + [str(req_path), str(res_path)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, errors="replace")
+        proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                     errors="replace")
         tail: deque[str] = deque(maxlen=200)
         reader = threading.Thread(target=_read, args=(proc, tail, on_progress), daemon=True)
         reader.start()
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop(proc, first=signal.SIGKILL, grace_s=5)  # the worker and every rank torchrun started
             reader.join(timeout=5)
             return ProbeResult(status=ProbeStatus.TIMEOUT, device=request["device"],
                                error=f"probe did not finish within {timeout_s:g} s")
+        finally:  # interrupted (Ctrl-C, SIGTERM): nothing of the probe outlives the caller
+            if proc.poll() is None or descendants(proc.pid):
+                stop(proc, first=signal.SIGTERM, grace_s=5)
         reader.join(timeout=5)
         text = "".join(tail)
         if ranked:

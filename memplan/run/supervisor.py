@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
 
+from memplan._proc import descendants, spawn, stop
 from memplan.errors import ConfigError
 from memplan.predict.estimator import estimate
 from memplan.probe.oom import classify_failure
@@ -30,6 +31,7 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
 TAIL_LINES = 400  # output lines kept for OOM classification
+STOP_GRACE_S = 30.0  # an interrupted training gets this long to save before it is killed
 
 
 class AttemptStatus(str, Enum):
@@ -90,10 +92,12 @@ class DecisionLog:
 
 
 def execute(argv: list[str], echo: Callable[[str], None], env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run argv (no shell) with stdout+stderr merged and streamed line by line; (exit status, output tail)."""
+    """Run argv (no shell, its own session) with stdout+stderr merged and streamed line by line; (exit status,
+    output tail). Interrupted (Ctrl-C, or SIGTERM from timeout / scancel / systemd / Kubernetes), the command's
+    whole tree gets SIGINT and time to save, then SIGKILL; it is reaped before the interrupt goes on."""
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                errors="replace", env={**os.environ, **(env or {})})
+        proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                     errors="replace", env={**os.environ, **(env or {})})
     except FileNotFoundError:
         raise ConfigError(f"command not found: {argv[0]}") from None
     except PermissionError:
@@ -105,13 +109,9 @@ def execute(argv: list[str], echo: Callable[[str], None], env: dict[str, str] | 
             echo(line)
             tail.append(line)
         rc = proc.wait()
-    except KeyboardInterrupt:  # pass Ctrl-C on, give it time to save, then stop
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
+    finally:
+        if proc.poll() is None or descendants(proc.pid):
+            stop(proc, first=signal.SIGINT, grace_s=STOP_GRACE_S)
     return (128 - rc if rc < 0 else rc), "".join(tail)
 
 

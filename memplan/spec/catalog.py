@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from memplan.errors import UnknownModel
+from memplan.errors import UnknownModel, UnsupportedModel
 from memplan.spec.model import CATALOG_DIR, ModelSpec, load_config_file
 
 # suffixes dropped to make short names; a short name that two entries would share is not registered
@@ -77,9 +78,12 @@ def catalog_param_count(entry: CatalogEntry) -> int | None:
     return load_config_file(entry.path).get("_param_count")
 
 
-def resolve_model(name: str) -> ModelSpec:
+HUB_TIMEOUT_S = 20.0  # a hub lookup that has not answered by then is abandoned (offline machines, slow proxies)
+
+
+def resolve_model(name: str, *, trust_remote_code: bool = False) -> ModelSpec:
     """--model: a catalog name or hub id, a folder with config.json, a config.json path, or (with transformers
-    installed and the hub reachable) any hub id."""
+    installed and the hub reachable) any hub id. A hub repository's own code runs only with trust_remote_code."""
     entry = find_entry(name)
     if entry is not None:
         return _load_entry(entry.hf_id)
@@ -90,20 +94,48 @@ def resolve_model(name: str) -> ModelSpec:
         path = path / "config.json"
     if path.is_file():
         return ModelSpec.from_config_dict(load_config_file(path), name=str(path))
-    return _from_hub(name)
+    return _from_hub(name, trust_remote_code)
 
 
-def _from_hub(name: str) -> ModelSpec:
+def _from_hub(name: str, trust_remote_code: bool) -> ModelSpec:
     hint = (f"unknown model {name!r}: not in the catalog (see `memplan models`), not a local folder or config.json; "
             "download its config.json and pass its path with --model")
     if "/" not in name:
         raise UnknownModel(hint)
     try:
-        from transformers import AutoConfig  # optional: only for hub ids outside the catalog
+        import transformers  # optional: only for hub ids outside the catalog
     except ImportError:
         raise UnknownModel(hint + " (transformers is not installed, so the hub was not tried)") from None
+    box: dict[str, object] = {}
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")  # read now: the
+    # hub library reads it once, at its import
+
+    def lookup() -> None:  # transformers asks its own y/N question for remote code unless told: never ask
+        try:
+            box["cfg"] = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                                 local_files_only=offline).to_dict()
+        except Exception as err:  # noqa: BLE001 - any hub/network failure means the same thing to the user
+            box["err"] = err
+
+    import logging
+    import threading
+
+    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "transformers", "urllib3")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
     try:
-        cfg = AutoConfig.from_pretrained(name).to_dict()
-    except Exception as err:  # noqa: BLE001 - any hub/network failure means the same thing to the user
-        raise UnknownModel(f"{hint} (hub lookup failed: {type(err).__name__})") from None
-    return ModelSpec.from_config_dict(cfg, name=name)
+        worker = threading.Thread(target=lookup, daemon=True)  # abandoned, not waited for, past the time box
+        worker.start()
+        worker.join(HUB_TIMEOUT_S)
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+    err = box.get("err")
+    if "cfg" not in box:
+        if err is not None and "trust_remote_code" in str(err):
+            raise UnsupportedModel(f"{name}: its config needs the repository's own code; pass --trust-remote-code "
+                                   "to run it") from None
+        why = type(err).__name__ if err is not None else f"no answer within {HUB_TIMEOUT_S:g} s"
+        raise UnknownModel(f"{hint} (hub lookup failed: {why})") from None
+    return ModelSpec.from_config_dict(box["cfg"], name=name)  # type: ignore[arg-type]

@@ -113,3 +113,61 @@ def test_tune_cli_confirms_and_exports_the_winner(tmp_path, capsys, monkeypatch)
     assert rc == 0 and data["confirmed_by_probe"] and data["probes"] == 1
     plan = json.loads(out.read_text())["config"]
     assert plan["batch_size"] * plan["grad_accum"] == 8 and plan["batch_size"] == data["best"]["config"]["batch_size"]
+
+
+def test_an_interrupted_or_dead_workers_configuration_is_measured_on_resume(tmp_path):
+    """The probe running when a tune is interrupted (Ctrl-C / SIGTERM) or its worker dies (its trial left RUNNING
+    in sqlite, which has no heartbeat) is measured when the study resumes. The first probe is the analytic
+    ranking's best, the configuration an uninterrupted study measures first."""
+    import socket
+
+    import optuna
+
+    from memplan.fit import search_space
+    from memplan.tune.study import _distributions, _params
+
+    cap = capacity_between(CKPT8, NO_CKPT8)
+
+    class Interrupted(Counting):
+        def __call__(self, train):
+            self.calls.append(train)
+            raise KeyboardInterrupt
+
+    cut = Interrupted(cap)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, cut, cap, n_probes=3, name="cut.db")
+    again = Counting(cap)
+    resumed = run(tmp_path, again, cap, n_probes=3, name="cut.db")
+    assert cut.calls[0] in again.calls
+    assert any(r.train == cut.calls[0] and r.status.value == "ok" for r in resumed.trials)
+
+    # a worker killed mid-probe: its trial stays RUNNING under a pid that no longer exists
+    first = run(tmp_path, Counting(cap), cap, n_probes=1, name="dead.db")
+    measured = {r.train for r in first.trials}
+    target = next(t for b in (4, 2, 1) for c in (False, True)
+                  if (t := BASE.with_(batch_size=b, grad_accum=8 // b, checkpointing=c)) not in measured)
+    study = optuna.load_study(study_name=first.study_name, storage=f"sqlite:///{tmp_path / 'dead.db'}")
+    study.enqueue_trial(_params(target))
+    space = search_space(BASE, GPU(name="sim", memory_bytes=cap), SearchSpace(global_batch=8,
+                                                                            precisions=(Precision.FP32,)))
+    dead = study.ask(_distributions(optuna, space))
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{2**22 + 12345}")
+    later = Counting(cap)
+    run(tmp_path, later, cap, n_probes=4, name="dead.db")
+    assert target in later.calls
+
+
+@pytest.mark.parametrize("storage,needle", [
+    ("garbage://x", "NoSuchModuleError"),
+    ("{tmp}/plain.db", "is not a database URL"),
+    ("sqlite:///{tmp}/missing/dir/x.db", "unable to open database file"),
+    ("sqlite:///{tmp}/corrupt.db", "file is not a database"),
+    ("postgresql://nobody@127.0.0.1:1/db", "Connection refused"),
+])
+def test_storage_faults_are_one_line_exit_2(storage, needle, tmp_path, capsys):
+    (tmp_path / "corrupt.db").write_text("not sqlite at all")
+    (tmp_path / "config.json").write_text(__import__("json").dumps(SMALL))
+    rc = main(["tune", "--model", str(tmp_path / "config.json"), "--device", "cpu", "--capacity", "1GB",
+               "--method", "full", "--seq-len", "64", "--storage", storage.format(tmp=tmp_path), "--n-probes", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err

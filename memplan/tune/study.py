@@ -15,6 +15,7 @@ Optuna's RetryFailedTrialCallback puts its configuration back in the queue.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -123,13 +124,14 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
     by_key = {_key(t): t for t in candidates}
     name = study_name(spec, base, usable_bytes, space.global_batch, candidates)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)  # reads Trial.set_constraint
-    study = optuna.create_study(study_name=name, storage=_storage(optuna, storage), direction="maximize",
-                                sampler=sampler, load_if_exists=True)
+    study = _open_study(optuna, storage, name, sampler)
     predicted = {k: _prediction(spec, t, gpu, device) for k, t in by_key.items()}
     known = _known(study, by_key)
     if not study.trials:  # seed with the analytic ranking: predicted to fit, fastest first
         for k in _ranked(predicted, usable_bytes, {})[:n_probes]:
             study.enqueue_trial(_params(by_key[k]))
+    _fail_stale(optuna, study)
+    _requeue_unfinished(optuna, study, known, by_key)
     start, exhausted = time.perf_counter(), 0
     worker = f"{socket.gethostname()}:{os.getpid()}"
     while _probes(known) < n_probes and len(known) < len(by_key) and exhausted < 3 * len(by_key):
@@ -155,8 +157,14 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
             exhausted += 1
             continue
         trial.set_user_attr("worker", worker)
-        with _heartbeat(study, trial):
-            record = _decide(trial.number, by_key[key], key, known, predicted, cal, usable_bytes, evaluator)
+        try:
+            with _heartbeat(study, trial):
+                record = _decide(trial.number, by_key[key], key, known, predicted, cal, usable_bytes, evaluator,
+                                 resumed=bool(trial.user_attrs.get("requeued")))
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or broken: not a claim that blocks a resumed study
+            with contextlib.suppress(Exception):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
         known[key] = record
         _tell(study, trial, record, record.source)
         study.set_user_attr("calibration", _calibration(known, predicted, usable_bytes))
@@ -172,34 +180,78 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
                       calibration=_calibration(known, predicted, usable_bytes))
 
 
-def _storage(optuna, url: str):  # noqa: ANN001, ANN202
-    """sqlite: the URL as is. Other RDB URLs (postgresql://, mysql://): heartbeat and retry of dead workers'
-    trials (Optuna's RDBStorage heartbeat + RetryFailedTrialCallback)."""
-    if not url.startswith(("postgresql", "mysql")):
-        return url
+_RACES = ("already exists", "UNIQUE constraint failed", "database is locked", "duplicate key value")
+
+
+def _open_study(optuna, url: str, name: str, sampler):  # noqa: ANN001, ANN202
+    """create_study(load_if_exists) on `url`: sqlite as is; other RDB URLs (postgresql://, mysql://) with a
+    heartbeat and retry of dead workers' trials (RDBStorage + RetryFailedTrialCallback). Workers starting together
+    race to create Optuna's tables (and sqlite locks while one writes): retried. Anything else is the user's
+    storage problem: one ConfigError line naming the URL and the cause."""
     import warnings
 
+    from memplan.errors import ConfigError, MissingExtra
+
+    if "://" not in url:
+        raise ConfigError(f"--storage {url!r} is not a database URL: use sqlite:///path/to/study.db or "
+                          "postgresql://user@host/db")
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    for attempt in range(5):
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for attempt in range(8):
         try:
-            return optuna.storages.RDBStorage(
+            storage = url if not url.startswith(("postgresql", "mysql")) else optuna.storages.RDBStorage(
                 url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+            return optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                       load_if_exists=True)
         except ImportError:
-            from memplan.errors import MissingExtra
-
             raise MissingExtra(f"--storage {url.split(':', 1)[0]}: install its driver, e.g. pip install "
                                "'memplan[distributed]' (psycopg) for PostgreSQL") from None
-        except Exception:  # noqa: BLE001 - workers starting together race to create Optuna's tables
-            if attempt == 4:
-                raise
-            time.sleep(0.5 * (attempt + 1))
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the drivers' errors, classified below
+            text = str(err)
+            if any(race in text for race in _RACES) and attempt < 7:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+            first = first.split("(Background on this error")[0].strip()
+            raise ConfigError(f"--storage {url!r}: {type(err).__name__}: {first[:300]}") from None
     raise AssertionError("unreachable")
 
 
 def _fail_stale(optuna, study) -> None:  # noqa: ANN001
+    """Fail the RUNNING trials of workers that are gone, so their configurations are probed again: by heartbeat
+    on RDB storages, and on this host (sqlite has no heartbeat) by the worker's pid."""
     if getattr(study._storage, "get_heartbeat_interval", lambda: None)():  # noqa: SLF001
         optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(Exception):  # another worker may fail it first
+                study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)  # noqa: SLF001
+
+
+def _requeue_unfinished(optuna, study, known: dict[str, TrialRecord], by_key: dict[str, TrainConfig]) -> None:  # noqa: ANN001
+    """Configurations whose probe failed without a result (an interrupted or dead worker) go back in the queue,
+    ahead of the sampler, once each."""
+    states = optuna.trial.TrialState
+    waiting = {json.dumps({k: t.params.get(k) for k in KNOBS}, sort_keys=True)
+               for t in study.get_trials(deepcopy=False, states=(states.WAITING, states.RUNNING))}
+    for t in study.get_trials(deepcopy=False, states=(states.FAIL,)):
+        key = json.dumps({k: t.params.get(k) for k in KNOBS}, sort_keys=True)
+        if key in by_key and key not in known and key not in waiting:
+            study.enqueue_trial(_params(by_key[key]), user_attrs={"requeued": True})
+            waiting.add(key)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _heartbeat(study, trial):  # noqa: ANN001, ANN202
@@ -234,7 +286,7 @@ def _ranked(predicted: dict[str, tuple[int, float]], usable: int, cal: dict[str,
 
 def _decide(number: int, train: TrainConfig, key: str, known: dict[str, TrialRecord],
             predicted: dict[str, tuple[int, float]], cal: dict[str, float], usable: int,
-            evaluator: Evaluator) -> TrialRecord:
+            evaluator: Evaluator, resumed: bool = False) -> TrialRecord:
     pred_bytes = int(predicted[key][0] * cal.get("memory_ratio", 1.0))
     pred_speed = predicted[key][1] * cal.get("speed_ratio", 1.0)
 
@@ -248,7 +300,7 @@ def _decide(number: int, train: TrainConfig, key: str, known: dict[str, TrialRec
         return skipped(TrialSource.MONOTONE_INFEASIBLE)
     best = max((r.tokens_per_s for r in known.values() if r.source is TrialSource.PROBE and r.feasible),
                default=0.0)
-    if best and pred_speed < SPEED_PRUNE * best:
+    if best and pred_speed < SPEED_PRUNE * best and not resumed:  # a probe cut short is finished, not pruned
         return skipped(TrialSource.PRUNED)
     res = evaluator(train)
     ok = res.status is ProbeStatus.OK

@@ -348,3 +348,20 @@ def test_deepspeed_json_named_in_the_yaml_sets_the_sharding(zero, expected, tmp_
     path.write_text(LF_YAML + "deepspeed: missing.json\n")
     with pytest.raises(ConfigError, match="missing.json: no such file"):
         read_llamafactory(path)
+
+
+@pytest.mark.integration
+def test_run_plans_from_the_commands_key_value_overrides(tmp_path, capsys):
+    """`llamafactory-cli train cfg.yaml key=value` runs the YAML with the overrides merged over it: memplan plans
+    from the merge, keeps the effective batch the run really had, and resumes from the overridden output_dir."""
+    path, raw = _tiny_run(tmp_path, micro=8)  # the YAML says micro 8 into out/; the command says 4 into out_cli/
+    out_cli = tmp_path / "out_cli"
+    rc = main(["run", "--config", str(path), "--", sys.executable, "-m", "memplan.testing.hf_train", str(path),
+               "per_device_train_batch_size=4", f"output_dir={out_cli}"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    done = [tuple(map(int, m)) for m in re.findall(r"hf_train: step (\d+) done micro=(\d+) accum=(\d+)", out)]
+    assert {micro * accum for _, micro, accum in done} == {4}  # the run's own effective batch, kept
+    assert [d[0] for d in done if d[1] == 2] == [5, 6, 7, 8]  # resumed from out_cli/checkpoint-4
+    copy = yaml.safe_load((tmp_path / "train.memplan-1.yaml").read_text())
+    assert copy["output_dir"] == str(out_cli) and copy["resume_from_checkpoint"].startswith(str(out_cli))

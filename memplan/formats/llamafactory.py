@@ -134,9 +134,26 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"))
 
 
-def read_llamafactory(path: str | Path) -> LlamaFactoryConfig:
-    """Read a LLaMA-Factory training YAML (and the DeepSpeed JSON it names); a missing file or malformed YAML is a
-    ConfigError (one line)."""
+def cli_overrides(args: list[str]) -> dict[str, Any]:
+    """`key=value` arguments after the YAML (`llamafactory-cli train cfg.yaml per_device_train_batch_size=4`):
+    LLaMA-Factory merges them over the YAML with OmegaConf.from_cli (hparams/parser.py read_args); values are
+    typed as YAML scalars, as OmegaConf types them."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.strip().lstrip("-").replace("_", "").replace(".", "").isalnum():
+            try:
+                out[key.strip().lstrip("-")] = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError:
+                out[key.strip().lstrip("-")] = value
+    return out
+
+
+def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None) -> LlamaFactoryConfig:
+    """Read a LLaMA-Factory training YAML (and the DeepSpeed JSON it names), with command-line `overrides` merged
+    over it as LLaMA-Factory does; a missing file or malformed YAML is a ConfigError (one line)."""
     import yaml
 
     path = Path(path)
@@ -150,6 +167,7 @@ def read_llamafactory(path: str | Path) -> LlamaFactoryConfig:
         raise ConfigError(f"--config {path}: malformed YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of LLaMA-Factory arguments")
+    raw = {**raw, **(overrides or {})}
     try:
         lf = config_from_llamafactory(raw)
         if lf.deepspeed:  # the ZeRO stage and offload come from the DeepSpeed JSON the YAML names

@@ -17,7 +17,7 @@ from typing import Any
 
 from memplan.errors import ConfigError
 from memplan.formats.hf import config_from_flags, flag_value, rewrite_flags, set_flag
-from memplan.formats.llamafactory import llamafactory_yaml, read_llamafactory
+from memplan.formats.llamafactory import cli_overrides, llamafactory_yaml, read_llamafactory
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
@@ -63,16 +63,23 @@ class YamlTarget:
     model: str
     output_dir: str | None
 
+    overrides: tuple[str, ...] = ()  # the command's `key=value` arguments after the YAML (merged into `raw`)
+
     @classmethod
     def open(cls, path: str | Path, argv: list[str]) -> YamlTarget:
+        """The YAML as the command will run it: `llamafactory-cli train cfg.yaml key=value ...` merges the
+        key=value arguments after the YAML over it (LLaMA-Factory's read_args), so memplan plans from the merge."""
         path = Path(path)
-        lf = read_llamafactory(path)
         hits = [i for i, a in enumerate(argv) if Path(a).exists() and Path(a).resolve() == path.resolve()]
         if not hits:
             raise ConfigError(f"the command does not name --config {path}: memplan rewrites a copy of that file and "
                               "points the command at it, so the command must take it as an argument")
+        after = argv[hits[0] + 1:]
+        overrides = cli_overrides(after)
+        lf = read_llamafactory(path, overrides)
+        tokens = tuple(a for a in after if "=" in a and a.partition("=")[0].strip().lstrip("-") in overrides)
         return cls(path=path, argv=tuple(argv), index=hits[0], raw=lf.raw, train=lf.train, model=lf.model,
-                   output_dir=lf.output_dir)
+                   output_dir=lf.output_dir, overrides=tokens)
 
     def prepare(self, attempt: int, spec: ModelSpec, train: TrainConfig, resume: Path | None) -> tuple[list[str], str]:
         """The argv of attempt `attempt` (0 = as given) and the config file it reads."""
@@ -88,7 +95,9 @@ class YamlTarget:
         copy.write_text(yaml.safe_dump(data, sort_keys=False))
         argv = list(self.argv)
         argv[self.index] = str(copy)
-        return argv, str(copy)
+        # the copy carries the overrides merged with the plan: passing them again would undo the plan
+        head, tail = argv[: self.index + 1], argv[self.index + 1:]
+        return head + [a for a in tail if a not in self.overrides], str(copy)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -86,6 +86,9 @@ def main(argv: list[str]) -> int:
     import yaml
 
     cfg = yaml.safe_load(Path(argv[0]).read_text())
+    for arg in argv[1:]:  # key=value after the YAML win, as LLaMA-Factory's read_args merges OmegaConf.from_cli
+        key, _, value = arg.partition("=")
+        cfg[key] = yaml.safe_load(value)
     trainer = build_trainer(cfg)
     capacity = cfg.get("memplan_capacity_bytes")
     with simulated_device(trainer, int(capacity) if capacity else None):

@@ -7,9 +7,9 @@ import memplan
 
 # stages in pipeline order; a module may import its own stage and earlier ones. The package root (the public
 # API) and testing/ (test support) may import anything; no stage imports testing/.
-ORDER = ["errors", "units", "_imports", "spec", "formats", "predict", "build", "trace", "fit", "probe", "tune",
+ORDER = ["errors", "units", "_imports", "_proc", "spec", "formats", "predict", "build", "trace", "fit", "probe", "tune",
          "run", "cli", "__main__"]
-BASE = {"errors": 0, "units": 0, "_imports": 0}
+BASE = {"errors": 0, "units": 0, "_imports": 0, "_proc": 0}
 ROOT = Path(memplan.__file__).parent
 
 

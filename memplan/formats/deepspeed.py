@@ -21,10 +21,17 @@ def read_deepspeed(ds_path: str, relative_to: Path) -> dict[str, Any]:
     if found is None:
         raise ConfigError(f"deepspeed {ds_path}: no such file (looked beside the YAML too)")
     try:
-        zero = json.loads(found.read_text()).get("zero_optimization", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise ConfigError(f"deepspeed {ds_path}: not a DeepSpeed JSON config") from None
-    stage = int(zero.get("stage", 0))
+        data = json.loads(found.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ConfigError(f"deepspeed {ds_path}: cannot read it ({err.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"deepspeed {ds_path}: not a DeepSpeed JSON config (not UTF-8 JSON)") from None
+    zero = data.get("zero_optimization", {}) if isinstance(data, dict) else None
+    if not isinstance(zero, dict):
+        raise ConfigError(f"deepspeed {ds_path}: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"deepspeed {ds_path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     out: dict[str, Any] = {"sharding": Sharding.NONE if stage == 0 else Sharding(f"zero{stage}")}
     bucket = zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)  # absent: DeepSpeed's default; auto: HF fills it
     if bucket != "auto":
@@ -33,9 +40,15 @@ def read_deepspeed(ds_path: str, relative_to: Path) -> dict[str, Any]:
         except (TypeError, ValueError):
             raise ConfigError(f"deepspeed {ds_path}: zero_optimization.reduce_bucket_size must be a number or auto, "
                               f"got {bucket!r}") from None
-    if str(zero.get("offload_param", {}).get("device", "none")) in ("cpu", "nvme"):
+    devices = {}
+    for key in ("offload_param", "offload_optimizer"):
+        section = zero.get(key) or {}  # null: no offload
+        if not isinstance(section, dict):
+            raise ConfigError(f"deepspeed {ds_path}: zero_optimization.{key} must be an object, got {section!r}")
+        devices[key] = str(section.get("device", "none"))
+    if devices["offload_param"] in ("cpu", "nvme"):
         out["offload"] = Offload.PARAMS
-    elif str(zero.get("offload_optimizer", {}).get("device", "none")) in ("cpu", "nvme"):
+    elif devices["offload_optimizer"] in ("cpu", "nvme"):
         out["offload"] = Offload.OPTIMIZER
     return out
 

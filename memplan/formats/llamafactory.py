@@ -118,7 +118,10 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
         kw[name] = raw.get(key, default)
     if raw.get("lora_alpha") is not None:
         kw["lora_alpha"] = raw["lora_alpha"]
-    kw["lora_dropout"] = float(raw.get("lora_dropout", 0.0) or 0.0)
+    try:
+        kw["lora_dropout"] = float(raw.get("lora_dropout", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        problems.append(f"lora_dropout must be a number in [0, 1), got {raw['lora_dropout']!r}")
     kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
     if raw.get("quantization_bit") is not None:
         kw["quant_bits"] = raw["quantization_bit"]
@@ -158,9 +161,11 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None)
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as err:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not a UTF-8 text file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -186,10 +186,17 @@ class ModelSpec:
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]
         problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in required
                      if k in cfg and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] <= 0)]
+        # the optional dimensions the formulas read: positive integers when present (null means the default)
+        problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in _OPTIONAL_INTS
+                     if cfg.get(k) is not None and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool)
+                                                    or cfg[k] <= 0)]
         if problems:
             raise ConfigError(problems)
         heads = cfg["num_attention_heads"]
         kv = cfg.get("num_key_value_heads") or heads
+        if not cfg.get("head_dim") and cfg["hidden_size"] % heads:  # transformers refuses to build it
+            raise ConfigError(f"{label}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
+                              f"{heads} (and no head_dim is given)")
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         if heads % kv:
             raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
@@ -219,6 +226,10 @@ class ModelSpec:
             remote_code=fam.remote_code,
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
         )
+
+
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size", "sliding_window",
+                  "num_local_experts", "num_experts", "num_experts_per_tok", "max_position_embeddings")
 
 
 def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:

@@ -59,6 +59,8 @@ class TrainConfig:
         problems: list[str | Problem] = []
         for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "freeze_trainable_layers"):
             problems += positive_int(name, getattr(self, name))
+        if self.lora_alpha is not None:
+            problems += positive_int("lora_alpha", self.lora_alpha)
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             problems.append(Problem("lora_dropout", f"{{}} must be in [0, 1), got {self.lora_dropout!r}"))
         if self.quant_bits not in (4, 8):

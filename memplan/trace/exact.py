@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from memplan.errors import ConfigError, UnsupportedModel
+from memplan.errors import ConfigError, MemplanError, UnsupportedModel
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.estimator import estimate
@@ -64,9 +64,12 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:
         traces = trace_depths(spec, traced_train, depths, by_module)
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+    except MemplanError:
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers' and torch's own errors about the config: one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"{spec.name}: transformers cannot build or run this config on fake tensors: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+                          f"{type(err).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}") from None
     full = extrapolate(traces, spec.num_layers)
     if full is None:  # not linear in depth (mixed layer types): trace the real depth
         full = trace_depth(spec, traced_train, spec.num_layers, by_module)

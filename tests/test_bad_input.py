@@ -73,3 +73,37 @@ def test_non_utf8_deepspeed_json(tmp_path, capsys):
 ])
 def test_cli_values_of_the_wrong_type(args, needle, capsys):
     _one_line(capsys, main(["estimate", "--model", "llama-2-7b", *args]), needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["estimate", "--model", "llama-2-7b", "--gpu", ""], "--gpu is empty"),
+    (["estimate", "--model", ""], "--model is empty"),
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--top", "-1"], "--top must be 0 or more"),
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--method", "full", "--export", "bogus", "-o", "x"],
+     "--export 'bogus'"),
+    (["probe", "--model", "llama-3.2-1b", "--timeout", "-1"], "--timeout must be a number of seconds above 0"),
+    (["probe", "--model", "llama-3.2-1b", "--timeout", "nan"], "--timeout must be a number of seconds above 0"),
+    (["probe", "--model", "llama-3.2-1b", "--method", "qlora"], "a QLoRA probe runs on CUDA"),
+    (["tune", "--model", "llama-3.2-1b", "--device", "cpu", "--capacity", "1GB", "--timeout", "-5"],
+     "--timeout must be a number of seconds above 0"),
+])
+def test_more_bad_input(args, needle, capsys):
+    _one_line(capsys, main(args), needle)
+
+
+def test_debug_keeps_the_exit_code(capsys):
+    assert main(["--debug", "estimate", "--model", "nope"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_no_arguments_prints_help_without_an_empty_error(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert "Usage" in out + err and "memplan: error: \n" not in err
+
+
+def test_a_huge_global_batch_answers_from_its_divisors(capsys):
+    """The micro-batches are the global batch's divisors, found in O(sqrt n): 10^12 has 169, not 10^12 to scan."""
+    assert main(["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--global-batch", str(10**12), "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)["ranked"]
+    assert ranked and all(10**12 % c["config"]["batch_size"] == 0 for c in ranked)

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 
 import typer
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + (terminated[0] if terminated else signal.SIGINT)
     except MemplanError as err:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"memplan: error: {err}", file=sys.stderr)
         return int(err.exit_code)
     except SystemExit as exc:  # typer.Exit inside commands
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # usage errors of typer's vendored click (bad option, missing value)
         if type(err).__name__ == "Abort":  # click's wrapper of a KeyboardInterrupt
             return 128 + (terminated[0] if terminated else signal.SIGINT)
-        if hasattr(err, "format_message") and hasattr(err, "exit_code") and not debug:
-            print(f"memplan: error: {err.format_message()}", file=sys.stderr)
+        if hasattr(err, "format_message") and hasattr(err, "exit_code"):
+            if debug:
+                traceback.print_exc()
+            if err.format_message():  # no_args_is_help has printed the help: nothing to add
+                print(f"memplan: error: {err.format_message()}", file=sys.stderr)
             return int(ExitCode.BAD_INPUT)
         raise
     if terminated:  # typer returns Exit(130) for the KeyboardInterrupt a SIGTERM raised

@@ -20,7 +20,7 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="exact mode
 def estimate(model: OptModel = None, config: ConfigOpt = None, gpu: GpuOpt = None, margin: MarginOpt = 0.05,
              explain: ExplainOpt = False,
              exact: Annotated[bool, typer.Option("--exact", help="trace the real transformers model on fake "
-                                                 "tensors (needs memplan[trace]); the same as `memplan trace`")]
+                                                 "tensors (needs memplan\\[trace]); the same as `memplan trace`")]
              = False,
              by_module: ByModuleOpt = False, trust_remote_code: RemoteOpt = False, json_out: JsonOpt = False,
              **knobs: Any) -> None:
@@ -34,7 +34,7 @@ def trace(model: OptModel = None, config: ConfigOpt = None, gpu: GpuOpt = None, 
           explain: ExplainOpt = False, by_module: ByModuleOpt = False, trust_remote_code: RemoteOpt = False,
           json_out: JsonOpt = False, **knobs: Any) -> None:
     """Exact mode: run the real transformers model's training step on fake tensors and count live bytes (no GPU,
-    no weights; needs memplan[trace])."""
+    no weights; needs memplan\\[trace])."""
     _estimate(model, config, gpu, margin, explain, True, by_module, trust_remote_code, json_out, knobs)
 
 
@@ -51,7 +51,7 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
     model, lf = model_and_config(model, config)
     train = train_config(given(knobs), lf.train if lf else None, command="estimate")
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
-    card = resolve_gpu(gpu) if gpu else None
+    card = resolve_gpu(gpu) if gpu is not None else None
     usable = card.usable_bytes(margin) if card else None
     bd = estimate_any(spec, train, exact=exact, trust_remote_code=trust_remote_code, by_module=by_module)
     if json_out:

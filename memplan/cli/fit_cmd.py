@@ -136,6 +136,7 @@ def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: 
     import dataclasses
 
     from memplan.cli import render
+    from memplan.cli.options import seconds
     from memplan.errors import ConfigError, ExitCode
     from memplan.probe.launch import ProbeOptions, probe
     from memplan.spec.hardware import GPU, resolve_gpu
@@ -143,6 +144,8 @@ def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: 
     from memplan.units import parse_size
 
     _check_export(export, output)
+    seconds("--timeout", timeout)
+    seconds("--probe-timeout", probe_timeout)
     if device == "cpu":
         if not capacity or gpu:
             raise ConfigError("--device cpu tunes against a simulated device: give --capacity (and no --gpu)")

@@ -8,6 +8,7 @@ YAML's value) holds.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -191,6 +192,13 @@ def search_space(knobs: dict[str, Any], base: TrainConfig | None, global_batch: 
         return train, SearchSpace(**kw)
     except ConfigError as err:
         raise err.respelled(names) from None
+
+
+def seconds(option: str, value: float | None) -> float | None:
+    """A time limit: None (no limit) or a finite number of seconds above 0."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{option} must be a number of seconds above 0, got {value}")
+    return value
 
 
 def model_and_config(model: str | None, config: str | None) -> tuple[str, Any]:

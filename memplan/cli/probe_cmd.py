@@ -24,7 +24,7 @@ def probe(model: Model, steps: Annotated[int, typer.Option(help="measured optimi
     """Run a few real training steps in an isolated process and measure peak memory and throughput (--gpus N
     launches N ranks under torchrun and reports the fullest)."""
     from memplan.cli import render
-    from memplan.cli.options import given, train_config
+    from memplan.cli.options import given, seconds, train_config
     from memplan.errors import ConfigError, ExitCode, MemplanError
     from memplan.probe.launch import ProbeOptions
     from memplan.probe.launch import probe as run_probe
@@ -35,6 +35,7 @@ def probe(model: Model, steps: Annotated[int, typer.Option(help="measured optimi
     from memplan.units import parse_size
 
     train = train_config(given(knobs), command="probe")
+    seconds("--timeout", timeout)
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cpu" and (gpu or gpu_fraction):

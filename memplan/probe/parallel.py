@@ -44,6 +44,9 @@ def check_probeable(train: TrainConfig, device: str) -> None:
     """Refuse what a probe cannot run, before any process starts (one line for the user)."""
     from memplan.errors import ConfigError
 
+    if device == "cpu" and train.method.value == "qlora":
+        raise ConfigError("a QLoRA probe runs on CUDA (bitsandbytes' quantised linears): use --device cuda, or "
+                          "estimate it (memplan estimate --method qlora)")
     if device == "cpu" and train.offload is not Offload.NONE:
         raise ConfigError("offload moves states to host memory: on a cpu probe host and device are one memory; "
                          "probe offload with --device cuda")

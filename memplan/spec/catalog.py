@@ -84,6 +84,9 @@ HUB_TIMEOUT_S = 20.0  # a hub lookup that has not answered by then is abandoned 
 def resolve_model(name: str, *, trust_remote_code: bool = False) -> ModelSpec:
     """--model: a catalog name or hub id, a folder with config.json, a config.json path, or (with transformers
     installed and the hub reachable) any hub id. A hub repository's own code runs only with trust_remote_code."""
+    if not name.strip():
+        raise UnknownModel("--model is empty: give a catalog name (memplan models), a hub id, a folder or a "
+                           "config.json")
     entry = find_entry(name)
     if entry is not None:
         return _load_entry(entry.hf_id)

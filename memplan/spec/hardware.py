@@ -71,6 +71,8 @@ def gpu_catalog() -> dict[str, GPU]:
 def resolve_gpu(text: str) -> GPU:
     """--gpu: 'auto' (NVML), a catalog name, or a size such as 24GB / 24GiB / 24564MiB / 80G."""
     value = text.strip()
+    if not value:
+        raise UnknownGPU("--gpu is empty: use a size (24GB, 80GiB), auto, or a name from `memplan gpus`")
     if value.lower() == "auto":
         return detect_gpu()
     found = gpu_catalog().get(_key(value)) or gpu_catalog().get(value.lower())

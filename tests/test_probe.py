@@ -157,3 +157,23 @@ def test_cache_faults_never_lose_the_measurement(fault, tmp_path, monkeypatch):
     assert runs == [1] and res.status is ProbeStatus.OK and res.peak_allocated_bytes == 1234 and not res.cached
     unwritable = fault in ("cache dir is a file", "entry is a directory")
     assert any("probe cache" in str(w.message) for w in caught) == unwritable
+
+
+TEARDOWN = "".join(f"[rank1]: W1201 teardown line {i}: destroying the process group\n" for i in range(450))
+
+
+@pytest.mark.parametrize("code,text,status", [
+    # the OOM ended rank 0, then 450 lines of multi-rank teardown: still an OOM
+    (1, "Traceback (most recent call last):\n  File \"train.py\", line 3, in <module>\n    step()\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n" + TEARDOWN, ProbeStatus.OOM),
+    (1, "[rank0]: Traceback (most recent call last):\n[rank0]:   File \"t.py\", line 1, in <module>\n"
+        "[rank0]: torch.OutOfMemoryError: CUDA out of memory.\n" + TEARDOWN, ProbeStatus.OOM),
+    # a run that logged a handler's name and died of something else is not an OOM
+    (1, "registered handler for torch.OutOfMemoryError\nTraceback (most recent call last):\n"
+        "  File \"t.py\", line 9, in <module>\nFileNotFoundError: [Errno 2] No such file: 'data.json'\n",
+     ProbeStatus.ERROR),
+    # no traceback at all (a C++ abort): the signatures in the tail decide
+    (-6, "terminate called after throwing an instance of 'c10::Error'\nCUDA out of memory\n", ProbeStatus.OOM),
+])
+def test_failures_are_classified_by_the_exception_that_ended_the_run(code, text, status):
+    assert classify_failure(code, text) is status

@@ -365,3 +365,15 @@ def test_run_plans_from_the_commands_key_value_overrides(tmp_path, capsys):
     assert [d[0] for d in done if d[1] == 2] == [5, 6, 7, 8]  # resumed from out_cli/checkpoint-4
     copy = yaml.safe_load((tmp_path / "train.memplan-1.yaml").read_text())
     assert copy["output_dir"] == str(out_cli) and copy["resume_from_checkpoint"].startswith(str(out_cli))
+
+
+def test_small_models_are_replanned_and_bad_logs_refused(tmp_path, capsys):
+    """The 95 % rule applies to what the knobs change (the allocated peak), so a small model's OOM is re-planned
+    although the fixed CUDA context dominates its total; a decision log that cannot be written is one line."""
+    spec = resolve_model("qwen3-0.6b")  # micro-batch 1: 93 % of the allocated peak, 95.1 % of the total
+    current = TrainConfig(method=Method.LORA, batch_size=2, grad_accum=1, seq_len=64)
+    plan = replan(spec, current, [current])
+    assert plan.train is not None and plan.train.effective_batch == 2 and plan.train.batch_size == 1
+    rc = main(["run", "--method", "lora", "--model", "llama-2-7b", "--log", "/dev/null/x.jsonl", "--", "true"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--log /dev/null/x.jsonl" in err and err.count("\n") == 1

@@ -18,7 +18,7 @@ from typing import Any
 
 from memplan._proc import descendants, spawn, stop
 from memplan.probe import cache
-from memplan.probe.oom import classify_failure
+from memplan.probe.oom import Exceptions, classify_failure
 from memplan.probe.parallel import check_probeable
 from memplan.probe.result import ProbeResult, ProbeStatus
 from memplan.spec.model import ModelSpec
@@ -138,6 +138,10 @@ def _read(proc: subprocess.Popen, tail: deque[str], on_progress: Callable[[str],
 
 
 def _last_error_line(text: str, returncode: int | None) -> str:
+    """The exception that ended the child (the last traceback's last line), else its last output line."""
+    ended = Exceptions.of(text).lines
+    if ended:
+        return ended[-1].strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else f"probe process exited with status {returncode}"
 

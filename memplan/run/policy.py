@@ -42,7 +42,9 @@ def replan(spec: ModelSpec, current: TrainConfig, failures: list[TrainConfig], *
            allow_method_change: bool = False) -> Replan:
     """The fastest configuration of the earliest stage that is predicted below every failure (and below the GPU,
     when one is given), with the effective batch of `current`."""
-    bound = int(min(estimate(spec, f).total_bytes for f in [current, *failures]) * SAFETY)
+    # the bound applies to what the knobs change: the allocated peak (the fixed CUDA context would dominate the
+    # 95 % rule for small models and no configuration would ever be tried)
+    bound = int(min(estimate(spec, f).peak_allocated_bytes for f in [current, *failures]) * SAFETY)
     per_rank = current.batch_size * current.grad_accum
     micros = [b for b in range(current.batch_size, 0, -1) if per_rank % b == 0]  # never a larger micro-batch
     changes: dict[str, object] = {}
@@ -55,8 +57,9 @@ def replan(spec: ModelSpec, current: TrainConfig, failures: list[TrainConfig], *
             t = current.with_(**changes, batch_size=b, grad_accum=per_rank // b)
             if t == current or t in failures:
                 continue
-            peak = estimate(spec, t).total_bytes
-            if peak <= bound and (gpu is None or peak <= gpu.memory_bytes):
+            bd = estimate(spec, t)
+            peak = bd.peak_allocated_bytes
+            if peak <= bound and (gpu is None or bd.total_bytes <= gpu.memory_bytes):
                 options.append((predicted_tokens_per_s(spec, t, gpu) if gpu else b, peak, t))
         if options:
             _, peak, best = max(options, key=lambda o: (o[0], -o[1]))

@@ -7,7 +7,6 @@ is one JSON line in the log; a failure that is not an OOM ends the run with the 
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -23,14 +22,14 @@ from typing import Any, TextIO
 from memplan._proc import descendants, spawn, stop
 from memplan.errors import ConfigError
 from memplan.predict.estimator import estimate
-from memplan.probe.oom import classify_failure
+from memplan.probe.oom import Exceptions, classify_failure
 from memplan.run.policy import replan
 from memplan.run.target import ArgsTarget, YamlTarget, fresh_optimizer_view, newest_checkpoint, optimizer_changed
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
-TAIL_LINES = 400  # output lines kept for OOM classification
+TAIL_LINES = 400  # output lines searched for OOM signatures when the output holds no traceback
 STOP_GRACE_S = 30.0  # an interrupted training gets this long to save before it is killed
 
 
@@ -83,7 +82,12 @@ class DecisionLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # checked before anything is launched: a run must not start without its log
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"--log {path}: cannot write the decision log there ({err.strerror or err})") from None
 
     def write(self, event: str, **data: Any) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, **data}
@@ -91,7 +95,8 @@ class DecisionLog:
             fh.write(json.dumps(record, default=str) + "\n")
 
 
-def execute(argv: list[str], echo: Callable[[str], None], env: dict[str, str] | None = None) -> tuple[int, str]:
+def execute(argv: list[str], echo: Callable[[str], None], env: dict[str, str] | None = None,
+            ) -> tuple[int, Exceptions]:
     """Run argv (no shell, its own session) with stdout+stderr merged and streamed line by line; (exit status,
     output tail). Interrupted (Ctrl-C, or SIGTERM from timeout / scancel / systemd / Kubernetes), the command's
     whole tree gets SIGINT and time to save, then SIGKILL; it is reaped before the interrupt goes on."""
@@ -102,17 +107,17 @@ def execute(argv: list[str], echo: Callable[[str], None], env: dict[str, str] | 
         raise ConfigError(f"command not found: {argv[0]}") from None
     except PermissionError:
         raise ConfigError(f"command is not executable: {argv[0]}") from None
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    seen = Exceptions(tail_lines=TAIL_LINES)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             echo(line)
-            tail.append(line)
+            seen.feed(line)
         rc = proc.wait()
     finally:
         if proc.poll() is None or descendants(proc.pid):
             stop(proc, first=signal.SIGINT, grace_s=STOP_GRACE_S)
-    return (128 - rc if rc < 0 else rc), "".join(tail)
+    return (128 - rc if rc < 0 else rc), seen
 
 
 def open_target(argv: list[str], config: str | None, base: TrainConfig | None) -> YamlTarget | ArgsTarget:
@@ -145,8 +150,8 @@ def supervise(spec: ModelSpec, target: YamlTarget | ArgsTarget, options: RunOpti
         log.write("launch", attempt=index, argv=argv, config_path=config_path, resume_from=resume,
                   config=train.to_dict())
         start = time.monotonic()
-        rc, tail = execute(argv, write, options.env)
-        status = _attempt_status(rc, tail)
+        rc, seen = execute(argv, write, options.env)
+        status = _attempt_status(rc, seen)
         attempts.append(Attempt(index=index, argv=tuple(argv), train=train, config_path=config_path,
                                 resumed_from=str(resume) if resume else None, returncode=rc, status=status,
                                 duration_s=round(time.monotonic() - start, 2)))
@@ -177,9 +182,9 @@ def supervise(spec: ModelSpec, target: YamlTarget | ArgsTarget, options: RunOpti
         train = plan.train
 
 
-def _attempt_status(returncode: int, text: str) -> AttemptStatus:
-    """The probe's classifier (exit status + OOM signatures: ok, oom or error), as a training run's status."""
-    return AttemptStatus(classify_failure(returncode, text).value)
+def _attempt_status(returncode: int, seen: Exceptions) -> AttemptStatus:
+    """The probe's classifier (the exception that ended the run: ok, oom or error), as a training run's status."""
+    return AttemptStatus(classify_failure(returncode, seen).value)
 
 
 def _finish(log: DecisionLog, attempts: list[Attempt], code: int, outcome: RunOutcome,

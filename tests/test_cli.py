@@ -126,3 +126,19 @@ def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--model", "llama-2-7b", "--json"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and json.loads(proc.stdout)["model"]["parameters"] == 6738415616
+
+
+def test_version_and_one_line_warnings(capsys, tmp_path):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"memplan {version('memplan')}"
+    (tmp_path / "dup.yaml").write_text("model_name_or_path: llama-2-7b\ncutoff_len: 512\ncutoff_len: 1024\n")
+    assert main(["estimate", "--config", str(tmp_path / "dup.yaml"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["config"]["seq_len"] == 1024 and "cutoff_len given more than once" in err
+    assert main(["estimate", "--model", "llama-2-7b", "--seq-len", "8192", "--json"]) == 0
+    assert "max_position_embeddings 4096" in capsys.readouterr().err
+    assert main(["fit", "--model", "llama-2-7b", "--gpu", "24GB", "--gpus", "1,3,4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("memplan: warning: --gpus 3 left out") and err.count("\n") == 1
+    assert {c["config"]["gpus"] for c in json.loads(out)["ranked"]} <= {1, 4}

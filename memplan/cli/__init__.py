@@ -19,6 +19,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "a GPU, trace the real model exactly, probe, tune, and run with OOM recovery.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"memplan {version('memplan')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _top(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,  # noqa: B008
+                                      help="print memplan's version and exit")) -> None:
+    """Will it fit? Peak-VRAM prediction for LLM fine-tuning."""
+
+
 def _register() -> None:
     from memplan.cli import estimate_cmd, fit_cmd, lists, probe_cmd, run_cmd  # noqa: F401 - registers commands
 

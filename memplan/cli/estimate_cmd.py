@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Any
 
 import typer
@@ -51,6 +52,8 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
     model, lf = model_and_config(model, config)
     train = train_config(given(knobs), lf.train if lf else None, command="estimate")
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
+    if (note := spec.seq_warning(train.seq_len)) is not None:
+        warnings.warn(note, stacklevel=1)
     card = resolve_gpu(gpu) if gpu is not None else None
     usable = card.usable_bytes(margin) if card else None
     bd = estimate_any(spec, train, exact=exact, trust_remote_code=trust_remote_code, by_module=by_module)

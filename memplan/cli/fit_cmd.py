@@ -90,7 +90,12 @@ def _plan(model: str | None, config: str | None, global_batch: int | None, knobs
     base, space = search_space(typed, lf.train if lf else None, global_batch)
     if lf is not None:  # the YAML pins its knobs; micro x accum (and checkpointing unless given) are searched
         space = pin_to_config(lf.train, space, set(typed) | ({"global_batch"} if global_batch else set()))
-    return resolve_model(model), base, space, lf
+    spec = resolve_model(model)
+    if (note := spec.seq_warning(base.seq_len)) is not None:
+        import warnings
+
+        warnings.warn(note, stacklevel=1)
+    return spec, base, space, lf
 
 
 def _fit(gpu: str, model: str | None, config: str | None, global_batch: int | None, margin: float, top: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 from memplan.errors import ConfigError
 from memplan.spec.hardware import GPU
@@ -62,8 +63,12 @@ def _layouts(base: TrainConfig, space: SearchSpace, global_batch: int) -> list[t
     ZeRO 1/2/3 and FSDP full_shard / shard_grad_op (hybrid_shard with several nodes) unless given."""
     out = []
     counts = space.gpu_counts or (base.gpus,)
+    dropped = [n for n in counts if n % base.nodes or global_batch % n] if len(counts) > 1 else []
+    if dropped and len(dropped) < len(counts):
+        warnings.warn(f"--gpus {','.join(map(str, dropped))} left out: {global_batch} is not divisible by that many "
+                      f"GPUs (or --nodes {base.nodes} does not divide them)", stacklevel=3)
     for n in counts:
-        if n % base.nodes or global_batch % n and len(counts) > 1:
+        if n in dropped:
             continue  # a single count that does not divide the batch gets micro_batches' own message
         if space.shardings:
             options = list(space.shardings)

@@ -154,6 +154,22 @@ def cli_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def _load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, warning on a key given twice at the top level (the last value wins silently otherwise)."""
+    import warnings
+
+    import yaml
+
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if isinstance(node, yaml.MappingNode):
+        keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            warnings.warn(f"--config {where}: {', '.join(twice)} given more than once: the last value is used",
+                          stacklevel=3)
+    return yaml.safe_load(text)
+
+
 def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None) -> LlamaFactoryConfig:
     """Read a LLaMA-Factory training YAML (and the DeepSpeed JSON it names), with command-line `overrides` merged
     over it as LLaMA-Factory does; a missing file or malformed YAML is a ConfigError (one line)."""
@@ -161,7 +177,7 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None)
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = _load_yaml(path.read_bytes().decode("utf-8"), str(path))
     except OSError as err:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
     except UnicodeDecodeError:

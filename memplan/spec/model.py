@@ -53,6 +53,7 @@ class ModelSpec:
     attn_softcap: float | None = None  # Gemma2 attn_logit_softcapping: tanh(scores / cap) * cap
     final_softcap: float | None = None  # Gemma2 final_logit_softcapping on the logits
     remote_code: bool = False
+    max_positions: int | None = None  # max_position_embeddings: longer sequences run past the trained positions
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- family facts ------------------------------------------------------------------------------------------
@@ -85,6 +86,14 @@ class ModelSpec:
     @property
     def norms_per_layer(self) -> int:
         return self.family.norms_per_layer
+
+    def seq_warning(self, seq_len: int) -> str | None:
+        """A sequence longer than the model's positions trains (memory is as estimated) but past what the model
+        learned: worth a warning, not an error (rope scaling extends it)."""
+        if self.max_positions and seq_len > self.max_positions:
+            return (f"--seq-len {seq_len} is longer than {self.name}'s max_position_embeddings {self.max_positions}: "
+                    "the estimate holds, the model may not (rope_scaling)")
+        return None
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
@@ -224,6 +233,7 @@ class ModelSpec:
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
             final_softcap=cfg.get("final_logit_softcapping") or None,
             remote_code=fam.remote_code,
+            max_positions=cfg.get("max_position_embeddings"),
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
         )
 

@@ -38,7 +38,7 @@ def test_model_config_of_the_wrong_type(change, needle, tmp_path, capsys):
     ('{"stage": 3, "offload_optimizer": "cpu"}', "offload_optimizer must be an object"),
 ])
 def test_deepspeed_json_faults(zero, needle, tmp_path, capsys):
-    (tmp_path / "ds.json").write_text('{"zero_optimization": %s}' % zero)
+    (tmp_path / "ds.json").write_text('{"zero_optimization": ' + zero + '}')
     (tmp_path / "train.yaml").write_text("model_name_or_path: llama-2-7b\nfinetuning_type: full\nbf16: true\n"
                                          f"deepspeed: {tmp_path / 'ds.json'}\n")
     rc = main(["estimate", "--config", str(tmp_path / "train.yaml"), "--gpus", "8"])

@@ -171,3 +171,30 @@ def test_storage_faults_are_one_line_exit_2(storage, needle, tmp_path, capsys):
                "--method", "full", "--seq-len", "64", "--storage", storage.format(tmp=tmp_path), "--n-probes", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.integration
+def test_two_workers_start_together_on_a_new_sqlite_study_within_the_budget(tmp_path):
+    """Both create Optuna's schema at once (the race is retried), share the study, and probe 3 for --n-probes 3."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    cap = capacity_between(CKPT8, NO_CKPT8)
+    storage = f"sqlite:///{tmp_path / 'new.db'}"
+    cmd = [sys.executable, "-m", "memplan", "tune", "--model", str(tmp_path / "config.json"), "--method", "full",
+           "--precision", "fp32", "--seq-len", "128", "--global-batch", "8", "--device", "cpu", "--capacity",
+           f"{cap}B", "--margin", "0", "--n-probes", "3", "--steps", "1", "--storage", storage, "--json"]
+    env = {**os.environ, "MEMPLAN_CACHE_DIR": str(tmp_path / "cache")}
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode in (0, 1) for w in workers), [o[1][-2000:] for o in outs]
+    name = json.loads(outs[0][0])["study"]
+    probes = [t for t in optuna.load_study(study_name=name, storage=storage).trials
+              if t.user_attrs.get("source") == "probe"]
+    assert len(probes) <= 3 and len({json.dumps(t.params, sort_keys=True) for t in probes}) == len(probes)

@@ -51,6 +51,7 @@ class TrialSource(str, Enum):
     PRUNED = "pruned"  # predicted well below the best measured speed
     REPEAT = "repeat"  # the sampler proposed a known configuration: told the same record again
     CLAIMED = "claimed"  # another worker was probing it (a PRUNED trial's user attr only, never a record)
+    BUDGET = "budget"  # claimed when concurrent claims had used the --n-probes budget (a PRUNED trial's attr only)
     OUTSIDE = "outside-space"  # a sampled combination that is not a candidate (a PRUNED trial's user attr only)
 
 
@@ -134,7 +135,8 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
     _requeue_unfinished(optuna, study, known, by_key)
     start, exhausted = time.perf_counter(), 0
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    while _probes(known) < n_probes and len(known) < len(by_key) and exhausted < 3 * len(by_key):
+    while _probes(known) + _in_flight(optuna, study, worker) < n_probes and len(known) < len(by_key) and \
+            exhausted < 3 * len(by_key):
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
             break
         _fail_stale(optuna, study)
@@ -157,6 +159,10 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
             exhausted += 1
             continue
         trial.set_user_attr("worker", worker)
+        if _probes(_known(study, by_key)) + _in_flight(optuna, study, worker, before=trial.number) >= n_probes:
+            trial.set_user_attr("source", TrialSource.BUDGET.value)  # the claims ahead of this one use it up
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            break
         try:
             with _heartbeat(study, trial):
                 record = _decide(trial.number, by_key[key], key, known, predicted, cal, usable_bytes, evaluator,
@@ -229,6 +235,14 @@ def _fail_stale(optuna, study) -> None:  # noqa: ANN001
         if owner == host and pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(Exception):  # another worker may fail it first
                 study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)  # noqa: SLF001
+
+
+def _in_flight(optuna, study, worker: str, before: int | None = None) -> int:  # noqa: ANN001
+    """Probes other workers are running now (claimed before trial `before`, when given): they count against the
+    study's --n-probes budget, so concurrent workers never overshoot it (the lower trial number goes first)."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return sum(1 for t in running if t.user_attrs.get("worker") not in (None, worker)
+               and (before is None or t.number < before))
 
 
 def _requeue_unfinished(optuna, study, known: dict[str, TrialRecord], by_key: dict[str, TrainConfig]) -> None:  # noqa: ANN001

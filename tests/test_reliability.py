@@ -87,3 +87,20 @@ def test_interrupted_probe_leaves_no_worker_and_no_temp_dir(sig, tmp_path):
     time.sleep(0.5)
     assert all(_gone(w) for w in workers)
     assert not list(tmp_path.glob("memplan-probe-*"))
+
+
+BIG = ["--lora-rank", "8-64", "--optimizer", "adamw,adamw_8bit", "--global-batch", "64"]  # ~1 MB of output
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB", *BIG, "--json"], 0),
+    (["fit", "--model", "llama-2-7b", "--gpu", "24GB", *BIG, "--top", "500"], 0),
+    (["fit", "--model", "llama-2-70b", "--gpu", "24GB", "--method", "full", "--json"], 1)])
+def test_a_closed_stdout_keeps_the_exit_status(args, code):
+    """`memplan fit --json | head -1`: the reader goes away; memplan still exits with its verdict, silently."""
+    proc = subprocess.Popen([sys.executable, "-m", "memplan", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == code
+    assert proc.stderr.read() == ""

@@ -9,6 +9,7 @@ import sys
 import threading
 import traceback
 import warnings
+from typing import Any
 
 import typer
 
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     terminated: list[int] = []
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, _: terminated.append(signum) or _interrupt())
+    if not isinstance(sys.stdout, _PipeSafe) and hasattr(sys.stdout, "fileno"):
+        try:
+            sys.stdout.fileno()
+            sys.stdout = _PipeSafe(sys.stdout)
+        except (OSError, ValueError):  # captured output (tests): nothing to guard
+            pass
     try:
         rc = app(args=args, standalone_mode=False)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (timeout, scancel, systemd, Kubernetes): children stopped
@@ -87,6 +94,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _fast_exit = False
+
+
+class _PipeSafe:
+    """stdout that a closed reader (`memplan fit --json | head -1`) does not turn into exit 1: once the pipe is
+    gone, the rest goes to /dev/null (Python's recommended handling) and the command keeps its exit status."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def _closed(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _interrupt() -> None:

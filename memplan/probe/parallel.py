@@ -44,6 +44,8 @@ def check_probeable(train: TrainConfig, device: str) -> None:
     """Refuse what a probe cannot run, before any process starts (one line for the user)."""
     from memplan.errors import ConfigError
 
+    if device == "cuda":
+        _require_nvidia_gpu()
     if device == "cpu" and train.method.value == "qlora":
         raise ConfigError("a QLoRA probe runs on CUDA (bitsandbytes' quantised linears): use --device cuda, or "
                           "estimate it (memplan estimate --method qlora)")
@@ -52,6 +54,25 @@ def check_probeable(train: TrainConfig, device: str) -> None:
                          "probe offload with --device cuda")
     if train.sharding is Sharding.NO_SHARD:
         raise ConfigError("--fsdp no_shard is FSDP1's DDP-like mode (FSDP2 has none): probe it as DDP, without --fsdp")
+
+
+def _require_nvidia_gpu() -> None:
+    """--device cuda on a machine NVML says has no NVIDIA GPU is the user's error, found before a worker starts
+    (without nvidia-ml-py nothing can be told here: the worker reports it)."""
+    from memplan.errors import ConfigError
+
+    try:
+        import pynvml
+    except ImportError:
+        return
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except Exception:  # noqa: BLE001 - no driver, no library, no device: all mean the same here
+        count = 0
+    if count == 0:
+        raise ConfigError("--device cuda: NVML finds no NVIDIA GPU on this machine; probe with --device cpu "
+                          "--capacity SIZE (a simulated device), or where a GPU is")
 
 
 def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:

@@ -102,6 +102,7 @@ BAD_INPUT: list[tuple[list[str], str]] = [
     (["probe", *M, "--timeout", "nan"], "seconds above 0"),
     (["probe", *M, "--method", "qlora"], "a QLoRA probe runs on CUDA"),
     (["probe", *M, "--steps", "0"], "--steps must be positive"),
+    (["probe", *TINY, "--device", "cuda"], "NVML finds no NVIDIA GPU"),
     (["probe", *M, "--gpus", "2", "--fsdp", "no_shard"], "no_shard"),
     (["probe", *M, "--gpus", "2", "--zero", "2", "--offload", "optimizer"], "one memory"),
     # run

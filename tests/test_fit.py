@@ -83,3 +83,15 @@ def test_suggestions_include_more_gpus_with_the_effective_batch_kept():
     # sharding divides the model states: more ranks, less memory per rank
     sizes = sorted((s.candidate.train.gpus, s.candidate.total_bytes) for s in gpus)
     assert [b for _, b in sizes] == sorted((b for _, b in sizes), reverse=True)
+
+
+def test_a_long_search_reports_progress():
+    from memplan.spec.train import Optimizer
+
+    calls = []
+    res = fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("80GB"),
+              SearchSpace(global_batch=64, lora_ranks=(8, 16, 32, 64, 128), gpu_counts=(1, 2, 4, 8),
+                          optimizers=(Optimizer.ADAMW, Optimizer.ADAMW_8BIT)),
+              on_progress=lambda done, total: calls.append((done, total)))
+    assert calls and all(total == res.searched for _, total in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] <= res.searched

@@ -111,7 +111,8 @@ def _fit(gpu: str, model: str | None, config: str | None, global_batch: int | No
     spec, base, space, lf = _plan(model, config, global_batch, knobs)
     card = resolve_gpu(gpu)
     written = lf.train.with_(gpus=base.gpus, nodes=base.nodes) if lf else None
-    res = run_fit(spec, base, card, space, margin=margin, as_written=written)
+    with render.search_progress() as progress:
+        res = run_fit(spec, base, card, space, margin=margin, as_written=written, on_progress=progress)
     if exact:
         res = recheck_exact(res, top=min(top, 3))
     _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None)

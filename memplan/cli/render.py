@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +20,27 @@ from memplan.spec.train import TrainConfig, resolve_attention
 from memplan.units import fmt_bytes, fmt_gib
 
 console = Console()
+
+
+@contextlib.contextmanager
+def search_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for a long fit search (shown from its first report on, removed at the end)."""
+    from rich.progress import Progress
+
+    bar = Progress(console=Console(stderr=True), transient=True)
+    task: list[Any] = []
+
+    def report(done: int, total: int) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task("searching configurations", total=total))
+        bar.update(task[0], completed=done)
+
+    try:
+        yield report
+    finally:
+        if task:
+            bar.stop()
 
 
 def emit_json(data: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ LLaMA-Factory YAML's knobs; `recheck_exact` re-checks the winners with the exact
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from memplan.fit.result import Candidate, FitResult, Suggestion, evaluate
 from memplan.fit.search import search_space
@@ -23,13 +24,23 @@ __all__ = ["Candidate", "FitResult", "Suggestion", "evaluate", "fit", "predicted
            "search_space"]
 
 
+PROGRESS_EVERY = 2000  # candidates between two on_progress calls
+
+
 def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None = None, *,
-        margin: float = DEFAULT_MARGIN, as_written: TrainConfig | None = None) -> FitResult:
+        margin: float = DEFAULT_MARGIN, as_written: TrainConfig | None = None,
+        on_progress: Callable[[int, int], None] | None = None) -> FitResult:
     """Rank every fitting configuration by predicted speed; when none fits, suggest the cheapest changes.
-    `as_written` (a config file's own configuration) is judged too, as `FitResult.as_written`."""
+    `as_written` (a config file's own configuration) is judged too, as `FitResult.as_written`; `on_progress(done,
+    total)` hears of a long search every PROGRESS_EVERY candidates."""
     space = space or SearchSpace()
     usable = gpu.usable_bytes(margin)
-    cands = [evaluate(spec, t, gpu, usable) for t in search_space(base, gpu, space)]
+    configs = search_space(base, gpu, space)
+    cands = []
+    for i, t in enumerate(configs, 1):
+        cands.append(evaluate(spec, t, gpu, usable))
+        if on_progress is not None and i % PROGRESS_EVERY == 0:
+            on_progress(i, len(configs))
     ranked = sorted((c for c in cands if c.fits), key=lambda c: (-c.tokens_per_s, c.total_bytes))
     smallest = min(cands, key=lambda c: (c.total_bytes, not c.train.checkpointing))
     suggestions = () if ranked else tuple(suggest(spec, smallest.train, gpu, usable))

@@ -177,3 +177,16 @@ TEARDOWN = "".join(f"[rank1]: W1201 teardown line {i}: destroying the process gr
 ])
 def test_failures_are_classified_by_the_exception_that_ended_the_run(code, text, status):
     assert classify_failure(code, text) is status
+
+
+@pytest.mark.integration
+def test_probe_of_a_non_analytic_model_keeps_its_measurement(tmp_path, monkeypatch, capsys):
+    """bloom is not in the formulas: the measurement is shown beside the exact mode's estimate, never thrown away."""
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="bloom", hidden_size=128, n_head=4, n_layer=2, vocab_size=2048)))
+    rc = main(["probe", "--model", str(tmp_path / "config.json"), "--method", "full", "--precision", "fp32",
+               "--seq-len", "64", "--steps", "1", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["probe"]["status"] == "ok" and data["probe"]["peak_allocated_bytes"] > 0
+    assert data["estimate"]["peak_allocated_bytes"] > 0

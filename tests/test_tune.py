@@ -198,3 +198,26 @@ def test_two_workers_start_together_on_a_new_sqlite_study_within_the_budget(tmp_
     probes = [t for t in optuna.load_study(study_name=name, storage=storage).trials
               if t.user_attrs.get("source") == "probe"]
     assert len(probes) <= 3 and len({json.dumps(t.params, sort_keys=True) for t in probes}) == len(probes)
+
+
+@pytest.mark.integration
+def test_fit_probe_takes_a_config_and_a_gpu_list(tmp_path, capsys, monkeypatch):
+    """`fit --probe` is a real command: --config pins the YAML's knobs and keeps its effective batch, and
+    --gpus 1,2 probes candidates on one and on two real ranks (torchrun) in one study."""
+    import json
+
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    (tmp_path / "train.yaml").write_text(f"model_name_or_path: {tmp_path / 'config.json'}\nfinetuning_type: full\n"
+                                         "cutoff_len: 64\nper_device_train_batch_size: 2\n"
+                                         "gradient_accumulation_steps: 2\n")
+    assert main(["fit", "--probe", "--config", str(tmp_path / "train.yaml"), "--device", "cpu", "--capacity", "1GB",
+                 "--n-probes", "1", "--storage", f"sqlite:///{tmp_path / 'a.db'}", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]["config"]
+    assert best["effective_batch"] == 4 and best["precision"] == "fp32" and best["method"] == "full"
+    assert main(["fit", "--probe", "--model", str(tmp_path / "config.json"), "--device", "cpu", "--capacity", "1GB",
+                 "--gpus", "1,2", "--method", "full", "--precision", "fp32", "--seq-len", "64", "--global-batch",
+                 "4", "--n-probes", "4", "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--json"]) == 0
+    trials = json.loads(capsys.readouterr().out)["trials"]
+    probed = {t["config"]["gpus"] for t in trials if t["source"] == "probe" and t["status"] == "ok"}
+    assert probed == {1, 2} and all(t["config"]["effective_batch"] == 4 for t in trials)

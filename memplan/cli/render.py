@@ -237,8 +237,10 @@ def print_probe(result: ProbeResult, predicted: Breakdown | None) -> None:
 
 def _knobs(t: TrainConfig) -> str:
     rank = f" r{t.lora_rank}" if t.is_lora else ""
+    ranks = f", {t.gpus} GPUs {'DDP' if t.sharding.value == 'none' else t.sharding.value}" \
+        if t.gpus > 1 or t.sharding.value != "none" else ""
     return (f"micro {t.batch_size} x accum {t.grad_accum}, {t.precision.value}, "
-            f"ckpt {'on' if t.checkpointing else 'off'}{rank}, {t.optimizer.value}, {t.attn.value}")
+            f"ckpt {'on' if t.checkpointing else 'off'}{rank}, {t.optimizer.value}, {t.attn.value}{ranks}")
 
 
 def print_trial(rec: Any, best_tokens_per_s: float) -> None:
@@ -271,10 +273,13 @@ def print_tune(res: Any, spec: ModelSpec, gpu: GPU) -> None:
     from memplan.tune.study import TrialSource, TrialStatus
 
     console.print(f"study {res.study_name} ({res.probes} probes, {res.ooms} OOM, {len(res.trials)} trials)")
-    rows = table(["#", "micro x accum", "precision", "ckpt", "attn", "outcome", "peak", "tokens/s"])
+    multi = any(r.train.gpus > 1 for r in res.trials)
+    rows = table(["#", *(["GPUs"] if multi else []), "micro x accum", "precision", "ckpt", "attn", "outcome", "peak",
+                  "tokens/s"])
     for r in sorted(res.trials, key=lambda r: (r.source is not TrialSource.PROBE, -r.tokens_per_s)):
         t = r.train
-        rows.add_row(str(r.number), f"{t.batch_size} x {t.grad_accum}", t.precision.value,
+        rows.add_row(str(r.number), *([str(t.gpus)] if multi else []), f"{t.batch_size} x {t.grad_accum}",
+                     t.precision.value,
                      "on" if t.checkpointing else "off", t.attn.value,
                      r.status.value if r.source is TrialSource.PROBE else r.source.value, fmt_bytes(r.peak_bytes),
                      f"{r.tokens_per_s:,.0f}" if r.source is TrialSource.PROBE and r.status is TrialStatus.OK

@@ -142,3 +142,9 @@ def test_version_and_one_line_warnings(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert err.startswith("memplan: warning: --gpus 3 left out") and err.count("\n") == 1
     assert {c["config"]["gpus"] for c in json.loads(out)["ranked"]} <= {1, 4}
+
+
+def test_models_search(capsys):
+    assert main(["models", "--search", "qwen3", "--json"]) == 0
+    names = [m["name"] for m in json.loads(capsys.readouterr().out)["models"]]
+    assert names and all("qwen3" in n for n in names)

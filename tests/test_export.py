@@ -78,3 +78,32 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
     assert config_from_args(args, TrainConfig(method=Method.FULL)) == train
     argv = rewrite_flags(["train.py"], TrainConfig(method=Method.FULL), train)
     assert config_from_flags(argv, TrainConfig(method=Method.FULL)) == train
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"stage": "dpo"}, ["stage=dpo"]),
+    ({"use_galore": True, "enable_liger_kernel": True}, ["use_galore=true", "enable_liger_kernel=true"]),
+    ({"use_reentrant_gc": True, "do_eval": True}, ["use_reentrant_gc=true", "do_eval=true"]),
+    ({"stage": "sft", "use_galore": False, "double_quantization": True}, []),  # values memplan models
+])
+def test_llamafactory_keys_that_are_not_modelled_are_named(extra, named, tmp_path, capsys):
+    """A key that changes memory is modelled or named in one warning line, never silently ignored."""
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "llama-2-7b", **extra}))
+    assert main(["estimate", "--config", str(path), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert all(n in err for n in named) and err.count("\n") == (1 if named else 0), err
+
+
+def test_non_training_configs_and_local_paths(tmp_path, monkeypatch, capsys):
+    (tmp_path / "predict.yaml").write_text("model_name_or_path: llama-2-7b\ndo_predict: true\n")
+    assert main(["estimate", "--config", str(tmp_path / "predict.yaml")]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    folder = tmp_path / "Llama-2-7b"  # a local folder named like a catalog model holds a 2-layer config
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(model_type="llama", hidden_size=128, intermediate_size=352,
+                                                        num_attention_heads=4, num_hidden_layers=2,
+                                                        vocab_size=2048)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["estimate", "--model", "Llama-2-7b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["parameters"] < 10**6  # the local one, not 6.74 B

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from memplan.cli import app
 from memplan.cli.options import JsonOpt
 
 
 @app.command()
-def models(json_out: JsonOpt = False) -> None:
+def models(search: Annotated[str | None, typer.Option("--search", help="only names or hub ids containing this")]
+           = None, json_out: JsonOpt = False) -> None:
     """The model catalog with exact parameter counts."""
     from memplan.cli import render
     from memplan.spec.catalog import catalog_entries, resolve_model
 
     rows = []
+    needle = (search or "").strip().lower()
     for e in catalog_entries():
+        if needle and needle not in e.short_name and needle not in e.hf_id.lower():
+            continue
         spec = resolve_model(e.hf_id)
         rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": spec.model_type,
                      "parameters": spec.num_parameters if spec.analytic else None, "analytic": spec.analytic})

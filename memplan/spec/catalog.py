@@ -87,16 +87,16 @@ def resolve_model(name: str, *, trust_remote_code: bool = False) -> ModelSpec:
     if not name.strip():
         raise UnknownModel("--model is empty: give a catalog name (memplan models), a hub id, a folder or a "
                            "config.json")
-    entry = find_entry(name)
-    if entry is not None:
-        return _load_entry(entry.hf_id)
-    path = Path(name).expanduser()
+    path = Path(name).expanduser()  # a local folder or file wins over a catalog name it happens to share
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UnknownModel(f"folder {path} has no config.json; pass a folder holding one, or the file itself")
         path = path / "config.json"
     if path.is_file():
         return ModelSpec.from_config_dict(load_config_file(path), name=str(path))
+    entry = find_entry(name)
+    if entry is not None:
+        return _load_entry(entry.hf_id)
     return _from_hub(name, trust_remote_code)
 
 

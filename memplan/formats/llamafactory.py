@@ -30,10 +30,12 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
 _INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
          ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
          ("freeze_trainable_layers", "freeze_trainable_layers", 2))
-# ModelArguments.flash_attn: the first name of each is what an export writes
+# ModelArguments.flash_attn, LLaMA-Factory's AttentionFunction (extras/constants.py): auto, disabled (eager), sdpa,
+# fa2, fa3; fa3's kernel saves what fa2's does (q, k, v, out, softmax_lse): estimated as flash_attention_2. The
+# first name of each is what an export writes.
 _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.SDPA: ("sdpa",),
-                                           Attention.EAGER: ("disabled", "eager"),
-                                           Attention.FLASH_ATTENTION_2: ("fa2", "flash_attention_2")}
+                                           Attention.EAGER: ("disabled",),
+                                           Attention.FLASH_ATTENTION_2: ("fa2", "fa3")}
 # Keys that change memory but are not modelled yet, with the values memplan does model (LLaMA-Factory's defaults:
 # hparams/finetuning_args.py, model_args.py, data_args.py, training_args.py at its HEAD). Present with another value,
 # they are named in one warning line, never silently ignored. use_reentrant_gc: model_utils/checkpointing.py passes

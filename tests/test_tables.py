@@ -95,3 +95,14 @@ def test_paged_adamw_32bit_from_its_table_entry_matches_a_real_bitsandbytes_step
     train = TrainConfig(batch_size=2, seq_len=256, optimizer=Optimizer.PAGED_ADAMW_32BIT, **kw)
     truth = measure_cpu_peak(spec, train).peak_bytes
     assert abs(estimate(spec, train, device="cpu").peak_allocated_bytes / truth - 1) < 0.005
+
+
+def test_moe_with_dense_layers_mixed_in_is_left_to_the_exact_mode():
+    """qwen3_moe's decoder_sparse_step / mlp_only_layers put dense MLPs among the sparse ones: the formulas assume
+    every layer sparse, so such a config is not analytic (never silently miscounted)."""
+    cfg = dict(model_type="qwen3_moe", hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=32, vocab_size=4096, intermediate_size=704,
+               moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2)
+    assert ModelSpec.from_config_dict(cfg).analytic
+    assert not ModelSpec.from_config_dict({**cfg, "mlp_only_layers": [0]}).analytic
+    assert not ModelSpec.from_config_dict({**cfg, "decoder_sparse_step": 2}).analytic

@@ -163,12 +163,29 @@ def test_an_interrupted_or_dead_workers_configuration_is_measured_on_resume(tmp_
     ("sqlite:///{tmp}/missing/dir/x.db", "unable to open database file"),
     ("sqlite:///{tmp}/corrupt.db", "file is not a database"),
     ("postgresql://nobody@127.0.0.1:1/db", "Connection refused"),
+    ("sqlite:///file:{tmp}/made.db?mode=ro&uri=true", "attempt to write a readonly database"),
+    ("sqlite:///{tmp}/made.db?timeout=0.05", "database is locked"),
 ])
 def test_storage_faults_are_one_line_exit_2(storage, needle, tmp_path, capsys):
+    import sqlite3
+
     (tmp_path / "corrupt.db").write_text("not sqlite at all")
     (tmp_path / "config.json").write_text(__import__("json").dumps(SMALL))
-    rc = main(["tune", "--model", str(tmp_path / "config.json"), "--device", "cpu", "--capacity", "1GB",
-               "--method", "full", "--seq-len", "64", "--storage", storage.format(tmp=tmp_path), "--n-probes", "1"])
+    args = ["tune", "--model", str(tmp_path / "config.json"), "--device", "cpu", "--capacity", "1GB", "--method",
+            "full", "--seq-len", "64", "--n-probes", "1", "--storage"]
+    lock = None
+    if "made.db" in storage:  # a real study first, then opened read-only, or locked by another writer
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{tmp_path / 'made.db'}")
+        if "locked" in needle:
+            lock = sqlite3.connect(tmp_path / "made.db", isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")
+    try:
+        rc = main([*args, storage.format(tmp=tmp_path)])
+    finally:
+        if lock is not None:
+            lock.execute("ROLLBACK")
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err
 

@@ -6,6 +6,7 @@ the per-family facts are in `memplan.spec.families.FAMILIES`, each with its sour
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,8 @@ class ModelSpec:
                    head_dim=hidden // heads if heads else 0,
                    intermediate_size=_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
                    vocab_size=_first(cfg, "vocab_size", default=0),
-                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), family=family_of(mtype),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                   family=dataclasses.replace(family_of(mtype), analytic=False),
                    remote_code="auto_map" in cfg,
                    config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"})
 
@@ -189,7 +191,10 @@ class ModelSpec:
         if not mtype:
             raise ConfigError(f"{label}: config.json has no model_type; add one (e.g. \"model_type\": \"llama\")")
         fam = family_of(mtype)
-        if not fam.analytic:
+        # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
+        # assume every layer sparse, so only the exact mode traces it
+        mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
+        if not fam.analytic or mixed:
             return cls._generic(cfg, mtype, str(name or label))
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]

@@ -218,9 +218,12 @@ def _open_study(optuna, url: str, name: str, sampler):  # noqa: ANN001, ANN202
             if any(race in text for race in _RACES) and attempt < 7:
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-            first = first.split("(Background on this error")[0].strip()
-            raise ConfigError(f"--storage {url!r}: {type(err).__name__}: {first[:300]}") from None
+            root = err  # Optuna wraps the driver's error (StorageInternalError): name the cause
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__  # type: ignore[assignment]
+            why = str(root).strip() or str(err).strip() or type(err).__name__
+            first = why.splitlines()[0].split("(Background on this error")[0].strip()
+            raise ConfigError(f"--storage {url!r}: {type(root).__name__}: {first[:300]}") from None
     raise AssertionError("unreachable")
 
 

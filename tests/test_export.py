@@ -9,7 +9,7 @@ from memplan.cli import main
 from memplan.formats.hf import hf_training_kwargs
 from memplan.formats.llamafactory import llamafactory_yaml
 from memplan.spec.catalog import resolve_model
-from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
+from memplan.spec.train import Attention, Method, Optimizer, Precision, Sharding, TrainConfig
 
 # keys of LLaMA-Factory's argument dataclasses (ModelArguments, FinetuningArguments, DataArguments and the
 # Seq2SeqTrainingArguments it extends) that memplan writes
@@ -107,3 +107,22 @@ def test_non_training_configs_and_local_paths(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["estimate", "--model", "Llama-2-7b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["parameters"] < 10**6  # the local one, not 6.74 B
+
+
+@pytest.mark.parametrize("sharding", list(__import__("memplan").Sharding))
+def test_every_sharding_round_trips_through_the_plan_and_deepspeed_json(sharding, tmp_path):
+    from memplan import Offload, Parallelism
+    from memplan.formats.deepspeed import deepspeed_config, read_deepspeed
+    from memplan.formats.plan import plan_json
+    from memplan.spec.train import train_from_dict
+
+    spec = resolve_model("llama-2-7b")
+    offload = Offload.OPTIMIZER if sharding.is_deepspeed or sharding.is_fsdp2 else Offload.NONE
+    train = TrainConfig(method=Method.FULL, parallel=Parallelism(gpus=8, sharding=sharding, offload=offload,
+                                                                 ds_reduce_bucket=12345))
+    assert train_from_dict(plan_json(spec, train)["config"]) == train.with_(lora_alpha=train.alpha)
+    if sharding.is_deepspeed:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(deepspeed_config(train, spec.hidden_size)))
+        back = train.with_(sharding=Sharding.NONE, offload=Offload.NONE, ds_reduce_bucket=None)
+        assert back.with_(**read_deepspeed(str(path), tmp_path)) == train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import threading
 import traceback
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -50,7 +52,6 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, mapping MemplanError to one line + its exit code (tracebacks with --debug)."""
     _register()
-    warnings.showwarning = _show_warning
     args = list(sys.argv[1:] if argv is None else argv)
     ours = args[: args.index("--")] if "--" in args else args  # what follows -- belongs to `memplan run`'s command
     debug = "--debug" in ours
@@ -58,29 +59,28 @@ def main(argv: list[str] | None = None) -> int:
         args.remove("--debug")
     global _fast_exit
     _fast_exit = args[:1] in (["estimate"], ["trace"]) or args[:1] == ["fit"] and "--probe" not in ours  # print only
-    terminated: list[int] = []
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, _: terminated.append(signum) or _interrupt())
-    if not isinstance(sys.stdout, _PipeSafe) and hasattr(sys.stdout, "fileno"):
-        try:
-            sys.stdout.fileno()
-            sys.stdout = _PipeSafe(sys.stdout)
-        except (OSError, ValueError):  # captured output (tests): nothing to guard
-            pass
+    with _guards() as terminated:
+        rc = _dispatch(args, debug)
+    if terminated:  # Ctrl-C's 130 (typer's Exit(130) too) becomes 143 when the signal was SIGTERM
+        return 128 + terminated[0]
+    return rc
+
+
+def _dispatch(args: list[str], debug: bool) -> int:
     try:
         rc = app(args=args, standalone_mode=False)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (timeout, scancel, systemd, Kubernetes): children stopped
-        return 128 + (terminated[0] if terminated else signal.SIGINT)
+        return 128 + signal.SIGINT
     except MemplanError as err:
         if debug:
             traceback.print_exc()
         print(f"memplan: error: {err}", file=sys.stderr)
         return int(err.exit_code)
     except SystemExit as exc:  # typer.Exit inside commands
-        return 128 + terminated[0] if terminated else int(exc.code or 0)
+        return int(exc.code or 0)
     except Exception as err:  # usage errors of typer's vendored click (bad option, missing value)
         if type(err).__name__ == "Abort":  # click's wrapper of a KeyboardInterrupt
-            return 128 + (terminated[0] if terminated else signal.SIGINT)
+            return 128 + signal.SIGINT
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):
             if debug:
                 traceback.print_exc()
@@ -88,9 +88,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"memplan: error: {err.format_message()}", file=sys.stderr)
             return int(ExitCode.BAD_INPUT)
         raise
-    if terminated:  # typer returns Exit(130) for the KeyboardInterrupt a SIGTERM raised
-        return 128 + terminated[0]
     return int(rc) if isinstance(rc, int) else 0
+
+
+@contextlib.contextmanager
+def _guards() -> Iterator[list[int]]:
+    """For one command: SIGTERM unwinds like Ctrl-C (yields the signals received), memplan's warnings are one
+    line, a closed stdout is not an error. Everything is put back afterwards (the library may run in-process)."""
+    terminated: list[int] = []
+    previous = (warnings.showwarning, sys.stdout)
+    warnings.showwarning = _show_warning
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, lambda signum, _: terminated.append(signum) or _interrupt())
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # captured output (tests): nothing to guard
+        sys.stdout.fileno()
+        sys.stdout = _PipeSafe(sys.stdout)
+    try:
+        yield terminated
+    finally:
+        warnings.showwarning, sys.stdout = previous
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 _fast_exit = False

@@ -46,15 +46,29 @@ def _signal_tree(proc: subprocess.Popen, pids: list[int], sig: int) -> None:
 
 def stop(proc: subprocess.Popen, *, first: int = signal.SIGTERM, grace_s: float = 10.0) -> int:
     """Stop `proc` and everything it started: `first` to the tree (a training saves, torchrun closes its ranks),
-    up to `grace_s` seconds, then SIGKILL to whatever is left; the child is reaped. Returns its exit status."""
-    tree = descendants(proc.pid)
-    if proc.poll() is None or tree:
+    up to `grace_s` seconds, then SIGKILL to whatever is left; the child is reaped last, so its pid (and process
+    group id) cannot have been reused by an unrelated process while it is signalled. Returns its exit status."""
+    if proc.returncode is None:  # not reaped yet: its pid is still its own
+        tree = descendants(proc.pid)
         _signal_tree(proc, tree, first)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (proc.poll() is None or _alive(tree)):
+        while time.monotonic() < deadline and (_running(proc) or _alive(tree)):
             time.sleep(0.05)
         _signal_tree(proc, tree + descendants(proc.pid), signal.SIGKILL)
     return proc.wait()
+
+
+def running(proc: subprocess.Popen) -> bool:
+    """Still running (a zombie is not), without reaping it."""
+    return proc.returncode is None and _running(proc)
+
+
+def _running(proc: subprocess.Popen) -> bool:
+    try:
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return proc.poll() is None  # no /proc: ask (and reap) the usual way
+    return state not in ("Z", "X")
 
 
 def _alive(pids: list[int]) -> bool:
@@ -63,6 +77,6 @@ def _alive(pids: list[int]) -> bool:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state != "Z":
+        if state not in ("Z", "X"):
             return True
     return False

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memplan._proc import descendants, spawn, stop
+from memplan._proc import running, spawn, stop
 from memplan.probe import cache
 from memplan.probe.oom import Exceptions, classify_failure
 from memplan.probe.parallel import check_probeable
@@ -92,7 +92,7 @@ def launch(request: dict[str, Any], *, timeout_s: float, on_progress: Callable[[
             return ProbeResult(status=ProbeStatus.TIMEOUT, device=request["device"],
                                error=f"probe did not finish within {timeout_s:g} s")
         finally:  # interrupted (Ctrl-C, SIGTERM): nothing of the probe outlives the caller
-            if proc.poll() is None or descendants(proc.pid):
+            if running(proc):
                 stop(proc, first=signal.SIGTERM, grace_s=5)
         reader.join(timeout=5)
         text = "".join(tail)

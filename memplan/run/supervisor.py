@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
 
-from memplan._proc import descendants, spawn, stop
+from memplan._proc import running, spawn, stop
 from memplan.errors import ConfigError
 from memplan.predict.estimator import estimate
 from memplan.probe.oom import Exceptions, classify_failure
@@ -115,7 +115,7 @@ def execute(argv: list[str], echo: Callable[[str], None], env: dict[str, str] | 
             seen.feed(line)
         rc = proc.wait()
     finally:
-        if proc.poll() is None or descendants(proc.pid):
+        if running(proc):
             stop(proc, first=signal.SIGINT, grace_s=STOP_GRACE_S)
     return (128 - rc if rc < 0 else rc), seen
 

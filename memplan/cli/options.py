@@ -20,7 +20,7 @@ from memplan.errors import ConfigError, Problem
 from memplan.spec.optimizers import Optimizer
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.space import SearchSpace
-from memplan.spec.train import Attention, Method, Precision, TrainConfig, parse_choice
+from memplan.spec.train import CHOICES, Attention, Method, Precision, TrainConfig, parse_choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +60,6 @@ KNOBS = {k.name: k for k in (
 )}
 SINGLE = tuple(KNOBS)  # every knob: estimate, trace, probe
 _LORA_ONLY = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
-_ENUMS: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
-                                 "attn": Attention, "offload": Offload}
-
 
 def knob_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the named knobs' options to a command (keyword parameters after its own, each defaulting to None)."""
@@ -105,8 +102,8 @@ def _value(name: str, text: Any) -> Any:
     """One knob's text -> the field's value (sharding from --zero / --fsdp handled by the caller)."""
     if name == "checkpointing":
         return text
-    if name in _ENUMS:
-        return parse_choice(_ENUMS[name], text, "--" + name.replace("_", "-"))
+    if name in CHOICES:
+        return parse_choice(CHOICES[name], text, "--" + name.replace("_", "-"))
     if name == "lora_targets":
         return tuple(t.strip() for t in str(text).split(",") if t.strip())
     if name == "lora_dropout":

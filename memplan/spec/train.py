@@ -152,14 +152,17 @@ def resolve_attention(family: Family, attn: Attention) -> Attention:
     return attn
 
 
+# the fields whose values are choices (enums): one table for every reader of flat values (JSON, the CLI)
+CHOICES: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
+                                  "attn": Attention, "sharding": Sharding, "offload": Offload}
+
+
 def train_from_dict(data: dict[str, object]) -> TrainConfig:
     """Inverse of TrainConfig.to_dict (unknown keys such as effective_batch are ignored)."""
-    kinds = {"method": Method, "precision": Precision, "optimizer": Optimizer, "attn": Attention,
-             "sharding": Sharding, "offload": Offload}
     kw: dict[str, object] = {}
     for name in [f.name for f in fields(TrainConfig) if f.name != "parallel"] + list(PARALLEL_FIELDS):
         if name in data:
             value = data[name]
-            kw[name] = kinds[name](value) if name in kinds else tuple(value) if name == "lora_targets" \
+            kw[name] = CHOICES[name](value) if name in CHOICES else tuple(value) if name == "lora_targets" \
                 else value  # type: ignore[arg-type]
     return TrainConfig().with_(**kw)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from memplan.testing.tiny import SMALL_LLAMA
+
 M = ["--model", "llama-2-7b"]
 TINY = ["--model", "{tmp}/tiny.json"]
 G = ["--gpu", "24GB"]
@@ -126,9 +128,6 @@ YAMLS = {"list.yaml": "- a\n- b\n", "nomodel.yaml": "finetuning_type: lora\n",
          "bothhalf.yaml": "model_name_or_path: llama-2-7b\nbf16: true\nfp16: true\n",
          "zerobatch.yaml": "model_name_or_path: llama-2-7b\nper_device_train_batch_size: 0\n",
          "missingds.yaml": "model_name_or_path: llama-2-7b\ndeepspeed: no_such_ds.json\n"}
-TINY_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_attention_heads=4,
-                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=2048)
-
 
 def scratch(folder: str) -> None:
     """Write the files the cases name into `folder`."""
@@ -137,7 +136,7 @@ def scratch(folder: str) -> None:
 
     root = Path(folder)
     (root / "bad.json").write_text("{not json: [")
-    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    (root / "tiny.json").write_text(json.dumps(SMALL_LLAMA))
     for name, text in YAMLS.items():
         (root / name).write_text(text)
 

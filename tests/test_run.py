@@ -14,6 +14,7 @@ from memplan.predict.estimator import estimate
 from memplan.run.policy import replan
 from memplan.run.target import ArgsTarget, fresh_optimizer_view, newest_checkpoint
 from memplan.spec.catalog import resolve_model
+from memplan.spec.stacks import Stack
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 from memplan.testing.tiny import TINY_CONFIGS
 
@@ -45,7 +46,7 @@ def test_reads_a_llamafactory_yaml(tmp_path):
     assert lf.model == "meta-llama/Meta-Llama-3-8B-Instruct" and lf.output_dir == "saves/llama3-8b/lora/sft"
     assert lf.train == TrainConfig(method=Method.LORA, lora_rank=16, lora_targets=("q_proj", "v_proj"), seq_len=1024,
                                    batch_size=4, grad_accum=4, precision=Precision.BF16,
-                                   optimizer=Optimizer.ADAMW_8BIT, checkpointing=True)
+                                   optimizer=Optimizer.ADAMW_8BIT, checkpointing=True, stack=Stack.LLAMAFACTORY)
     assert lf.raw["template"] == "llama3" and lf.raw["dataset"] == "identity,alpaca_en_demo"
     assert resolve_model(lf.model).name == "llama-3-8b"  # an instruct variant resolves to its base config
 
@@ -110,7 +111,7 @@ def test_round_trip_read_export_read(train, tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(exported, sort_keys=False))
     again = read_llamafactory(path)
-    assert _relevant(again.train) == _relevant(train)
+    assert _relevant(again.train) == _relevant(train.with_(stack=Stack.LLAMAFACTORY))  # its own stack
     assert exported["template"] == "llama3" and exported["learning_rate"] == 1e-4  # unknown fields kept
     assert exported["model_name_or_path"] == base["model_name_or_path"]
     # and once more: export(read(export(x))) is a fixed point

@@ -8,6 +8,7 @@ from typing import Any
 from memplan._imports import try_import
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
+from memplan.spec.stacks import Stack, stack_facts
 from memplan.spec.train import Method, Precision, TrainConfig, resolve_attention
 
 _HALF = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.PURE_BF16: "bfloat16"}
@@ -34,10 +35,12 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
     """Random-weight model on `device` ("meta" for tracing), with dtypes, trainable flags, LoRA and checkpointing."""
     torch = try_import("torch")
     transformers = try_import("transformers")
-    if train.method is Method.QLORA and device != "cuda":
+    if train.method is Method.QLORA and device == "meta":
         from memplan.errors import ConfigError
 
-        raise ConfigError("QLoRA runs only on a CUDA device (bitsandbytes): use --device cuda, or estimate it")
+        # Params4bit refuses a FakeTensor ("Creating a new Tensor subclass Params4bit but the raw Tensor object is
+        # already associated to a python object of type FakeTensor"): the exact mode traces QLoRA as LoRA
+        raise ConfigError("QLoRA cannot be built on the meta device (bitsandbytes quantizes real tensors)")
     half = compute_dtype(train)
     # LLaMA-Factory loads the base in the compute dtype and upcasts what trains to fp32 (unless pure_bf16)
     load_dtype = torch.float32 if train.precision is Precision.FP32 else half
@@ -45,7 +48,8 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         model = transformers.AutoModelForCausalLM.from_config(hf_config(spec, train), dtype=load_dtype)
     model.train()
     if train.method is Method.QLORA:
-        _quantize_linears(model, train, half)
+        _quantize_linears(model, train, half, device)
+    prepare_for_stack(model, train)
     if train.is_lora:
         peft = try_import("peft")
         targets: Any = "all-linear" if train.lora_targets == ("all-linear",) else list(train.lora_targets)
@@ -60,13 +64,55 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
             if p.requires_grad and train.precision in (Precision.FP16, Precision.BF16):
                 p.data = p.data.to(torch.float32)  # fp32 master weights under AMP
     if train.checkpointing:
-        model.activation_checkpointing_enable()  # transformers 5 default: use_reentrant=False + input grads
+        enable_checkpointing(model, train)
     return model
 
 
-def _quantize_linears(model: Any, train: TrainConfig, half: Any) -> None:
+def prepare_for_stack(model: Any, train: TrainConfig) -> None:
+    """The stack's own preparation of the loaded model, before the adapters (memplan.spec.stacks)."""
+    if train.method is Method.QLORA and stack_facts(train.stack).kbit_upcast:
+        peft = try_import("peft")
+        # peft's own function (the HF + PEFT QLoRA recipe): fp16/bf16 parameters that are not Params4bit -> fp32.
+        # Its checkpointing part is left to enable_checkpointing, as HF Trainer re-enables it afterwards anyway.
+        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def enable_checkpointing(model: Any, train: TrainConfig) -> None:
+    """Checkpoint every decoder layer as the stack does."""
+    if stack_facts(train.stack).name is not Stack.LLAMAFACTORY:
+        model.activation_checkpointing_enable()  # transformers 5 default: use_reentrant=False + input grads
+        return
+    # LLaMA-Factory's own wrapper (src/llamafactory/model/model_utils/checkpointing.py L100-154, HEAD ff6d4d12e;
+    # llamafactory itself pins transformers <= 5.6 and cannot be imported beside memplan's): reentrant checkpoint,
+    # only for modules with trainable parameters, whose hidden-states input is set to require grad
+    import functools
+
+    torch = try_import("torch")
+    from torch.utils.checkpoint import checkpoint
+
+    reentrant = functools.partial(checkpoint, use_reentrant=True)  # use_reentrant_gc defaults to true
+
+    def custom_gradient_checkpointing_func(func: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = func.func if isinstance(func, functools.partial) else func
+        # transformers 5.24 passes partial(forward, self, **kwargs) (modeling_layers.py L123), older ones a bound
+        # __call__: the module is the method's __self__ or the partial's first argument
+        module = getattr(inner, "__self__", None) or func.args[0]
+        if any(p.requires_grad for p in module.parameters()):
+            for arg in args:
+                if torch.is_tensor(arg) and torch.is_floating_point(arg):
+                    arg.requires_grad_(True)
+                    break  # LLaMA-Factory: "assume the first tensor is always the hidden states"
+            return reentrant(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=custom_gradient_checkpointing_func)
+
+
+def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) -> None:
     """Swap every decoder nn.Linear (not lm_head) for a bitsandbytes Linear4bit (NF4, double quant) or Linear8bitLt,
-    as transformers' BitsAndBytesConfig(load_in_4bit/8bit) does; the weights are quantised on `.cuda()`."""
+    as transformers' BitsAndBytesConfig(load_in_4bit/8bit) does; the weights are quantised when moved to `device`
+    (bitsandbytes 0.50 quantizes on the CPU too)."""
     torch = try_import("torch")
     bnb = try_import("bitsandbytes")
     for parent in list(model.modules()):
@@ -85,8 +131,9 @@ def _quantize_linears(model: Any, train: TrainConfig, half: Any) -> None:
                 q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data.to(half), requires_grad=False)
-            setattr(parent, name, q.cuda())
-    torch.cuda.empty_cache()
+            setattr(parent, name, q.to(device))
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None:

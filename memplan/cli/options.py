@@ -20,6 +20,7 @@ from memplan.errors import ConfigError, Problem
 from memplan.spec.optimizers import Optimizer
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.space import SearchSpace
+from memplan.spec.stacks import Stack
 from memplan.spec.train import CHOICES, Attention, Method, Precision, TrainConfig, parse_choice
 
 
@@ -57,6 +58,8 @@ KNOBS = {k.name: k for k in (
     Knob("zero", "DeepSpeed ZeRO stage 0|1|2|3 (0 = plain DDP)"),
     Knob("fsdp", "full_shard|shard_grad_op|hybrid_shard|no_shard"),
     Knob("offload", f"{_choices(Offload)} (CPU offload; fit: a list to search)", listable=True),
+    Knob("stack", f"{_choices(Stack)}: the training stack's own model preparation (default hf; a LLaMA-Factory "
+                  "--config: llamafactory)"),
 )}
 SINGLE = tuple(KNOBS)  # every knob: estimate, trace, probe
 _LORA_ONLY = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")

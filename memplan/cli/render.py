@@ -120,7 +120,8 @@ def _describe(train: TrainConfig, spec: ModelSpec) -> str:
         parts.append(f"{train.quant_bits}-bit")
     parts += [train.precision.value, f"micro-batch {train.batch_size} x accum {train.grad_accum}",
               f"seq {train.seq_len}", "checkpointing" if train.checkpointing else "no checkpointing",
-              train.optimizer.value, resolve_attention(spec.family, train.attn).value]
+              train.optimizer.value, resolve_attention(spec.family, train.attn).value,
+              f"stack {train.stack.value}"]
     if train.gpus > 1 or train.sharding.value != "none":
         dist = "DDP" if train.sharding.value == "none" else train.sharding.value
         nodes = f" on {train.nodes} nodes" if train.nodes > 1 else ""

@@ -16,6 +16,7 @@ from memplan.errors import ConfigError
 from memplan.formats.deepspeed import read_deepspeed
 from memplan.spec import optimizers
 from memplan.spec.model import ModelSpec
+from memplan.spec.stacks import Stack
 from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig
 
 # TrainConfig field -> the YAML key that carries it (problems are spelled with these names)
@@ -144,6 +145,7 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     except (TypeError, ValueError):
         problems.append(f"lora_dropout must be a number in [0, 1), got {raw['lora_dropout']!r}")
     kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
+    kw["stack"] = Stack.LLAMAFACTORY  # its own model preparation (memplan.spec.stacks)
     if raw.get("quantization_bit") is not None:
         kw["quant_bits"] = raw["quantization_bit"]
     train = None

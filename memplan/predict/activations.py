@@ -36,7 +36,7 @@ class _Ctx:
         return self.lay.compute_width if self.autocast else self.stream
 
     def norm_width(self) -> int:
-        return self.lay.trainable_width if self.trains else self.lay.base_width
+        return self.lay.trainable_width if self.trains else self.lay.kept_width
 
 
 def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
@@ -57,17 +57,23 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
-    if lay.train.method is Method.QLORA and not name.startswith(("router", "experts")):
-        # bitsandbytes Linear4bit/8bitLt: x.to(compute_dtype), then MatMul4Bit saves its input A whenever any
-        # input needs grad (`ctx.tensors = (A, B)`), although only the frozen weight's grad would use it
-        xin = tp.cast(x, cx.c)
-        if xin.rg:
-            tp.save(xin)
+    quantized = lay.train.method is Method.QLORA and not name.startswith(("router", "experts"))
+    if quantized and lay.train.quant_bits == 4:
+        # bitsandbytes 0.50 Linear4bit.forward (nn/modules.py L626-637): x.to(compute_dtype) is a transient,
+        # MatMul4Bit keeps only the packed weight (`ctx.tensors = (None, B)`, autograd/_functions.py L358), and
+        # the output is cast back to the input's dtype (`.to(inp_dtype)`): fp32 when the stack upcast the stream
+        y = T(x.numel // in_f * out_f, x.width, x.rg)
+    elif quantized:
+        # Linear8bitLt: MatMul8bitLt is no autocast op; it keeps its input A itself (`ctx.tensors = (CAt, subA,
+        # A)`, autograd/_functions.py L187; its fp16 quantization copies are transients) and returns A's dtype
+        if x.rg:
+            tp.save(x)
+        y = T(x.numel // in_f * out_f, x.width, x.rg)
     else:
         xin = tp.cast(x, 2) if cx.amp else x
-    y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
+        y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
     if name in lay.lora_modules:
-        xl = tp.cast(x, lay.lora_width) if lay.amp else x  # peft _cast_input_dtype to the adapter dtype
+        xl = tp.cast(x, lay.lora_width)  # peft _cast_input_dtype to the adapter dtype (a no-op when equal)
         if lay.train.lora_dropout > 0:
             # CUDA native_dropout saves a bool mask; the CPU kernel computes x * noise and saves the noise
             if xl.rg:  # kept for backward only when the input needs a gradient
@@ -207,8 +213,8 @@ def decoder_layer(cx: _Ctx, x: T) -> T:
 
 
 def stream_width(lay: Layout) -> int:
-    """dtype of the residual stream: the embedding's (fp32 master weights under AMP full, else the base dtype)."""
-    return lay.trainable_width if lay.full else lay.base_width
+    """dtype of the residual stream (Layout.stream_width)."""
+    return lay.stream_width
 
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool) -> int:
@@ -236,7 +242,7 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     x = T(n * s.hidden_size, stream_width(lay), True)
     rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms)
     norm = tape.nbytes
-    c = lay.compute_width
+    c = lay.logits_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0
     return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0),  # lm_head saves its input
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.spec.model import ModelSpec
+from memplan.spec.stacks import stack_facts
 from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig, resolve_attention
 
 AMP = (Precision.FP16, Precision.BF16)
@@ -19,7 +20,9 @@ class Layout:
     attn: Attention
     amp: bool
     compute_width: int  # linear outputs: 4 (fp32) or 2 (fp16/bf16)
-    base_width: int  # frozen/base weights and the embedding output ("stream") for LoRA/freeze
+    base_width: int  # frozen/base weights (the decoder linears a QLoRA model quantizes, before quantization)
+    kept_width: int  # frozen weights that are never quantized (embedding, norms, LM head) and, for LoRA/freeze,
+    # the embedding output ("stream"): base_width, or fp32 where the stack upcasts a k-bit model (spec.stacks)
     trainable_width: int  # weights that train: fp32 master copies except under pure_bf16
     lora_width: int  # adapters: fp32 (peft upcasts) except under pure_bf16
     lora_modules: frozenset[str]
@@ -39,10 +42,13 @@ class Layout:
             lora = frozenset(names)
         else:
             lora = frozenset(train.lora_targets)
+        base_width = trainable_width if full else (2 if half else 4)
+        upcast = train.method is Method.QLORA and stack_facts(train.stack).kbit_upcast
         return cls(
             spec=spec, train=train, attn=resolve_attention(spec.family, train.attn), amp=amp,
             compute_width=2 if half else 4,
-            base_width=trainable_width if full else (2 if half else 4),
+            base_width=base_width,
+            kept_width=4 if upcast else base_width,
             trainable_width=trainable_width,
             lora_width=trainable_width,
             lora_modules=lora,
@@ -54,6 +60,25 @@ class Layout:
     @property
     def full(self) -> bool:
         return self.train.method is Method.FULL
+
+    @property
+    def stream_width(self) -> int:
+        """dtype of the residual stream: the embedding's (fp32 master weights under AMP full, else kept_width)."""
+        return self.trainable_width if self.full else self.kept_width
+
+    @property
+    def logits_width(self) -> int:
+        """The LM head's output: autocast's half dtype, else the head weight's own (an upcast head: fp32)."""
+        return self.compute_width if self.amp else (self.trainable_width if self.full else self.kept_width)
+
+    @property
+    def head_cast_bytes(self) -> int:
+        """A frozen fp32 LM head under autocast: F.linear casts the weight to half on every call (autocast
+        caches only leaf tensors that require grad: aten/src/ATen/autocast_mode.cpp cached_cast), and the matmul
+        saves that copy for the head's input gradient."""
+        if self.amp and not self.full and self.kept_width == 4 and self.compute_width == 2:
+            return self.spec.vocab_size * self.spec.hidden_size * 2
+        return 0
 
     def lora_params_per_layer(self) -> int:
         s, r = self.spec, self.train.lora_rank

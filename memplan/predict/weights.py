@@ -58,13 +58,14 @@ def model_states(lay: Layout) -> ModelStates:
         ac_params = ac_layer * lay.trainable_layers
     else:
         trainable = lay.lora_params_per_layer() * s.num_layers
-        weights = (total * lay.base_width) + trainable * lay.lora_width
         ac_layer = lay.lora_params_per_layer() if lay.lora_width == 4 else 0
         ac_params = ac_layer * s.num_layers
         if tr.method is Method.QLORA:
             quantized = (linear_params + expert_params) * s.num_layers  # decoder linears; bnb skips lm_head
             outs = sum(lin.out_features for lin in linears) * s.num_layers
-            weights += _quantized_bytes(quantized, tr.quant_bits, outs) - quantized * lay.base_width
+        # the rest (embedding, norms, LM head) at kept_width: the base dtype, or fp32 where the stack upcasts
+        weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + (
+            _quantized_bytes(quantized, tr.quant_bits, outs) if quantized else 0)
     if not lay.amp:
         ac_params = ac_layer = 0
     grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
@@ -86,8 +87,19 @@ def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:
     if rule is States.ADAM_FP32:
         return 2 * trainable * 4, step  # bitsandbytes 32-bit: fp32 states whatever the param dtype
     if rule is States.ADAM_8BIT:
-        # 2 states x (1 B + 4 B absmax / 256); fused kernel, no temporaries
-        return 2 * (trainable + 4 * -(-trainable // OPT8_BLOCK)), step
+        # per tensor, 2 states x (1 B + 4 B absmax / 256); fused kernel, no temporaries. A tensor of fewer than
+        # min_8bit_size (4096) elements keeps fp32 states (bitsandbytes optim/optimizer.py Optimizer2State.init_state)
+        sizes = [(r * (c or 1), k) for r, c, k in _trainable_shapes(lay)]
+        if sum(n * k for n, k in sizes) != trainable:  # shapes not enumerated (MoE experts...): all 8-bit
+            sizes = [(trainable, 1)]
+        states = sum(k * (2 * n * 4 if n < OPT8_MIN_SIZE else 2 * (n + 4 * -(-n // OPT8_BLOCK))) for n, k in sizes)
+        if lay.device == "cpu":
+            # the CPU kernel is not fused (bitsandbytes backends/cpu/ops.py _optimizer_update_8bit_blockwise_cpu
+            # L469-577): per tensor, both states dequantized to fp32, grad * gnorm_scale, p.float() (a copy
+            # unless fp32), sqrt(state2) and the denominator: 6 fp32 copies of the largest tensor (5 for fp32)
+            largest = max((n for n, _ in sizes if n >= OPT8_MIN_SIZE), default=0)
+            step = max(step, largest * 4 * (5 if width == 4 else 6))
+        return states, step
     if rule is States.NONE:
         return 0, step
     if rule is States.MOMENTUM:

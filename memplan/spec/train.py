@@ -9,6 +9,7 @@ from memplan.errors import ConfigError, Problem
 from memplan.spec.families import Family
 from memplan.spec.optimizers import Optimizer
 from memplan.spec.parallel import PARALLEL_FIELDS, Offload, Parallelism, Sharding, positive_int
+from memplan.spec.stacks import Stack
 
 
 class Method(str, Enum):
@@ -54,6 +55,8 @@ class TrainConfig:
     quant_bits: int = 4
     freeze_trainable_layers: int = 2
     parallel: Parallelism = Parallelism()  # ranks, nodes, sharding, offload (memplan.spec.parallel)
+    # the training stack (memplan.spec.stacks): hf unless the input names one (a LLaMA-Factory YAML: llamafactory)
+    stack: Stack = Stack.HF
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []
@@ -154,7 +157,7 @@ def resolve_attention(family: Family, attn: Attention) -> Attention:
 
 # the fields whose values are choices (enums): one table for every reader of flat values (JSON, the CLI)
 CHOICES: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
-                                  "attn": Attention, "sharding": Sharding, "offload": Offload}
+                                  "attn": Attention, "sharding": Sharding, "offload": Offload, "stack": Stack}
 
 
 def train_from_dict(data: dict[str, object]) -> TrainConfig:

@@ -36,7 +36,7 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
     seen: set[int] = set()
     baseline = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in _resident(model):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)
@@ -71,3 +71,19 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
                and e.start_ns() <= peak_ns <= e.start_ns() + e.duration_ns()]
     return Truth(peak_bytes=baseline + peak, phase=phase, step=step, baseline_bytes=baseline,
                  phase_peaks=phase_peaks, peak_op=min(running)[1] if running else "", losses=tuple(losses))
+
+
+def _resident(model: object) -> list:
+    """Parameters, buffers and the tensors of bitsandbytes quant states (absmax, codes: attributes of a
+    Params4bit's `quant_state`, neither parameters nor buffers, yet allocated before the step)."""
+    torch = try_import("torch")
+    out = list(model.parameters()) + list(model.buffers())  # type: ignore[attr-defined]
+    todo = [p.quant_state for p in model.parameters() if getattr(p, "quant_state", None) is not None]  # type: ignore[attr-defined]
+    while todo:
+        state = todo.pop()
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif value is not None and hasattr(value, "absmax"):  # nested state2
+                todo.append(value)
+    return out

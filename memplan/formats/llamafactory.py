@@ -8,14 +8,17 @@ accumulation 1, optim adamw_torch, flash_attn auto, no bf16/fp16 (fp32), checkpo
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from memplan.errors import ConfigError
-from memplan.formats.deepspeed import read_deepspeed
+from memplan.formats.deepspeed import deepspeed_config, read_deepspeed
 from memplan.spec import optimizers
 from memplan.spec.model import ModelSpec
+from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig
 
 # TrainConfig field -> the YAML key that carries it (problems are spelled with these names)
@@ -45,14 +48,99 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "use_adam_mini": (False,), "use_muon": (False,), "enable_liger_kernel": (False,), "use_unsloth": (False,),
     "use_unsloth_gc": (False,), "use_dora": (False,), "pissa_init": (False,), "additional_target": (None,),
     "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
-    "fsdp": (None, "", False), "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
+    "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
     "quantization_method": ("bnb",), "neat_packing": (False,), "rope_scaling": (None,), "shift_attn": (False,),
     "use_reentrant_gc": (False,), "upcast_layernorm": (False,), "upcast_lmhead_output": (False,),
     "resize_vocab": (False,), "do_eval": (False,), "eval_strategy": ("no",), "val_size": (0, 0.0),
     "predict_with_generate": (False,),
 }
 _PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
-               "lora_target", "freeze_trainable_layers")
+               "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config")
+# HF TrainingArguments.fsdp (transformers training_args.py FSDPOption): the sharding strategy of each option. LLaMA-
+# Factory passes it through to HF Trainer (its TrainingArguments extends Seq2SeqTrainingArguments:
+# hparams/training_args.py); examples/extras/fp8/llama3_fp8_fsdp_sft.yaml sets `fsdp: [full_shard, auto_wrap]`.
+_FSDP = {"full_shard": Sharding.FULL_SHARD, "shard_grad_op": Sharding.SHARD_GRAD_OP,
+         "hybrid_shard": Sharding.HYBRID_SHARD, "no_shard": Sharding.NO_SHARD}
+# The launch line an export writes as its first comment, and reads back (the YAML has no key for the GPU count:
+# LLaMA-Factory's launcher takes it from NPROC_PER_NODE x NNODES, launcher.py:64-66 at v0.9.5)
+_LAUNCH = re.compile(r"^# launch: (?P<env>(?:[A-Z_]+=\S+ )*)llamafactory-cli train", re.MULTILINE)
+
+
+
+
+def _true(raw: dict[str, Any], key: str) -> bool:
+    return raw.get(key) is True or str(raw.get(key)).lower() == "true"
+
+
+def _false(raw: dict[str, Any], key: str) -> bool:
+    return raw.get(key) is False or str(raw.get(key)).lower() == "false"
+
+
+# YAMLs LLaMA-Factory 0.9.5 runs without training, as (what the run is, test, where LLaMA-Factory decides it).
+# memplan estimates training: each is refused in one line (exit 2). A YAML that sets do_train: true trains, whatever
+# else it sets; `tokenized_path` (preprocessing) trains too since 0.9.x: data/loader.py:330-334 saves the tokenized
+# set and goes on (commit 478e8194d "remove exit in preprocess"), so it is estimated.
+NOT_TRAINING: tuple[tuple[str, Callable[[dict[str, Any]], bool], str], ...] = (
+    ("an export (merge) config for `llamafactory-cli export` (export_dir)",
+     lambda r: r.get("export_dir") is not None, "hparams/model_args.py:358 export_dir, train/tuner.py:152"),
+    ("an evaluation config for `llamafactory-cli eval` (task)", lambda r: r.get("task") is not None,
+     "hparams/evaluation_args.py:26 task"),
+    ("an inference config for chat / api / webchat (infer_backend)", lambda r: r.get("infer_backend") is not None,
+     "hparams/model_args.py:165 infer_backend, launcher.py:136-144"),
+    ("a prediction run (do_predict)", lambda r: _true(r, "do_predict"), "train/sft/workflow.py:152"),
+    ("an evaluation-only run (do_eval)", lambda r: _true(r, "do_eval"), "train/sft/workflow.py:146"),
+    ("do_train is false", lambda r: _false(r, "do_train"), "train/sft/workflow.py:120 trains only if do_train"),
+)
+
+
+def not_training(raw: dict[str, Any]) -> str | None:
+    """Why LLaMA-Factory would not train with this YAML (one line), or None when it trains."""
+    if _true(raw, "do_train"):
+        return None
+    for what, test, source in NOT_TRAINING:
+        if test(raw):
+            return (f"not a training run: {what} (LLaMA-Factory {source}); memplan estimates training: set "
+                    "do_train: true to estimate the training of this config")
+    return None
+
+
+# ---- the GPU count of a launch ---------------------------------------------------------------------------------
+def launch_world(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(GPUs in all, nodes) of `llamafactory-cli train` under `env`, when the environment says: the launcher starts
+    torchrun with --nproc_per_node $NPROC_PER_NODE --nnodes $NNODES (launcher.py:60-66 at v0.9.5); without
+    NPROC_PER_NODE it takes the machine's device count, which memplan cannot see (None)."""
+    nproc = env.get("NPROC_PER_NODE")
+    if nproc is None or not nproc.strip():
+        return None
+    values = []
+    for name, text in (("NPROC_PER_NODE", nproc), ("NNODES", env.get("NNODES") or "1")):
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} in the environment: expected a positive integer") from None
+        if values[-1] <= 0:
+            raise ConfigError(f"{name}={text!r} in the environment: expected a positive integer")
+    return values[0] * values[1], values[1]
+
+
+def launch_line(train: TrainConfig, yaml_path: str) -> str:
+    """The command that runs an exported YAML on the plan's GPUs: FORCE_TORCHRUN for DeepSpeed or several GPUs
+    (parser.py:353-354 refuses DeepSpeed outside torchrun), NPROC_PER_NODE x NNODES ranks (launcher.py:64-66)."""
+    env = f"NNODES={train.nodes} NPROC_PER_NODE={train.gpus_per_node} "
+    if train.gpus > 1 or train.sharding is not Sharding.NONE:
+        env = "FORCE_TORCHRUN=1 " + env
+    if train.nodes > 1:
+        env += "NODE_RANK=<this node> MASTER_ADDR=<node 0> "
+    return f"# launch: {env}llamafactory-cli train {yaml_path}"
+
+
+def _launch_from_text(text: str) -> tuple[int, int] | None:
+    """The GPU count of the launch line an export wrote (its first comment), or None."""
+    hit = _LAUNCH.search(text)
+    if hit is None:
+        return None
+    env = dict(part.split("=", 1) for part in hit["env"].split())
+    return launch_world(env)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +153,7 @@ class LlamaFactoryConfig:
     output_dir: str | None = None
     deepspeed: str | None = None  # path of a DeepSpeed JSON, kept as written
     not_modelled: tuple[str, ...] = ()  # `key=value` of keys that change memory and are not modelled yet
+    gpus_from: str | None = None  # where train.gpus came from (the environment, the launch line); None: not said
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
@@ -105,12 +194,32 @@ def _targets(value: Any) -> tuple[str, ...]:
     return (ALL_LINEAR,) if names in ([], ["all"]) else tuple(names)
 
 
+def _fsdp(raw: dict[str, Any]) -> dict[str, Any]:
+    """HF's `fsdp` key (a space-separated string or a list of FSDPOption) -> Parallelism fields; `offload` is
+    FSDP's CPUOffload(offload_params=True): parameters, gradients and the optimizer step on the host."""
+    value = raw.get("fsdp")
+    if value in (None, "", False, []):
+        return {}
+    options = value if isinstance(value, list) else str(value).split()
+    options = [str(o).strip().lower() for o in options]
+    strategies = [o for o in options if o in _FSDP]
+    unknown = [o for o in options if o not in (*_FSDP, "offload", "auto_wrap")]
+    if unknown or len(strategies) > 1:
+        raise ConfigError(f"fsdp {' '.join(options)!r}: memplan models one of {', '.join(_FSDP)}, with offload and "
+                          "auto_wrap")
+    if raw.get("deepspeed"):
+        raise ConfigError("fsdp and deepspeed are both set: HF Trainer runs one engine, give one")
+    out: dict[str, Any] = {"sharding": _FSDP[strategies[0]] if strategies else Sharding.FULL_SHARD}
+    if "offload" in options:
+        out["offload"] = Offload.PARAMS
+    return out
+
+
 def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     """A parsed YAML mapping -> LlamaFactoryConfig; every problem in the modelled fields is reported at once."""
     problems: list[str] = []
-    if raw.get("do_train") is False or raw.get("do_predict") is True and raw.get("do_train") is not True:
-        raise ConfigError("not a training run (do_train false or do_predict): memplan estimates training; "
-                          "set do_train: true to estimate the training of this config")
+    if (why := not_training(raw)) is not None:
+        raise ConfigError(why)
     if not raw.get("model_name_or_path"):
         problems.append("model_name_or_path is missing")
     kw: dict[str, Any] = {}
@@ -150,6 +259,8 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     if not problems:
         try:
             train = TrainConfig(**kw)
+            if parallel := _fsdp(raw):
+                train = train.with_(**parallel)
         except ConfigError as err:
             problems.extend(err.respelled(KEYS).problems)
     if problems or train is None:
@@ -198,14 +309,18 @@ def _load_yaml(text: str, where: str) -> Any:
     return yaml.safe_load(text)
 
 
-def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None) -> LlamaFactoryConfig:
+def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None,
+                      env: Mapping[str, str] | None = None) -> LlamaFactoryConfig:
     """Read a LLaMA-Factory training YAML (and the DeepSpeed JSON it names), with command-line `overrides` merged
-    over it as LLaMA-Factory does; a missing file or malformed YAML is a ConfigError (one line)."""
+    over it as LLaMA-Factory does; the GPU count comes from `env` (the launcher's NPROC_PER_NODE x NNODES) or else
+    from the launch line an export wrote. A missing file or malformed YAML is a ConfigError (one line)."""
     import yaml
 
     path = Path(path)
+    text = ""
     try:
-        raw = _load_yaml(path.read_bytes().decode("utf-8"), str(path))
+        text = path.read_bytes().decode("utf-8")
+        raw = _load_yaml(text, str(path))
     except OSError as err:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
     except UnicodeDecodeError:
@@ -221,6 +336,11 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None)
         lf = config_from_llamafactory(raw)
         if lf.deepspeed:  # the ZeRO stage and offload come from the DeepSpeed JSON the YAML names
             lf = replace(lf, train=lf.train.with_(**read_deepspeed(str(lf.deepspeed), path.parent)))
+        world, source = launch_world(env or {}), "the environment's NPROC_PER_NODE x NNODES"
+        if world is None:
+            world, source = _launch_from_text(text), "the YAML's launch line"
+        if world is not None:
+            lf = replace(lf, train=lf.train.with_(gpus=world[0], nodes=world[1]), gpus_from=source)
         if lf.not_modelled:
             import warnings
 
@@ -232,8 +352,67 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
-def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A LLaMA-Factory training YAML with the plan's knobs; every other key of `base` is kept as it was, in place."""
+def _zero3(t: TrainConfig) -> bool:
+    return t.sharding is Sharding.ZERO3  # transformers' is_deepspeed_zero3_enabled()
+
+
+def _fsdp_on(t: TrainConfig) -> bool:
+    return t.sharding in _FSDP.values()  # transformers' is_fsdp_enabled() under the launch
+
+
+# Combinations LLaMA-Factory 0.9.5 refuses, as (test over the YAML to write and the plan, its message, where). An
+# export never writes one; `fit` drops such candidates when the plan is for LLaMA-Factory (`allowed`).
+REJECTED: tuple[tuple[Callable[[dict[str, Any], TrainConfig], bool], str, str], ...] = (
+    (lambda y, t: _true(y, "pure_bf16") and _zero3(t), "pure_bf16 is incompatible with DeepSpeed ZeRO-3",
+     "hparams/parser.py:384-385"),
+    (lambda y, t: _true(y, "predict_with_generate") and _zero3(t),
+     "predict_with_generate is incompatible with DeepSpeed ZeRO-3", "hparams/parser.py:367-369"),
+    (lambda y, t: _true(y, "pissa_init") and _zero3(t), "pissa_init cannot initialise PiSSA in DeepSpeed ZeRO-3",
+     "hparams/parser.py:377-378"),
+    (lambda y, t: _true(y, "use_unsloth") and _zero3(t), "use_unsloth is incompatible with DeepSpeed ZeRO-3",
+     "hparams/parser.py:409-410"),
+    (lambda y, t: bool(y.get("deepspeed")) and (_true(y, "use_galore") or _true(y, "use_apollo")),
+     "use_galore / use_apollo are incompatible with DeepSpeed", "hparams/parser.py:400-401"),
+    (lambda y, t: t.gpus > 1 and (_true(y, "use_galore") and _true(y, "galore_layerwise")
+                                  or _true(y, "use_apollo") and _true(y, "apollo_layerwise")),
+     "layer-wise GaLore / APOLLO cannot train on several GPUs", "hparams/parser.py:388-392"),
+    (lambda y, t: t.gpus > 1 and _true(y, "use_badam") and (y.get("badam_mode", "layer") == "ratio" or not _zero3(t)),
+     "use_badam on several GPUs needs badam_mode layer and DeepSpeed ZeRO-3", "hparams/parser.py:394-398"),
+    (lambda y, t: _true(y, "fp8") and y.get("quantization_bit") is not None,
+     "fp8 is not compatible with quantization_bit", "hparams/parser.py:403-404"),
+    (lambda y, t: y.get("quantization_bit") not in (None, 4) and (_zero3(t) or _fsdp_on(t)),
+     "quantization_bit other than 4 cannot run under DeepSpeed ZeRO-3 or FSDP",
+     "model/model_utils/quantization.py:186-188"),
+    (lambda y, t: _fsdp_on(t) and t.offload is Offload.OPTIMIZER,
+     "FSDP offloads parameters with the optimizer (fsdp: ... offload), not the optimizer alone",
+     "transformers training_args.py FSDPOption.OFFLOAD"),
+)
+
+
+def rejections(data: dict[str, Any], train: TrainConfig) -> list[str]:
+    """What LLaMA-Factory would refuse in the YAML `data` run as `train` lays out (empty when it accepts it)."""
+    return [f"{why} (LLaMA-Factory {where})" for test, why, where in REJECTED if test(data, train)]
+
+
+def allowed(spec: ModelSpec, base: dict[str, Any] | None) -> Callable[[TrainConfig], bool]:
+    """For fit: a candidate whose export over `base` LLaMA-Factory accepts."""
+    return lambda t: not rejections(llamafactory_yaml(spec, t, base, deepspeed="ds.json"), t)
+
+
+def _hub_id(spec: ModelSpec) -> str:
+    """The hub id a catalog model is downloaded by (memplan's short names mean nothing to LLaMA-Factory)."""
+    from memplan.spec.catalog import find_entry
+
+    if spec.config.get("_name_or_path"):
+        return str(spec.config["_name_or_path"])
+    entry = find_entry(spec.name)
+    return entry.hf_id if entry is not None else spec.name
+
+
+def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] | None = None, *,
+                      deepspeed: str | None = None) -> dict[str, Any]:
+    """A LLaMA-Factory training YAML with the plan's knobs and engine (`deepspeed`: the JSON path for a ZeRO plan,
+    else the base's); every other key of `base` is kept as it was, in place."""
     opt = optimizers.facts(train.optimizer)
     plan: dict[str, Any] = dict(
         finetuning_type="full" if train.method is Method.FULL else
@@ -254,12 +433,74 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
         plan["quantization_bit"] = train.quant_bits
     if train.method is Method.FREEZE:
         plan["freeze_trainable_layers"] = train.freeze_trainable_layers
+    base = base or {}
+    if train.sharding.is_deepspeed:
+        plan["deepspeed"] = deepspeed or base.get("deepspeed")
+        if not plan["deepspeed"]:
+            raise ConfigError(f"a {train.sharding.value} plan needs a DeepSpeed JSON: write it with "
+                              "write_llamafactory, or pass deepspeed=PATH")
+    elif _fsdp_on(train):  # transformers FSDPOption names; auto_wrap wraps each decoder layer (_no_split_modules)
+        name = next(k for k, v in _FSDP.items() if v is train.sharding)
+        plan["fsdp"] = f"{name} auto_wrap" + (" offload" if train.offload is Offload.PARAMS else "")
+        if base.get("fsdp_config") is not None:
+            plan["fsdp_config"] = base["fsdp_config"]
     owned = {*_PLAN_OWNED, *plan}
-    out = {"model_name_or_path": spec.config.get("_name_or_path") or spec.name}
-    for key, value in (base or {}).items():  # the input's order and its other keys, untouched
+    out = {"model_name_or_path": _hub_id(spec)}
+    for key, value in base.items():  # the input's order and its other keys, untouched
         if key not in owned:
             out[key] = value
         elif key in plan:
             out[key] = plan[key]
     out.update((k, v) for k, v in plan.items() if k not in out)
     return out
+
+
+# the export template of a plan without --config (the project's configs/, beside the package in a checkout)
+SFT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "templates" / "sft.yaml"
+
+
+def sft_template() -> dict[str, Any]:
+    """configs/templates/sft.yaml: a complete `sft` training config whose dataset, template and output_dir are
+    CHANGE_ME placeholders."""
+    import yaml
+
+    try:
+        return yaml.safe_load(SFT_TEMPLATE.read_text())
+    except OSError:
+        raise ConfigError(f"the export template {SFT_TEMPLATE} is missing: export from a checkout of memplan, or "
+                          "give --config train.yaml as the base") from None
+
+
+def write_llamafactory(spec: ModelSpec, train: TrainConfig, path: Path, base: dict[str, Any] | None = None,
+                       base_dir: Path | None = None) -> list[Path]:
+    """Write the plan as a YAML LLaMA-Factory launches as written: its first line the launch command (GPU count),
+    the engine's keys, and for a ZeRO plan a DeepSpeed JSON beside it unless the base's JSON (found as written or
+    in `base_dir`) already says the plan's stage and offload. Refused (ConfigError, nothing written) when
+    LLaMA-Factory would reject the result. Returns the files written."""
+    import json
+
+    import yaml
+
+    ds_file, current = None, (base or {}).get("deepspeed")
+    if train.sharding.is_deepspeed:
+        try:
+            got = read_deepspeed(str(current), base_dir or Path.cwd()) if current else {}
+        except ConfigError:
+            got = {}
+        same = got.get("sharding") is train.sharding and got.get("offload", Offload.NONE) is train.offload
+        if not same:
+            ds_file = path.with_name(f"{path.stem}.ds_{train.sharding.value}.json")
+    data = llamafactory_yaml(spec, train, base, deepspeed=str(ds_file) if ds_file else None)
+    if problems := rejections(data, train):
+        raise ConfigError(f"nothing written to {path}: " + "; ".join(problems))
+    text = launch_line(train, str(path)) + "\n" + yaml.safe_dump(data, sort_keys=False)
+    written = []
+    try:
+        if ds_file is not None:
+            ds_file.write_text(json.dumps(deepspeed_config(train, spec.hidden_size, auto_batch=True), indent=2)
+                               + "\n")
+            written.append(ds_file)
+        path.write_text(text)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror}") from None
+    return [*written, path]

@@ -130,7 +130,7 @@ def launch_line(train: TrainConfig, yaml_path: str) -> str:
     if train.gpus > 1 or train.sharding is not Sharding.NONE:
         env = "FORCE_TORCHRUN=1 " + env
     if train.nodes > 1:
-        env += "NODE_RANK=<this node> MASTER_ADDR=<node 0> "
+        env += "NODE_RANK=<rank-of-this-node> MASTER_ADDR=<host-of-node-0> "
     return f"# launch: {env}llamafactory-cli train {yaml_path}"
 
 
@@ -481,16 +481,19 @@ def write_llamafactory(spec: ModelSpec, train: TrainConfig, path: Path, base: di
 
     import yaml
 
-    ds_file, current = None, (base or {}).get("deepspeed")
+    ds_file, reuse, current = None, None, (base or {}).get("deepspeed")
     if train.sharding.is_deepspeed:
         try:
             got = read_deepspeed(str(current), base_dir or Path.cwd()) if current else {}
         except ConfigError:
             got = {}
-        same = got.get("sharding") is train.sharding and got.get("offload", Offload.NONE) is train.offload
-        if not same:
+        if got.get("sharding") is train.sharding and got.get("offload", Offload.NONE) is train.offload:
+            # reused; HF Trainer opens it from the working directory, so a JSON found beside the input YAML
+            # is named by that path
+            reuse = str(current) if Path(str(current)).is_file() else str((base_dir or Path.cwd()) / str(current))
+        else:
             ds_file = path.with_name(f"{path.stem}.ds_{train.sharding.value}.json")
-    data = llamafactory_yaml(spec, train, base, deepspeed=str(ds_file) if ds_file else None)
+    data = llamafactory_yaml(spec, train, base, deepspeed=str(ds_file) if ds_file else reuse)
     if problems := rejections(data, train):
         raise ConfigError(f"nothing written to {path}: " + "; ".join(problems))
     text = launch_line(train, str(path)) + "\n" + yaml.safe_dump(data, sort_keys=False)

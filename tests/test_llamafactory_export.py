@@ -127,9 +127,9 @@ def test_read_export_read_keeps_the_sharding_and_gpu_count(parallel, with_base, 
     reused = with_base and parallel.sharding is Sharding.ZERO3 and parallel.offload is Offload.NONE
     assert len(files) == (2 if parallel.sharding.is_deepspeed and not reused else 1)
     first = out.read_text().splitlines()[0]
-    assert first.endswith(f"NNODES={parallel.nodes} NPROC_PER_NODE={parallel.gpus_per_node} "
-                          + ("NODE_RANK=<rank-of-this-node> MASTER_ADDR=<host-of-node-0> " if parallel.nodes > 1 else "")
-                          + f"llamafactory-cli train {out}")
+    nodes = "NODE_RANK=<rank-of-this-node> MASTER_ADDR=<host-of-node-0> " if parallel.nodes > 1 else ""
+    assert first.endswith(f"NNODES={parallel.nodes} NPROC_PER_NODE={parallel.gpus_per_node} {nodes}"
+                          f"llamafactory-cli train {out}")
     assert ("FORCE_TORCHRUN=1" in first) == (parallel.gpus > 1 or parallel.sharding is not Sharding.NONE)
 
 

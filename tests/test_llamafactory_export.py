@@ -88,6 +88,15 @@ def test_sharded_yaml_without_a_count_searches_1_to_8_gpus_and_says_so(zero3_yam
     assert len({c["config"]["gpus"] for c in res["ranked"]}) > 1
 
 
+def test_estimate_of_a_sharded_yaml_without_a_count_says_it_is_one_gpu(zero3_yaml, capsys):
+    assert main(["estimate", "--config", str(zero3_yaml), "--gpus", "8"]) == 0
+    assert "names no GPU count" not in capsys.readouterr().err
+    assert main(["estimate", "--config", str(zero3_yaml), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["config"]["gpus"] == 1
+    assert "names no GPU count" in err and "estimated on 1 GPU" in err and err.count("\n") == 1
+
+
 def test_a_plain_yaml_stays_on_one_gpu(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
     path = tmp_path / "train.yaml"

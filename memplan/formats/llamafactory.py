@@ -91,16 +91,17 @@ NOT_TRAINING: tuple[tuple[str, Callable[[dict[str, Any]], bool], str], ...] = (
     ("an evaluation-only run (do_eval)", lambda r: _true(r, "do_eval"), "train/sft/workflow.py:146"),
     ("do_train is false", lambda r: _false(r, "do_train"), "train/sft/workflow.py:120 trains only if do_train"),
 )
+_FLAG_RULES = 3  # the last three: the same YAML trains with do_train: true
 
 
 def not_training(raw: dict[str, Any]) -> str | None:
     """Why LLaMA-Factory would not train with this YAML (one line), or None when it trains."""
     if _true(raw, "do_train"):
         return None
-    for what, test, source in NOT_TRAINING:
+    for i, (what, test, source) in enumerate(NOT_TRAINING):
         if test(raw):
-            return (f"not a training run: {what} (LLaMA-Factory {source}); memplan estimates training: set "
-                    "do_train: true to estimate the training of this config")
+            fix = "; set do_train: true to estimate its training" if i >= len(NOT_TRAINING) - _FLAG_RULES else ""
+            return f"not a training run: {what} (LLaMA-Factory {source}); memplan estimates training{fix}"
     return None
 
 

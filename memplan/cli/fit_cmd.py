@@ -79,8 +79,10 @@ def _check_export(export: str | None, output: str | None) -> None:
         check_format(export)
 
 
-def _plan(model: str | None, config: str | None, global_batch: int | None, knobs: dict[str, Any]) -> tuple:
-    """(spec, base, space, the YAML read or None): the one path from fit / tune options to the search."""
+def _plan(model: str | None, config: str | None, global_batch: int | None, knobs: dict[str, Any],
+          search_gpus: bool = True) -> tuple:
+    """(spec, base, space, the YAML read or None, its Pinned or None): the one path from fit / tune options to
+    the search; `search_gpus` lets a sharded YAML without a GPU count search SEARCHED_GPUS (fit, not tune)."""
     from memplan.cli.options import given, model_and_config, search_space
     from memplan.fit.pin import pin_to_config
     from memplan.spec.catalog import resolve_model
@@ -91,7 +93,7 @@ def _plan(model: str | None, config: str | None, global_batch: int | None, knobs
     pinned = None
     if lf is not None:  # the YAML pins its knobs; micro x accum (and checkpointing unless given) are searched
         pinned = pin_to_config(lf.train, space, set(typed) | ({"global_batch"} if global_batch else set()),
-                               gpus_from=lf.gpus_from)
+                               gpus_from=lf.gpus_from, search_gpus=search_gpus)
         space = pinned.space
     spec = resolve_model(model)
     if (note := spec.seq_warning(base.seq_len)) is not None:
@@ -181,7 +183,7 @@ def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: 
         raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
     if n_probes <= 0:
         raise ConfigError("--n-probes must be positive")
-    spec, base, space, lf, _ = _plan(model, config, global_batch, knobs)
+    spec, base, space, lf, _ = _plan(model, config, global_batch, knobs, search_gpus=False)
     if space.shardings is None:  # the engine the user runs (fit --gpus compares engines; probes cost real time)
         space = dataclasses.replace(space, shardings=(base.sharding,))
     usable = card.usable_bytes(margin)

@@ -24,11 +24,12 @@ class Pinned:
 
 
 def pin_to_config(written: TrainConfig, space: SearchSpace, given: set[str], *,
-                  gpus_from: str | None = None) -> Pinned:
+                  gpus_from: str | None = None, search_gpus: bool = True) -> Pinned:
     """The YAML's precision, optimizer, kernel and rank stay as written unless `given` (the knobs the user typed)
     names them; its DeepSpeed / FSDP sharding and offload unless zero / fsdp / offload are. The global batch is
     the YAML's per-device batch x accumulation x the GPU count (the largest, when several are searched) unless
-    global_batch is given. `gpus_from` says where written.gpus came from (None: the YAML did not say).
+    global_batch is given. `gpus_from` says where written.gpus came from (None: the YAML did not say);
+    `search_gpus` False (tune: probes cost real runs) keeps an unsaid count at the YAML's one GPU.
     Micro-batch x accumulation (and checkpointing unless given) are searched."""
     kw: dict[str, object] = {}
     for dim, knob, value in (("precisions", "precision", written.precision),
@@ -40,7 +41,7 @@ def pin_to_config(written: TrainConfig, space: SearchSpace, given: set[str], *,
                  f"{written.grad_accum}"
     if "gpus" in given and space.gpu_counts:
         counts, source = space.gpu_counts, "--gpus"
-    elif gpus_from is not None or written.sharding is Sharding.NONE:
+    elif gpus_from is not None or written.sharding is Sharding.NONE or not search_gpus:
         counts, source = (written.gpus,), gpus_from
     else:
         engine = "deepspeed" if written.sharding.is_deepspeed else "fsdp"

@@ -139,7 +139,8 @@ def test_read_export_read_keeps_the_sharding_and_gpu_count(parallel, with_base, 
     nodes = "NODE_RANK=<rank-of-this-node> MASTER_ADDR=<host-of-node-0> " if parallel.nodes > 1 else ""
     assert first.endswith(f"NNODES={parallel.nodes} NPROC_PER_NODE={parallel.gpus_per_node} {nodes}"
                           f"llamafactory-cli train {out}")
-    assert ("FORCE_TORCHRUN=1" in first) == (parallel.gpus > 1 or parallel.sharding is not Sharding.NONE)
+    torchrun = parallel.gpus > 1 or parallel.sharding is not Sharding.NONE
+    assert ("FORCE_TORCHRUN=1" in first) == torchrun and ("CUDA_VISIBLE_DEVICES=0" in first) == (not torchrun)
 
 
 def test_export_without_config_is_a_complete_sft_config_with_the_hub_id(tmp_path, capsys):

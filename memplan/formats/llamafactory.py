@@ -72,8 +72,6 @@ _FSDP = {"full_shard": Sharding.FULL_SHARD, "shard_grad_op": Sharding.SHARD_GRAD
          "hybrid_shard": Sharding.HYBRID_SHARD, "no_shard": Sharding.NO_SHARD}
 
 
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LlamaFactoryConfig:
     """What memplan read from the YAML, and the YAML itself (`raw`, every key as written)."""

@@ -73,12 +73,17 @@ def launch_world(env: Mapping[str, str]) -> tuple[int, int] | None:
     return values[0] * values[1], values[1]
 
 
+def distributed(t: TrainConfig) -> bool:
+    """Launched under torchrun (HF's ParallelMode.DISTRIBUTED): several GPUs, or DeepSpeed / FSDP on one."""
+    return t.gpus > 1 or t.sharding is not Sharding.NONE
+
+
 def launch_line(train: TrainConfig, yaml_path: str) -> str:
-    """The command that runs an exported YAML on the plan's GPUs: FORCE_TORCHRUN for DeepSpeed or several GPUs
-    (parser.py:353-354 refuses DeepSpeed outside torchrun), NPROC_PER_NODE x NNODES ranks (launcher.py:64-66)."""
+    """The command that runs an exported YAML on the plan's GPUs: torchrun (FORCE_TORCHRUN) with NPROC_PER_NODE x
+    NNODES ranks (launcher.py:60-66) when distributed, since parser.py:353-354 refuses DeepSpeed outside it; one
+    visible GPU otherwise, or the launcher would start torchrun over every GPU of the machine (launcher.py:61)."""
     env = f"NNODES={train.nodes} NPROC_PER_NODE={train.gpus_per_node} "
-    if train.gpus > 1 or train.sharding is not Sharding.NONE:
-        env = "FORCE_TORCHRUN=1 " + env
+    env = ("FORCE_TORCHRUN=1 " if distributed(train) else "CUDA_VISIBLE_DEVICES=0 ") + env
     if train.nodes > 1:
         env += "NODE_RANK=<rank-of-this-node> MASTER_ADDR=<host-of-node-0> "
     return f"# launch: {env}llamafactory-cli train {yaml_path}"
@@ -115,11 +120,12 @@ REJECTED: tuple[tuple[Callable[[dict[str, Any], TrainConfig], bool], str, str], 
      "hparams/parser.py:409-410"),
     (lambda y, t: bool(y.get("deepspeed")) and (_true(y, "use_galore") or _true(y, "use_apollo")),
      "use_galore / use_apollo are incompatible with DeepSpeed", "hparams/parser.py:400-401"),
-    (lambda y, t: t.gpus > 1 and (_true(y, "use_galore") and _true(y, "galore_layerwise")
-                                  or _true(y, "use_apollo") and _true(y, "apollo_layerwise")),
-     "layer-wise GaLore / APOLLO cannot train on several GPUs", "hparams/parser.py:388-392"),
-    (lambda y, t: t.gpus > 1 and _true(y, "use_badam") and (y.get("badam_mode", "layer") == "ratio" or not _zero3(t)),
-     "use_badam on several GPUs needs badam_mode layer and DeepSpeed ZeRO-3", "hparams/parser.py:394-398"),
+    (lambda y, t: distributed(t) and (_true(y, "use_galore") and _true(y, "galore_layerwise")
+                                      or _true(y, "use_apollo") and _true(y, "apollo_layerwise")),
+     "layer-wise GaLore / APOLLO cannot train under torchrun", "hparams/parser.py:388-392"),
+    (lambda y, t: distributed(t) and _true(y, "use_badam") and (y.get("badam_mode", "layer") == "ratio"
+                                                               or not _zero3(t)),
+     "use_badam under torchrun needs badam_mode layer and DeepSpeed ZeRO-3", "hparams/parser.py:394-398"),
     (lambda y, t: _true(y, "fp8") and y.get("quantization_bit") is not None,
      "fp8 is not compatible with quantization_bit", "hparams/parser.py:403-404"),
     (lambda y, t: y.get("quantization_bit") not in (None, 4) and (_zero3(t) or fsdp_on(t)),

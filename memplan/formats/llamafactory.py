@@ -282,8 +282,17 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None,
 
 # ---- writing --------------------------------------------------------------------------------------------------
 def allowed(spec: ModelSpec, base: dict[str, Any] | None) -> Callable[[TrainConfig], bool]:
-    """For fit: a candidate whose export over `base` LLaMA-Factory accepts."""
-    return lambda t: not rejections(llamafactory_yaml(spec, t, base, deepspeed="ds.json"), t)
+    """For fit: a candidate whose export over `base` LLaMA-Factory accepts. The rules read only the precision,
+    method, engine and whether it is distributed, so each such combination is judged once (a search has up to
+    200,000 candidates)."""
+    seen: dict[tuple[object, ...], bool] = {}
+
+    def accept(t: TrainConfig) -> bool:
+        key = (t.precision, t.method, t.quant_bits, t.sharding, t.offload, t.gpus > 1)
+        if key not in seen:
+            seen[key] = not rejections(llamafactory_yaml(spec, t, base, deepspeed="ds.json"), t)
+        return seen[key]
+    return accept
 
 
 def _hub_id(spec: ModelSpec) -> str:

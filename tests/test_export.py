@@ -85,7 +85,7 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
 @pytest.mark.parametrize(("extra", "named"), [
     ({"stage": "dpo"}, ["stage=dpo"]),
     ({"use_galore": True, "enable_liger_kernel": True}, ["use_galore=true", "enable_liger_kernel=true"]),
-    ({"use_reentrant_gc": True, "do_eval": True}, ["use_reentrant_gc=true", "do_eval=true"]),
+    ({"use_reentrant_gc": True, "do_train": True, "do_eval": True}, ["use_reentrant_gc=true", "do_eval=true"]),
     ({"stage": "sft", "use_galore": False, "double_quantization": True}, []),  # values memplan models
 ])
 def test_llamafactory_keys_that_are_not_modelled_are_named(extra, named, tmp_path, capsys):

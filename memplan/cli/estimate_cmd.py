@@ -51,6 +51,9 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
 
     model, lf = model_and_config(model, config)
     train = train_config(given(knobs), lf.train if lf else None, command="estimate")
+    if lf is not None and lf.gpus_from is None and "gpus" not in given(knobs) and train.sharding.value != "none":
+        warnings.warn(f"--config {config}: it shards ({train.sharding.value}) but names no GPU count (no --gpus, "
+                      "NPROC_PER_NODE or launch line): estimated on 1 GPU; give --gpus N", stacklevel=1)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
     if (note := spec.seq_warning(train.seq_len)) is not None:
         warnings.warn(note, stacklevel=1)

@@ -79,8 +79,10 @@ def _check_export(export: str | None, output: str | None) -> None:
         check_format(export)
 
 
-def _plan(model: str | None, config: str | None, global_batch: int | None, knobs: dict[str, Any]) -> tuple:
-    """(spec, base, space, the YAML read or None): the one path from fit / tune options to the search."""
+def _plan(model: str | None, config: str | None, global_batch: int | None, knobs: dict[str, Any],
+          search_gpus: bool = True) -> tuple:
+    """(spec, base, space, the YAML read or None, its Pinned or None): the one path from fit / tune options to
+    the search; `search_gpus` lets a sharded YAML without a GPU count search SEARCHED_GPUS (fit, not tune)."""
     from memplan.cli.options import given, model_and_config, search_space
     from memplan.fit.pin import pin_to_config
     from memplan.spec.catalog import resolve_model
@@ -88,14 +90,17 @@ def _plan(model: str | None, config: str | None, global_batch: int | None, knobs
     model, lf = model_and_config(model, config)
     typed = given(knobs)
     base, space = search_space(typed, lf.train if lf else None, global_batch)
+    pinned = None
     if lf is not None:  # the YAML pins its knobs; micro x accum (and checkpointing unless given) are searched
-        space = pin_to_config(lf.train, space, set(typed) | ({"global_batch"} if global_batch else set()))
+        pinned = pin_to_config(lf.train, space, set(typed) | ({"global_batch"} if global_batch else set()),
+                               gpus_from=lf.gpus_from, search_gpus=search_gpus)
+        space = pinned.space
     spec = resolve_model(model)
     if (note := spec.seq_warning(base.seq_len)) is not None:
         import warnings
 
         warnings.warn(note, stacklevel=1)
-    return spec, base, space, lf
+    return spec, base, space, lf, pinned
 
 
 def _fit(gpu: str, model: str | None, config: str | None, global_batch: int | None, margin: float, top: int,
@@ -108,31 +113,45 @@ def _fit(gpu: str, model: str | None, config: str | None, global_batch: int | No
 
     if top < 0:
         raise ConfigError(f"--top must be 0 or more, got {top}")
-    spec, base, space, lf = _plan(model, config, global_batch, knobs)
+    spec, base, space, lf, pinned = _plan(model, config, global_batch, knobs)
     card = resolve_gpu(gpu)
-    written = lf.train.with_(gpus=base.gpus, nodes=base.nodes) if lf else None
+    written = lf.train.with_(gpus=pinned.gpus, nodes=base.nodes) if lf and pinned else None
+    accept = None
+    if lf is not None or export == "llamafactory":  # never rank what LLaMA-Factory would refuse to launch
+        from memplan.formats.llamafactory import allowed, sft_template
+
+        accept = allowed(spec, lf.raw if lf else sft_template())
     with render.search_progress() as progress:
-        res = run_fit(spec, base, card, space, margin=margin, as_written=written, on_progress=progress)
+        res = run_fit(spec, base, card, space, margin=margin, as_written=written, on_progress=progress,
+                      accept=accept)
     if exact:
         res = recheck_exact(res, top=min(top, 3))
-    _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None)
+    files = _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None, config)
     if json_out:
         extra = {"as_written": render.candidate_json(res.as_written, spec)} if res.as_written else {}
-        render.emit_json({**render.fit_json(res), **extra})
+        notes = {"gpu_note": pinned.note} if pinned and pinned.note else {}
+        render.emit_json({**render.fit_json(res), **extra, **notes, "exported": [str(f) for f in files]})
     else:
+        if pinned is not None and pinned.note:
+            render.note(pinned.note)
         if res.as_written is not None:
             render.print_as_written(res.as_written, res, config)
         render.print_fit(res, top)
+    render.print_export(export, output, files, res.best.train if res.best else None)
     raise typer.Exit(int(ExitCode.OK if res.fits else ExitCode.DOES_NOT_FIT))
 
 
-def _export(export: str | None, output: str | None, spec: Any, train: Any, base: dict | None) -> None:
+def _export(export: str | None, output: str | None, spec: Any, train: Any, base: dict | None,
+            config: str | None) -> list:
+    """The files written for --export (none when nothing fits)."""
     if export and output and train is not None:
         from pathlib import Path
 
         from memplan.formats.plan import write_plan
 
-        write_plan(export, spec, train, Path(output), base=base)
+        return write_plan(export, spec, train, Path(output), base=base,
+                          base_dir=Path(config).parent if config else None)
+    return []
 
 
 def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: int | None, margin: float,
@@ -164,7 +183,7 @@ def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: 
         raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
     if n_probes <= 0:
         raise ConfigError("--n-probes must be positive")
-    spec, base, space, lf = _plan(model, config, global_batch, knobs)
+    spec, base, space, lf, _ = _plan(model, config, global_batch, knobs, search_gpus=False)
     if space.shardings is None:  # the engine the user runs (fit --gpus compares engines; probes cost real time)
         space = dataclasses.replace(space, shardings=(base.sharding,))
     usable = card.usable_bytes(margin)
@@ -174,9 +193,10 @@ def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: 
     progress = None if json_out else render.print_trial
     res = run_tune(spec, base, card, lambda t: probe(spec, t, popts), space=space, usable_bytes=usable,
                    device=device, storage=storage, n_probes=n_probes, timeout_s=timeout, on_trial=progress)
-    _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None)
+    files = _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None, config)
     if json_out:
         render.emit_json(render.tune_json(res, spec))
     else:
         render.print_tune(res, spec, card)
+    render.print_export(export, output, files, res.best.train if res.best else None)
     raise typer.Exit(int(ExitCode.OK if res.best else ExitCode.DOES_NOT_FIT))

@@ -209,7 +209,9 @@ def model_and_config(model: str | None, config: str | None) -> tuple[str, Any]:
         if model is None:
             raise ConfigError("give --model NAME (or --config train.yaml)")
         return model, None
-    lf = read_llamafactory(config)
+    import os
+
+    lf = read_llamafactory(config, env=os.environ)  # LLaMA-Factory's launcher reads NPROC_PER_NODE / NNODES
     return model or lf.model, lf
 
 

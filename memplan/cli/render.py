@@ -200,6 +200,26 @@ def print_fit(res: FitResult, top: int) -> None:
         console.print("* re-checked with the exact mode (fake-tensor trace of the real model)")
 
 
+def note(text: str) -> None:
+    console.print(text, highlight=False)
+
+
+def print_export(fmt: str | None, output: str | None, files: list[Any], train: TrainConfig | None) -> None:
+    """One line on stderr about --export: what was written and how to launch it, or that nothing was."""
+    if not fmt or not output:
+        return
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not files:
+        err.print(f"memplan: nothing fits: nothing written to {output}")
+        return
+    launch = ""
+    if fmt == "llamafactory" and train is not None:
+        from memplan.formats.llamafactory import launch_line
+
+        launch = "; " + launch_line(train, output).removeprefix("# ")
+    err.print(f"memplan: wrote {', '.join(map(str, files))}{launch}")
+
+
 def table(cols: list[str]) -> Table:
     t = Table(show_header=True, header_style="bold")
     for col in cols:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from memplan.errors import ConfigError
 from memplan.fit.result import Candidate, FitResult, Suggestion, evaluate
 from memplan.fit.search import search_space
 from memplan.fit.speed import predicted_tokens_per_s
@@ -29,13 +30,18 @@ PROGRESS_EVERY = 2000  # candidates between two on_progress calls
 
 def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None = None, *,
         margin: float = DEFAULT_MARGIN, as_written: TrainConfig | None = None,
-        on_progress: Callable[[int, int], None] | None = None) -> FitResult:
+        on_progress: Callable[[int, int], None] | None = None,
+        accept: Callable[[TrainConfig], bool] | None = None) -> FitResult:
     """Rank every fitting configuration by predicted speed; when none fits, suggest the cheapest changes.
     `as_written` (a config file's own configuration) is judged too, as `FitResult.as_written`; `on_progress(done,
-    total)` hears of a long search every PROGRESS_EVERY candidates."""
+    total)` hears of a long search every PROGRESS_EVERY candidates; `accept` drops candidates the target cannot
+    run (LLaMA-Factory's refused combinations) before they are judged."""
     space = space or SearchSpace()
     usable = gpu.usable_bytes(margin)
-    configs = search_space(base, gpu, space)
+    configs = [t for t in search_space(base, gpu, space) if accept is None or accept(t)]
+    if not configs:
+        raise ConfigError("every configuration searched is one the target (LLaMA-Factory) refuses: open another "
+                          "knob (--precision, --zero / --fsdp)")
     cands = []
     for i, t in enumerate(configs, 1):
         cands.append(evaluate(spec, t, gpu, usable))

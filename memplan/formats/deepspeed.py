@@ -53,8 +53,10 @@ def read_deepspeed(ds_path: str, relative_to: Path) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(train: TrainConfig, hidden_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON HF Trainer would hand DeepSpeed for `train` (its "auto" buckets filled the same way)."""
+def deepspeed_config(train: TrainConfig, hidden_size: int, *, auto_batch: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON HF Trainer would hand DeepSpeed for `train` (its "auto" buckets filled the same way).
+    `auto_batch` (exports) leaves the batch, accumulation and precision "auto": HF Trainer fills them from its
+    arguments (transformers integrations/deepspeed.py trainer_config_process), so a retuned YAML stays consistent."""
     h = hidden_size  # HF's "auto" fill for the ZeRO-3 knobs (transformers.integrations.deepspeed)
     zero: dict[str, Any] = {"stage": int(train.sharding.value[-1]),
                             "reduce_bucket_size": train.parallel.reduce_bucket(h),
@@ -68,7 +70,10 @@ def deepspeed_config(train: TrainConfig, hidden_size: int) -> dict[str, Any]:
                            "gradient_accumulation_steps": train.grad_accum, "zero_optimization": zero,
                            "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1,
                            "wall_clock_breakdown": False}
-    if train.precision is Precision.FP16:
+    if auto_batch:
+        cfg.update(train_batch_size="auto", train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
+                   fp16={"enabled": "auto"}, bf16={"enabled": "auto"})
+    elif train.precision is Precision.FP16:
         cfg["fp16"] = {"enabled": True}
     elif train.precision in (Precision.BF16, Precision.PURE_BF16):
         cfg["bf16"] = {"enabled": True}

@@ -8,14 +8,26 @@ accumulation 1, optim adamw_torch, flash_attn auto, no bf16/fp16 (fp32), checkpo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from memplan.errors import ConfigError
-from memplan.formats.deepspeed import read_deepspeed
+from memplan.formats.deepspeed import deepspeed_config, read_deepspeed
+from memplan.formats.llamafactory_rules import (  # noqa: F401 - NOT_TRAINING, REJECTED, launch_world: public here
+    NOT_TRAINING,
+    REJECTED,
+    fsdp_on,
+    launch_from_text,
+    launch_line,
+    launch_world,
+    not_training,
+    rejections,
+)
 from memplan.spec import optimizers
 from memplan.spec.model import ModelSpec
+from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.stacks import Stack
 from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig
 
@@ -46,14 +58,19 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "use_adam_mini": (False,), "use_muon": (False,), "enable_liger_kernel": (False,), "use_unsloth": (False,),
     "use_unsloth_gc": (False,), "use_dora": (False,), "pissa_init": (False,), "additional_target": (None,),
     "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
-    "fsdp": (None, "", False), "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
+    "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
     "quantization_method": ("bnb",), "neat_packing": (False,), "rope_scaling": (None,), "shift_attn": (False,),
     "use_reentrant_gc": (False,), "upcast_layernorm": (False,), "upcast_lmhead_output": (False,),
     "resize_vocab": (False,), "do_eval": (False,), "eval_strategy": ("no",), "val_size": (0, 0.0),
     "predict_with_generate": (False,),
 }
 _PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
-               "lora_target", "freeze_trainable_layers")
+               "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config")
+# HF TrainingArguments.fsdp (transformers training_args.py FSDPOption): the sharding strategy of each option. LLaMA-
+# Factory passes it through to HF Trainer (its TrainingArguments extends Seq2SeqTrainingArguments:
+# hparams/training_args.py); examples/extras/fp8/llama3_fp8_fsdp_sft.yaml sets `fsdp: [full_shard, auto_wrap]`.
+_FSDP = {"full_shard": Sharding.FULL_SHARD, "shard_grad_op": Sharding.SHARD_GRAD_OP,
+         "hybrid_shard": Sharding.HYBRID_SHARD, "no_shard": Sharding.NO_SHARD}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +83,7 @@ class LlamaFactoryConfig:
     output_dir: str | None = None
     deepspeed: str | None = None  # path of a DeepSpeed JSON, kept as written
     not_modelled: tuple[str, ...] = ()  # `key=value` of keys that change memory and are not modelled yet
+    gpus_from: str | None = None  # where train.gpus came from (the environment, the launch line); None: not said
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
@@ -106,12 +124,32 @@ def _targets(value: Any) -> tuple[str, ...]:
     return (ALL_LINEAR,) if names in ([], ["all"]) else tuple(names)
 
 
+def _fsdp(raw: dict[str, Any]) -> dict[str, Any]:
+    """HF's `fsdp` key (a space-separated string or a list of FSDPOption) -> Parallelism fields; `offload` is
+    FSDP's CPUOffload(offload_params=True): parameters, gradients and the optimizer step on the host."""
+    value = raw.get("fsdp")
+    if value in (None, "", False, []):
+        return {}
+    options = value if isinstance(value, list) else str(value).split()
+    options = [str(o).strip().lower() for o in options]
+    strategies = [o for o in options if o in _FSDP]
+    unknown = [o for o in options if o not in (*_FSDP, "offload", "auto_wrap")]
+    if unknown or len(strategies) > 1:
+        raise ConfigError(f"fsdp {' '.join(options)!r}: memplan models one of {', '.join(_FSDP)}, with offload and "
+                          "auto_wrap")
+    if raw.get("deepspeed"):
+        raise ConfigError("fsdp and deepspeed are both set: HF Trainer runs one engine, give one")
+    out: dict[str, Any] = {"sharding": _FSDP[strategies[0]] if strategies else Sharding.FULL_SHARD}
+    if "offload" in options:
+        out["offload"] = Offload.PARAMS
+    return out
+
+
 def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     """A parsed YAML mapping -> LlamaFactoryConfig; every problem in the modelled fields is reported at once."""
     problems: list[str] = []
-    if raw.get("do_train") is False or raw.get("do_predict") is True and raw.get("do_train") is not True:
-        raise ConfigError("not a training run (do_train false or do_predict): memplan estimates training; "
-                          "set do_train: true to estimate the training of this config")
+    if (why := not_training(raw)) is not None:
+        raise ConfigError(why)
     if not raw.get("model_name_or_path"):
         problems.append("model_name_or_path is missing")
     kw: dict[str, Any] = {}
@@ -152,6 +190,8 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     if not problems:
         try:
             train = TrainConfig(**kw)
+            if parallel := _fsdp(raw):
+                train = train.with_(**parallel)
         except ConfigError as err:
             problems.extend(err.respelled(KEYS).problems)
     if problems or train is None:
@@ -200,14 +240,18 @@ def _load_yaml(text: str, where: str) -> Any:
     return yaml.safe_load(text)
 
 
-def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None) -> LlamaFactoryConfig:
+def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None,
+                      env: Mapping[str, str] | None = None) -> LlamaFactoryConfig:
     """Read a LLaMA-Factory training YAML (and the DeepSpeed JSON it names), with command-line `overrides` merged
-    over it as LLaMA-Factory does; a missing file or malformed YAML is a ConfigError (one line)."""
+    over it as LLaMA-Factory does; the GPU count comes from `env` (the launcher's NPROC_PER_NODE x NNODES) or else
+    from the launch line an export wrote. A missing file or malformed YAML is a ConfigError (one line)."""
     import yaml
 
     path = Path(path)
+    text = ""
     try:
-        raw = _load_yaml(path.read_bytes().decode("utf-8"), str(path))
+        text = path.read_bytes().decode("utf-8")
+        raw = _load_yaml(text, str(path))
     except OSError as err:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
     except UnicodeDecodeError:
@@ -223,6 +267,11 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None)
         lf = config_from_llamafactory(raw)
         if lf.deepspeed:  # the ZeRO stage and offload come from the DeepSpeed JSON the YAML names
             lf = replace(lf, train=lf.train.with_(**read_deepspeed(str(lf.deepspeed), path.parent)))
+        world, source = launch_world(env or {}), "the environment's NPROC_PER_NODE x NNODES"
+        if world is None:
+            world, source = launch_from_text(text), "the YAML's launch line"
+        if world is not None:
+            lf = replace(lf, train=lf.train.with_(gpus=world[0], nodes=world[1]), gpus_from=source)
         if lf.not_modelled:
             import warnings
 
@@ -234,8 +283,34 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
-def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A LLaMA-Factory training YAML with the plan's knobs; every other key of `base` is kept as it was, in place."""
+def allowed(spec: ModelSpec, base: dict[str, Any] | None) -> Callable[[TrainConfig], bool]:
+    """For fit: a candidate whose export over `base` LLaMA-Factory accepts. The rules read only the precision,
+    method, engine and whether it is distributed, so each such combination is judged once (a search has up to
+    200,000 candidates)."""
+    seen: dict[tuple[object, ...], bool] = {}
+
+    def accept(t: TrainConfig) -> bool:
+        key = (t.precision, t.method, t.quant_bits, t.sharding, t.offload, t.gpus > 1)
+        if key not in seen:
+            seen[key] = not rejections(llamafactory_yaml(spec, t, base, deepspeed="ds.json"), t)
+        return seen[key]
+    return accept
+
+
+def _hub_id(spec: ModelSpec) -> str:
+    """The hub id a catalog model is downloaded by (memplan's short names mean nothing to LLaMA-Factory)."""
+    from memplan.spec.catalog import find_entry
+
+    if spec.config.get("_name_or_path"):
+        return str(spec.config["_name_or_path"])
+    entry = find_entry(spec.name)
+    return entry.hf_id if entry is not None else spec.name
+
+
+def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] | None = None, *,
+                      deepspeed: str | None = None) -> dict[str, Any]:
+    """A LLaMA-Factory training YAML with the plan's knobs and engine (`deepspeed`: the JSON path for a ZeRO plan,
+    else the base's); every other key of `base` is kept as it was, in place."""
     opt = optimizers.facts(train.optimizer)
     plan: dict[str, Any] = dict(
         finetuning_type="full" if train.method is Method.FULL else
@@ -256,12 +331,77 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
         plan["quantization_bit"] = train.quant_bits
     if train.method is Method.FREEZE:
         plan["freeze_trainable_layers"] = train.freeze_trainable_layers
+    base = base or {}
+    if train.sharding.is_deepspeed:
+        plan["deepspeed"] = deepspeed or base.get("deepspeed")
+        if not plan["deepspeed"]:
+            raise ConfigError(f"a {train.sharding.value} plan needs a DeepSpeed JSON: write it with "
+                              "write_llamafactory, or pass deepspeed=PATH")
+    elif fsdp_on(train):  # transformers FSDPOption names; auto_wrap wraps each decoder layer (_no_split_modules)
+        name = next(k for k, v in _FSDP.items() if v is train.sharding)
+        plan["fsdp"] = f"{name} auto_wrap" + (" offload" if train.offload is Offload.PARAMS else "")
+        if base.get("fsdp_config") is not None:
+            plan["fsdp_config"] = base["fsdp_config"]
     owned = {*_PLAN_OWNED, *plan}
-    out = {"model_name_or_path": spec.config.get("_name_or_path") or spec.name}
-    for key, value in (base or {}).items():  # the input's order and its other keys, untouched
+    out = {"model_name_or_path": _hub_id(spec)}
+    for key, value in base.items():  # the input's order and its other keys, untouched
         if key not in owned:
             out[key] = value
         elif key in plan:
             out[key] = plan[key]
     out.update((k, v) for k, v in plan.items() if k not in out)
     return out
+
+
+# the export template of a plan without --config (the project's configs/, beside the package in a checkout)
+SFT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "templates" / "sft.yaml"
+
+
+def sft_template() -> dict[str, Any]:
+    """configs/templates/sft.yaml: a complete `sft` training config whose dataset, template and output_dir are
+    CHANGE_ME placeholders."""
+    import yaml
+
+    try:
+        return yaml.safe_load(SFT_TEMPLATE.read_text())
+    except OSError:
+        raise ConfigError(f"the export template {SFT_TEMPLATE} is missing: export from a checkout of memplan, or "
+                          "give --config train.yaml as the base") from None
+
+
+def write_llamafactory(spec: ModelSpec, train: TrainConfig, path: Path, base: dict[str, Any] | None = None,
+                       base_dir: Path | None = None) -> list[Path]:
+    """Write the plan as a YAML LLaMA-Factory launches as written: its first line the launch command (GPU count),
+    the engine's keys, and for a ZeRO plan a DeepSpeed JSON beside it unless the base's JSON (found as written or
+    in `base_dir`) already says the plan's stage and offload. Refused (ConfigError, nothing written) when
+    LLaMA-Factory would reject the result. Returns the files written."""
+    import json
+
+    import yaml
+
+    ds_file, reuse, current = None, None, (base or {}).get("deepspeed")
+    if train.sharding.is_deepspeed:
+        try:
+            got = read_deepspeed(str(current), base_dir or Path.cwd()) if current else {}
+        except ConfigError:
+            got = {}
+        if got.get("sharding") is train.sharding and got.get("offload", Offload.NONE) is train.offload:
+            # reused; HF Trainer opens it from the working directory, so a JSON found beside the input YAML
+            # is named by that path
+            reuse = str(current) if Path(str(current)).is_file() else str((base_dir or Path.cwd()) / str(current))
+        else:
+            ds_file = path.with_name(f"{path.stem}.ds_{train.sharding.value}.json")
+    data = llamafactory_yaml(spec, train, base, deepspeed=str(ds_file) if ds_file else reuse)
+    if problems := rejections(data, train):
+        raise ConfigError(f"nothing written to {path}: " + "; ".join(problems))
+    text = launch_line(train, str(path)) + "\n" + yaml.safe_dump(data, sort_keys=False)
+    written = []
+    try:
+        if ds_file is not None:
+            ds_file.write_text(json.dumps(deepspeed_config(train, spec.hidden_size, auto_batch=True), indent=2)
+                               + "\n")
+            written.append(ds_file)
+        path.write_text(text)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror}") from None
+    return [*written, path]

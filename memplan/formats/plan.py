@@ -22,16 +22,17 @@ def check_format(fmt: str) -> None:
         raise ConfigError(f"--export {fmt!r}: choose one of {'|'.join(FORMATS)}")
 
 
-def write_plan(fmt: str, spec: ModelSpec, train: TrainConfig, path: Path, base: dict[str, Any] | None = None) -> None:
-    """Write the plan in `fmt` (llamafactory | hf | json) to `path`; a LLaMA-Factory `base` YAML keeps its keys."""
+def write_plan(fmt: str, spec: ModelSpec, train: TrainConfig, path: Path, base: dict[str, Any] | None = None,
+               base_dir: Path | None = None) -> list[Path]:
+    """Write the plan in `fmt` (llamafactory | hf | json) to `path`; returns the files written. A LLaMA-Factory
+    `base` YAML (from `base_dir`) keeps its keys; without one, configs/templates/sft.yaml is the base, and a ZeRO
+    plan gets its DeepSpeed JSON beside `path`."""
     check_format(fmt)
     if fmt == "llamafactory":
-        import yaml
+        from memplan.formats.llamafactory import sft_template, write_llamafactory
 
-        from memplan.formats.llamafactory import llamafactory_yaml
-
-        text = yaml.safe_dump(llamafactory_yaml(spec, train, base), sort_keys=False)
-    elif fmt == "hf":
+        return write_llamafactory(spec, train, path, base if base is not None else sft_template(), base_dir)
+    if fmt == "hf":
         from memplan.formats.hf import hf_training_kwargs
 
         text = json.dumps(hf_training_kwargs(train), indent=2) + "\n"
@@ -41,3 +42,4 @@ def write_plan(fmt: str, spec: ModelSpec, train: TrainConfig, path: Path, base: 
         path.write_text(text)
     except OSError as err:
         raise ConfigError(f"cannot write {path}: {err.strerror}") from None
+    return [path]

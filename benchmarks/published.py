@@ -12,12 +12,15 @@ at the maximum length is then an upper bound of what the run could reach. Read t
 from __future__ import annotations
 
 import csv
+import os
 import statistics
 import sys
 from pathlib import Path
 
 from memplan.predict.estimator import estimate
 from memplan.spec.catalog import resolve_model
+from memplan.spec.packages import bitsandbytes_version
+from memplan.spec.stacks import Stack
 from memplan.spec.train import Method, Precision, TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,20 +79,47 @@ def compared_value(metric: str) -> str:
     return "peak_allocated_bytes"  # max_memory_allocated, active, or unstated 'peak memory'
 
 
-def main(path: Path) -> str:
+def stack_of(framework: str) -> Stack:
+    """The row's own training stack (memplan.spec.stacks): HF Trainer / TRL / PEFT scripts are `hf`, LLaMA-Factory is
+    `llamafactory`; torchtune and LitGPT run their own model code without peft's preparation: `reference`."""
+    f = framework.lower()
+    if "llama-factory" in f or "llamafactory" in f:
+        return Stack.LLAMAFACTORY
+    if any(k in f for k in ("hf trainer", "transformers", "trl", "peft")):
+        return Stack.HF
+    return Stack.REFERENCE
+
+
+def _quantizer_era(row: dict[str, str]) -> None:
+    """4-bit rows: whether the run's NF4 linear kept its input for backward (memplan.spec.packages): bitsandbytes
+    before 0.43.2 (July 2024) did; torchao's NF4 (torchtune) does not."""
+    keeps = "bitsandbytes" in row["quantization"].lower() and row["source_date"] < "2024-07"
+    os.environ["MEMPLAN_BITSANDBYTES_VERSION"] = "0.43.1" if keeps else "0.43.2"
+    bitsandbytes_version.cache_clear()
+
+
+def compare(path: Path) -> list[dict[str, object]]:
+    """One dict per comparable row: the row's facts, the estimate (with the row's own stack) and the error."""
     rows = {r["id"]: r for r in csv.DictReader(open(path, newline=""))}
     out = []
     for rid, (model, knobs) in ROWS.items():
         r = rows[rid]
-        bd = estimate(resolve_model(model), TrainConfig().with_(**knobs))  # type: ignore[arg-type]
+        stack = stack_of(r["framework"])
+        _quantizer_era(r)
+        bd = estimate(resolve_model(model), TrainConfig(stack=stack).with_(**knobs))  # type: ignore[arg-type]
         key = compared_value(r["metric"])
         est_gib = bd.memory_dict()[key] / 2**30
         measured = float(r["measured_gib"])
         out.append(dict(id=rid, grade=r["grade"], source=r["source_name"][:40], model=model,
                         method=knobs["method"].value, batch=knobs["batch_size"], seq=knobs["seq_len"],
                         seq_kind=r["seq_len_kind"][:30], metric=r["metric"][:50], compared=key,
-                        measured_gib=round(measured, 3), estimate_gib=round(est_gib, 3),
+                        stack=stack.value, measured_gib=round(measured, 3), estimate_gib=round(est_gib, 3),
                         error_pct=round(100 * (est_gib / measured - 1), 1)))
+    return out
+
+
+def main(path: Path) -> str:
+    out = compare(path)
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "published.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(out[0]))
@@ -99,8 +129,8 @@ def main(path: Path) -> str:
     summary = f"{len(out)} rows: median |error| {statistics.median(errs):.1f} %, worst {max(errs):.1f} %"
     lines = ["# Analytic estimate vs published GPU measurements\n", "Command: `python benchmarks/published.py`\n",
              (__doc__ or "").split("\n\n")[2].replace("\n", " ") + "\n", summary + "\n",
-             "| id | grade | source | model | method | batch | seq | seq kind | metric | compared | measured GiB "
-             "| estimate GiB | error % |", "|" + "---|" * 13]
+             "| id | grade | source | model | method | batch | seq | seq kind | metric | compared | stack "
+             "| measured GiB | estimate GiB | error % |", "|" + "---|" * 14]
     lines += ["| " + " | ".join(str(o[k]) for k in out[0]) + " |" for o in out]
     (RESULTS / "published.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -25,8 +25,15 @@ def test_lora_7b_fits_24gb_at_2048():
     assert res.fits and res.best.total_bytes <= res.usable_bytes
 
 
-def test_qlora_7b_fits_8gb_at_1024():
-    assert _fit("llama-2-7b", "8GB", Method.QLORA, seq=1024).fits
+def test_qlora_7b_at_1024_is_tight_on_8gb_and_fits_12gb():
+    """The estimate fits an 8 GB card, its QLoRA band (published QLoRA runs well above their estimates) does not:
+    tight, not fits; a 12 GB card holds the band too."""
+    from memplan.predict.breakdown import Verdict
+
+    tight = _fit("llama-2-7b", "8GB", Method.QLORA, seq=1024)
+    assert not tight.fits and tight.best_effort.verdict is Verdict.TIGHT
+    assert tight.best_effort.total_bytes <= tight.usable_bytes < tight.best_effort.breakdown.upper_bytes
+    assert _fit("llama-2-7b", "12GB", Method.QLORA, seq=1024).fits
 
 
 def test_full_70b_does_not_fit_80gb():

@@ -68,6 +68,8 @@ def estimate_json(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU |
     if gpu is not None and usable is not None:
         data["gpu"] = {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "usable_bytes": usable}
         data["fits"] = bd.verdict(usable) is Verdict.FITS
+        data["verdict"] = bd.verdict(usable).value
+        data["band"] = bd.band
     if bd.note:
         data["note"] = bd.note
     return data
@@ -108,8 +110,13 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
     if bd.host_bytes:
         console.print(f"host memory for the offloaded states: {fmt_gib(bd.host_bytes)} per node")
     if gpu is not None and usable is not None:
-        console.print(f"{_verdict(bd.verdict(usable))} on {gpu.name}: {fmt_gib(bd.total_bytes)} of "
+        console.print(f"{_verdict(bd.verdict(usable))} on {gpu.name}: {fmt_gib(bd.total_bytes)} "
+                      f"({fmt_gib(bd.upper_bytes)} with the +{100 * bd.band:.0f} % band) of "
                       f"{fmt_gib(usable)} usable ({fmt_gib(gpu.memory_bytes)} total)")
+        if bd.verdict(usable) is Verdict.TIGHT:
+            console.print("[yellow]tight: the estimate fits, but published runs have exceeded estimates like it "
+                          f"by up to +{100 * bd.band:.0f} % (benchmarks/results/band.md); probe it "
+                          "(memplan probe) before a long run[/]")
 
 
 def _describe(train: TrainConfig, spec: ModelSpec) -> str:
@@ -132,6 +139,7 @@ def _describe(train: TrainConfig, spec: ModelSpec) -> str:
 
 def candidate_json(c: Candidate, spec: ModelSpec) -> dict[str, Any]:
     return {"config": config_dict(spec, c.train), "memory": c.breakdown.memory_dict(), "fits": c.fits,
+            "verdict": c.verdict.value, "band": c.breakdown.band,
             "predicted_tokens_per_s": round(c.tokens_per_s, 1), "peak_phase": c.breakdown.phase,
             "estimate_method": c.breakdown.method}
 
@@ -143,7 +151,7 @@ def fit_json(res: FitResult) -> dict[str, Any]:
         "model": {"name": spec.name, "model_type": spec.model_type, "parameters": spec.num_parameters},
         "gpu": {"name": res.gpu.name, "memory_bytes": res.gpu.memory_bytes, "usable_bytes": res.usable_bytes},
         "margin": res.margin, "global_batch": res.global_batch, "searched": res.searched,
-        "fits": res.fits,
+        "fits": res.fits, "verdict": best.verdict.value, "band": best.breakdown.band,
         "config": config_dict(spec, best.train),
         "memory": best.breakdown.memory_dict(),
         "ranked": [candidate_json(c, spec) for c in res.ranked],
@@ -153,7 +161,8 @@ def fit_json(res: FitResult) -> dict[str, Any]:
 
 
 def _verdict(v: Verdict) -> str:
-    return f"[{'green' if v is Verdict.FITS else 'red'}]{v.value}[/]"
+    color = {Verdict.FITS: "green", Verdict.TIGHT: "yellow"}.get(v, "red")
+    return f"[{color}]{v.value}[/]"
 
 
 def print_as_written(c: Candidate, res: FitResult, path: str | None) -> None:
@@ -167,8 +176,15 @@ def print_fit(res: FitResult, top: int) -> None:
            f"effective batch {res.global_batch} · {res.searched} configurations searched"
     console.print(head)
     if res.best is None:
-        console.print(f"[red bold]does not fit[/]: the smallest configuration needs "
-                      f"{fmt_gib(res.best_effort.total_bytes)} ({_describe(res.best_effort.train, spec)})")
+        be = res.best_effort
+        if be.verdict is Verdict.TIGHT:
+            console.print(f"[yellow bold]tight[/]: nothing fits with its band; the smallest configuration needs "
+                          f"{fmt_gib(be.total_bytes)} ({fmt_gib(be.breakdown.upper_bytes)} with its "
+                          f"+{100 * be.breakdown.band:.0f} % band) ({_describe(be.train, spec)}): probe it "
+                          "(memplan fit --probe) before a long run")
+        else:
+            console.print(f"[red bold]does not fit[/]: the smallest configuration needs "
+                          f"{fmt_gib(be.total_bytes)} ({_describe(be.train, spec)})")
         rows = table(["change", "GiB", "fits", "tokens/s"])
         for s in res.suggestions:
             rows.add_row(s.change, f"{s.candidate.total_bytes / 2**30:.2f}", "yes" if s.candidate.fits else "no",
@@ -178,14 +194,15 @@ def print_fit(res: FitResult, top: int) -> None:
         return
     best = res.best
     console.print(f"[green bold]fits[/]: fastest is {_describe(best.train, spec)} — "
-                  f"{fmt_gib(best.total_bytes)}, ~{best.tokens_per_s:,.0f} tokens/s predicted")
+                  f"{fmt_gib(best.total_bytes)} ({fmt_gib(best.breakdown.upper_bytes)} with its "
+                  f"+{100 * best.breakdown.band:.0f} % band), ~{best.tokens_per_s:,.0f} tokens/s predicted")
     multi = len({c.train.gpus for c in res.ranked}) > 1 or best.train.gpus > 1
     fewest = res.fewest_gpus
     if multi and fewest is not None:
         console.print(f"fewest GPUs: {_describe(fewest.train, spec)} — {fmt_gib(fewest.total_bytes)}, "
                       f"~{fewest.tokens_per_s:,.0f} tokens/s")
     cols = ["#"] + (["GPUs", "sharding"] if multi else []) + ["micro x accum", "precision", "ckpt", "rank", "GiB",
-                                                             "headroom", "rel. speed"]
+                                                             "+band", "headroom", "rel. speed"]
     ranked = table(cols)
     for i, c in enumerate(res.ranked[:top], 1):
         dist = [str(c.train.gpus), c.train.sharding.value + (f"+{c.train.offload.value}" if c.train.offload.value
@@ -193,7 +210,8 @@ def print_fit(res: FitResult, top: int) -> None:
         ranked.add_row(f"{i}{'*' if c.breakdown.method == 'exact' else ''}", *dist,
                        f"{c.train.batch_size} x {c.train.grad_accum}", c.train.precision.value,
                        "on" if c.train.checkpointing else "off", str(c.train.lora_rank) if c.train.is_lora else "-",
-                       f"{c.total_bytes / 2**30:.2f}", f"{(res.usable_bytes - c.total_bytes) / 2**30:.2f}",
+                       f"{c.total_bytes / 2**30:.2f}", f"{c.breakdown.upper_bytes / 2**30:.2f}",
+                       f"{(res.usable_bytes - c.breakdown.upper_bytes) / 2**30:.2f}",
                        f"{c.tokens_per_s / best.tokens_per_s:.2f}")
     console.print(ranked)
     if any(c.breakdown.method == "exact" for c in res.ranked[:top]):

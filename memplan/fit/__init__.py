@@ -66,6 +66,7 @@ def recheck_exact(res: FitResult, top: int = 3) -> FitResult:
             checked.append(cand)  # DDP / ZeRO / offload: per-rank memory is analytic only
             continue
         bd = exact_estimate(res.model, cand.train)
-        checked.append(dataclasses.replace(cand, breakdown=bd, fits=bd.verdict(res.usable_bytes) is Verdict.FITS))
+        verdict = bd.verdict(res.usable_bytes)
+        checked.append(dataclasses.replace(cand, breakdown=bd, fits=verdict is Verdict.FITS, verdict=verdict))
     ranked = tuple(c for c in checked if c.fits) + res.ranked[top:]
     return dataclasses.replace(res, ranked=ranked)

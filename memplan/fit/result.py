@@ -24,9 +24,7 @@ class Candidate:
     def total_bytes(self) -> int:
         return self.breakdown.total_bytes
 
-    @property
-    def verdict(self) -> Verdict:
-        return Verdict.FITS if self.fits else Verdict.DOES_NOT_FIT
+    verdict: Verdict = Verdict.DOES_NOT_FIT  # fits = verdict is FITS: the band, too, within the card
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,5 +62,6 @@ class FitResult:
 
 def evaluate(spec: ModelSpec, train: TrainConfig, gpu: GPU, usable: int) -> Candidate:
     bd = estimate(spec, train)
-    return Candidate(train=train, breakdown=bd, fits=bd.verdict(usable) is Verdict.FITS,
+    verdict = bd.verdict(usable)
+    return Candidate(train=train, breakdown=bd, fits=verdict is Verdict.FITS, verdict=verdict,
                      tokens_per_s=predicted_tokens_per_s(spec, train, gpu))

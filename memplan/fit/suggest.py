@@ -30,7 +30,7 @@ def suggest(spec: ModelSpec, start: TrainConfig, gpu: GPU, usable: int) -> list[
         combined.update(changes[i][1])
         label = " + ".join(lbl for lbl, _ in changes[: i + 1])
         out.append(Suggestion(change=label, candidate=evaluate(spec, start.with_(**combined), gpu, usable)))
-    for n in (2, 4, 8):  # more GPUs, model states sharded (ZeRO-3 / FSDP full_shard), effective batch kept
+    for n in (2, 4, 8, 16):  # more GPUs, model states sharded (ZeRO-3 / FSDP full_shard), effective batch kept
         per_rank = start.effective_batch // n
         micro = min(start.batch_size, per_rank)
         if per_rank and start.effective_batch % n == 0 and per_rank % micro == 0:

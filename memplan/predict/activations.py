@@ -59,9 +59,14 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     w_trains = cx.trains if trains is None else trains
     quantized = lay.train.method is Method.QLORA and not name.startswith(("router", "experts"))
     if quantized and lay.train.quant_bits == 4:
-        # bitsandbytes 0.50 Linear4bit.forward (nn/modules.py L626-637): x.to(compute_dtype) is a transient,
-        # MatMul4Bit keeps only the packed weight (`ctx.tensors = (None, B)`, autograd/_functions.py L358), and
-        # the output is cast back to the input's dtype (`.to(inp_dtype)`): fp32 when the stack upcast the stream
+        # bitsandbytes Linear4bit.forward (0.50: nn/modules.py L626-637): x.to(compute_dtype), then the output is
+        # cast back to the input's dtype (`.to(inp_dtype)`): fp32 when the stack upcast the stream. MatMul4Bit
+        # keeps that compute-dtype input for backward before 0.43.2 (`ctx.tensors = (A, B)`), only the packed
+        # weight since (`(None, B)`, autograd/_functions.py L358): memplan.spec.packages
+        if lay.linear4bit_keeps_input:
+            xin = tp.cast(x, cx.c)
+            if xin.rg:
+                tp.save(xin)
         y = T(x.numel // in_f * out_f, x.width, x.rg)
     elif quantized:
         # Linear8bitLt: MatMul8bitLt is no autocast op; it keeps its input A itself (`ctx.tensors = (CAt, subA,

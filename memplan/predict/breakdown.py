@@ -7,7 +7,8 @@ from enum import Enum
 
 
 class Verdict(str, Enum):
-    FITS = "fits"
+    FITS = "fits"  # the estimate and its band are within the card
+    TIGHT = "tight"  # the estimate is, its band is not: published runs like it have exceeded such estimates
     DOES_NOT_FIT = "does not fit"
 
 
@@ -33,15 +34,24 @@ class Breakdown:
     by_module: tuple[tuple[str, int], ...] = ()  # exact mode, --by-module: live bytes at the peak by allocator
     host_bytes: int = 0  # CPU memory per node for offloaded states / parameters (ZeRO / FSDP offload)
     note: str = ""  # how it was estimated when that is not the plain analytic path (the exact-mode fallback)
+    band: float = 0.0  # how far real peaks have exceeded such estimates (memplan.predict.band)
 
     @property
     def total_bytes(self) -> int:
         """What nvidia-smi would show: reserved + context. A fits verdict compares this with the card."""
         return self.peak_reserved_bytes + self.cuda_context_bytes
 
+    @property
+    def upper_bytes(self) -> int:
+        """The total with the verdict band on top: what a run like this has reached in published measurements."""
+        return int(self.total_bytes * (1 + self.band))
+
     def verdict(self, usable_bytes: int) -> Verdict:
-        """The one fits rule: what nvidia-smi would show, within the card's usable bytes."""
-        return Verdict.FITS if self.total_bytes <= usable_bytes else Verdict.DOES_NOT_FIT
+        """The one fits rule: what nvidia-smi would show, within the card's usable bytes — with its band (fits),
+        without it (tight), or not at all."""
+        if self.upper_bytes <= usable_bytes:
+            return Verdict.FITS
+        return Verdict.TIGHT if self.total_bytes <= usable_bytes else Verdict.DOES_NOT_FIT
 
     def term(self, name: str) -> int:
         return sum(t.bytes for t in self.terms if t.name == name)
@@ -52,5 +62,5 @@ class Breakdown:
             out.setdefault(key, 0)
         out.update(peak_allocated_bytes=self.peak_allocated_bytes, peak_reserved_bytes=self.peak_reserved_bytes,
                    cuda_context_bytes=self.cuda_context_bytes, total_bytes=self.total_bytes,
-                   host_bytes=self.host_bytes)
+                   upper_bytes=self.upper_bytes, host_bytes=self.host_bytes)
         return out

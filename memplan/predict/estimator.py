@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
+from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.layout import Layout
@@ -101,7 +102,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         if train.method is Method.QLORA and train.quant_bits == 8 else ""
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
-                     host_bytes=rs.host_bytes, note=note)
+                     host_bytes=rs.host_bytes, note=note, band=band_for(train.method))
 
 
 def _activations(lay: Layout) -> tuple[int, int]:

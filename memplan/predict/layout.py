@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.spec.model import ModelSpec
+from memplan.spec.packages import linear4bit_keeps_input
 from memplan.spec.stacks import stack_facts
 from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig, resolve_attention
 
@@ -28,6 +29,7 @@ class Layout:
     lora_modules: frozenset[str]
     device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
+    linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages)
 
     @classmethod
     def of(cls, spec: ModelSpec, train: TrainConfig, device: str = "cuda") -> Layout:
@@ -53,6 +55,7 @@ class Layout:
             lora_width=trainable_width,
             lora_modules=lora,
             device=device,
+            linear4bit_keeps_input=linear4bit_keeps_input(),
             trainable_layers=spec.num_layers if full else
             (min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0),
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from memplan.errors import ConfigError, MemplanError, UnsupportedModel
+from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.estimator import estimate
@@ -91,7 +92,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable,
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
-                     method="exact")
+                     method="exact", band=band_for(train.method))
 
 
 def _analytic(spec: ModelSpec, train: TrainConfig, term: str) -> int:

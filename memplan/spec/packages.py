@@ -1,0 +1,44 @@
+"""Facts that depend on the installed version of a library the user trains with, read without importing it.
+
+bitsandbytes before 0.43.2 kept the input of every 4-bit linear for backward (`ctx.tensors = (A, B)` in
+MatMul4Bit.forward), although only the frozen weight's gradient would need it; PR #1270 ("fix QLoRA mem bug:
+delete useless buffered activation", commit 9e753741, first in 0.43.2) keeps `(None, B)`. The estimate follows the
+installed version; without bitsandbytes installed (planning on another machine) it assumes the older, larger
+behaviour, so that a QLoRA verdict errs on the safe side. MEMPLAN_BITSANDBYTES_VERSION overrides the lookup (for
+judging published runs of a known era).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+BNB_DROPS_4BIT_INPUT = (0, 43, 2)
+
+
+def _parse(text: str) -> tuple[int, ...] | None:
+    parts = []
+    for piece in text.strip().split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or None
+
+
+@cache
+def bitsandbytes_version() -> tuple[int, ...] | None:
+    if text := os.environ.get("MEMPLAN_BITSANDBYTES_VERSION"):
+        return _parse(text)
+    from importlib import metadata
+
+    try:
+        return _parse(metadata.version("bitsandbytes"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def linear4bit_keeps_input() -> bool:
+    """Does bitsandbytes' MatMul4Bit keep its input for backward? (see the module docstring)"""
+    version = bitsandbytes_version()
+    return version is None or version < BNB_DROPS_4BIT_INPUT

@@ -85,8 +85,10 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
 @pytest.mark.parametrize(("extra", "named"), [
     ({"stage": "dpo"}, ["stage=dpo"]),
     ({"use_galore": True, "enable_liger_kernel": True}, ["use_galore=true", "enable_liger_kernel=true"]),
-    ({"use_reentrant_gc": True, "do_train": True, "do_eval": True}, ["use_reentrant_gc=true", "do_eval=true"]),
+    ({"upcast_layernorm": True, "do_train": True, "predict_with_generate": True},
+     ["upcast_layernorm=true", "predict_with_generate=true"]),
     ({"stage": "sft", "use_galore": False, "double_quantization": True}, []),  # values memplan models
+    ({"use_reentrant_gc": True, "do_train": True, "do_eval": True}, []),  # the llamafactory stack; the eval phase
 ])
 def test_llamafactory_keys_that_are_not_modelled_are_named(extra, named, tmp_path, capsys):
     """A key that changes memory is modelled or named in one warning line, never silently ignored."""

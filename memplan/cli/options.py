@@ -58,6 +58,8 @@ KNOBS = {k.name: k for k in (
     Knob("zero", "DeepSpeed ZeRO stage 0|1|2|3 (0 = plain DDP)"),
     Knob("fsdp", "full_shard|shard_grad_op|hybrid_shard|no_shard"),
     Knob("offload", f"{_choices(Offload)} (CPU offload; fit: a list to search)", listable=True),
+    Knob("eval_batch_size", "evaluation during training: the eval micro-batch (per_device_eval_batch_size; "
+                            "default 0 = no evaluation)"),
     Knob("stack", f"{_choices(Stack)}: the training stack's own model preparation (default hf; a LLaMA-Factory "
                   "--config: llamafactory)"),
 )}

@@ -61,6 +61,7 @@ def estimate_json(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU |
         "config": config_dict(spec, train),
         "memory": bd.memory_dict(),
         "peak_phase": bd.phase,
+        "phases": dict(bd.phases),
         "method": bd.method,
     }
     if bd.by_module:
@@ -83,7 +84,9 @@ def breakdown_table(bd: Breakdown, *, explain: bool) -> Table:
     if explain:
         table.add_column("why")
     rows = [(t.name, t.bytes, t.explain) for t in bd.terms]
-    rows += [("peak allocated", bd.peak_allocated_bytes, f"reference-step peak, during {bd.phase}"),
+    where = f"run peak, during {bd.phase}" if bd.phase in ("load", "eval") else f"reference-step peak, during " \
+        f"{bd.phase}"
+    rows += [("peak allocated", bd.peak_allocated_bytes, where),
              ("peak reserved", bd.peak_reserved_bytes, "CUDA caching allocator at the peak"),
              ("CUDA context", bd.cuda_context_bytes, "context + cuBLAS workspace, outside the allocator"),
              ("total (nvidia-smi)", bd.total_bytes, "reserved + context: compared with the card")]
@@ -102,6 +105,11 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
     console.print(f"[bold]{spec.name}[/] ({spec.num_parameters / 1e9:.2f} B params, "
                   f"{bd.trainable_params:,} trainable) · {_describe(train, spec)}")
     console.print(breakdown_table(bd, explain=explain))
+    if bd.phases:
+        peak = bd.phase if bd.phase in ("load", "eval") else "step"
+        console.print("run phases (peak allocated): " + " · ".join(
+            f"[bold]{name} {fmt_gib(b)} (the peak)[/]" if name == peak else f"{name} {fmt_gib(b)}"
+            for name, b in bd.phases), highlight=False)
     if bd.by_module:
         rows = table(["live at the peak, allocated by", "GiB"])
         for name, nbytes in bd.by_module[:12]:

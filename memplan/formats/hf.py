@@ -18,7 +18,8 @@ from memplan.spec.train import Precision, TrainConfig
 # TrainingArguments defaults for the fields memplan reads (transformers.training_args.TrainingArguments)
 # (+ the stack: an HF Trainer run is the hf stack, memplan.spec.stacks)
 DEFAULTS: dict[str, object] = dict(batch_size=8, grad_accum=1, checkpointing=False,
-                                   optimizer=optimizers.Optimizer.ADAMW, precision=Precision.FP32, stack=Stack.HF)
+                                   optimizer=optimizers.Optimizer.ADAMW, precision=Precision.FP32, stack=Stack.HF,
+                                   eval_batch_size=0)
 
 
 def hf_training_kwargs(train: TrainConfig, output_dir: str = "output") -> dict[str, Any]:
@@ -53,6 +54,13 @@ def config_from_fields(get: Callable[[str], object | None], base: TrainConfig, w
                 changes[knob] = int(value)  # type: ignore[call-overload]
             except (TypeError, ValueError):
                 raise ConfigError(f"--{name} {value!r} {where} is not an integer") from None
+    strategy = str(getattr(get("eval_strategy"), "value", get("eval_strategy")) or "no").lower()
+    if strategy in ("steps", "epoch") or _truthy(get("do_eval") or False):  # evaluation during / after training
+        value = get("per_device_eval_batch_size")
+        try:
+            changes["eval_batch_size"] = int(value) if value is not None else 8  # TrainingArguments' default
+        except (TypeError, ValueError):
+            raise ConfigError(f"--per_device_eval_batch_size {value!r} {where} is not an integer") from None
     if (ckpt := get("gradient_checkpointing")) is not None:
         changes["checkpointing"] = _truthy(ckpt)
     if (optim := get("optim")) is not None:

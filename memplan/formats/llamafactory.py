@@ -60,10 +60,11 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
     "quantization_method": ("bnb",), "neat_packing": (False,), "rope_scaling": (None,), "shift_attn": (False,),
-    "use_reentrant_gc": (False,), "upcast_layernorm": (False,), "upcast_lmhead_output": (False,),
-    "resize_vocab": (False,), "do_eval": (False,), "eval_strategy": ("no",), "val_size": (0, 0.0),
-    "predict_with_generate": (False,),
+    "upcast_layernorm": (False,), "upcast_lmhead_output": (False,),
+    "resize_vocab": (False,), "predict_with_generate": (False,),
 }
+# use_reentrant_gc (either value) is the llamafactory stack's checkpointing (memplan.spec.stacks: both flavours
+# measured within 168 B); do_eval / eval_strategy / val_size / per_device_eval_batch_size: the eval run phase.
 _PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
                "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config")
 # HF TrainingArguments.fsdp (transformers training_args.py FSDPOption): the sharding strategy of each option. LLaMA-
@@ -145,6 +146,14 @@ def _fsdp(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _evaluates(raw: dict[str, Any]) -> bool:
+    """Evaluation during the run: HF Trainer evaluates every eval_steps / epoch unless eval_strategy is "no"
+    (transformers trainer.py _maybe_log_save_evaluate); LLaMA-Factory runs trainer.evaluate() after training when
+    do_eval is set beside do_train (src/llamafactory/train/sft/workflow.py L146, `if training_args.do_eval`)."""
+    strategy = str(raw.get("eval_strategy", raw.get("evaluation_strategy", "no"))).lower()
+    return strategy in ("steps", "epoch") or raw.get("do_eval") is True
+
+
 def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     """A parsed YAML mapping -> LlamaFactoryConfig; every problem in the modelled fields is reported at once."""
     problems: list[str] = []
@@ -184,6 +193,11 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
         problems.append(f"lora_dropout must be a number in [0, 1), got {raw['lora_dropout']!r}")
     kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
     kw["stack"] = Stack.LLAMAFACTORY  # its own model preparation (memplan.spec.stacks)
+    if _evaluates(raw):
+        try:
+            kw["eval_batch_size"] = int(raw.get("per_device_eval_batch_size", 8))  # HF TrainingArguments default
+        except (TypeError, ValueError):
+            problems.append(f"per_device_eval_batch_size must be an integer, got {raw['per_device_eval_batch_size']!r}")
     if raw.get("quantization_bit") is not None:
         kw["quant_bits"] = raw["quantization_bit"]
     train = None

@@ -35,6 +35,7 @@ class Breakdown:
     host_bytes: int = 0  # CPU memory per node for offloaded states / parameters (ZeRO / FSDP offload)
     note: str = ""  # how it was estimated when that is not the plain analytic path (the exact-mode fallback)
     band: float = 0.0  # how far real peaks have exceeded such estimates (memplan.predict.band)
+    phases: tuple[tuple[str, int], ...] = ()  # the run's phases (load, step, eval) and each one's peak allocated
 
     @property
     def total_bytes(self) -> int:

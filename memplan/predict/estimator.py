@@ -90,10 +90,14 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         "backward end": base + rs.backward_bucket_bytes + (0 if train.grad_accum > 1 else st.gradients_bytes)
         + _tied_embedding_extra(lay),
     }
+    run = _run_phases(lay, st, st.weights_bytes + st.optimizer_states_bytes + comm, ac=st.autocast_cache_bytes)
+    phases = (("load", run["load"]), ("step", max(moments.values()))) + \
+        ((("eval", run["eval"]),) if "eval" in run else ())
+    moments.update(run)
     phase = max(moments, key=moments.__getitem__)
     peak = moments[phase]
     phase = phase.split()[0]  # "backward end" is a backward moment
-    ac = st.autocast_cache_bytes if phase == "forward" else ac_backward
+    ac = st.autocast_cache_bytes if phase in ("forward", "eval") else 0 if phase == "load" else ac_backward
     terms = _terms(lay, st, acts, ac, phase, peak, rs)
     reserved, context = cuda_overheads(peak)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
@@ -102,7 +106,30 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         if train.method is Method.QLORA and train.quant_bits == 8 else ""
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
-                     host_bytes=rs.host_bytes, note=note, band=band_for(train.method))
+                     host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases)
+
+
+def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, int]:
+    """The run's other moments (issue 17, whole-run peak): model load, and evaluation during training.
+
+    load: the weights, plus the largest tensor's half copy in flight as it is cast or quantized (transformers 5
+      from_pretrained fills meta parameters tensor by tensor; bitsandbytes quantizes each half weight on its way in;
+      LLaMA-Factory's cast_trainable_params_to_fp32 and peft's k-bit upcast replace one parameter at a time:
+      `param.data = param.data.to(torch.float32)`), before any optimizer state exists.
+    eval: HF Trainer's prediction_step after an optimizer step (states alive, gradients freed by zero_grad): a
+      no-grad forward of `eval_batch_size` sequences under the same autocast (whose weight cache still fills: it
+      caches leaf tensors that require grad, whatever the grad mode), nothing saved for backward, the peak at the
+      loss: the (B, S, V) logits, their fp32 upcast and log-probs (transformers loss_utils ForCausalLMLoss).
+    """
+    s, tr = lay.spec, lay.train
+    widest = max([s.vocab_size * s.hidden_size] + [lin.in_features * lin.out_features for lin in s.layer_linears()])
+    out = {"load": st.weights_bytes + 2 * widest}
+    if tr.eval_batch_size:
+        head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
+        hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states
+        out["eval"] = base + ac + hidden + head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + \
+            head.softcap_bytes
+    return out
 
 
 def _activations(lay: Layout) -> tuple[int, int]:
@@ -192,6 +219,18 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if opt.foreach_copy else "step"
         terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                           explain=f"optimizer.step() temporaries ({step})"))
+        return tuple(terms)
+    if phase in ("load", "eval"):
+        if phase == "load":  # no optimizer state yet
+            terms[1] = Term(name="optimizer_states", bytes=0, explain="not created before the first step")
+        cast = f"autocast half copies of fp32 weights {ac:,} B" if ac else "none saved (no grad)"
+        terms += [Term(name="gradients", bytes=0, explain="freed by zero_grad(set_to_none=True)" if phase == "eval"
+                       else "none before the first step"),
+                  Term(name="activations", bytes=ac, explain=cast)]
+        what = (f"evaluation: a no-grad forward of {tr.eval_batch_size} x {tr.seq_len} tokens, its logits, fp32 "
+                "upcast and log-probs at the loss") if phase == "eval" else \
+            "model load: the largest tensor in flight as it is cast or quantized"
+        terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms), explain=what))
         return tuple(terms)
     ckpt = "checkpointed layer inputs (B x S x hidden each)" if tr.checkpointing else \
         "tensors saved for backward by every decoder layer (tape program)"

@@ -57,6 +57,9 @@ class TrainConfig:
     parallel: Parallelism = Parallelism()  # ranks, nodes, sharding, offload (memplan.spec.parallel)
     # the training stack (memplan.spec.stacks): hf unless the input names one (a LLaMA-Factory YAML: llamafactory)
     stack: Stack = Stack.HF
+    # evaluation during training (HF Trainer / LLaMA-Factory do_eval, val_size, eval_strategy): the eval micro-batch
+    # (per_device_eval_batch_size), 0 for none. A no-grad forward of that batch after a step: a run phase
+    eval_batch_size: int = 0
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []
@@ -64,6 +67,10 @@ class TrainConfig:
             problems += positive_int(name, getattr(self, name))
         if self.lora_alpha is not None:
             problems += positive_int("lora_alpha", self.lora_alpha)
+        if not isinstance(self.eval_batch_size, int) or isinstance(self.eval_batch_size, bool) or \
+                self.eval_batch_size < 0:
+            problems.append(Problem("eval_batch_size", f"{{}} must be 0 (no evaluation) or a positive integer, got "
+                                                       f"{self.eval_batch_size!r}"))
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             problems.append(Problem("lora_dropout", f"{{}} must be in [0, 1), got {self.lora_dropout!r}"))
         if self.quant_bits not in (4, 8):

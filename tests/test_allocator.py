@@ -216,3 +216,15 @@ def test_replay_matches_the_calls():
     st = replay(events)
     assert (st.peak_reserved_bytes, st.fragmentation_bytes, st.peak_requested_bytes) == (38 * MIB, 12 * MIB,
                                                                                          26 * MIB)
+
+
+def test_fragmentation_is_the_least_unused_at_the_peak():
+    """The reserved peak stands until reserved grows again ([1.14] L1619-1623 is the only place it grows); a later
+    request served from the cache at that peak (L1484-1510) lowers the fragmentation counted there."""
+    a = Allocator()
+    x = a.malloc(12 * MIB)
+    a.malloc(12 * MIB)
+    a.free(x)
+    a.malloc(14 * MIB)
+    a.malloc(11 * MIB)  # fits the cached 12 MiB block (remainder 1 MiB, not split): 38 MiB allocated at 38 reserved
+    assert a.stats.fragmentation_bytes == 0

@@ -82,7 +82,7 @@ def breakdown_table(bd: Breakdown, *, explain: bool) -> Table:
         table.add_column("why")
     rows = [(t.name, t.bytes, t.explain) for t in bd.terms]
     rows += [("peak allocated", bd.peak_allocated_bytes, f"reference-step peak, during {bd.phase}"),
-             ("peak reserved", bd.peak_reserved_bytes, "CUDA caching allocator at the peak"),
+             ("peak reserved", bd.peak_reserved_bytes, bd.reserved_explain or "CUDA caching allocator at the peak"),
              ("CUDA context", bd.cuda_context_bytes, "context + cuBLAS workspace, outside the allocator"),
              ("total (nvidia-smi)", bd.total_bytes, "reserved + context: compared with the card")]
     top = max(bd.total_bytes, 1)

@@ -53,14 +53,15 @@ class ReplayStats:
     reserved_bytes: int  # memory_reserved() now
     peak_allocated_bytes: int  # max_memory_allocated()
     peak_reserved_bytes: int  # max_memory_reserved()
-    allocated_at_peak_reserved_bytes: int  # allocated right after the malloc that set the reserved peak
+    allocated_at_peak_reserved_bytes: int  # the most allocated while reserved stood at its peak
     peak_requested_bytes: int  # the peak of the bytes asked for (unrounded): the live-bytes peak
     segments: int  # cudaMalloc'd segments held now (expandable segments: 0)
     num_alloc_retries: int  # mallocs that had to release cached blocks and retry
 
     @property
     def fragmentation_bytes(self) -> int:
-        """Reserved but not allocated at the reserved peak: rounding, split remainders, cached free blocks."""
+        """Reserved but not allocated at the reserved peak (its least, while reserved stood there): rounding, split
+        remainders, cached blocks no request fitted."""
         return self.peak_reserved_bytes - self.allocated_at_peak_reserved_bytes
 
 
@@ -124,6 +125,8 @@ class Allocator:
         self.peak_requested = max(self.peak_requested, self.requested)
         if self.reserved > self.peak_reserved:  # reserved only grows inside malloc: its peak is seen here
             self.peak_reserved, self.allocated_at_peak = self.reserved, self.allocated
+        elif self.reserved == self.peak_reserved:  # still at the peak: the most of it in use
+            self.allocated_at_peak = max(self.allocated_at_peak, self.allocated)
         self._live[self._handles] = (block, nbytes)
         return self._handles
 

@@ -25,7 +25,7 @@ class Breakdown:
 
     terms: tuple[Term, ...]
     peak_allocated_bytes: int
-    peak_reserved_bytes: int  # what the CUDA caching allocator holds at the peak
+    peak_reserved_bytes: int  # max_memory_reserved: what the CUDA caching allocator holds (predict/allocator.py)
     cuda_context_bytes: int  # CUDA context + cuBLAS workspace, outside the allocator
     phase: str  # forward / backward / optimizer: where the peak happens
     trainable_params: int
@@ -33,6 +33,9 @@ class Breakdown:
     by_module: tuple[tuple[str, int], ...] = ()  # exact mode, --by-module: live bytes at the peak by allocator
     host_bytes: int = 0  # CPU memory per node for offloaded states / parameters (ZeRO / FSDP offload)
     note: str = ""  # how it was estimated when that is not the plain analytic path (the exact-mode fallback)
+    fragmentation_bytes: int = 0  # exact mode: reserved but unallocated at the reserved peak (its least, while
+    # reserved stood there; predict/allocator.py ReplayStats.fragmentation_bytes)
+    reserved_explain: str = ""  # how peak_reserved_bytes was obtained
 
     @property
     def total_bytes(self) -> int:
@@ -52,5 +55,5 @@ class Breakdown:
             out.setdefault(key, 0)
         out.update(peak_allocated_bytes=self.peak_allocated_bytes, peak_reserved_bytes=self.peak_reserved_bytes,
                    cuda_context_bytes=self.cuda_context_bytes, total_bytes=self.total_bytes,
-                   host_bytes=self.host_bytes)
+                   host_bytes=self.host_bytes, fragmentation_bytes=self.fragmentation_bytes)
         return out

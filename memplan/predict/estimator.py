@@ -92,7 +92,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     phase = phase.split()[0]  # "backward end" is a backward moment
     ac = st.autocast_cache_bytes if phase == "forward" else ac_backward
     terms = _terms(lay, st, acts, ac, phase, peak, rs)
-    reserved, context = cuda_overheads(peak)
+    reserved, context = cuda_overheads(peak, lay, st)
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
                      host_bytes=rs.host_bytes)

@@ -124,8 +124,14 @@ def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, b
         g_prev = p.new(hidden)
         p.free(g_x, *keep)
         g_x = g_prev
-    if lay.full:
-        grads.append(p.new(s.vocab_size * s.hidden_size * lay.trainable_width))  # the embedding's gradient
+    if lay.full:  # the embedding's dense gradient; tied to the LM head, AccumulateGrad adds it out of place to the
+        vh = s.vocab_size * s.hidden_size * lay.trainable_width  # head's (estimator.py _tied_embedding_extra)
+        if s.tie_word_embeddings:
+            lm, g_emb = p.new(vh), p.new(vh)  # the head's gradient came first; then the embedding's
+            grads.append(p.new(vh))
+            p.free(lm, g_emb)
+        else:
+            grads.append(p.new(vh))
     p.free(g_x)
     return grads
 

@@ -77,7 +77,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
         note += "; traced at full depth (per-layer memory not linear)"
     elif full.reserved_extrapolated:  # the traced events did not deepen (depth.py _reserved): replay the real depth
         full = trace_depth(spec, traced_train, spec.num_layers, by_module)
-        note += "; traced at full depth (the allocation events of the traced depths did not extend)"
+        note += "; traced at full depth (the traced allocation events did not extend to the extrapolated peak)"
         deepened = False
     peak, weights, states, reserved = full.peak, full.weights, full.states, full.peak_reserved
     if train.method is Method.QLORA:

@@ -99,7 +99,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
                      fragmentation_bytes=frag,
                      reserved_explain="the traced allocations replayed through the caching-allocator model "
                                       f"({(reserved - peak) / 2**30:.2f} GiB over the allocated peak; "
-                                      f"{frag / 2**30:.2f} GiB unallocated when reserved last grew)"
+                                      f"at least {frag / 2**30:.2f} GiB unallocated while it stood at its peak)"
                                       + (f"; events deepened from {traces[-2].layers} and {traces[-1].layers} "
                                          "layers" if deepened else ""),
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),

@@ -87,7 +87,7 @@ def breakdown_table(bd: Breakdown, *, explain: bool) -> Table:
     where = f"run peak, during {bd.phase}" if bd.phase in ("load", "eval") else f"reference-step peak, during " \
         f"{bd.phase}"
     rows += [("peak allocated", bd.peak_allocated_bytes, where),
-             ("peak reserved", bd.peak_reserved_bytes, "CUDA caching allocator at the peak"),
+             ("peak reserved", bd.peak_reserved_bytes, bd.reserved_explain or "CUDA caching allocator at the peak"),
              ("CUDA context", bd.cuda_context_bytes, "context + cuBLAS workspace, outside the allocator"),
              ("total (nvidia-smi)", bd.total_bytes, "reserved + context: compared with the card")]
     top = max(bd.total_bytes, 1)

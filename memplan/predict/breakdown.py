@@ -26,7 +26,7 @@ class Breakdown:
 
     terms: tuple[Term, ...]
     peak_allocated_bytes: int
-    peak_reserved_bytes: int  # what the CUDA caching allocator holds at the peak
+    peak_reserved_bytes: int  # max_memory_reserved: what the CUDA caching allocator holds (predict/allocator.py)
     cuda_context_bytes: int  # CUDA context + cuBLAS workspace, outside the allocator
     phase: str  # forward / backward / optimizer: where the peak happens
     trainable_params: int
@@ -36,6 +36,9 @@ class Breakdown:
     note: str = ""  # how it was estimated when that is not the plain analytic path (the exact-mode fallback)
     band: float = 0.0  # how far real peaks have exceeded such estimates (memplan.predict.band)
     phases: tuple[tuple[str, int], ...] = ()  # the run's phases (load, step, eval) and each one's peak allocated
+    fragmentation_bytes: int = 0  # exact mode: reserved but unallocated at the reserved peak (its least, while
+    # reserved stood there; predict/allocator.py ReplayStats.fragmentation_bytes)
+    reserved_explain: str = ""  # how peak_reserved_bytes was obtained
 
     @property
     def total_bytes(self) -> int:
@@ -63,5 +66,6 @@ class Breakdown:
             out.setdefault(key, 0)
         out.update(peak_allocated_bytes=self.peak_allocated_bytes, peak_reserved_bytes=self.peak_reserved_bytes,
                    cuda_context_bytes=self.cuda_context_bytes, total_bytes=self.total_bytes,
-                   upper_bytes=self.upper_bytes, host_bytes=self.host_bytes)
+                   upper_bytes=self.upper_bytes, host_bytes=self.host_bytes,
+                   fragmentation_bytes=self.fragmentation_bytes)
         return out

@@ -1,11 +1,25 @@
-"""CUDA-only terms: caching-allocator reserve over allocated, and the context + cuBLAS workspace."""
+"""CUDA-only terms: the caching allocator's reserved memory over the live bytes, and the context + cuBLAS workspace."""
 
 from __future__ import annotations
 
+from memplan.predict.layout import Layout
+from memplan.predict.reserve import reserved_overhead
+from memplan.predict.weights import ModelStates, model_states
+
 MIB = 1024**2
+CUDA_CONTEXT_BYTES = 500 * MIB  # CUDA context + cuBLAS workspace: not yet calibrated on a GPU, see README 'Limits'
 
 
-def cuda_overheads(peak_allocated: int) -> tuple[int, int]:
-    """(peak reserved bytes, context bytes): not yet calibrated on a GPU, see README 'Limits'."""
-    reserved = int(peak_allocated * 1.05) + 2 * 20 * MIB
-    return reserved, 500 * MIB
+def cuda_overheads(peak_allocated: int, lay: Layout, st: ModelStates) -> tuple[int, int]:
+    """(peak reserved bytes, context bytes). Reserved = the live peak + the allocator's overhead on the step's
+    sketched allocation sequence (predict/reserve.py, replayed by predict/allocator.py), sketched at one and two
+    decoder layers and put on a line to the model's depth: a full-depth sketch costs ~0.1 s an estimate (a fit
+    replays hundreds), and was not closer to the exact mode's replays (benchmarks/results/allocator_catalog.md).
+    `st` is one rank's model states (sharding scales each parameter's, gradient's and state's request)."""
+    unsharded = model_states(lay).weights_bytes
+    scale = st.weights_bytes / unsharded if unsharded else 1.0
+    one = reserved_overhead(lay, st, scale, depth=1)
+    layers = lay.spec.num_layers
+    two = reserved_overhead(lay, st, scale, depth=2) if layers > 1 else one
+    overhead = one + (two - one) * (layers - 1)
+    return peak_allocated + max(overhead, 0), CUDA_CONTEXT_BYTES  # the allocator never reserves less than it hands out

@@ -99,7 +99,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     phase = phase.split()[0]  # "backward end" is a backward moment
     ac = st.autocast_cache_bytes if phase in ("forward", "eval") else 0 if phase == "load" else ac_backward
     terms = _terms(lay, st, acts, ac, phase, peak, rs)
-    reserved, context = cuda_overheads(peak)
+    reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
     note = "8-bit QLoRA: LLM.int8's backward is modelled only roughly (measured -8 ... +10 % on CPU)" \

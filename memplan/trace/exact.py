@@ -8,7 +8,7 @@ import dataclasses
 from memplan.errors import ConfigError, MemplanError, UnsupportedModel
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
-from memplan.predict.cuda import cuda_overheads
+from memplan.predict.cuda import CUDA_CONTEXT_BYTES
 from memplan.predict.estimator import estimate
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import Method, TrainConfig
@@ -72,14 +72,20 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
         raise ConfigError(f"{spec.name}: transformers cannot build or run this config on fake tensors: "
                           f"{type(err).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}") from None
     full = extrapolate(traces, spec.num_layers)
+    deepened = full is not None and traces[-1].layers < spec.num_layers
     if full is None:  # not linear in depth (mixed layer types): trace the real depth
         full = trace_depth(spec, traced_train, spec.num_layers, by_module)
         note += "; traced at full depth (per-layer memory not linear)"
-    peak, weights, states = full.peak, full.weights, full.states
+    elif full.reserved_extrapolated:  # the traced events did not deepen (depth.py _reserved): replay the real depth
+        full = trace_depth(spec, traced_train, spec.num_layers, by_module)
+        note += "; traced at full depth (the traced allocation events did not extend to the extrapolated peak)"
+        deepened = False
+    peak, weights, states, reserved = full.peak, full.weights, full.states, full.peak_reserved
     if train.method is Method.QLORA:
         delta_w = _analytic(spec, train, "weights") - _analytic(spec, traced_train, "weights")
         delta_peak = estimate(spec, train).peak_allocated_bytes - estimate(spec, traced_train).peak_allocated_bytes
         peak, weights = peak + delta_peak, weights + delta_w
+        reserved += delta_peak  # the quantized storage's own rounding is not replayed
     acts = max(full.forward_end - weights - states, 0) if full.forward_end else 0
     terms = [Term(name="weights", bytes=weights, explain="parameters and buffers of the real model" + note),
              Term(name="optimizer_states", bytes=states, explain="torch optimizer state tensors after two steps"),
@@ -88,9 +94,15 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
                   explain="live at the end of step 2's forward, beyond weights and states")]
     terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                       explain=f"the rest of the peak, during {full.phase}"))
-    reserved, context = cuda_overheads(peak)
+    frag = full.peak_reserved - full.reserved_allocated
     return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
-                     cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable,
+                     cuda_context_bytes=CUDA_CONTEXT_BYTES, phase=full.phase, trainable_params=full.trainable,
+                     fragmentation_bytes=frag,
+                     reserved_explain="the traced allocations replayed through the caching-allocator model "
+                                      f"({(reserved - peak) / 2**30:.2f} GiB over the allocated peak; "
+                                      f"at least {frag / 2**30:.2f} GiB unallocated while it stood at its peak)"
+                                      + (f"; events deepened from {traces[-2].layers} and {traces[-1].layers} "
+                                         "layers" if deepened else ""),
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
                      method="exact", band=band_for(train.method))
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memplan._imports import try_import
+from memplan.predict.allocator import replay
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
@@ -25,8 +26,13 @@ class Trace:
     forward_end: int  # live bytes when step 2's forward returned
     trainable: int  # trainable parameters
     phase: str
+    peak_reserved: int = 0  # max_memory_reserved of the step's allocations replayed through the allocator model
+    reserved_allocated: int = 0  # memory_allocated (rounded blocks) at that reserved peak
     phase_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # forward / backward / optimizer
     by_module: dict[str, int] = dataclasses.field(default_factory=dict)  # live bytes at the peak, by allocator
+    # the step's ordered (kind, storage, nbytes, stream) allocations and frees, parameters and states first
+    events: list[tuple[str, int, int, int]] = dataclasses.field(default_factory=list, repr=False, compare=False)
+    reserved_extrapolated: bool = False  # peak_reserved is a line through traced depths, not a replay
 
 
 def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: bool = False) -> Trace:
@@ -51,7 +57,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     cut = dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
     with quiet():
         model = build_model(cut, train, device="meta")  # outside the fake mode: get_peft_model / .to() fail in it
-    tracker = LiveBytes(by_owner=by_module)
+    tracker = LiveBytes(by_owner=by_module, record_events=True)
     marks: dict[str, int] = {}
     if by_module:
         _attribute_to_modules(model, tracker)
@@ -84,10 +90,16 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
             reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        events, tracker.events = tracker.events or [], None
+    # the parameters, buffers, ids and states were seeded first, one request each (as when a model is loaded and
+    # step 1 made the states), then step 2's allocations and frees in order
+    reserved = replay(events)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
                  forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
+                 peak_reserved=reserved.peak_reserved_bytes,
+                 reserved_allocated=reserved.allocated_at_peak_reserved_bytes,
                  phase_peaks=dict(tracker.phase_peaks),
-                 by_module=tracker.peak_by_owner)
+                 by_module=tracker.peak_by_owner, events=events)
 
 
 def _storage_bytes(t: Any) -> int:

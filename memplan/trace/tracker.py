@@ -1,6 +1,9 @@
 """Live tensor bytes, counted at the dispatcher: every op's outputs add their storage's bytes once; a storage's
 finalizer subtracts them. Works on real CPU tensors and on fake tensors alike.
 
+With `record_events` it keeps the ordered (kind, storage, nbytes, stream) events for a replay through the caching-
+allocator model (memplan.predict.allocator.replay): one tuple appended per allocation and per free.
+
 With `capacity_bytes` it also simulates a device of that size: an allocation that would push live bytes past it
 raises SimulatedOOM, which the probe reports exactly as a CUDA OOM (this is what makes OOM paths testable on CPU).
 """
@@ -14,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
+from memplan.predict.allocator import ALLOC, FREE
+
 OOM_MESSAGE = "memplan: simulated out of memory"
 _DEVICE = torch.ops.prim.device.default
 
@@ -25,8 +30,10 @@ class SimulatedOOM(torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") 
 class LiveBytes(TorchDispatchMode):
     """Running and peak live bytes of all storages created inside the mode (plus those seeded)."""
 
-    def __init__(self, capacity_bytes: int | None = None, by_owner: bool = False) -> None:
+    def __init__(self, capacity_bytes: int | None = None, by_owner: bool = False,
+                 record_events: bool = False) -> None:
         super().__init__()
+        self.events: list[tuple[str, int, int, int]] | None = [] if record_events else None
         self.capacity_bytes = capacity_bytes
         self.by_owner = by_owner  # attribute bytes to `owner` (a module path or a phase) and keep them at the peak
         self.owner = ""
@@ -45,6 +52,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak, self.peak_phase, self.phase_peaks = self.live, self.phase, {}
         if self.by_owner:
             self.peak_by_owner = dict(self._live_by_owner)
+        if self.events is not None:  # the replay starts over too, from the storages live now
+            self.events = [(ALLOC, key, n, 0) for key, n in self._nbytes.items()]
 
     def seed(self, tensors: Any) -> None:
         """Count tensors that exist before the mode starts (parameters, buffers, inputs)."""
@@ -65,6 +74,8 @@ class LiveBytes(TorchDispatchMode):
         owner = (self.owner or self.phase or "parameters") if self.by_owner else ""
         self._grow(storage.nbytes(), owner, check)
         self._nbytes[key], self._owner[key] = storage.nbytes(), owner
+        if self.events is not None:
+            self.events.append((ALLOC, key, storage.nbytes(), 0))
         weakref.finalize(storage, self._free, key)
 
     def _grow(self, nbytes: int, owner: str, check: bool = True) -> None:
@@ -83,6 +94,8 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         nbytes, owner = self._nbytes.pop(key, 0), self._owner.pop(key, "")
+        if self.events is not None and nbytes:
+            self.events.append((FREE, key, nbytes, 0))
         self.live -= nbytes
         if self.by_owner:
             self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) - nbytes
@@ -91,8 +104,8 @@ class LiveBytes(TorchDispatchMode):
         """FSDP frees and re-allocates gathered parameters by resizing their storage (`resize_(0)` / back)."""
         key = storage._cdata
         if key in self._nbytes:
-            owner = self._owner[key]
-            delta = int(size) - self._nbytes[key]
+            owner, old = self._owner[key], self._nbytes[key]
+            delta = int(size) - old
             if delta > 0:
                 self._grow(delta, owner)
             else:
@@ -100,6 +113,8 @@ class LiveBytes(TorchDispatchMode):
                 if self.by_owner:
                     self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + delta
             self._nbytes[key] = int(size)
+            if self.events is not None:  # FSDP's resize_(0) / resize_(n): the old block freed, one of the new size
+                self.events += ((FREE, key, old, 0), (ALLOC, key, int(size), 0))
 
     def __enter__(self) -> LiveBytes:
         original = torch.UntypedStorage.resize_

@@ -1,0 +1,147 @@
+"""Reserved memory on the analytic path: the reference step written as an ordered list of allocations and frees,
+built from the estimator's own pieces (each parameter's shape, the optimizer's states, the tape programs' saved
+tensors of one decoder layer, the LM head's tensors), replayed through the caching-allocator model.
+
+It is a sketch of the real sequence, not a copy: a layer's temporaries that die inside the layer are left out, and
+the order follows transformers' code as the exact mode's traces show it. What it contributes is the allocator's
+overhead (reserved minus the live peak of the same sequence), added to the analytic live peak; how close that comes
+to the replay of an exact trace is measured in benchmarks/results/allocator_catalog.md.
+"""
+
+from __future__ import annotations
+
+from memplan.predict.activations import _Ctx, decoder_layer, stream_width
+from memplan.predict.allocator import ALLOC, FREE, replay
+from memplan.predict.layout import Layout
+from memplan.predict.tape import T, Tape
+from memplan.predict.weights import ModelStates
+from memplan.spec.optimizers import States, facts
+from memplan.spec.train import Method
+
+FP32 = 4
+
+
+class _Program:
+    """The events being written: `new` allocates and returns an id, `free` releases one."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, int, int]] = []
+
+    def new(self, nbytes: int) -> int:
+        self.events.append((ALLOC, len(self.events), int(nbytes), 0))
+        return len(self.events) - 1
+
+    def free(self, *ids: int) -> None:
+        self.events += [(FREE, i, self.events[i][2], 0) for i in ids]
+
+
+def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None = None) -> int:
+    """Reserved minus live peak bytes of the step's sketched allocation sequence (`scale`: the fraction of each
+    parameter, gradient and state one rank holds under sharding; `depth`: sketch that many decoder layers)."""
+    p = _Program()
+    s, tr = lay.spec, lay.train
+    layers = [_layer_params(lay, i, scale) for i in range(s.num_layers if depth is None else depth)]
+    p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
+    for params in layers:  # each parameter its own request, as a model is loaded
+        for nbytes, _trains in params:
+            p.new(nbytes)
+    head = [(s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width), lay.full)]
+    if not s.tie_word_embeddings:
+        head.append((s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width),
+                     lay.full))
+    for nbytes, _trains in head:
+        p.new(nbytes)
+    trained = [n for params in layers for n, t in params if t] + [n for n, t in head if t]
+    if lay.full:
+        trained.append(s.vocab_size * s.hidden_size * scale * lay.trainable_width)  # the embedding
+    opt = facts(tr.optimizer)
+    per_state = {States.ADAM: 2, States.ADAM_FP32: 2, States.MOMENTUM: 1}.get(opt.states, 0)
+    for n in trained:  # optimizer states, per trainable tensor (8-bit / factored states: left out)
+        for _ in range(per_state):
+            p.new(n)
+    p.new(tr.batch_size * tr.seq_len * 8)  # input ids (int64)
+    grads = _forward_backward(p, lay, layers, head)
+    if opt.foreach_copy:  # foreach AdamW: _foreach_sqrt(exp_avg_sq), one copy per tensor, freed after the step
+        p.free(*[p.new(n) for n in trained])
+    p.free(*grads)
+    stats = replay(p.events)
+    return stats.peak_reserved_bytes - stats.peak_requested_bytes
+
+
+def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bool]]:
+    """(bytes, trains) of each parameter of decoder layer `index`: its linears, norms and LoRA adapters."""
+    s, tr = lay.spec, lay.train
+    trains = lay.full or (tr.method is Method.FREEZE and index >= s.num_layers - lay.trainable_layers)
+    width = lay.trainable_width if trains else lay.base_width
+    if tr.method is Method.QLORA:
+        width = tr.quant_bits / 8
+    out = [(lin.params * width * scale, trains) for lin in s.layer_linears()]
+    out += [(s.hidden_size * (lay.trainable_width if trains else lay.base_width) * scale, trains)
+            for _ in range(s.norms_per_layer)]
+    if s.is_moe:
+        out += [(lin.params * s.num_experts * width * scale, trains) for lin in s.mlp_linears()]
+    for lin in s.layer_linears():
+        if lin.name in lay.lora_modules:
+            r = tr.lora_rank
+            out += [(r * lin.in_features * lay.lora_width * scale, True),
+                    (lin.out_features * r * lay.lora_width * scale, True)]
+    return out
+
+
+def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool]]],
+                      head: list[tuple[float, bool]]) -> list[int]:
+    """Step 2's forward and backward; returns the gradients alive after it (freed by zero_grad)."""
+    s, tr = lay.spec, lay.train
+    n = tr.batch_size * tr.seq_len
+    stream, c = stream_width(lay), lay.compute_width
+    hidden = n * s.hidden_size * stream
+    saved = _layer_saved_tensors(lay, x_rg=lay.full or tr.checkpointing)
+    kept: list[list[int]] = []
+    x = p.new(hidden)  # the embedding output
+    for _ in layers:  # forward: each layer keeps its saved tensors (its input, under checkpointing)
+        kept.append([x] if tr.checkpointing else [x, *(p.new(b) for b in saved)])
+        x = p.new(hidden)
+    v = s.vocab_size
+    logits = p.new(n * v * c)  # the LM head's output, the fp32 upcast, log_softmax's saved output
+    up = p.new(n * v * FP32) if c != FP32 else logits
+    logp = p.new(n * v * FP32)
+    p.free(*{up, logits})
+    grads: list[int] = []
+    g_logp, g_up = p.new(n * v * FP32), p.new(n * v * FP32)  # backward: nll_loss, log_softmax
+    p.free(g_logp, logp)
+    g_logits = p.new(n * v * c) if c != FP32 else g_up
+    if c != FP32:
+        p.free(g_up)
+    grads += [p.new(b) for b, trains in head if trains]
+    g_x = p.new(hidden)
+    p.free(g_logits, x)
+    inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
+    for params, keep in zip(reversed(layers), reversed(kept), strict=True):
+        if tr.checkpointing:  # the layer's forward again, on its kept input
+            keep = keep + [p.new(b) for b in saved]
+        grads += [p.new(b) for b, trains in params if trains]
+        p.free(*[p.new(n * inter * c) for _ in range(3)])  # the MLP's three (B, S, I) gradients
+        g_prev = p.new(hidden)
+        p.free(g_x, *keep)
+        g_x = g_prev
+    if lay.full:  # the embedding's dense gradient; tied to the LM head, AccumulateGrad adds it out of place to the
+        vh = s.vocab_size * s.hidden_size * lay.trainable_width  # head's (estimator.py _tied_embedding_extra)
+        if s.tie_word_embeddings:
+            lm, g_emb = p.new(vh), p.new(vh)  # the head's gradient came first; then the embedding's
+            grads.append(p.new(vh))
+            p.free(lm, g_emb)
+        else:
+            grads.append(p.new(vh))
+    p.free(g_x)
+    return grads
+
+
+def _layer_saved_tensors(lay: Layout, x_rg: bool) -> list[int]:
+    """Bytes of each tensor one decoder layer saves for backward, in the order the tape program saves them."""
+    tr = lay.train
+    tape = Tape()
+    b, s = tr.batch_size, tr.seq_len
+    cx = _Ctx(tape, lay, b * s, b, s, lay.full or tr.method is Method.FREEZE, stream_width(lay))
+    x = T(b * s * lay.spec.hidden_size, stream_width(lay), x_rg)
+    decoder_layer(cx, x)
+    return [nbytes for storage, nbytes in tape.saved.items() if nbytes and storage != x.storage]  # x: kept apart

@@ -148,3 +148,19 @@ def build_optimizer(model: Any, train: TrainConfig) -> Any:
     module, name, kwargs = facts(train.optimizer).builder
     params = [p for p in model.parameters() if p.requires_grad]
     return getattr(try_import(module), name)(params, lr=1e-5, **dict(kwargs))
+
+
+def build_reference_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> Any:
+    """The frozen reference of a full / freeze DPO run, or None (LoRA disables the policy's adapters instead; the
+    reference-free losses need none): LLaMA-Factory's create_ref_model (train/trainer_utils.py L116-148) loads the
+    model again, not trainable — load_model(is_trainable=False): compute dtype, requires_grad off, eval mode."""
+    from memplan.spec.train import Stage
+
+    if train.stage is not Stage.DPO or not train.dpo_reference or train.is_lora:
+        return None
+    torch = try_import("torch")
+    transformers = try_import("transformers")
+    with torch.device(device):
+        ref = transformers.AutoModelForCausalLM.from_config(hf_config(spec, train), dtype=compute_dtype(train))
+    ref.requires_grad_(False)
+    return ref.eval()

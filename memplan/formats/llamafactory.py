@@ -29,7 +29,7 @@ from memplan.spec import optimizers
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.stacks import Stack
-from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig
+from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, Stage, TrainConfig
 
 # TrainConfig field -> the YAML key that carries it (problems are spelled with these names)
 KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size",
@@ -54,7 +54,8 @@ _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.
 # they are named in one warning line, never silently ignored. use_reentrant_gc: model_utils/checkpointing.py passes
 # it to gradient_checkpointing_enable (memplan models transformers' non-reentrant checkpoint).
 NOT_MODELLED: dict[str, tuple[object, ...]] = {
-    "stage": ("sft", "pt"), "use_galore": (False,), "use_apollo": (False,), "use_badam": (False,),
+    "stage": ("sft", "pt", "dpo"), "ref_model": (None,), "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
+    "use_galore": (False,), "use_apollo": (False,), "use_badam": (False,),
     "use_adam_mini": (False,), "use_muon": (False,), "enable_liger_kernel": (False,), "use_unsloth": (False,),
     "use_unsloth_gc": (False,), "use_dora": (False,), "pissa_init": (False,), "additional_target": (None,),
     "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
@@ -193,6 +194,9 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
         problems.append(f"lora_dropout must be a number in [0, 1), got {raw['lora_dropout']!r}")
     kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
     kw["stack"] = Stack.LLAMAFACTORY  # its own model preparation (memplan.spec.stacks)
+    if str(raw.get("stage", "sft")).lower() == "dpo":  # train/dpo/workflow.py; finetuning_args.py L593
+        kw["stage"] = Stage.DPO
+        kw["dpo_reference"] = str(raw.get("pref_loss", "sigmoid")).lower() not in ("orpo", "simpo")
     if _evaluates(raw):
         try:
             kw["eval_batch_size"] = int(raw.get("per_device_eval_batch_size", 8))  # HF TrainingArguments default

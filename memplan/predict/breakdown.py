@@ -36,6 +36,7 @@ class Breakdown:
     note: str = ""  # how it was estimated when that is not the plain analytic path (the exact-mode fallback)
     band: float = 0.0  # how far real peaks have exceeded such estimates (memplan.predict.band)
     phases: tuple[tuple[str, int], ...] = ()  # the run's phases (load, step, eval) and each one's peak allocated
+    moments: tuple[tuple[str, int], ...] = ()  # analytic: the step's moments (forward, backward, ...) and bytes
     fragmentation_bytes: int = 0  # exact mode: reserved but unallocated at the reserved peak (its least, while
     # reserved stood there; predict/allocator.py ReplayStats.fragmentation_bytes)
     reserved_explain: str = ""  # how peak_reserved_bytes was obtained

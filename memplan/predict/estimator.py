@@ -12,6 +12,8 @@ Saved activations come from the tape programs in `activations.py`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
@@ -23,7 +25,7 @@ from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import stack_facts
-from memplan.spec.train import Attention, Method, Precision, Sharding, TrainConfig
+from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
 
 FP32 = 4
 
@@ -36,6 +38,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     if not spec.analytic:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
+    if train.stage is Stage.DPO:
+        return _dpo(spec, train, device)
     lay = Layout.of(spec, train, device)
     if train.sharding.is_deepspeed and train.precision in (Precision.BF16, Precision.FP16):
         # DeepSpeed's own mixed precision: the module itself is half (no autocast, no fp32 weights on it); the
@@ -106,13 +110,61 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         if train.method is Method.QLORA and train.quant_bits == 8 else ""
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
-                     host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases)
+                     host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases,
+                     moments=tuple(moments.items()))
+
+
+def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
+    """LLaMA-Factory's DPO step (memplan.build.step.dpo_step; dpo/trainer.py L219-300): the policy runs the
+    reference step on chosen + rejected together (PairwiseDataCollatorWithPadding: 2 x micro-batch rows); then the
+    reference forward, under no_grad, while the policy's saved activations, its fp32 logits (kept in the trainer's
+    output dict) and log-probs are alive: its own fp32 logits and log_softmax (B, S, V) on top. A full / freeze run
+    also holds the reference model, a frozen copy in the compute dtype (trainer_utils.py create_ref_model)."""
+    pairs = train.with_(stage=Stage.SFT, batch_size=2 * train.batch_size)
+    policy = estimate(spec, pairs, device=device)
+    lay = Layout.of(spec, pairs, device)
+    nv = 2 * train.batch_size * train.seq_len * spec.vocab_size
+    ref_weights = 0
+    if train.dpo_reference and not train.is_lora:
+        ref_weights = spec.num_parameters * lay.compute_width + spec.head_dim // 2 * 4  # + rotary inv_freq
+    moments = {k: v + ref_weights for k, v in policy.moments}
+    # the loss head differs from cross-entropy's (logits c + fp32 upcast + log-probs): `.logits.to(torch.float32)`
+    # frees the half logits; `logits[:, :-1, :].log_softmax(-1)` runs on a non-contiguous slice, which the softmax
+    # kernels copy first (aten/src/ATen/native/SoftMax.cpp host_softmax and the CUDA log_softmax both take
+    # `input.contiguous()`): fp32 logits + that copy + the log-probs at the policy's peak
+    sft_head = nv * (lay.logits_width + (FP32 if lay.logits_width != FP32 else 0) + FP32)
+    moments["forward"] += 3 * nv * FP32 - sft_head
+    if train.dpo_reference:
+        # then the reference's forward under no_grad, while the policy's fp32 logits (kept in the trainer's output
+        # dict) and log-probs are alive: its last hidden states, fp32 logits, their contiguous copy, log-probs
+        hidden = nv // spec.vocab_size * spec.hidden_size * stream_width(lay)
+        moments["reference forward"] = moments["forward"] - nv * FP32 + hidden + 3 * nv * FP32
+    phase = max(moments, key=moments.__getitem__)
+    peak = moments[phase]
+    terms = list(policy.terms)
+    if ref_weights:
+        terms.insert(1, Term(name="reference_model", bytes=ref_weights,
+                             explain=f"frozen reference: {spec.num_parameters:,} params x {lay.compute_width} B"))
+    rest = peak - sum(t.bytes for t in terms if t.name != "transient")
+    terms = [t if t.name != "transient" else Term(
+        name="transient", bytes=rest, explain="the reference's no-grad forward: its fp32 logits and log-probs "
+                                              "beside the policy's" if phase == "reference forward" else t.explain)
+        for t in terms]
+    what = "reference" if phase == "reference forward" else phase.split()[0]
+    return dataclasses.replace(policy, terms=tuple(terms), peak_allocated_bytes=peak,
+                               peak_reserved_bytes=policy.peak_reserved_bytes + (peak - policy.peak_allocated_bytes),
+                               phase="forward" if what == "reference" else what,
+                               note=(policy.note + "; " if policy.note else "") + "DPO: chosen + rejected pairs"
+                               + (", a no-grad reference forward" if train.dpo_reference else ""),
+                               moments=tuple(moments.items()),
+                               phases=tuple((n, b + ref_weights) if n != "step" else (n, max(moments.values()))
+                                            for n, b in policy.phases))
 
 
 def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, int]:
     """The run's other moments (issue 17, whole-run peak): model load, and evaluation during training.
 
-    load: the weights, plus the largest tensor's half copy in flight as it is cast or quantized (transformers 5
+    load: the weights, plus the largest converted tensor's half copy in flight (transformers 5
       from_pretrained fills meta parameters tensor by tensor; bitsandbytes quantizes each half weight on its way in;
       LLaMA-Factory's cast_trainable_params_to_fp32 and peft's k-bit upcast replace one parameter at a time:
       `param.data = param.data.to(torch.float32)`), before any optimizer state exists.
@@ -122,8 +174,16 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
       loss: the (B, S, V) logits, their fp32 upcast and log-probs (transformers loss_utils ForCausalLMLoss).
     """
     s, tr = lay.spec, lay.train
-    widest = max([s.vocab_size * s.hidden_size] + [lin.in_features * lin.out_features for lin in s.layer_linears()])
-    out = {"load": st.weights_bytes + 2 * widest}
+    linear = max(lin.in_features * lin.out_features for lin in s.layer_linears())
+    vocab = s.vocab_size * s.hidden_size
+    # which tensors are converted on the device after loading, one at a time (the old half copy is the transient)
+    if tr.method is Method.QLORA:  # quantized on the way in; the stack may upcast the embedding and head too
+        converted = max(linear, vocab if lay.kept_width != lay.base_width else 0)
+    elif lay.trainable_width == 4 and lay.amp and tr.method in (Method.FULL, Method.FREEZE):
+        converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
+    else:
+        converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
+    out = {"load": st.weights_bytes + 2 * converted}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
         hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states

@@ -33,6 +33,13 @@ class Attention(str, Enum):
     FLASH_ATTENTION_2 = "flash_attention_2"
 
 
+class Stage(str, Enum):
+    """The training objective (LLaMA-Factory's `stage`) where it changes memory."""
+
+    SFT = "sft"  # next-token loss (pt: the same step)
+    DPO = "dpo"  # chosen + rejected in one batch, plus a no-grad reference forward (memplan.predict.estimator)
+
+
 ALL_LINEAR = "all-linear"
 
 
@@ -60,6 +67,10 @@ class TrainConfig:
     # evaluation during training (HF Trainer / LLaMA-Factory do_eval, val_size, eval_strategy): the eval micro-batch
     # (per_device_eval_batch_size), 0 for none. A no-grad forward of that batch after a step: a run phase
     eval_batch_size: int = 0
+    # DPO (LLaMA-Factory stage: dpo): each micro-batch row is a chosen + rejected pair; dpo_reference False for the
+    # reference-free losses (pref_loss orpo / simpo: finetuning_args.py use_ref_model)
+    stage: Stage = Stage.SFT
+    dpo_reference: bool = True
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []
@@ -164,7 +175,8 @@ def resolve_attention(family: Family, attn: Attention) -> Attention:
 
 # the fields whose values are choices (enums): one table for every reader of flat values (JSON, the CLI)
 CHOICES: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
-                                  "attn": Attention, "sharding": Sharding, "offload": Offload, "stack": Stack}
+                                  "attn": Attention, "sharding": Sharding, "offload": Offload, "stack": Stack,
+                                  "stage": Stage}
 
 
 def train_from_dict(data: dict[str, object]) -> TrainConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan._imports import try_import
-from memplan.build.model import build_model, build_optimizer
+from memplan.build.model import build_model, build_optimizer, build_reference_model
 from memplan.build.step import PHASES, reference_step
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
@@ -32,11 +32,12 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
     torch = try_import("torch")
     torch.manual_seed(seed)
     model = build_model(spec, train, device="cpu")
+    ref_model = build_reference_model(spec, train, device="cpu")  # DPO full / freeze: its frozen reference
     optimizer = build_optimizer(model, train)
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
     seen: set[int] = set()
     baseline = 0
-    for t in _resident(model):
+    for t in _resident(model) + (_resident(ref_model) if ref_model is not None else []):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)
@@ -45,7 +46,7 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        losses = reference_step(model, optimizer, train, ids, record_function)
+        losses = reference_step(model, optimizer, train, ids, record_function, ref_model=ref_model)
     events = list(prof.profiler.kineto_results.events())
     marks = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
                    if e.name().split(":")[0] in PHASES)

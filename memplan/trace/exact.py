@@ -11,7 +11,7 @@ from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import CUDA_CONTEXT_BYTES
 from memplan.predict.estimator import estimate
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Method, TrainConfig
+from memplan.spec.train import Method, Stage, TrainConfig
 from memplan.trace.depth import extrapolate
 from memplan.trace.fork import trace_depths
 from memplan.trace.step import trace_depth
@@ -53,6 +53,9 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
+    if train.stage is Stage.DPO and train.dpo_reference and not train.is_lora:
+        raise UnsupportedModel("the exact mode does not build DPO's separate reference model (full / freeze) yet: "
+                               "the analytic estimate models it (drop --exact)")
     if not train.parallel.traceable:
         raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
                                "per-rank memory under DDP / ZeRO / offload is analytic: drop --exact")

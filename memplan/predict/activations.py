@@ -26,6 +26,7 @@ class _Ctx:
     trains: bool  # this layer's own weights train (full / freeze-trainable)
     stream: int  # width of the residual stream (the rotary cos/sin follow it)
     autocast: bool = True  # False where the op has no autocast rule (MoE grouped matmuls): stream dtype
+    windowed: bool = True  # this layer attends within the sliding window (Gemma3: all but every 6th layer)
 
     @property
     def amp(self) -> bool:
@@ -90,8 +91,9 @@ def attention(cx: _Ctx, h: T) -> T:
         q = linear(cx, h, "q_proj", s.hidden_size, s.q_dim)
         k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
         v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
-    if s.qk_norm:
-        q, k = rms_norm(cx, q, s.head_dim), rms_norm(cx, k, s.head_dim)
+    if s.qk_norm:  # Gemma3's q_norm / k_norm are Gemma norms too
+        gemma = s.family.sandwich_norms
+        q, k = rms_norm(cx, q, s.head_dim, gemma=gemma), rms_norm(cx, k, s.head_dim, gemma=gemma)
     rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
     q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
     if lay.amp:  # sdpa / matmul autocast to half
@@ -104,7 +106,7 @@ def attention(cx: _Ctx, h: T) -> T:
         # (B, S, H, D) memory, so transformers' transpose(1, 2).contiguous() is free; the CPU kernel follows the
         # query's layout, which a torch.cat rope (phi3) makes (B, H, S, D): then it is a copy.
         out = T(n * s.q_dim, cx.c, rg)
-        if sdpa_masked(lay):  # an explicit mask: no enable_gqa (repeat_kv copies), and sdpa converts the bool
+        if cx.windowed and sdpa_masked(lay):  # an explicit mask: no enable_gqa (repeat_kv copies), and sdpa converts the bool
             if s.num_kv_heads != s.num_heads:  # mask to the query dtype, saved per layer
                 k, v = tp.new(k, numel=q.numel), tp.new(v, numel=q.numel)
             if rg:
@@ -213,10 +215,18 @@ def stream_width(lay: Layout) -> int:
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved)."""
-    tape = Tape()
-    cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay))
-    decoder_layer(cx, T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg))
-    return tape.nbytes
+    def saved(windowed: bool) -> int:
+        tape = Tape()
+        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed)
+        decoder_layer(cx, T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg))
+        return tape.nbytes
+
+    w, n = lay.spec.windowed_layers, lay.spec.num_layers
+    if w is None or w == n or not sdpa_masked(lay):
+        return saved(True)
+    # layers with and without the window differ (sdpa's explicit mask, repeat_kv copies): their mean, so that the
+    # estimator's num_layers x this is the sum over the layer types
+    return (w * saved(True) + (n - w) * saved(False)) // n
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,8 @@ from memplan.errors import UnknownModel, UnsupportedModel
 from memplan.spec.model import CATALOG_DIR, ModelSpec, load_config_file
 
 # suffixes dropped to make short names; a short name that two entries would share is not registered
-_DROP = ("-hf", "-v0.1", "-4k-instruct", "-chat-v1.0", "-base-2407", "-base", "-intermediate-step-1431k-3t")
+_DROP = ("-hf", "-v0.1", "-4k-instruct", "-chat-v1.0", "-base-2407", "-base", "-intermediate-step-1431k-3t",
+         "-pt")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import ConfigError
-from memplan.spec.families import Family, family_of, type_of_architecture
+from memplan.spec.families import FAMILIES, Family, family_of, type_of_architecture
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -51,6 +51,7 @@ class ModelSpec:
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     sliding_window: int | None = None
+    windowed_layers: int | None = None  # layers that use the window (None: all of them; Gemma3: 5 of every 6)
     attn_softcap: float | None = None  # Gemma2 attn_logit_softcapping: tanh(scores / cap) * cap
     final_softcap: float | None = None  # Gemma2 final_logit_softcapping on the logits
     remote_code: bool = False
@@ -95,6 +96,12 @@ class ModelSpec:
             return (f"--seq-len {seq_len} is longer than {self.name}'s max_position_embeddings {self.max_positions}: "
                     "the estimate holds, the model may not (rope_scaling)")
         return None
+
+    @property
+    def dense_prefix(self) -> int:
+        """Leading layers unlike the rest (DeepSeek's first_k_dense_replace dense MLPs before the MoE layers)."""
+        key = self.family.dense_prefix_key
+        return min(int(self.config.get(key) or 0), self.num_layers) if key else 0
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
@@ -167,9 +174,30 @@ class ModelSpec:
         return self.embedding_params + self.num_layers * self.layer_params + self.head_params
 
     # ---- constructors -------------------------------------------------------------------------------------------
+    def with_layers(self, layers: int) -> ModelSpec:
+        """The same model cut to `layers` decoder layers, in the config too (a VL model's nested text_config)."""
+        def cut(cfg: dict[str, Any]) -> dict[str, Any]:  # layer_types must list exactly the layers built
+            types = cfg.get("layer_types")
+            return {**cfg, "num_hidden_layers": layers,
+                    **({"layer_types": types[:layers]} if isinstance(types, list) else {})}
+
+        text = self.config.get("text_config")
+        if isinstance(text, dict) and "num_hidden_layers" in text:
+            config = {**self.config, "text_config": cut(text)}
+        else:
+            config = cut(self.config)
+        windowed = self.windowed_layers
+        if windowed is not None:  # the cut keeps the first layers' types
+            windowed = _windowed_layers(config, self.family)
+        return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed)
+
     @classmethod
     def _generic(cls, cfg: dict[str, Any], mtype: str, name: str) -> ModelSpec:
-        """An architecture the formulas do not know: keep the config for the exact mode, rough dims for display."""
+        """An architecture the formulas do not know: keep the config for the exact mode, rough dims for display
+        (a VL model's decoder dims from its nested text_config)."""
+        raw = cfg
+        if isinstance(cfg.get("text_config"), dict):
+            cfg = {**cfg, **cfg["text_config"]}
         hidden = _first(cfg, "hidden_size", "n_embed", "n_embd", "d_model", default=0)
         heads = _first(cfg, "num_attention_heads", "n_head", default=1)
         return cls(name=name, model_type=mtype, hidden_size=hidden,
@@ -180,8 +208,9 @@ class ModelSpec:
                    vocab_size=_first(cfg, "vocab_size", default=0),
                    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
                    family=dataclasses.replace(family_of(mtype), analytic=False),
-                   remote_code="auto_map" in cfg,
-                   config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"})
+                   # auto_map on a type with a family entry is an old pointer: transformers builds its own class
+                   remote_code=family_of(mtype).remote_code if mtype in FAMILIES else "auto_map" in raw,
+                   config={k: v for k, v in raw.items() if not k.startswith("_") or k == "_name_or_path"})
 
     @classmethod
     def from_config_dict(cls, cfg: dict[str, Any], *, name: str | None = None) -> ModelSpec:
@@ -191,6 +220,9 @@ class ModelSpec:
         if not mtype:
             raise ConfigError(f"{label}: config.json has no model_type; add one (e.g. \"model_type\": \"llama\")")
         fam = family_of(mtype)
+        if fam.text_model and isinstance(cfg.get("text_config"), dict):  # the text decoder alone
+            text = {**cfg["text_config"], "model_type": fam.text_model}
+            return cls.from_config_dict({"_name_or_path": cfg.get("_name_or_path"), **text}, name=name)
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
@@ -235,6 +267,7 @@ class ModelSpec:
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
             if experts else 0,
             sliding_window=_sliding_window(cfg, fam),
+            windowed_layers=_windowed_layers(cfg, fam),
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
             final_softcap=cfg.get("final_logit_softcapping") or None,
             remote_code=fam.remote_code,
@@ -252,6 +285,16 @@ def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:
     if fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag):
         return None
     return cfg.get("sliding_window", fam.sliding_window_default)
+
+
+def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:
+    """How many layers attend within the window: config.json's layer_types, else the family's pattern."""
+    if isinstance(cfg.get("layer_types"), list):
+        return sum(t == "sliding_attention" for t in cfg["layer_types"])
+    if not fam.window_pattern:
+        return None
+    every = cfg.get("sliding_window_pattern") or fam.window_pattern
+    return sum(bool((i + 1) % every) for i in range(cfg["num_hidden_layers"]))
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

@@ -26,6 +26,10 @@ TINY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(model_type="mixtral", **{**_BASE, "intermediate_size": 352}, num_local_experts=4,
                     num_experts_per_tok=2, sliding_window=None),
     # GLM-4 (model_type glm): q/k/v biases by default, fused gate_up, half-rotary rope
+    # Gemma3 text: sandwich + q/k Gemma norms, a window of 64 on 2 of every 3 layers (tests run longer sequences)
+    "gemma3_text": dict(model_type="gemma3_text", **{**_BASE, "num_attention_heads": 4, "num_key_value_heads": 2},
+                        head_dim=64, query_pre_attn_scalar=64, sliding_window=64, sliding_window_pattern=3,
+                        hidden_activation="gelu_pytorch_tanh"),
     "glm": dict(model_type="glm", **_BASE, head_dim=32, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2),
 }
 

@@ -48,7 +48,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     )
     from memplan.trace.tracker import LiveBytes
 
-    cut = dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
+    cut = spec.with_layers(layers)
     with quiet():
         model = build_model(cut, train, device="meta")  # outside the fake mode: get_peft_model / .to() fail in it
     tracker = LiveBytes(by_owner=by_module)
@@ -65,7 +65,8 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     with fake_process_group(train) as mesh, FakeTensorMode(), no_packed_sequence_detection(), \
             fake_friendly_experts(), quiet():
         fake_parameters(model, torch)
-        ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
+        vocab = model.get_input_embeddings().num_embeddings  # a VL config may leave vocab_size to its default
+        ids = torch.randint(0, vocab, (train.batch_size, train.seq_len))
         tensors = list(model.parameters()) + list(model.buffers())
         tracker.seed(tensors + [ids])
         del tensors  # sharding must be able to free the full parameters

@@ -159,10 +159,14 @@ def test_vl_model_estimates_with_its_vision_tower_frozen(method):
     assert bd.method == "exact" and "image/video tokens" in bd.note and "not costed" in bd.note
     assert bd.trainable_params == estimate(text, train).trainable_params
     assert bd.peak_allocated_bytes > estimate(text, train, device="cpu").peak_allocated_bytes  # + vision weights
+    from memplan.build.model import build_model
+
+    built = build_model(vl, train.with_(method=Method.FULL), device="meta")
+    assert bd.params == sum(p.numel() for p in built.parameters()) > text.num_parameters  # the tower counted
 
 
 def test_exact_only_models_say_so_in_one_line_when_transformers_cannot_build_them(capsys, tmp_path):
-    cfg = {**TINY_VL, "vision_config": {**TINY_VL["vision_config"], "num_heads": 3}}  # 64 is not a multiple of 3
+    cfg = {**TINY_VL, "rope_scaling": {"type": "mrope", "mrope_section": [8, 8, 8]}}  # 24 != head_dim / 2
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     code = main(["estimate", "--model", str(tmp_path), "--seq-len", "64"])
     err = capsys.readouterr().err

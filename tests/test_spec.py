@@ -7,6 +7,7 @@ from memplan.spec.catalog import catalog_entries, resolve_model
 from memplan.spec.hardware import resolve_gpu
 from memplan.units import GIB, parse_size
 
+
 def test_catalog_has_at_least_25_models():  # every entry's parameter count: tests/test_catalog.py
     assert len(catalog_entries()) >= 25
 

@@ -106,8 +106,9 @@ def attention(cx: _Ctx, h: T) -> T:
         # (B, S, H, D) memory, so transformers' transpose(1, 2).contiguous() is free; the CPU kernel follows the
         # query's layout, which a torch.cat rope (phi3) makes (B, H, S, D): then it is a copy.
         out = T(n * s.q_dim, cx.c, rg)
-        if cx.windowed and sdpa_masked(lay):  # an explicit mask: no enable_gqa (repeat_kv copies), and sdpa converts the bool
-            if s.num_kv_heads != s.num_heads:  # mask to the query dtype, saved per layer
+        # an explicit mask (windowed layers): no enable_gqa (repeat_kv copies), and sdpa converts the bool mask to
+        if cx.windowed and sdpa_masked(lay):  # the query dtype, saved per layer
+            if s.num_kv_heads != s.num_heads:
                 k, v = tp.new(k, numel=q.numel), tp.new(v, numel=q.numel)
             if rg:
                 tp.save(T(cx.batch * cx.seq * cx.seq, q.width, False))

@@ -91,7 +91,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
                       explain=f"the rest of the peak, during {full.phase}"))
     reserved, context = cuda_overheads(peak)
     return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
-                     cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable,
+                     cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable, params=full.params,
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
                      method="exact", note=spec.family.limits)
 

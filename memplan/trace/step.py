@@ -24,6 +24,7 @@ class Trace:
     states: int  # optimizer states after the steps
     forward_end: int  # live bytes when step 2's forward returned
     trainable: int  # trainable parameters
+    params: int = 0  # the model's own parameters (adapters excluded)
     phase: str
     phase_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # forward / backward / optimizer
     by_module: dict[str, int] = dataclasses.field(default_factory=dict)  # live bytes at the peak, by allocator
@@ -85,8 +86,9 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
             reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
-                 forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
+                 forward_end=marks.get("forward:2", 0), trainable=trainable, params=params, phase=tracker.peak_phase,
                  phase_peaks=dict(tracker.phase_peaks),
                  by_module=tracker.peak_by_owner)
 

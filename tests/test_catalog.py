@@ -193,3 +193,28 @@ def test_deepseek_depths_are_traced_past_the_dense_layers():
     train = TrainConfig(method=Method.FULL, precision=Precision.FP32, batch_size=2, seq_len=64, checkpointing=False)
     full = trace_depth(spec, train, spec.num_layers).peak
     assert abs(exact_estimate(spec, train).peak_allocated_bytes / full - 1) < 1e-3
+
+
+# ---- pre-quantized checkpoints ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant", [{"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
+                                   {"quant_method": "gptq", "bits": 4, "group_size": 128},
+                                   {"quant_method": "bitsandbytes", "load_in_4bit": True}, {"quant_method": "hqq"}])
+def test_a_quantized_storage_not_modelled_is_refused_in_one_line(capsys, tmp_path, quant):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIGS["llama"], "quantization_config": quant}))
+    assert main(["estimate", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and quant["quant_method"] in err and "--method qlora" in err
+
+
+def test_a_dequantized_checkpoint_says_how_it_is_costed():
+    """gpt-oss's MXFP4 and DeepSeek-V3's FP8 train dequantized (transformers' quantizers); the note says so."""
+    from memplan.trace.exact import estimate_any
+
+    assert "MXFP4" in resolve_model("gpt-oss-20b").quantization and "FP8" in resolve_model("deepseek-v3").quantization
+    fp8 = ModelSpec.from_config_dict({**TINY_CONFIGS["llama"], "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [128, 128]}}, name="tiny-fp8")
+    train = TrainConfig(method=Method.LORA, batch_size=2, seq_len=64)
+    bd = estimate_any(fp8, train)
+    assert not fp8.analytic and "FP8" in bd.note
+    assert bd.peak_allocated_bytes == estimate_any(tiny_spec("llama"), train, exact=True).peak_allocated_bytes

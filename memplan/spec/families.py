@@ -95,8 +95,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="deepseek_v2", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
     Family(model_type="deepseek_v3", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
     # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
-    Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False,  # `_supports_sdpa = False` (the sinks)
-           limits="the checkpoint's MXFP4 experts are costed as if dequantized to the training dtype"),
+    Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
     Family(model_type="qwen2_5_vl", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), limits=_VL_LIMITS),

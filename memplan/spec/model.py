@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memplan.errors import ConfigError
+from memplan.errors import ConfigError, UnsupportedModel
 from memplan.spec.families import FAMILIES, Family, family_of, type_of_architecture
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
@@ -56,6 +56,7 @@ class ModelSpec:
     final_softcap: float | None = None  # Gemma2 final_logit_softcapping on the logits
     remote_code: bool = False
     max_positions: int | None = None  # max_position_embeddings: longer sequences run past the trained positions
+    quantization: str = ""  # how a pre-quantized checkpoint (config.json quantization_config) is costed
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- family facts ------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class ModelSpec:
         return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed)
 
     @classmethod
-    def _generic(cls, cfg: dict[str, Any], mtype: str, name: str) -> ModelSpec:
+    def _generic(cls, cfg: dict[str, Any], mtype: str, name: str, quantization: str = "") -> ModelSpec:
         """An architecture the formulas do not know: keep the config for the exact mode, rough dims for display
         (a VL model's decoder dims from its nested text_config)."""
         raw = cfg
@@ -210,6 +211,7 @@ class ModelSpec:
                    family=dataclasses.replace(family_of(mtype), analytic=False),
                    # auto_map on a type with a family entry is an old pointer: transformers builds its own class
                    remote_code=family_of(mtype).remote_code if mtype in FAMILIES else "auto_map" in raw,
+                   quantization=quantization,
                    config={k: v for k, v in raw.items() if not k.startswith("_") or k == "_name_or_path"})
 
     @classmethod
@@ -222,12 +224,14 @@ class ModelSpec:
         fam = family_of(mtype)
         if fam.text_model and isinstance(cfg.get("text_config"), dict):  # the text decoder alone
             text = {**cfg["text_config"], "model_type": fam.text_model}
-            return cls.from_config_dict({"_name_or_path": cfg.get("_name_or_path"), **text}, name=name)
+            outer = {k: cfg[k] for k in ("_name_or_path", "quantization_config") if k in cfg}
+            return cls.from_config_dict({**outer, **text}, name=name)
+        quant = _quantization(cfg, str(name or label))
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
-        if not fam.analytic or mixed:
-            return cls._generic(cfg, mtype, str(name or label))
+        if not fam.analytic or mixed or quant:  # a quantized checkpoint: the exact mode, whose note says how
+            return cls._generic(cfg, mtype, str(name or label), quant)
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]
         problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in required
@@ -285,6 +289,35 @@ def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:
     if fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag):
         return None
     return cfg.get("sliding_window", fam.sliding_window_default)
+
+
+# quantization_config.quant_method of checkpoints memplan costs, and how: the trained model holds these weights
+# dequantized to the training dtype (the exact mode builds that model)
+DEQUANTIZED = {
+    # transformers quantizer_mxfp4.py l.209-213: MXFP4 is not trainable; training loads Mxfp4Config(dequantize=True)
+    "mxfp4": "the checkpoint's MXFP4 experts are costed dequantized to the training dtype, as transformers must "
+             "load them to train (Mxfp4Config(dequantize=True))",
+    # quantizer_finegrained_fp8.py l.38-57: dequantized without a GPU of compute capability >= 8.9; trainable in FP8
+    "fp8": "the checkpoint's FP8 weights are costed dequantized to the training dtype (as transformers loads them "
+           "below compute capability 8.9); on H100-class GPUs a frozen FP8 base (1 byte + 128x128 block scales) "
+           "holds about half those weight bytes",
+}
+
+
+def _quantization(cfg: dict[str, Any], label: str) -> str:
+    """How a pre-quantized checkpoint is costed (DEQUANTIZED), or a one-line refusal for storage not modelled."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return ""
+    method = str(q.get("quant_method", "")).lower() if isinstance(q, dict) else ""
+    if method in DEQUANTIZED:
+        return DEQUANTIZED[method]
+    bits = q.get("bits") or (4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else None) \
+        if isinstance(q, dict) else None
+    raise UnsupportedModel(
+        f"{label}: its weights are pre-quantized ({method or 'unknown method'}{f', {bits}-bit' if bits else ''}), a "
+        "storage memplan does not model; estimate the unquantized model with --method qlora --quant-bits "
+        f"{8 if bits == 8 else 4} (bitsandbytes: about the same weight bytes) or --method lora")
 
 
 def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:

@@ -93,7 +93,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=full.phase, trainable_params=full.trainable, params=full.params,
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
-                     method="exact", note=spec.family.limits)
+                     method="exact", note="; ".join(n for n in (spec.family.limits, spec.quantization) if n))
 
 
 def _analytic(spec: ModelSpec, train: TrainConfig, term: str) -> int:

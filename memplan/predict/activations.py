@@ -84,6 +84,8 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
 def attention(cx: _Ctx, h: T) -> T:
     s, lay, tp = cx.lay.spec, cx.lay, cx.tape
     n = cx.tokens
+    if s.family.mla:
+        return mla_attention(cx, h)
     if s.fused_qkv:
         qkv = linear(cx, h, "qkv_proj", s.hidden_size, s.q_dim + 2 * s.kv_dim)
         q, k, v = qkv.view(n * s.q_dim), qkv.view(n * s.kv_dim), qkv.view(n * s.kv_dim)
@@ -117,6 +119,53 @@ def attention(cx: _Ctx, h: T) -> T:
         if lay.device == "cpu" and s.rope_concat:
             out = tp.new(out)
     return linear(cx, out, "o_proj", s.q_dim, s.hidden_size)
+
+
+def mla_attention(cx: _Ctx, h: T) -> T:
+    """DeepseekV3Attention.forward (modeling_deepseek_v3.py l.427-481): q (directly, or q_a_proj -> RMSNorm ->
+    q_b_proj), the joint compression kv_a_proj_with_mqa split into the latent (RMSNorm'd) and the shared rope key;
+    rope on the rope parts (its products save only cos/sin), torch.cat(q_pass, q_rot) and expand_kv's new_empty key
+    (l.412-417) are fresh tensors; the value is a slice of kv_b_proj's output, so saving it pins all of it."""
+    s, lay, tp = cx.lay.spec, cx.lay, cx.tape
+    n, nh, rope, vd = cx.tokens, s.num_heads, s.qk_rope_head_dim, s.v_head_dim
+    qk, h_in = s.head_dim, s.hidden_size
+    nope = qk - rope
+    if s.q_lora_rank:
+        qa = rms_norm(cx, linear(cx, h, "q_a_proj", h_in, s.q_lora_rank), s.q_lora_rank)
+        q = linear(cx, qa, "q_b_proj", s.q_lora_rank, nh * qk)
+    else:
+        q = linear(cx, h, "q_proj", h_in, nh * qk)
+    ckv = linear(cx, h, "kv_a_proj_with_mqa", h_in, s.kv_lora_rank + rope)
+    latent = rms_norm(cx, ckv.view(n * s.kv_lora_rank), s.kv_lora_rank)
+    rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype
+    q = T(n * nh * qk, rope_width, q.rg)  # cat(q_pass, rotated q_rot): promoted to the rotated part's dtype
+    kvb = linear(cx, latent, "kv_b_proj", s.kv_lora_rank, nh * (nope + vd))
+    k = T(n * nh * qk, kvb.width, kvb.rg or ckv.rg)  # new_empty + copy_ of k_nope and the expanded k_rot
+    v = kvb.view(n * nh * vd)
+    if lay.amp:
+        q, k, v = tp.cast(q, 2), tp.cast(k, 2), tp.cast(v, 2)
+    rg = q.rg or k.rg or v.rg
+    if lay.attn is Attention.EAGER:  # eager_attention_forward: scores, fp32 softmax, probs @ v
+        scores = T(cx.batch * nh * cx.seq * cx.seq, q.width, rg)
+        if rg:
+            tp.save(q, k)
+        probs = tp.cast(tp.saving_output(scores, width=FP32), q.width)
+        probs = tp.cast(probs, 2) if lay.amp else probs
+        # matmul saves a contiguous copy of the sliced v (not kv_b_proj's whole output); the reshape copies
+        out = tp.new(_matmul(cx, probs, tp.new(v), n * nh * vd))
+    elif lay.device == "cpu" and vd != qk:
+        # the CPU flash kernel needs one head size: torch falls back to its math path, which upcasts half inputs to
+        # fp32 and saves the scaled q and k, the probabilities and a contiguous v (measured with saved_tensors_hooks)
+        if rg:
+            tp.save(*(T(m, FP32, False) for m in (q.numel, k.numel, cx.batch * nh * cx.seq * cx.seq, n * nh * vd)))
+        out = tp.new(T(n * nh * vd, cx.c, rg))  # cast back to the input dtype, (B, H, S, D): the reshape copies
+    else:  # CUDA memory-efficient kernel (flash needs one head size): q, k, v (pinning kv_b_proj's output), out, lse
+        out = T(n * nh * vd, cx.c, rg)
+        if rg:
+            tp.save(q, k, v, out, T(n * nh, FP32, False))
+        if lay.device == "cpu":  # the CPU kernel's output follows the (B, H, S, D) query: reshape copies
+            out = tp.new(out)
+    return linear(cx, out, "o_proj", nh * vd, h_in)
 
 
 def sdpa_masked(lay: Layout) -> bool:

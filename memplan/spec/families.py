@@ -36,12 +36,16 @@ class Family:
     # every Nth layer attends fully, the rest within the window, unless config.json lists layer_types (Gemma3:
     # sliding_window_pattern, default 6); 0: every layer windowed
     window_pattern: int = 0
+    mla: bool = False  # multi-head latent attention (DeepSeek: q_lora_rank, kv_lora_rank, rope/nope split)
     auto_class: str = "AutoModelForCausalLM"  # the transformers Auto class that builds it (VL: ImageTextToText)
     # modules LLaMA-Factory freezes by default and never targets with LoRA (finetuning_args.py freeze_vision_tower
     # = True, freeze_multi_modal_projector = True): a module name containing one of these stays frozen
     frozen_modules: tuple[str, ...] = ()
     dense_prefix_key: str | None = None  # config key: how many leading layers are dense before the MoE ones
     text_model: str | None = None  # build only the text decoder: text_config as this model_type
+    # Linear names peft's all-linear does not wrap although they exist: peft 0.21 remaps them to fused MoE expert
+    # parameters (utils/transformers_weight_conversion.py l.402-420, via transformers conversion_mapping.py l.55-56)
+    all_linear_skips: tuple[str, ...] = ()
     lora_exclude: tuple[str, ...] = ()  # Linear subclasses peft's all-linear must not wrap (they return tuples)
     limits: str = ""  # what the estimate does not model for this type, said in the note of every estimate
 
@@ -93,7 +97,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # shared experts and first_k_dense_replace dense layers
     # (a dense MLP while layer_idx < first_k_dense_replace: modeling_deepseek_v2.py l.428, _v3.py l.493)
     Family(model_type="deepseek_v2", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
-    Family(model_type="deepseek_v3", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
+    # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention),
+    # but only for configs whose every layer is dense; with MoE layers (shared experts, sigmoid group routing) it is
+    # the exact mode's
+    Family(model_type="deepseek_v3", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
+           all_linear_skips=("gate_proj", "up_proj", "down_proj")),
     # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
     Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)

@@ -56,6 +56,10 @@ class ModelSpec:
     final_softcap: float | None = None  # Gemma2 final_logit_softcapping on the logits
     remote_code: bool = False
     max_positions: int | None = None  # max_position_embeddings: longer sequences run past the trained positions
+    q_lora_rank: int = 0  # MLA (DeepSeek-V3): 0 = q_proj directly
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     quantization: str = ""  # how a pre-quantized checkpoint (config.json quantization_config) is costed
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -102,7 +106,8 @@ class ModelSpec:
     def dense_prefix(self) -> int:
         """Leading layers unlike the rest (DeepSeek's first_k_dense_replace dense MLPs before the MoE layers)."""
         key = self.family.dense_prefix_key
-        return min(int(self.config.get(key) or 0), self.num_layers) if key else 0
+        prefix = int(self.config.get(key) or 0) if key else 0
+        return prefix if prefix < self.num_layers else 0  # every layer dense: all alike
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
@@ -119,6 +124,8 @@ class ModelSpec:
 
     def attention_linears(self) -> tuple[Linear, ...]:
         h, b = self.hidden_size, self.qkv_bias
+        if self.family.mla:
+            return self._mla_linears()
         if self.fused_qkv:
             qkv = (Linear(name="qkv_proj", in_features=h, out_features=self.q_dim + 2 * self.kv_dim, bias=b),)
         else:
@@ -128,6 +135,20 @@ class ModelSpec:
                 Linear(name="v_proj", in_features=h, out_features=self.kv_dim, bias=b),
             )
         return (*qkv, Linear(name="o_proj", in_features=self.q_dim, out_features=h))
+
+    def _mla_linears(self) -> tuple[Linear, ...]:
+        """DeepseekV3Attention.__init__ (modeling_deepseek_v3.py l.370-400): q directly or through the q LoRA, the
+        joint kv compression with the shared rope key, its expansion, o_proj; attention_bias on the a-projections
+        and o_proj."""
+        h, b, nh, qk = self.hidden_size, self.qkv_bias, self.num_heads, self.head_dim
+        nope = self.head_dim - self.qk_rope_head_dim
+        q: tuple[Linear, ...] = (Linear(name="q_proj", in_features=h, out_features=nh * qk),) if not self.q_lora_rank \
+            else (Linear(name="q_a_proj", in_features=h, out_features=self.q_lora_rank, bias=b),
+                  Linear(name="q_b_proj", in_features=self.q_lora_rank, out_features=nh * qk))
+        return (*q, Linear(name="kv_a_proj_with_mqa", in_features=h,
+                           out_features=self.kv_lora_rank + self.qk_rope_head_dim, bias=b),
+                Linear(name="kv_b_proj", in_features=self.kv_lora_rank, out_features=nh * (nope + self.v_head_dim)),
+                Linear(name="o_proj", in_features=nh * self.v_head_dim, out_features=h, bias=b))
 
     def mlp_linears(self) -> tuple[Linear, ...]:
         """The dense MLP of one layer (for MoE: one expert, repeated `num_experts` times)."""
@@ -153,6 +174,7 @@ class ModelSpec:
         n += self.norms_per_layer * h  # RMSNorm weights: 2 per layer (4 in gemma2)
         if self.qk_norm:
             n += 2 * self.head_dim  # q_norm, k_norm
+        n += self.q_lora_rank + self.kv_lora_rank  # MLA: q_a_layernorm, kv_a_layernorm (0 otherwise)
         mlp = sum(lin.params for lin in self.mlp_linears())
         if self.is_moe:
             n += h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
@@ -230,10 +252,17 @@ class ModelSpec:
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
+        if fam.dense_prefix_key:  # DeepSeek: dense layers first, then MoE ones (the Config default when absent)
+            prefix = cfg.get(fam.dense_prefix_key)
+            mixed = mixed or prefix is None or prefix < cfg.get("num_hidden_layers", 0)
         if not fam.analytic or mixed or quant:  # a quantized checkpoint: the exact mode, whose note says how
             return cls._generic(cfg, mtype, str(name or label), quant)
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
+        if fam.mla:  # DeepseekV3Config's defaults (q_lora_rank 1536, ...) are another model's: each must be given
+            required += ["kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"]
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]
+        if fam.mla and "q_lora_rank" not in cfg:
+            problems.append(f"{label}: missing q_lora_rank (null for a direct q_proj)")
         problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in required
                      if k in cfg and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] <= 0)]
         # the optional dimensions the formulas read: positive integers when present (null means the default)
@@ -248,6 +277,8 @@ class ModelSpec:
             raise ConfigError(f"{label}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
                               f"{heads} (and no head_dim is given)")
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        if fam.mla:  # the q/k head: its no-rope and rope parts
+            head_dim = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
         if heads % kv:
             raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
@@ -276,6 +307,10 @@ class ModelSpec:
             final_softcap=cfg.get("final_logit_softcapping") or None,
             remote_code=fam.remote_code,
             max_positions=cfg.get("max_position_embeddings"),
+            q_lora_rank=(cfg.get("q_lora_rank") or 0) if fam.mla else 0,
+            kv_lora_rank=cfg["kv_lora_rank"] if fam.mla else 0,
+            qk_rope_head_dim=cfg["qk_rope_head_dim"] if fam.mla else 0,
+            v_head_dim=cfg["v_head_dim"] if fam.mla else 0,
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
         )
 

@@ -93,9 +93,10 @@ def attention(cx: _Ctx, h: T) -> T:
         q = linear(cx, h, "q_proj", s.hidden_size, s.q_dim)
         k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
         v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
-    if s.qk_norm:  # Gemma3's q_norm / k_norm are Gemma norms too
-        gemma = s.family.sandwich_norms
-        q, k = rms_norm(cx, q, s.head_dim, gemma=gemma), rms_norm(cx, k, s.head_dim, gemma=gemma)
+    if s.qk_norm:  # Gemma3's q_norm / k_norm are Gemma norms too; OLMo-2's span the whole projection
+        gemma = s.family.sandwich_norms or s.family.post_norms
+        qd, kd = (s.q_dim, s.kv_dim) if s.family.qk_norm_full else (s.head_dim, s.head_dim)
+        q, k = rms_norm(cx, q, qd, gemma=gemma), rms_norm(cx, k, kd, gemma=gemma)
     rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
     q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
     if lay.amp:  # sdpa / matmul autocast to half
@@ -247,6 +248,11 @@ def _moe(cx: _Ctx, h: T) -> T:
 
 def decoder_layer(cx: _Ctx, x: T) -> T:
     s = cx.lay.spec
+    if s.family.post_norms:  # OLMo-2: x + norm(attn(x)), then x + norm(mlp(x))
+        a = rms_norm(cx, attention(cx, x), s.hidden_size, gemma=True)
+        x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
+        m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
+        return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
     a = attention(cx, rms_norm(cx, x, s.hidden_size, gemma=gemma))
     if gemma:
@@ -294,7 +300,7 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     tape = Tape()
     cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
     x = T(n * s.hidden_size, stream_width(lay), True)
-    rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms)
+    rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
     norm = tape.nbytes
     c = lay.compute_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0

@@ -24,6 +24,8 @@ class Family:
     fused_gate_up: bool = False  # one gate_up_proj Linear, chunked
     rope_concat: bool = False  # apply_rotary_pos_emb concatenates (partial rope): a fresh (B, H, S, D) tensor
     sandwich_norms: bool = False  # Gemma2: RMSNorm after attention and after the MLP too (4 per layer), x * (1 + w)
+    post_norms: bool = False  # OLMo-2: RMSNorm only after attention and after the MLP (none before), w * x in fp32
+    qk_norm_full: bool = False  # OLMo-2: q_norm / k_norm over the whole projection (RMSNorm(heads * head_dim))
     tied_default: bool = False  # tie_word_embeddings when the config does not say
     act: str = "silu"
     mask_types: int = 1  # attention masks built per forward (eager materialises each as (B, 1, S, S))
@@ -88,8 +90,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # BloomForCausalLM: ALiBi + LayerNorm, not in the formulas; `_supports_sdpa = False`
     Family(model_type="bloom", analytic=False, sdpa=False),
     # ---- exact mode only: structures the tape programs do not have --------------------------------------------
-    # Olmo2Attention: q_norm / k_norm over the whole projection (RMSNorm(heads*head_dim)), post-norms only
-    Family(model_type="olmo2", analytic=False),
+    # Olmo2 (modeling_olmo2.py): q_norm / k_norm = Olmo2RMSNorm(heads * head_dim) on the projections (l.213-229),
+    # post_attention / post_feedforward norms only (l.285-316), Olmo2RMSNorm multiplies in fp32 then casts (l.60-65)
+    Family(model_type="olmo2", architectures=("Olmo2ForCausalLM",), qk_norm=True, qk_norm_full=True,
+           post_norms=True),
     # Starcoder2: LayerNorm with bias, c_fc/c_proj GELU MLP, biases on every Linear (use_bias)
     Family(model_type="starcoder2", analytic=False),
     Family(model_type="gpt_bigcode", analytic=False),  # multi-query attention, fused c_attn, LayerNorm, GELU

@@ -172,8 +172,8 @@ class ModelSpec:
         h = self.hidden_size
         n = sum(lin.params for lin in self.attention_linears())
         n += self.norms_per_layer * h  # RMSNorm weights: 2 per layer (4 in gemma2)
-        if self.qk_norm:
-            n += 2 * self.head_dim  # q_norm, k_norm
+        if self.qk_norm:  # q_norm, k_norm (OLMo-2: over the whole projections)
+            n += self.q_dim + self.kv_dim if self.family.qk_norm_full else 2 * self.head_dim
         n += self.q_lora_rank + self.kv_lora_rank  # MLA: q_a_layernorm, kv_a_layernorm (0 otherwise)
         mlp = sum(lin.params for lin in self.mlp_linears())
         if self.is_moe:

@@ -34,6 +34,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "deepseek_v3": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=96,
                         kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
                         first_k_dense_replace=3),
+    # OLMo-2: post-norms only, q/k norms over the whole projections
+    "olmo2": dict(model_type="olmo2", **_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "glm": dict(model_type="glm", **_BASE, head_dim=32, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2),
 }
 

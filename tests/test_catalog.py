@@ -9,8 +9,8 @@ import pytest
 
 from memplan.cli import main
 from memplan.predict.estimator import estimate
-from memplan.spec.catalog import catalog_entries, find_entry, resolve_model
-from memplan.spec.model import ModelSpec, load_config_file
+from memplan.spec.catalog import catalog_entries, catalog_param_count, find_entry, resolve_model
+from memplan.spec.model import ModelSpec
 from memplan.spec.train import Attention, Method, Precision, TrainConfig
 from memplan.testing.tiny import TINY_CONFIGS, tiny_spec
 
@@ -30,8 +30,9 @@ CURRENT = ["Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-14B", "
 
 def _expected(entry) -> int:
     """The published total, else the shared count.py's own count from the same fields."""
-    cfg = load_config_file(entry.path)
-    return cfg.get("_param_count") or cfg["_param_count_computed"]
+    expected = catalog_param_count(entry)
+    assert expected
+    return expected
 
 
 def test_the_current_models_are_in_the_catalog():
@@ -77,7 +78,9 @@ def test_deepseek_v2_lite_has_no_q_lora():
 def test_models_search_finds_the_new_entries(capsys, needle, expected):
     assert main(["models", "--search", needle, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["models"]
-    assert expected <= {r["name"] for r in rows}
+    assert expected <= {r["name"] for r in rows} and all(r["parameters"] for r in rows)
+    if needle == "deepseek":  # an exact-only entry lists its verified count
+        assert {r["name"]: r["parameters"] for r in rows}["deepseek-v3"] == 671_026_419_200
 
 
 def test_the_short_names_resolve():

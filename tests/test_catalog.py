@@ -101,6 +101,16 @@ def test_gemma3_text_parameter_count_equals_the_built_model():
     assert spec.windowed_layers == 2 and spec.tie_word_embeddings  # sliding_window_pattern 3 over 3 layers
 
 
+def test_layer_types_count_the_windowed_layers_and_are_cut_with_the_depth():
+    """A config re-saved by transformers lists layer_types; a cut model lists only the layers it builds."""
+    types = ["sliding_attention", "full_attention"] * 2
+    spec = ModelSpec.from_config_dict({**TINY_CONFIGS["gemma3_text"], "num_hidden_layers": 4, "layer_types": types})
+    assert spec.windowed_layers == 2
+    cut = spec.with_layers(3)
+    assert cut.config["layer_types"] == types[:3] and cut.windowed_layers == 2
+    assert resolve_model("gemma-3-1b-pt").windowed_layers == 22  # 26 layers, every 6th full
+
+
 def test_gemma3_full_layers_take_no_sliding_mask():
     """Past the window, sdpa takes an explicit mask (and repeat_kv copies) in sliding layers only: the estimate
     lies between every layer windowed and none."""
@@ -194,6 +204,15 @@ def test_vl_model_estimates_with_its_vision_tower_frozen(method):
 
     built = build_model(vl, train.with_(method=Method.FULL), device="meta")
     assert bd.params == sum(p.numel() for p in built.parameters()) > text.num_parameters  # the tower counted
+
+
+@pytest.mark.integration
+def test_a_local_vl_config_estimates_without_a_traceback(capsys, tmp_path):
+    """Issue 16: a local Qwen3-VL config.json (nested text_config / vision_config) crashed in the exact fallback."""
+    (tmp_path / "config.json").write_text(ENTRIES["Qwen/Qwen3-VL-4B-Instruct"].path.read_text())
+    assert main(["estimate", "--model", str(tmp_path), "--seq-len", "256", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"]["parameters"] == 4_437_815_808 and "not costed" in data["note"]
 
 
 def test_exact_only_models_say_so_in_one_line_when_transformers_cannot_build_them(capsys, tmp_path):

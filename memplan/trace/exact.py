@@ -38,8 +38,10 @@ def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, tr
     if exact:
         return bd
     limits = f"; {bd.note}" if bd.note else ""  # what the trace leaves out for this type (Family.limits)
-    return dataclasses.replace(bd, note=f"{spec.model_type} is not in the analytic formulas: using the exact mode "
-                                        f"(fake-tensor trace){limits}")
+    why = (f"{spec.model_type} is not in the analytic formulas" if not spec.family.analytic else
+           f"{spec.name} is a pre-quantized checkpoint" if spec.quantization else
+           f"{spec.name} mixes layer kinds (dense and MoE) the analytic formulas do not")
+    return dataclasses.replace(bd, note=f"{why}: using the exact mode (fake-tensor trace){limits}")
 
 
 def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,

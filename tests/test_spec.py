@@ -3,20 +3,13 @@ import json
 import pytest
 
 from memplan.errors import ConfigError, UnknownModel, UnsupportedModel
-from memplan.spec.catalog import catalog_entries, catalog_param_count, resolve_model
+from memplan.spec.catalog import catalog_entries, resolve_model
 from memplan.spec.hardware import resolve_gpu
 from memplan.units import GIB, parse_size
 
-ANALYTIC = [e for e in catalog_entries() if "bloom" not in e.hf_id]
 
-
-def test_catalog_has_at_least_25_models():
+def test_catalog_has_at_least_25_models():  # every entry's parameter count: tests/test_catalog.py
     assert len(catalog_entries()) >= 25
-
-
-@pytest.mark.parametrize("entry", ANALYTIC, ids=lambda e: e.short_name)
-def test_parameter_count_equals_published(entry):
-    assert resolve_model(entry.hf_id).num_parameters == catalog_param_count(entry)
 
 
 @pytest.mark.parametrize("name,count", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),

@@ -3,6 +3,7 @@ with the precision semantics HF Trainer / LLaMA-Factory set up (README "The memo
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from memplan._imports import try_import
@@ -45,7 +46,7 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
     # LLaMA-Factory loads the base in the compute dtype and upcasts what trains to fp32 (unless pure_bf16)
     load_dtype = torch.float32 if train.precision is Precision.FP32 else half
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(spec, train), dtype=load_dtype)
+        model = getattr(transformers, spec.family.auto_class).from_config(hf_config(spec, train), dtype=load_dtype)
     model.train()
     if train.method is Method.QLORA:
         _quantize_linears(model, train, half, device)
@@ -53,14 +54,18 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
     if train.is_lora:
         peft = try_import("peft")
         targets: Any = "all-linear" if train.lora_targets == ("all-linear",) else list(train.lora_targets)
+        # a VL model's vision tower is never an adapter target (peft fullmatches a str exclude_modules)
+        skip = spec.family.frozen_modules + spec.family.lora_exclude
+        frozen = "|".join(f".*{re.escape(f)}.*" for f in skip) or None
         lcfg = peft.LoraConfig(r=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
-                               target_modules=targets, task_type="CAUSAL_LM")
+                               target_modules=targets, task_type="CAUSAL_LM", exclude_modules=frozen)
         # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); pure bf16 keeps them bf16
         model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=train.precision is not Precision.PURE_BF16)
     else:
         trainable = _trainable_prefixes(spec, train)
         for name, p in model.named_parameters():
-            p.requires_grad_(trainable is None or any(t in name for t in trainable))
+            p.requires_grad_((trainable is None or any(t in name for t in trainable))
+                             and not any(f in name for f in spec.family.frozen_modules))
             if p.requires_grad and train.precision in (Precision.FP16, Precision.BF16):
                 p.data = p.data.to(torch.float32)  # fp32 master weights under AMP
     if train.checkpointing:

@@ -15,7 +15,7 @@ def models(search: Annotated[str | None, typer.Option("--search", help="only nam
            = None, json_out: JsonOpt = False) -> None:
     """The model catalog with exact parameter counts."""
     from memplan.cli import render
-    from memplan.spec.catalog import catalog_entries, resolve_model
+    from memplan.spec.catalog import catalog_entries, catalog_param_count, resolve_model
 
     rows = []
     needle = (search or "").strip().lower()
@@ -23,15 +23,18 @@ def models(search: Annotated[str | None, typer.Option("--search", help="only nam
         if needle and needle not in e.short_name and needle not in e.hf_id.lower():
             continue
         spec = resolve_model(e.hf_id)
+        # an architecture outside the formulas: the entry's verified count (published, checked against the built
+        # model in tests/test_catalog.py)
         rows.append({"name": e.short_name, "hf_id": e.hf_id, "model_type": spec.model_type,
-                     "parameters": spec.num_parameters if spec.analytic else None, "analytic": spec.analytic})
+                     "parameters": spec.num_parameters if spec.analytic else catalog_param_count(e),
+                     "analytic": spec.analytic})
     if json_out:
         render.emit_json({"models": rows})
         return
     out = render.table(["name", "hub id", "type", "parameters"])
     for r in rows:
         out.add_row(r["name"], r["hf_id"], r["model_type"],
-                      f"{r['parameters']:,}" if r["parameters"] else "exact mode only")
+                      (f"{r['parameters']:,}" if r["parameters"] else "-") + ("" if r["analytic"] else " (exact mode)"))
     render.console.print(out)
 
 

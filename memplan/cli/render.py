@@ -56,7 +56,7 @@ def config_dict(spec: ModelSpec, train: TrainConfig) -> dict[str, Any]:
 
 def estimate_json(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU | None, usable: int | None) -> dict:
     data: dict[str, Any] = {
-        "model": {"name": spec.name, "model_type": spec.model_type, "parameters": spec.num_parameters,
+        "model": {"name": spec.name, "model_type": spec.model_type, "parameters": bd.params or spec.num_parameters,
                   "trainable_parameters": bd.trainable_params},
         "config": config_dict(spec, train),
         "memory": bd.memory_dict(),
@@ -102,7 +102,7 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
                    explain: bool) -> None:
     if bd.note:
         console.print(f"[yellow]{bd.note}[/]")
-    console.print(f"[bold]{spec.name}[/] ({spec.num_parameters / 1e9:.2f} B params, "
+    console.print(f"[bold]{spec.name}[/] ({(bd.params or spec.num_parameters) / 1e9:.2f} B params, "
                   f"{bd.trainable_params:,} trainable) · {_describe(train, spec)}")
     console.print(breakdown_table(bd, explain=explain))
     if bd.phases:

@@ -26,6 +26,7 @@ class _Ctx:
     trains: bool  # this layer's own weights train (full / freeze-trainable)
     stream: int  # width of the residual stream (the rotary cos/sin follow it)
     autocast: bool = True  # False where the op has no autocast rule (MoE grouped matmuls): stream dtype
+    windowed: bool = True  # this layer attends within the sliding window (Gemma3: all but every 6th layer)
 
     @property
     def amp(self) -> bool:
@@ -94,6 +95,8 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
 def attention(cx: _Ctx, h: T) -> T:
     s, lay, tp = cx.lay.spec, cx.lay, cx.tape
     n = cx.tokens
+    if s.family.mla:
+        return mla_attention(cx, h)
     if s.fused_qkv:
         qkv = linear(cx, h, "qkv_proj", s.hidden_size, s.q_dim + 2 * s.kv_dim)
         q, k, v = qkv.view(n * s.q_dim), qkv.view(n * s.kv_dim), qkv.view(n * s.kv_dim)
@@ -101,8 +104,10 @@ def attention(cx: _Ctx, h: T) -> T:
         q = linear(cx, h, "q_proj", s.hidden_size, s.q_dim)
         k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
         v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
-    if s.qk_norm:
-        q, k = rms_norm(cx, q, s.head_dim), rms_norm(cx, k, s.head_dim)
+    if s.qk_norm:  # Gemma3's q_norm / k_norm are Gemma norms too; OLMo-2's span the whole projection
+        gemma = s.family.sandwich_norms or s.family.post_norms
+        qd, kd = (s.q_dim, s.kv_dim) if s.family.qk_norm_full else (s.head_dim, s.head_dim)
+        q, k = rms_norm(cx, q, qd, gemma=gemma), rms_norm(cx, k, kd, gemma=gemma)
     rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
     q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
     if lay.amp:  # sdpa / matmul autocast to half
@@ -115,8 +120,9 @@ def attention(cx: _Ctx, h: T) -> T:
         # (B, S, H, D) memory, so transformers' transpose(1, 2).contiguous() is free; the CPU kernel follows the
         # query's layout, which a torch.cat rope (phi3) makes (B, H, S, D): then it is a copy.
         out = T(n * s.q_dim, cx.c, rg)
-        if sdpa_masked(lay):  # an explicit mask: no enable_gqa (repeat_kv copies), and sdpa converts the bool
-            if s.num_kv_heads != s.num_heads:  # mask to the query dtype, saved per layer
+        # an explicit mask (windowed layers): no enable_gqa (repeat_kv copies), and sdpa converts the bool mask to
+        if cx.windowed and sdpa_masked(lay):  # the query dtype, saved per layer
+            if s.num_kv_heads != s.num_heads:
                 k, v = tp.new(k, numel=q.numel), tp.new(v, numel=q.numel)
             if rg:
                 tp.save(T(cx.batch * cx.seq * cx.seq, q.width, False))
@@ -125,6 +131,53 @@ def attention(cx: _Ctx, h: T) -> T:
         if lay.device == "cpu" and s.rope_concat:
             out = tp.new(out)
     return linear(cx, out, "o_proj", s.q_dim, s.hidden_size)
+
+
+def mla_attention(cx: _Ctx, h: T) -> T:
+    """DeepseekV3Attention.forward (modeling_deepseek_v3.py l.427-481): q (directly, or q_a_proj -> RMSNorm ->
+    q_b_proj), the joint compression kv_a_proj_with_mqa split into the latent (RMSNorm'd) and the shared rope key;
+    rope on the rope parts (its products save only cos/sin), torch.cat(q_pass, q_rot) and expand_kv's new_empty key
+    (l.412-417) are fresh tensors; the value is a slice of kv_b_proj's output, so saving it pins all of it."""
+    s, lay, tp = cx.lay.spec, cx.lay, cx.tape
+    n, nh, rope, vd = cx.tokens, s.num_heads, s.qk_rope_head_dim, s.v_head_dim
+    qk, h_in = s.head_dim, s.hidden_size
+    nope = qk - rope
+    if s.q_lora_rank:
+        qa = rms_norm(cx, linear(cx, h, "q_a_proj", h_in, s.q_lora_rank), s.q_lora_rank)
+        q = linear(cx, qa, "q_b_proj", s.q_lora_rank, nh * qk)
+    else:
+        q = linear(cx, h, "q_proj", h_in, nh * qk)
+    ckv = linear(cx, h, "kv_a_proj_with_mqa", h_in, s.kv_lora_rank + rope)
+    latent = rms_norm(cx, ckv.view(n * s.kv_lora_rank), s.kv_lora_rank)
+    rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype
+    q = T(n * nh * qk, rope_width, q.rg)  # cat(q_pass, rotated q_rot): promoted to the rotated part's dtype
+    kvb = linear(cx, latent, "kv_b_proj", s.kv_lora_rank, nh * (nope + vd))
+    k = T(n * nh * qk, kvb.width, kvb.rg or ckv.rg)  # new_empty + copy_ of k_nope and the expanded k_rot
+    v = kvb.view(n * nh * vd)
+    if lay.amp:
+        q, k, v = tp.cast(q, 2), tp.cast(k, 2), tp.cast(v, 2)
+    rg = q.rg or k.rg or v.rg
+    if lay.attn is Attention.EAGER:  # eager_attention_forward: scores, fp32 softmax, probs @ v
+        scores = T(cx.batch * nh * cx.seq * cx.seq, q.width, rg)
+        if rg:
+            tp.save(q, k)
+        probs = tp.cast(tp.saving_output(scores, width=FP32), q.width)
+        probs = tp.cast(probs, 2) if lay.amp else probs
+        # matmul saves a contiguous copy of the sliced v (not kv_b_proj's whole output); the reshape copies
+        out = tp.new(_matmul(cx, probs, tp.new(v), n * nh * vd))
+    elif lay.device == "cpu" and vd != qk:
+        # the CPU flash kernel needs one head size: torch falls back to its math path, which upcasts half inputs to
+        # fp32 and saves the scaled q and k, the probabilities and a contiguous v (measured with saved_tensors_hooks)
+        if rg:
+            tp.save(*(T(m, FP32, False) for m in (q.numel, k.numel, cx.batch * nh * cx.seq * cx.seq, n * nh * vd)))
+        out = tp.new(T(n * nh * vd, cx.c, rg))  # cast back to the input dtype, (B, H, S, D): the reshape copies
+    else:  # CUDA memory-efficient kernel (flash needs one head size): q, k, v (pinning kv_b_proj's output), out, lse
+        out = T(n * nh * vd, cx.c, rg)
+        if rg:
+            tp.save(q, k, v, out, T(n * nh, FP32, False))
+        if lay.device == "cpu":  # the CPU kernel's output follows the (B, H, S, D) query: reshape copies
+            out = tp.new(out)
+    return linear(cx, out, "o_proj", nh * vd, h_in)
 
 
 def sdpa_masked(lay: Layout) -> bool:
@@ -206,6 +259,11 @@ def _moe(cx: _Ctx, h: T) -> T:
 
 def decoder_layer(cx: _Ctx, x: T) -> T:
     s = cx.lay.spec
+    if s.family.post_norms:  # OLMo-2: x + norm(attn(x)), then x + norm(mlp(x))
+        a = rms_norm(cx, attention(cx, x), s.hidden_size, gemma=True)
+        x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
+        m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
+        return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
     a = attention(cx, rms_norm(cx, x, s.hidden_size, gemma=gemma))
     if gemma:
@@ -224,10 +282,18 @@ def stream_width(lay: Layout) -> int:
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved)."""
-    tape = Tape()
-    cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay))
-    decoder_layer(cx, T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg))
-    return tape.nbytes
+    def saved(windowed: bool) -> int:
+        tape = Tape()
+        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed)
+        decoder_layer(cx, T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg))
+        return tape.nbytes
+
+    w, n = lay.spec.windowed_layers, lay.spec.num_layers
+    if w is None or w == n or not sdpa_masked(lay):
+        return saved(True)
+    # layers with and without the window differ (sdpa's explicit mask, repeat_kv copies): their mean, so that the
+    # estimator's num_layers x this is the sum over the layer types
+    return (w * saved(True) + (n - w) * saved(False)) // n
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +311,7 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     tape = Tape()
     cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
     x = T(n * s.hidden_size, stream_width(lay), True)
-    rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms)
+    rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
     norm = tape.nbytes
     c = lay.logits_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0

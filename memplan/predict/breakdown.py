@@ -30,6 +30,7 @@ class Breakdown:
     cuda_context_bytes: int  # CUDA context + cuBLAS workspace, outside the allocator
     phase: str  # forward / backward / optimizer: where the peak happens
     trainable_params: int
+    params: int | None = None  # exact mode: the real model's parameters (the spec's count is rough there)
     method: str = "analytic"  # or "exact" (trace)
     by_module: tuple[tuple[str, int], ...] = ()  # exact mode, --by-module: live bytes at the peak by allocator
     host_bytes: int = 0  # CPU memory per node for offloaded states / parameters (ZeRO / FSDP offload)

@@ -41,7 +41,7 @@ class Layout:
         if not train.is_lora:
             lora: frozenset[str] = frozenset()
         elif ALL_LINEAR in train.lora_targets:
-            lora = frozenset(names)
+            lora = frozenset(names - set(spec.family.all_linear_skips))
         else:
             lora = frozenset(train.lora_targets)
         base_width = trainable_width if full else (2 if half else 4)

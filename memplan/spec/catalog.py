@@ -12,7 +12,8 @@ from memplan.errors import UnknownModel, UnsupportedModel
 from memplan.spec.model import CATALOG_DIR, ModelSpec, load_config_file
 
 # suffixes dropped to make short names; a short name that two entries would share is not registered
-_DROP = ("-hf", "-v0.1", "-4k-instruct", "-chat-v1.0", "-base-2407", "-base", "-intermediate-step-1431k-3t")
+_DROP = ("-hf", "-v0.1", "-4k-instruct", "-chat-v1.0", "-base-2407", "-base", "-intermediate-step-1431k-3t",
+         "-pt")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,8 +75,10 @@ def _load_entry(hf_id: str) -> ModelSpec:
 
 
 def catalog_param_count(entry: CatalogEntry) -> int | None:
-    """The publicly stated parameter count shipped with the entry (a check on our own count)."""
-    return load_config_file(entry.path).get("_param_count")
+    """The publicly stated parameter count shipped with the entry (a check on our own count), else the count
+    shared/model_configs/count.py made from the same fields."""
+    cfg = load_config_file(entry.path)
+    return cfg.get("_param_count") or cfg.get("_param_count_computed")
 
 
 HUB_TIMEOUT_S = 20.0  # a hub lookup that has not answered by then is abandoned (offline machines, slow proxies)

@@ -24,6 +24,8 @@ class Family:
     fused_gate_up: bool = False  # one gate_up_proj Linear, chunked
     rope_concat: bool = False  # apply_rotary_pos_emb concatenates (partial rope): a fresh (B, H, S, D) tensor
     sandwich_norms: bool = False  # Gemma2: RMSNorm after attention and after the MLP too (4 per layer), x * (1 + w)
+    post_norms: bool = False  # OLMo-2: RMSNorm only after attention and after the MLP (none before), w * x in fp32
+    qk_norm_full: bool = False  # OLMo-2: q_norm / k_norm over the whole projection (RMSNorm(heads * head_dim))
     tied_default: bool = False  # tie_word_embeddings when the config does not say
     act: str = "silu"
     mask_types: int = 1  # attention masks built per forward (eager materialises each as (B, 1, S, S))
@@ -33,11 +35,30 @@ class Family:
     remote_code: bool = False  # the architecture lives in the repository's own code (trust_remote_code)
     sliding_window_default: int | None = None  # the Config class's sliding_window when config.json lacks it
     sliding_window_flag: str | None = None  # a config flag that must be true for the window to apply
+    # every Nth layer attends fully, the rest within the window, unless config.json lists layer_types (Gemma3:
+    # sliding_window_pattern, default 6); 0: every layer windowed
+    window_pattern: int = 0
+    mla: bool = False  # multi-head latent attention (DeepSeek: q_lora_rank, kv_lora_rank, rope/nope split)
+    auto_class: str = "AutoModelForCausalLM"  # the transformers Auto class that builds it (VL: ImageTextToText)
+    # modules LLaMA-Factory freezes by default and never targets with LoRA (finetuning_args.py freeze_vision_tower
+    # = True, freeze_multi_modal_projector = True): a module name containing one of these stays frozen
+    frozen_modules: tuple[str, ...] = ()
+    dense_prefix_key: str | None = None  # config key: how many leading layers are dense before the MoE ones
+    text_model: str | None = None  # build only the text decoder: text_config as this model_type
+    # Linear names peft's all-linear does not wrap although they exist: peft 0.21 remaps them to fused MoE expert
+    # parameters (utils/transformers_weight_conversion.py l.402-420, via transformers conversion_mapping.py l.55-56)
+    all_linear_skips: tuple[str, ...] = ()
+    lora_exclude: tuple[str, ...] = ()  # Linear subclasses peft's all-linear must not wrap (they return tuples)
+    limits: str = ""  # what the estimate does not model for this type, said in the note of every estimate
 
     @property
     def norms_per_layer(self) -> int:
         return 4 if self.sandwich_norms else 2
 
+
+_VL_LIMITS = ("text-only inputs: image/video tokens (image_max_pixels) are not costed; the vision tower and "
+              "projector are frozen (LLaMA-Factory's freeze_vision_tower / freeze_multi_modal_projector defaults) "
+              "and only their weights are counted")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="llama", architectures=("LlamaForCausalLM",)),
@@ -52,6 +73,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="gemma2", sandwich_norms=True, tied_default=True, act="gelu", mask_types=2, sdpa=False),
     # Phi3Attention.qkv_proj, Phi3MLP.gate_up_proj; apply_rotary_pos_emb concatenates the rotary part (partial rope)
     Family(model_type="phi3", fused_qkv=True, fused_gate_up=True, rope_concat=True),
+    # Gemma3 text (modeling_gemma3.py): Gemma2's 4 norms x * (1 + w) (Gemma3RMSNorm, l.119-131; Gemma3DecoderLayer
+    # l.362-371), q_norm/k_norm Gemma3RMSNorm(head_dim) (l.310), tied (Gemma3TextConfig l.88), gelu_pytorch_tanh
+    # (l.80); layer_types sliding except every 6th (configuration_gemma3.py l.105-110); sdpa supported (l.413)
+    # with a full and a sliding mask per forward (l.527); no softcapping by default
+    Family(model_type="gemma3_text", architectures=("Gemma3ForCausalLM",), sandwich_norms=True, qk_norm=True,
+           tied_default=True, act="gelu", mask_types=2, window_pattern=6),
     Family(model_type="mixtral", moe=True),
     Family(model_type="qwen3_moe", moe=True, qk_norm=True, intermediate_key="moe_intermediate_size",
            sliding_window_flag="use_sliding_window"),
@@ -62,6 +89,41 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="internlm2", fused_qkv=True, remote_code=True),
     # BloomForCausalLM: ALiBi + LayerNorm, not in the formulas; `_supports_sdpa = False`
     Family(model_type="bloom", analytic=False, sdpa=False),
+    # ---- exact mode only: structures the tape programs do not have --------------------------------------------
+    # Olmo2 (modeling_olmo2.py): q_norm / k_norm = Olmo2RMSNorm(heads * head_dim) on the projections (l.213-229),
+    # post_attention / post_feedforward norms only (l.285-316), Olmo2RMSNorm multiplies in fp32 then casts (l.60-65)
+    Family(model_type="olmo2", architectures=("Olmo2ForCausalLM",), qk_norm=True, qk_norm_full=True,
+           post_norms=True),
+    # Starcoder2: LayerNorm with bias, c_fc/c_proj GELU MLP, biases on every Linear (use_bias)
+    Family(model_type="starcoder2", analytic=False),
+    Family(model_type="gpt_bigcode", analytic=False),  # multi-query attention, fused c_attn, LayerNorm, GELU
+    # DeepseekV2/V3Attention: multi-head latent attention (q_lora_rank, kv_lora_rank, rope/nope split), MoE with
+    # shared experts and first_k_dense_replace dense layers
+    # (a dense MLP while layer_idx < first_k_dense_replace: modeling_deepseek_v2.py l.428, _v3.py l.493)
+    Family(model_type="deepseek_v2", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
+    # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention),
+    # but only for configs whose every layer is dense; with MoE layers (shared experts, sigmoid group routing) it is
+    # the exact mode's
+    Family(model_type="deepseek_v3", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
+           all_linear_skips=("gate_proj", "up_proj", "down_proj")),
+    # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
+    Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
+    # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
+    Family(model_type="qwen2_5_vl", analytic=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",), limits=_VL_LIMITS),
+    Family(model_type="qwen3_vl", analytic=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",), limits=_VL_LIMITS),
+    Family(model_type="gemma3", analytic=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("vision_tower.", "multi_modal_projector."), limits=_VL_LIMITS),
+    # Llama 4 (modeling_llama4.py): transformers 5.24's Llama4ForConditionalGeneration.forward cannot train on text
+    # (it reads `outputs.image_outputs` of the language model's output, which has none: l.1318), so the text decoder
+    # is built alone from text_config, Llama4ForCausalLM. MoE with a shared expert, chunked attention and NoPE
+    # layers (no_rope_layers, l.318); Llama4Router is an nn.Linear returning a tuple (l.141-152), which peft's LoRA
+    # forward cannot wrap (it reads result.dtype): the router is left out of all-linear
+    Family(model_type="llama4", analytic=False, text_model="llama4_text"),
+    Family(model_type="llama4_text", analytic=False, moe=True, lora_exclude=("feed_forward.router",),
+           limits="the text decoder only: the vision tower and projector are not counted (the shipped config has "
+                  "no vision_config) and image tokens are not costed"),
 )}
 
 

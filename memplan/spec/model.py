@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memplan.errors import ConfigError
-from memplan.spec.families import Family, family_of, type_of_architecture
+from memplan.errors import ConfigError, UnsupportedModel
+from memplan.spec.families import FAMILIES, Family, family_of, type_of_architecture
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -51,10 +51,16 @@ class ModelSpec:
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     sliding_window: int | None = None
+    windowed_layers: int | None = None  # layers that use the window (None: all of them; Gemma3: 5 of every 6)
     attn_softcap: float | None = None  # Gemma2 attn_logit_softcapping: tanh(scores / cap) * cap
     final_softcap: float | None = None  # Gemma2 final_logit_softcapping on the logits
     remote_code: bool = False
     max_positions: int | None = None  # max_position_embeddings: longer sequences run past the trained positions
+    q_lora_rank: int = 0  # MLA (DeepSeek-V3): 0 = q_proj directly
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    quantization: str = ""  # how a pre-quantized checkpoint (config.json quantization_config) is costed
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- family facts ------------------------------------------------------------------------------------------
@@ -96,6 +102,13 @@ class ModelSpec:
                     "the estimate holds, the model may not (rope_scaling)")
         return None
 
+    @property
+    def dense_prefix(self) -> int:
+        """Leading layers unlike the rest (DeepSeek's first_k_dense_replace dense MLPs before the MoE layers)."""
+        key = self.family.dense_prefix_key
+        prefix = int(self.config.get(key) or 0) if key else 0
+        return prefix if prefix < self.num_layers else 0  # every layer dense: all alike
+
     # ---- derived -------------------------------------------------------------------------------------------
     @property
     def is_moe(self) -> bool:
@@ -111,6 +124,8 @@ class ModelSpec:
 
     def attention_linears(self) -> tuple[Linear, ...]:
         h, b = self.hidden_size, self.qkv_bias
+        if self.family.mla:
+            return self._mla_linears()
         if self.fused_qkv:
             qkv = (Linear(name="qkv_proj", in_features=h, out_features=self.q_dim + 2 * self.kv_dim, bias=b),)
         else:
@@ -120,6 +135,20 @@ class ModelSpec:
                 Linear(name="v_proj", in_features=h, out_features=self.kv_dim, bias=b),
             )
         return (*qkv, Linear(name="o_proj", in_features=self.q_dim, out_features=h))
+
+    def _mla_linears(self) -> tuple[Linear, ...]:
+        """DeepseekV3Attention.__init__ (modeling_deepseek_v3.py l.370-400): q directly or through the q LoRA, the
+        joint kv compression with the shared rope key, its expansion, o_proj; attention_bias on the a-projections
+        and o_proj."""
+        h, b, nh, qk = self.hidden_size, self.qkv_bias, self.num_heads, self.head_dim
+        nope = self.head_dim - self.qk_rope_head_dim
+        q: tuple[Linear, ...] = (Linear(name="q_proj", in_features=h, out_features=nh * qk),) if not self.q_lora_rank \
+            else (Linear(name="q_a_proj", in_features=h, out_features=self.q_lora_rank, bias=b),
+                  Linear(name="q_b_proj", in_features=self.q_lora_rank, out_features=nh * qk))
+        return (*q, Linear(name="kv_a_proj_with_mqa", in_features=h,
+                           out_features=self.kv_lora_rank + self.qk_rope_head_dim, bias=b),
+                Linear(name="kv_b_proj", in_features=self.kv_lora_rank, out_features=nh * (nope + self.v_head_dim)),
+                Linear(name="o_proj", in_features=nh * self.v_head_dim, out_features=h, bias=b))
 
     def mlp_linears(self) -> tuple[Linear, ...]:
         """The dense MLP of one layer (for MoE: one expert, repeated `num_experts` times)."""
@@ -143,8 +172,9 @@ class ModelSpec:
         h = self.hidden_size
         n = sum(lin.params for lin in self.attention_linears())
         n += self.norms_per_layer * h  # RMSNorm weights: 2 per layer (4 in gemma2)
-        if self.qk_norm:
-            n += 2 * self.head_dim  # q_norm, k_norm
+        if self.qk_norm:  # q_norm, k_norm (OLMo-2: over the whole projections)
+            n += self.q_dim + self.kv_dim if self.family.qk_norm_full else 2 * self.head_dim
+        n += self.q_lora_rank + self.kv_lora_rank  # MLA: q_a_layernorm, kv_a_layernorm (0 otherwise)
         mlp = sum(lin.params for lin in self.mlp_linears())
         if self.is_moe:
             n += h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
@@ -167,9 +197,30 @@ class ModelSpec:
         return self.embedding_params + self.num_layers * self.layer_params + self.head_params
 
     # ---- constructors -------------------------------------------------------------------------------------------
+    def with_layers(self, layers: int) -> ModelSpec:
+        """The same model cut to `layers` decoder layers, in the config too (a VL model's nested text_config)."""
+        def cut(cfg: dict[str, Any]) -> dict[str, Any]:  # layer_types must list exactly the layers built
+            types = cfg.get("layer_types")
+            return {**cfg, "num_hidden_layers": layers,
+                    **({"layer_types": types[:layers]} if isinstance(types, list) else {})}
+
+        text = self.config.get("text_config")
+        if isinstance(text, dict) and "num_hidden_layers" in text:
+            config = {**self.config, "text_config": cut(text)}
+        else:
+            config = cut(self.config)
+        windowed = self.windowed_layers
+        if windowed is not None:  # the cut keeps the first layers' types
+            windowed = _windowed_layers(config, self.family)
+        return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed)
+
     @classmethod
-    def _generic(cls, cfg: dict[str, Any], mtype: str, name: str) -> ModelSpec:
-        """An architecture the formulas do not know: keep the config for the exact mode, rough dims for display."""
+    def _generic(cls, cfg: dict[str, Any], mtype: str, name: str, quantization: str = "") -> ModelSpec:
+        """An architecture the formulas do not know: keep the config for the exact mode, rough dims for display
+        (a VL model's decoder dims from its nested text_config)."""
+        raw = cfg
+        if isinstance(cfg.get("text_config"), dict):
+            cfg = {**cfg, **cfg["text_config"]}
         hidden = _first(cfg, "hidden_size", "n_embed", "n_embd", "d_model", default=0)
         heads = _first(cfg, "num_attention_heads", "n_head", default=1)
         return cls(name=name, model_type=mtype, hidden_size=hidden,
@@ -180,8 +231,10 @@ class ModelSpec:
                    vocab_size=_first(cfg, "vocab_size", default=0),
                    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
                    family=dataclasses.replace(family_of(mtype), analytic=False),
-                   remote_code="auto_map" in cfg,
-                   config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"})
+                   # auto_map on a type with a family entry is an old pointer: transformers builds its own class
+                   remote_code=family_of(mtype).remote_code if mtype in FAMILIES else "auto_map" in raw,
+                   quantization=quantization,
+                   config={k: v for k, v in raw.items() if not k.startswith("_") or k == "_name_or_path"})
 
     @classmethod
     def from_config_dict(cls, cfg: dict[str, Any], *, name: str | None = None) -> ModelSpec:
@@ -191,13 +244,25 @@ class ModelSpec:
         if not mtype:
             raise ConfigError(f"{label}: config.json has no model_type; add one (e.g. \"model_type\": \"llama\")")
         fam = family_of(mtype)
+        if fam.text_model and isinstance(cfg.get("text_config"), dict):  # the text decoder alone
+            text = {**cfg["text_config"], "model_type": fam.text_model}
+            outer = {k: cfg[k] for k in ("_name_or_path", "quantization_config") if k in cfg}
+            return cls.from_config_dict({**outer, **text}, name=name)
+        quant = _quantization(cfg, str(name or label))
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
-        if not fam.analytic or mixed:
-            return cls._generic(cfg, mtype, str(name or label))
+        if fam.dense_prefix_key:  # DeepSeek: dense layers first, then MoE ones (the Config default when absent)
+            prefix = cfg.get(fam.dense_prefix_key)
+            mixed = mixed or prefix is None or prefix < cfg.get("num_hidden_layers", 0)
+        if not fam.analytic or mixed or quant:  # a quantized checkpoint: the exact mode, whose note says how
+            return cls._generic(cfg, mtype, str(name or label), quant)
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
+        if fam.mla:  # DeepseekV3Config's defaults (q_lora_rank 1536, ...) are another model's: each must be given
+            required += ["kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"]
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]
+        if fam.mla and "q_lora_rank" not in cfg:
+            problems.append(f"{label}: missing q_lora_rank (null for a direct q_proj)")
         problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in required
                      if k in cfg and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] <= 0)]
         # the optional dimensions the formulas read: positive integers when present (null means the default)
@@ -212,6 +277,8 @@ class ModelSpec:
             raise ConfigError(f"{label}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
                               f"{heads} (and no head_dim is given)")
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        if fam.mla:  # the q/k head: its no-rope and rope parts
+            head_dim = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
         if heads % kv:
             raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
@@ -235,10 +302,15 @@ class ModelSpec:
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
             if experts else 0,
             sliding_window=_sliding_window(cfg, fam),
+            windowed_layers=_windowed_layers(cfg, fam),
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
             final_softcap=cfg.get("final_logit_softcapping") or None,
             remote_code=fam.remote_code,
             max_positions=cfg.get("max_position_embeddings"),
+            q_lora_rank=(cfg.get("q_lora_rank") or 0) if fam.mla else 0,
+            kv_lora_rank=cfg["kv_lora_rank"] if fam.mla else 0,
+            qk_rope_head_dim=cfg["qk_rope_head_dim"] if fam.mla else 0,
+            v_head_dim=cfg["v_head_dim"] if fam.mla else 0,
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
         )
 
@@ -252,6 +324,45 @@ def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:
     if fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag):
         return None
     return cfg.get("sliding_window", fam.sliding_window_default)
+
+
+# quantization_config.quant_method of checkpoints memplan costs, and how: the trained model holds these weights
+# dequantized to the training dtype (the exact mode builds that model)
+DEQUANTIZED = {
+    # transformers quantizer_mxfp4.py l.209-213: MXFP4 is not trainable; training loads Mxfp4Config(dequantize=True)
+    "mxfp4": "the checkpoint's MXFP4 experts are costed dequantized to the training dtype, as transformers must "
+             "load them to train (Mxfp4Config(dequantize=True))",
+    # quantizer_finegrained_fp8.py l.38-57: dequantized without a GPU of compute capability >= 8.9; trainable in FP8
+    "fp8": "the checkpoint's FP8 weights are costed dequantized to the training dtype (as transformers loads them "
+           "below compute capability 8.9); on H100-class GPUs a frozen FP8 base (1 byte + 128x128 block scales) "
+           "holds about half those weight bytes",
+}
+
+
+def _quantization(cfg: dict[str, Any], label: str) -> str:
+    """How a pre-quantized checkpoint is costed (DEQUANTIZED), or a one-line refusal for storage not modelled."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return ""
+    method = str(q.get("quant_method", "")).lower() if isinstance(q, dict) else ""
+    if method in DEQUANTIZED:
+        return DEQUANTIZED[method]
+    bits = q.get("bits") or (4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else None) \
+        if isinstance(q, dict) else None
+    raise UnsupportedModel(
+        f"{label}: its weights are pre-quantized ({method or 'unknown method'}{f', {bits}-bit' if bits else ''}), a "
+        "storage memplan does not model; estimate the unquantized model with --method qlora --quant-bits "
+        f"{8 if bits == 8 else 4} (bitsandbytes: about the same weight bytes) or --method lora")
+
+
+def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:
+    """How many layers attend within the window: config.json's layer_types, else the family's pattern."""
+    if isinstance(cfg.get("layer_types"), list):
+        return sum(t == "sliding_attention" for t in cfg["layer_types"])
+    if not fam.window_pattern:
+        return None
+    every = cfg.get("sliding_window_pattern") or fam.window_pattern
+    return sum(bool((i + 1) % every) for i in range(cfg["num_hidden_layers"]))
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

@@ -26,6 +26,16 @@ TINY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(model_type="mixtral", **{**_BASE, "intermediate_size": 352}, num_local_experts=4,
                     num_experts_per_tok=2, sliding_window=None),
     # GLM-4 (model_type glm): q/k/v biases by default, fused gate_up, half-rotary rope
+    # Gemma3 text: sandwich + q/k Gemma norms, a window of 64 on 2 of every 3 layers (tests run longer sequences)
+    "gemma3_text": dict(model_type="gemma3_text", **{**_BASE, "num_attention_heads": 4, "num_key_value_heads": 2},
+                        head_dim=64, query_pre_attn_scalar=64, sliding_window=64, sliding_window_pattern=3,
+                        hidden_activation="gelu_pytorch_tanh"),
+    # DeepSeek-V3 MLA (q LoRA 96, latent 64, rope 16 + nope 32 per head, v 32), every layer dense: analytic
+    "deepseek_v3": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=96,
+                        kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                        first_k_dense_replace=3),
+    # OLMo-2: post-norms only, q/k norms over the whole projections
+    "olmo2": dict(model_type="olmo2", **_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "glm": dict(model_type="glm", **_BASE, head_dim=32, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2),
 }
 

@@ -26,7 +26,7 @@ def extrapolate(traces: list[Trace], layers: int) -> Trace | None:
     def line(x: int, y: int, n: int) -> int:
         return x + (y - x) * (n - a.layers)
 
-    fields = ("weights", "states", "forward_end", "trainable")
+    fields = ("weights", "states", "forward_end", "trainable", "params")
     if len(traces) == 3:
         c = traces[2]
         pairs = [(getattr(a, f), getattr(b, f), getattr(c, f)) for f in fields]
@@ -38,7 +38,8 @@ def extrapolate(traces: list[Trace], layers: int) -> Trace | None:
     phase = max(peaks, key=peaks.__getitem__)
     full = Trace(layers=layers, peak=peaks[phase], weights=line(a.weights, b.weights, layers),
                  states=line(a.states, b.states, layers), forward_end=line(a.forward_end, b.forward_end, layers),
-                 trainable=line(a.trainable, b.trainable, layers), phase=phase, phase_peaks=peaks,
+                 trainable=line(a.trainable, b.trainable, layers), params=line(a.params, b.params, layers),
+                 phase=phase, phase_peaks=peaks,
                  by_module={k: line(a.by_module.get(k, 0), v, layers) for k, v in b.by_module.items()},
                  peak_reserved=line(a.peak_reserved, b.peak_reserved, layers),
                  reserved_allocated=line(a.reserved_allocated, b.reserved_allocated, layers),

@@ -38,8 +38,11 @@ def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, tr
     bd = exact_estimate(spec, train, trust_remote_code=trust_remote_code, by_module=by_module)
     if exact:
         return bd
-    return dataclasses.replace(bd, note=f"{spec.model_type} is not in the analytic formulas: using the exact mode "
-                                        "(fake-tensor trace)")
+    limits = f"; {bd.note}" if bd.note else ""  # what the trace leaves out for this type (Family.limits)
+    why = (f"{spec.model_type} is not in the analytic formulas" if not spec.family.analytic else
+           f"{spec.name} is a pre-quantized checkpoint" if spec.quantization else
+           f"{spec.name} mixes layer kinds (dense and MoE) the analytic formulas do not")
+    return dataclasses.replace(bd, note=f"{why}: using the exact mode (fake-tensor trace){limits}")
 
 
 def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,
@@ -59,12 +62,13 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     if not train.parallel.traceable:
         raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
                                "per-rank memory under DDP / ZeRO / offload is analytic: drop --exact")
-    if spec.is_moe:
+    if spec.is_moe or spec.family.moe:
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
     if train.sharding.is_fsdp2:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
+    first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:
         traces = trace_depths(spec, traced_train, depths, by_module)
@@ -100,6 +104,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     frag = full.peak_reserved - full.reserved_allocated
     return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=CUDA_CONTEXT_BYTES, phase=full.phase, trainable_params=full.trainable,
+                     params=full.params, note="; ".join(n for n in (spec.family.limits, spec.quantization) if n),
                      fragmentation_bytes=frag,
                      reserved_explain="the traced allocations replayed through the caching-allocator model "
                                       f"({(reserved - peak) / 2**30:.2f} GiB over the allocated peak; "

@@ -50,19 +50,25 @@ def fake_parameters(model: Any, torch: Any) -> None:
 
 @contextlib.contextmanager
 def quiet():  # noqa: ANN202
-    """transformers' deprecation warnings and config notices are not the user's business here."""
+    """transformers' deprecation warnings and config notices are not the user's business here, nor the fake-tensor
+    mode's log of an op that failed (the error itself is raised, and reported in one line)."""
+    import logging
     import warnings
 
     import transformers
 
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    fake_level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             yield
         finally:
             transformers.logging.set_verbosity(level)
+            fake_log.setLevel(fake_level)
 
 
 @contextlib.contextmanager

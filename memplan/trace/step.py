@@ -25,6 +25,7 @@ class Trace:
     states: int  # optimizer states after the steps
     forward_end: int  # live bytes when step 2's forward returned
     trainable: int  # trainable parameters
+    params: int = 0  # the model's own parameters (adapters excluded)
     phase: str
     peak_reserved: int = 0  # max_memory_reserved of the step's allocations replayed through the allocator model
     reserved_allocated: int = 0  # memory_allocated (rounded blocks) at that reserved peak
@@ -54,7 +55,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     )
     from memplan.trace.tracker import LiveBytes
 
-    cut = dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
+    cut = spec.with_layers(layers)
     with quiet():
         model = build_model(cut, train, device="meta")  # outside the fake mode: get_peft_model / .to() fail in it
     tracker = LiveBytes(by_owner=by_module, record_events=True)
@@ -71,7 +72,8 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     with fake_process_group(train) as mesh, FakeTensorMode(), no_packed_sequence_detection(), \
             fake_friendly_experts(), quiet():
         fake_parameters(model, torch)
-        ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
+        vocab = model.get_input_embeddings().num_embeddings  # a VL config may leave vocab_size to its default
+        ids = torch.randint(0, vocab, (train.batch_size, train.seq_len))
         tensors = list(model.parameters()) + list(model.buffers())
         tracker.seed(tensors + [ids])
         del tensors  # sharding must be able to free the full parameters
@@ -90,12 +92,14 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
             reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
         events, tracker.events = tracker.events or [], None
     # the parameters, buffers, ids and states were seeded first, one request each (as when a model is loaded and
     # step 1 made the states), then step 2's allocations and frees in order
     reserved = replay(events)
     return Trace(layers=layers, peak=tracker.peak, weights=weights, states=states,
-                 forward_end=marks.get("forward:2", 0), trainable=trainable, phase=tracker.peak_phase,
+                 forward_end=marks.get("forward:2", 0), trainable=trainable, params=params,
+                 phase=tracker.peak_phase,
                  peak_reserved=reserved.peak_reserved_bytes,
                  reserved_allocated=reserved.allocated_at_peak_reserved_bytes,
                  phase_peaks=dict(tracker.phase_peaks),

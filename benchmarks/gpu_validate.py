@@ -20,7 +20,9 @@ from pathlib import Path
 from memplan.predict.estimator import estimate
 from memplan.probe.launch import ProbeOptions, probe
 from memplan.spec.catalog import resolve_model
-from memplan.spec.train import Method, Precision, TrainConfig
+from memplan.spec.optimizers import Optimizer
+from memplan.spec.stacks import Stack
+from memplan.spec.train import Method, Precision, Stage, TrainConfig
 
 F, L, Q = Method.FULL, Method.LORA, Method.QLORA
 FP32, BF16, PURE = Precision.FP32, Precision.BF16, Precision.PURE_BF16
@@ -44,16 +46,29 @@ MATRIX = [
     ("mistral-7b-v0.1", L, PURE, False, 1, 512),
     ("mistral-7b-v0.1", F, PURE, True, 1, 1024),
 ]
+# issue 17: each stack (QLoRA both ways: peft's k-bit upcast or LLaMA-Factory's none), 8-bit AdamW, DPO pairs with
+# a reference forward — (model, method, precision, checkpointing, batch, seq, other knobs)
+STACK_MATRIX = [
+    ("llama-3.2-1b", Q, BF16, True, 4, 2048, dict(stack=Stack.HF)),
+    ("llama-3.2-1b", Q, BF16, True, 4, 2048, dict(stack=Stack.LLAMAFACTORY)),
+    ("llama-3.2-1b", L, BF16, True, 4, 2048, dict(stack=Stack.LLAMAFACTORY)),
+    ("qwen2.5-1.5b", F, BF16, True, 2, 1024, dict(optimizer=Optimizer.ADAMW_8BIT)),
+    ("llama-3.2-1b", L, BF16, True, 2, 1024, dict(stage=Stage.DPO)),
+    ("mistral-7b-v0.1", Q, BF16, True, 2, 2048, dict(stack=Stack.HF)),
+    ("mistral-7b-v0.1", Q, BF16, True, 2, 2048, dict(stack=Stack.LLAMAFACTORY)),
+]
 
 
 def rows(budget_s: float, dry: bool) -> list[dict[str, object]]:
     out, start = [], time.perf_counter()
-    for model, method, prec, ckpt, b, s in MATRIX:
+    for model, method, prec, ckpt, b, s, *more in [*MATRIX, *STACK_MATRIX]:
         spec = resolve_model(model)
-        train = TrainConfig(method=method, precision=prec, checkpointing=ckpt, batch_size=b, seq_len=s)
+        train = TrainConfig(method=method, precision=prec, checkpointing=ckpt, batch_size=b, seq_len=s,
+                            **(more[0] if more else {}))
         est = estimate(spec, train)
         row: dict[str, object] = dict(model=model, method=method.value, precision=prec.value, checkpointing=ckpt,
-                                      batch=b, seq=s, est_allocated=est.peak_allocated_bytes,
+                                      batch=b, seq=s, stack=train.stack.value, stage=train.stage.value,
+                                      optimizer=train.optimizer.value, est_allocated=est.peak_allocated_bytes,
                                       est_reserved=est.peak_reserved_bytes, est_total=est.total_bytes)
         if dry:
             print(row)

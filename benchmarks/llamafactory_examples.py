@@ -24,18 +24,23 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("examples", type=Path)
     ap.add_argument("--label", default="LLaMA-Factory HEAD")
+    ap.add_argument("--timeout", type=float, default=300.0)
     args = ap.parse_args()
     files = sorted(p for p in args.examples.rglob("*.yaml")
                    if any(str(p.relative_to(args.examples)).startswith(t) for t in TRAINING))
-    rows, counts = [], {"estimated": 0, "warned": 0, "refused": 0, "traceback": 0}
+    rows, counts = [], {"estimated": 0, "warned": 0, "refused": 0, "timeout": 0, "traceback": 0}
     for path in files:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--config", str(path), "--json"],
-                              capture_output=True, text=True, timeout=120, check=False, cwd=args.examples.parent,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--config", str(path), "--json"],
+                                  capture_output=True, text=True, timeout=args.timeout, check=False,
+                                  cwd=args.examples.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        except subprocess.TimeoutExpired:  # the exact mode of a big MoE / VL model on a loaded machine
+            proc = subprocess.CompletedProcess([], 124, "", f"timed out after {args.timeout} s")
         wall = time.perf_counter() - t0
         err = " ".join(proc.stderr.split())
-        kind = "traceback" if "Traceback" in proc.stderr else "estimated" if proc.returncode == 0 else "refused"
+        kind = "traceback" if "Traceback" in proc.stderr else "estimated" if proc.returncode == 0 else \
+            "timeout" if proc.returncode == 124 else "refused"
         counts[kind] += 1
         counts["warned"] += "warning:" in err and proc.returncode == 0
         rows.append(f"| `{path.relative_to(args.examples)}` | {proc.returncode} | {kind} | {wall:.1f} s | "
@@ -45,7 +50,8 @@ def main() -> int:
         f"# LLaMA-Factory example configs ({args.label})", "",
         f"`python benchmarks/llamafactory_examples.py EXAMPLES_DIR --label '{args.label}'`, with `HF_HUB_OFFLINE=1`: "
         f"{n} training YAMLs; {counts['estimated']} estimated ({counts['warned']} of them naming keys not modelled "
-        f"yet), {counts['refused']} refused in one line, {counts['traceback']} tracebacks.", "",
+        f"yet), {counts['refused']} refused in one line, {counts['timeout']} over {args.timeout:.0f} s, "
+        f"{counts['traceback']} tracebacks.", "",
         "| config | exit | outcome | wall | stderr |", "|---|---|---|---|---|", *rows, ""]))
     print(f"{n} configs: {counts} -> {OUT}")
     return 1 if counts["traceback"] else 0

@@ -54,7 +54,8 @@ def test_inputs_name_their_stack(tmp_path) -> None:
         "model_name_or_path": "meta-llama/Llama-2-7b-hf", "stage": "sft", "do_train": True,
         "finetuning_type": "lora", "quantization_bit": 4, "bf16": True}))
     assert read_llamafactory(tmp_path / "cfg.yaml").train.stack is Stack.LLAMAFACTORY
-    assert config_from_flags(["--bf16"], TrainConfig(stack=Stack.REFERENCE)).stack is Stack.HF
+    assert config_from_flags(["--bf16"], TrainConfig()).stack is Stack.HF  # an HF Trainer script: hf by default
+    assert config_from_flags(["--bf16"], TrainConfig(stack=Stack.REFERENCE)).stack is Stack.REFERENCE  # --stack
     assert train_from_dict(TrainConfig(stack=Stack.REFERENCE).to_dict()).stack is Stack.REFERENCE
 
 

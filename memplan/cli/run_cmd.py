@@ -11,7 +11,7 @@ from memplan.cli.options import ConfigOpt, GpuOpt, OptModel, knob_options
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
-@knob_options("method", "seq_len", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+@knob_options("method", "seq_len", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "stack")
 def run(command: Annotated[list[str] | None, typer.Argument(help="the training command, after --")] = None,
         config: ConfigOpt = None, model: OptModel = None, gpu: GpuOpt = None,
         max_retries: Annotated[int, typer.Option("--max-retries", help="relaunches after an OOM")] = 3,

@@ -12,14 +12,12 @@ from typing import Any
 
 from memplan.errors import ConfigError
 from memplan.spec import optimizers
-from memplan.spec.stacks import Stack
 from memplan.spec.train import Precision, TrainConfig
 
 # TrainingArguments defaults for the fields memplan reads (transformers.training_args.TrainingArguments)
-# (+ the stack: an HF Trainer run is the hf stack, memplan.spec.stacks)
+# (the stack is the base's: hf unless the command line names another, memplan.spec.stacks)
 DEFAULTS: dict[str, object] = dict(batch_size=8, grad_accum=1, checkpointing=False,
-                                   optimizer=optimizers.Optimizer.ADAMW, precision=Precision.FP32, stack=Stack.HF,
-                                   eval_batch_size=0)
+                                   optimizer=optimizers.Optimizer.ADAMW, precision=Precision.FP32, eval_batch_size=0)
 
 
 def hf_training_kwargs(train: TrainConfig, output_dir: str = "output") -> dict[str, Any]:

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from memplan.predict.estimator import estimate
-from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
+from memplan.spec.stacks import Stack
+from memplan.spec.train import Attention, Method, Optimizer, Precision, Stage, TrainConfig
 from memplan.testing.tiny import tiny_spec
 from memplan.testing.truth import measure_cpu_peak
 
@@ -74,10 +75,24 @@ def configurations(quick: bool = False) -> list[tuple[str, TrainConfig]]:
         ("mixtral", dict(method="lora", precision="bf16", checkpointing=False)),
         ("mixtral", dict(method="lora", precision="bf16", checkpointing=True, batch_size=4)),
         ("mixtral", dict(method="freeze", precision="bf16", checkpointing=False)),
+        # QLoRA for real (bitsandbytes 0.50 NF4 on CPU) under each stack; 8-bit optimizers; DPO pairs + reference
+        ("llama", dict(method="qlora", precision="bf16", stack="hf", checkpointing=True)),
+        ("llama", dict(method="qlora", precision="bf16", stack="hf", checkpointing=False)),
+        ("qwen2", dict(method="qlora", precision="bf16", stack="hf", checkpointing=True)),
+        ("gemma2", dict(method="qlora", precision="bf16", stack="hf", checkpointing=True)),
+        ("phi3", dict(method="qlora", precision="bf16", stack="hf", checkpointing=False)),
+        ("llama", dict(method="qlora", precision="bf16", stack="llamafactory", checkpointing=True)),
+        ("mistral", dict(method="qlora", precision="pure_bf16", stack="reference", checkpointing=False)),
+        ("llama", dict(method="qlora", precision="fp16", stack="hf", lora_dropout=0.1, checkpointing=True)),
+        ("llama", dict(method="lora", precision="bf16", optimizer="adamw_8bit", checkpointing=False)),
+        ("qwen2", dict(method="full", precision="pure_bf16", optimizer="paged_adamw_8bit", checkpointing=True)),
+        ("llama", dict(method="lora", precision="bf16", stage="dpo", checkpointing=True, batch_size=1)),
+        ("llama", dict(method="full", precision="bf16", stage="dpo", checkpointing=False, batch_size=1)),
     ]
     for arch, kw in extra:
         kw = {"batch_size": 2, "seq_len": 256, **kw}
-        for key, enum in (("method", Method), ("precision", Precision), ("optimizer", Optimizer), ("attn", Attention)):
+        for key, enum in (("method", Method), ("precision", Precision), ("optimizer", Optimizer), ("attn", Attention),
+                          ("stack", Stack), ("stage", Stage)):
             if key in kw:
                 kw[key] = enum(kw[key])
         out.append((arch, TrainConfig().with_(**kw)))
@@ -95,7 +110,7 @@ def run(quick: bool) -> list[dict[str, object]]:
         err = 100.0 * (est.peak_allocated_bytes / truth.peak_bytes - 1.0)
         rows.append(dict(arch=arch, method=cfg.method.value, precision=cfg.precision.value,
                          checkpointing=cfg.checkpointing, optimizer=cfg.optimizer.value, attn=cfg.attn.value,
-                         grad_accum=cfg.grad_accum,
+                         grad_accum=cfg.grad_accum, stack=cfg.stack.value, stage=cfg.stage.value,
                          lora=f"r{cfg.lora_rank}:{'+'.join(cfg.lora_targets)}:d{cfg.lora_dropout}" if cfg.is_lora
                          else "", batch=cfg.batch_size, seq=cfg.seq_len, truth_bytes=truth.peak_bytes,
                          truth_phase=f"{truth.phase}:{truth.step}", estimate_bytes=est.peak_allocated_bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Annotated, Any
 
@@ -85,6 +86,9 @@ def _with_timeline(spec: Any, train: Any, path: str, trust_remote_code: bool, by
 
     if not path.endswith((".html", ".htm")):
         raise ConfigError(f"--timeline {path}: the timeline is an HTML page: give a FILE.html")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # said before the trace, not after it
+        raise ConfigError(f"--timeline {path}: {folder} is not a folder this user can write to")
     run = exact_run(spec, train, trust_remote_code=trust_remote_code, by_module=by_module, labels=True)
     try:
         size = write_timeline(path, run, spec, render.page_title(spec, train))

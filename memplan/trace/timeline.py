@@ -120,16 +120,28 @@ def _moved(label: Label, shift: int) -> Label:
 
 
 def band_of(label: Label, after_head: bool) -> str:
-    """The strip an allocation is drawn in: `layer N` / `backward layer N`, loss, the phase, or the loaded states."""
+    """The strip an allocation is drawn in: `layer N` / `backward layer N`, loss / `backward loss`, the phase, or
+    the loaded states. The loss is the head and what the model class's own forward (named by its class, as
+    labels.py names the root) computes after it."""
     phase, module, op = label
     if not op:
         return "model states (before the step)"
     m = _LAYER.search(module)
     if m:
         return f"layer {m.group(2)}" if phase == "forward" else f"{phase} layer {m.group(2)}"
-    if phase == "forward" and (module == "lm_head" or (after_head and "." not in module and module != "model")):
+    root = module[:1].isupper()
+    if phase == "forward" and (module == "lm_head" or (after_head and root)):
         return "loss"
+    if phase == "backward" and (module == "lm_head" or root):
+        return "backward loss"
     return phase or "step"
+
+
+def _phase_of(band: str) -> str:
+    """The phase strip a band belongs to: forward (its layers), loss, backward (its layers and the loss's)."""
+    if band.startswith("layer "):
+        return "forward"
+    return band.split(" ")[0] if band.startswith("backward") else band
 
 
 def describe(label: Label | None) -> str:
@@ -161,8 +173,7 @@ def timeline_data(run: ExactRun, spec: ModelSpec, title: str) -> dict:
     bd = run.breakdown
     loaded = next((i for i, b in enumerate(bands) if not b.startswith("model states")), 0)
     return {"title": title, "how": step.how, "events": n, "points": points, "texts": list(names), "step_from": loaded,
-            "phases": _runs(bands, lambda b: b.split(" layer ")[0] if " layer " in b else
-                            ("forward" if b.startswith("layer ") else b)),
+            "phases": _runs(bands, _phase_of),
             "layers": [r for r in _runs(bands, lambda b: b) if "layer " in r[2]],
             "peak": {"at": peak_at, "bytes": alloc[peak_at], "label": peak_label, "band": bands[peak_at]},
             "reserved_peak": max(reserved), "live_at_peak": live, "top": top,

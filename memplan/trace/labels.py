@@ -17,7 +17,7 @@ _TAG = "memplan_module"  # the key of a module's name in an autograd node's meta
 
 
 class LabelledLiveBytes(LiveBytes):
-    """LiveBytes recording events, with `labels[i]` the Label of allocation event i (frees have none)."""
+    """LiveBytes recording events, with `labels[i]` the Label of event i (a free's: its phase only)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(record_events=True, **kwargs)
@@ -39,6 +39,12 @@ class LabelledLiveBytes(LiveBytes):
         super()._add(t, check)
         if len(self.events) > n:
             self.labels[n] = (self.phase, self._module(), self._op_name())
+
+    def _free(self, key: int) -> None:
+        n = len(self.events) if self.events is not None else -1
+        super()._free(key)
+        if self.events is not None and len(self.events) > n:
+            self.labels[n] = (self.phase, "", "")
 
     def _module(self) -> str:
         if self.modules:

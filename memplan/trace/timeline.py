@@ -144,6 +144,11 @@ def _phase_of(band: str) -> str:
     return band.split(" ")[0] if band.startswith("backward") else band
 
 
+def size_text(nbytes: int) -> str:
+    """`12.34 GiB`, or `45.6 MiB` under a GiB."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
 def describe(label: Label | None) -> str:
     """`during backward at aten::mm in model.layers.1.mlp` (what the peak label says after its size)."""
     if label is None:
@@ -158,7 +163,7 @@ def timeline_data(run: ExactRun, spec: ModelSpec, title: str) -> dict:
     """Everything the page draws, downsampled to at most POINTS buckets."""
     step = full_depth_events(run, spec)
     alloc, reserved, live, top, peak_at = _replay(step)
-    bands = _bands(step.labels)
+    bands = _bands(step)
     n = len(step.events)
     size = max(1, -(-n // POINTS))
     names: dict[str, int] = {}
@@ -166,10 +171,10 @@ def timeline_data(run: ExactRun, spec: ModelSpec, title: str) -> dict:
     for start in range(0, n, size):
         stop = min(n, start + size)
         hi = max(range(start, stop), key=alloc.__getitem__)
-        text = describe(step.labels[hi]) or bands[hi]
+        text = (describe(step.labels[hi]) if step.events[hi][0] == ALLOC else "") or bands[hi]
         points.append([start, alloc[hi], min(alloc[start:stop]), max(reserved[start:stop]),
                        names.setdefault(text, len(names))])
-    peak_label = f"peak {alloc[peak_at] / GIB:.2f} GiB {describe(step.labels[peak_at])}"
+    peak_label = f"peak {size_text(alloc[peak_at])} {describe(step.labels[peak_at])}"
     bd = run.breakdown
     loaded = next((i for i, b in enumerate(bands) if not b.startswith("model states")), 0)
     return {"title": title, "how": step.how, "events": n, "points": points, "texts": list(names), "step_from": loaded,
@@ -210,11 +215,15 @@ def _replay(step: StepEvents) -> tuple[list[int], list[int], dict, list[dict], i
     return alloc, reserved, live, top, peak_at
 
 
-def _bands(labels: list[Label | None]) -> list[str]:
-    """Each event's strip; a free, or an allocation no module claims, stays in the strip before it."""
+def _bands(step: StepEvents) -> list[str]:
+    """Each event's strip; an allocation no module claims stays in the strip before it, and a free too unless it
+    happens in another phase (the optimizer's zero_grad frees the gradients, say)."""
     bands, current, after_head = [], "model states (before the step)", False
-    for label in labels:
-        if label is not None:
+    for (kind, *_rest), label in zip(step.events, step.labels, strict=True):
+        if label is not None and kind != ALLOC:
+            if label[0] and label[0] != _step_phase(current):
+                current = label[0]
+        elif label is not None:
             after_head = (after_head or label[1] == "lm_head") and label[0] == "forward"
             band = band_of(label, after_head)
             unclaimed = not label[1] and label[0] in ("forward", "backward")
@@ -222,6 +231,12 @@ def _bands(labels: list[Label | None]) -> list[str]:
                 current = band
         bands.append(current)
     return bands
+
+
+def _step_phase(band: str) -> str:
+    """The tracker's phase a band is in (the loss is computed in forward and differentiated in backward)."""
+    phase = _phase_of(band)
+    return {"loss": "forward", "model states (before the step)": ""}.get(phase, phase)
 
 
 def _runs(bands: list[str], key: object) -> list[list]:

@@ -127,6 +127,16 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
                           "(memplan probe) before a long run[/]")
 
 
+def page_title(spec: ModelSpec, train: TrainConfig) -> str:
+    """The model and the configuration in one line (the timeline page's title)."""
+    return f"{spec.name} · {_describe(train, spec)}"
+
+
+def note_stderr(text: str) -> None:
+    """One line on stderr (beside --json output on stdout)."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text)
+
+
 def _describe(train: TrainConfig, spec: ModelSpec) -> str:
     parts = [train.method.value]
     if train.is_lora:

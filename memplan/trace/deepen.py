@@ -16,13 +16,23 @@ import difflib
 from memplan.predict.allocator import ALLOC, FREE
 
 Event = tuple[str, int, int, int]  # (kind, storage id, nbytes, stream), as LiveBytes records them
+Source = tuple[int, int, bool]  # a made event's (index in the deeper trace, copy number, inserted)
 
 
 def deepen(shallow: list[Event], deeper: list[Event], copies: int) -> list[Event] | None:
     """`deeper` (one more layer than `shallow`) with its inserted layer repeated `copies` more times; None when the
     two do not differ by insertions alone, or the insertion's frees do not chain (then nothing is extrapolated)."""
+    made = deepen_with_sources(shallow, deeper, copies)
+    return made[0] if made is not None else None
+
+
+def deepen_with_sources(shallow: list[Event], deeper: list[Event],
+                        copies: int) -> tuple[list[Event], list[Source]] | None:
+    """`deepen`, and for each event made where it comes from: (its index in `deeper`, which copy of the inserted
+    layer it is (0: the traced one), whether it is inserted). An allocation's index is the same in `deeper` as
+    recorded (only runs of frees are reordered), so the timeline reads its label there."""
     if copies == 0:
-        return list(deeper)
+        return list(deeper), [(i, 0, False) for i in range(len(deeper))]
     shallow, deeper = _sorted_frees(shallow), _sorted_frees(deeper)
     partner2, partner3 = _partners(shallow), _partners(deeper)
     for seq, partner in ((shallow, partner2), (deeper, partner3)):
@@ -66,15 +76,18 @@ def deepen(shallow: list[Event], deeper: list[Event], copies: int) -> list[Event
         return (copy - 1) * n + pred[i] if copy else a
 
     out: list[Event] = []
+    sources: list[Source] = []
     ends = {j2: (j1, j2) for j1, j2 in runs}
     for i, (kind, _key, nbytes, stream) in enumerate(deeper):
         out.append((kind, i if kind == ALLOC else free_key(i, 0), nbytes, stream))
+        sources.append((i, 0, inserted[i]))
         if i + 1 in ends:
             j1, j2 = ends[i + 1]
             for copy in range(1, copies + 1):
                 out += [(k, copy * n + j if k == ALLOC else free_key(j, copy), b, s)
                         for j, (k, _, b, s) in enumerate(deeper[j1:j2], start=j1)]
-    return out if _well_formed(out) else None
+                sources += [(j, copy, True) for j in range(j1, j2)]
+    return (out, sources) if _well_formed(out) else None
 
 
 def _well_formed(events: list[Event]) -> bool:

@@ -4,6 +4,7 @@ extrapolated to the real one; the same Breakdown as the analytic estimator. No m
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from memplan.errors import ConfigError, MemplanError, UnsupportedModel
 from memplan.predict.band import band_for
@@ -14,7 +15,7 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.train import Method, Stage, TrainConfig
 from memplan.trace.depth import extrapolate
 from memplan.trace.fork import trace_depths
-from memplan.trace.step import trace_depth
+from memplan.trace.step import Trace, trace_depth
 
 
 def exact_mode_available() -> bool:
@@ -48,6 +49,22 @@ def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, tr
 def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,
                    by_module: bool = False) -> Breakdown:
     """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one."""
+    return exact_run(spec, train, trust_remote_code=trust_remote_code, by_module=by_module).breakdown
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExactRun:
+    """The exact mode's Breakdown and the traces behind it (what `memplan trace --timeline` draws)."""
+
+    breakdown: Breakdown
+    traces: list[Trace]  # the traced depths, shallowest first
+    full: Trace  # the real depth: one of the traces, a trace at full depth, or the line through them (no events)
+    traced_train: TrainConfig  # what was traced (QLoRA: as LoRA)
+
+
+def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False, by_module: bool = False,
+              labels: bool = False) -> ExactRun:
+    """`exact_estimate` with its traces; labels: every allocation event named by its phase, module and op."""
     if spec.remote_code and not trust_remote_code:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
                                "pass --trust-remote-code to run its code")
@@ -71,7 +88,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
     depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
     try:
-        traces = trace_depths(spec, traced_train, depths, by_module)
+        traces = trace_depths(spec, traced_train, depths, by_module, labels)
     except MemplanError:
         raise
     except Exception as err:  # noqa: BLE001 - transformers' and torch's own errors about the config: one line
@@ -81,10 +98,10 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     full = extrapolate(traces, spec.num_layers)
     deepened = full is not None and traces[-1].layers < spec.num_layers
     if full is None:  # not linear in depth (mixed layer types): trace the real depth
-        full = trace_depth(spec, traced_train, spec.num_layers, by_module)
+        full = trace_depth(spec, traced_train, spec.num_layers, by_module, labels)
         note += "; traced at full depth (per-layer memory not linear)"
     elif full.reserved_extrapolated:  # the traced events did not deepen (depth.py _reserved): replay the real depth
-        full = trace_depth(spec, traced_train, spec.num_layers, by_module)
+        full = trace_depth(spec, traced_train, spec.num_layers, by_module, labels)
         note += "; traced at full depth (the traced allocation events did not extend to the extrapolated peak)"
         deepened = False
     peak, weights, states, reserved = full.peak, full.weights, full.states, full.peak_reserved
@@ -102,7 +119,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                       explain=f"the rest of the peak, during {full.phase}"))
     frag = full.peak_reserved - full.reserved_allocated
-    return Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
+    bd = Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=CUDA_CONTEXT_BYTES, phase=full.phase, trainable_params=full.trainable,
                      params=full.params, note="; ".join(n for n in (spec.family.limits, spec.quantization) if n),
                      fragmentation_bytes=frag,
@@ -113,6 +130,7 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
                                          "layers" if deepened else ""),
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
                      method="exact", band=band_for(train.method))
+    return ExactRun(breakdown=bd, traces=traces, full=full, traced_train=traced_train)
 
 
 def _analytic(spec: ModelSpec, train: TrainConfig, term: str) -> int:

@@ -34,11 +34,15 @@ class Trace:
     # the step's ordered (kind, storage, nbytes, stream) allocations and frees, parameters and states first
     events: list[tuple[str, int, int, int]] = dataclasses.field(default_factory=list, repr=False, compare=False)
     reserved_extrapolated: bool = False  # peak_reserved is a line through traced depths, not a replay
+    # labels=True: the (phase, module, op) that made allocation event i (trace/labels.py), for the timeline
+    labels: dict[int, tuple[str, str, str]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
-def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: bool = False) -> Trace:
+def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: bool = False,
+                labels: bool = False) -> Trace:
     """Trace the reference step of `spec` cut to `layers` decoder layers (by_module: attribute live bytes to the
-    module whose forward allocated them, `layers.*` pooled; backward and optimizer allocations by phase)."""
+    module whose forward allocated them, `layers.*` pooled; backward and optimizer allocations by phase; labels:
+    name the phase, module and op of every allocation event, for `memplan trace --timeline`)."""
     torch = try_import("torch")
     try_import("transformers")
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -46,6 +50,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     from memplan.build.model import build_model, build_optimizer
     from memplan.build.shard import fully_shard_model
     from memplan.build.step import reference_step
+    from memplan.trace.labels import LabelledLiveBytes, label_modules
     from memplan.trace.patches import (
         fake_friendly_experts,
         fake_parameters,
@@ -58,10 +63,12 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     cut = spec.with_layers(layers)
     with quiet():
         model = build_model(cut, train, device="meta")  # outside the fake mode: get_peft_model / .to() fail in it
-    tracker = LiveBytes(by_owner=by_module, record_events=True)
+    tracker = LabelledLiveBytes(by_owner=by_module) if labels else LiveBytes(by_owner=by_module, record_events=True)
     marks: dict[str, int] = {}
     if by_module:
         _attribute_to_modules(model, tracker)
+    if labels:
+        label_modules(model, tracker)
 
     @contextlib.contextmanager
     def mark(name: str):  # noqa: ANN202
@@ -94,6 +101,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
         events, tracker.events = tracker.events or [], None
+        made_by = getattr(tracker, "labels", {})
     # the parameters, buffers, ids and states were seeded first, one request each (as when a model is loaded and
     # step 1 made the states), then step 2's allocations and frees in order
     reserved = replay(events)
@@ -103,7 +111,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
                  peak_reserved=reserved.peak_reserved_bytes,
                  reserved_allocated=reserved.allocated_at_peak_reserved_bytes,
                  phase_peaks=dict(tracker.phase_peaks),
-                 by_module=tracker.peak_by_owner, events=events)
+                 by_module=tracker.peak_by_owner, events=events, labels=made_by)
 
 
 def _storage_bytes(t: Any) -> int:

@@ -222,11 +222,16 @@ def stream_width(lay: Layout) -> int:
     return lay.stream_width
 
 
-def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool) -> int:
-    """Bytes one decoder layer saves for backward (its input included when it is saved)."""
+def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False) -> int:
+    """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
+    a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
+    storage when the stream is fp32, so it is not a second copy)."""
     tape = Tape()
     cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay))
-    decoder_layer(cx, T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg))
+    x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
+    decoder_layer(cx, x)
+    if input_kept:
+        tape.saved.pop(x.storage, None)
     return tape.nbytes
 
 

@@ -12,6 +12,8 @@ Saved activations come from the tape programs in `activations.py`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
@@ -50,13 +52,13 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     c = lay.compute_width
     acts, first_layer_full = _activations(lay)
     head = head_saved(lay, batch=b, seq=s)
-    head_keep = head.norm_bytes + head.logprobs_bytes + head.softcap_bytes
     # cross-entropy backward: log-probs (saved) + their gradient + the logits' gradient, all fp32 (B, S, V)
     ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
     layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0) + \
         rs.layer_backward_bytes
-    base = st.weights_bytes + st.optimizer_states_bytes + comm
+    # input_ids (B, S) int64, alive through the step (labels=ids: the same tensor)
+    base = st.weights_bytes + st.optimizer_states_bytes + comm + 8 * n
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
     # whole forward, and through backward when checkpointed layers keep it as an input
     masks = spec.mask_types * b * s * s * stream_width(lay) if lay.attn is Attention.EAGER else \
@@ -69,21 +71,27 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
     head_grads = _head_grad_bytes(lay)
+    states_base = base  # what the optimizer step sees besides the gradients
     # with accumulation, micro-steps after the first run forward and backward with every gradient already alive
     if train.grad_accum > 1:
         base += st.gradients_bytes
         head_grads = 0
+    rope = _rope_bytes(lay)
     kept = base + ac_backward + acts + (masks if train.checkpointing else 0)
     grad_logits = n * v * lay.logits_width  # the logits' gradient, back in the logits' dtype
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
-        "forward": base + st.autocast_cache_bytes + acts + masks + head.norm_bytes + head_cast + ce_fwd,
-        "backward": kept + rs.backward_bucket_bytes + max(
+        "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
+        + ce_fwd,
+        "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
             head.norm_bytes + head_cast + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
-            head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
-        "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
+            # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
+            # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
+            head_grads + layer_grad + n * spec.hidden_size * c),
+        # the gradients once (with accumulation `base` already holds them)
+        "optimizer": states_base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
         - (0 if rs.gathered_in_step else rs.gathered_bytes),
         # end of backward with tied embeddings trained: the embedding's dense (V, H) gradient and its sum with
         # the lm_head gradient already in .grad (AccumulateGrad adds out of place here)
@@ -132,15 +140,42 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Rope:
+    forward: int  # live through the forward
+    backward: int  # still live in backward
+
+
+def _rope_bytes(lay: Layout) -> _Rope:
+    """The rotary cos/sin and position ids, made once per forward and passed to every layer (transformers 5
+    LlamaModel.forward: `position_ids = torch.arange(S).unsqueeze(0)` int64; LlamaRotaryEmbedding.forward returns
+    `cos.to(x.dtype), sin.to(x.dtype)`, each (1, S, rotary_dim) in the stream dtype, whatever the batch). In
+    backward, cos/sin stay saved by the layers' `q * cos` (any layer whose q or k requires grad); a checkpointed
+    layer's recompute keeps all its inputs, position ids included (torch/utils/checkpoint.py: the non-reentrant
+    frame's recompute_fn closes over args and kwargs; the reentrant one save_for_backward()s the tensor inputs)."""
+    s, tr = lay.spec, lay.train
+    cos_sin = 2 * tr.seq_len * s.rotary_dim * stream_width(lay)
+    ids = 8 * tr.seq_len
+    if tr.checkpointing:
+        return _Rope(cos_sin + ids, cos_sin + ids)
+    qk = {"q_proj", "k_proj", "qkv_proj"}
+    saved = lay.full or tr.method is Method.FREEZE or s.num_layers > 1 or bool(qk & lay.lora_modules)
+    return _Rope(cos_sin + ids, cos_sin if saved else 0)
+
+
 def _activations(lay: Layout) -> tuple[int, int]:
     """(bytes kept for backward by all decoder layers, bytes one recomputed layer saves)."""
     tr, L = lay.train, lay.spec.num_layers
     b, s = tr.batch_size, tr.seq_len
     full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
     if tr.checkpointing:
-        # non-reentrant checkpoint keeps each layer's input hidden states (the rest is recomputed in backward)
+        # a checkpointed layer keeps its input hidden states (the rest is recomputed in backward). Only while
+        # its graph lives: torch/utils/checkpoint.py's non-reentrant frame is held by the saved-tensor hooks of
+        # what the layer saves, and the reentrant CheckpointFunction's ctx by its output's grad_fn; a frozen
+        # layer below the trained ones (freeze) saves nothing and its output needs no grad, so its input is freed
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
-        return L * kept, full_layer
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True)
+        return (lay.trainable_layers if tr.method is Method.FREEZE else L) * kept, recomputed
     if lay.full:
         return L * full_layer, full_layer
     if tr.is_lora:  # the first layer's input does not require grad (frozen embedding)
@@ -213,9 +248,11 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
                                   f"buckets {rs.bucket_bytes:,} B"))
     elif lay.train.sharding is not Sharding.NONE or lay.train.gpus > 1:
         terms[0] = Term(name="weights", bytes=st.weights_bytes, explain=f"{w_explain}; {rs.explain}")
+    ids = 8 * tr.batch_size * tr.seq_len  # the input batch: (B, S) int64 ids (labels=ids), alive all step
     if phase == "optimizer":
         terms += [Term(name="gradients", bytes=st.gradients_bytes, explain="trainable params x param width"),
-                  Term(name="activations", bytes=0, explain="all freed after backward")]
+                  Term(name="activations", bytes=ids, explain="only the input ids (B x S int64): the rest freed "
+                                                              "after backward")]
         step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if opt.foreach_copy else "step"
         terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                           explain=f"optimizer.step() temporaries ({step})"))
@@ -236,7 +273,7 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         "tensors saved for backward by every decoder layer (tape program)"
     cast = f" + autocast half copies of fp32 weights {ac:,} B" if ac else ""
     terms += [Term(name="gradients", bytes=0, explain="allocated during backward; included in transient"),
-              Term(name="activations", bytes=acts + ac, explain=ckpt + cast)]
+              Term(name="activations", bytes=acts + ac + ids, explain=ckpt + cast + " + the input ids")]
     what = "logits, fp32 upcast and log-probs at the loss" if phase == "forward" else \
         "cross-entropy backward (three fp32 B x S x vocab) or a recomputed layer + gradient buffers"
     terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms), explain=f"{what}; LM head"))

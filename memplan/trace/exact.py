@@ -62,7 +62,8 @@ def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bo
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
     if train.sharding.is_fsdp2:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
-    depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
+    # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)
+    depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers] or [spec.num_layers]
     try:
         traces = trace_depths(spec, traced_train, depths, by_module)
     except MemplanError:

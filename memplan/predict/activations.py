@@ -169,6 +169,9 @@ def mlp(cx: _Ctx, h: T) -> T:
         up = linear(cx, h, "up_proj", hid, inter)
     act = cx.tape.saving_input(gate)  # silu / gelu_tanh
     prod = cx.tape.mul(act, up)
+    # backward reaches act * up's node (its three (B, S, I) gradients: layer_backward_buffers) after the down
+    # projection's node (and any later one) ran and released what only they saved (`layer_saved(at_mlp=True)`)
+    cx.tape.mark_here()
     return linear(cx, prod, "down_proj", inter, hid)
 
 
@@ -222,17 +225,20 @@ def stream_width(lay: Layout) -> int:
     return lay.stream_width
 
 
-def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False) -> int:
+def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
+                at_mlp: bool = False) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
     a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
-    storage when the stream is fp32, so it is not a second copy)."""
+    storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
+    reaches the MLP's `act * up` (autograd frees a node's saved tensors once it ran, torch/csrc/autograd/
+    engine.cpp, retain_graph=False; the down projection's saved input is gone by then)."""
     tape = Tape()
     cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay))
     x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
     decoder_layer(cx, x)
-    if input_kept:
-        tape.saved.pop(x.storage, None)
-    return tape.nbytes
+    if input_kept and x.storage in tape.saved:
+        tape.saved[x.storage] = 0  # kept in place: its position before the mark stays
+    return tape.nbytes_before_mark if at_mlp else tape.nbytes
 
 
 @dataclass(frozen=True, slots=True)

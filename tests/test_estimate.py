@@ -13,13 +13,14 @@ ANALYTIC = [e for e in catalog_entries() if resolve_model(e.hf_id).analytic]
 def test_full_adamw_terms_equal_figures_derived_by_hand(precision, width):
     # full fine-tuning with AdamW peaks in optimizer.step(): weights, gradients, exp_avg and exp_avg_sq, and
     # foreach AdamW's _foreach_sqrt(exp_avg_sq) copy, each `width` bytes per parameter (fp32 master weights under
-    # bf16 AMP, 2 B under pure bf16), plus the rotary inv_freq buffer (head_dim / 2 fp32 values)
-    n, rotary = M7.num_parameters, M7.head_dim // 2 * 4
+    # bf16 AMP, 2 B under pure bf16), plus the rotary inv_freq and original_inv_freq buffers (head_dim / 2 fp32
+    # values each), plus the input ids (1 x 512 int64) still alive
+    n, rotary, ids = M7.num_parameters, 2 * (M7.head_dim // 2) * 4, 8 * 512
     bd = estimate(M7, TrainConfig(method=Method.FULL, precision=precision, checkpointing=False, seq_len=512))
     assert bd.phase == "optimizer" and bd.trainable_params == n
     assert {t.name: t.bytes for t in bd.terms} == {"weights": width * n + rotary, "optimizer_states": 2 * width * n,
-                                                   "gradients": width * n, "activations": 0, "transient": width * n}
-    assert bd.peak_allocated_bytes == 5 * width * n + rotary
+                                                   "gradients": width * n, "activations": ids, "transient": width * n}
+    assert bd.peak_allocated_bytes == 5 * width * n + rotary + ids
     assert bd.peak_reserved_bytes >= bd.peak_allocated_bytes
     assert bd.total_bytes == bd.peak_reserved_bytes + bd.cuda_context_bytes
 
@@ -31,7 +32,7 @@ def test_lora_terms_equal_figures_derived_by_hand():
     adapters = 32 * r * (4 * (h + h) + 3 * (h + i))
     bd = estimate(M7, TrainConfig(method=Method.LORA, lora_rank=r, precision=Precision.BF16, seq_len=1024))
     assert bd.trainable_params == adapters == 39_976_960
-    assert bd.term("weights") == 2 * M7.num_parameters + 4 * adapters + M7.head_dim // 2 * 4
+    assert bd.term("weights") == 2 * M7.num_parameters + 4 * adapters + 2 * (M7.head_dim // 2) * 4  # inv_freq x 2
     assert bd.term("optimizer_states") == 2 * 4 * adapters
     assert all(t.bytes >= 0 for t in bd.terms), bd.terms
     assert bd.term("activations") > 0 and bd.phase in ("forward", "backward")
@@ -79,7 +80,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("entry", ANALYTIC, ids=lambda e: e.short_name)
 def test_every_catalog_model_has_consistent_terms(entry):
     spec = resolve_model(entry.hf_id)
-    n, rotary = spec.num_parameters, spec.head_dim // 2 * 4
+    n, rotary = spec.num_parameters, 2 * (spec.rotary_dim // 2) * 4
     # full bf16 AMP with AdamW: fp32 master weights, gradients, two states and the foreach step copy coexist
     full = estimate(spec, TrainConfig(method=Method.FULL))
     assert full.trainable_params == n

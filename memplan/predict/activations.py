@@ -222,6 +222,9 @@ def mlp(cx: _Ctx, h: T) -> T:
         up = linear(cx, h, "up_proj", hid, inter)
     act = cx.tape.saving_input(gate)  # silu / gelu_tanh
     prod = cx.tape.mul(act, up)
+    # backward reaches act * up's node (its three (B, S, I) gradients: layer_backward_buffers) after the down
+    # projection's node (and any later one) ran and released what only they saved (`layer_saved(at_mlp=True)`)
+    cx.tape.mark_here()
     return linear(cx, prod, "down_proj", inter, hid)
 
 
@@ -280,13 +283,21 @@ def stream_width(lay: Layout) -> int:
     return lay.stream_width
 
 
-def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool) -> int:
-    """Bytes one decoder layer saves for backward (its input included when it is saved)."""
+def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
+                at_mlp: bool = False) -> int:
+    """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
+    a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
+    storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
+    reaches the MLP's `act * up` (autograd frees a node's saved tensors once it ran, torch/csrc/autograd/
+    engine.cpp, retain_graph=False; the down projection's saved input is gone by then)."""
     def saved(windowed: bool) -> int:
         tape = Tape()
         cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed)
-        decoder_layer(cx, T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg))
-        return tape.nbytes
+        x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
+        decoder_layer(cx, x)
+        if input_kept and x.storage in tape.saved:
+            tape.saved[x.storage] = 0  # kept in place: its position before the mark stays
+        return tape.nbytes_before_mark if at_mlp else tape.nbytes
 
     w, n = lay.spec.windowed_layers, lay.spec.num_layers
     if w is None or w == n or not sdpa_masked(lay):

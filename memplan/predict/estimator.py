@@ -13,6 +13,7 @@ Saved activations come from the tape programs in `activations.py`.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
@@ -52,15 +53,26 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     b, s = train.batch_size, train.seq_len
     n, v = b * s, spec.vocab_size
     c = lay.compute_width
-    acts, first_layer_full = _activations(lay)
+    acts, recomputed, recomputed_end, top_released = _activations(lay)
     head = head_saved(lay, batch=b, seq=s)
-    head_keep = head.norm_bytes + head.logprobs_bytes + head.softcap_bytes
     # cross-entropy backward: log-probs (saved) + their gradient + the logits' gradient, all fp32 (B, S, V)
     ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
-    layer_grad = _layer_backward_buffers(lay, n) + (first_layer_full if train.checkpointing else 0) + \
-        rs.layer_backward_bytes
-    base = st.weights_bytes + st.optimizer_states_bytes + comm
+    layer_grad = _layer_backward_buffers(lay, n) + rs.layer_backward_bytes
+    if train.checkpointing:
+        # a recomputed layer's two high points: its backward at the MLP's product (what is still saved + the
+        # three (B, S, I) gradients), or the end of its recompute: torch.utils.checkpoint's non-reentrant early
+        # stop raises only at the next op that saves a tensor, so the layer's forward runs to its last projection,
+        # whose output (and LoRA branch: B's output and its scaled copy, peft lora/layer.py Linear.forward
+        # `result + lora_B(lora_A(dropout(x))) * scaling`, with `x = self._cast_input_dtype(x, ...)`: the input's
+        # copy in the adapter dtype lives until that forward returns) coexists with everything it recomputed
+        tail = n * spec.hidden_size * c
+        if "down_proj" in lay.lora_modules and not spec.is_moe:
+            inter = spec.intermediate_size
+            tail += 2 * n * spec.hidden_size * c + (n * inter * lay.lora_width if lay.lora_width != c else 0)
+        layer_grad = max(layer_grad + recomputed, recomputed_end + tail + rs.layer_backward_bytes)
+    # input_ids (B, S) int64, alive through the step (labels=ids: the same tensor)
+    base = st.weights_bytes + st.optimizer_states_bytes + comm + 8 * n
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
     # whole forward, and through backward when checkpointed layers keep it as an input
     masks = spec.mask_types * b * s * s * stream_width(lay) if lay.attn is Attention.EAGER else \
@@ -73,21 +85,31 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
     head_grads = _head_grad_bytes(lay)
+    states_base = base  # what the optimizer step sees besides the gradients
     # with accumulation, micro-steps after the first run forward and backward with every gradient already alive
     if train.grad_accum > 1:
         base += st.gradients_bytes
         head_grads = 0
+    rope = _rope_bytes(lay)
     kept = base + ac_backward + acts + (masks if train.checkpointing else 0)
     grad_logits = n * v * lay.logits_width  # the logits' gradient, back in the logits' dtype
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
-        "forward": base + st.autocast_cache_bytes + acts + masks + head.norm_bytes + head_cast + ce_fwd,
-        "backward": kept + rs.backward_bucket_bytes + max(
+        "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
+        + ce_fwd,
+        "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
             head.norm_bytes + head_cast + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
-            head_keep - head.logprobs_bytes + head_grads + layer_grad + n * spec.hidden_size * c),
-        "optimizer": base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
+            # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
+            # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
+            head_grads + layer_grad - top_released + n * spec.hidden_size * c),
+        # the lowest trained layer's backward, the same transient with the most gradients already made
+        "backward bottom": base + rope.backward + rs.backward_bucket_bytes + (masks if train.checkpointing else 0)
+        + _bottom_layer_kept(lay, st) + (0 if train.grad_accum > 1 else _grads_above_bottom(lay, st))
+        + layer_grad + n * spec.hidden_size * c,
+        # the gradients once (with accumulation `base` already holds them)
+        "optimizer": states_base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
         - (0 if rs.gathered_in_step else rs.gathered_bytes),
         # end of backward with tied embeddings trained: the embedding's dense (V, H) gradient and its sum with
         # the lm_head gradient already in .grad (AccumulateGrad adds out of place here)
@@ -192,24 +214,82 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
     return out
 
 
-def _activations(lay: Layout) -> tuple[int, int]:
-    """(bytes kept for backward by all decoder layers, bytes one recomputed layer saves)."""
+@dataclass(frozen=True, slots=True)
+class _Rope:
+    forward: int  # live through the forward
+    backward: int  # still live in backward
+
+
+def _rope_bytes(lay: Layout) -> _Rope:
+    """The rotary cos/sin and position ids, made once per forward and passed to every layer (transformers 5
+    LlamaModel.forward: `position_ids = torch.arange(S).unsqueeze(0)` int64; LlamaRotaryEmbedding.forward returns
+    `cos.to(x.dtype), sin.to(x.dtype)`, each (1, S, rotary_dim) in the stream dtype, whatever the batch). In
+    backward, cos/sin stay saved by the layers' `q * cos` (any layer whose q or k requires grad); a checkpointed
+    layer's recompute keeps all its inputs, position ids included (torch/utils/checkpoint.py: the non-reentrant
+    frame's recompute_fn closes over args and kwargs; the reentrant one save_for_backward()s the tensor inputs)."""
+    s, tr = lay.spec, lay.train
+    cos_sin = 2 * tr.seq_len * s.rotary_dim * stream_width(lay)
+    ids = 8 * tr.seq_len
+    if tr.checkpointing:
+        return _Rope(cos_sin + ids, cos_sin + ids)
+    qk = {"q_proj", "k_proj", "qkv_proj"}
+    saved = lay.full or tr.method is Method.FREEZE or s.num_layers > 1 or bool(qk & lay.lora_modules)
+    return _Rope(cos_sin + ids, cos_sin if saved else 0)
+
+
+def _activations(lay: Layout) -> tuple[int, int, int, int]:
+    """(bytes kept for backward by all decoder layers, bytes one recomputed layer still holds when its backward
+    reaches the MLP's product, bytes it holds at the end of its recompute, bytes the top layer has released by
+    the MLP's product without checkpointing)."""
     tr, L = lay.train, lay.spec.num_layers
     b, s = tr.batch_size, tr.seq_len
     full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
     if tr.checkpointing:
-        # non-reentrant checkpoint keeps each layer's input hidden states (the rest is recomputed in backward)
+        # a checkpointed layer keeps its input hidden states (the rest is recomputed in backward). Only while
+        # its graph lives: torch/utils/checkpoint.py's non-reentrant frame is held by the saved-tensor hooks of
+        # what the layer saves, and the reentrant CheckpointFunction's ctx by its output's grad_fn; a frozen
+        # layer below the trained ones (freeze) saves nothing and its output needs no grad, so its input is freed
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
-        return L * kept, full_layer
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True,
+                                 at_mlp=True)
+        end = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True)
+        return (lay.trainable_layers if tr.method is Method.FREEZE else L) * kept, recomputed, end, 0
+    released = full_layer - layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, at_mlp=True)
     if lay.full:
-        return L * full_layer, full_layer
+        return L * full_layer, full_layer, full_layer, released
     if tr.is_lora:  # the first layer's input does not require grad (frozen embedding)
         first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False)
-        return first + (L - 1) * full_layer, full_layer
+        return first + (L - 1) * full_layer, full_layer, full_layer, released
     # freeze: frozen layers below save nothing; the first trainable one sees an input without grad
     k = lay.trainable_layers
     first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False)
-    return first + (k - 1) * full_layer, full_layer
+    return first + (k - 1) * full_layer, full_layer, full_layer, released
+
+
+def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
+    """What the lowest trained decoder layer still holds when its backward starts: every layer above has run its
+    backward, freeing what it saved (autograd releases a node's saved tensors once it ran: torch/csrc/autograd/
+    engine.cpp, retain_graph=False) and its autocast weight copies. Checkpointed: its kept input (its recompute's
+    tensors and weight copies are in the transient). Otherwise: its saved tensors and its weight copies."""
+    tr, s = lay.train, lay.spec
+    b, sq = tr.batch_size, tr.seq_len
+    if tr.checkpointing:
+        return b * sq * s.hidden_size * stream_width(lay)
+    x_rg = lay.full  # the embedding trains (full); else the first trained layer's input needs no grad
+    return layer_saved(lay, batch=b, seq=sq, trains=lay.trainable_layers > 0, x_rg=x_rg, at_mlp=True) + \
+        st.autocast_layer_bytes
+
+
+def _grads_above_bottom(lay: Layout, st: ModelStates) -> int:
+    """Gradients made before the lowest trained layer's backward: all but that layer's own and, in full
+    fine-tuning with an untied embedding, the embedding's (made last)."""
+    s, tr = lay.spec, lay.train
+    if tr.is_lora:
+        own = lay.lora_params_per_layer() * lay.lora_width
+    else:
+        own = s.layer_params * lay.trainable_width
+    embedding = s.vocab_size * s.hidden_size * lay.trainable_width if lay.full and not s.tie_word_embeddings else 0
+    return st.gradients_bytes - own - embedding
 
 
 def _layer_backward_buffers(lay: Layout, n: int) -> int:
@@ -273,9 +353,11 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
                                   f"buckets {rs.bucket_bytes:,} B"))
     elif lay.train.sharding is not Sharding.NONE or lay.train.gpus > 1:
         terms[0] = Term(name="weights", bytes=st.weights_bytes, explain=f"{w_explain}; {rs.explain}")
+    ids = 8 * tr.batch_size * tr.seq_len  # the input batch: (B, S) int64 ids (labels=ids), alive all step
     if phase == "optimizer":
         terms += [Term(name="gradients", bytes=st.gradients_bytes, explain="trainable params x param width"),
-                  Term(name="activations", bytes=0, explain="all freed after backward")]
+                  Term(name="activations", bytes=ids, explain="only the input ids (B x S int64): the rest freed "
+                                                              "after backward")]
         step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if opt.foreach_copy else "step"
         terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                           explain=f"optimizer.step() temporaries ({step})"))
@@ -296,7 +378,7 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         "tensors saved for backward by every decoder layer (tape program)"
     cast = f" + autocast half copies of fp32 weights {ac:,} B" if ac else ""
     terms += [Term(name="gradients", bytes=0, explain="allocated during backward; included in transient"),
-              Term(name="activations", bytes=acts + ac, explain=ckpt + cast)]
+              Term(name="activations", bytes=acts + ac + ids, explain=ckpt + cast + " + the input ids")]
     what = "logits, fp32 upcast and log-probs at the loss" if phase == "forward" else \
         "cross-entropy backward (three fp32 B x S x vocab) or a recomputed layer + gradient buffers"
     terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms), explain=f"{what}; LM head"))

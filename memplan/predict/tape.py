@@ -48,6 +48,17 @@ class Tape:
     """Collects saved storages (id -> bytes) while a layer program runs."""
 
     saved: dict[int, int] = field(default_factory=dict)
+    mark: int = -1  # len(saved) when `mark_here` ran: storages first saved from then on come after it in `saved`
+
+    def mark_here(self) -> None:
+        self.mark = len(self.saved)
+
+    @property
+    def nbytes_before_mark(self) -> int:
+        """Bytes of the storages first saved before the mark (all of them without one)."""
+        if self.mark < 0:
+            return self.nbytes
+        return sum(list(self.saved.values())[:self.mark])
 
     def save(self, *tensors: T) -> None:
         for t in tensors:

@@ -45,7 +45,9 @@ def model_states(lay: Layout) -> ModelStates:
     linear_params = sum(lin.in_features * lin.out_features for lin in linears)  # autocast-cast per layer
     expert_params = sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts \
         if s.is_moe else 0  # grouped matmul: no autocast copies
-    buffers = s.head_dim // 2 * 4  # rotary inv_freq (fp32)
+    # rotary inv_freq and original_inv_freq, fp32 (rot_dim / 2) each: transformers 5 LlamaRotaryEmbedding.__init__
+    # registers both (`self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)`)
+    buffers = 2 * (s.rotary_dim // 2) * 4
     quantized = 0
     if tr.method is Method.FULL:
         trainable, weights = total, total * lay.trainable_width

@@ -122,6 +122,14 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def rotary_dim(self) -> int:
+        """Width of the rotary cos/sin: head_dim x partial_rotary_factor (transformers 5 compute_default_rope_
+        parameters: `dim = int(head_dim * partial_rotary_factor)`, read from rope_parameters or the config)."""
+        rope = self.config.get("rope_parameters") or {}
+        factor = rope.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
+        return int(self.head_dim * (factor if factor is not None else 1.0))
+
     def attention_linears(self) -> tuple[Linear, ...]:
         h, b = self.hidden_size, self.qkv_bias
         if self.family.mla:

@@ -86,7 +86,8 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if train.sharding.is_fsdp2:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
-    depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers]
+    # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)
+    depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers] or [spec.num_layers]
     try:
         traces = trace_depths(spec, traced_train, depths, by_module, labels)
     except MemplanError:

@@ -23,10 +23,10 @@ needs_lf = pytest.mark.skipif(not LF_PYTHON, reason="MEMPLAN_LF_PYTHON is unset:
 
 # fit commands whose export LLaMA-Factory must accept: without --config (the template), with each shipped config
 EXPORTS = {
-    "lora_1gpu": ["--model", "llama-3-8b", "--gpu", "24GB"],
-    "qlora_1gpu": ["--model", "qwen2.5-7b", "--gpu", "16GB", "--method", "qlora"],
+    "lora_1gpu": ["--model", "llama-3-8b", "--gpu", "24GB", "--seq-len", "1024"],
+    "qlora_1gpu": ["--model", "qwen2.5-7b", "--gpu", "16GB", "--method", "qlora", "--seq-len", "512"],
     "freeze_1gpu": ["--model", "llama-3.2-1b", "--gpu", "24GB", "--method", "freeze"],
-    "lora_ddp_4gpu": ["--model", "llama-3-8b", "--gpu", "24GB", "--gpus", "4", "--zero", "0"],
+    "lora_ddp_4gpu": ["--model", "llama-3-8b", "--gpu", "24GB", "--gpus", "4", "--zero", "0", "--seq-len", "1024"],
     "full_zero3_8gpu": ["--model", "llama-3-8b", "--gpu", "80GB", "--gpus", "8", "--method", "full", "--zero", "3"],
     "full_zero2_offload_8gpu": ["--model", "llama-3-8b", "--gpu", "40GB", "--gpus", "8", "--method", "full",
                                 "--zero", "2", "--offload", "optimizer"],
@@ -45,7 +45,7 @@ EXPORTS = {
                              "full_shard"],
     "config_fsdp": ["--config", "configs/llama3_8b_full_fsdp_8x80gb.yaml", "--gpu", "80GB"],
     "config_fsdp_4gpu": ["--config", "configs/llama3_8b_full_fsdp_8x80gb.yaml", "--gpu", "80GB", "--gpus", "4"],
-    "config_dpo": ["--config", "configs/llama3_8b_lora_dpo.yaml", "--gpu", "24GB"],
+    "config_dpo": ["--config", "configs/llama3_8b_lora_dpo.yaml", "--gpu", "48GB"],
 }
 
 # (keys over the template, the plan's layout, LLaMA-Factory 0.9.5's words): each a REJECTED rule of hparams/parser.py

@@ -30,6 +30,9 @@ CASES = 48  # ~0.3-3 s of tracing each on two cores
 
 # case number -> the measured analytic / exact - 1 and the mechanism suspected (measured 2026-12-01; 8 of the 33
 # traced cases). Each is a moment inside one layer's backward that the analytic moments do not walk op by op.
+# the families the draw (and so the XFAIL indices) was made over; families added later (gemma3_text, olmo2,
+# deepseek_v3) are checked against the exact mode and the CPU truth in tests/test_catalog.py
+ARCHS = ("gemma2", "glm", "llama", "mistral", "mistral-sw", "mixtral", "phi3", "qwen2", "qwen3")
 XFAIL: dict[int, str] = {
     1: "-6.55 %: qwen3 LoRA bf16, checkpointed (fp32 adapters): the recomputed layer holds more than its saved "
        "tensors: peft's `x = self._cast_input_dtype(x, lora_A.weight.dtype)` fp32 input copies of q/k/v/o stay "
@@ -55,7 +58,7 @@ XFAIL: dict[int, str] = {
 
 def draw(rng: random.Random) -> tuple[str, ModelSpec, TrainConfig]:
     """One random tiny configuration: a family of memplan.testing.tiny with random dimensions, and every knob."""
-    arch = rng.choice(sorted(TINY_CONFIGS))
+    arch = rng.choice(ARCHS)
     cfg = dict(TINY_CONFIGS[arch])
     head_dim, kv = rng.choice([16, 32, 64]), rng.choice([1, 2, 4])
     heads = kv * rng.choice([1, 2, 4])

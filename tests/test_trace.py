@@ -173,7 +173,7 @@ class Unpicklable(Exception):
         self.hook = lambda: None
 
 
-def trace(spec, train, layers, by_module=False):
+def trace(spec, train, layers, by_module=False, labels=False):
     if layers == 3 and mode == "error":
         raise ValueError("depth 3 broke")
     if layers == 3 and mode == "unpicklable":

@@ -36,13 +36,18 @@ def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, tr
         return estimate(spec, train, device=device)
     if not exact and not exact_mode_available():
         estimate(spec, train)  # raises the clear "not in the analytic formulas" error
+    why = (f"{spec.model_type} is not in the analytic formulas" if not spec.family.analytic else
+           f"{spec.name} is a pre-quantized checkpoint" if spec.quantization else
+           f"{spec.name} mixes layer kinds (dense and MoE) the analytic formulas do not")
+    if not exact and not train.parallel.traceable:  # the user never asked for --exact: say why it fell back
+        layout = train.sharding.value if train.sharding.value != "none" else "DDP"
+        raise UnsupportedModel(f"{why}, and the exact mode it falls back to traces one GPU, or one FSDP rank: "
+                               f"{layout} over {train.gpus} GPUs is not estimated for it (try --fsdp full_shard, "
+                               "or one GPU)")
     bd = exact_estimate(spec, train, trust_remote_code=trust_remote_code, by_module=by_module)
     if exact:
         return bd
     limits = f"; {bd.note}" if bd.note else ""  # what the trace leaves out for this type (Family.limits)
-    why = (f"{spec.model_type} is not in the analytic formulas" if not spec.family.analytic else
-           f"{spec.name} is a pre-quantized checkpoint" if spec.quantization else
-           f"{spec.name} mixes layer kinds (dense and MoE) the analytic formulas do not")
     return dataclasses.replace(bd, note=f"{why}: using the exact mode (fake-tensor trace){limits}")
 
 

@@ -10,6 +10,8 @@ to the replay of an exact trace is measured in benchmarks/results/allocator_cata
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from memplan.predict.activations import _Ctx, decoder_layer, stream_width
 from memplan.predict.allocator import ALLOC, FREE, replay
 from memplan.predict.layout import Layout
@@ -64,7 +66,14 @@ def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: i
     if opt.foreach_copy:  # foreach AdamW: _foreach_sqrt(exp_avg_sq), one copy per tensor, freed after the step
         p.free(*[p.new(n) for n in trained])
     p.free(*grads)
-    stats = replay(p.events)
+    return _overhead(tuple(p.events))
+
+
+@lru_cache(maxsize=4096)
+def _overhead(events: tuple[tuple[str, int, int, int], ...]) -> int:
+    """One replay per distinct sequence: fit's candidates that differ only in what the sketch leaves out
+    (accumulation, the attention kernel's temporaries, the step count) share it."""
+    stats = replay(events)
     return stats.peak_reserved_bytes - stats.peak_requested_bytes
 
 

@@ -118,7 +118,7 @@ def test_exact_mode_hf_qlora_within_one_percent_of_cpu_truth() -> None:
 
     train = TrainConfig(method=Method.QLORA, stack=Stack.HF, batch_size=2, seq_len=128)
     truth = measure_cpu_peak(SMALL, train)
-    exact = exact_estimate(SMALL, train).peak_allocated_bytes
+    exact = exact_estimate(SMALL, train, device="cpu").peak_allocated_bytes
     assert abs(exact - truth.peak_bytes) / truth.peak_bytes < 0.01, (exact, truth.peak_bytes)
 
 

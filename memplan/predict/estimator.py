@@ -19,7 +19,7 @@ from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
-from memplan.predict.cuda import cuda_overheads
+from memplan.predict.cuda import cuda_overheads, with_cuda_terms
 from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
@@ -130,10 +130,11 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
     note = "8-bit QLoRA: LLM.int8's backward is modelled only roughly (measured -8 ... +10 % on CPU)" \
         if train.method is Method.QLORA and train.quant_bits == 8 else ""
-    return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
-                     cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
-                     host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases,
-                     moments=tuple(moments.items()))
+    bd = Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
+                   cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
+                   host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases,
+                   moments=tuple(moments.items()))
+    return with_cuda_terms(bd) if device == "cuda" else bd
 
 
 def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from memplan.errors import ConfigError, MemplanError, UnsupportedModel
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
-from memplan.predict.cuda import CUDA_CONTEXT_BYTES
+from memplan.predict.cuda import CUDA_CONTEXT_BYTES, with_cuda_terms
 from memplan.predict.estimator import estimate
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import Method, Stage, TrainConfig
@@ -52,9 +52,11 @@ def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, tr
 
 
 def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,
-                   by_module: bool = False) -> Breakdown:
-    """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one."""
-    return exact_run(spec, train, trust_remote_code=trust_remote_code, by_module=by_module).breakdown
+                   by_module: bool = False, device: str = "cuda") -> Breakdown:
+    """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one.
+    device="cpu": the traced step as it is (PyTorch's CPU kernels), without the CUDA-only terms."""
+    return exact_run(spec, train, trust_remote_code=trust_remote_code, by_module=by_module,
+                     device=device).breakdown
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +70,7 @@ class ExactRun:
 
 
 def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False, by_module: bool = False,
-              labels: bool = False) -> ExactRun:
+              labels: bool = False, device: str = "cuda") -> ExactRun:
     """`exact_estimate` with its traces; labels: every allocation event named by its phase, module and op."""
     if spec.remote_code and not trust_remote_code:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
@@ -136,6 +138,7 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
                                          "layers" if deepened else ""),
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
                      method="exact", band=band_for(train.method))
+    bd = with_cuda_terms(bd) if device == "cuda" else bd  # the cuBLAS workspaces (predict/cuda.py CUDA_TERMS)
     return ExactRun(breakdown=bd, traces=traces, full=full, traced_train=traced_train)
 
 

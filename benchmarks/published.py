@@ -81,18 +81,22 @@ def compared_value(metric: str) -> str:
 
 def stack_of(framework: str) -> Stack:
     """The row's own training stack (memplan.spec.stacks): HF Trainer / TRL / PEFT scripts are `hf`, LLaMA-Factory is
-    `llamafactory`; torchtune and LitGPT run their own model code without peft's preparation: `reference`."""
+    `llamafactory`, torchtune and LitGPT their own entries (each one's QLoRA quantizer and what it quantizes)."""
     f = framework.lower()
     if "llama-factory" in f or "llamafactory" in f:
         return Stack.LLAMAFACTORY
+    if "torchtune" in f:
+        return Stack.TORCHTUNE
+    if "litgpt" in f:
+        return Stack.LITGPT
     if any(k in f for k in ("hf trainer", "transformers", "trl", "peft")):
         return Stack.HF
     return Stack.REFERENCE
 
 
 def _quantizer_era(row: dict[str, str]) -> None:
-    """4-bit rows: whether the run's NF4 linear kept its input for backward (memplan.spec.packages): bitsandbytes
-    before 0.43.2 (July 2024) did; torchao's NF4 (torchtune) does not."""
+    """bitsandbytes 4-bit rows: whether the run's NF4 linear kept its input for backward (memplan.spec.packages):
+    bitsandbytes before 0.43.2 (July 2024) did. torchao's NF4 (torchtune) never does: its stack entry says so."""
     keeps = "bitsandbytes" in row["quantization"].lower() and row["source_date"] < "2024-07"
     os.environ["MEMPLAN_BITSANDBYTES_VERSION"] = "0.43.1" if keeps else "0.43.2"
     bitsandbytes_version.cache_clear()

@@ -73,7 +73,7 @@ def test_cli_stack_flag(capsys) -> None:
     assert peaks["hf"] > peaks["llamafactory"]
     assert main(["estimate", "--model", "llama-2-7b", "--stack", "unsloth"]) == 2
     err = capsys.readouterr().err
-    assert "--stack" in err and "hf|llamafactory|reference" in err and "Traceback" not in err
+    assert "--stack" in err and "hf|llamafactory|reference|torchtune|litgpt" in err and "Traceback" not in err
 
 
 # ---- each stack against its real steps on the CPU allocator ------------------------------------------------------

@@ -29,7 +29,9 @@ class Layout:
     lora_modules: frozenset[str]
     device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
-    linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages)
+    linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages), or the stack's own NF4
+    quantized_head: bool = False  # QLoRA: the stack quantizes the LM head too (spec.stacks)
+    quantized_linears: frozenset[str] = frozenset()  # QLoRA: the decoder linears that are 4-bit (spec.stacks)
 
     @classmethod
     def of(cls, spec: ModelSpec, train: TrainConfig, device: str = "cuda") -> Layout:
@@ -45,7 +47,10 @@ class Layout:
         else:
             lora = frozenset(train.lora_targets)
         base_width = trainable_width if full else (2 if half else 4)
-        upcast = train.method is Method.QLORA and stack_facts(train.stack).kbit_upcast
+        stack = stack_facts(train.stack)
+        qlora = train.method is Method.QLORA
+        upcast = qlora and stack.kbit_upcast
+        keeps = linear4bit_keeps_input() if stack.nf4_keeps_input is None else stack.nf4_keeps_input
         return cls(
             spec=spec, train=train, attn=resolve_attention(spec.family, train.attn), amp=amp,
             compute_width=2 if half else 4,
@@ -55,7 +60,9 @@ class Layout:
             lora_width=trainable_width,
             lora_modules=lora,
             device=device,
-            linear4bit_keeps_input=linear4bit_keeps_input(),
+            linear4bit_keeps_input=keeps,
+            quantized_head=qlora and stack.quantizes_lm_head and not spec.tie_word_embeddings,
+            quantized_linears=frozenset((lora if stack.quantizes_only_adapted else names) if qlora else ()),
             trainable_layers=spec.num_layers if full else
             (min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0),
         )

@@ -23,6 +23,8 @@ class Stack(str, Enum):
     HF = "hf"  # HF Trainer + peft (prepare_model_for_kbit_training for k-bit models)
     LLAMAFACTORY = "llamafactory"  # llamafactory-cli train: its own model preparation
     REFERENCE = "reference"  # memplan's reference step (README "The memory model"), no stack preparation
+    TORCHTUNE = "torchtune"  # torchtune lora_finetune_single_device: torchao NF4 (QLoRA), its own model code
+    LITGPT = "litgpt"  # LitGPT finetune/lora.py: Lightning Fabric's BitsandbytesPrecision (QLoRA)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +35,14 @@ class StackFacts:
     reentrant_checkpointing: bool  # torch.utils.checkpoint(use_reentrant=...) of the checkpointed layers
     source: str  # where the behaviour is, file and lines in the version read
     explain: str  # one line for --explain
+    # QLoRA only. Bytes per element of each tensor alive at once while one base weight is quantized on its way in
+    # (the load phase; their sum times the largest quantized tensor is the load's transient): the half weight on the
+    # device for bitsandbytes' quantize_4bit
+    quantize_load_transients: tuple[int, ...] = (2,)
+    quantizes_lm_head: bool = False  # the LM head is 4-bit too (bitsandbytes via transformers / peft skips it)
+    quantizes_only_adapted: bool = False  # only the linears that carry an adapter are 4-bit; the rest stay half
+    nf4_keeps_input: bool | None = None  # the 4-bit linear saves its input for backward; None: bitsandbytes'
+    # version decides (memplan.spec.packages)
 
 
 STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
@@ -54,6 +64,37 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # and sets requires_grad on their hidden-states input.
         source="LLaMA-Factory src/llamafactory/model/model_utils/checkpointing.py L43-46, L100-154, L163-204",
         explain="LLaMA-Factory: no k-bit upcast; reentrant checkpointing of trainable layers only"),
+    StackFacts(
+        name=Stack.TORCHTUNE, title="torchtune", kbit_upcast=False, reentrant_checkpointing=False,
+        # Read at the QLoRA tutorial's commit 0914d5c (2024-04-15, torchao==0.1). recipes/lora_finetune_single_device
+        # .py _setup_model L254-268: the model is built on the GPU in bf16, then load_state_dict copies each CPU bf16
+        # weight in. torchtune/modules/peft/lora.py LoRALinear._create_weight_and_bias: to_nf4(nn.Linear(...).weight)
+        # only where quantize_base; models/llama2/_component_builders.py L327-354: q/k/v/output_proj are LoRALinear
+        # (quantized) only when targeted, plain nn.Linear otherwise, and L235 the LM head is never quantized.
+        # torchtune/utils/_register_nf4_dispatch_ops.py inplace_copy: to_nf4(args[0][1].to(dest_tensor.device)) -> the
+        # bf16 weight on the GPU (2 B) + torchao nf4tensor.py NF4Tensor.from_tensor: convert_to_norm_float_weight's
+        # scaled_blocks (2 B) and quantize_tensor_nearest's `diff = (value - nf4).abs()`: (numel, 16) bf16, twice
+        # (the difference and its abs, 32 + 32 B). Unchanged in torchao 0.18; measured on the CPU allocator:
+        # 67.05 B/element above the input (tests/test_pubstacks.py). LinearNF4.forward keeps `ctx.nf4_weight` only,
+        # not its input.
+        quantize_load_transients=(2, 2, 32, 32), quantizes_only_adapted=True, nf4_keeps_input=False,
+        source="torchtune@0914d5c recipes/lora_finetune_single_device.py L254-268; torchtune/modules/peft/lora.py "
+               "_create_weight_and_bias; torchtune/utils/_register_nf4_dispatch_ops.py inplace_copy; torchao 0.1 "
+               "torchao/dtypes/nf4tensor.py quantize_tensor_nearest, LinearNF4.forward",
+        explain="torchtune: torchao NF4 on adapted linears only; quantizing each weight on load holds (numel, 16) "
+                "bf16 comparisons"),
+    StackFacts(
+        name=Stack.LITGPT, title="LitGPT", kbit_upcast=False, reentrant_checkpointing=False,
+        # Read at litgpt 41dece20 (2024-03-15; lightning @75553845, bitsandbytes 0.42.0). litgpt/finetune/lora.py
+        # L166-189: GPT built under fabric.init_module (BitsandbytesPrecision.module_init_context replaces
+        # torch.nn.Linear by _NF4Linear: lightning/fabric/plugins/precision/bitsandbytes.py L129-144), so every
+        # Linear, the LM head included, is 4-bit; load_checkpoint quantizes each weight in _quantize_on_load_hook
+        # (L159-166) via _Linear4bit.quantize (L326-341): `weight.contiguous().to(device=device, dtype=torch.half)`
+        # then bnb.functional.quantize_4bit: one half copy on the GPU.
+        quantize_load_transients=(2,), quantizes_lm_head=True,
+        source="litgpt@41dece20 litgpt/finetune/lora.py L166-189; lightning@75553845 src/lightning/fabric/plugins/"
+               "precision/bitsandbytes.py L129-144, L159-166, L326-341",
+        explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),
     StackFacts(
         name=Stack.REFERENCE, title="memplan reference step", kbit_upcast=False, reentrant_checkpointing=False,
         source="memplan/build/step.py reference_step",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from memplan.predict.estimator import estimate
 from memplan.spec.catalog import resolve_model
-from memplan.spec.packages import bitsandbytes_version
+from memplan.spec.packages import bitsandbytes_version, torchao_version
 from memplan.spec.stacks import Stack
 from memplan.spec.train import Method, Precision, TrainConfig
 
@@ -100,6 +100,9 @@ def _quantizer_era(row: dict[str, str]) -> None:
     keeps = "bitsandbytes" in row["quantization"].lower() and row["source_date"] < "2024-07"
     os.environ["MEMPLAN_BITSANDBYTES_VERSION"] = "0.43.1" if keeps else "0.43.2"
     bitsandbytes_version.cache_clear()
+    # torchao's NF4 quantizer compares in chunks since 0.2 (May 2024); torchtune pinned torchao==0.1 before
+    os.environ["MEMPLAN_TORCHAO_VERSION"] = "0.1" if row["source_date"] < "2024-05" else "0.2"
+    torchao_version.cache_clear()
 
 
 def compare(path: Path) -> list[dict[str, object]]:

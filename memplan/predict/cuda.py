@@ -25,6 +25,6 @@ def cuda_overheads(peak_allocated: int, lay: Layout, st: ModelStates) -> tuple[i
     two = reserved_overhead(lay, st, scale, depth=2) if layers > 1 else one
     overhead = one + (two - one) * (layers - 1)
     reserved = peak_allocated + max(overhead, 0)  # the allocator never reserves less than it hands out
-    if sum(stack_facts(lay.train.stack).quantize_load_transients) > 2 and lay.train.method is Method.QLORA:
+    if stack_facts(lay.train.stack).device_init and lay.train.method is Method.QLORA:
         reserved = max(reserved, load_reserved(lay, st, scale))  # the cache keeps what the load reserved
     return reserved, CUDA_CONTEXT_BYTES

@@ -25,7 +25,7 @@ from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
-from memplan.spec.stacks import stack_facts
+from memplan.spec.stacks import quantize_temporaries, stack_facts
 from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
 
 FP32 = 4
@@ -204,7 +204,7 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
                          if lin.name in lay.quantized_linears), default=0)
         quantized = max(quantized, vocab if lay.quantized_head else 0)
         # the stack's quantizer: bytes per element alive at once for the largest 4-bit tensor (spec.stacks)
-        transient = sum(stack_facts(tr.stack).quantize_load_transients) * quantized
+        transient = sum(quantize_temporaries(tr.stack, quantized))
         load = st.weights_bytes + max(transient, 2 * (vocab if lay.kept_width != lay.base_width else 0))
     else:
         if lay.trainable_width == 4 and lay.amp and tr.method in (Method.FULL, Method.FREEZE):

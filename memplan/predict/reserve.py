@@ -16,7 +16,7 @@ from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape
 from memplan.predict.weights import ModelStates
 from memplan.spec.optimizers import States, facts
-from memplan.spec.stacks import stack_facts
+from memplan.spec.stacks import quantize_temporaries, stack_facts
 from memplan.spec.train import Method
 
 FP32 = 4
@@ -27,6 +27,7 @@ class _Program:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int, int, int]] = []
+        self.packed: list[int] = []  # the 4-bit weights' ids, in load order
 
     def new(self, nbytes: int) -> int:
         self.events.append((ALLOC, len(self.events), int(nbytes), 0))
@@ -67,8 +68,33 @@ def load_reserved(lay: Layout, st: ModelStates, scale: float = 1.0) -> int:
     `reserved_overhead` uses for the step does not hold here: the temporaries' cached blocks are reused by later
     weights, a one-off pattern, not a per-layer one."""
     p = _Program()
-    _load(p, lay, [_layer_params(lay, i, scale) for i in range(lay.spec.num_layers)], scale)
+    layers = [_layer_params(lay, i, scale) for i in range(lay.spec.num_layers)]
+    _load(p, lay, layers, scale)
+    if stack_facts(lay.train.stack).device_init:  # built and quantized on the GPU, then each weight replaced
+        _requantize(p, lay, layers)
     return replay(p.events).peak_reserved_bytes
+
+
+def _quantize(p: _Program, lay: Layout, nbytes: float, elements: float) -> int:
+    """One weight quantized on its way in: the quantizer's temporaries (spec.stacks quantize_load_transients,
+    per element), the packed result made while the first `packed_with` of them are alive, then the rest freed."""
+    stack = stack_facts(lay.train.stack)
+    if not elements:
+        return p.new(nbytes)
+    temps = [p.new(b) for b in quantize_temporaries(lay.train.stack, int(elements))]
+    p.free(*temps[stack.packed_with:])
+    packed = p.new(nbytes)
+    p.free(*temps[:stack.packed_with])
+    return packed
+
+
+def _requantize(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]]) -> None:
+    """The checkpoint's weights replacing the ones built on the device: each 4-bit weight quantized anew, the old
+    packed one freed after (the other parameters are copied in place). The ids follow _load's order."""
+    weights = [(n, e) for params in layers for n, _, e in params if e]
+    for key, (nbytes, elements) in zip(list(p.packed), weights, strict=True):
+        _quantize(p, lay, nbytes, elements)
+        p.free(key)
 
 
 def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]],
@@ -76,14 +102,11 @@ def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]
     """The model load's requests: the embedding, each layer's parameters, the final norm and LM head (returned)."""
     s, tr = lay.spec, lay.train
     p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
-    # QLoRA: each 4-bit weight is quantized on its way in; the quantizer's temporaries (spec.stacks
-    # quantize_load_transients, per element of the full-size weight) come and go around its packed result
-    transients = stack_facts(tr.stack).quantize_load_transients if tr.method is Method.QLORA else ()
-    for params in layers:  # each parameter its own request, as a model is loaded
+    for params in layers:  # each parameter its own request, as a model is loaded; QLoRA: 4-bit ones quantized
         for nbytes, _trains, elements in params:
-            temps = [p.new(elements * b) for b in transients] if elements else []
-            p.new(nbytes)
-            p.free(*temps)
+            key = _quantize(p, lay, nbytes, elements if lay.train.method is Method.QLORA else 0)
+            if elements and lay.train.method is Method.QLORA:
+                p.packed.append(key)
     head = [(s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width), lay.full)]
     if not s.tie_word_embeddings:
         head.append((s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width),

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from memplan.spec.packages import nf4_chunk_elements
+
 
 class Stack(str, Enum):
     HF = "hf"  # HF Trainer + peft (prepare_model_for_kbit_training for k-bit models)
@@ -39,6 +41,11 @@ class StackFacts:
     # (the load phase; their sum times the largest quantized tensor is the load's transient): the half weight on the
     # device for bitsandbytes' quantize_4bit
     quantize_load_transients: tuple[int, ...] = (2,)
+    packed_with: int = 1  # how many of those (the first ones) are still alive when the packed result is made;
+    # the later ones are made per chunk where the quantizer chunks (chunked_quantizer)
+    chunked_quantizer: bool = False  # torchao's NF4: chunks since 0.2 (memplan.spec.packages nf4_chunk_elements)
+    device_init: bool = False  # the model is first built (and quantized) on the GPU, then each weight replaced from
+    # the checkpoint: two quantization passes, each new packed weight made before the old one is freed
     quantizes_lm_head: bool = False  # the LM head is 4-bit too (bitsandbytes via transformers / peft skips it)
     quantizes_only_adapted: bool = False  # only the linears that carry an adapter are 4-bit; the rest stay half
     nf4_keeps_input: bool | None = None  # the 4-bit linear saves its input for backward; None: bitsandbytes'
@@ -77,7 +84,13 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # (the difference and its abs, 32 + 32 B). Unchanged in torchao 0.18; measured on the CPU allocator:
         # 67.05 B/element above the input (tests/test_pubstacks.py). LinearNF4.forward keeps `ctx.nf4_weight` only,
         # not its input.
-        quantize_load_transients=(2, 2, 32, 32), quantizes_only_adapted=True, nf4_keeps_input=False,
+        # The packed uint8 data is made after the two (numel, 16) tensors are freed, while the bf16 weight and
+        # scaled_blocks are alive (convert_to_norm_float_weight). Built under `with self._device` on the GPU (each
+        # layer deep-copied from the first: transformer.py _get_clones; the NF4 clone dequantizes and re-quantizes,
+        # _register_nf4_dispatch_ops.py clone), then load_state_dict replaces every NF4 weight.
+        # torchao 0.2+ compares in chunks of 1024**2 elements (memplan.spec.packages).
+        quantize_load_transients=(2, 2, 32, 32), packed_with=2, chunked_quantizer=True, device_init=True,
+        quantizes_only_adapted=True, nf4_keeps_input=False,
         source="torchtune@0914d5c recipes/lora_finetune_single_device.py L254-268; torchtune/modules/peft/lora.py "
                "_create_weight_and_bias; torchtune/utils/_register_nf4_dispatch_ops.py inplace_copy; torchao 0.1 "
                "torchao/dtypes/nf4tensor.py quantize_tensor_nearest, LinearNF4.forward",
@@ -91,7 +104,9 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # Linear, the LM head included, is 4-bit; load_checkpoint quantizes each weight in _quantize_on_load_hook
         # (L159-166) via _Linear4bit.quantize (L326-341): `weight.contiguous().to(device=device, dtype=torch.half)`
         # then bnb.functional.quantize_4bit: one half copy on the GPU.
-        quantize_load_transients=(2,), quantizes_lm_head=True,
+        # fabric.init_module(empty_init=(devices > 1)): on one GPU the layers are built there and quantized at once
+        # (_Linear4bit.__init__ L305-314), then replaced on load.
+        quantize_load_transients=(2,), device_init=True, quantizes_lm_head=True,
         source="litgpt@41dece20 litgpt/finetune/lora.py L166-189; lightning@75553845 src/lightning/fabric/plugins/"
                "precision/bitsandbytes.py L129-144, L159-166, L326-341",
         explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),
@@ -106,3 +121,11 @@ assert set(STACKS) == set(Stack), "every Stack needs its STACKS entry"
 
 def stack_facts(stack: Stack) -> StackFacts:
     return STACKS[stack]
+
+
+def quantize_temporaries(stack: Stack, elements: int) -> list[int]:
+    """Bytes of each temporary alive at once while the stack quantizes one base weight of `elements` on load."""
+    f = STACKS[stack]
+    chunk = nf4_chunk_elements() if f.chunked_quantizer else None
+    per_chunk = min(elements, chunk) if chunk else elements
+    return [b * (elements if i < f.packed_with else per_chunk) for i, b in enumerate(f.quantize_load_transients)]

@@ -100,12 +100,12 @@ def _requantize(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, f
 def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]],
           scale: float) -> list[tuple[float, bool]]:
     """The model load's requests: the embedding, each layer's parameters, the final norm and LM head (returned)."""
-    s, tr = lay.spec, lay.train
+    s, qlora = lay.spec, lay.train.method is Method.QLORA
     p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
     for params in layers:  # each parameter its own request, as a model is loaded; QLoRA: 4-bit ones quantized
         for nbytes, _trains, elements in params:
-            key = _quantize(p, lay, nbytes, elements if lay.train.method is Method.QLORA else 0)
-            if elements and lay.train.method is Method.QLORA:
+            key = _quantize(p, lay, nbytes, elements if qlora else 0)
+            if elements and qlora:
                 p.packed.append(key)
     head = [(s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width), lay.full)]
     if not s.tie_word_embeddings:

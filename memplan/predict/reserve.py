@@ -43,7 +43,9 @@ def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: i
     p = _Program()
     s, tr = lay.spec, lay.train
     layers = [_layer_params(lay, i, scale) for i in range(s.num_layers if depth is None else depth)]
-    head = _load(p, lay, layers, scale)
+    # the load's quantizer temporaries are left to load_reserved: this sketch is the step's, as the exact mode's
+    # replays (which trace the step) measure it
+    head = _load(p, lay, layers, scale, quantizer=False)
     trained = [n for params in layers for n, t, _ in params if t] + [n for n, t in head if t]
     if lay.full:
         trained.append(s.vocab_size * s.hidden_size * scale * lay.trainable_width)  # the embedding
@@ -69,7 +71,7 @@ def load_reserved(lay: Layout, st: ModelStates, scale: float = 1.0) -> int:
     weights, a one-off pattern, not a per-layer one."""
     p = _Program()
     layers = [_layer_params(lay, i, scale) for i in range(lay.spec.num_layers)]
-    _load(p, lay, layers, scale)
+    _load(p, lay, layers, scale, quantizer=True)
     if stack_facts(lay.train.stack).device_init:  # built and quantized on the GPU, then each weight replaced
         _requantize(p, lay, layers)
     return replay(p.events).peak_reserved_bytes
@@ -98,9 +100,10 @@ def _requantize(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, f
 
 
 def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]],
-          scale: float) -> list[tuple[float, bool]]:
-    """The model load's requests: the embedding, each layer's parameters, the final norm and LM head (returned)."""
-    s, qlora = lay.spec, lay.train.method is Method.QLORA
+          scale: float, quantizer: bool) -> list[tuple[float, bool]]:
+    """The model load's requests: the embedding, each layer's parameters, the final norm and LM head (returned);
+    with `quantizer`, each 4-bit weight made through the stack's quantizer temporaries."""
+    s, qlora = lay.spec, lay.train.method is Method.QLORA and quantizer
     p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
     for params in layers:  # each parameter its own request, as a model is loaded; QLoRA: 4-bit ones quantized
         for nbytes, _trains, elements in params:

@@ -118,3 +118,14 @@ def test_published_rows_name_their_stack() -> None:
     assert published.stack_of("torchtune lora_finetune_single_device") is Stack.TORCHTUNE
     assert published.stack_of("LitGPT finetune lora/full (Lightning Fabric)") is Stack.LITGPT
     assert published.stack_of("HF Trainer (transformers ~4.16)") is Stack.HF
+
+
+def test_exact_mode_refuses_the_analytic_only_stacks() -> None:
+    """The exact mode builds the transformers model (memplan.build.model): torchtune's and LitGPT's own model code
+    and quantizers are not traced, so it says so instead of tracing another stack."""
+    from memplan.errors import UnsupportedModel
+    from memplan.trace.exact import exact_run
+
+    for stack in (Stack.TORCHTUNE, Stack.LITGPT):
+        with pytest.raises(UnsupportedModel, match=f"{stack.value} stack"):
+            exact_run(resolve_model("llama-2-7b"), QLORA.with_(stack=stack))

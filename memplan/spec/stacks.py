@@ -50,6 +50,7 @@ class StackFacts:
     quantizes_only_adapted: bool = False  # only the linears that carry an adapter are 4-bit; the rest stay half
     nf4_keeps_input: bool | None = None  # the 4-bit linear saves its input for backward; None: bitsandbytes'
     # version decides (memplan.spec.packages)
+    traced: bool = True  # the exact mode builds this stack's model (memplan.build.model); False: analytic only
 
 
 STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
@@ -90,7 +91,7 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # _register_nf4_dispatch_ops.py clone), then load_state_dict replaces every NF4 weight.
         # torchao 0.2+ compares in chunks of 1024**2 elements (memplan.spec.packages).
         quantize_load_transients=(2, 2, 32, 32), packed_with=2, chunked_quantizer=True, device_init=True,
-        quantizes_only_adapted=True, nf4_keeps_input=False,
+        quantizes_only_adapted=True, nf4_keeps_input=False, traced=False,
         source="torchtune@0914d5c recipes/lora_finetune_single_device.py L254-268; torchtune/modules/peft/lora.py "
                "_create_weight_and_bias; torchtune/utils/_register_nf4_dispatch_ops.py inplace_copy; torchao 0.1 "
                "torchao/dtypes/nf4tensor.py quantize_tensor_nearest, LinearNF4.forward",
@@ -106,7 +107,7 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # then bnb.functional.quantize_4bit: one half copy on the GPU.
         # fabric.init_module(empty_init=(devices > 1)): on one GPU the layers are built there and quantized at once
         # (_Linear4bit.__init__ L305-314), then replaced on load.
-        quantize_load_transients=(2,), device_init=True, quantizes_lm_head=True,
+        quantize_load_transients=(2,), device_init=True, quantizes_lm_head=True, traced=False,
         source="litgpt@41dece20 litgpt/finetune/lora.py L166-189; lightning@75553845 src/lightning/fabric/plugins/"
                "precision/bitsandbytes.py L129-144, L159-166, L326-341",
         explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),

@@ -57,7 +57,7 @@ class Layout:
             base_width=base_width,
             kept_width=4 if upcast else base_width,
             trainable_width=trainable_width,
-            lora_width=trainable_width,
+            lora_width=2 if qlora and stack.kbit_adapters_bf16 else trainable_width,
             lora_modules=lora,
             device=device,
             linear4bit_keeps_input=keeps,

@@ -27,6 +27,7 @@ class Stack(str, Enum):
     REFERENCE = "reference"  # memplan's reference step (README "The memory model"), no stack preparation
     TORCHTUNE = "torchtune"  # torchtune lora_finetune_single_device: torchao NF4 (QLoRA), its own model code
     LITGPT = "litgpt"  # LitGPT finetune/lora.py: Lightning Fabric's BitsandbytesPrecision (QLoRA)
+    TRL = "trl"  # TRL >= 1.0 SFTTrainer + peft: no k-bit upcast, QLoRA adapters cast to bf16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +52,7 @@ class StackFacts:
     nf4_keeps_input: bool | None = None  # the 4-bit linear saves its input for backward; None: bitsandbytes'
     # version decides (memplan.spec.packages)
     traced: bool = True  # the exact mode builds this stack's model (memplan.build.model); False: analytic only
+    kbit_adapters_bf16: bool = False  # k-bit models: the trainable adapters are cast to bf16 (not peft's fp32)
 
 
 STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
@@ -111,6 +113,16 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         source="litgpt@41dece20 litgpt/finetune/lora.py L166-189; lightning@75553845 src/lightning/fabric/plugins/"
                "precision/bitsandbytes.py L129-144, L159-166, L326-341",
         explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),
+    StackFacts(
+        name=Stack.TRL, title="TRL SFTTrainer (>= 1.0)", kbit_upcast=False, reentrant_checkpointing=False,
+        # trl 1.16.0 trl/trainer/sft_trainer.py: SFTTrainer never calls prepare_model_for_kbit_training (only the
+        # experimental ORPO / CPO trainers do); get_peft_model with peft's default fp32 adapters (L868), then for a
+        # 4/8-bit model every trainable parameter but DoRA's magnitude `param.data = param.data.to(torch.bfloat16)`
+        # (L908-911); enable_input_require_grads under checkpointing (L899-900), transformers' own non-reentrant
+        # checkpointing otherwise.
+        kbit_adapters_bf16=True,
+        source="trl 1.16.0 trl/trainer/sft_trainer.py L868, L899-900, L908-911",
+        explain="TRL SFTTrainer: no k-bit upcast; QLoRA adapters, their gradients and states in bf16"),
     StackFacts(
         name=Stack.REFERENCE, title="memplan reference step", kbit_upcast=False, reentrant_checkpointing=False,
         source="memplan/build/step.py reference_step",

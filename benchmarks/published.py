@@ -87,7 +87,8 @@ RESIDUALS = {
     "clone's dequantization temporaries to the init pass moved it by 0.16 GiB; no GPU here to measure).",
     "LitGPT QLoRA (108, 110, 112)": "unexplained, about 2.5-2.9 GiB on every 7-8B model (~2.4 GiB on TinyLlama, row "
     "106, not in the table), while the LoRA and full rows of the same table are within -0.4 ... -8.5 % (+4.8 %) "
-    "with their configs' lora_dropout 0.05 and gradient accumulation. Read and modelled: Fabric's plugin makes every Linear 4-bit, the LM head included "
+    "with their configs' lora_dropout 0.05 and gradient accumulation. Read and modelled: Fabric's plugin makes "
+    "every Linear 4-bit, the LM head included "
     "(-0.19 GiB); bitsandbytes 0.42 keeps each 4-bit linear's input. Read, not modelled: `bnb.nf4` is single "
     "quantization (fp32 absmax per 64: +0.29 GiB over memplan's double-quant storage; no knob for it yet); Lightning "
     "quantizes from torch.half, so MatMul4Bit dequantizes to fp16 then copies to bf16: the LM head's backward holds "

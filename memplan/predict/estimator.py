@@ -201,7 +201,7 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
     # which tensors are converted on the device after loading, one at a time (the old half copy is the transient)
     if tr.method is Method.QLORA:  # quantized on the way in; the stack may upcast the embedding and head too
         quantized = max((lin.in_features * lin.out_features for lin in s.layer_linears()
-                         if lin.name in lay.quantized_linears), default=0)
+                         if lay.quantized(lin.name)), default=0)
         quantized = max(quantized, vocab if lay.quantized_head else 0)
         # the stack's quantizer: bytes per element alive at once for the largest 4-bit tensor (spec.stacks)
         transient = sum(quantize_temporaries(tr.stack, quantized))

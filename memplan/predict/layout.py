@@ -31,7 +31,12 @@ class Layout:
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
     linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages), or the stack's own NF4
     quantized_head: bool = False  # QLoRA: the stack quantizes the LM head too (spec.stacks)
-    quantized_linears: frozenset[str] = frozenset()  # QLoRA: the decoder linears that are 4-bit (spec.stacks)
+    only_quantized: frozenset[str] | None = None  # QLoRA: the only decoder linears that are 4-bit, where the stack
+    # quantizes just the adapted ones (spec.stacks); None: every decoder linear
+
+    def quantized(self, name: str) -> bool:
+        """Is decoder linear `name` 4-bit?"""
+        return self.train.method is Method.QLORA and (self.only_quantized is None or name in self.only_quantized)
 
     @classmethod
     def of(cls, spec: ModelSpec, train: TrainConfig, device: str = "cuda") -> Layout:
@@ -62,7 +67,7 @@ class Layout:
             device=device,
             linear4bit_keeps_input=keeps,
             quantized_head=qlora and stack.quantizes_lm_head and not spec.tie_word_embeddings,
-            quantized_linears=frozenset((lora if stack.quantizes_only_adapted else names) if qlora else ()),
+            only_quantized=lora if qlora and stack.quantizes_only_adapted else None,
             trainable_layers=spec.num_layers if full else
             (min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0),
         )

@@ -127,7 +127,7 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
     width = lay.trainable_width if trains else lay.base_width
     qlora = tr.method is Method.QLORA
     out = [(lin.params * scale * (tr.quant_bits / 8 if q else width), trains, lin.params * scale if q else 0)
-           for lin in s.layer_linears() for q in [qlora and lin.name in lay.quantized_linears]]
+           for lin in s.layer_linears() for q in [lay.quantized(lin.name)]]
     out += [(s.hidden_size * (lay.trainable_width if trains else lay.base_width) * scale, trains, 0)
             for _ in range(s.norms_per_layer)]
     if s.is_moe:

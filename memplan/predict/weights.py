@@ -65,7 +65,7 @@ def model_states(lay: Layout) -> ModelStates:
         if tr.method is Method.QLORA:
             # decoder linears (all, or the adapted ones where the stack quantizes only those); bnb through
             # transformers skips lm_head, a stack may quantize it too (spec.stacks)
-            qlin = [lin for lin in linears if lin.name in lay.quantized_linears]
+            qlin = [lin for lin in linears if lay.quantized(lin.name)]
             quantized = (sum(lin.in_features * lin.out_features for lin in qlin) + expert_params) * s.num_layers
             outs = sum(lin.out_features for lin in qlin) * s.num_layers
             if lay.quantized_head:

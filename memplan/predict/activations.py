@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.train import ALL_LINEAR, Attention, Method
+from memplan.spec.train import ALL_LINEAR, Attention
 
 FP32 = 4
 
@@ -58,7 +58,7 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
-    quantized = lay.train.method is Method.QLORA and not name.startswith(("router", "experts"))
+    quantized = lay.quantized(name) and not name.startswith(("router", "experts"))
     if quantized and lay.train.quant_bits == 4:
         # bitsandbytes Linear4bit.forward (0.50: nn/modules.py L626-637): x.to(compute_dtype), then the output is
         # cast back to the input's dtype (`.to(inp_dtype)`): fp32 when the stack upcast the stream. MatMul4Bit

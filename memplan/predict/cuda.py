@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from memplan.predict.allocator import allocation_size
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.layout import Layout
-from memplan.predict.reserve import reserved_overhead
+from memplan.predict.reserve import load_reserved, reserved_overhead
 from memplan.predict.weights import ModelStates, model_states
+from memplan.spec.stacks import stack_facts
+from memplan.spec.train import Method
 
 MIB = 1024**2
 CUDA_CONTEXT_BYTES = 500 * MIB  # CUDA context and loaded kernels: not yet calibrated on a GPU, see README 'Limits'
@@ -119,4 +121,7 @@ def cuda_overheads(peak_allocated: int, lay: Layout, st: ModelStates) -> tuple[i
     layers = lay.spec.num_layers
     two = reserved_overhead(lay, st, scale, depth=2) if layers > 1 else one
     overhead = one + (two - one) * (layers - 1)
-    return peak_allocated + max(overhead, 0), CUDA_CONTEXT_BYTES  # the allocator never reserves less than it hands out
+    reserved = peak_allocated + max(overhead, 0)  # the allocator never reserves less than it hands out
+    if stack_facts(lay.train.stack).device_init and lay.train.method is Method.QLORA:
+        reserved = max(reserved, load_reserved(lay, st, scale))  # the cache keeps what the load reserved
+    return reserved, CUDA_CONTEXT_BYTES

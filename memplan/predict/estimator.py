@@ -25,7 +25,7 @@ from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
-from memplan.spec.stacks import stack_facts
+from memplan.spec.stacks import quantize_temporaries, stack_facts
 from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
 
 FP32 = 4
@@ -201,12 +201,19 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
     vocab = s.vocab_size * s.hidden_size
     # which tensors are converted on the device after loading, one at a time (the old half copy is the transient)
     if tr.method is Method.QLORA:  # quantized on the way in; the stack may upcast the embedding and head too
-        converted = max(linear, vocab if lay.kept_width != lay.base_width else 0)
-    elif lay.trainable_width == 4 and lay.amp and tr.method in (Method.FULL, Method.FREEZE):
-        converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
+        quantized = max((lin.in_features * lin.out_features for lin in s.layer_linears()
+                         if lay.quantized(lin.name)), default=0)
+        quantized = max(quantized, vocab if lay.quantized_head else 0)
+        # the stack's quantizer: bytes per element alive at once for the largest 4-bit tensor (spec.stacks)
+        transient = sum(quantize_temporaries(tr.stack, quantized))
+        load = st.weights_bytes + max(transient, 2 * (vocab if lay.kept_width != lay.base_width else 0))
     else:
-        converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
-    out = {"load": st.weights_bytes + 2 * converted}
+        if lay.trainable_width == 4 and lay.amp and tr.method in (Method.FULL, Method.FREEZE):
+            converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
+        else:
+            converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
+        load = st.weights_bytes + 2 * converted
+    out = {"load": load}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
         hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states

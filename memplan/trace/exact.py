@@ -12,6 +12,7 @@ from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import CUDA_CONTEXT_BYTES, with_cuda_terms
 from memplan.predict.estimator import estimate
 from memplan.spec.model import ModelSpec
+from memplan.spec.stacks import stack_facts
 from memplan.spec.train import Method, Stage, TrainConfig
 from memplan.trace.depth import extrapolate
 from memplan.trace.fork import trace_depths
@@ -75,6 +76,9 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if spec.remote_code and not trust_remote_code:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
                                "pass --trust-remote-code to run its code")
+    if not stack_facts(train.stack).traced:
+        raise UnsupportedModel(f"the exact mode builds the transformers model; the {train.stack.value} stack's own "
+                               "model code and quantizer are modelled analytically only: drop --exact")
     note = ""
     traced_train = train
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest

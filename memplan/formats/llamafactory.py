@@ -371,8 +371,8 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
     return out
 
 
-# the export template of a plan without --config (the project's configs/, beside the package in a checkout)
-SFT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "templates" / "sft.yaml"
+# the export template of a plan without --config (packaged; the project's configs/templates/ links to it)
+SFT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "sft.yaml"  # configs/templates/sft.yaml links here
 
 
 def sft_template() -> dict[str, Any]:

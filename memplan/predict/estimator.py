@@ -96,7 +96,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
-        + ce_fwd,
+        + ce_fwd - rs.forward_release_bytes,
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)

@@ -4,7 +4,7 @@
 - FSDP (`--fsdp full_shard|shard_grad_op|hybrid_shard|no_shard`): with `--fsdp-version 1` (accelerate's default)
   FSDP1 FullyShardedDataParallel as accelerate + HF Trainer wrap it (memplan.build.shard.fsdp1_wrap_model); with
   2, FSDP2 `fully_shard` on each decoder layer and the root (the same wrapping the exact mode traces).
-  hybrid_shard shards inside a node and replicates across `--nodes`. no_shard exists in FSDP1 only.
+  hybrid_shard shards inside a node and replicates across `--nodes`. no_shard (FSDP1 only) is not probed.
 - DeepSpeed ZeRO (`--zero 1|2|3`): `deepspeed.initialize` with memplan's optimizer as the client optimizer and
   the bucket sizes the estimator assumes (HF Trainer's "auto" fill unless set). On CPU, DeepSpeed's cpu
   accelerator (gloo).
@@ -53,8 +53,9 @@ def check_probeable(train: TrainConfig, device: str) -> None:
     if device == "cpu" and train.offload is not Offload.NONE:
         raise ConfigError("offload moves states to host memory: on a cpu probe host and device are one memory; "
                          "probe offload with --device cuda")
-    if train.sharding is Sharding.NO_SHARD and not train.parallel.fsdp1:
-        raise ConfigError("--fsdp no_shard is FSDP1's DDP-like mode (FSDP2 has none): probe it as DDP, without --fsdp")
+    if train.sharding is Sharding.NO_SHARD:  # FSDP1 runs it, but memplan's no_shard terms are not measured yet
+        raise ConfigError("--fsdp no_shard is FSDP1's DDP-like mode (FSDP2 has none; memplan estimates it only): "
+                          "probe it as DDP, without --fsdp")
 
 
 def _require_nvidia_gpu() -> None:

@@ -350,7 +350,7 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         terms.append(Term(name="sharding", bytes=gathered + rs.bucket_bytes
                           + (rs.backward_bucket_bytes if phase == "backward" else 0),
                           explain=f"{rs.explain}: gathered parameters {rs.gathered_bytes:,} B + communication "
-                                  f"buckets {rs.bucket_bytes:,} B"))
+                                  f"buckets {rs.bucket_bytes:,} B{rs.detail}"))
     elif lay.train.sharding is not Sharding.NONE or lay.train.gpus > 1:
         terms[0] = Term(name="weights", bytes=st.weights_bytes, explain=f"{w_explain}; {rs.explain}")
     ids = 8 * tr.batch_size * tr.seq_len  # the input batch: (B, S) int64 ids (labels=ids), alive all step

@@ -40,6 +40,7 @@ class RankStates:
     ds_grad_bytes: int = 0  # DeepSpeed: the gradients its estimators count (ZeRO-1/2 half + fp32, ZeRO-3 fp32)
     gathered_in_step: bool = True  # False: everything is resharded before the optimizer step (FSDP)
     forward_release_bytes: int = 0  # part of gathered_bytes not yet gathered at the end of forward (FSDP1 prefetch)
+    detail: str = ""  # one line per named term ("\n· name bytes: source"), shown under the sharding term
 
 
 def _ceil(x: int, n: int) -> int:
@@ -215,9 +216,10 @@ def _fsdp1(lay: Layout, st: ModelStates) -> RankStates:
         parts = [("root unit gathered", root * cw, "_post_forward_reshard: the root is not freed after forward"),
                  ("prefetched unit", s.layer_params * cw, "BACKWARD_PRE: _prefetch_handle in _pre_backward_hook, "
                                                           "from the root's backward on; none at forward's end"),
-                 ("running unit gathered", s.layer_params * cw, "FlatParamHandle.unshard, in a unit's backward")]
+                 ("running unit gathered", s.layer_params * cw,
+                  "FlatParamHandle.unshard, in a unit's backward (in transient)")]
     parts.append(("unsharded flat grad", unsharded_grads, "_post_backward_hook: the running unit's grad until "
-                                                            "reduce-scatter"))
+                                                            "reduce-scatter (in transient)"))
     weights, grads = _ceil(st.weights_bytes, n), _ceil(st.gradients_bytes, n)
     states = _ceil(st.optimizer_states_bytes, n)
     host = 0
@@ -229,9 +231,9 @@ def _fsdp1(lay: Layout, st: ModelStates) -> RankStates:
         quantized_params=st.quantized_params, gradients_bytes=grads,
         optimizer_states_bytes=states, optimizer_step_bytes=0 if host else _ceil(st.optimizer_step_bytes, n),
         autocast_cache_bytes=0, autocast_layer_bytes=0,)  # units are gathered in param_dtype: nothing to cast
-    lines = "; ".join(f"{name} {b:,} B ({src})" for name, b, src in parts)
     what = (f"FSDP1 {tr.sharding.value} over {n} ranks (flat parameters, use_orig_params)"
-            + (f", offload {tr.offload.value}" if host else "") + f" [{lines}]")
+            + (f", offload {tr.offload.value}" if host else ""))
+    detail = "".join(f"\n· {name} {b:,} B: {src}" for name, b, src in parts)
     return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=0, step_extra_bytes=0,
                       host_bytes=host, explain=what, layer_backward_bytes=layer_extra, gathered_in_step=False,
-                      forward_release_bytes=forward_release)
+                      forward_release_bytes=forward_release, detail=detail)

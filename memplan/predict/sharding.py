@@ -188,12 +188,14 @@ def _fsdp1(lay: Layout, st: ModelStates) -> RankStates:
     (tests/test_fsdp1.py). One FlatParameter per unit (each decoder layer; the root: embeddings, final norm, head;
     under peft, HF Trainer's update_fsdp_plugin_peft wraps every lora_A / lora_B as a unit of its own, so a decoder
     unit's flat parameter is all frozen and gets no gradient), each padded to a multiple of the shard group:
-      shards       params, fp32 grads, states / N (_flat_param.py FlatParamHandle._get_shard: ceil(numel / N))
+      shards       params, fp32 grads, states / N (_flat_param.py FlatParamHandle._get_shard pads each unit to a
+                   multiple of N: under N elements a unit, not counted)
       root         gathered from the root's forward through its backward (_runtime_utils.py _post_forward_reshard:
                    `free_unsharded_flat_param = not state._is_root and ...`)
       unit         a decoder unit is gathered only while it runs: FULL_SHARD frees it after its forward
                    (RESHARD_AFTER_FORWARD_HANDLE_STRATEGIES) and accelerate's forward_prefetch is off
-      prefetch     in a unit's backward the next unit is already gathered (BackwardPrefetch.BACKWARD_PRE,
+      prefetch     from the root's backward on, the next unit in backward order is already gathered (the root's
+                   pre-backward hook prefetches the last decoder unit; BackwardPrefetch.BACKWARD_PRE,
                    _runtime_utils.py _pre_backward_hook -> _prefetch_handle); limit_all_gathers allows two in flight
       unsharded grad  the running unit's whole flat gradient in param_dtype until reduce-scatter
                    (_runtime_utils.py _post_backward_hook -> _reduce_grad), trained units only

@@ -38,7 +38,8 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
         "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_targets": "lora_target",
         "quant_bits": "quantization_bit", "freeze_trainable_layers": "freeze_trainable_layers",
         "precision": "bf16/fp16/pure_bf16", "gpus": "--gpus", "nodes": "--nodes", "sharding": "deepspeed",
-        "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size"}
+        "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size",
+        "fsdp_version": "fsdp_config version"}
 # (YAML key, TrainConfig field, LLaMA-Factory's default) of the integer knobs
 _INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
          ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
@@ -141,10 +142,37 @@ def _fsdp(raw: dict[str, Any]) -> dict[str, Any]:
                           "auto_wrap")
     if raw.get("deepspeed"):
         raise ConfigError("fsdp and deepspeed are both set: HF Trainer runs one engine, give one")
-    out: dict[str, Any] = {"sharding": _FSDP[strategies[0]] if strategies else Sharding.FULL_SHARD}
+    out: dict[str, Any] = {"sharding": _FSDP[strategies[0]] if strategies else Sharding.FULL_SHARD,
+                           "fsdp_version": _fsdp_config_version(raw.get("fsdp_config"))}
     if "offload" in options:
         out["offload"] = Offload.PARAMS
     return out
+
+
+# HF TrainingArguments' `fsdp` key wraps with fsdp_config's `version` (an `fsdp_` prefix is dropped first):
+# `int(self.fsdp_config.get("version", 2))` in transformers 5.x (training_args.py, read in 5.16 and 5.24; 4.x
+# defaulted to 1). accelerate's own launch config (examples/accelerate/fsdp_config.yaml) is not a training YAML key.
+_FSDP_CONFIG_VERSION = 2
+
+
+def _fsdp_config_version(value: Any) -> int:
+    """fsdp_config: a mapping or the path of a JSON file (HF Trainer opens it from the launch directory)."""
+    if value is None:
+        return _FSDP_CONFIG_VERSION
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(Path(value).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"fsdp_config {value!r}: cannot read it as a JSON file ({type(err).__name__}); HF "
+                              "Trainer opens it relative to the launch directory") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"fsdp_config must be a mapping or a JSON file path, got {value!r}")
+    version = value.get("version", value.get("fsdp_version", _FSDP_CONFIG_VERSION))
+    if str(version).strip() not in ("1", "2"):
+        raise ConfigError(f"fsdp_config version {version!r}: torch FSDP versions are 1 and 2")
+    return int(str(version).strip())
 
 
 def _evaluates(raw: dict[str, Any]) -> bool:
@@ -360,6 +388,10 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
         plan["fsdp"] = f"{name} auto_wrap" + (" offload" if train.offload is Offload.PARAMS else "")
         if base.get("fsdp_config") is not None:
             plan["fsdp_config"] = base["fsdp_config"]
+        if train.fsdp_version != _fsdp_config_version(plan.get("fsdp_config")):  # HF Trainer's default is 2
+            kept = plan.get("fsdp_config") if isinstance(plan.get("fsdp_config"), dict) else {}
+            plan["fsdp_config"] = {**{k: v for k, v in kept.items() if k not in ("version", "fsdp_version")},
+                                   "version": train.fsdp_version}
     owned = {*_PLAN_OWNED, *plan}
     out = {"model_name_or_path": _hub_id(spec)}
     for key, value in base.items():  # the input's order and its other keys, untouched

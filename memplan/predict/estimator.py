@@ -96,7 +96,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
-        + ce_fwd,
+        + ce_fwd - rs.forward_release_bytes,
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
@@ -358,7 +358,7 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         terms.append(Term(name="sharding", bytes=gathered + rs.bucket_bytes
                           + (rs.backward_bucket_bytes if phase == "backward" else 0),
                           explain=f"{rs.explain}: gathered parameters {rs.gathered_bytes:,} B + communication "
-                                  f"buckets {rs.bucket_bytes:,} B"))
+                                  f"buckets {rs.bucket_bytes:,} B{rs.detail}"))
     elif lay.train.sharding is not Sharding.NONE or lay.train.gpus > 1:
         terms[0] = Term(name="weights", bytes=st.weights_bytes, explain=f"{w_explain}; {rs.explain}")
     ids = 8 * tr.batch_size * tr.seq_len  # the input batch: (B, S) int64 ids (labels=ids), alive all step

@@ -117,6 +117,10 @@ class TrainConfig:
         return self.parallel.ds_reduce_bucket
 
     @property
+    def fsdp_version(self) -> int:
+        return self.parallel.fsdp_version
+
+    @property
     def is_lora(self) -> bool:
         return self.method in (Method.LORA, Method.QLORA)
 

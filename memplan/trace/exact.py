@@ -89,12 +89,13 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
                                "the analytic estimate models it (drop --exact)")
     if not train.parallel.traceable:
         raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
-                               "per-rank memory under DDP / ZeRO / offload is analytic: drop --exact")
+                               "per-rank memory under DDP / ZeRO / offload is analytic (so is FSDP1 no_shard / "
+                               "shard_grad_op: FSDP1 cannot run them on fake tensors): drop --exact")
     if spec.is_moe or spec.family.moe:
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
-    if train.sharding.is_fsdp2:  # FSDP's prefetching only settles from three layers on (measured on 7B:
+    if train.sharding.is_fsdp:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
     # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)

@@ -109,6 +109,16 @@ class ModelSpec:
         prefix = int(self.config.get(key) or 0) if key else 0
         return prefix if prefix < self.num_layers else 0  # every layer dense: all alike
 
+    @property
+    def layer_period(self) -> int:
+        """How many layers repeat as a unit (Qwen3.5: full_attention_interval, 3 linear-attention + 1 full); 1 when
+        every layer is alike."""
+        key = self.family.layer_period_key
+        text = self.config.get("text_config")
+        cfg = text if isinstance(text, dict) else self.config
+        period = int(cfg.get(key) or 1) if key else 1
+        return period if 1 < period <= self.num_layers else 1
+
     # ---- derived -------------------------------------------------------------------------------------------
     @property
     def is_moe(self) -> bool:

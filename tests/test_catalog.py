@@ -378,3 +378,15 @@ def test_flash_attention_2_is_traced_as_sdpa_without_flash_attn():
     fa2 = estimate_any(spec, train.with_(attn=Attention.FLASH_ATTENTION_2), exact=True)
     sdpa = estimate_any(spec, train.with_(attn=Attention.SDPA), exact=True)
     assert fa2.peak_allocated_bytes == sdpa.peak_allocated_bytes and "traced as sdpa" in fa2.note
+
+
+@pytest.mark.parametrize("name,method", [("TechxGenus/Meta-Llama-3-8B-Instruct-AWQ", "AWQ"),
+                                         ("TechxGenus/Meta-Llama-3-8B-Instruct-GPTQ", "GPTQ"),
+                                         ("ISTA-DASLab/Meta-Llama-3-8B-Instruct-AQLM-2Bit-1x16", "AQLM")])
+def test_a_pre_quantized_repository_says_what_is_missing(capsys, monkeypatch, name, method):
+    """LLaMA-Factory's train_qlora examples (issue 16): no verified quantization_config of these repositories was
+    found, so the refusal names the missing storage model and the unquantized entry to estimate instead."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["estimate", "--model", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and method in err and "meta-llama/Meta-Llama-3-8B with --method qlora" in err

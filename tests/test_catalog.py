@@ -390,3 +390,19 @@ def test_a_pre_quantized_repository_says_what_is_missing(capsys, monkeypatch, na
     assert main(["estimate", "--model", name]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and method in err and "meta-llama/Meta-Llama-3-8B with --method qlora" in err
+
+
+@pytest.mark.integration
+def test_qwen2_vl_estimates_with_its_vision_tower_frozen():
+    """Qwen2-VL (LLaMA-Factory's megatron/qwen2_vl_full.yaml): no catalog entry (no verified config), but a local
+    config.json traces with the tower frozen: the trainable parameters are a qwen2 decoder's of the same dims."""
+    from memplan.trace.exact import estimate_any
+
+    cfg = {**TINY_VL, "model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
+           "vision_config": dict(depth=1, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2)}
+    vl = ModelSpec.from_config_dict(cfg, name="tiny-qwen2-vl")
+    text = ModelSpec.from_config_dict({**TINY_VL, "model_type": "qwen2", "architectures": None}, name="tiny-qwen2")
+    train = TrainConfig(method=Method.LORA, batch_size=1, seq_len=64, precision=Precision.FP32, checkpointing=False)
+    bd = estimate_any(vl, train)
+    assert bd.method == "exact" and "not costed" in bd.note
+    assert bd.trainable_params == estimate(text, train).trainable_params and bd.params > text.num_parameters

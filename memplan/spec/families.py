@@ -119,6 +119,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
     Family(model_type="qwen2_5_vl", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), limits=_VL_LIMITS),
+    # Qwen2-VL (modeling_qwen2_vl.py): a qwen2 decoder with M-RoPE and the visual.* tower LLaMA-Factory freezes
+    # (_register_composite_model("qwen2_vl")); no catalog entry yet (no verified config.json copy found)
+    Family(model_type="qwen2_vl", analytic=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",), limits=_VL_LIMITS),
     Family(model_type="qwen3_vl", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), limits=_VL_LIMITS),
     # Qwen3-VL-MoE (modeling_qwen3_vl_moe.py): Qwen3-VL's tower and deepstack mergers, the text decoder's MLPs

@@ -26,7 +26,8 @@ CURRENT = ["Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-14B", "
            "google/gemma-3-12b-pt", "google/gemma-3-27b-pt", "microsoft/phi-4", "mistralai/Mistral-Small-24B-Base-2501",
            "mistralai/Ministral-8B-Instruct-2410", "mistralai/Mixtral-8x22B-v0.1", "01-ai/Yi-34B",
            "allenai/OLMo-2-1124-7B", "bigcode/starcoder2-7b", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-34b-hf",
-           "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3.5-35B-A3B", "Qwen/Qwen3.5-397B-A17B"]
+           "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3.5-35B-A3B", "Qwen/Qwen3.5-397B-A17B",
+           "Qwen/Qwen3-235B-A22B-Instruct-2507"]
 
 
 def _expected(entry) -> int:

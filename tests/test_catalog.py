@@ -321,7 +321,7 @@ def test_mla_formula_matches_the_exact_trace(extra, kw):
 # ---- Qwen3.5: linear-attention and full-attention layers in a period; flash-attn 2 in the exact mode ---------------
 
 def _tiny_qwen3_5_moe(layers: int = 8, period: int = 2) -> dict:
-    types = (["linear_attention"] * (period - 1) + ["full_attention"]) * (layers // period)
+    types = [("linear_attention", "full_attention")[(i + 1) % period == 0] for i in range(layers)]
     return dict(model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"],
                 tie_word_embeddings=False,
                 text_config=dict(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=layers,
@@ -349,19 +349,19 @@ def test_qwen3_5_period_is_read_from_the_text_config():
 
 @pytest.mark.integration
 def test_qwen3_5_traces_whole_periods_and_lands_on_the_full_depth():
-    """Depths 2, 4, 6 of a [linear, full] x 4 model extrapolate to its 8-layer trace to the byte; the line through
-    1 and 2 layers (a linear layer, then a full one) would not."""
+    """Depths 3, 5, 7 of a 9-layer [linear, full] x 4 + linear model (one layer first, so the real depth is whole
+    periods past it) extrapolate to its 9-layer trace to the byte; the line through 1 and 2 layers would not."""
     from memplan.trace.exact import exact_run
     from memplan.trace.step import trace_depth
 
-    spec = ModelSpec.from_config_dict(_tiny_qwen3_5_moe(), name="tiny-qwen3.5-moe")
+    spec = ModelSpec.from_config_dict(_tiny_qwen3_5_moe(layers=9), name="tiny-qwen3.5-moe")
     train = TrainConfig(method=Method.FULL, precision=Precision.FP32, batch_size=1, seq_len=64, checkpointing=False)
     run = exact_run(spec, train)
-    assert [t.layers for t in run.traces] == [2, 4, 6]
-    full = trace_depth(spec, train, 8)
+    assert [t.layers for t in run.traces] == [3, 5, 7]
+    full = trace_depth(spec, train, 9)
     assert run.breakdown.peak_allocated_bytes == full.peak and run.breakdown.params == full.params
-    one, two = run.traces[0], trace_depth(spec, train, 1)  # per-layer line: 8 layers as 1 + 7 x (layer 2 - layer 1)
-    assert two.peak + (one.peak - two.peak) * 7 != full.peak
+    one, two = trace_depth(spec, train, 1), trace_depth(spec, train, 2)  # a per-layer line: 1 + 8 x (2 - 1)
+    assert one.peak + (two.peak - one.peak) * 8 != full.peak
     assert "linear-attention" in run.breakdown.note and "not costed" in run.breakdown.note
 
 

@@ -96,9 +96,8 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
     # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)
-    step = spec.layer_period  # whole periods of mixed layer types (Qwen3.5: 4), so the line is the model's
-    if (spec.num_layers - first) % step:
-        first, step = spec.num_layers, 1  # the real depth is no whole number of periods past the start: trace it
+    step = spec.layer_period  # whole periods of mixed layer types (Qwen3.5: 4) added per depth: the line is the model's
+    first += (spec.num_layers - first) % step  # and the real depth a whole number of periods past the first one
     depths = [d for d in (first + step, first + 2 * step, first + 3 * step) if d <= spec.num_layers] \
         or [spec.num_layers]
     try:

@@ -4,6 +4,7 @@ extrapolated to the real one; the same Breakdown as the analytic estimator. No m
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 from memplan.errors import ConfigError, MemplanError, UnsupportedModel
@@ -13,7 +14,7 @@ from memplan.predict.cuda import CUDA_CONTEXT_BYTES, with_cuda_terms
 from memplan.predict.estimator import estimate
 from memplan.spec.model import ModelSpec
 from memplan.spec.stacks import stack_facts
-from memplan.spec.train import Method, Stage, TrainConfig
+from memplan.spec.train import Attention, Method, Stage, TrainConfig
 from memplan.trace.depth import extrapolate
 from memplan.trace.fork import trace_depths
 from memplan.trace.step import Trace, trace_depth
@@ -84,6 +85,14 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
+    swapped = ""
+    no_fa2 = importlib.util.find_spec("flash_attn") is None
+    if train.attn is Attention.FLASH_ATTENTION_2 and spec.family.sdpa and no_fa2:
+        # transformers refuses flash_attention_2 without the flash_attn package (never there on a CPU trace): trace
+        # sdpa, whose CPU kernel (_scaled_dot_product_flash_attention_for_cpu) saves what flash-attn 2's backward
+        # keeps, the output and its logsumexp, and no (S, S) scores
+        traced_train = traced_train.with_(attn=Attention.SDPA)
+        swapped = "flash_attention_2 traced as sdpa (flash_attn is not installed here; both keep no (S, S) scores)"
     if train.stage is Stage.DPO and train.dpo_reference and not train.is_lora:
         raise UnsupportedModel("the exact mode does not build DPO's separate reference model (full / freeze) yet: "
                                "the analytic estimate models it (drop --exact)")
@@ -99,7 +108,10 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
     # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)
-    depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers] or [spec.num_layers]
+    step = spec.layer_period  # whole periods of mixed layer types (Qwen3.5: 4) added per depth: the line is the model's
+    first += (spec.num_layers - first) % step  # and the real depth a whole number of periods past the first one
+    depths = [d for d in (first + step, first + 2 * step, first + 3 * step) if d <= spec.num_layers] \
+        or [spec.num_layers]
     try:
         traces = trace_depths(spec, traced_train, depths, by_module, labels)
     except MemplanError:
@@ -134,7 +146,8 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     frag = full.peak_reserved - full.reserved_allocated
     bd = Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=CUDA_CONTEXT_BYTES, phase=full.phase, trainable_params=full.trainable,
-                     params=full.params, note="; ".join(n for n in (spec.family.limits, spec.quantization) if n),
+                     params=full.params,
+                     note="; ".join(n for n in (spec.family.limits, spec.quantization, swapped) if n),
                      fragmentation_bytes=frag,
                      reserved_explain="the traced allocations replayed through the caching-allocator model "
                                       f"({(reserved - peak) / 2**30:.2f} GiB over the allocated peak; "

@@ -84,7 +84,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         cast_layers = lay.trainable_layers if train.method is Method.FREEZE else spec.num_layers
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
-    head_grads = _head_grad_bytes(lay)
+    per_param = facts(train.optimizer).per_param  # each gradient freed by its step in backward (weights.py)
+    head_grads = 0 if per_param else _head_grad_bytes(lay)
     states_base = base  # what the optimizer step sees besides the gradients
     # with accumulation, micro-steps after the first run forward and backward with every gradient already alive
     if train.grad_accum > 1:
@@ -106,7 +107,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
             head_grads + layer_grad - top_released + n * spec.hidden_size * c),
         # the lowest trained layer's backward, the same transient with the most gradients already made
         "backward bottom": base + rope.backward + rs.backward_bucket_bytes + (masks if train.checkpointing else 0)
-        + _bottom_layer_kept(lay, st) + (0 if train.grad_accum > 1 else _grads_above_bottom(lay, st))
+        + _bottom_layer_kept(lay, st) + (0 if train.grad_accum > 1 or per_param else _grads_above_bottom(lay, st))
         + layer_grad + n * spec.hidden_size * c,
         # the gradients once (with accumulation `base` already holds them)
         "optimizer": states_base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
@@ -116,6 +117,11 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         "backward end": base + rs.backward_bucket_bytes + (0 if train.grad_accum > 1 else st.gradients_bytes)
         + _tied_embedding_extra(lay),
     }
+    if per_param and lay.full and not spec.tie_word_embeddings:
+        # the largest tensor's step (the LM head's) runs in its backward, right after its gradient is accumulated:
+        # on the kept activations, the head's saved tensors and the hidden-state gradient
+        moments["optimizer"] = kept + rope.backward + head.norm_bytes + head_cast + n * spec.hidden_size * c + \
+            st.gradients_bytes + st.optimizer_step_bytes
     run = _run_phases(lay, st, st.weights_bytes + st.optimizer_states_bytes + comm, ac=st.autocast_cache_bytes)
     phases = (("load", run["load"]), ("step", max(moments.values()))) + \
         ((("eval", run["eval"]),) if "eval" in run else ())

@@ -24,7 +24,7 @@ from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
-from memplan.spec.optimizers import facts
+from memplan.spec.optimizers import Projection, facts
 from memplan.spec.stacks import stack_facts
 from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
 
@@ -101,7 +101,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
-            head.norm_bytes + head_cast + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
+            # (a per-parameter step: its own moment below, measured on LOMO under AMP to 12 B)
+            head.norm_bytes + head_cast + grad_logits + (0 if per_param else _lm_head_grad_peak(lay))
+            + n * spec.hidden_size * c,
             # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
             # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
             head_grads + layer_grad - top_released + n * spec.hidden_size * c),
@@ -122,6 +124,10 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         # on the kept activations, the head's saved tensors and the hidden-state gradient
         moments["optimizer"] = kept + rope.backward + head.norm_bytes + head_cast + n * spec.hidden_size * c + \
             st.gradients_bytes + st.optimizer_step_bytes
+        if lay.amp and facts(train.optimizer).projection is not Projection.NONE:
+            # a post-accumulate-grad hook runs after the head's MmBackward released what it saved, the autocast
+            # half copy of the weight among them (LOMO's tensor hook runs a parameter later: kept there)
+            moments["optimizer"] -= spec.vocab_size * spec.hidden_size * c
     run = _run_phases(lay, st, st.weights_bytes + st.optimizer_states_bytes + comm, ac=st.autocast_cache_bytes)
     phases = (("load", run["load"]), ("step", max(moments.values()))) + \
         ((("eval", run["eval"]),) if "eval" in run else ())

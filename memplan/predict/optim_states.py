@@ -131,3 +131,12 @@ def _muon(t: Tensor) -> bool:
 def largest_grad(lay: Layout, width: int) -> int:
     """A per-parameter step (layer-wise hooks, LOMO): the gradient alive at once is the largest tensor's."""
     return max(t.numel for t in trainable_tensors(lay)) * width
+
+
+def fused_step_bytes(lay: Layout, width: int) -> int:
+    """LOMO / AdaLomo's update of the largest tensor inside backward (lomo_optim lomo.py / adalomo.py fuse_update):
+    `p.grad.to(torch.float32)` and `p.data.to(torch.float32)` are copies unless fp32; AdaLomo adds its fp32
+    `update` and the squared gradient it averages (adalomo.py L170-190; not measured: it calls .cuda())."""
+    n = max(t.numel for t in trainable_tensors(lay))
+    copies = 0 if width == 4 else (2 * 4 - width) * n  # the half gradient is dropped once copied (p.grad = None)
+    return copies + (2 * 4 * n if facts(lay.train.optimizer).states is States.FACTORED else 0)

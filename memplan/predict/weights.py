@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
-from memplan.predict.optim_states import largest_grad, special_states
+from memplan.predict.optim_states import fused_step_bytes, largest_grad, special_states
 from memplan.spec.optimizers import Projection, States, facts
 from memplan.spec.train import Method
 
@@ -78,6 +78,8 @@ def model_states(lay: Layout) -> ModelStates:
         # the step runs in backward, parameter by parameter, each gradient freed after it (LF's layer-wise
         # post-accumulate-grad hooks; LOMO's tensor hooks): one gradient alive at a time, the largest
         grads = largest_grad(lay, width)
+        if facts(tr.optimizer).builder[1] == "lomo":
+            step = fused_step_bytes(lay, width)
     return ModelStates(weights_bytes=weights + buffers, trainable_params=trainable, frozen_params=total - trainable,
                        quantized_params=quantized, gradients_bytes=grads, optimizer_states_bytes=states,
                        optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params,

@@ -92,8 +92,11 @@ def special_states(lay: Layout, width: int) -> tuple[int, int]:
                 step = max(step, 2 * t.numel * width)  # denom, norm_grad (galore_torch/adamw.py: a for loop)
         return states, step
     if opt.states is States.ADAM_MINI:
+        # step: `update = (m * stepsize)`, then `p.add_(-update)`; before them `torch.mean(grad * grad, dim=1)`,
+        # whose CPU kernel reduces a half tensor through an fp32 copy (measured: +4 B per element)
+        per_elem = max(2 * width, width + (4 if lay.device == "cpu" and width == 2 else 0))
         return sum(t.count * (t.numel + _mini_v(lay, t)) * width for t in tensors), \
-            2 * max(t.numel for t in tensors) * width  # `update = (m * stepsize)`, then `p.add_(-update)`
+            per_elem * max(t.numel for t in tensors)
     if opt.states is States.MUON:
         states, step = 0, 0
         for t in tensors:

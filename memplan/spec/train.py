@@ -7,7 +7,7 @@ from enum import Enum
 
 from memplan.errors import ConfigError, Problem
 from memplan.spec.families import Family
-from memplan.spec.optimizers import Optimizer, Projection, facts
+from memplan.spec.optimizers import Optimizer, facts
 from memplan.spec.parallel import PARALLEL_FIELDS, Offload, Parallelism, Sharding, positive_int
 from memplan.spec.stacks import Stack
 
@@ -113,8 +113,8 @@ class TrainConfig:
             raise ConfigError(problems)
 
     def _optimizer_problems(self) -> list[str | Problem]:
-        """What LLaMA-Factory / the optimizer packages refuse (finetuning_args.py __post_init__, parser.py L504-519,
-        trainer_utils.py _create_galore_optimizer)."""
+        """What LLaMA-Factory refuses whatever the engine (finetuning_args.py __post_init__, trainer_utils.py
+        _create_galore_optimizer); GaLore under DeepSpeed or torchrun: memplan.formats.llamafactory_rules."""
         opt, out = facts(self.optimizer), positive_int("proj_rank", self.proj_rank)
         if opt.full_only and self.is_lora:
             out.append(Problem("optimizer", f"{{}} {self.optimizer.value} trains full weights: use method full or "
@@ -122,11 +122,6 @@ class TrainConfig:
         if opt.per_param and self.grad_accum > 1:
             out.append(Problem("grad_accum", f"{{}} must be 1 with {self.optimizer.value} (its step runs inside "
                                              f"backward: no gradient accumulation), got {self.grad_accum}"))
-        if opt.projection is not Projection.NONE and self.sharding.is_deepspeed:
-            out.append(Problem("sharding", "{} DeepSpeed is incompatible with GaLore and APOLLO"))
-        if opt.per_param and opt.projection is not Projection.NONE and self.gpus > 1:
-            out.append(Problem("optimizer", f"{{}} {self.optimizer.value}: distributed training does not support "
-                                            "layer-wise GaLore / APOLLO"))
         if not self.proj_targets:
             out.append(Problem("proj_targets", "{} is empty: name modules (q_proj,v_proj) or all-linear"))
         return out

@@ -46,6 +46,11 @@ class States(str, Enum):
     MUON = "muon"  # LF's Muon: a momentum buffer for hidden 2-D matrices, AdamW's two for the rest
     ADAM_4BIT = "adam_4bit"  # torchao AdamW4bit: two 4-bit states + an fp32 scale per 128 elements
 
+    @property
+    def follows_param_width(self) -> bool:
+        """States in the parameter's dtype: DeepSpeed's optimizer then holds them in fp32 (its partition)."""
+        return self in (States.MOMENTUM, States.ADAM)
+
 
 class Projection(str, Enum):
     """Low-rank gradient projection of the 2-D target weights: the states follow the projected gradient."""
@@ -53,11 +58,6 @@ class Projection(str, Enum):
     NONE = "none"
     SVD = "svd"  # GaLore: P from torch.linalg.svd of the gradient (galore_torch/galore_projector.py)
     RANDOM = "random"  # APOLLO: a seeded Gaussian P (apollo_torch/random_projector.py)
-
-    @property
-    def follows_param_width(self) -> bool:
-        """States in the parameter's dtype: DeepSpeed's optimizer then holds them in fp32 (its partition)."""
-        return self in (States.MOMENTUM, States.ADAM)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -101,9 +101,10 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
-            # (a per-parameter step: its own moment below, measured on LOMO under AMP to 12 B)
-            head.norm_bytes + head_cast + grad_logits + (0 if per_param else _lm_head_grad_peak(lay))
-            + n * spec.hidden_size * c,
+            # (a per-parameter step: inside MmBackward only the compute-dtype gradient; its fp32 cast, after
+            # grad_logits is freed, is the per-parameter moment below: LOMO fp32 / AMP / pure bf16 within 0.2 %)
+            head.norm_bytes + head_cast + grad_logits + n * spec.hidden_size * c + (
+                spec.vocab_size * spec.hidden_size * c if per_param and lay.full else _lm_head_grad_peak(lay)),
             # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
             # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
             head_grads + layer_grad - top_released + n * spec.hidden_size * c),

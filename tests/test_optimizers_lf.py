@@ -210,3 +210,19 @@ def test_hf_optim_names_and_galore_arguments():
         config_from_flags(["t.py", "--optim", "galore_adamw"], base)
     with pytest.raises(ConfigError, match="LLaMA-Factory"):
         hf_training_kwargs(base.with_(optimizer=Optimizer.ADAM_MINI))
+
+
+def test_cli_knobs_set_the_projection_and_refuse_lora(capsys):
+    import json
+
+    from memplan.cli import main
+
+    args = ["estimate", "--model", "llama-3-8b", "--method", "full", "--optimizer", "galore_adamw", "--json"]
+    states = []
+    for rank in ("64", "256"):
+        assert main([*args, "--proj-rank", rank, "--proj-targets", "q_proj,v_proj"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        states.append(out["memory"]["optimizer_states"])
+    assert states[0] < states[1]
+    assert main(["estimate", "--model", "llama-3-8b", "--optimizer", "galore_adamw"]) == 2
+    assert "method full or freeze" in capsys.readouterr().err

@@ -6,8 +6,10 @@ import pytest
 import yaml
 
 from memplan.cli import main
+from memplan.errors import ConfigError
 from memplan.formats.hf import hf_training_kwargs
 from memplan.formats.llamafactory import llamafactory_yaml
+from memplan.spec import optimizers
 from memplan.spec.catalog import resolve_model
 from memplan.spec.stacks import Stack
 from memplan.spec.train import Attention, Method, Optimizer, Precision, Sharding, TrainConfig
@@ -72,9 +74,13 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
 
     spec = resolve_model("llama-3-8b")
     train = TrainConfig(method=Method.FULL, precision=Precision.FP32, optimizer=optimizer, batch_size=2,
-                        grad_accum=4, checkpointing=False)
+                        grad_accum=1 if optimizers.facts(optimizer).per_param else 4, checkpointing=False)
     # a LLaMA-Factory YAML runs LLaMA-Factory's stack (memplan.spec.stacks); everything else round-trips
     assert config_from_llamafactory(llamafactory_yaml(spec, train)).train == train.with_(stack=Stack.LLAMAFACTORY)
+    if not optimizers.facts(optimizer).hf_optim:  # LLaMA-Factory's own (use_adam_mini): no HF name to write
+        with pytest.raises(ConfigError, match="LLaMA-Factory's"):
+            hf_training_kwargs(train, output_dir=str(tmp_path))
+        return
     kw = hf_training_kwargs(train, output_dir=str(tmp_path))
     args = TrainingArguments(**kw, report_to=[])
     assert config_from_args(args, TrainConfig(method=Method.FULL)) == train
@@ -84,7 +90,7 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
 
 @pytest.mark.parametrize(("extra", "named"), [
     ({"stage": "kto"}, ["stage=kto"]),
-    ({"use_galore": True, "enable_liger_kernel": True}, ["use_galore=true", "enable_liger_kernel=true"]),
+    ({"use_badam": True, "enable_liger_kernel": True}, ["use_badam=true", "enable_liger_kernel=true"]),
     ({"upcast_layernorm": True, "do_train": True, "predict_with_generate": True},
      ["upcast_layernorm=true", "predict_with_generate=true"]),
     ({"stage": "sft", "use_galore": False, "double_quantization": True}, []),  # values memplan models

@@ -22,13 +22,17 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 @pytest.mark.parametrize("opt", list(Optimizer))
 def test_every_optimizer_has_one_entry_read_back_from_its_hf_name(opt):
     facts = OPTIMIZERS[opt]
-    assert optimizers.from_hf(facts.hf_optim, facts.optim_args) is opt
+    if facts.hf_optim:  # LLaMA-Factory's own (use_adam_mini, use_muon) have no HF `optim` name
+        assert optimizers.from_hf(facts.hf_optim, facts.optim_args) is opt
+    else:
+        assert facts.lf_flag and optimizers.from_llamafactory(Optimizer.ADAMW, {facts.lf_flag: True}) is opt
     assert all(optimizers.from_hf(alias) is opt for alias in facts.hf_aliases)
     module, name, _ = facts.builder
     assert facts.bitsandbytes == module.startswith("bitsandbytes")
     if importlib.util.find_spec(module.split(".")[0]) is not None:
         assert hasattr(importlib.import_module(module), name)
-    states = estimate(resolve_model("llama-3-8b"), TrainConfig(optimizer=opt)).term("optimizer_states")
+    method = Method.FULL if facts.full_only else Method.LORA
+    states = estimate(resolve_model("llama-3-8b"), TrainConfig(optimizer=opt, method=method)).term("optimizer_states")
     assert (states == 0) == (facts.states is optimizers.States.NONE)
 
 

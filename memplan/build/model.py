@@ -155,6 +155,10 @@ def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None
 def build_optimizer(model: Any, train: TrainConfig) -> Any:
     """The optimizer HF Trainer would create for `optim` (memplan.spec.optimizers), foreach=True as on a GPU."""
     module, name, kwargs = facts(train.optimizer).builder
+    if module == "memplan.build.optimizers":  # built on the model (LLaMA-Factory's create_custom_optimizer)
+        from memplan.build import optimizers
+
+        return getattr(optimizers, name)(model, train, **dict(kwargs))
     params = [p for p in model.parameters() if p.requires_grad]
     return getattr(try_import(module), name)(params, lr=1e-5, **dict(kwargs))
 

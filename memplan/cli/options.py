@@ -51,6 +51,9 @@ KNOBS = {k.name: k for k in (
     Knob("quant_bits", "qlora: 4 (NF4) or 8 (int8)"),
     Knob("freeze_trainable_layers", "freeze: last N layers train (default 2)"),
     Knob("optimizer", f"{_choices(Optimizer)} (fit / tune: a comma list to search)", listable=True),
+    Knob("proj_rank", "GaLore / APOLLO: the projection rank (default 16, LLaMA-Factory's galore_rank)"),
+    Knob("proj_targets", "GaLore / APOLLO: comma list of modules, or all-linear"),
+    Knob("proj_type", "GaLore / APOLLO: std|reverse_std|right|left (the projected side)"),
     Knob("attn", f"{_choices(Attention)} (fit / tune: a comma list to search)", listable=True),
     Knob("gpus", "data-parallel GPUs, every node counted (fit / tune: a list 1,2,4,8 to find the fewest that fit "
                  "and the fastest)", listable=True),
@@ -111,7 +114,7 @@ def _value(name: str, text: Any) -> Any:
         return text
     if name in CHOICES:
         return parse_choice(CHOICES[name], text, "--" + name.replace("_", "-"))
-    if name == "lora_targets":
+    if name in ("lora_targets", "proj_targets"):
         return tuple(t.strip() for t in str(text).split(",") if t.strip())
     if name == "lora_dropout":
         return _float(name, text)

@@ -52,9 +52,12 @@ def search_space(base: TrainConfig, gpu: GPU, space: SearchSpace) -> list[TrainC
                 space.lora_ranks or (base.lora_rank,), space.optimizers or (base.optimizer,), attns):
             if prec is Precision.FP32 and attn is Attention.FLASH_ATTENTION_2:
                 continue  # no fp32 kernel
-            out.append(base.with_(batch_size=b, grad_accum=gb // (b * n), precision=prec,
-                                  checkpointing=ckpt, lora_rank=rank, optimizer=opt, attn=attn, gpus=n,
-                                  sharding=shard, offload=off))
+            try:
+                out.append(base.with_(batch_size=b, grad_accum=gb // (b * n), precision=prec,
+                                      checkpointing=ckpt, lora_rank=rank, optimizer=opt, attn=attn, gpus=n,
+                                      sharding=shard, offload=off))
+            except ConfigError:
+                continue  # a combination TrainConfig refuses (layer-wise GaLore with accumulation, say)
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from memplan.errors import ConfigError
 from memplan.spec import optimizers
-from memplan.spec.train import Precision, TrainConfig
+from memplan.spec.train import ALL_LINEAR, Precision, ProjType, TrainConfig
 
 # TrainingArguments defaults for the fields memplan reads (transformers.training_args.TrainingArguments)
 # (the stack is the base's: hf unless the command line names another, memplan.spec.stacks)
@@ -32,9 +32,40 @@ def hf_training_kwargs(train: TrainConfig, output_dir: str = "output") -> dict[s
         "gradient_checkpointing": train.checkpointing,
         "optim": opt.hf_optim,
     }
+    if not opt.hf_optim:
+        raise ConfigError(f"--optimizer {train.optimizer.value} is LLaMA-Factory's ({opt.lf_flag}): HF "
+                          "TrainingArguments cannot select it; export a LLaMA-Factory YAML")
     if opt.optim_args:
         kw["optim_args"] = opt.optim_args
+    kw.update(_projection_fields(train))
     return kw
+
+
+def _projection_fields(train: TrainConfig) -> dict[str, Any]:
+    """GaLore / APOLLO in TrainingArguments: the rank and side in `optim_args`, the targets in
+    `optim_target_modules` (transformers trainer_optimizer.py _get_galore_optimizer: rank defaults to 128)."""
+    if optimizers.facts(train.optimizer).projection is optimizers.Projection.NONE:
+        return {}
+    targets = "all-linear" if ALL_LINEAR in train.proj_targets else list(train.proj_targets)
+    return {"optim_args": f"rank={train.proj_rank},proj_type={train.proj_type.value}", "optim_target_modules": targets}
+
+
+def _read_projection(get: Callable[[str], object | None], optim: str, where: str) -> dict[str, Any]:
+    """The inverse of _projection_fields, with transformers' defaults (rank 128, proj_type std)."""
+    args = dict(kv.split("=", 1) for kv in str(get("optim_args") or "").replace(" ", "").split(",") if "=" in kv)
+    targets = get("optim_target_modules")
+    if targets is None:
+        raise ConfigError(f"--optim {optim} {where} needs --optim_target_modules (transformers raises without it)")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.strip("[]").replace("'", "").split(",") if t.strip()]
+    names = [str(t) for t in targets]  # type: ignore[attr-defined]
+    try:
+        return {"proj_rank": int(args.get("rank", 128)), "proj_type": ProjType(args.get("proj_type", "std")),
+                "proj_targets": (ALL_LINEAR,) if [n.replace("_", "-") for n in names] == ["all-linear"]
+                else tuple(names)}
+    except ValueError:
+        raise ConfigError(f"--optim_args {get('optim_args')!r} {where}: rank must be an integer, proj_type one "
+                          f"of {', '.join(p.value for p in ProjType)}") from None
 
 
 def _truthy(value: object) -> bool:
@@ -67,6 +98,8 @@ def config_from_fields(get: Callable[[str], object | None], base: TrainConfig, w
         if chosen is None:
             raise ConfigError(f"--optim {optim} {where} is not modelled: one of {', '.join(optimizers.hf_names())}")
         changes["optimizer"] = chosen
+        if optimizers.facts(chosen).projection is not optimizers.Projection.NONE:
+            changes.update(_read_projection(get, str(optim), where))
     if _truthy(get("bf16") or False):  # AMP: pure bf16 (a bf16-loaded model) cannot be told from the flags
         changes["precision"] = Precision.BF16
     elif _truthy(get("fp16") or False):
@@ -117,9 +150,13 @@ def rewrite_flags(argv: list[str], before: TrainConfig, after: TrainConfig) -> l
         argv = set_flag(argv, "gradient_checkpointing", str(after.checkpointing))
     if after.optimizer != before.optimizer:
         opt = optimizers.facts(after.optimizer)
+        if not opt.hf_optim:
+            raise ConfigError(f"{after.optimizer.value} is LLaMA-Factory's ({opt.lf_flag}): HF flags cannot select it")
         argv = set_flag(argv, "optim", opt.hf_optim)
         if opt.optim_args:
             argv = set_flag(argv, "optim_args", opt.optim_args)
+    for name, value in _projection_fields(after).items():
+        argv = set_flag(argv, name, value if isinstance(value, str) else ",".join(value))
     return argv
 
 
@@ -137,8 +174,13 @@ def apply_to_args(args: Any, train: TrainConfig) -> bool:
     args.gradient_checkpointing = train.checkpointing
     opt = optimizers.facts(train.optimizer)
     current = getattr(args.optim, "value", args.optim)
-    if opt.hf_optim == current and (opt.optim_args or "") == (getattr(args, "optim_args", None) or ""):
+    if not opt.hf_optim:
+        raise ConfigError(f"{train.optimizer.value} is LLaMA-Factory's ({opt.lf_flag}): a Trainer cannot switch to it")
+    fields = {"optim_args": opt.optim_args or None, **_projection_fields(train)}
+    if opt.hf_optim == current and all((getattr(args, k, None) or None) == (v or None)
+                                           for k, v in fields.items()):
         return False
     args.optim = opt.hf_optim
-    args.optim_args = opt.optim_args or None
+    for key, value in fields.items():
+        setattr(args, key, value)
     return True

@@ -29,7 +29,7 @@ from memplan.spec import optimizers
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.stacks import Stack
-from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, Stage, TrainConfig
+from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, ProjType, Stage, TrainConfig
 
 # TrainConfig field -> the YAML key that carries it (problems are spelled with these names)
 KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size",
@@ -39,7 +39,8 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
         "quant_bits": "quantization_bit", "freeze_trainable_layers": "freeze_trainable_layers",
         "precision": "bf16/fp16/pure_bf16", "gpus": "--gpus", "nodes": "--nodes", "sharding": "deepspeed",
         "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size",
-        "fsdp_version": "fsdp_config version"}
+        "fsdp_version": "fsdp_config version", "proj_rank": "galore_rank", "proj_targets": "galore_target",
+        "proj_type": "galore_proj_type"}
 # (YAML key, TrainConfig field, LLaMA-Factory's default) of the integer knobs
 _INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
          ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
@@ -56,8 +57,7 @@ _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.
 # it to gradient_checkpointing_enable (memplan models transformers' non-reentrant checkpoint).
 NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "stage": ("sft", "pt", "dpo"), "ref_model": (None,), "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
-    "use_galore": (False,), "use_apollo": (False,), "use_badam": (False,),
-    "use_adam_mini": (False,), "use_muon": (False,), "enable_liger_kernel": (False,), "use_unsloth": (False,),
+    "use_badam": (False,), "apollo_proj": ("random",), "enable_liger_kernel": (False,), "use_unsloth": (False,),
     "use_unsloth_gc": (False,), "use_dora": (False,), "pissa_init": (False,), "additional_target": (None,),
     "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
@@ -67,8 +67,12 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
 }
 # use_reentrant_gc (either value) is the llamafactory stack's checkpointing (memplan.spec.stacks: both flavours
 # measured within 168 B); do_eval / eval_strategy / val_size / per_device_eval_batch_size: the eval run phase.
+# LLaMA-Factory's optimizer switches (hparams/finetuning_args.py GaloreArguments, ApolloArguments, use_adam_mini,
+# use_muon): a plan that changes the optimizer writes them anew
+_OPTIM_KEYS = ("use_galore", "galore_layerwise", "galore_rank", "galore_target", "galore_proj_type", "use_apollo",
+               "apollo_layerwise", "apollo_rank", "apollo_target", "apollo_proj_type", "use_adam_mini", "use_muon")
 _PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
-               "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config")
+               "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config", *_OPTIM_KEYS)
 # HF TrainingArguments.fsdp (transformers training_args.py FSDPOption): the sharding strategy of each option. LLaMA-
 # Factory passes it through to HF Trainer (its TrainingArguments extends Seq2SeqTrainingArguments:
 # hparams/training_args.py); examples/extras/fp8/llama3_fp8_fsdp_sft.yaml sets `fsdp: [full_shard, auto_wrap]`.
@@ -175,6 +179,39 @@ def _fsdp_config_version(value: Any) -> int:
     return int(str(version).strip())
 
 
+def _optimizer(raw: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """`optim` and the switches over it (trainer_utils.py create_custom_optimizer: use_galore, use_apollo,
+    use_adam_mini, use_muon; *_layerwise) -> the optimizer and its projection knobs; `keys` learns which YAML keys
+    carry them (a problem in proj_rank names apollo_rank under use_apollo)."""
+    optim = str(raw.get("optim", "adamw_torch"))
+    base = optimizers.from_hf(optim, str(raw.get("optim_args", "")))
+    if base is None:
+        raise ConfigError(f"optim {optim!r} is not modelled: use one of {', '.join(optimizers.hf_names())}")
+    flags = {k: _bool(raw, k) for k in ("use_galore", "use_apollo", "use_adam_mini", "use_muon",
+                                        "galore_layerwise", "apollo_layerwise")}
+    on = [k for k in ("use_galore", "use_apollo", "use_adam_mini", "use_muon") if flags[k]]
+    if flags["use_galore"] and flags["use_apollo"]:  # finetuning_args.py L618
+        raise ConfigError("use_galore and use_apollo are both true: LLaMA-Factory refuses them together")
+    chosen = optimizers.from_llamafactory(base, flags)
+    if chosen is None:
+        raise ConfigError(f"{on[0]} with optim {optim!r} is not modelled: memplan models it over adamw_torch "
+                          "(GaLore's 8-bit and Adafactor variants are not)")
+    out: dict[str, Any] = {"optimizer": chosen}
+    if on:
+        keys["optimizer"] = on[0]
+    prefix = on[0].removeprefix("use_") if on and on[0] in ("use_galore", "use_apollo") else ""
+    if prefix:
+        keys.update(proj_rank=f"{prefix}_rank", proj_targets=f"{prefix}_target", proj_type=f"{prefix}_proj_type")
+        out["proj_rank"] = raw.get(f"{prefix}_rank", 16)
+        out["proj_targets"] = _targets(raw.get(f"{prefix}_target", "all"))
+        kind = str(raw.get(f"{prefix}_proj_type", "std")).lower()
+        if kind not in {p.value for p in ProjType}:
+            raise ConfigError(f"{prefix}_proj_type {kind!r} is not modelled: use one of "
+                              f"{', '.join(p.value for p in ProjType)}")
+        out["proj_type"] = ProjType(kind)
+    return out
+
+
 def _evaluates(raw: dict[str, Any]) -> bool:
     """Evaluation during the run: HF Trainer evaluates every eval_steps / epoch unless eval_strategy is "no"
     (transformers trainer.py _maybe_log_save_evaluate); LLaMA-Factory runs trainer.evaluate() after training when
@@ -196,12 +233,11 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
             kw[name] = fn(raw)
         except ConfigError as err:
             problems.extend(err.problems)
-    optim = str(raw.get("optim", "adamw_torch"))
-    chosen = optimizers.from_hf(optim, str(raw.get("optim_args", "")))
-    if chosen is None:
-        problems.append(f"optim {optim!r} is not modelled: use one of {', '.join(optimizers.hf_names())}")
-    else:
-        kw["optimizer"] = chosen
+    keys = dict(KEYS)
+    try:
+        kw.update(_optimizer(raw, keys))
+    except ConfigError as err:
+        problems.extend(err.problems)
     attn = str(raw.get("flash_attn", "auto")).lower()
     kernel = next((a for a, names in _ATTN.items() if attn in names), None)
     if kernel is None:
@@ -239,7 +275,7 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
             if parallel := _fsdp(raw):
                 train = train.with_(**parallel)
         except ConfigError as err:
-            problems.extend(err.respelled(KEYS).problems)
+            problems.extend(err.respelled(keys).problems)
     if problems or train is None:
         raise ConfigError(problems)
     unmodelled = tuple(f"{k}={_yaml_value(raw[k])}" for k, modelled in NOT_MODELLED.items()
@@ -363,9 +399,11 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
         "freeze" if train.method is Method.FREEZE else "lora",
         per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
         cutoff_len=train.seq_len, disable_gradient_checkpointing=not train.checkpointing,
-        optim=opt.hf_optim, flash_attn=_ATTN[train.attn][0])
+        optim=opt.hf_optim if not opt.lf_flag else optimizers.facts(opt.lf_base or optimizers.Optimizer.ADAMW).hf_optim,
+        flash_attn=_ATTN[train.attn][0])
     if opt.optim_args:
         plan["optim_args"] = opt.optim_args
+    plan.update(_optimizer_keys(train))
     if train.precision is Precision.PURE_BF16:
         plan["pure_bf16"] = True
     elif train.precision in (Precision.BF16, Precision.FP16):
@@ -400,6 +438,20 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
         elif key in plan:
             out[key] = plan[key]
     out.update((k, v) for k, v in plan.items() if k not in out)
+    return out
+
+
+def _optimizer_keys(train: TrainConfig) -> dict[str, Any]:
+    """The LLaMA-Factory switches that select the plan's optimizer over `optim` (use_galore: true, ...)."""
+    opt = optimizers.facts(train.optimizer)
+    if not opt.lf_flag:
+        return {}
+    out: dict[str, Any] = {opt.lf_flag: True}
+    if opt.projection is not optimizers.Projection.NONE:
+        prefix = opt.lf_flag.removeprefix("use_")
+        out.update({f"{prefix}_layerwise": opt.per_param, f"{prefix}_rank": train.proj_rank,
+                    f"{prefix}_target": "all" if ALL_LINEAR in train.proj_targets else ",".join(train.proj_targets),
+                    f"{prefix}_proj_type": train.proj_type.value})
     return out
 
 

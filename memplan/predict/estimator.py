@@ -24,7 +24,7 @@ from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
-from memplan.spec.optimizers import facts
+from memplan.spec.optimizers import Projection, facts
 from memplan.spec.stacks import quantize_temporaries, stack_facts
 from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
 
@@ -84,7 +84,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         cast_layers = lay.trainable_layers if train.method is Method.FREEZE else spec.num_layers
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
-    head_grads = _head_grad_bytes(lay)
+    per_param = facts(train.optimizer).per_param  # each gradient freed by its step in backward (weights.py)
+    head_grads = 0 if per_param else _head_grad_bytes(lay)
     states_base = base  # what the optimizer step sees besides the gradients
     # with accumulation, micro-steps after the first run forward and backward with every gradient already alive
     if train.grad_accum > 1:
@@ -100,13 +101,16 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
-            head.norm_bytes + head_cast + grad_logits + _lm_head_grad_peak(lay) + n * spec.hidden_size * c,
+            # (a per-parameter step: inside MmBackward only the compute-dtype gradient; its fp32 cast, after
+            # grad_logits is freed, is the per-parameter moment below: LOMO fp32 / AMP / pure bf16 within 0.2 %)
+            head.norm_bytes + head_cast + grad_logits + n * spec.hidden_size * c + (
+                spec.vocab_size * spec.hidden_size * c if per_param and lay.full else _lm_head_grad_peak(lay)),
             # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
             # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
             head_grads + layer_grad - top_released + n * spec.hidden_size * c),
         # the lowest trained layer's backward, the same transient with the most gradients already made
         "backward bottom": base + rope.backward + rs.backward_bucket_bytes + (masks if train.checkpointing else 0)
-        + _bottom_layer_kept(lay, st) + (0 if train.grad_accum > 1 else _grads_above_bottom(lay, st))
+        + _bottom_layer_kept(lay, st) + (0 if train.grad_accum > 1 or per_param else _grads_above_bottom(lay, st))
         + layer_grad + n * spec.hidden_size * c,
         # the gradients once (with accumulation `base` already holds them)
         "optimizer": states_base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
@@ -116,6 +120,15 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         "backward end": base + rs.backward_bucket_bytes + (0 if train.grad_accum > 1 else st.gradients_bytes)
         + _tied_embedding_extra(lay),
     }
+    if per_param and lay.full and not spec.tie_word_embeddings:
+        # the largest tensor's step (the LM head's) runs in its backward, right after its gradient is accumulated:
+        # on the kept activations, the head's saved tensors and the hidden-state gradient
+        moments["optimizer"] = kept + rope.backward + head.norm_bytes + head_cast + n * spec.hidden_size * c + \
+            st.gradients_bytes + st.optimizer_step_bytes
+        if lay.amp and facts(train.optimizer).projection is not Projection.NONE:
+            # a post-accumulate-grad hook runs after the head's MmBackward released what it saved, the autocast
+            # half copy of the weight among them (LOMO's tensor hook runs a parameter later: kept there)
+            moments["optimizer"] -= spec.vocab_size * spec.hidden_size * c
     run = _run_phases(lay, st, st.weights_bytes + st.optimizer_states_bytes + comm, ac=st.autocast_cache_bytes)
     phases = (("load", run["load"]), ("step", max(moments.values()))) + \
         ((("eval", run["eval"]),) if "eval" in run else ())

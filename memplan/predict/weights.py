@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
-from memplan.spec.optimizers import States, facts
+from memplan.predict.optim_states import fused_step_bytes, largest_grad, special_states
+from memplan.spec.optimizers import Projection, States, facts
 from memplan.spec.train import Method
 
 NF4_BLOCK = 64  # bitsandbytes NF4 blocksize; absmax quantized to 8 bits (double quant), 2nd level fp32 per 256
@@ -79,6 +80,12 @@ def model_states(lay: Layout) -> ModelStates:
     grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
     width = grads // trainable if trainable else 4
     states, step = _optimizer(lay, trainable, width)
+    if facts(tr.optimizer).per_param and trainable:
+        # the step runs in backward, parameter by parameter, each gradient freed after it (LF's layer-wise
+        # post-accumulate-grad hooks; LOMO's tensor hooks): one gradient alive at a time, the largest
+        grads = largest_grad(lay, width)
+        if facts(tr.optimizer).builder[1] == "lomo":
+            step = fused_step_bytes(lay, width)
     return ModelStates(weights_bytes=weights + buffers, trainable_params=trainable, frozen_params=total - trainable,
                        quantized_params=quantized, gradients_bytes=grads, optimizer_states_bytes=states,
                        optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params,
@@ -90,6 +97,8 @@ def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:
     opt = facts(lay.train.optimizer)
     step = trainable * width if opt.foreach_copy else 0  # foreach: _foreach_sqrt(exp_avg_sq) is one more copy
     rule = opt.states
+    if opt.projection is not Projection.NONE or rule in (States.ADAM_MINI, States.MUON, States.ADAM_4BIT):
+        return special_states(lay, width)
     if rule is States.ADAM:
         return 2 * trainable * width, step  # exp_avg + exp_avg_sq in the param dtype
     if rule is States.ADAM_FP32:

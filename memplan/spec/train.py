@@ -7,7 +7,7 @@ from enum import Enum
 
 from memplan.errors import ConfigError, Problem
 from memplan.spec.families import Family
-from memplan.spec.optimizers import Optimizer
+from memplan.spec.optimizers import Optimizer, facts
 from memplan.spec.parallel import PARALLEL_FIELDS, Offload, Parallelism, Sharding, positive_int
 from memplan.spec.stacks import Stack
 
@@ -38,6 +38,17 @@ class Stage(str, Enum):
 
     SFT = "sft"  # next-token loss (pt: the same step)
     DPO = "dpo"  # chosen + rejected in one batch, plus a no-grad reference forward (memplan.predict.estimator)
+
+
+class ProjType(str, Enum):
+    """Which side of a target matrix (m x n) GaLore / APOLLO project (galore_projector.py project): std keeps
+    the larger dimension (m >= n: G @ P.T with P (r, n); else P.T @ G with P (m, r)), reverse_std the smaller,
+    right / left always that side."""
+
+    STD = "std"
+    REVERSE_STD = "reverse_std"
+    RIGHT = "right"
+    LEFT = "left"
 
 
 ALL_LINEAR = "all-linear"
@@ -71,6 +82,11 @@ class TrainConfig:
     # reference-free losses (pref_loss orpo / simpo: finetuning_args.py use_ref_model)
     stage: Stage = Stage.SFT
     dpo_reference: bool = True
+    # GaLore / APOLLO (optimizers with a Projection): the rank, the target modules (LLaMA-Factory galore_target /
+    # apollo_target: "all" = every decoder linear) and the projected side; LLaMA-Factory's defaults
+    proj_rank: int = 16
+    proj_targets: tuple[str, ...] = (ALL_LINEAR,)
+    proj_type: ProjType = ProjType.STD
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []
@@ -90,10 +106,25 @@ class TrainConfig:
         if self.attn is Attention.FLASH_ATTENTION_2 and self.precision is Precision.FP32:
             problems.append(Problem("attn", "{} flash_attention_2 needs fp16/bf16 (it has no fp32 kernel): use bf16 "
                                             "or sdpa"))
+        problems += self._optimizer_problems()
         if not self.lora_targets:
             problems.append(Problem("lora_targets", "{} is empty: name modules (q_proj,v_proj) or all-linear"))
         if problems:
             raise ConfigError(problems)
+
+    def _optimizer_problems(self) -> list[str | Problem]:
+        """What LLaMA-Factory refuses whatever the engine (finetuning_args.py __post_init__, trainer_utils.py
+        _create_galore_optimizer); GaLore under DeepSpeed or torchrun: memplan.formats.llamafactory_rules."""
+        opt, out = facts(self.optimizer), positive_int("proj_rank", self.proj_rank)
+        if opt.full_only and self.is_lora:
+            out.append(Problem("optimizer", f"{{}} {self.optimizer.value} trains full weights: use method full or "
+                                            "freeze (LLaMA-Factory: cannot use LoRA with GaLore, APOLLO or BAdam)"))
+        if opt.per_param and self.grad_accum > 1:
+            out.append(Problem("grad_accum", f"{{}} must be 1 with {self.optimizer.value} (its step runs inside "
+                                             f"backward: no gradient accumulation), got {self.grad_accum}"))
+        if not self.proj_targets:
+            out.append(Problem("proj_targets", "{} is empty: name modules (q_proj,v_proj) or all-linear"))
+        return out
 
     # ---- the parallel layout, read through (memplan.spec.parallel.Parallelism) -------------------------------
     @property
@@ -180,7 +211,7 @@ def resolve_attention(family: Family, attn: Attention) -> Attention:
 # the fields whose values are choices (enums): one table for every reader of flat values (JSON, the CLI)
 CHOICES: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
                                   "attn": Attention, "sharding": Sharding, "offload": Offload, "stack": Stack,
-                                  "stage": Stage}
+                                  "stage": Stage, "proj_type": ProjType}
 
 
 def train_from_dict(data: dict[str, object]) -> TrainConfig:
@@ -189,6 +220,7 @@ def train_from_dict(data: dict[str, object]) -> TrainConfig:
     for name in [f.name for f in fields(TrainConfig) if f.name != "parallel"] + list(PARALLEL_FIELDS):
         if name in data:
             value = data[name]
-            kw[name] = CHOICES[name](value) if name in CHOICES else tuple(value) if name == "lora_targets" \
+            kw[name] = CHOICES[name](value) if name in CHOICES else tuple(value) if name in ("lora_targets",
+                                                                                             "proj_targets") \
                 else value  # type: ignore[arg-type]
     return TrainConfig().with_(**kw)

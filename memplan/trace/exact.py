@@ -13,6 +13,7 @@ from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import CUDA_CONTEXT_BYTES, with_cuda_terms
 from memplan.predict.estimator import estimate
 from memplan.spec.model import ModelSpec
+from memplan.spec.optimizers import Projection, facts
 from memplan.spec.stacks import stack_facts
 from memplan.spec.train import Attention, Method, Stage, TrainConfig
 from memplan.trace.depth import extrapolate
@@ -96,6 +97,9 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if train.stage is Stage.DPO and train.dpo_reference and not train.is_lora:
         raise UnsupportedModel("the exact mode does not build DPO's separate reference model (full / freeze) yet: "
                                "the analytic estimate models it (drop --exact)")
+    if facts(train.optimizer).projection is not Projection.NONE:
+        raise UnsupportedModel("the exact mode does not trace GaLore / APOLLO steps (their projectors read gradient "
+                               "values: SVD, norms): the analytic estimate models them (drop --exact)")
     if not train.parallel.traceable:
         raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
                                "per-rank memory under DDP / ZeRO / offload is analytic (so is FSDP1 no_shard / "

@@ -10,7 +10,7 @@ from memplan._imports import try_import
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.train import Method, Precision, TrainConfig, resolve_attention
+from memplan.spec.train import Adapter, Method, Precision, TrainConfig, resolve_attention
 
 _HALF = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.PURE_BF16: "bfloat16"}
 
@@ -57,8 +57,7 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         # a VL model's vision tower is never an adapter target (peft fullmatches a str exclude_modules)
         skip = spec.family.frozen_modules + spec.family.lora_exclude
         frozen = "|".join(f".*{re.escape(f)}.*" for f in skip) or None
-        lcfg = peft.LoraConfig(r=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
-                               target_modules=targets, task_type="CAUSAL_LM", exclude_modules=frozen)
+        lcfg = adapter_config(train, targets, frozen)
         # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); pure bf16 keeps them bf16
         model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=train.precision is not Precision.PURE_BF16)
     else:
@@ -71,6 +70,22 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
     if train.checkpointing:
         enable_checkpointing(model, train)
     return model
+
+
+def adapter_config(train: TrainConfig, targets: Any, exclude: str | None) -> Any:
+    """The peft config LLaMA-Factory builds (src/llamafactory/model/adapter.py _setup_lora_tuning L255-313): LoRA
+    with use_dora / init_lora_weights "pissa" (pissa_iter -1) or "pissa_niter_{pissa_iter}", or OFTConfig with
+    r=oft_rank, oft_block_size (module_dropout is stored but never applied in peft 0.21's OFT forward)."""
+    peft = try_import("peft")
+    if train.adapter is Adapter.OFT:
+        return peft.OFTConfig(r=train.oft_rank, oft_block_size=train.oft_block_size, target_modules=targets,
+                              task_type="CAUSAL_LM", exclude_modules=exclude)
+    init: Any = True
+    if train.pissa_init:
+        init = "pissa" if train.pissa_iter == -1 else f"pissa_niter_{train.pissa_iter}"
+    return peft.LoraConfig(r=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
+                           target_modules=targets, task_type="CAUSAL_LM", exclude_modules=exclude,
+                           use_dora=train.adapter is Adapter.DORA, init_lora_weights=init)
 
 
 def prepare_for_stack(model: Any, train: TrainConfig) -> None:

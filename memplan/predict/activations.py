@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.predict import adapters
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.train import ALL_LINEAR, Attention, Method
+from memplan.spec.model import Linear
+from memplan.spec.train import ALL_LINEAR, Adapter, Attention, Method
 
 FP32 = 4
 
@@ -58,6 +60,11 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
+    adapter = lay.train.adapter if name in lay.lora_modules else None
+    x_in = x
+    if adapter is Adapter.OFT:  # the rotation applies to the input; the base layer runs on the rotated copy
+        x = adapters.oft_rotate(tp, x, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
+                                amp=lay.amp, width=lay.lora_width)
     quantized = lay.train.method is Method.QLORA and not name.startswith(("router", "experts"))
     if quantized and lay.train.quant_bits == 4:
         # bitsandbytes Linear4bit.forward (0.50: nn/modules.py L626-637): x.to(compute_dtype), then the output is
@@ -78,7 +85,8 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     else:
         xin = tp.cast(x, 2) if cx.amp else x
         y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
-    if name in lay.lora_modules:
+    if adapter in (Adapter.LORA, Adapter.DORA):
+        x = x_in
         xl = tp.cast(x, lay.lora_width)  # peft _cast_input_dtype to the adapter dtype (a no-op when equal)
         if lay.train.lora_dropout > 0:
             # CUDA native_dropout saves a bool mask; the CPU kernel computes x * noise and saves the noise
@@ -87,7 +95,11 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
             xl = tp.new(xl)
         xa = tp.cast(xl, 2) if lay.amp else xl
         a = tp.linear(xa, in_f, lay.train.lora_rank, w_trains=True, width=cx.c)
-        tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+        b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+        if adapter is Adapter.DORA:
+            adapters.dora_extra(tp, xa, y, b, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
+                                amp=lay.amp, width=lay.lora_width, compute=cx.c)
+            y = tp.new(y)  # `result + result_dora` (fp32), `.to(torch_result_dtype)`: not the saved base output
         y.rg = True
     return y
 

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from memplan.errors import ConfigError, UnsupportedModel
+from memplan.predict import adapters
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
@@ -26,7 +27,7 @@ from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import stack_facts
-from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
+from memplan.spec.train import Adapter, Attention, Method, Precision, Sharding, Stage, TrainConfig
 
 FP32 = 4
 
@@ -70,7 +71,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         if "down_proj" in lay.lora_modules and not spec.is_moe:
             inter = spec.intermediate_size
             tail += 2 * n * spec.hidden_size * c + (n * inter * lay.lora_width if lay.lora_width != c else 0)
-        layer_grad = max(layer_grad + recomputed, recomputed_end + tail + rs.layer_backward_bytes)
+        layer_grad = max(layer_grad + recomputed, recomputed_end + tail + rs.layer_backward_bytes,
+                         recomputed_end + _adapter_transient(lay) + rs.layer_backward_bytes)
     # input_ids (B, S) int64, alive through the step (labels=ids: the same tensor)
     base = st.weights_bytes + st.optimizer_states_bytes + comm + 8 * n
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
@@ -97,6 +99,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
         + ce_fwd,
+        # DoRA: the top layer's weight materialised in its forward, beside everything saved below it
+        "forward adapter": base + st.autocast_cache_bytes + acts + masks + rope.forward + _adapter_transient(lay),
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
@@ -319,6 +323,19 @@ def _lm_head_grad_peak(lay: Layout) -> int:
         return 0
     vh = lay.spec.vocab_size * lay.spec.hidden_size
     return vh * lay.compute_width + (vh * FP32 if lay.amp else 0)
+
+
+def _adapter_transient(lay: Layout) -> int:
+    """The largest no-grad weight an adapter materialises inside one linear's forward (DoRA: adapters.py)."""
+    if lay.train.adapter is not Adapter.DORA:
+        return 0
+    n, lw = lay.train.batch_size * lay.train.seq_len, lay.lora_width
+    # beside it, the linear's base output (`result`) and its input's copy in the adapter dtype (lora/layer.py
+    # Linear.forward L149, L161)
+    return max((adapters.dora_transient_bytes(lin, amp=lay.amp, base_width=lay.base_width, width=lw)
+                + n * lin.out_features * lay.compute_width + (n * lin.in_features * lw if lw != lay.stream_width
+                                                              else 0)
+                for lin in lay.spec.layer_linears() if lin.name in lay.lora_modules), default=0)
 
 
 def _check_targets(lay: Layout) -> None:

@@ -126,3 +126,17 @@ def dora_transient_bytes(lin: Linear, *, amp: bool, base_width: int, width: int)
     w = lin.in_features * lin.out_features
     eye = lin.in_features * lin.in_features * (2 if amp else width)
     return w * (width + (width if width != base_width else 0) + 2 * width) + eye
+
+
+def pissa_init_bytes(lin: Linear, train: TrainConfig, *, base_width: int) -> int:
+    """peft LoraLayer.pissa_init (tuners/lora/layer.py L429-462), once per target when the adapter is created:
+    the base weight's fp32 copy (`weight.to(torch.float32)`, none if already fp32); then either the full SVD
+    (pissa_iter -1: V (out, k), S (k,), Uh (k, in), k = min(out, in); LAPACK's own workspace is not counted) or
+    svd_lowrank's (out | in, r) bases (small); at `weight.data - scaling * lora_B @ lora_A` the product and the
+    difference, (out, in) fp32 each, beside the copy."""
+    w, k = lin.in_features * lin.out_features, min(lin.in_features, lin.out_features)
+    copy = w * FP32 if base_width != FP32 else 0
+    if train.pissa_iter == -1:
+        svd = FP32 * (lin.out_features * k + k + k * lin.in_features)
+        return copy + max(svd, 2 * w * FP32)
+    return copy + 2 * w * FP32

@@ -209,7 +209,7 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
         converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
     else:
         converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
-    out = {"load": st.weights_bytes + 2 * converted}
+    out = {"load": st.weights_bytes + max(2 * converted, _pissa_init_bytes(lay))}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
         hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states
@@ -323,6 +323,14 @@ def _lm_head_grad_peak(lay: Layout) -> int:
         return 0
     vh = lay.spec.vocab_size * lay.spec.hidden_size
     return vh * lay.compute_width + (vh * FP32 if lay.amp else 0)
+
+
+def _pissa_init_bytes(lay: Layout) -> int:
+    """PiSSA's initialisation of the largest target (adapters.pissa_init_bytes), a load-phase transient."""
+    if not lay.train.pissa_init:
+        return 0
+    return max((adapters.pissa_init_bytes(lin, lay.train, base_width=lay.base_width)
+                for lin in lay.spec.layer_linears() if lin.name in lay.lora_modules), default=0)
 
 
 def _adapter_transient(lay: Layout) -> int:

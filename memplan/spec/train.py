@@ -116,6 +116,11 @@ class TrainConfig:
         if self.adapter is not Adapter.LORA and not self.is_lora:
             problems.append(Problem("adapter", f"{{}} {self.adapter.value} is an adapter: it needs method lora or "
                                                "qlora"))
+        if self.pissa_init and self.method is Method.QLORA:
+            # peft LoraLayer.pissa_init refuses a 4/8-bit weight (tuners/lora/layer.py L432-436); LLaMA-Factory
+            # points to scripts/pissa_init.py, which initialises the full model and quantizes the residual later
+            problems.append(Problem("pissa_init", "{} needs an unquantized base (peft initialises PiSSA from the "
+                                                  "weights' SVD): drop quantization_bit"))
         if self.pissa_init and (self.adapter is Adapter.OFT or not self.is_lora):
             problems.append(Problem("pissa_init", "{} is only valid for LoRA training (LLaMA-Factory "
                                                   "finetuning_args.py)"))

@@ -111,6 +111,8 @@ def enable_checkpointing(model: Any, train: TrainConfig) -> None:
     from torch.utils.checkpoint import checkpoint
 
     reentrant = functools.partial(checkpoint, use_reentrant=True)  # use_reentrant_gc defaults to true
+    if train.offload_checkpoints:  # use_unsloth_gc: the layer input kept in host memory (offload_to_host)
+        reentrant = _unsloth_checkpoint(torch)
 
     def custom_gradient_checkpointing_func(func: Any, *args: Any, **kwargs: Any) -> Any:
         inner = func.func if isinstance(func, functools.partial) else func
@@ -127,6 +129,43 @@ def enable_checkpointing(model: Any, train: TrainConfig) -> None:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=custom_gradient_checkpointing_func)
+
+
+def _unsloth_checkpoint(torch: Any) -> Any:
+    """LLaMA-Factory's UnslothGradientCheckpointing (model_utils/checkpointing.py
+    get_unsloth_gradient_checkpointing_func, HEAD): the layer runs under no_grad, its input hidden states are
+    saved as a host copy (`.to("cpu", non_blocking=True)`), brought back to the layer's device for the recompute
+    in backward. The device is read off the input (LLaMA-Factory writes "cuda"); on a CPU it is the same tensor."""
+
+    class UnslothGradientCheckpointing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, forward_function: Any, hidden_states: Any, *args: Any) -> Any:
+            saved = hidden_states.to("cpu", non_blocking=True)
+            with torch.no_grad():
+                outputs = forward_function(hidden_states, *args)
+            ctx.save_for_backward(saved)
+            ctx.forward_function, ctx.args, ctx.device = forward_function, args, hidden_states.device
+            return outputs
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: Any) -> Any:
+            (hidden_states,) = ctx.saved_tensors
+            hidden_states = hidden_states.to(ctx.device, non_blocking=True).detach()
+            hidden_states.requires_grad_(True)
+            with torch.enable_grad():
+                outputs = ctx.forward_function(hidden_states, *ctx.args)
+                output = outputs[0] if isinstance(outputs, tuple) else outputs
+            torch.autograd.backward(output, grad_output)
+            return (None, hidden_states.grad) + (None,) * len(ctx.args)
+
+    def apply(func: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:  # transformers 5 passes the layer's keyword arguments bound in `func` (a partial)
+            import functools
+
+            func = functools.partial(func, **kwargs)
+        return UnslothGradientCheckpointing.apply(func, *args)
+
+    return apply
 
 
 def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) -> None:

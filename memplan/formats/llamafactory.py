@@ -40,7 +40,8 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
         "precision": "bf16/fp16/pure_bf16", "gpus": "--gpus", "nodes": "--nodes", "sharding": "deepspeed",
         "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size",
         "adapter": "finetuning_type/use_dora", "oft_block_size": "oft_block_size", "oft_rank": "oft_rank",
-        "pissa_init": "pissa_init", "pissa_iter": "pissa_iter"}
+        "pissa_init": "pissa_init", "pissa_iter": "pissa_iter", "liger_kernel": "enable_liger_kernel",
+        "offload_checkpoints": "use_unsloth_gc"}
 # (YAML key, TrainConfig field, LLaMA-Factory's default) of the integer knobs
 _INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
          ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
@@ -58,8 +59,7 @@ _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.
 NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "stage": ("sft", "pt", "dpo"), "ref_model": (None,), "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
     "use_galore": (False,), "use_apollo": (False,), "use_badam": (False,),
-    "use_adam_mini": (False,), "use_muon": (False,), "enable_liger_kernel": (False,), "use_unsloth": (False,),
-    "use_unsloth_gc": (False,), "additional_target": (None,),
+    "use_adam_mini": (False,), "use_muon": (False,), "use_unsloth": (False,), "additional_target": (None,),
     "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
     "quantization_method": ("bnb",), "neat_packing": (False,), "rope_scaling": (None,), "shift_attn": (False,),
@@ -70,7 +70,8 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
 # measured within 168 B); do_eval / eval_strategy / val_size / per_device_eval_batch_size: the eval run phase.
 _PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
                "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config", "finetuning_type",
-               "use_dora", "pissa_init", "pissa_iter", "oft_rank", "oft_block_size")
+               "use_dora", "pissa_init", "pissa_iter", "oft_rank", "oft_block_size", "enable_liger_kernel",
+               "use_unsloth_gc")
 # HF TrainingArguments.fsdp (transformers training_args.py FSDPOption): the sharding strategy of each option. LLaMA-
 # Factory passes it through to HF Trainer (its TrainingArguments extends Seq2SeqTrainingArguments:
 # hparams/training_args.py); examples/extras/fp8/llama3_fp8_fsdp_sft.yaml sets `fsdp: [full_shard, auto_wrap]`.
@@ -216,6 +217,10 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
     try:
         kw.update(_adapter(raw))
+        # model_args.py: enable_liger_kernel (model_utils/liger_kernel.py), use_unsloth_gc (checkpointing.py
+        # UnslothGradientCheckpointing, only where checkpointing is on: prepare_model_for_training L184-191)
+        kw["liger_kernel"] = _bool(raw, "enable_liger_kernel")
+        kw["offload_checkpoints"] = _bool(raw, "use_unsloth_gc") and kw.get("checkpointing", True)
     except ConfigError as err:
         problems.extend(err.problems)
     kw["stack"] = Stack.LLAMAFACTORY  # its own model preparation (memplan.spec.stacks)
@@ -376,6 +381,10 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
             plan["use_dora"] = True
         if train.pissa_init:
             plan.update(pissa_init=True, pissa_iter=train.pissa_iter)
+    if train.liger_kernel:
+        plan["enable_liger_kernel"] = True
+    if train.offload_checkpoints:
+        plan["use_unsloth_gc"] = True
     if train.method is Method.QLORA:
         plan["quantization_bit"] = train.quant_bits
     if train.method is Method.FREEZE:

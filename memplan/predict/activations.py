@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.predict import adapters
+from memplan.predict.kernels import liger_applies
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
 from memplan.spec.model import Linear
@@ -38,6 +39,11 @@ class _Ctx:
     def c(self) -> int:
         return self.lay.compute_width if self.autocast else self.stream
 
+    @property
+    def liger(self) -> bool:
+        """Liger's fused RMSNorm / SwiGLU replace transformers' (predict/kernels.py)."""
+        return liger_applies(self.lay.spec.model_type, self.lay.train.liger_kernel)
+
     def norm_width(self) -> int:
         return self.lay.trainable_width if self.trains else self.lay.kept_width
 
@@ -45,6 +51,11 @@ class _Ctx:
 def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
     """LlamaRMSNorm: x.float(); x * rsqrt(mean(x^2) + eps); weight * x.to(in_dtype). Gemma: x * (1 + w)."""
     tp, rows = cx.tape, x.numel // dim
+    if cx.liger:  # LigerRMSNormFunction (predict/kernels.py): saves X itself and one fp32 rstd per row
+        w = param(dim, cx.norm_width(), cx.trains)
+        if x.rg or w.rg:
+            tp.save(x, T(rows, FP32, False))
+        return T(x.numel, x.width, x.rg or w.rg)
     xf = tp.cast(x, FP32)
     tp.saving_input(xf)  # pow(2)
     rs = tp.saving_output(T(rows, FP32, xf.rg))  # rsqrt saves its result
@@ -232,6 +243,11 @@ def mlp(cx: _Ctx, h: T) -> T:
     else:
         gate = linear(cx, h, "gate_proj", hid, inter)
         up = linear(cx, h, "up_proj", hid, inter)
+    if cx.liger:  # LigerSiLUMulFunction / GEGLU (predict/kernels.py): saves gate and up, recomputes the act
+        if gate.rg or up.rg:
+            cx.tape.save(gate, up)
+        cx.tape.mark_here()
+        return linear(cx, T(n * inter, max(gate.width, up.width), gate.rg or up.rg), "down_proj", inter, hid)
     act = cx.tape.saving_input(gate)  # silu / gelu_tanh
     prod = cx.tape.mul(act, up)
     # backward reaches act * up's node (its three (B, S, I) gradients: layer_backward_buffers) after the down

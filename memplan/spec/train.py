@@ -124,6 +124,9 @@ class TrainConfig:
         if self.pissa_init and (self.adapter is Adapter.OFT or not self.is_lora):
             problems.append(Problem("pissa_init", "{} is only valid for LoRA training (LLaMA-Factory "
                                                   "finetuning_args.py)"))
+        if self.offload_checkpoints and not self.checkpointing:
+            problems.append(Problem("offload_checkpoints", "{} offloads the checkpointed layer inputs: it needs "
+                                                           "checkpointing on"))
         if not self.lora_targets:
             problems.append(Problem("lora_targets", "{} is empty: name modules (q_proj,v_proj) or all-linear"))
         if problems:

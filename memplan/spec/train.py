@@ -120,7 +120,7 @@ class TrainConfig:
             # peft LoraLayer.pissa_init refuses a 4/8-bit weight (tuners/lora/layer.py L432-436); LLaMA-Factory
             # points to scripts/pissa_init.py, which initialises the full model and quantizes the residual later
             problems.append(Problem("pissa_init", "{} needs an unquantized base (peft initialises PiSSA from the "
-                                                  "weights' SVD): drop quantization_bit"))
+                                                  "weights' SVD): initialise it on the unquantized model"))
         if self.pissa_init and (self.adapter is Adapter.OFT or not self.is_lora):
             problems.append(Problem("pissa_init", "{} is only valid for LoRA training (LLaMA-Factory "
                                                   "finetuning_args.py)"))

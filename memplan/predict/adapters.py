@@ -6,9 +6,14 @@ LoRA's own branch is in activations.linear; DoRA adds to it, OFT replaces it (it
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from memplan.predict.tape import T, Tape
 from memplan.spec.model import Linear
 from memplan.spec.train import Adapter, TrainConfig
+
+if TYPE_CHECKING:
+    from memplan.predict.layout import Layout
 
 FP32 = 4
 # peft OFTConfig.num_cayley_neumann_terms default (tuners/oft/config.py L170); LLaMA-Factory does not set it
@@ -140,3 +145,24 @@ def pissa_init_bytes(lin: Linear, train: TrainConfig, *, base_width: int) -> int
         svd = FP32 * (lin.out_features * k + k + k * lin.in_features)
         return copy + max(svd, 2 * w * FP32)
     return copy + 2 * w * FP32
+
+
+def pissa_load_bytes(lay: Layout) -> int:
+    """PiSSA's initialisation of the largest target (pissa_init_bytes), a load-phase transient."""
+    if not lay.train.pissa_init:
+        return 0
+    return max((pissa_init_bytes(lin, lay.train, base_width=lay.base_width)
+                for lin in lay.spec.layer_linears() if lin.name in lay.lora_modules), default=0)
+
+
+def forward_transient_bytes(lay: Layout) -> int:
+    """The largest no-grad weight an adapter materialises inside one linear's forward (DoRA: py)."""
+    if lay.train.adapter is not Adapter.DORA:
+        return 0
+    n, lw = lay.train.batch_size * lay.train.seq_len, lay.lora_width
+    # beside it, the linear's base output (`result`) and its input's copy in the adapter dtype (lora/layer.py
+    # Linear.forward L149, L161)
+    return max((dora_transient_bytes(lin, amp=lay.amp, base_width=lay.base_width, width=lw)
+                + n * lin.out_features * lay.compute_width + (n * lin.in_features * lw if lw != lay.stream_width
+                                                              else 0)
+                for lin in lay.spec.layer_linears() if lin.name in lay.lora_modules), default=0)

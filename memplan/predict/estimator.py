@@ -22,14 +22,14 @@ from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads
 from memplan.predict.kernels import fused_ce as fused_ce_bytes
-from memplan.predict.kernels import liger_applies
+from memplan.predict.kernels import liger_applies, offloaded_checkpoint_bytes, offloads_checkpoints
 from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import stack_facts
-from memplan.spec.train import Adapter, Attention, Method, Precision, Sharding, Stage, TrainConfig
+from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
 
 FP32 = 4
 
@@ -85,7 +85,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
             inter = spec.intermediate_size
             tail += 2 * n * spec.hidden_size * c + (n * inter * lay.lora_width if lay.lora_width != c else 0)
         layer_grad = max(layer_grad + recomputed, recomputed_end + tail + rs.layer_backward_bytes,
-                         recomputed_end + _adapter_transient(lay) + rs.layer_backward_bytes)
+                         recomputed_end + adapters.forward_transient_bytes(lay) + rs.layer_backward_bytes)
     # input_ids (B, S) int64, alive through the step (labels=ids: the same tensor)
     base = st.weights_bytes + st.optimizer_states_bytes + comm + 8 * n
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
@@ -112,7 +112,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
         + ce_fwd,
         # DoRA: the top layer's weight materialised in its forward, beside everything saved below it
-        "forward adapter": base + st.autocast_cache_bytes + acts + masks + rope.forward + _adapter_transient(lay),
+        "forward adapter": base + st.autocast_cache_bytes + acts + masks + rope.forward
+        + adapters.forward_transient_bytes(lay),
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             head_bwd,
@@ -147,7 +148,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         if train.method is Method.QLORA and train.quant_bits == 8 else ""
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
-                     host_bytes=rs.host_bytes + offloaded_checkpoint_bytes(lay) * train.gpus_per_node, note=note, band=band_for(train.method), phases=phases,
+                     host_bytes=rs.host_bytes + offloaded_checkpoint_bytes(lay) * train.gpus_per_node, note=note,
+                     band=band_for(train.method), phases=phases,
                      moments=tuple(moments.items()))
 
 
@@ -222,7 +224,7 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
         converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
     else:
         converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
-    out = {"load": st.weights_bytes + max(2 * converted, _pissa_init_bytes(lay))}
+    out = {"load": st.weights_bytes + max(2 * converted, adapters.pissa_load_bytes(lay))}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
         hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states
@@ -271,7 +273,7 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
                                  at_mlp=True)
         end = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True)
         layers = lay.trainable_layers if tr.method is Method.FREEZE else L
-        if _offloads_checkpoints(lay):
+        if offloads_checkpoints(lay):
             # LLaMA-Factory's UnslothGradientCheckpointing: each input saved as a host copy, so the device keeps
             # none (a layer's input is freed once the next runs) but the bottom one where it is a leaf (frozen
             # embedding: its AccumulateGrad node holds it); in backward, one input back on the device per recompute
@@ -342,42 +344,6 @@ def _lm_head_grad_peak(lay: Layout) -> int:
         return 0
     vh = lay.spec.vocab_size * lay.spec.hidden_size
     return vh * lay.compute_width + (vh * FP32 if lay.amp else 0)
-
-
-def _offloads_checkpoints(lay: Layout) -> bool:
-    """use_unsloth_gc on a GPU (on a CPU the host copy is the tensor itself: nothing moves)."""
-    return lay.train.offload_checkpoints and lay.train.checkpointing and lay.device != "cpu"
-
-
-def offloaded_checkpoint_bytes(lay: Layout) -> int:
-    """Host memory the offloaded layer inputs take, per GPU: one (B, S, H) stream-dtype copy per checkpointed
-    layer."""
-    if not _offloads_checkpoints(lay):
-        return 0
-    tr, s = lay.train, lay.spec
-    layers = lay.trainable_layers if tr.method is Method.FREEZE else s.num_layers
-    return layers * tr.batch_size * tr.seq_len * s.hidden_size * stream_width(lay)
-
-
-def _pissa_init_bytes(lay: Layout) -> int:
-    """PiSSA's initialisation of the largest target (adapters.pissa_init_bytes), a load-phase transient."""
-    if not lay.train.pissa_init:
-        return 0
-    return max((adapters.pissa_init_bytes(lin, lay.train, base_width=lay.base_width)
-                for lin in lay.spec.layer_linears() if lin.name in lay.lora_modules), default=0)
-
-
-def _adapter_transient(lay: Layout) -> int:
-    """The largest no-grad weight an adapter materialises inside one linear's forward (DoRA: adapters.py)."""
-    if lay.train.adapter is not Adapter.DORA:
-        return 0
-    n, lw = lay.train.batch_size * lay.train.seq_len, lay.lora_width
-    # beside it, the linear's base output (`result`) and its input's copy in the adapter dtype (lora/layer.py
-    # Linear.forward L149, L161)
-    return max((adapters.dora_transient_bytes(lin, amp=lay.amp, base_width=lay.base_width, width=lw)
-                + n * lin.out_features * lay.compute_width + (n * lin.in_features * lw if lw != lay.stream_width
-                                                              else 0)
-                for lin in lay.spec.layer_linears() if lin.name in lay.lora_modules), default=0)
 
 
 def _check_targets(lay: Layout) -> None:

@@ -18,6 +18,12 @@ source, their terms tested on shapes):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from memplan.spec.train import Method
+
+if TYPE_CHECKING:
+    from memplan.predict.layout import Layout
 
 FP32 = 4
 
@@ -67,3 +73,19 @@ LIGER_MODEL_TYPES = frozenset({
 
 def liger_applies(model_type: str, liger_kernel: bool) -> bool:
     return liger_kernel and model_type in LIGER_MODEL_TYPES
+
+
+# ---- Unsloth's gradient checkpointing (LLaMA-Factory use_unsloth_gc) ----------------------------------------------
+def offloads_checkpoints(lay: Layout) -> bool:
+    """use_unsloth_gc on a GPU (on a CPU the host copy is the tensor itself: nothing moves)."""
+    return lay.train.offload_checkpoints and lay.train.checkpointing and lay.device != "cpu"
+
+
+def offloaded_checkpoint_bytes(lay: Layout) -> int:
+    """Host memory the offloaded layer inputs take, per GPU: one (B, S, H) stream-dtype copy per checkpointed
+    layer."""
+    if not offloads_checkpoints(lay):
+        return 0
+    tr, s = lay.train, lay.spec
+    layers = lay.trainable_layers if tr.method is Method.FREEZE else s.num_layers
+    return layers * tr.batch_size * tr.seq_len * s.hidden_size * lay.stream_width

@@ -265,3 +265,18 @@ def test_llamafactory_adapter_errors_name_the_key(tmp_path, capsys):
     path.write_text(yaml.safe_dump(_yaml(finetuning_type="oft", quantization_bit=4, pissa_init=True)))
     assert main(["estimate", "--config", str(path)]) == 2
     assert "pissa_init" in capsys.readouterr().err
+
+
+def test_cli_knobs(capsys):
+    import json
+
+    from memplan.cli import main
+
+    assert main(["estimate", "--model", "llama-3-8b", "--method", "qlora", "--adapter", "oft", "--oft-block-size",
+                 "16", "--liger-kernel", "--offload-checkpoints", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["adapter"] == "oft" and data["config"]["oft_block_size"] == 16
+    assert data["config"]["liger_kernel"] and data["config"]["offload_checkpoints"]
+    assert main(["estimate", "--model", "llama-3-8b", "--adapter", "vera"]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter" in err and "lora|dora|oft" in err and "Traceback" not in err

@@ -78,10 +78,9 @@ def test_adapter_estimate_matches_the_real_step(spec, knobs):
         assert bd.phase == truth.phase == "forward"  # the weight materialised, not the loss
 
 
-@pytest.mark.integration
 def test_qoft_estimate_matches_the_real_step():
     """QOFT: peft wraps bitsandbytes' Linear4bit with the same OFT rotation (tuners/oft/model.py
-    _get_tuner_layer_class, the quantization backend's linear). ~40 s: a real NF4 step on two cores."""
+    _get_tuner_layer_class, the quantization backend's linear); measured -0.30 %."""
     pytest.importorskip("bitsandbytes")
     from memplan.testing.truth import measure_cpu_peak
 
@@ -89,6 +88,19 @@ def test_qoft_estimate_matches_the_real_step():
                         seq_len=128, stack=Stack.LLAMAFACTORY)
     truth = measure_cpu_peak(SMALL, train)
     assert abs(estimate(SMALL, train, device="cpu").peak_allocated_bytes / truth.peak_bytes - 1) < 0.01
+
+
+def test_qdora_estimate_matches_the_real_step():
+    """QLoRA + DoRA: the 4-bit weight dequantized in every wrapped linear's forward (measured -0.99 %, the
+    materialised weight at the peak)."""
+    pytest.importorskip("bitsandbytes")
+    from memplan.testing.truth import measure_cpu_peak
+
+    train = TrainConfig(method=Method.QLORA, adapter=Adapter.DORA, precision=Precision.BF16, batch_size=1,
+                        seq_len=32, checkpointing=False, stack=Stack.LLAMAFACTORY)
+    truth = measure_cpu_peak(SMALL, train)
+    assert truth.phase == "forward"
+    assert abs(estimate(SMALL, train, device="cpu").peak_allocated_bytes / truth.peak_bytes - 1) < 0.0125
 
 
 def test_dora_materialised_weight_is_a_moment():

@@ -10,6 +10,7 @@ to the replay of an exact trace is measured in benchmarks/results/allocator_cata
 
 from __future__ import annotations
 
+from memplan.predict import adapters
 from memplan.predict.activations import _Ctx, decoder_layer, stream_width
 from memplan.predict.allocator import ALLOC, FREE, replay
 from memplan.predict.layout import Layout
@@ -81,10 +82,9 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
     if s.is_moe:
         out += [(lin.params * s.num_experts * width * scale, trains) for lin in s.mlp_linears()]
     for lin in s.layer_linears():
-        if lin.name in lay.lora_modules:
-            r = tr.lora_rank
-            out += [(r * lin.in_features * lay.lora_width * scale, True),
-                    (lin.out_features * r * lay.lora_width * scale, True)]
+        if lin.name in lay.lora_modules:  # LoRA A, B (DoRA + magnitude; OFT: its rotation blocks)
+            out += [(rows * (cols or 1) * lay.lora_width * scale, True)
+                    for rows, cols in adapters.trainable_shapes(tr, lin)]
     return out
 
 

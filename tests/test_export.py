@@ -90,7 +90,7 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
 
 @pytest.mark.parametrize(("extra", "named"), [
     ({"stage": "kto"}, ["stage=kto"]),
-    ({"use_badam": True, "enable_liger_kernel": True}, ["use_badam=true", "enable_liger_kernel=true"]),
+    ({"use_badam": True, "use_unsloth": True}, ["use_badam=true", "use_unsloth=true"]),
     ({"upcast_layernorm": True, "do_train": True, "predict_with_generate": True},
      ["upcast_layernorm=true", "predict_with_generate=true"]),
     ({"stage": "sft", "use_galore": False, "double_quantization": True}, []),  # values memplan models

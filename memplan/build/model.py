@@ -10,7 +10,7 @@ from memplan._imports import try_import
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.train import Method, Precision, TrainConfig, resolve_attention
+from memplan.spec.train import Adapter, Method, Precision, TrainConfig, resolve_attention
 
 _HALF = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.PURE_BF16: "bfloat16"}
 
@@ -57,8 +57,7 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         # a VL model's vision tower is never an adapter target (peft fullmatches a str exclude_modules)
         skip = spec.family.frozen_modules + spec.family.lora_exclude
         frozen = "|".join(f".*{re.escape(f)}.*" for f in skip) or None
-        lcfg = peft.LoraConfig(r=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
-                               target_modules=targets, task_type="CAUSAL_LM", exclude_modules=frozen)
+        lcfg = adapter_config(train, targets, frozen)
         # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); pure bf16 keeps them bf16
         model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=train.precision is not Precision.PURE_BF16)
         if train.method is Method.QLORA and stack_facts(train.stack).kbit_adapters_bf16:
@@ -75,6 +74,22 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
     if train.checkpointing:
         enable_checkpointing(model, train)
     return model
+
+
+def adapter_config(train: TrainConfig, targets: Any, exclude: str | None) -> Any:
+    """The peft config LLaMA-Factory builds (src/llamafactory/model/adapter.py _setup_lora_tuning L255-313): LoRA
+    with use_dora / init_lora_weights "pissa" (pissa_iter -1) or "pissa_niter_{pissa_iter}", or OFTConfig with
+    r=oft_rank, oft_block_size (module_dropout is stored but never applied in peft 0.21's OFT forward)."""
+    peft = try_import("peft")
+    if train.adapter is Adapter.OFT:
+        return peft.OFTConfig(r=train.oft_rank, oft_block_size=train.oft_block_size, target_modules=targets,
+                              task_type="CAUSAL_LM", exclude_modules=exclude)
+    init: Any = True
+    if train.pissa_init:
+        init = "pissa" if train.pissa_iter == -1 else f"pissa_niter_{train.pissa_iter}"
+    return peft.LoraConfig(r=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
+                           target_modules=targets, task_type="CAUSAL_LM", exclude_modules=exclude,
+                           use_dora=train.adapter is Adapter.DORA, init_lora_weights=init)
 
 
 def prepare_for_stack(model: Any, train: TrainConfig) -> None:
@@ -100,6 +115,8 @@ def enable_checkpointing(model: Any, train: TrainConfig) -> None:
     from torch.utils.checkpoint import checkpoint
 
     reentrant = functools.partial(checkpoint, use_reentrant=True)  # use_reentrant_gc defaults to true
+    if train.offload_checkpoints:  # use_unsloth_gc: the layer input kept in host memory (offload_to_host)
+        reentrant = _unsloth_checkpoint(torch)
 
     def custom_gradient_checkpointing_func(func: Any, *args: Any, **kwargs: Any) -> Any:
         inner = func.func if isinstance(func, functools.partial) else func
@@ -116,6 +133,43 @@ def enable_checkpointing(model: Any, train: TrainConfig) -> None:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=custom_gradient_checkpointing_func)
+
+
+def _unsloth_checkpoint(torch: Any) -> Any:
+    """LLaMA-Factory's UnslothGradientCheckpointing (model_utils/checkpointing.py
+    get_unsloth_gradient_checkpointing_func, HEAD): the layer runs under no_grad, its input hidden states are
+    saved as a host copy (`.to("cpu", non_blocking=True)`), brought back to the layer's device for the recompute
+    in backward. The device is read off the input (LLaMA-Factory writes "cuda"); on a CPU it is the same tensor."""
+
+    class UnslothGradientCheckpointing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, forward_function: Any, hidden_states: Any, *args: Any) -> Any:
+            saved = hidden_states.to("cpu", non_blocking=True)
+            with torch.no_grad():
+                outputs = forward_function(hidden_states, *args)
+            ctx.save_for_backward(saved)
+            ctx.forward_function, ctx.args, ctx.device = forward_function, args, hidden_states.device
+            return outputs
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: Any) -> Any:
+            (hidden_states,) = ctx.saved_tensors
+            hidden_states = hidden_states.to(ctx.device, non_blocking=True).detach()
+            hidden_states.requires_grad_(True)
+            with torch.enable_grad():
+                outputs = ctx.forward_function(hidden_states, *ctx.args)
+                output = outputs[0] if isinstance(outputs, tuple) else outputs
+            torch.autograd.backward(output, grad_output)
+            return (None, hidden_states.grad) + (None,) * len(ctx.args)
+
+    def apply(func: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:  # transformers 5 passes the layer's keyword arguments bound in `func` (a partial)
+            import functools
+
+            func = functools.partial(func, **kwargs)
+        return UnslothGradientCheckpointing.apply(func, *args)
+
+    return apply
 
 
 def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) -> None:

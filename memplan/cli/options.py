@@ -21,7 +21,7 @@ from memplan.spec.optimizers import Optimizer
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.space import SearchSpace
 from memplan.spec.stacks import Stack
-from memplan.spec.train import CHOICES, Attention, Method, Precision, TrainConfig, parse_choice
+from memplan.spec.train import CHOICES, Adapter, Attention, Method, Precision, TrainConfig, parse_choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,13 @@ KNOBS = {k.name: k for k in (
     Knob("lora_targets", "comma list of modules, or all-linear"),
     Knob("lora_dropout", "default 0"),
     Knob("quant_bits", "qlora: 4 (NF4) or 8 (int8)"),
+    Knob("adapter", f"{_choices(Adapter)}: what lora / qlora train (default lora; qlora + oft: QOFT)"),
+    Knob("oft_block_size", "oft: block size (default 32; 0 to give --oft-rank)"),
+    Knob("oft_rank", "oft: blocks per layer (with --oft-block-size 0)"),
+    Knob("pissa_init", "LoRA initialised from each target's SVD (a load-phase peak)", switch=True),
+    Knob("liger_kernel", "Liger's fused kernels: linear cross-entropy, RMSNorm, SwiGLU", switch=True),
+    Knob("offload_checkpoints", "checkpointed layer inputs in host memory (LLaMA-Factory use_unsloth_gc)",
+         switch=True),
     Knob("freeze_trainable_layers", "freeze: last N layers train (default 2)"),
     Knob("optimizer", f"{_choices(Optimizer)} (fit / tune: a comma list to search)", listable=True),
     Knob("proj_rank", "GaLore / APOLLO: the projection rank (default 16, LLaMA-Factory's galore_rank)"),
@@ -110,7 +117,7 @@ def _float(name: str, text: str) -> float:
 
 def _value(name: str, text: Any) -> Any:
     """One knob's text -> the field's value (sharding from --zero / --fsdp handled by the caller)."""
-    if name == "checkpointing":
+    if KNOBS[name].switch:
         return text
     if name in CHOICES:
         return parse_choice(CHOICES[name], text, "--" + name.replace("_", "-"))

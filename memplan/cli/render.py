@@ -139,8 +139,11 @@ def note_stderr(text: str) -> None:
 
 def _describe(train: TrainConfig, spec: ModelSpec) -> str:
     parts = [train.method.value]
-    if train.is_lora:
-        parts.append(f"r={train.lora_rank}")
+    if train.is_lora and train.adapter.value == "oft":
+        parts.append(f"oft block {train.oft_block_size}" if train.oft_rank == 0 else f"oft r={train.oft_rank}")
+    elif train.is_lora:
+        parts.append(f"r={train.lora_rank}" + (f", {train.adapter.value}" if train.adapter.value != "lora" else "")
+                     + (", pissa init" if train.pissa_init else ""))
     if train.method.value == "qlora":
         parts.append(f"{train.quant_bits}-bit")
     parts += [train.precision.value, f"micro-batch {train.batch_size} x accum {train.grad_accum}",

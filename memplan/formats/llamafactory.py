@@ -29,7 +29,7 @@ from memplan.spec import optimizers
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.stacks import Stack
-from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, ProjType, Stage, TrainConfig
+from memplan.spec.train import ALL_LINEAR, Adapter, Attention, Method, Precision, ProjType, Stage, TrainConfig
 
 # TrainConfig field -> the YAML key that carries it (problems are spelled with these names)
 KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size",
@@ -40,7 +40,10 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
         "precision": "bf16/fp16/pure_bf16", "gpus": "--gpus", "nodes": "--nodes", "sharding": "deepspeed",
         "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size",
         "fsdp_version": "fsdp_config version", "proj_rank": "galore_rank", "proj_targets": "galore_target",
-        "proj_type": "galore_proj_type"}
+        "proj_type": "galore_proj_type",
+        "adapter": "finetuning_type/use_dora", "oft_block_size": "oft_block_size", "oft_rank": "oft_rank",
+        "pissa_init": "pissa_init", "pissa_iter": "pissa_iter", "liger_kernel": "enable_liger_kernel",
+        "offload_checkpoints": "use_unsloth_gc"}
 # (YAML key, TrainConfig field, LLaMA-Factory's default) of the integer knobs
 _INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
          ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
@@ -57,8 +60,7 @@ _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.
 # it to gradient_checkpointing_enable (memplan models transformers' non-reentrant checkpoint).
 NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "stage": ("sft", "pt", "dpo"), "ref_model": (None,), "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
-    "use_badam": (False,), "apollo_proj": ("random",), "enable_liger_kernel": (False,), "use_unsloth": (False,),
-    "use_unsloth_gc": (False,), "use_dora": (False,), "pissa_init": (False,), "additional_target": (None,),
+    "use_badam": (False,), "apollo_proj": ("random",), "use_unsloth": (False,), "additional_target": (None,),
     "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
     "quantization_method": ("bnb",), "neat_packing": (False,), "rope_scaling": (None,), "shift_attn": (False,),
@@ -72,7 +74,9 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
 _OPTIM_KEYS = ("use_galore", "galore_layerwise", "galore_rank", "galore_target", "galore_proj_type", "use_apollo",
                "apollo_layerwise", "apollo_rank", "apollo_target", "apollo_proj_type", "use_adam_mini", "use_muon")
 _PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
-               "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config", *_OPTIM_KEYS)
+               "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config", *_OPTIM_KEYS,
+               "finetuning_type", "use_dora", "pissa_init", "pissa_iter", "oft_rank", "oft_block_size",
+               "enable_liger_kernel", "use_unsloth_gc")
 # HF TrainingArguments.fsdp (transformers training_args.py FSDPOption): the sharding strategy of each option. LLaMA-
 # Factory passes it through to HF Trainer (its TrainingArguments extends Seq2SeqTrainingArguments:
 # hparams/training_args.py); examples/extras/fp8/llama3_fp8_fsdp_sft.yaml sets `fsdp: [full_shard, auto_wrap]`.
@@ -106,14 +110,32 @@ def _bool(raw: dict[str, Any], key: str, default: bool = False) -> bool:
 def _method(raw: dict[str, Any]) -> Method:
     kind = str(raw.get("finetuning_type", "lora")).lower()
     bits = raw.get("quantization_bit")
-    if kind not in ("full", "freeze", "lora"):
-        raise ConfigError(f"finetuning_type {kind!r}: memplan models full, freeze and lora (oft is not modelled)")
+    if kind not in ("full", "freeze", "lora", "oft"):
+        raise ConfigError(f"finetuning_type {kind!r}: choose one of full, freeze, lora, oft")
     if bits is not None:
-        if kind != "lora":
-            raise ConfigError(f"quantization_bit with finetuning_type {kind}: memplan models quantized training "
-                              "as QLoRA only (finetuning_type: lora)")
+        if kind not in ("lora", "oft"):  # model/adapter.py init_adapter L331-332 refuses the same
+            raise ConfigError(f"quantization_bit with finetuning_type {kind}: quantized models train LoRA or OFT "
+                              "adapters only (finetuning_type: lora or oft)")
         return Method.QLORA
-    return Method(kind)
+    return Method.LORA if kind == "oft" else Method(kind)
+
+
+def _adapter(raw: dict[str, Any]) -> dict[str, Any]:
+    """The adapter fields (model/adapter.py _setup_lora_tuning L255-313): OFT (finetuning_type oft: OFTConfig with
+    r=oft_rank, oft_block_size; its target_modules come from lora_target, oft_target is not read there;
+    module_dropout is stored by peft 0.21 but never applied in forward), DoRA (use_dora), PiSSA (pissa_init,
+    pissa_iter)."""
+    out: dict[str, Any] = {}
+    if str(raw.get("finetuning_type", "lora")).lower() == "oft":
+        out["adapter"] = Adapter.OFT
+        out["oft_rank"] = raw.get("oft_rank", 0)  # finetuning_args.py L143-150 defaults
+        out["oft_block_size"] = raw.get("oft_block_size", 32)
+    elif _bool(raw, "use_dora"):
+        out["adapter"] = Adapter.DORA
+    if _bool(raw, "pissa_init"):
+        out["pissa_init"] = True
+        out["pissa_iter"] = raw.get("pissa_iter", 16)
+    return out
 
 
 def _precision(raw: dict[str, Any]) -> Precision:
@@ -257,6 +279,14 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     except (TypeError, ValueError):
         problems.append(f"lora_dropout must be a number in [0, 1), got {raw['lora_dropout']!r}")
     kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
+    try:
+        kw.update(_adapter(raw))
+        # model_args.py: enable_liger_kernel (model_utils/liger_kernel.py), use_unsloth_gc (checkpointing.py
+        # UnslothGradientCheckpointing, only where checkpointing is on: prepare_model_for_training L184-191)
+        kw["liger_kernel"] = _bool(raw, "enable_liger_kernel")
+        kw["offload_checkpoints"] = _bool(raw, "use_unsloth_gc") and kw.get("checkpointing", True)
+    except ConfigError as err:
+        problems.extend(err.problems)
     kw["stack"] = Stack.LLAMAFACTORY  # its own model preparation (memplan.spec.stacks)
     if str(raw.get("stage", "sft")).lower() == "dpo":  # train/dpo/workflow.py; finetuning_args.py L593
         kw["stage"] = Stage.DPO
@@ -411,6 +441,16 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
     if train.is_lora:
         plan.update(lora_rank=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
                     lora_target="all" if ALL_LINEAR in train.lora_targets else ",".join(train.lora_targets))
+        if train.adapter is Adapter.OFT:
+            plan.update(finetuning_type="oft", oft_rank=train.oft_rank, oft_block_size=train.oft_block_size)
+        elif train.adapter is Adapter.DORA:
+            plan["use_dora"] = True
+        if train.pissa_init:
+            plan.update(pissa_init=True, pissa_iter=train.pissa_iter)
+    if train.liger_kernel:
+        plan["enable_liger_kernel"] = True
+    if train.offload_checkpoints:
+        plan["use_unsloth_gc"] = True
     if train.method is Method.QLORA:
         plan["quantization_bit"] = train.quant_bits
     if train.method is Method.FREEZE:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.predict import adapters
+from memplan.predict.kernels import liger_applies
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.train import ALL_LINEAR, Attention
+from memplan.spec.model import Linear
+from memplan.spec.train import ALL_LINEAR, Adapter, Attention
 
 FP32 = 4
 
@@ -36,6 +39,11 @@ class _Ctx:
     def c(self) -> int:
         return self.lay.compute_width if self.autocast else self.stream
 
+    @property
+    def liger(self) -> bool:
+        """Liger's fused RMSNorm / SwiGLU replace transformers' (predict/kernels.py)."""
+        return liger_applies(self.lay.spec.model_type, self.lay.train.liger_kernel)
+
     def norm_width(self) -> int:
         return self.lay.trainable_width if self.trains else self.lay.kept_width
 
@@ -43,6 +51,11 @@ class _Ctx:
 def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
     """LlamaRMSNorm: x.float(); x * rsqrt(mean(x^2) + eps); weight * x.to(in_dtype). Gemma: x * (1 + w)."""
     tp, rows = cx.tape, x.numel // dim
+    if cx.liger:  # LigerRMSNormFunction (predict/kernels.py): saves X itself and one fp32 rstd per row
+        w = param(dim, cx.norm_width(), cx.trains)
+        if x.rg or w.rg:
+            tp.save(x, T(rows, FP32, False))
+        return T(x.numel, x.width, x.rg or w.rg)
     xf = tp.cast(x, FP32)
     tp.saving_input(xf)  # pow(2)
     rs = tp.saving_output(T(rows, FP32, xf.rg))  # rsqrt saves its result
@@ -58,6 +71,11 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
+    adapter = lay.train.adapter if name in lay.lora_modules else None
+    x_in = x
+    if adapter is Adapter.OFT:  # the rotation applies to the input; the base layer runs on the rotated copy
+        x = adapters.oft_rotate(tp, x, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
+                                amp=lay.amp, width=lay.lora_width)
     quantized = lay.quantized(name) and not name.startswith(("router", "experts"))
     if quantized and lay.train.quant_bits == 4:
         # bitsandbytes Linear4bit.forward (0.50: nn/modules.py L626-637): x.to(compute_dtype), then the output is
@@ -78,7 +96,8 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     else:
         xin = tp.cast(x, 2) if cx.amp else x
         y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
-    if name in lay.lora_modules:
+    if adapter in (Adapter.LORA, Adapter.DORA):
+        x = x_in
         xl = tp.cast(x, lay.lora_width)  # peft _cast_input_dtype to the adapter dtype (a no-op when equal)
         if lay.train.lora_dropout > 0:
             # CUDA native_dropout saves a bool mask; the CPU kernel computes x * noise and saves the noise
@@ -87,7 +106,11 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
             xl = tp.new(xl)
         xa = tp.cast(xl, 2) if lay.amp else xl
         a = tp.linear(xa, in_f, lay.train.lora_rank, w_trains=True, width=cx.c)
-        tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+        b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+        if adapter is Adapter.DORA:
+            adapters.dora_extra(tp, xa, y, b, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
+                                amp=lay.amp, width=lay.lora_width, compute=cx.c)
+            y = tp.new(y)  # `result + result_dora` (fp32), `.to(torch_result_dtype)`: not the saved base output
         y.rg = True
     return y
 
@@ -220,6 +243,11 @@ def mlp(cx: _Ctx, h: T) -> T:
     else:
         gate = linear(cx, h, "gate_proj", hid, inter)
         up = linear(cx, h, "up_proj", hid, inter)
+    if cx.liger:  # LigerSiLUMulFunction / GEGLU (predict/kernels.py): saves gate and up, recomputes the act
+        if gate.rg or up.rg:
+            cx.tape.save(gate, up)
+        cx.tape.mark_here()
+        return linear(cx, T(n * inter, max(gate.width, up.width), gate.rg or up.rg), "down_proj", inter, hid)
     act = cx.tape.saving_input(gate)  # silu / gelu_tanh
     prod = cx.tape.mul(act, up)
     # backward reaches act * up's node (its three (B, S, I) gradients: layer_backward_buffers) after the down

@@ -16,10 +16,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from memplan.errors import ConfigError, UnsupportedModel
+from memplan.predict import adapters
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads, with_cuda_terms
+from memplan.predict.kernels import fused_ce as fused_ce_bytes
+from memplan.predict.kernels import liger_applies, offloaded_checkpoint_bytes, offloads_checkpoints
 from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
@@ -31,11 +34,12 @@ from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, Tr
 FP32 = 4
 
 
-def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Breakdown:
+def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused_ce: bool = True) -> Breakdown:
     """Peak memory of `train` on `spec`, per GPU (per rank under data parallelism: train.gpus, train.sharding,
     train.offload; see sharding.py), with its terms and the phase where the peak happens.
 
-    device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements."""
+    device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements.
+    fused_ce=False: Liger without its fused linear cross-entropy (LLaMA-Factory's stages that need the logits)."""
     if not spec.analytic:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
@@ -58,6 +62,20 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     # cross-entropy backward: log-probs (saved) + their gradient + the logits' gradient, all fp32 (B, S, V)
     ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
+    grad_logits = n * v * lay.logits_width  # the logits' gradient, back in the logits' dtype
+    per_param = facts(train.optimizer).per_param  # each gradient freed by its step in backward (weights.py)
+    # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP; a per-parameter
+    # step: inside MmBackward only the compute-dtype gradient, its fp32 cast after grad_logits is freed being the
+    # per-parameter moment below: LOMO fp32 / AMP / pure bf16 within 0.2 %)
+    head_bwd = head.norm_bytes + lay.head_cast_bytes + grad_logits + n * spec.hidden_size * c + (
+        spec.vocab_size * spec.hidden_size * c if per_param and lay.full else _lm_head_grad_peak(lay))
+    if fused_ce and liger_applies(spec.model_type, train.liger_kernel):
+        # Liger's fused linear cross-entropy (predict/kernels.py): no logits; both head gradients made in forward
+        f = fused_ce_bytes(tokens=n, vocab=v, hidden=spec.hidden_size, input_width=stream_width(lay),
+                           compute_width=c, head_width=lay.trainable_width, head_trains=lay.full)
+        ce_fwd, ce_bwd = f.forward_peak_bytes, f.grad_input_bytes + f.grad_weight_bytes
+        head = dataclasses.replace(head, logits_bytes=0, upcast_bytes=0, logprobs_bytes=0, softcap_bytes=0)
+        head_bwd = head.norm_bytes + ce_bwd
     layer_grad = _layer_backward_buffers(lay, n) + rs.layer_backward_bytes
     if train.checkpointing:
         # a recomputed layer's two high points: its backward at the MLP's product (what is still saved + the
@@ -70,7 +88,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         if "down_proj" in lay.lora_modules and not spec.is_moe:
             inter = spec.intermediate_size
             tail += 2 * n * spec.hidden_size * c + (n * inter * lay.lora_width if lay.lora_width != c else 0)
-        layer_grad = max(layer_grad + recomputed, recomputed_end + tail + rs.layer_backward_bytes)
+        layer_grad = max(layer_grad + recomputed, recomputed_end + tail + rs.layer_backward_bytes,
+                         recomputed_end + adapters.forward_transient_bytes(lay) + rs.layer_backward_bytes)
     # input_ids (B, S) int64, alive through the step (labels=ids: the same tensor)
     base = st.weights_bytes + st.optimizer_states_bytes + comm + 8 * n
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
@@ -84,7 +103,6 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         cast_layers = lay.trainable_layers if train.method is Method.FREEZE else spec.num_layers
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
-    per_param = facts(train.optimizer).per_param  # each gradient freed by its step in backward (weights.py)
     head_grads = 0 if per_param else _head_grad_bytes(lay)
     states_base = base  # what the optimizer step sees besides the gradients
     # with accumulation, micro-steps after the first run forward and backward with every gradient already alive
@@ -93,18 +111,16 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         head_grads = 0
     rope = _rope_bytes(lay)
     kept = base + ac_backward + acts + (masks if train.checkpointing else 0)
-    grad_logits = n * v * lay.logits_width  # the logits' gradient, back in the logits' dtype
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
         + ce_fwd - rs.forward_release_bytes,
+        # DoRA: the top layer's weight materialised in its forward, beside everything saved below it
+        "forward adapter": base + st.autocast_cache_bytes + acts + masks + rope.forward
+        + adapters.forward_transient_bytes(lay),
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
-            # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
-            # (a per-parameter step: inside MmBackward only the compute-dtype gradient; its fp32 cast, after
-            # grad_logits is freed, is the per-parameter moment below: LOMO fp32 / AMP / pure bf16 within 0.2 %)
-            head.norm_bytes + head_cast + grad_logits + n * spec.hidden_size * c + (
-                spec.vocab_size * spec.hidden_size * c if per_param and lay.full else _lm_head_grad_peak(lay)),
+            head_bwd,
             # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
             # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
             head_grads + layer_grad - top_released + n * spec.hidden_size * c),
@@ -145,8 +161,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
         if train.method is Method.QLORA and train.quant_bits == 8 else ""
     bd = Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                    cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
-                   host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases,
-                   moments=tuple(moments.items()))
+                   host_bytes=rs.host_bytes + offloaded_checkpoint_bytes(lay) * train.gpus_per_node,
+                   note=note, band=band_for(train.method), phases=phases, moments=tuple(moments.items()))
     return with_cuda_terms(bd) if device == "cuda" else bd
 
 
@@ -157,7 +173,9 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
     output dict) and log-probs are alive: its own fp32 logits and log_softmax (B, S, V) on top. A full / freeze run
     also holds the reference model, a frozen copy in the compute dtype (trainer_utils.py create_ref_model)."""
     pairs = train.with_(stage=Stage.SFT, batch_size=2 * train.batch_size)
-    policy = estimate(spec, pairs, device=device)
+    # LLaMA-Factory turns Liger's fused cross-entropy off for a stage that needs the logits (require_logits:
+    # model/model_utils/liger_kernel.py L106-108, loader.py: stage not in pt / sft)
+    policy = estimate(spec, pairs, device=device, fused_ce=False)
     lay = Layout.of(spec, pairs, device)
     nv = 2 * train.batch_size * train.seq_len * spec.vocab_size
     ref_weights = 0
@@ -225,7 +243,7 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
             converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
         else:
             converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
-        load = st.weights_bytes + 2 * converted
+        load = st.weights_bytes + max(2 * converted, adapters.pissa_load_bytes(lay))  # PiSSA's SVD at init
     out = {"load": load}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
@@ -274,7 +292,13 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
         recomputed = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True,
                                  at_mlp=True)
         end = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True)
-        return (lay.trainable_layers if tr.method is Method.FREEZE else L) * kept, recomputed, end, 0
+        layers = lay.trainable_layers if tr.method is Method.FREEZE else L
+        if offloads_checkpoints(lay):
+            # LLaMA-Factory's UnslothGradientCheckpointing: each input saved as a host copy, so the device keeps
+            # none (a layer's input is freed once the next runs) but the bottom one where it is a leaf (frozen
+            # embedding: its AccumulateGrad node holds it); in backward, one input back on the device per recompute
+            return (0 if lay.full or tr.method is Method.FREEZE else kept), recomputed + kept, end + kept, 0
+        return layers * kept, recomputed, end, 0
     released = full_layer - layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, at_mlp=True)
     if lay.full:
         return L * full_layer, full_layer, full_layer, released

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.predict.adapters import params_per_linear
 from memplan.spec.model import ModelSpec
 from memplan.spec.packages import linear4bit_keeps_input
 from memplan.spec.stacks import stack_facts
@@ -97,7 +98,7 @@ class Layout:
 
     def lora_params_per_layer(self) -> int:
         s, r = self.spec, self.train.lora_rank
-        n = sum(r * (lin.in_features + lin.out_features) for lin in s.layer_linears() if lin.name in self.lora_modules)
+        n = sum(params_per_linear(self.train, lin) for lin in s.layer_linears() if lin.name in self.lora_modules)
         if s.is_moe and ALL_LINEAR in self.train.lora_targets:
             # peft 0.21 also wraps the router and the 3D expert parameters (shapes read off a built model):
             # router A (r, H) + B (E, r); gate_up A (2Er, H) + B (2I, 2Er); down A (Er, I) + B (H, Er)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from memplan.predict import adapters
 from memplan.predict.activations import _Ctx, decoder_layer, stream_width
 from memplan.predict.allocator import ALLOC, FREE, replay
 from memplan.predict.layout import Layout
@@ -143,10 +144,9 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
         out += [(lin.params * s.num_experts * (tr.quant_bits / 8 if qlora else width) * scale, trains, 0)
                 for lin in s.mlp_linears()]
     for lin in s.layer_linears():
-        if lin.name in lay.lora_modules:
-            r = tr.lora_rank
-            out += [(r * lin.in_features * lay.lora_width * scale, True, 0),
-                    (lin.out_features * r * lay.lora_width * scale, True, 0)]
+        if lin.name in lay.lora_modules:  # LoRA A, B (DoRA + magnitude; OFT: its rotation blocks)
+            out += [(rows * (cols or 1) * lay.lora_width * scale, True, 0)
+                    for rows, cols in adapters.trainable_shapes(tr, lin)]
     return out
 
 

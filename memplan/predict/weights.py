@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.predict import adapters
 from memplan.predict.layout import Layout
 from memplan.predict.optim_states import fused_step_bytes, largest_grad, special_states
 from memplan.spec.optimizers import Projection, States, facts
-from memplan.spec.train import Method
+from memplan.spec.train import Adapter, Method
 
 NF4_BLOCK = 64  # bitsandbytes NF4 blocksize; absmax quantized to 8 bits (double quant), 2nd level fp32 per 256
 OPT8_BLOCK = 256  # bitsandbytes 8-bit optimizer state blocksize (fp32 absmax per block)
@@ -62,6 +63,11 @@ def model_states(lay: Layout) -> ModelStates:
     else:
         trainable = lay.lora_params_per_layer() * s.num_layers
         ac_layer = lay.lora_params_per_layer() if lay.lora_width == 4 else 0
+        if tr.adapter is not Adapter.LORA:  # DoRA's magnitude, OFT's weight: no autocast op casts them
+            ac_layer = sum(adapters.autocast_params_per_linear(tr, lin) for lin in linears
+                           if lin.name in lay.lora_modules) if lay.lora_width == 4 else 0
+            buffers += s.num_layers * sum(adapters.buffer_bytes_per_linear(tr, lin) for lin in linears
+                                          if lin.name in lay.lora_modules)
         ac_params = ac_layer * s.num_layers
         if tr.method is Method.QLORA:
             # decoder linears (all, or the adapted ones where the stack quantizes only those); bnb through
@@ -141,11 +147,10 @@ def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
     s = lay.spec
     h = s.hidden_size
     if lay.train.is_lora:
-        r = lay.train.lora_rank
         out = []
         for lin in s.layer_linears():
             if lin.name in lay.lora_modules:
-                out += [(r, lin.in_features, s.num_layers), (lin.out_features, r, s.num_layers)]
+                out += [(rows, cols, s.num_layers) for rows, cols in adapters.trainable_shapes(lay.train, lin)]
         return out
     layer = [(lin.out_features, lin.in_features, 1) for lin in s.layer_linears()]
     layer += [(h, 0, s.norms_per_layer)]

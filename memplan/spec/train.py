@@ -19,6 +19,15 @@ class Method(str, Enum):
     QLORA = "qlora"
 
 
+class Adapter(str, Enum):
+    """The adapter a LoRA / QLoRA method trains on the frozen (or quantized) base (LLaMA-Factory finetuning_type
+    lora / oft, use_dora): memplan.predict.adapters has each one's memory."""
+
+    LORA = "lora"  # peft LoraConfig
+    DORA = "dora"  # peft LoraConfig(use_dora=True): a magnitude vector per output and the weight's norm
+    OFT = "oft"  # peft OFTConfig: block-diagonal Cayley-Neumann rotations of each target linear's input
+
+
 class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"  # AMP: fp32 master weights, fp16 autocast (README "The memory model")
@@ -71,6 +80,13 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     lora_dropout: float = 0.0
     quant_bits: int = 4
+    adapter: Adapter = Adapter.LORA  # what the LoRA / QLoRA methods train (QLoRA + oft: LLaMA-Factory's QOFT)
+    oft_block_size: int = 32  # OFT: block size (LLaMA-Factory oft_block_size, peft OFTConfig); 0 to give oft_rank
+    oft_rank: int = 0  # OFT: blocks per layer (peft `r`), the other way to size it: exactly one of the two is set
+    pissa_init: bool = False  # LoRA initialised from each target's SVD (peft init_lora_weights="pissa[_niter_k]")
+    pissa_iter: int = 16  # LLaMA-Factory pissa_iter: fast-SVD iterations, -1 for the full SVD
+    liger_kernel: bool = False  # Liger's fused kernels (LLaMA-Factory enable_liger_kernel): predict/kernels.py
+    offload_checkpoints: bool = False  # checkpointed layer inputs kept in host memory (use_unsloth_gc)
     freeze_trainable_layers: int = 2
     parallel: Parallelism = Parallelism()  # ranks, nodes, sharding, offload (memplan.spec.parallel)
     # the training stack (memplan.spec.stacks): hf unless the input names one (a LLaMA-Factory YAML: llamafactory)
@@ -107,6 +123,27 @@ class TrainConfig:
             problems.append(Problem("attn", "{} flash_attention_2 needs fp16/bf16 (it has no fp32 kernel): use bf16 "
                                             "or sdpa"))
         problems += self._optimizer_problems()
+        if self.adapter is Adapter.OFT and (self.oft_rank != 0) == (self.oft_block_size != 0):
+            # peft OFTConfig.__post_init__ (tuners/oft/config.py L189-196) raises the same
+            problems.append(Problem("oft_block_size", "{} and oft_rank: give exactly one of them (the other 0): "
+                                                      "rank x block size = in_features"))
+        for name in ("oft_block_size", "oft_rank"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(Problem(name, f"{{}} must be a non-negative integer, got {getattr(self, name)!r}"))
+        if self.adapter is not Adapter.LORA and not self.is_lora:
+            problems.append(Problem("adapter", f"{{}} {self.adapter.value} is an adapter: it needs method lora or "
+                                               "qlora"))
+        if self.pissa_init and self.method is Method.QLORA:
+            # peft LoraLayer.pissa_init refuses a 4/8-bit weight (tuners/lora/layer.py L432-436); LLaMA-Factory
+            # points to scripts/pissa_init.py, which initialises the full model and quantizes the residual later
+            problems.append(Problem("pissa_init", "{} needs an unquantized base (peft initialises PiSSA from the "
+                                                  "weights' SVD): initialise it on the unquantized model"))
+        if self.pissa_init and (self.adapter is Adapter.OFT or not self.is_lora):
+            problems.append(Problem("pissa_init", "{} is only valid for LoRA training (LLaMA-Factory "
+                                                  "finetuning_args.py)"))
+        if self.offload_checkpoints and not self.checkpointing:
+            problems.append(Problem("offload_checkpoints", "{} offloads the checkpointed layer inputs: it needs "
+                                                           "checkpointing on"))
         if not self.lora_targets:
             problems.append(Problem("lora_targets", "{} is empty: name modules (q_proj,v_proj) or all-linear"))
         if problems:
@@ -211,7 +248,7 @@ def resolve_attention(family: Family, attn: Attention) -> Attention:
 # the fields whose values are choices (enums): one table for every reader of flat values (JSON, the CLI)
 CHOICES: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
                                   "attn": Attention, "sharding": Sharding, "offload": Offload, "stack": Stack,
-                                  "stage": Stage, "proj_type": ProjType}
+                                  "stage": Stage, "proj_type": ProjType, "adapter": Adapter}
 
 
 def train_from_dict(data: dict[str, object]) -> TrainConfig:

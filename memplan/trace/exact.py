@@ -94,6 +94,12 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         # keeps, the output and its logsumexp, and no (S, S) scores
         traced_train = traced_train.with_(attn=Attention.SDPA)
         swapped = "flash_attention_2 traced as sdpa (flash_attn is not installed here; both keep no (S, S) scores)"
+    analytic = dict(liger_kernel=False, offload_checkpoints=False, pissa_init=False)
+    if any(getattr(train, k) for k in analytic):
+        # Liger's triton kernels and the host offload of use_unsloth_gc only exist on a GPU (a CPU copy is the
+        # tensor itself), and PiSSA's SVD is a load-phase transient: traced without them, their delta analytic
+        traced_train = traced_train.with_(**analytic)
+        note += "; " + ", ".join(k for k in analytic if getattr(train, k)) + ": traced without, added analytically"
     if train.stage is Stage.DPO and train.dpo_reference and not train.is_lora:
         raise UnsupportedModel("the exact mode does not build DPO's separate reference model (full / freeze) yet: "
                                "the analytic estimate models it (drop --exact)")
@@ -134,7 +140,7 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         note += "; traced at full depth (the traced allocation events did not extend to the extrapolated peak)"
         deepened = False
     peak, weights, states, reserved = full.peak, full.weights, full.states, full.peak_reserved
-    if train.method is Method.QLORA:
+    if traced_train != train:
         delta_w = _analytic(spec, train, "weights") - _analytic(spec, traced_train, "weights")
         delta_peak = estimate(spec, train).peak_allocated_bytes - estimate(spec, traced_train).peak_allocated_bytes
         peak, weights = peak + delta_peak, weights + delta_w

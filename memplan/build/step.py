@@ -18,19 +18,25 @@ PHASES = ("forward", "backward", "optimizer")
 def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mark: Any, steps: int = 2,
                    record_losses: bool = True, first: int = 1, ref_model: Any = None) -> list[float]:
     """Run `steps` optimizer steps of the reference step, numbered from `first`; `mark(name)` returns a context
-    manager per phase. record_losses=False for fake tensors, whose values cannot be read. A DPO config runs
-    dpo_step (`ref_model`: the frozen reference of a full / freeze run; LoRA disables its adapters instead)."""
+    manager per phase. record_losses=False for fake tensors, whose values cannot be read. A DPO config's loss is
+    `dpo_loss` (`ref_model`: the frozen reference of a full / freeze run; LoRA disables its adapters instead)."""
     torch = try_import("torch")
     amp = train.precision in (Precision.FP16, Precision.BF16)
     if train.stage is Stage.DPO:
-        return dpo_step(model, optimizer, train, ids, mark, steps, record_losses, first, ref_model)
+        pairs = torch.cat([ids, ids.flip(0)])  # chosen rows, then the rejected: the same tokens reversed
+
+        def loss_of() -> Any:
+            return dpo_loss(model, train, pairs, ref_model)
+    else:
+        def loss_of() -> Any:
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
     losses = []
     for step in range(first, first + steps):
         for _ in range(train.grad_accum):
             with mark(f"forward:{step}"):
                 ctx = torch.autocast("cpu", dtype=compute_dtype(train)) if amp else contextlib.nullcontext()
                 with ctx:
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss = loss_of()
             with mark(f"backward:{step}"):
                 (loss / train.grad_accum).backward()
             if record_losses:
@@ -54,42 +60,23 @@ def _batch_logps(model: Any, ids: Any) -> tuple[Any, Any]:
     return per_token.sum(-1), logits
 
 
-def dpo_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mark: Any, steps: int = 2,
-             record_losses: bool = True, first: int = 1, ref_model: Any = None) -> list[float]:
-    """LLaMA-Factory's DPO step (dpo/trainer.py get_batch_loss_metrics L277-300): the policy's forward over chosen
+def dpo_loss(model: Any, train: TrainConfig, pairs: Any, ref_model: Any = None) -> Any:
+    """LLaMA-Factory's DPO loss (dpo/trainer.py get_batch_loss_metrics L277-300): the policy's forward over chosen
     + rejected (PairwiseDataCollatorWithPadding: 2 x micro-batch rows), then the reference's under no_grad (the
     policy with its adapters disabled for LoRA, compute_reference_log_probs L255-275), the sigmoid preference
-    loss, backward. `ids` holds the micro-batch's chosen rows; the rejected rows are the same tokens reversed."""
+    loss. The policy's fp32 logits stay alive (the trainer's output dict) until the loss is made."""
     torch = try_import("torch")
-    import contextlib
-
-    amp = train.precision in (Precision.FP16, Precision.BF16)
-    pairs = torch.cat([ids, ids.flip(0)])
     half = train.batch_size
-    losses = []
-    for step in range(first, first + steps):
-        for _ in range(train.grad_accum):
-            with mark(f"forward:{step}"):
-                ctx = torch.autocast("cpu", dtype=compute_dtype(train)) if amp else contextlib.nullcontext()
-                with ctx:
-                    logps, logits = _batch_logps(model, pairs)
-                    ref_c = ref_r = torch.zeros((), dtype=torch.float32)
-                    if train.dpo_reference:
-                        reference = ref_model if ref_model is not None else model
-                        off = contextlib.nullcontext() if ref_model is not None else model.disable_adapter()
-                        with torch.no_grad(), off:
-                            ref, _ = _batch_logps(reference, pairs)
-                        ref_c, ref_r = ref.split(half, dim=0)
-                    chosen, rejected = logps.split(half, dim=0)
-                    # sigmoid loss (dpo/trainer.py compute_preference_loss -> TRL dpo_loss), beta 0.1
-                    loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen - rejected) - (ref_c - ref_r))).mean()
-                    del logits, logps
-            with mark(f"backward:{step}"):
-                (loss / train.grad_accum).backward()
-            if record_losses:
-                losses.append(float(loss.detach()))
-            del loss
-        with mark(f"optimizer:{step}"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return losses
+    logps, logits = _batch_logps(model, pairs)
+    ref_c = ref_r = torch.zeros((), dtype=torch.float32)
+    if train.dpo_reference:
+        reference = ref_model if ref_model is not None else model
+        off = contextlib.nullcontext() if ref_model is not None else model.disable_adapter()
+        with torch.no_grad(), off:
+            ref, _ = _batch_logps(reference, pairs)
+        ref_c, ref_r = ref.split(half, dim=0)
+    chosen, rejected = logps.split(half, dim=0)
+    # sigmoid loss (dpo/trainer.py compute_preference_loss -> TRL dpo_loss), beta 0.1
+    loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen - rejected) - (ref_c - ref_r))).mean()
+    del logits, logps
+    return loss

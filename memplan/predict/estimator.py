@@ -167,7 +167,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
 
 
 def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
-    """LLaMA-Factory's DPO step (memplan.build.step.dpo_step; dpo/trainer.py L219-300): the policy runs the
+    """LLaMA-Factory's DPO step (memplan.build.step.dpo_loss; dpo/trainer.py L219-300): the policy runs the
     reference step on chosen + rejected together (PairwiseDataCollatorWithPadding: 2 x micro-batch rows); then the
     reference forward, under no_grad, while the policy's saved activations, its fp32 logits (kept in the trainer's
     output dict) and log-probs are alive: its own fp32 logits and log_softmax (B, S, V) on top. A full / freeze run

@@ -144,8 +144,7 @@ def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) ->
 def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None:
     if train.method is Method.FULL:
         return None
-    first = max(spec.num_layers - train.freeze_trainable_layers, 0)
-    return [f"layers.{i}." for i in range(first, spec.num_layers)]
+    return [f"layers.{i}." for i in train.trainable_layer_ids(spec.num_layers)]
 
 
 def build_optimizer(model: Any, train: TrainConfig) -> Any:

@@ -25,7 +25,7 @@ from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
-from memplan.spec.stacks import stack_facts
+from memplan.spec.stacks import Stack, stack_facts
 from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
 
 FP32 = 4
@@ -244,26 +244,52 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     tr, L = lay.train, lay.spec.num_layers
     b, s = tr.batch_size, tr.seq_len
     full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
+    if tr.method is Method.FREEZE:
+        return _freeze_activations(lay, full_layer)
     if tr.checkpointing:
         # a checkpointed layer keeps its input hidden states (the rest is recomputed in backward). Only while
         # its graph lives: torch/utils/checkpoint.py's non-reentrant frame is held by the saved-tensor hooks of
-        # what the layer saves, and the reentrant CheckpointFunction's ctx by its output's grad_fn; a frozen
-        # layer below the trained ones (freeze) saves nothing and its output needs no grad, so its input is freed
+        # what the layer saves, and the reentrant CheckpointFunction's ctx by its output's grad_fn
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
         recomputed = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True,
                                  at_mlp=True)
         end = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True)
-        return (lay.trainable_layers if tr.method is Method.FREEZE else L) * kept, recomputed, end, 0
+        return L * kept, recomputed, end, 0
     released = full_layer - layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, at_mlp=True)
     if lay.full:
         return L * full_layer, full_layer, full_layer, released
-    if tr.is_lora:  # the first layer's input does not require grad (frozen embedding)
-        first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False)
-        return first + (L - 1) * full_layer, full_layer, full_layer, released
-    # freeze: frozen layers below save nothing; the first trainable one sees an input without grad
-    k = lay.trainable_layers
+    # LoRA: the first layer's input does not require grad (frozen embedding)
+    first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False)
+    return first + (L - 1) * full_layer, full_layer, full_layer, released
+
+
+def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int, int]:
+    """Freeze tuning (any trained layer set: the last N, the first N, LLaMA Pro's stride). Layers below the lowest
+    trained one save nothing (their input needs no grad); the lowest sees an input without grad; every layer
+    above it is on the backward path: a trained one saves its tape (or, checkpointed, its input), a frozen one
+    saves what its input's gradient needs (trains=False, x_rg=True). LLaMA-Factory checkpoints only modules with
+    trainable parameters (model_utils/checkpointing.py custom_gradient_checkpointing_func: `if any(param.
+    requires_grad ...)`), so its frozen layers above save that tape even with checkpointing on; transformers'
+    own checkpointing (the HF stack) wraps them too."""
+    tr, L = lay.train, lay.spec.num_layers
+    b, s = tr.batch_size, tr.seq_len
+    ids = lay.trained_ids
+    if not ids:
+        return 0, 0, 0, 0
+    lo = ids[0]
+    frozen_above = L - lo - len(ids)
+    frozen = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=True)
+    lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
+    if tr.checkpointing:
+        kept = b * s * lay.spec.hidden_size * stream_width(lay)
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True)
+        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True)
+        return len(ids) * kept + frozen_above * (frozen if lf else kept), recomputed, end, 0
     first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False)
-    return first + (k - 1) * full_layer, full_layer, full_layer, released
+    top_trains = ids[-1] == L - 1
+    top = trained_layer if top_trains else frozen
+    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True)
+    return first + (len(ids) - 1) * trained_layer + frozen_above * frozen, trained_layer, trained_layer, released
 
 
 def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:

@@ -29,6 +29,7 @@ class Layout:
     lora_modules: frozenset[str]
     device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
+    trained_ids: range = range(0)  # which ones (TrainConfig.trainable_layer_ids: freeze's last / first N, LLaMA Pro)
     linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages)
 
     @classmethod
@@ -56,8 +57,8 @@ class Layout:
             lora_modules=lora,
             device=device,
             linear4bit_keeps_input=linear4bit_keeps_input(),
-            trainable_layers=spec.num_layers if full else
-            (min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0),
+            trainable_layers=len(train.trainable_layer_ids(spec.num_layers)),
+            trained_ids=train.trainable_layer_ids(spec.num_layers),
         )
 
     @property

@@ -71,7 +71,7 @@ def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: i
 def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bool]]:
     """(bytes, trains) of each parameter of decoder layer `index`: its linears, norms and LoRA adapters."""
     s, tr = lay.spec, lay.train
-    trains = lay.full or (tr.method is Method.FREEZE and index >= s.num_layers - lay.trainable_layers)
+    trains = lay.full or (tr.method is Method.FREEZE and index in lay.trained_ids)
     width = lay.trainable_width if trains else lay.base_width
     if tr.method is Method.QLORA:
         width = tr.quant_bits / 8

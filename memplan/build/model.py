@@ -49,6 +49,11 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         model = getattr(transformers, spec.family.auto_class).from_config(hf_config(spec, train), dtype=load_dtype)
     model.train()
     if train.method is Method.QLORA:
+        if train.quant_method.value != "bnb":
+            from memplan.errors import ConfigError
+
+            raise ConfigError(f"quantization_method {train.quant_method.value}: memplan builds bitsandbytes "
+                              "quantized models only (hqq / eetq are estimated analytically)")
         _quantize_linears(model, train, half, device)
     prepare_for_stack(model, train)
     if train.is_lora:
@@ -127,9 +132,10 @@ def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) ->
             weight = child.weight.data.to("cpu", half)
             if train.quant_bits == 4:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=half, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4")
+                                      compute_dtype=half, compress_statistics=train.double_quant,
+                                      quant_type=train.quant_type)
+                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=train.double_quant,
+                                             quant_type=train.quant_type)
             else:
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                         has_fp16_weights=False)

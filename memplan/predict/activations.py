@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.train import ALL_LINEAR, Attention, Method
+from memplan.spec.train import ALL_LINEAR, Attention, Method, QuantMethod
 
 FP32 = 4
 
@@ -59,7 +59,16 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
     quantized = lay.train.method is Method.QLORA and not name.startswith(("router", "experts"))
-    if quantized and lay.train.quant_bits == 4:
+    how = lay.train.quant_method
+    if quantized and how is QuantMethod.HQQ:
+        # hqq 0.2.8 HQQLinear's default backend (HQQBackend.PYTORCH, core/quantize.py L389) runs forward_pytorch:
+        # `torch.matmul(x, self.dequantize().t())` (L895): a fresh (out, in) weight in the compute dtype, which
+        # the matmul saves for x's gradient whenever x requires grad (the weight itself needs none)
+        xin = tp.cast(x, 2) if cx.amp else x
+        if xin.rg:
+            tp.save(T(in_f * out_f, lay.base_width, False))
+        y = T(x.numel // in_f * out_f, cx.c, x.rg)
+    elif quantized and how is QuantMethod.BNB and lay.train.quant_bits == 4:
         # bitsandbytes Linear4bit.forward (0.50: nn/modules.py L626-637): x.to(compute_dtype), then the output is
         # cast back to the input's dtype (`.to(inp_dtype)`): fp32 when the stack upcast the stream. MatMul4Bit
         # keeps that compute-dtype input for backward before 0.43.2 (`ctx.tensors = (A, B)`), only the packed
@@ -70,8 +79,10 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
                 tp.save(xin)
         y = T(x.numel // in_f * out_f, x.width, x.rg)
     elif quantized:
-        # Linear8bitLt: MatMul8bitLt is no autocast op; it keeps its input A itself (`ctx.tensors = (CAt, subA,
-        # A)`, autograd/_functions.py L187; its fp16 quantization copies are transients) and returns A's dtype
+        # EETQ (transformers integrations/eetq.py EetqLinearMMFunction: `ctx.save_for_backward(x, weight, scales,
+        # bias)`, no autocast rule) keeps its input as LLM.int8 does. Linear8bitLt: MatMul8bitLt is no autocast op;
+        # it keeps its input A itself (`ctx.tensors = (CAt, subA, A)`, autograd/_functions.py L187; its fp16
+        # quantization copies are transients) and returns A's dtype
         if x.rg:
             tp.save(x)
         y = T(x.numel // in_f * out_f, x.width, x.rg)

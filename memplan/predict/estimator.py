@@ -26,7 +26,7 @@ from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
+from memplan.spec.train import Attention, Method, Precision, QuantMethod, Sharding, Stage, TrainConfig
 
 FP32 = 4
 
@@ -128,12 +128,26 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
-    note = "8-bit QLoRA: LLM.int8's backward is modelled only roughly (measured -8 ... +10 % on CPU)" \
-        if train.method is Method.QLORA and train.quant_bits == 8 else ""
+    note = _quant_note(train)
     return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
                      host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases,
                      moments=tuple(moments.items()))
+
+
+def _quant_note(train: TrainConfig) -> str:
+    """What the estimate of a quantized base has not measured (bitsandbytes 4-bit is within 1 % of the CPU step)."""
+    if train.method is not Method.QLORA:
+        return ""
+    if train.quant_method is QuantMethod.HQQ:
+        return ("HQQ: storage from hqq's packing, each linear's dequantized weight saved for backward "
+                "(forward_pytorch); hqq does not run in the CPU ground truth, so not measured")
+    if train.quant_method is QuantMethod.EETQ:
+        return ("EETQ: int8 + fp16 scales, input saved as LLM.int8's; its backward's dequantized weight is a "
+                "transient not modelled, and EETQ has no CPU kernel to measure")
+    if train.quant_bits == 8:
+        return "8-bit QLoRA: LLM.int8's backward is modelled only roughly (measured -8 ... +10 % on CPU)"
+    return ""
 
 
 def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
@@ -362,7 +376,8 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
     if st.quantized_params:
         kept = st.frozen_params - st.quantized_params
         w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.quantized_params:,} "
-                     f"quantized to {tr.quant_bits}-bit + {kept:,} frozen x {lay.kept_width} B + buffers"
+                     f"quantized to {tr.quant_bits}-bit {tr.quant_method.value} + {kept:,} frozen x "
+                     f"{lay.kept_width} B + buffers"
                      + (f" ({stack_facts(tr.stack).explain})" if lay.kept_width != lay.base_width else ""))
     else:
         w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.frozen_params:,} frozen x "

@@ -76,6 +76,7 @@ class TrainConfig:
     quant_method: QuantMethod = QuantMethod.BNB
     # bitsandbytes 4-bit only: nested 8-bit absmax (bnb_4bit_use_double_quant, LLaMA-Factory double_quantization)
     double_quant: bool = True
+    quant_type: str = "nf4"  # bitsandbytes 4-bit data type, nf4 or fp4: the same packing (quantization_type)
     # freeze: the last N layers train; negative, the first |N| (LLaMA-Factory adapter.py _setup_freeze_tuning);
     # llama_pro: every (num_layers / N)-th layer, the expanded blocks (`trainable_layer_ids`)
     freeze_trainable_layers: int = 2
@@ -107,6 +108,8 @@ class TrainConfig:
                                                        f"{self.eval_batch_size!r}"))
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             problems.append(Problem("lora_dropout", f"{{}} must be in [0, 1), got {self.lora_dropout!r}"))
+        if self.quant_type not in ("nf4", "fp4"):
+            problems.append(Problem("quant_type", f"{{}} must be nf4 or fp4, got {self.quant_type!r}"))
         bits = QUANT_BITS.get(self.quant_method, ())
         if self.quant_bits not in bits:
             problems.append(Problem("quant_bits", f"{{}} must be one of {'/'.join(map(str, bits))} with "

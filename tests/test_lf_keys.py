@@ -84,3 +84,96 @@ def test_freeze_keys_are_read(tmp_path: Path) -> None:
         config_from_llamafactory({**BASE, "finetuning_type": "full", "use_llama_pro": True})
     lora = config_from_llamafactory({**BASE, "finetuning_type": "lora", "use_llama_pro": True})
     assert lora.not_modelled and "expanded blocks" in lora.not_modelled[0]
+
+
+# ---- quantization_bit / quantization_method / quantization_type / double_quantization -------------------------
+@pytest.mark.parametrize(("double", "kind", "bits"), [(True, "nf4", 4), (False, "nf4", 4), (False, "fp4", 4)])
+def test_bitsandbytes_4bit_storage_is_byte_exact(double: bool, kind: str, bits: int) -> None:
+    """The real Params4bit and QuantState tensors of a built tiny model (bitsandbytes 0.50 quantizes on CPU)."""
+    from memplan.build.model import build_model
+    from memplan.testing.truth import _resident
+
+    spec = tiny_spec("llama")
+    train = TrainConfig(method=Method.QLORA, precision=Precision.BF16, double_quant=double, quant_type=kind,
+                        quant_bits=bits)
+    model = build_model(spec, train)
+    real = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _resident(model)}.values())
+    assert model_states(Layout.of(spec, train, "cpu")).weights_bytes == real
+
+
+def test_hqq_and_eetq_storage_per_weight() -> None:
+    """hqq 0.2.8 bit_to_packing + fp16 scale and zero per 64; EETQ int8 + fp16 per output channel."""
+    n, rows = 4096 * 4096, 4096
+
+    def per_weight(method: QuantMethod, bits: int) -> float:
+        train = TrainConfig(method=Method.QLORA, quant_method=method, quant_bits=bits)
+        return quantized_bytes(n, train, rows) / n
+
+    assert per_weight(QuantMethod.HQQ, 4) == 0.5 + 4 / 64
+    assert per_weight(QuantMethod.HQQ, 2) == 0.25 + 4 / 64
+    assert per_weight(QuantMethod.HQQ, 3) == (28 + 4) / 64  # ten 3-bit values per int32, 64 rows padded to 70
+    assert per_weight(QuantMethod.HQQ, 6) == per_weight(QuantMethod.HQQ, 8) == 1 + 4 / 64  # no 5/6-bit packing
+    assert per_weight(QuantMethod.EETQ, 8) == 1 + 2 * rows / n
+    nf4 = TrainConfig(method=Method.QLORA)
+    assert quantized_bytes(n, nf4.with_(double_quant=False), rows) - quantized_bytes(n, nf4, rows) == \
+        3 * n // 64 - 4 * (n // 64 // 256) - 1028  # fp32 absmax per 64 vs an 8-bit one + fp32 per 256
+
+
+def test_hqq_saves_each_linears_dequantized_weight_for_backward() -> None:
+    """hqq's default backend (forward_pytorch) matmuls a fresh dequantized weight, which autograd saves."""
+    spec = resolve_model("llama-3-8b")
+    kw = dict(method=Method.QLORA, checkpointing=False, seq_len=512, stack=Stack.LLAMAFACTORY)  # no k-bit upcast
+    bnb, hqq = (estimate(spec, TrainConfig(quant_method=m, **kw)) for m in (QuantMethod.BNB, QuantMethod.HQQ))
+    dequantized = sum(lin.in_features * lin.out_features for lin in spec.layer_linears()) * spec.num_layers * 2
+    # every layer's but the first's q / k / v (their input needs no grad): a bf16 copy of the decoder linears
+    assert dequantized > hqq.term("activations") - bnb.term("activations") > (spec.num_layers - 1) / spec.num_layers \
+        * dequantized
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    ({"quantization_bit": 3}, "quantization_bit must be one of 4/8 with bnb"),
+    ({"quantization_bit": 4, "quantization_method": "eetq"}, "quantization_bit must be one of 8 with eetq"),
+    ({"quantization_bit": 4, "quantization_method": "gptq"}, "quantization_method 'gptq'"),
+    ({"quantization_bit": 4, "quantization_type": "int4"}, "quantization_type must be nf4 or fp4"),
+    ({"stage": "ppo"}, "stage ppo is not modelled"),
+])
+def test_quantization_and_stage_values_llamafactory_refuses_or_memplan_does_not_model(extra, error) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        config_from_llamafactory({**BASE, "finetuning_type": "lora", **extra})
+
+
+def test_quantization_keys_are_read() -> None:
+    raw = {**BASE, "quantization_bit": 2, "quantization_method": "hqq"}
+    train = config_from_llamafactory(raw).train
+    assert (train.method, train.quant_method, train.quant_bits) == (Method.QLORA, QuantMethod.HQQ, 2)
+    raw = {**BASE, "quantization_bit": 4, "double_quantization": False, "quantization_type": "fp4"}
+    lfc = config_from_llamafactory(raw)
+    assert (lfc.train.double_quant, lfc.train.quant_type, lfc.not_modelled) == (False, "fp4", ())
+
+
+# ---- warnings name the reason ------------------------------------------------------------------------------------
+def test_a_key_not_modelled_is_warned_with_its_reason(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "stage": "kto", "upcast_lmhead_output": True}))
+    with pytest.warns(UserWarning) as seen:
+        read_llamafactory(path)
+    text = str(seen[0].message)
+    assert "stage=kto (KTO's step" in text and "upcast_lmhead_output=true (the LM head's output" in text
+
+
+# ---- the README's table is the code's ----------------------------------------------------------------------------
+def test_readme_key_table_matches_the_code() -> None:
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- lf-keys:start -->\n")[1].split("\n<!-- lf-keys:end -->")[0]
+    assert table == key_table_markdown(), "regenerate: python -c \"from memplan.formats.llamafactory import " \
+                                          "key_table_markdown as k; print(k())\""
+
+
+def test_every_key_the_reader_reads_is_in_the_table() -> None:
+    """A key read in the reader's source (raw.get / raw[...] / _bool(raw, ...)) has a MODELLED row."""
+    source = Path(lf.__file__).read_text() + Path(lf.__file__).with_name("llamafactory_rules.py").read_text()
+    read = set(re.findall(r"\br(?:aw)?(?:\.get\(|\[)\"(\w+)\"", source))
+    read |= set(re.findall(r"_(?:bool|true|false)\(r(?:aw)?, \"(\w+)\"", source))
+    read |= {key for key, _, _ in lf._INTS}
+    assert read and read <= set(lf.MODELLED) | set(lf.NOT_MODELLED), sorted(read - set(lf.MODELLED))
+    assert {k.split("=")[0] for k in lf.WHY_NOT} <= set(lf.MODELLED) | set(lf.NOT_MODELLED)  # no stale reason

@@ -128,6 +128,11 @@ MODELLED: dict[str, str] = {
     "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
     "per_device_eval_batch_size": "the evaluation forward's batch",
     "use_reentrant_gc": "either value: the llamafactory stack's checkpointing (measured within 168 B)",
+    "evaluation_strategy": "eval_strategy's older name", "output_dir": "kept in the export (no memory)",
+    "do_train": "false: refused, not a training run (memplan.formats.llamafactory_rules NOT_TRAINING)",
+    "do_predict": "without do_train: true, refused (a prediction run: inference memory is not estimated)",
+    "export_dir": "refused: an export (merge) config", "task": "refused: an evaluation-task config",
+    "infer_backend": "refused: a chat / API config",
 }
 
 

@@ -177,3 +177,15 @@ def test_every_key_the_reader_reads_is_in_the_table() -> None:
     read |= {key for key, _, _ in lf._INTS}
     assert read and read <= set(lf.MODELLED) | set(lf.NOT_MODELLED), sorted(read - set(lf.MODELLED))
     assert {k.split("=")[0] for k in lf.WHY_NOT} <= set(lf.MODELLED) | set(lf.NOT_MODELLED)  # no stale reason
+
+
+@pytest.mark.parametrize("train", [
+    TrainConfig(method=Method.QLORA, quant_method=QuantMethod.HQQ, quant_bits=3),
+    TrainConfig(method=Method.QLORA, double_quant=False, quant_type="fp4"),
+    TrainConfig(method=Method.FREEZE, freeze_trainable_layers=-3),
+    TrainConfig(method=Method.FREEZE, freeze_trainable_layers=8, llama_pro=True),
+], ids=["hqq3", "bnb-fp4-nodq", "first3", "llama-pro"])
+def test_the_new_knobs_round_trip_through_an_export(train: TrainConfig) -> None:
+    spec = resolve_model("llama-3-8b")
+    back = config_from_llamafactory(lf.llamafactory_yaml(spec, train.with_(stack=Stack.LLAMAFACTORY))).train
+    assert back == train.with_(stack=Stack.LLAMAFACTORY, precision=back.precision, lora_alpha=back.lora_alpha)

@@ -164,8 +164,9 @@ def key_table_markdown() -> str:
 
 # use_reentrant_gc (either value) is the llamafactory stack's checkpointing (memplan.spec.stacks: both flavours
 # measured within 168 B); do_eval / eval_strategy / val_size / per_device_eval_batch_size: the eval run phase.
-_PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
-               "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config")
+_PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "quantization_method", "quantization_type",
+               "double_quantization", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
+               "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config")
 # HF TrainingArguments.fsdp (transformers training_args.py FSDPOption): the sharding strategy of each option. LLaMA-
 # Factory passes it through to HF Trainer (its TrainingArguments extends Seq2SeqTrainingArguments:
 # hparams/training_args.py); examples/extras/fp8/llama3_fp8_fsdp_sft.yaml sets `fsdp: [full_shard, auto_wrap]`.
@@ -446,7 +447,7 @@ def allowed(spec: ModelSpec, base: dict[str, Any] | None) -> Callable[[TrainConf
     seen: dict[tuple[object, ...], bool] = {}
 
     def accept(t: TrainConfig) -> bool:
-        key = (t.precision, t.method, t.quant_bits, t.sharding, t.offload, t.gpus > 1)
+        key = (t.precision, t.method, t.quant_bits, t.quant_method, t.sharding, t.offload, t.gpus > 1)
         if key not in seen:
             seen[key] = not rejections(llamafactory_yaml(spec, t, base, deepspeed="ds.json"), t)
         return seen[key]
@@ -485,8 +486,16 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
                     lora_target="all" if ALL_LINEAR in train.lora_targets else ",".join(train.lora_targets))
     if train.method is Method.QLORA:
         plan["quantization_bit"] = train.quant_bits
+        if train.quant_method.value != "bnb":
+            plan["quantization_method"] = train.quant_method.value
+        if not train.double_quant:
+            plan["double_quantization"] = False
+        if train.quant_type != "nf4":
+            plan["quantization_type"] = train.quant_type
     if train.method is Method.FREEZE:
         plan["freeze_trainable_layers"] = train.freeze_trainable_layers
+        if train.llama_pro:
+            plan["use_llama_pro"] = True
     base = base or {}
     if train.sharding.is_deepspeed:
         plan["deepspeed"] = deepspeed or base.get("deepspeed")

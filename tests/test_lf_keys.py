@@ -189,3 +189,29 @@ def test_the_new_knobs_round_trip_through_an_export(train: TrainConfig) -> None:
     spec = resolve_model("llama-3-8b")
     back = config_from_llamafactory(lf.llamafactory_yaml(spec, train.with_(stack=Stack.LLAMAFACTORY))).train
     assert back == train.with_(stack=Stack.LLAMAFACTORY, precision=back.precision, lora_alpha=back.lora_alpha)
+
+
+# ---- upcast_lmhead_output -------------------------------------------------------------------------------------
+def test_upcast_lmhead_output_keeps_fp32_logits_instead_of_half_plus_upcast() -> None:
+    spec = resolve_model("llama-3-8b")
+    kw = dict(seq_len=1024, batch_size=2, stack=Stack.LLAMAFACTORY)
+    plain, hooked = (dict(estimate(spec, TrainConfig(upcast_lmhead_output=u, **kw)).moments)["forward"]
+                     for u in (False, True))
+    assert plain - hooked == 2 * 1024 * spec.vocab_size * 2  # the half (B, S, V) logits no longer kept
+    fp32 = TrainConfig(precision=Precision.FP32, **kw)  # no half head: LLaMA-Factory registers no hook
+    assert estimate(spec, fp32).moments == estimate(spec, fp32.with_(upcast_lmhead_output=True)).moments
+    assert config_from_llamafactory({**BASE, "upcast_lmhead_output": True}).train.upcast_lmhead_output
+
+
+@pytest.mark.integration  # two profiled steps, ~40 s on two shared cores
+def test_upcast_lmhead_output_moves_the_forward_by_what_the_cpu_step_measures() -> None:
+    """Measured: the forward phase's peak drops by exactly B x S x V x 2 bytes (4,194,304 B here), as estimated."""
+    from memplan.testing.truth import measure_cpu_peak
+
+    spec = tiny_spec("llama")
+    train = TrainConfig(precision=Precision.BF16, batch_size=2, seq_len=256, stack=Stack.LLAMAFACTORY)
+    measured, predicted = [], []
+    for t in (train, train.with_(upcast_lmhead_output=True)):
+        measured.append(measure_cpu_peak(spec, t).phase_peaks["forward:2"])
+        predicted.append(dict(estimate(spec, t, device="cpu").moments)["forward"])
+    assert measured[0] - measured[1] == predicted[0] - predicted[1] == 2 * 256 * spec.vocab_size * 2

@@ -80,6 +80,12 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
 
 def prepare_for_stack(model: Any, train: TrainConfig) -> None:
     """The stack's own preparation of the loaded model, before the adapters (memplan.spec.stacks)."""
+    torch = try_import("torch")
+    head = model.get_output_embeddings()
+    if train.upcast_lmhead_output and isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+        # LLaMA-Factory prepare_model_for_training L200-204: `output_layer.register_forward_hook(
+        # _fp32_forward_post_hook)`, which returns `output.to(torch.float32)`
+        head.register_forward_hook(lambda module, args, output: output.to(torch.float32))
     if train.method is Method.QLORA and stack_facts(train.stack).kbit_upcast:
         peft = try_import("peft")
         # peft's own function (the HF + PEFT QLoRA recipe): fp16/bf16 parameters that are not Params4bit -> fp32.

@@ -335,7 +335,9 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     x = T(n * s.hidden_size, stream_width(lay), True)
     rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
     norm = tape.nbytes
-    c = lay.logits_width
+    # upcast_lmhead_output: the hook's fp32 copy is what the model returns (the half output is freed at once),
+    # and the loss's logits.float() is then a no-op (transformers loss_utils ForCausalLMLoss)
+    c = FP32 if lay.head_output_fp32 else lay.logits_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0
     return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0),  # lm_head saves its input
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,

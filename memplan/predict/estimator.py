@@ -168,7 +168,8 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
     # frees the half logits; `logits[:, :-1, :].log_softmax(-1)` runs on a non-contiguous slice, which the softmax
     # kernels copy first (aten/src/ATen/native/SoftMax.cpp host_softmax and the CUDA log_softmax both take
     # `input.contiguous()`): fp32 logits + that copy + the log-probs at the policy's peak
-    sft_head = nv * (lay.logits_width + (FP32 if lay.logits_width != FP32 else 0) + FP32)
+    sft_head = nv * (2 * FP32 if lay.head_output_fp32 else
+                     lay.logits_width + (FP32 if lay.logits_width != FP32 else 0) + FP32)
     moments["forward"] += 3 * nv * FP32 - sft_head
     if train.dpo_reference:
         # then the reference's forward under no_grad, while the policy's fp32 logits (kept in the trainer's output

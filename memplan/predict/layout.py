@@ -76,6 +76,12 @@ class Layout:
         return self.compute_width if self.amp else (self.trainable_width if self.full else self.kept_width)
 
     @property
+    def head_output_fp32(self) -> bool:
+        """upcast_lmhead_output's hook is registered (LLaMA-Factory registers it while the head is still in the
+        load dtype, before any fp32 cast: any half precision) and returns fp32 logits."""
+        return self.train.upcast_lmhead_output and self.compute_width == 2
+
+    @property
     def head_cast_bytes(self) -> int:
         """A frozen fp32 LM head under autocast: F.linear casts the weight to half on every call (autocast
         caches only leaf tensors that require grad: aten/src/ATen/autocast_mode.cpp cached_cast), and the matmul

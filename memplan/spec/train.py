@@ -91,6 +91,9 @@ class TrainConfig:
     # reference-free losses (pref_loss orpo / simpo: finetuning_args.py use_ref_model)
     stage: Stage = Stage.SFT
     dpo_reference: bool = True
+    # LLaMA-Factory upcast_lmhead_output: a forward hook casts the LM head's output to fp32
+    # (model_utils/checkpointing.py prepare_model_for_training L200-204, _fp32_forward_post_hook)
+    upcast_lmhead_output: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []

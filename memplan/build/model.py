@@ -81,6 +81,10 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
 def prepare_for_stack(model: Any, train: TrainConfig) -> None:
     """The stack's own preparation of the loaded model, before the adapters (memplan.spec.stacks)."""
     torch = try_import("torch")
+    if train.upcast_layernorm:  # prepare_model_for_training L171-175; LAYERNORM_NAMES = {"norm", "ln"}
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and any(n in name for n in ("norm", "ln")):
+                param.data = param.data.to(torch.float32)
     head = model.get_output_embeddings()
     if train.upcast_lmhead_output and isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
         # LLaMA-Factory prepare_model_for_training L200-204: `output_layer.register_forward_hook(

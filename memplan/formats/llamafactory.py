@@ -63,7 +63,7 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,), "rope_scaling": (None,),
     "shift_attn": (False,),
-    "upcast_layernorm": (False,),
+
     "resize_vocab": (False,), "predict_with_generate": (False,),
 }
 # Why each of these keys (the ones this table's values leave out) is not modelled, in the warning line and README.
@@ -93,8 +93,6 @@ WHY_NOT: dict[str, str] = {
                     "and not modelled",
     "shift_attn": "LongLoRA's shifted sparse attention (model_utils/longlora.py) splits attention into groups: "
                   "not modelled (its memory is at most the estimate's attention)",
-    "upcast_layernorm": "1-D norm weights cast to fp32 (model_utils/checkpointing.py prepare_model_for_training "
-                        "L171-175): fp32 norm outputs under autocast, not modelled",
     "resize_vocab": "the embedding and head grow to len(tokenizer) rounded up to a multiple of 64 (model_utils/"
                     "embedding.py resize_embedding_layer L308); the tokenizer is not read, the config's vocab is used",
     "predict_with_generate": "generation during evaluation (KV cache, max_new_tokens) is not modelled",
@@ -125,6 +123,8 @@ MODELLED: dict[str, str] = {
     "deepspeed": "ZeRO stage and offload from its JSON", "fsdp": "FSDP sharding strategy and offload",
     "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
     "per_device_eval_batch_size": "the evaluation forward's batch",
+    "upcast_layernorm": "1-D norm weights in fp32 (model_utils/checkpointing.py L171-175): fp32 norm outputs under "
+                        "autocast, each following linear casting its own half copy",
     "upcast_lmhead_output": "the LM head's output cast to fp32 by a forward hook (model_utils/checkpointing.py "
                             "L200-204): fp32 logits kept, the loss's upcast a no-op",
     "use_reentrant_gc": "either value: the llamafactory stack's checkpointing (measured within 168 B)",
@@ -302,6 +302,7 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
         kw["dpo_reference"] = str(raw.get("pref_loss", "sigmoid")).lower() not in ("orpo", "simpo")
     try:
         kw["upcast_lmhead_output"] = _bool(raw, "upcast_lmhead_output")
+        kw["upcast_layernorm"] = _bool(raw, "upcast_layernorm")
     except ConfigError as err:
         problems.extend(err.problems)
     if _evaluates(raw):

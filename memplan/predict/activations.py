@@ -37,6 +37,8 @@ class _Ctx:
         return self.lay.compute_width if self.autocast else self.stream
 
     def norm_width(self) -> int:
+        if self.lay.norms_fp32:
+            return FP32
         return self.lay.trainable_width if self.trains else self.lay.kept_width
 
 

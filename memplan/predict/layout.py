@@ -76,6 +76,12 @@ class Layout:
         return self.compute_width if self.amp else (self.trainable_width if self.full else self.kept_width)
 
     @property
+    def norms_fp32(self) -> bool:
+        """upcast_layernorm under autocast: every norm weight fp32, so `weight * x.to(input_dtype)` (transformers
+        LlamaRMSNorm.forward; mul has no autocast rule) returns fp32 and each linear after it casts its own copy."""
+        return self.train.upcast_layernorm and self.amp
+
+    @property
     def head_output_fp32(self) -> bool:
         """upcast_lmhead_output's hook is registered (LLaMA-Factory registers it while the head is still in the
         load dtype, before any fp32 cast: any half precision) and returns fp32 logits."""

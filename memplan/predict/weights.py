@@ -90,6 +90,10 @@ def model_states(lay: Layout) -> ModelStates:
         # the rest (embedding, norms, LM head) at kept_width: the base dtype, or fp32 where the stack upcasts
         weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + (
             quantized_bytes(quantized, tr, outs, len(linears) * s.num_layers) if quantized else 0)
+    if lay.norms_fp32:  # upcast_layernorm: the frozen norms' half weights become fp32 (trained ones are already)
+        frozen_layers = s.num_layers - (lay.trainable_layers if tr.method is Method.FREEZE else 0)
+        frozen_width = lay.base_width if tr.method is Method.FREEZE else lay.kept_width
+        weights += (frozen_layers * _norm_params(lay) + s.hidden_size) * (4 - frozen_width) if not lay.full else 0
     if not lay.amp:
         ac_params = ac_layer = 0
     grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
@@ -99,6 +103,13 @@ def model_states(lay: Layout) -> ModelStates:
                        quantized_params=quantized, gradients_bytes=grads, optimizer_states_bytes=states,
                        optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params,
                        autocast_layer_bytes=2 * ac_layer)
+
+
+def _norm_params(lay: Layout) -> int:
+    """A decoder layer's norm weights (memplan.spec.model layer_params: RMSNorms + q / k norms)."""
+    s = lay.spec
+    qk = (s.q_dim + s.kv_dim if s.family.qk_norm_full else 2 * s.head_dim) if s.qk_norm else 0
+    return s.norms_per_layer * s.hidden_size + qk
 
 
 def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:

@@ -94,6 +94,8 @@ class TrainConfig:
     # LLaMA-Factory upcast_lmhead_output: a forward hook casts the LM head's output to fp32
     # (model_utils/checkpointing.py prepare_model_for_training L200-204, _fp32_forward_post_hook)
     upcast_lmhead_output: bool = False
+    # LLaMA-Factory upcast_layernorm: 1-D norm weights cast to fp32 (prepare_model_for_training L171-175)
+    upcast_layernorm: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []

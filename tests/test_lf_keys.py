@@ -244,3 +244,11 @@ def test_upcast_layernorm_moves_the_peak_by_what_the_cpu_step_measures(method: M
         predicted.append(estimate(spec, t, device="cpu").peak_allocated_bytes)
     assert measured[1] - measured[0] == predicted[1] - predicted[0] > 0
     assert abs(predicted[1] - measured[1]) / measured[1] < 0.005
+
+
+def test_the_exact_mode_refuses_freeze_sets_its_depth_line_cannot_extrapolate() -> None:
+    from memplan.errors import UnsupportedModel
+    from memplan.trace.exact import exact_estimate
+
+    with pytest.raises(UnsupportedModel, match="drop --exact"):
+        exact_estimate(_spec4(), TrainConfig(method=Method.FREEZE, freeze_trainable_layers=-2))

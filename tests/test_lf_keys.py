@@ -252,3 +252,17 @@ def test_the_exact_mode_refuses_freeze_sets_its_depth_line_cannot_extrapolate() 
 
     with pytest.raises(UnsupportedModel, match="drop --exact"):
         exact_estimate(_spec4(), TrainConfig(method=Method.FREEZE, freeze_trainable_layers=-2))
+
+
+@pytest.mark.integration  # two profiled steps, ~30 s on two shared cores
+def test_rope_scaling_costs_no_memory_on_the_cpu_step() -> None:
+    """Measured: 36,500,084 B without scaling and with linear, dynamic and yarn (factor 2) alike."""
+    from memplan.testing.truth import measure_cpu_peak
+
+    base = dict(TINY_CONFIGS["llama"], max_position_embeddings=128)
+    scaled = dict(base, max_position_embeddings=256,
+                  rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128})
+    train = TrainConfig(precision=Precision.BF16, batch_size=2, seq_len=256, stack=Stack.LLAMAFACTORY)
+    peaks = {measure_cpu_peak(ModelSpec.from_config_dict(c, name="tiny-rope"), train).peak_bytes
+             for c in (base, scaled)}
+    assert len(peaks) == 1

@@ -61,7 +61,7 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "use_adam_mini": (False,), "use_muon": (False,), "enable_liger_kernel": (False,), "use_unsloth": (False,),
     "use_unsloth_gc": (False,), "use_dora": (False,), "pissa_init": (False,), "additional_target": (None,),
     "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
-    "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,), "rope_scaling": (None,),
+    "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,),
     "shift_attn": (False,),
 
     "resize_vocab": (False,), "predict_with_generate": (False,),
@@ -89,8 +89,6 @@ WHY_NOT: dict[str, str] = {
                          "shrink by the routing capacity, not modelled",
     "neat_packing": "packed sequences with per-sequence attention masks (data/processor/supervised.py): the "
                     "estimate takes every row cutoff_len tokens long (packing: the same shapes, modelled)",
-    "rope_scaling": "the rotary tables follow the scaling type; the shapes are cutoff_len's, so the effect is small "
-                    "and not modelled",
     "shift_attn": "LongLoRA's shifted sparse attention (model_utils/longlora.py) splits attention into groups: "
                   "not modelled (its memory is at most the estimate's attention)",
     "resize_vocab": "the embedding and head grow to len(tokenizer) rounded up to a multiple of 64 (model_utils/"
@@ -123,6 +121,8 @@ MODELLED: dict[str, str] = {
     "deepspeed": "ZeRO stage and offload from its JSON", "fsdp": "FSDP sharding strategy and offload",
     "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
     "per_device_eval_batch_size": "the evaluation forward's batch",
+    "rope_scaling": "any type (linear, dynamic, yarn, llama3; model_utils/rope.py configure_rope): no memory of its "
+                    "own, the rotary tables have cutoff_len's shape (the CPU step measured equal to the byte)",
     "upcast_layernorm": "1-D norm weights in fp32 (model_utils/checkpointing.py L171-175): fp32 norm outputs under "
                         "autocast, each following linear casting its own half copy",
     "upcast_lmhead_output": "the LM head's output cast to fp32 by a forward hook (model_utils/checkpointing.py "

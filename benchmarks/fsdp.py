@@ -81,7 +81,7 @@ def _tiny_config(gpus: int):  # noqa: ANN202
     from memplan.spec.train import Method, Precision, Sharding, TrainConfig
 
     return TrainConfig().with_(method=Method.FULL, precision=Precision.FP32, batch_size=2, seq_len=128,
-                       checkpointing=False, gpus=gpus, sharding=Sharding.FULL_SHARD)
+                       checkpointing=False, gpus=gpus, sharding=Sharding.FULL_SHARD, fsdp_version=2)
 
 
 def main() -> str:
@@ -120,7 +120,7 @@ def main() -> str:
                                                              model="llama-2-70b"))):
         kw = dict(kw)
         spec = resolve_model(str(kw.pop("model", "llama-2-7b")))
-        train = TrainConfig().with_(precision=Precision.BF16, **{"gpus": 8, **kw})
+        train = TrainConfig().with_(precision=Precision.BF16, fsdp_version=2, **{"gpus": 8, **kw})
         t0 = time.perf_counter()
         exact = exact_estimate(spec, train).peak_allocated_bytes
         dt = time.perf_counter() - t0
@@ -135,7 +135,7 @@ def main() -> str:
                           ("LoRA bf16 ckpt", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True)),
                           ("LoRA bf16", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False))):
             for n, sharding in ((2, Sharding.FULL_SHARD), (4, Sharding.FULL_SHARD), (2, Sharding.SHARD_GRAD_OP)):
-                train = TrainConfig().with_(batch_size=2, seq_len=128, gpus=n, sharding=sharding, **kw)
+                train = TrainConfig().with_(batch_size=2, seq_len=128, gpus=n, sharding=sharding, fsdp_version=2, **kw)
                 exact = exact_estimate(tiny_spec(arch), train).peak_allocated_bytes
                 analytic = estimate(tiny_spec(arch), train, device="cpu").peak_allocated_bytes
                 lines.append(f"| tiny-{arch} | {label} | {n} | {sharding.value} | {exact:,} | {analytic:,} | "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,11 +32,16 @@ def main() -> int:
     rows, counts = [], {"estimated": 0, "warned": 0, "refused": 0, "timeout": 0, "traceback": 0}
     for path in files:
         t0 = time.perf_counter()
+        # its own process group: a timeout must also end the exact mode's forked trace child (left running before)
+        child = subprocess.Popen([sys.executable, "-m", "memplan", "estimate", "--config", str(path), "--json"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                 cwd=args.examples.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         try:
-            proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--config", str(path), "--json"],
-                                  capture_output=True, text=True, timeout=args.timeout, check=False,
-                                  cwd=args.examples.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            out, errs = child.communicate(timeout=args.timeout)
+            proc = subprocess.CompletedProcess([], child.returncode, out, errs)
         except subprocess.TimeoutExpired:  # the exact mode of a big MoE / VL model on a loaded machine
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
             proc = subprocess.CompletedProcess([], 124, "", f"timed out after {args.timeout} s")
         wall = time.perf_counter() - t0
         err = " ".join(proc.stderr.split())

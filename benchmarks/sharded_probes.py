@@ -36,7 +36,8 @@ def main() -> list[dict[str, object]]:
     rows = []
     for arch, label, sharding in CASES:
         spec = tiny_spec(arch)
-        train = TrainConfig().with_(batch_size=2, seq_len=128, gpus=2, sharding=sharding, **CONFIGS[label])
+        train = TrainConfig().with_(batch_size=2, seq_len=128, gpus=2, sharding=sharding, fsdp_version=2,
+                                    **CONFIGS[label])
         t0 = time.perf_counter()
         res = probe(spec, train, ProbeOptions(steps=1, warmup=1, use_cache=False, timeout_s=600))
         wall = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Every command's bad input (memplan/testing/cases.py, 101 cases): exit 2, one line on stderr, no traceback."""
+"""Every command's bad input (memplan/testing/cases.py, 102 cases): exit 2, one line on stderr, no traceback."""
 
 import pytest
 

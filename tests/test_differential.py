@@ -81,8 +81,13 @@ def draw(rng: random.Random) -> tuple[str, ModelSpec, TrainConfig]:
         lora_rank=rng.choice([1, 4, 8, 16]), lora_targets=targets, lora_dropout=rng.choice([0.0, 0.0, 0.1]),
         batch_size=rng.randint(1, 4), seq_len=rng.choice([16, 64, 128, 256, 384]),
         grad_accum=rng.choice([1, 1, 2, 3]), freeze_trainable_layers=rng.randint(1, spec.num_layers + 1),
-        stack=rng.choice(list(Stack)))
+        stack=rng.choice(TRACED_STACKS))
     return arch, spec, train
+
+
+# the stacks the XFAIL list was measured on (the draws stay those); trl came later and is checked against CPU truth
+# in tests/test_stacks.py; torchtune's and LitGPT's model code and quantizers are analytic only (memplan.spec.stacks)
+TRACED_STACKS = [Stack.HF, Stack.LLAMAFACTORY, Stack.REFERENCE]
 
 
 def refused(spec: ModelSpec, train: TrainConfig) -> str:
@@ -119,7 +124,7 @@ def compare(spec: ModelSpec, train: TrainConfig) -> float:
         analytic = estimate(spec, train, device="cpu").peak_allocated_bytes
     except MemplanError as err:  # a combination the estimator refuses (gemma2 with sdpa, ...)
         pytest.skip(f"the estimator refuses it: {err}")
-    exact = exact_estimate(spec, train).peak_allocated_bytes
+    exact = exact_estimate(spec, train, device="cpu").peak_allocated_bytes
     return analytic / exact - 1
 
 

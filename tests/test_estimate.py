@@ -14,13 +14,15 @@ def test_full_adamw_terms_equal_figures_derived_by_hand(precision, width):
     # full fine-tuning with AdamW peaks in optimizer.step(): weights, gradients, exp_avg and exp_avg_sq, and
     # foreach AdamW's _foreach_sqrt(exp_avg_sq) copy, each `width` bytes per parameter (fp32 master weights under
     # bf16 AMP, 2 B under pure bf16), plus the rotary inv_freq and original_inv_freq buffers (head_dim / 2 fp32
-    # values each), plus the input ids (1 x 512 int64) still alive
+    # values each), plus the input ids (1 x 512 int64) still alive, plus the cuBLAS workspaces (CUDA: 2 x 33 MiB)
     n, rotary, ids = M7.num_parameters, 2 * (M7.head_dim // 2) * 4, 8 * 512
+    ws = 2 * (32 + 1) * 2**20
     bd = estimate(M7, TrainConfig(method=Method.FULL, precision=precision, checkpointing=False, seq_len=512))
     assert bd.phase == "optimizer" and bd.trainable_params == n
     assert {t.name: t.bytes for t in bd.terms} == {"weights": width * n + rotary, "optimizer_states": 2 * width * n,
-                                                   "gradients": width * n, "activations": ids, "transient": width * n}
-    assert bd.peak_allocated_bytes == 5 * width * n + rotary + ids
+                                                   "gradients": width * n, "activations": ids, "transient": width * n,
+                                                   "cuda_workspaces": ws}
+    assert bd.peak_allocated_bytes == 5 * width * n + rotary + ids + ws
     assert bd.peak_reserved_bytes >= bd.peak_allocated_bytes
     assert bd.total_bytes == bd.peak_reserved_bytes + bd.cuda_context_bytes
 

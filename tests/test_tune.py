@@ -54,6 +54,22 @@ def test_capacity_forces_checkpointing_or_smaller_micro_batch(tmp_path):
     assert len(ev.calls) <= 3 and res.probes == len(ev.calls)
 
 
+def test_refused_candidates_are_never_probed_or_recorded(tmp_path):
+    """`accept` (the CLI passes LLaMA-Factory's refusal rules for a YAML or a llamafactory export) filters the
+    search before the study sees it; a search with nothing left is one line."""
+    from memplan.errors import ConfigError
+
+    ev = Counting(10**12)
+    res = tune(SPEC, BASE, GPU(name="sim", memory_bytes=10**12), ev,
+               space=SearchSpace(global_batch=8, precisions=(Precision.FP32,)), usable_bytes=10**12, device="cpu",
+               storage=f"sqlite:///{tmp_path / 'a.db'}", n_probes=2, accept=lambda t: t.checkpointing)
+    assert ev.calls and all(t.checkpointing for t in ev.calls)
+    assert all(r.train.checkpointing for r in res.trials)
+    with pytest.raises(ConfigError, match="refuses to launch"):
+        tune(SPEC, BASE, GPU(name="sim", memory_bytes=10**12), ev, space=SearchSpace(global_batch=8),
+             usable_bytes=10**12, device="cpu", storage=f"sqlite:///{tmp_path / 'b.db'}", accept=lambda t: False)
+
+
 def test_oom_is_a_complete_trial_and_larger_batches_are_skipped(tmp_path):
     import optuna
 

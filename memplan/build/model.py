@@ -66,6 +66,10 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
                                target_modules=targets, task_type="CAUSAL_LM", exclude_modules=frozen)
         # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); pure bf16 keeps them bf16
         model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=train.precision is not Precision.PURE_BF16)
+        if train.method is Method.QLORA and stack_facts(train.stack).kbit_adapters_bf16:
+            for name, p in model.named_parameters():  # TRL SFTTrainer (trl/trainer/sft_trainer.py L908-911)
+                if p.requires_grad and "lora_magnitude_vector" not in name:
+                    p.data = p.data.to(torch.bfloat16)
     else:
         trainable = _trainable_prefixes(spec, train)
         for name, p in model.named_parameters():

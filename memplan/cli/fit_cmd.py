@@ -191,8 +191,14 @@ def _tune(gpu: str | None, model: str | None, config: str | None, global_batch: 
                          capacity_bytes=usable if device == "cpu" else None,
                          gpu_memory_bytes=usable if device == "cuda" else None)
     progress = None if json_out else render.print_trial
+    accept = None
+    if lf is not None or export == "llamafactory":  # as fit: never probe what LLaMA-Factory would refuse to launch
+        from memplan.formats.llamafactory import allowed, sft_template
+
+        accept = allowed(spec, lf.raw if lf else sft_template())
     res = run_tune(spec, base, card, lambda t: probe(spec, t, popts), space=space, usable_bytes=usable,
-                   device=device, storage=storage, n_probes=n_probes, timeout_s=timeout, on_trial=progress)
+                   device=device, storage=storage, n_probes=n_probes, timeout_s=timeout, on_trial=progress,
+                   accept=accept)
     files = _export(export, output, spec, res.best.train if res.best else None, lf.raw if lf else None, config)
     if json_out:
         render.emit_json(render.tune_json(res, spec))

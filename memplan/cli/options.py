@@ -58,6 +58,8 @@ KNOBS = {k.name: k for k in (
     Knob("nodes", "machines; --gpus counts every GPU across them"),
     Knob("zero", "DeepSpeed ZeRO stage 0|1|2|3 (0 = plain DDP)"),
     Knob("fsdp", "full_shard|shard_grad_op|hybrid_shard|no_shard"),
+    Knob("fsdp_version", "with --fsdp: 1 = FullyShardedDataParallel (flat parameters; accelerate's default) or "
+                         "2 = fully_shard"),
     Knob("offload", f"{_choices(Offload)} (CPU offload; fit: a list to search)", listable=True),
     Knob("eval_batch_size", "evaluation during training: the eval micro-batch (per_device_eval_batch_size; "
                             "default 0 = no evaluation)"),
@@ -134,6 +136,17 @@ def _sharding(knobs: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _fsdp_version(knobs: dict[str, Any], sharding: Sharding) -> dict[str, Any]:
+    """--fsdp-version 1|2, given with a torch FSDP sharding only (--fsdp, or a --config YAML's fsdp key)."""
+    text = knobs.get("fsdp_version")
+    if text is None:
+        return {}
+    if not sharding.is_fsdp:
+        raise ConfigError(f"--fsdp-version {text} applies to torch FSDP: add --fsdp full_shard|shard_grad_op|"
+                          "hybrid_shard|no_shard")
+    return {"fsdp_version": _int("fsdp_version", text)}
+
+
 def train_config(knobs: dict[str, Any], base: TrainConfig | None = None, *, command: str) -> TrainConfig:
     """The knobs given on the command line over `base` (TrainConfig's defaults, or a --config YAML's values);
     LoRA / QLoRA / freeze options with another method are an error. `command` names single-value commands in
@@ -152,8 +165,9 @@ def train_config(knobs: dict[str, Any], base: TrainConfig | None = None, *, comm
     if problems:
         raise ConfigError(problems)
     changes: dict[str, Any] = _sharding(knobs)
+    changes.update(_fsdp_version(knobs, changes.get("sharding", base.sharding)))
     for name, text in knobs.items():
-        if name in ("zero", "fsdp"):
+        if name in ("zero", "fsdp", "fsdp_version"):
             continue
         if KNOBS[name].listable and name in ("lora_rank", "gpus"):
             values = parse_int_list(str(text), "--" + name.replace("_", "-"))

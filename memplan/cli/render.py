@@ -88,7 +88,7 @@ def breakdown_table(bd: Breakdown, *, explain: bool) -> Table:
         f"{bd.phase}"
     rows += [("peak allocated", bd.peak_allocated_bytes, where),
              ("peak reserved", bd.peak_reserved_bytes, bd.reserved_explain or "CUDA caching allocator at the peak"),
-             ("CUDA context", bd.cuda_context_bytes, "context + cuBLAS workspace, outside the allocator"),
+             ("CUDA context", bd.cuda_context_bytes, "context and loaded kernels, outside the allocator"),
              ("total (nvidia-smi)", bd.total_bytes, "reserved + context: compared with the card")]
     top = max(bd.total_bytes, 1)
     for name, nbytes, why in rows:

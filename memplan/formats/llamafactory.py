@@ -40,7 +40,8 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
         "quant_method": "quantization_method", "quant_type": "quantization_type",
         "double_quant": "double_quantization", "llama_pro": "use_llama_pro",
         "precision": "bf16/fp16/pure_bf16", "gpus": "--gpus", "nodes": "--nodes", "sharding": "deepspeed",
-        "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size"}
+        "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size",
+        "fsdp_version": "fsdp_config version"}
 # (YAML key, TrainConfig field, LLaMA-Factory's default) of the integer knobs
 _INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
          ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
@@ -119,6 +120,7 @@ MODELLED: dict[str, str] = {
                                "save their input-gradient tape, unchecked)",
     "use_llama_pro": "freeze: only the expanded blocks train (every L/N-th layer)",
     "deepspeed": "ZeRO stage and offload from its JSON", "fsdp": "FSDP sharding strategy and offload",
+    "fsdp_config": "its fsdp_version: 1 (accelerate's FSDP1, the default) or 2",
     "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
     "per_device_eval_batch_size": "the evaluation forward's batch",
     "rope_scaling": "any type (linear, dynamic, yarn, llama3; model_utils/rope.py configure_rope): no memory of its "
@@ -240,10 +242,37 @@ def _fsdp(raw: dict[str, Any]) -> dict[str, Any]:
                           "auto_wrap")
     if raw.get("deepspeed"):
         raise ConfigError("fsdp and deepspeed are both set: HF Trainer runs one engine, give one")
-    out: dict[str, Any] = {"sharding": _FSDP[strategies[0]] if strategies else Sharding.FULL_SHARD}
+    out: dict[str, Any] = {"sharding": _FSDP[strategies[0]] if strategies else Sharding.FULL_SHARD,
+                           "fsdp_version": _fsdp_config_version(raw.get("fsdp_config"))}
     if "offload" in options:
         out["offload"] = Offload.PARAMS
     return out
+
+
+# HF TrainingArguments' `fsdp` key wraps with fsdp_config's `version` (an `fsdp_` prefix is dropped first):
+# `int(self.fsdp_config.get("version", 2))` in transformers 5.x (training_args.py, read in 5.16 and 5.24; 4.x
+# defaulted to 1). accelerate's own launch config (examples/accelerate/fsdp_config.yaml) is not a training YAML key.
+_FSDP_CONFIG_VERSION = 2
+
+
+def _fsdp_config_version(value: Any) -> int:
+    """fsdp_config: a mapping or the path of a JSON file (HF Trainer opens it from the launch directory)."""
+    if value is None:
+        return _FSDP_CONFIG_VERSION
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(Path(value).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"fsdp_config {value!r}: cannot read it as a JSON file ({type(err).__name__}); HF "
+                              "Trainer opens it relative to the launch directory") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"fsdp_config must be a mapping or a JSON file path, got {value!r}")
+    version = value.get("version", value.get("fsdp_version", _FSDP_CONFIG_VERSION))
+    if str(version).strip() not in ("1", "2"):
+        raise ConfigError(f"fsdp_config version {version!r}: torch FSDP versions are 1 and 2")
+    return int(str(version).strip())
 
 
 def _evaluates(raw: dict[str, Any]) -> bool:
@@ -512,6 +541,10 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
         plan["fsdp"] = f"{name} auto_wrap" + (" offload" if train.offload is Offload.PARAMS else "")
         if base.get("fsdp_config") is not None:
             plan["fsdp_config"] = base["fsdp_config"]
+        if train.fsdp_version != _fsdp_config_version(plan.get("fsdp_config")):  # HF Trainer's default is 2
+            kept = plan.get("fsdp_config") if isinstance(plan.get("fsdp_config"), dict) else {}
+            plan["fsdp_config"] = {**{k: v for k, v in kept.items() if k not in ("version", "fsdp_version")},
+                                   "version": train.fsdp_version}
     owned = {*_PLAN_OWNED, *plan}
     out = {"model_name_or_path": _hub_id(spec)}
     for key, value in base.items():  # the input's order and its other keys, untouched
@@ -523,8 +556,8 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
     return out
 
 
-# the export template of a plan without --config (the project's configs/, beside the package in a checkout)
-SFT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "templates" / "sft.yaml"
+# the export template of a plan without --config (packaged; the project's configs/templates/ links to it)
+SFT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "sft.yaml"  # configs/templates/sft.yaml links here
 
 
 def sft_template() -> dict[str, Any]:

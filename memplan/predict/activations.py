@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.train import ALL_LINEAR, Attention, Method, QuantMethod
+from memplan.spec.train import ALL_LINEAR, Attention, QuantMethod
 
 FP32 = 4
 
@@ -60,7 +60,7 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
-    quantized = lay.train.method is Method.QLORA and not name.startswith(("router", "experts"))
+    quantized = lay.quantized(name) and not name.startswith(("router", "experts"))
     how = lay.train.quant_method
     if quantized and how is QuantMethod.HQQ:
         # hqq 0.2.8 HQQLinear's default backend (HQQBackend.PYTORCH, core/quantize.py L389) runs forward_pytorch:

@@ -27,7 +27,7 @@ class Breakdown:
     terms: tuple[Term, ...]
     peak_allocated_bytes: int
     peak_reserved_bytes: int  # max_memory_reserved: what the CUDA caching allocator holds (predict/allocator.py)
-    cuda_context_bytes: int  # CUDA context + cuBLAS workspace, outside the allocator
+    cuda_context_bytes: int  # CUDA context and loaded kernels, outside the allocator (predict/cuda.py)
     phase: str  # forward / backward / optimizer: where the peak happens
     trainable_params: int
     params: int | None = None  # exact mode: the real model's parameters (the spec's count is rough there)

@@ -19,13 +19,13 @@ from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
-from memplan.predict.cuda import cuda_overheads
+from memplan.predict.cuda import cuda_overheads, with_cuda_terms
 from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
-from memplan.spec.stacks import Stack, stack_facts
+from memplan.spec.stacks import Stack, quantize_temporaries, stack_facts
 from memplan.spec.train import Attention, Method, Precision, QuantMethod, Sharding, Stage, TrainConfig
 
 FP32 = 4
@@ -96,7 +96,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
-        + ce_fwd,
+        + ce_fwd - rs.forward_release_bytes,
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
             head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
             # LM head backward: the logits' gradient, the weight's gradient (and its fp32 copy under AMP)
@@ -129,10 +129,11 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda") -> Br
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
     note = _quant_note(train)
-    return Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
-                     cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
-                     host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases,
-                     moments=tuple(moments.items()))
+    bd = Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
+                   cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
+                   host_bytes=rs.host_bytes, note=note, band=band_for(train.method), phases=phases,
+                   moments=tuple(moments.items()))
+    return with_cuda_terms(bd) if device == "cuda" else bd
 
 
 def _quant_note(train: TrainConfig) -> str:
@@ -215,12 +216,19 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
     vocab = s.vocab_size * s.hidden_size
     # which tensors are converted on the device after loading, one at a time (the old half copy is the transient)
     if tr.method is Method.QLORA:  # quantized on the way in; the stack may upcast the embedding and head too
-        converted = max(linear, vocab if lay.kept_width != lay.base_width else 0)
-    elif lay.trainable_width == 4 and lay.amp and tr.method in (Method.FULL, Method.FREEZE):
-        converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
+        quantized = max((lin.in_features * lin.out_features for lin in s.layer_linears()
+                         if lay.quantized(lin.name)), default=0)
+        quantized = max(quantized, vocab if lay.quantized_head else 0)
+        # the stack's quantizer: bytes per element alive at once for the largest 4-bit tensor (spec.stacks)
+        transient = sum(quantize_temporaries(tr.stack, quantized))
+        load = st.weights_bytes + max(transient, 2 * (vocab if lay.kept_width != lay.base_width else 0))
     else:
-        converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
-    out = {"load": st.weights_bytes + 2 * converted}
+        if lay.trainable_width == 4 and lay.amp and tr.method in (Method.FULL, Method.FREEZE):
+            converted = max(linear, vocab) if tr.method is Method.FULL else linear  # fp32 master copies
+        else:
+            converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
+        load = st.weights_bytes + 2 * converted
+    out = {"load": load}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
         hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states
@@ -392,7 +400,7 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         terms.append(Term(name="sharding", bytes=gathered + rs.bucket_bytes
                           + (rs.backward_bucket_bytes if phase == "backward" else 0),
                           explain=f"{rs.explain}: gathered parameters {rs.gathered_bytes:,} B + communication "
-                                  f"buckets {rs.bucket_bytes:,} B"))
+                                  f"buckets {rs.bucket_bytes:,} B{rs.detail}"))
     elif lay.train.sharding is not Sharding.NONE or lay.train.gpus > 1:
         terms[0] = Term(name="weights", bytes=st.weights_bytes, explain=f"{w_explain}; {rs.explain}")
     ids = 8 * tr.batch_size * tr.seq_len  # the input batch: (B, S) int64 ids (labels=ids), alive all step

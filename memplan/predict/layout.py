@@ -30,7 +30,14 @@ class Layout:
     device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
     trained_ids: range = range(0)  # which ones (TrainConfig.trainable_layer_ids: freeze's last / first N, LLaMA Pro)
-    linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages)
+    linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages), or the stack's own NF4
+    quantized_head: bool = False  # QLoRA: the stack quantizes the LM head too (spec.stacks)
+    only_quantized: frozenset[str] | None = None  # QLoRA: the only decoder linears that are 4-bit, where the stack
+    # quantizes just the adapted ones (spec.stacks); None: every decoder linear
+
+    def quantized(self, name: str) -> bool:
+        """Is decoder linear `name` 4-bit?"""
+        return self.train.method is Method.QLORA and (self.only_quantized is None or name in self.only_quantized)
 
     @classmethod
     def of(cls, spec: ModelSpec, train: TrainConfig, device: str = "cuda") -> Layout:
@@ -46,17 +53,22 @@ class Layout:
         else:
             lora = frozenset(train.lora_targets)
         base_width = trainable_width if full else (2 if half else 4)
-        upcast = train.method is Method.QLORA and stack_facts(train.stack).kbit_upcast
+        stack = stack_facts(train.stack)
+        qlora = train.method is Method.QLORA
+        upcast = qlora and stack.kbit_upcast
+        keeps = linear4bit_keeps_input() if stack.nf4_keeps_input is None else stack.nf4_keeps_input
         return cls(
             spec=spec, train=train, attn=resolve_attention(spec.family, train.attn), amp=amp,
             compute_width=2 if half else 4,
             base_width=base_width,
             kept_width=4 if upcast else base_width,
             trainable_width=trainable_width,
-            lora_width=trainable_width,
+            lora_width=2 if qlora and stack.kbit_adapters_bf16 else trainable_width,
             lora_modules=lora,
             device=device,
-            linear4bit_keeps_input=linear4bit_keeps_input(),
+            linear4bit_keeps_input=keeps,
+            quantized_head=qlora and stack.quantizes_lm_head and not spec.tie_word_embeddings,
+            only_quantized=lora if qlora and stack.quantizes_only_adapted else None,
             trainable_layers=len(train.trainable_layer_ids(spec.num_layers)),
             trained_ids=train.trainable_layer_ids(spec.num_layers),
         )

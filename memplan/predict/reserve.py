@@ -10,12 +10,15 @@ to the replay of an exact trace is measured in benchmarks/results/allocator_cata
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from memplan.predict.activations import _Ctx, decoder_layer, stream_width
 from memplan.predict.allocator import ALLOC, FREE, replay
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape
 from memplan.predict.weights import ModelStates
 from memplan.spec.optimizers import States, facts
+from memplan.spec.stacks import quantize_temporaries, stack_facts
 from memplan.spec.train import Method
 
 FP32 = 4
@@ -26,6 +29,7 @@ class _Program:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int, int, int]] = []
+        self.packed: list[int] = []  # the 4-bit weights' ids, in load order
 
     def new(self, nbytes: int) -> int:
         self.events.append((ALLOC, len(self.events), int(nbytes), 0))
@@ -41,17 +45,10 @@ def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: i
     p = _Program()
     s, tr = lay.spec, lay.train
     layers = [_layer_params(lay, i, scale) for i in range(s.num_layers if depth is None else depth)]
-    p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
-    for params in layers:  # each parameter its own request, as a model is loaded
-        for nbytes, _trains in params:
-            p.new(nbytes)
-    head = [(s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width), lay.full)]
-    if not s.tie_word_embeddings:
-        head.append((s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width),
-                     lay.full))
-    for nbytes, _trains in head:
-        p.new(nbytes)
-    trained = [n for params in layers for n, t in params if t] + [n for n, t in head if t]
+    # the load's quantizer temporaries are left to load_reserved: this sketch is the step's, as the exact mode's
+    # replays (which trace the step) measure it
+    head = _load(p, lay, layers, scale, quantizer=False)
+    trained = [n for params in layers for n, t, _ in params if t] + [n for n, t in head if t]
     if lay.full:
         trained.append(s.vocab_size * s.hidden_size * scale * lay.trainable_width)  # the embedding
     opt = facts(tr.optimizer)
@@ -64,31 +61,96 @@ def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: i
     if opt.foreach_copy:  # foreach AdamW: _foreach_sqrt(exp_avg_sq), one copy per tensor, freed after the step
         p.free(*[p.new(n) for n in trained])
     p.free(*grads)
-    stats = replay(p.events)
+    return _overhead(tuple(p.events))
+
+
+@lru_cache(maxsize=4096)
+def _overhead(events: tuple[tuple[str, int, int, int], ...]) -> int:
+    """One replay per distinct sequence: fit's candidates that differ only in what the sketch leaves out
+    (accumulation, the attention kernel's temporaries, the step count) share it."""
+    stats = replay(events)
     return stats.peak_reserved_bytes - stats.peak_requested_bytes
 
 
-def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bool]]:
-    """(bytes, trains) of each parameter of decoder layer `index`: its linears, norms and LoRA adapters."""
+def load_reserved(lay: Layout, st: ModelStates, scale: float = 1.0) -> int:
+    """Reserved bytes at the end of the model load, replayed at full depth: a QLoRA stack whose quantizer's
+    temporaries are large (spec.stacks quantize_load_transients) leaves the allocator holding far more than the
+    weights, and the cache never shrinks, so the run's reserved peak is at least this. The extrapolation
+    `reserved_overhead` uses for the step does not hold here: the temporaries' cached blocks are reused by later
+    weights, a one-off pattern, not a per-layer one."""
+    p = _Program()
+    layers = [_layer_params(lay, i, scale) for i in range(lay.spec.num_layers)]
+    _load(p, lay, layers, scale, quantizer=True)
+    if stack_facts(lay.train.stack).device_init:  # built and quantized on the GPU, then each weight replaced
+        _requantize(p, lay, layers)
+    return replay(p.events).peak_reserved_bytes
+
+
+def _quantize(p: _Program, lay: Layout, nbytes: float, elements: float) -> int:
+    """One weight quantized on its way in: the quantizer's temporaries (spec.stacks quantize_load_transients,
+    per element), the packed result made while the first `packed_with` of them are alive, then the rest freed."""
+    stack = stack_facts(lay.train.stack)
+    if not elements:
+        return p.new(nbytes)
+    temps = [p.new(b) for b in quantize_temporaries(lay.train.stack, int(elements))]
+    p.free(*temps[stack.packed_with:])
+    packed = p.new(nbytes)
+    p.free(*temps[:stack.packed_with])
+    return packed
+
+
+def _requantize(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]]) -> None:
+    """The checkpoint's weights replacing the ones built on the device: each 4-bit weight quantized anew, the old
+    packed one freed after (the other parameters are copied in place). The ids follow _load's order."""
+    weights = [(n, e) for params in layers for n, _, e in params if e]
+    for key, (nbytes, elements) in zip(list(p.packed), weights, strict=True):
+        _quantize(p, lay, nbytes, elements)
+        p.free(key)
+
+
+def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]],
+          scale: float, quantizer: bool) -> list[tuple[float, bool]]:
+    """The model load's requests: the embedding, each layer's parameters, the final norm and LM head (returned);
+    with `quantizer`, each 4-bit weight made through the stack's quantizer temporaries."""
+    s, qlora = lay.spec, lay.train.method is Method.QLORA and quantizer
+    p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
+    for params in layers:  # each parameter its own request, as a model is loaded; QLoRA: 4-bit ones quantized
+        for nbytes, _trains, elements in params:
+            key = _quantize(p, lay, nbytes, elements if qlora else 0)
+            if elements and qlora:
+                p.packed.append(key)
+    head = [(s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width), lay.full)]
+    if not s.tie_word_embeddings:
+        head.append((s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width),
+                     lay.full))
+    for nbytes, _trains in head:
+        p.new(nbytes)
+    return head
+
+
+def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bool, float]]:
+    """(bytes, trains, elements quantized on the way in or 0) of each parameter of decoder layer `index`: its
+    linears, norms and LoRA adapters."""
     s, tr = lay.spec, lay.train
     trains = lay.full or (tr.method is Method.FREEZE and index in lay.trained_ids)
     width = lay.trainable_width if trains else lay.base_width
-    if tr.method is Method.QLORA:
-        width = tr.quant_bits / 8
-    out = [(lin.params * width * scale, trains) for lin in s.layer_linears()]
-    out += [(s.hidden_size * (lay.trainable_width if trains else lay.base_width) * scale, trains)
+    qlora = tr.method is Method.QLORA
+    out = [(lin.params * scale * (tr.quant_bits / 8 if q else width), trains, lin.params * scale if q else 0)
+           for lin in s.layer_linears() for q in [lay.quantized(lin.name)]]
+    out += [(s.hidden_size * (lay.trainable_width if trains else lay.base_width) * scale, trains, 0)
             for _ in range(s.norms_per_layer)]
     if s.is_moe:
-        out += [(lin.params * s.num_experts * width * scale, trains) for lin in s.mlp_linears()]
+        out += [(lin.params * s.num_experts * (tr.quant_bits / 8 if qlora else width) * scale, trains, 0)
+                for lin in s.mlp_linears()]
     for lin in s.layer_linears():
         if lin.name in lay.lora_modules:
             r = tr.lora_rank
-            out += [(r * lin.in_features * lay.lora_width * scale, True),
-                    (lin.out_features * r * lay.lora_width * scale, True)]
+            out += [(r * lin.in_features * lay.lora_width * scale, True, 0),
+                    (lin.out_features * r * lay.lora_width * scale, True, 0)]
     return out
 
 
-def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool]]],
+def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]],
                       head: list[tuple[float, bool]]) -> list[int]:
     """Step 2's forward and backward; returns the gradients alive after it (freed by zero_grad)."""
     s, tr = lay.spec, lay.train
@@ -119,7 +181,7 @@ def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, b
     for params, keep in zip(reversed(layers), reversed(kept), strict=True):
         if tr.checkpointing:  # the layer's forward again, on its kept input
             keep = keep + [p.new(b) for b in saved]
-        grads += [p.new(b) for b, trains in params if trains]
+        grads += [p.new(b) for b, trains, _ in params if trains]
         p.free(*[p.new(n * inter * c) for _ in range(3)])  # the MLP's three (B, S, I) gradients
         g_prev = p.new(hidden)
         p.free(g_x, *keep)

@@ -39,6 +39,8 @@ class RankStates:
     backward_bucket_bytes: int = 0  # alive from the first backward to the step only (ZeRO-1/2 ipg buffer)
     ds_grad_bytes: int = 0  # DeepSpeed: the gradients its estimators count (ZeRO-1/2 half + fp32, ZeRO-3 fp32)
     gathered_in_step: bool = True  # False: everything is resharded before the optimizer step (FSDP)
+    forward_release_bytes: int = 0  # part of gathered_bytes not yet gathered at the end of forward (FSDP1 prefetch)
+    detail: str = ""  # one line per named term ("\n· name bytes: source"), shown under the sharding term
 
 
 def _ceil(x: int, n: int) -> int:
@@ -79,7 +81,9 @@ def rank_states(lay: Layout, st: ModelStates) -> RankStates:
     tr = lay.train
     if tr.sharding.is_deepspeed:
         return _deepspeed(lay, st)
-    if tr.sharding.is_fsdp2:
+    if tr.parallel.fsdp1 and tr.sharding is not Sharding.NO_SHARD:
+        return _fsdp1(lay, st)
+    if tr.parallel.fsdp2:
         return _fsdp(lay, st)
     ddp = st.gradients_bytes if tr.gpus > 1 and tr.sharding is Sharding.NONE else 0
     what = f"DDP: gradient buckets ({DDP_BUCKET_MB} MB each) copy every gradient" if ddp else "no sharding"
@@ -176,3 +180,62 @@ def _fsdp(lay: Layout, st: ModelStates) -> RankStates:
     what = f"FSDP {tr.sharding.value} over {n} ranks" + (f", offload {tr.offload.value}" if host else "")
     return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=0, step_extra_bytes=0,
                       host_bytes=host, explain=what, layer_backward_bytes=layer_extra, gathered_in_step=False)
+
+
+def _fsdp1(lay: Layout, st: ModelStates) -> RankStates:
+    """FSDP1 FullyShardedDataParallel as accelerate + HF Trainer wrap it (memplan.build.shard.fsdp1_wrap_model), from
+    torch 2.13's torch/distributed/fsdp sources; measured on two real gloo ranks and under the fake process group
+    (tests/test_fsdp1.py). One FlatParameter per unit (each decoder layer; the root: embeddings, final norm, head;
+    under peft, HF Trainer's update_fsdp_plugin_peft wraps every lora_A / lora_B as a unit of its own, so a decoder
+    unit's flat parameter is all frozen and gets no gradient), each padded to a multiple of the shard group:
+      shards       params, fp32 grads, states / N (_flat_param.py FlatParamHandle._get_shard pads each unit to a
+                   multiple of N: under N elements a unit, not counted)
+      root         gathered from the root's forward through its backward (_runtime_utils.py _post_forward_reshard:
+                   `free_unsharded_flat_param = not state._is_root and ...`)
+      unit         a decoder unit is gathered only while it runs: FULL_SHARD frees it after its forward
+                   (RESHARD_AFTER_FORWARD_HANDLE_STRATEGIES) and accelerate's forward_prefetch is off
+      prefetch     from the root's backward on, the next unit in backward order is already gathered (the root's
+                   pre-backward hook prefetches the last decoder unit; BackwardPrefetch.BACKWARD_PRE,
+                   _runtime_utils.py _pre_backward_hook -> _prefetch_handle); limit_all_gathers allows two in flight
+      unsharded grad  the running unit's whole flat gradient in param_dtype until reduce-scatter
+                   (_runtime_utils.py _post_backward_hook -> _reduce_grad), trained units only
+    Gathered units are in MixedPrecision's param_dtype: half under AMP (accelerate set_mixed_precision).
+    shard_grad_op keeps every unit gathered from forward to the end of backward (_should_free_in_backward)."""
+    tr, n, s = lay.train, shard_group(lay), lay.spec
+    cw = lay.compute_width
+    root = s.vocab_size * s.hidden_size * (1 if s.tie_word_embeddings else 2) + s.hidden_size
+    per_layer_trained = s.layer_params if st.trainable_params >= s.layer_params else \
+        st.trainable_params // s.num_layers  # LoRA: the adapters' own units
+    unsharded_grads = per_layer_trained * cw if st.gradients_bytes else 0
+    forward_release = 0
+    if tr.sharding is Sharding.SHARD_GRAD_OP:
+        gathered, layer_extra = s.num_parameters * cw, unsharded_grads
+        parts = [("every unit gathered", gathered, "SHARD_GRAD_OP: not freed after forward")]
+    else:
+        # from the loss on the last decoder unit is gathered too: the root's pre-backward hook prefetches it
+        gathered, layer_extra = (root + s.layer_params) * cw, s.layer_params * cw + unsharded_grads
+        forward_release = s.layer_params * cw  # at the end of forward only the root is gathered
+        parts = [("root unit gathered", root * cw, "_post_forward_reshard: the root is not freed after forward"),
+                 ("prefetched unit", s.layer_params * cw, "BACKWARD_PRE: _prefetch_handle in _pre_backward_hook, "
+                                                          "from the root's backward on; none at forward's end"),
+                 ("running unit gathered", s.layer_params * cw,
+                  "FlatParamHandle.unshard, in a unit's backward (in transient)")]
+    parts.append(("unsharded flat grad", unsharded_grads, "_post_backward_hook: the running unit's grad until "
+                                                            "reduce-scatter (in transient)"))
+    weights, grads = _ceil(st.weights_bytes, n), _ceil(st.gradients_bytes, n)
+    states = _ceil(st.optimizer_states_bytes, n)
+    host = 0
+    if tr.offload is not Offload.NONE:  # CPUOffload(offload_params=True): params and grads; the optimizer follows
+        host = (weights + grads + states) * tr.gpus_per_node
+        weights = grads = states = 0
+    ranked = ModelStates(
+        weights_bytes=weights, trainable_params=st.trainable_params, frozen_params=st.frozen_params,
+        quantized_params=st.quantized_params, gradients_bytes=grads,
+        optimizer_states_bytes=states, optimizer_step_bytes=0 if host else _ceil(st.optimizer_step_bytes, n),
+        autocast_cache_bytes=0, autocast_layer_bytes=0,)  # units are gathered in param_dtype: nothing to cast
+    what = (f"FSDP1 {tr.sharding.value} over {n} ranks (flat parameters, use_orig_params)"
+            + (f", offload {tr.offload.value}" if host else ""))
+    detail = "".join(f"\n· {name} {b:,} B: {src}" for name, b, src in parts)
+    return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=0, step_extra_bytes=0,
+                      host_bytes=host, explain=what, layer_backward_bytes=layer_extra, gathered_in_step=False,
+                      forward_release_bytes=forward_release, detail=detail)

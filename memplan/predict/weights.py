@@ -85,11 +85,17 @@ def model_states(lay: Layout) -> ModelStates:
         ac_layer = lay.lora_params_per_layer() if lay.lora_width == 4 else 0
         ac_params = ac_layer * s.num_layers
         if tr.method is Method.QLORA:
-            quantized = (linear_params + expert_params) * s.num_layers  # decoder linears; bnb skips lm_head
-            outs = sum(lin.out_features for lin in linears) * s.num_layers
+            # decoder linears (all, or the adapted ones where the stack quantizes only those); bnb through
+            # transformers skips lm_head, a stack may quantize it too (spec.stacks)
+            qlin = [lin for lin in linears if lay.quantized(lin.name)]
+            quantized = (sum(lin.in_features * lin.out_features for lin in qlin) + expert_params) * s.num_layers
+            outs = sum(lin.out_features for lin in qlin) * s.num_layers
+            if lay.quantized_head:
+                quantized += s.vocab_size * s.hidden_size
+                outs += s.vocab_size
         # the rest (embedding, norms, LM head) at kept_width: the base dtype, or fp32 where the stack upcasts
         weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + (
-            quantized_bytes(quantized, tr, outs, len(linears) * s.num_layers) if quantized else 0)
+            quantized_bytes(quantized, tr, outs, len(qlin) * s.num_layers + lay.quantized_head) if quantized else 0)
     if lay.norms_fp32:  # upcast_layernorm: the frozen norms' half weights become fp32 (trained ones are already)
         frozen_layers = s.num_layers - (lay.trainable_layers if tr.method is Method.FREEZE else 0)
         frozen_width = lay.base_width if tr.method is Method.FREEZE else lay.kept_width

@@ -1,9 +1,10 @@
 """Probe ranks under torchrun: wrap the model the way the training framework would, then step it.
 
 - plain DDP (`--gpus N`): torch DistributedDataParallel; its gradient buckets are counted.
-- FSDP (`--fsdp full_shard|shard_grad_op|hybrid_shard`): FSDP2 `fully_shard` on each decoder layer and the root,
-  as HF Trainer / accelerate apply it (the same wrapping the exact mode traces). hybrid_shard shards inside a node
-  and replicates across `--nodes`. no_shard is FSDP1's DDP-like mode, which FSDP2 does not have: refused.
+- FSDP (`--fsdp full_shard|shard_grad_op|hybrid_shard|no_shard`): with `--fsdp-version 1` (accelerate's default)
+  FSDP1 FullyShardedDataParallel as accelerate + HF Trainer wrap it (memplan.build.shard.fsdp1_wrap_model); with
+  2, FSDP2 `fully_shard` on each decoder layer and the root (the same wrapping the exact mode traces).
+  hybrid_shard shards inside a node and replicates across `--nodes`. no_shard (FSDP1 only) is not probed.
 - DeepSpeed ZeRO (`--zero 1|2|3`): `deepspeed.initialize` with memplan's optimizer as the client optimizer and
   the bucket sizes the estimator assumes (HF Trainer's "auto" fill unless set). On CPU, DeepSpeed's cpu
   accelerator (gloo).
@@ -52,8 +53,9 @@ def check_probeable(train: TrainConfig, device: str) -> None:
     if device == "cpu" and train.offload is not Offload.NONE:
         raise ConfigError("offload moves states to host memory: on a cpu probe host and device are one memory; "
                          "probe offload with --device cuda")
-    if train.sharding is Sharding.NO_SHARD:
-        raise ConfigError("--fsdp no_shard is FSDP1's DDP-like mode (FSDP2 has none): probe it as DDP, without --fsdp")
+    if train.sharding is Sharding.NO_SHARD:  # FSDP1 runs it, but memplan's no_shard terms are not measured yet
+        raise ConfigError("--fsdp no_shard is FSDP1's DDP-like mode (FSDP2 has none; memplan estimates it only): "
+                          "probe it as DDP, without --fsdp")
 
 
 def _require_nvidia_gpu() -> None:
@@ -83,7 +85,9 @@ def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[
         return _deepspeed(model, train, device, build_optimizer)
     if world_size() > 1 or train.sharding is not Sharding.NONE:
         _init_process_group(device)
-    if train.sharding.is_fsdp2:
+    if train.parallel.fsdp1:
+        model = _fsdp1(model, train, device)
+    elif train.parallel.fsdp2:
         _fsdp(model, train, device)
     elif world_size() > 1:
         import torch
@@ -116,6 +120,18 @@ def _fsdp(model: Any, train: TrainConfig, device: str) -> None:
     names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
     mesh = init_device_mesh(device, shape, mesh_dim_names=names)
     fully_shard_model(model, mesh, train)
+
+
+def _fsdp1(model: Any, train: TrainConfig, device: str) -> Any:
+    from memplan.build.shard import fsdp1_wrap_model
+
+    if train.sharding is not Sharding.HYBRID_SHARD:
+        return fsdp1_wrap_model(model, train, device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    n = world_size()  # FSDP1's HYBRID_SHARD takes a 2-D mesh: (replicate across nodes, shard inside one)
+    mesh = init_device_mesh(device, (train.nodes, n // train.nodes), mesh_dim_names=("replicate", "shard"))
+    return fsdp1_wrap_model(model, train, device, device_mesh=mesh)
 
 
 def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[[Any], Any]) -> Wrapped:

@@ -50,6 +50,9 @@ class Family:
     all_linear_skips: tuple[str, ...] = ()
     lora_exclude: tuple[str, ...] = ()  # Linear subclasses peft's all-linear must not wrap (they return tuples)
     limits: str = ""  # what the estimate does not model for this type, said in the note of every estimate
+    # config key: the layer types repeat with this period (Qwen3.5: full_attention_interval, 3 linear-attention
+    # layers then a full one); the exact mode traces whole periods so the line through them is the model's
+    layer_period_key: str | None = None
 
     @property
     def norms_per_layer(self) -> int:
@@ -59,6 +62,11 @@ class Family:
 _VL_LIMITS = ("text-only inputs: image/video tokens (image_max_pixels) are not costed; the vision tower and "
               "projector are frozen (LLaMA-Factory's freeze_vision_tower / freeze_multi_modal_projector defaults) "
               "and only their weights are counted")
+
+# the linear-attention layers traced on CPU run torch's chunked fallback (transformers uses the fla / causal-conv1d
+# kernels on a GPU when installed): their saved tensors may differ there
+_GDN_LIMITS = ("; linear-attention layers traced with torch's chunked gated-delta-rule fallback (a GPU with fla "
+               "/ causal-conv1d installed runs other kernels: not checked)")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="llama", architectures=("LlamaForCausalLM",)),
@@ -111,8 +119,25 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
     Family(model_type="qwen2_5_vl", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), limits=_VL_LIMITS),
+    # Qwen2-VL (modeling_qwen2_vl.py): a qwen2 decoder with M-RoPE and the visual.* tower LLaMA-Factory freezes
+    # (_register_composite_model("qwen2_vl")); no catalog entry yet (no verified config.json copy found)
+    Family(model_type="qwen2_vl", analytic=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",), limits=_VL_LIMITS),
     Family(model_type="qwen3_vl", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), limits=_VL_LIMITS),
+    # Qwen3-VL-MoE (modeling_qwen3_vl_moe.py): Qwen3-VL's tower and deepstack mergers, the text decoder's MLPs
+    # Qwen3VLMoeTextSparseMoeBlock (fused Qwen3VLMoeTextExperts parameters, l.114); LLaMA-Factory freezes
+    # visual.* (model_utils/visual.py, _register_composite_model("qwen3_vl_moe"))
+    Family(model_type="qwen3_vl_moe", analytic=False, moe=True, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",), limits=_VL_LIMITS),
+    # Qwen3.5 (modeling_qwen3_5.py / modeling_qwen3_5_moe.py): layer_types alternate Gated DeltaNet linear
+    # attention (Qwen3_5MoeGatedDeltaNet, l.517: causal conv1d + chunked delta rule; on CPU torch's fallbacks
+    # torch_chunk_gated_delta_rule, l.304) with full attention every full_attention_interval-th layer; MoE with a
+    # gated shared expert; the vision tower visual.* frozen (LLaMA-Factory _register_composite_model("qwen3_5"))
+    Family(model_type="qwen3_5", analytic=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
+    Family(model_type="qwen3_5_moe", analytic=False, moe=True, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
     Family(model_type="gemma3", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("vision_tower.", "multi_modal_projector."), limits=_VL_LIMITS),
     # Llama 4 (modeling_llama4.py): transformers 5.24's Llama4ForConditionalGeneration.forward cannot train on text

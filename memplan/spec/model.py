@@ -109,6 +109,16 @@ class ModelSpec:
         prefix = int(self.config.get(key) or 0) if key else 0
         return prefix if prefix < self.num_layers else 0  # every layer dense: all alike
 
+    @property
+    def layer_period(self) -> int:
+        """How many layers repeat as a unit (Qwen3.5: full_attention_interval, 3 linear-attention + 1 full); 1 when
+        every layer is alike."""
+        key = self.family.layer_period_key
+        text = self.config.get("text_config")
+        cfg = text if isinstance(text, dict) else self.config
+        period = int(cfg.get(key) or 1) if key else 1
+        return period if 1 < period <= self.num_layers else 1
+
     # ---- derived -------------------------------------------------------------------------------------------
     @property
     def is_moe(self) -> bool:
@@ -357,10 +367,22 @@ def _quantization(cfg: dict[str, Any], label: str) -> str:
         return DEQUANTIZED[method]
     bits = q.get("bits") or (4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else None) \
         if isinstance(q, dict) else None
+    storage = PACKED_STORAGE.get(method, "")
     raise UnsupportedModel(
         f"{label}: its weights are pre-quantized ({method or 'unknown method'}{f', {bits}-bit' if bits else ''}), a "
-        "storage memplan does not model; estimate the unquantized model with --method qlora --quant-bits "
-        f"{8 if bits == 8 else 4} (bitsandbytes: about the same weight bytes) or --method lora")
+        f"storage memplan does not model yet{f' ({storage})' if storage else ''}; estimate the unquantized model "
+        f"with --method qlora --quant-bits {8 if bits == 8 else 4} (bitsandbytes: about the same weight bytes) or "
+        "--method lora")
+
+
+# what a model of each packed storage needs and memplan does not have yet (issue 16): the layout per Linear from the
+# format's own kernels, checked against a real checkpoint's quantization_config
+PACKED_STORAGE = {
+    "awq": "AutoAWQ WQLinear_GEMM: int32 qweight packing 8 4-bit values, qzeros and fp16 scales per group_size "
+           "input rows",
+    "gptq": "GPTQ QuantLinear: packed qweight, qzeros, scales per group and g_idx (desc_act)",
+    "aqlm": "AQLM: codes of nbits_per_codebook bits per in_group_size weights, num_codebooks codebooks per Linear",
+}
 
 
 def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:

@@ -14,6 +14,11 @@ import os
 from functools import cache
 
 BNB_DROPS_4BIT_INPUT = (0, 43, 2)
+# torchao's NF4Tensor.convert_to_norm_float_weight compares the weight with the 16 NF4 values in chunks of
+# CHUNK_SIZE = 1024**2 elements since PR #196 ("perform in chunks", commit 6081796b, 2024-05-01, first in 0.2.0);
+# torchao 0.1 (torchtune's pin in April 2024) made the (numel, 16) comparison for the whole tensor at once
+TORCHAO_CHUNKS_NF4 = (0, 2, 0)
+NF4_CHUNK_ELEMENTS = 1024**2
 
 
 def _parse(text: str) -> tuple[int, ...] | None:
@@ -36,6 +41,26 @@ def bitsandbytes_version() -> tuple[int, ...] | None:
         return _parse(metadata.version("bitsandbytes"))
     except metadata.PackageNotFoundError:
         return None
+
+
+@cache
+def torchao_version() -> tuple[int, ...] | None:
+    """The installed torchao's version (MEMPLAN_TORCHAO_VERSION overrides it, as for bitsandbytes)."""
+    if text := os.environ.get("MEMPLAN_TORCHAO_VERSION"):
+        return _parse(text)
+    from importlib import metadata
+
+    try:
+        return _parse(metadata.version("torchao"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def nf4_chunk_elements() -> int | None:
+    """The elements torchao's NF4 quantizer compares at once: a chunk, or None (the whole tensor: torchao 0.1, and
+    the assumption without torchao installed, the larger case)."""
+    version = torchao_version()
+    return NF4_CHUNK_ELEMENTS if version is not None and version >= TORCHAO_CHUNKS_NF4 else None
 
 
 def linear4bit_keeps_input() -> bool:

@@ -30,8 +30,13 @@ class Sharding(str, Enum):
         return self in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3)
 
     @property
+    def is_fsdp(self) -> bool:
+        """A torch FSDP sharding strategy (FSDP1's ShardingStrategy names; Parallelism.fsdp_version says which)."""
+        return self in (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD, Sharding.NO_SHARD)
+
+    @property
     def is_fsdp2(self) -> bool:
-        """Wrapped with torch's FSDP2 `fully_shard` (no_shard is FSDP1's DDP-like mode: no FSDP2 equivalent)."""
+        """A strategy FSDP2 `fully_shard` has (no_shard is FSDP1's DDP-like mode: no FSDP2 equivalent)."""
         return self in (Sharding.FULL_SHARD, Sharding.SHARD_GRAD_OP, Sharding.HYBRID_SHARD)
 
     @property
@@ -45,7 +50,13 @@ class Offload(str, Enum):
     PARAMS = "params"  # + the parameter shards (ZeRO-3 / FSDP full or hybrid shard only)
 
 
-PARALLEL_FIELDS = ("gpus", "nodes", "sharding", "offload", "ds_reduce_bucket")
+PARALLEL_FIELDS = ("gpus", "nodes", "sharding", "offload", "ds_reduce_bucket", "fsdp_version")
+# accelerate's FullyShardedDataParallelPlugin: `fsdp_version` defaults to FSDP_VERSION or "1" (accelerate 1.15
+# utils/dataclasses.py __post_init__); LLaMA-Factory's examples/accelerate/fsdp_config.yaml names none (FSDP1),
+# its fsdp2_config.yaml says 2. (HF TrainingArguments' own `fsdp` key defaults to fsdp_config version 2 in
+# transformers 5.24: memplan.formats.llamafactory reads that.)
+FSDP_VERSION = 1
+FSDP_VERSIONS = (1, 2)
 
 
 def positive_int(name: str, value: object) -> list[Problem]:
@@ -65,6 +76,9 @@ class Parallelism:
     # DeepSpeed zero_optimization.reduce_bucket_size in elements; None = "auto", which HF Trainer fills with
     # hidden_size^2 (LLaMA-Factory's example DeepSpeed configs say auto)
     ds_reduce_bucket: int | None = None
+    # torch FSDP flavour under a FSDP sharding: 1 = FullyShardedDataParallel (flat parameters, as accelerate
+    # wraps by default), 2 = fully_shard (per-parameter DTensors); ignored for DDP / DeepSpeed
+    fsdp_version: int = FSDP_VERSION
 
     def __post_init__(self) -> None:
         problems = positive_int("gpus", self.gpus) + positive_int("nodes", self.nodes)
@@ -75,6 +89,12 @@ class Parallelism:
         if not problems and self.gpus % self.nodes:
             problems.append(Problem("gpus", f"{{}} {self.gpus} is not a multiple of --nodes {self.nodes}: --gpus "
                                             "counts every GPU"))
+        if self.fsdp_version not in FSDP_VERSIONS:
+            problems.append(Problem("fsdp_version", f"{{}} must be 1 (FullyShardedDataParallel) or 2 (fully_shard), "
+                                                    f"got {self.fsdp_version!r}"))
+        elif self.fsdp_version == 2 and self.sharding is Sharding.NO_SHARD:
+            problems.append(Problem("fsdp_version", "{} 2 has no no_shard (FSDP1's DDP-like mode): use --fsdp-version "
+                                                    "1, or DDP without --fsdp"))
         if self.offload is Offload.PARAMS and not self.sharding.shards_params:
             problems.append(Problem("offload", "{} params needs sharded parameters: --zero 3 or --fsdp "
                                                "full_shard|hybrid_shard"))
@@ -93,10 +113,23 @@ class Parallelism:
         return self.gpus == 1 and self.sharding is Sharding.NONE and self.offload is Offload.NONE
 
     @property
+    def fsdp1(self) -> bool:
+        """torch FullyShardedDataParallel (FSDP1) wraps the model."""
+        return self.sharding.is_fsdp and self.fsdp_version == 1
+
+    @property
+    def fsdp2(self) -> bool:
+        """torch fully_shard (FSDP2) wraps the model."""
+        return self.sharding.is_fsdp2 and self.fsdp_version == 2
+
+    @property
     def traceable(self) -> bool:
-        """The exact mode traces one GPU, or one FSDP2 rank under a fake process group; DDP, ZeRO and offload
-        are analytic only."""
-        return self.offload is Offload.NONE and (self.sharding.is_fsdp2 or self.is_single)
+        """The exact mode traces one GPU, or one FSDP1 / FSDP2 rank under a fake process group; DDP, ZeRO,
+        offload and FSDP1's no_shard and shard_grad_op are analytic only (FSDP1 shard_grad_op on fake tensors:
+        "AssertionError: If skipped using sharded views, the unsharded flat parameter should be allocated",
+        torch 2.13 _flat_param.py _writeback_orig_params)."""
+        fsdp = self.fsdp2 or (self.fsdp1 and self.sharding in (Sharding.FULL_SHARD, Sharding.HYBRID_SHARD))
+        return self.offload is Offload.NONE and (fsdp or self.is_single)
 
     def reduce_bucket(self, hidden_size: int) -> int:
         """reduce_bucket_size in elements: the DeepSpeed JSON's, or what HF Trainer fills for "auto"

@@ -18,11 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from memplan.spec.packages import nf4_chunk_elements
+
 
 class Stack(str, Enum):
     HF = "hf"  # HF Trainer + peft (prepare_model_for_kbit_training for k-bit models)
     LLAMAFACTORY = "llamafactory"  # llamafactory-cli train: its own model preparation
     REFERENCE = "reference"  # memplan's reference step (README "The memory model"), no stack preparation
+    TORCHTUNE = "torchtune"  # torchtune lora_finetune_single_device: torchao NF4 (QLoRA), its own model code
+    LITGPT = "litgpt"  # LitGPT finetune/lora.py: Lightning Fabric's BitsandbytesPrecision (QLoRA)
+    TRL = "trl"  # TRL >= 1.0 SFTTrainer + peft: no k-bit upcast, QLoRA adapters cast to bf16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +38,21 @@ class StackFacts:
     reentrant_checkpointing: bool  # torch.utils.checkpoint(use_reentrant=...) of the checkpointed layers
     source: str  # where the behaviour is, file and lines in the version read
     explain: str  # one line for --explain
+    # QLoRA only. Bytes per element of each tensor alive at once while one base weight is quantized on its way in
+    # (the load phase; their sum times the largest quantized tensor is the load's transient): the half weight on the
+    # device for bitsandbytes' quantize_4bit
+    quantize_load_transients: tuple[int, ...] = (2,)
+    packed_with: int = 1  # how many of those (the first ones) are still alive when the packed result is made;
+    # the later ones are made per chunk where the quantizer chunks (chunked_quantizer)
+    chunked_quantizer: bool = False  # torchao's NF4: chunks since 0.2 (memplan.spec.packages nf4_chunk_elements)
+    device_init: bool = False  # the model is first built (and quantized) on the GPU, then each weight replaced from
+    # the checkpoint: two quantization passes, each new packed weight made before the old one is freed
+    quantizes_lm_head: bool = False  # the LM head is 4-bit too (bitsandbytes via transformers / peft skips it)
+    quantizes_only_adapted: bool = False  # only the linears that carry an adapter are 4-bit; the rest stay half
+    nf4_keeps_input: bool | None = None  # the 4-bit linear saves its input for backward; None: bitsandbytes'
+    # version decides (memplan.spec.packages)
+    traced: bool = True  # the exact mode builds this stack's model (memplan.build.model); False: analytic only
+    kbit_adapters_bf16: bool = False  # k-bit models: the trainable adapters are cast to bf16 (not peft's fp32)
 
 
 STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
@@ -55,6 +75,55 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         source="LLaMA-Factory src/llamafactory/model/model_utils/checkpointing.py L43-46, L100-154, L163-204",
         explain="LLaMA-Factory: no k-bit upcast; reentrant checkpointing of trainable layers only"),
     StackFacts(
+        name=Stack.TORCHTUNE, title="torchtune", kbit_upcast=False, reentrant_checkpointing=False,
+        # Read at the QLoRA tutorial's commit 0914d5c (2024-04-15, torchao==0.1). recipes/lora_finetune_single_device
+        # .py _setup_model L254-268: the model is built on the GPU in bf16, then load_state_dict copies each CPU bf16
+        # weight in. torchtune/modules/peft/lora.py LoRALinear._create_weight_and_bias: to_nf4(nn.Linear(...).weight)
+        # only where quantize_base; models/llama2/_component_builders.py L327-354: q/k/v/output_proj are LoRALinear
+        # (quantized) only when targeted, plain nn.Linear otherwise, and L235 the LM head is never quantized.
+        # torchtune/utils/_register_nf4_dispatch_ops.py inplace_copy: to_nf4(args[0][1].to(dest_tensor.device)) -> the
+        # bf16 weight on the GPU (2 B) + torchao nf4tensor.py NF4Tensor.from_tensor: convert_to_norm_float_weight's
+        # scaled_blocks (2 B) and quantize_tensor_nearest's `diff = (value - nf4).abs()`: (numel, 16) bf16, twice
+        # (the difference and its abs, 32 + 32 B). Unchanged in torchao 0.18; measured on the CPU allocator:
+        # 67.05 B/element above the input (tests/test_pubstacks.py). LinearNF4.forward keeps `ctx.nf4_weight` only,
+        # not its input.
+        # The packed uint8 data is made after the two (numel, 16) tensors are freed, while the bf16 weight and
+        # scaled_blocks are alive (convert_to_norm_float_weight). Built under `with self._device` on the GPU (each
+        # layer deep-copied from the first: transformer.py _get_clones; the NF4 clone dequantizes and re-quantizes,
+        # _register_nf4_dispatch_ops.py clone), then load_state_dict replaces every NF4 weight.
+        # torchao 0.2+ compares in chunks of 1024**2 elements (memplan.spec.packages).
+        quantize_load_transients=(2, 2, 32, 32), packed_with=2, chunked_quantizer=True, device_init=True,
+        quantizes_only_adapted=True, nf4_keeps_input=False, traced=False,
+        source="torchtune@0914d5c recipes/lora_finetune_single_device.py L254-268; torchtune/modules/peft/lora.py "
+               "_create_weight_and_bias; torchtune/utils/_register_nf4_dispatch_ops.py inplace_copy; torchao 0.1 "
+               "torchao/dtypes/nf4tensor.py quantize_tensor_nearest, LinearNF4.forward",
+        explain="torchtune: torchao NF4 on adapted linears only; quantizing each weight on load holds (numel, 16) "
+                "bf16 comparisons"),
+    StackFacts(
+        name=Stack.LITGPT, title="LitGPT", kbit_upcast=False, reentrant_checkpointing=False,
+        # Read at litgpt 41dece20 (2024-03-15; lightning @75553845, bitsandbytes 0.42.0). litgpt/finetune/lora.py
+        # L166-189: GPT built under fabric.init_module (BitsandbytesPrecision.module_init_context replaces
+        # torch.nn.Linear by _NF4Linear: lightning/fabric/plugins/precision/bitsandbytes.py L129-144), so every
+        # Linear, the LM head included, is 4-bit; load_checkpoint quantizes each weight in _quantize_on_load_hook
+        # (L159-166) via _Linear4bit.quantize (L326-341): `weight.contiguous().to(device=device, dtype=torch.half)`
+        # then bnb.functional.quantize_4bit: one half copy on the GPU.
+        # fabric.init_module(empty_init=(devices > 1)): on one GPU the layers are built there and quantized at once
+        # (_Linear4bit.__init__ L305-314), then replaced on load.
+        quantize_load_transients=(2,), device_init=True, quantizes_lm_head=True, traced=False,
+        source="litgpt@41dece20 litgpt/finetune/lora.py L166-189; lightning@75553845 src/lightning/fabric/plugins/"
+               "precision/bitsandbytes.py L129-144, L159-166, L326-341",
+        explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),
+    StackFacts(
+        name=Stack.TRL, title="TRL SFTTrainer (>= 1.0)", kbit_upcast=False, reentrant_checkpointing=False,
+        # trl 1.16.0 trl/trainer/sft_trainer.py: SFTTrainer never calls prepare_model_for_kbit_training (only the
+        # experimental ORPO / CPO trainers do); get_peft_model with peft's default fp32 adapters (L868), then for a
+        # 4/8-bit model every trainable parameter but DoRA's magnitude `param.data = param.data.to(torch.bfloat16)`
+        # (L908-911); enable_input_require_grads under checkpointing (L899-900), transformers' own non-reentrant
+        # checkpointing otherwise.
+        kbit_adapters_bf16=True,
+        source="trl 1.16.0 trl/trainer/sft_trainer.py L868, L899-900, L908-911",
+        explain="TRL SFTTrainer: no k-bit upcast; QLoRA adapters, their gradients and states in bf16"),
+    StackFacts(
         name=Stack.REFERENCE, title="memplan reference step", kbit_upcast=False, reentrant_checkpointing=False,
         source="memplan/build/step.py reference_step",
         explain="memplan's reference step: the model as built, transformers' own checkpointing"),
@@ -65,3 +134,11 @@ assert set(STACKS) == set(Stack), "every Stack needs its STACKS entry"
 
 def stack_facts(stack: Stack) -> StackFacts:
     return STACKS[stack]
+
+
+def quantize_temporaries(stack: Stack, elements: int) -> list[int]:
+    """Bytes of each temporary alive at once while the stack quantizes one base weight of `elements` on load."""
+    f = STACKS[stack]
+    chunk = nf4_chunk_elements() if f.chunked_quantizer else None
+    per_chunk = min(elements, chunk) if chunk else elements
+    return [b * (elements if i < f.packed_with else per_chunk) for i, b in enumerate(f.quantize_load_transients)]

@@ -166,6 +166,10 @@ class TrainConfig:
         return range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
 
     @property
+    def fsdp_version(self) -> int:
+        return self.parallel.fsdp_version
+
+    @property
     def is_lora(self) -> bool:
         return self.method in (Method.LORA, Method.QLORA)
 

@@ -23,8 +23,10 @@ def extrapolate(traces: list[Trace], layers: int) -> Trace | None:
         return None
     a, b = traces[0], traces[1]
 
+    step = b.layers - a.layers  # 1, or a period of mixed layer types (ModelSpec.layer_period)
+
     def line(x: int, y: int, n: int) -> int:
-        return x + (y - x) * (n - a.layers)
+        return x + (y - x) * (n - a.layers) // step
 
     fields = ("weights", "states", "forward_end", "trainable", "params")
     if len(traces) == 3:
@@ -60,7 +62,7 @@ def _reserved(full: Trace, shallow: Trace, deeper: Trace) -> Trace:
     exact mode traces the real depth instead. That check caught a line too: gemma-2-2b's deepened events equal its
     26-layer trace's, but the live peak on the line through 1-3 layers is 0.27 % above the real one (9,183,236,030
     vs 9,158,070,206 B, LoRA b2 x s512), so it is traced at full depth."""
-    events = deepen(shallow.events, deeper.events, full.layers - deeper.layers)
+    events = deepen(shallow.events, deeper.events, (full.layers - deeper.layers) // (deeper.layers - shallow.layers))
     if events is None:
         return full
     stats = replay(events)

@@ -4,15 +4,17 @@ extrapolated to the real one; the same Breakdown as the analytic estimator. No m
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 from memplan.errors import ConfigError, MemplanError, UnsupportedModel
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
-from memplan.predict.cuda import CUDA_CONTEXT_BYTES
+from memplan.predict.cuda import CUDA_CONTEXT_BYTES, with_cuda_terms
 from memplan.predict.estimator import estimate
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import Method, Stage, TrainConfig
+from memplan.spec.stacks import stack_facts
+from memplan.spec.train import Attention, Method, Stage, TrainConfig
 from memplan.trace.depth import extrapolate
 from memplan.trace.fork import trace_depths
 from memplan.trace.step import Trace, trace_depth
@@ -36,20 +38,27 @@ def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, tr
         return estimate(spec, train, device=device)
     if not exact and not exact_mode_available():
         estimate(spec, train)  # raises the clear "not in the analytic formulas" error
+    why = (f"{spec.model_type} is not in the analytic formulas" if not spec.family.analytic else
+           f"{spec.name} is a pre-quantized checkpoint" if spec.quantization else
+           f"{spec.name} mixes layer kinds (dense and MoE) the analytic formulas do not")
+    if not exact and not train.parallel.traceable:  # the user never asked for --exact: say why it fell back
+        layout = train.sharding.value if train.sharding.value != "none" else "DDP"
+        raise UnsupportedModel(f"{why}, and the exact mode it falls back to traces one GPU, or one FSDP rank: "
+                               f"{layout} over {train.gpus} GPUs is not estimated for it (try --fsdp full_shard, "
+                               "or one GPU)")
     bd = exact_estimate(spec, train, trust_remote_code=trust_remote_code, by_module=by_module)
     if exact:
         return bd
     limits = f"; {bd.note}" if bd.note else ""  # what the trace leaves out for this type (Family.limits)
-    why = (f"{spec.model_type} is not in the analytic formulas" if not spec.family.analytic else
-           f"{spec.name} is a pre-quantized checkpoint" if spec.quantization else
-           f"{spec.name} mixes layer kinds (dense and MoE) the analytic formulas do not")
     return dataclasses.replace(bd, note=f"{why}: using the exact mode (fake-tensor trace){limits}")
 
 
 def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,
-                   by_module: bool = False) -> Breakdown:
-    """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one."""
-    return exact_run(spec, train, trust_remote_code=trust_remote_code, by_module=by_module).breakdown
+                   by_module: bool = False, device: str = "cuda") -> Breakdown:
+    """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one.
+    device="cpu": the traced step as it is (PyTorch's CPU kernels), without the CUDA-only terms."""
+    return exact_run(spec, train, trust_remote_code=trust_remote_code, by_module=by_module,
+                     device=device).breakdown
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,22 +72,34 @@ class ExactRun:
 
 
 def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False, by_module: bool = False,
-              labels: bool = False) -> ExactRun:
+              labels: bool = False, device: str = "cuda") -> ExactRun:
     """`exact_estimate` with its traces; labels: every allocation event named by its phase, module and op."""
     if spec.remote_code and not trust_remote_code:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
                                "pass --trust-remote-code to run its code")
+    if not stack_facts(train.stack).traced:
+        raise UnsupportedModel(f"the exact mode builds the transformers model; the {train.stack.value} stack's own "
+                               "model code and quantizer are modelled analytically only: drop --exact")
     note = ""
     traced_train = train
     if train.method is Method.QLORA:  # bitsandbytes cannot run on fake CPU tensors: trace LoRA, model the rest
         traced_train = train.with_(method=Method.LORA)
         note = "; QLoRA: traced as LoRA, NF4/int8 storage and saved inputs of quantized linears added analytically"
+    swapped = ""
+    no_fa2 = importlib.util.find_spec("flash_attn") is None
+    if train.attn is Attention.FLASH_ATTENTION_2 and spec.family.sdpa and no_fa2:
+        # transformers refuses flash_attention_2 without the flash_attn package (never there on a CPU trace): trace
+        # sdpa, whose CPU kernel (_scaled_dot_product_flash_attention_for_cpu) saves what flash-attn 2's backward
+        # keeps, the output and its logsumexp, and no (S, S) scores
+        traced_train = traced_train.with_(attn=Attention.SDPA)
+        swapped = "flash_attention_2 traced as sdpa (flash_attn is not installed here; both keep no (S, S) scores)"
     if train.stage is Stage.DPO and train.dpo_reference and not train.is_lora:
         raise UnsupportedModel("the exact mode does not build DPO's separate reference model (full / freeze) yet: "
                                "the analytic estimate models it (drop --exact)")
     if not train.parallel.traceable:
         raise UnsupportedModel("the exact mode traces one GPU's step, or one FSDP rank (fake process group); "
-                               "per-rank memory under DDP / ZeRO / offload is analytic: drop --exact")
+                               "per-rank memory under DDP / ZeRO / offload is analytic (so is FSDP1 no_shard / "
+                               "shard_grad_op: FSDP1 cannot run them on fake tensors): drop --exact")
     if spec.is_moe or spec.family.moe:
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")
@@ -87,11 +108,14 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         raise UnsupportedModel("the exact mode extrapolates freeze tuning of the last N layers only; the first N "
                                "layers or LLaMA Pro's blocks are modelled by the analytic estimate (drop --exact)")
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
-    if train.sharding.is_fsdp2:  # FSDP's prefetching only settles from three layers on (measured on 7B:
+    if train.sharding.is_fsdp:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
     # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)
-    depths = [d for d in (first + 1, first + 2, first + 3) if d <= spec.num_layers] or [spec.num_layers]
+    step = spec.layer_period  # whole periods of mixed layer types (Qwen3.5: 4) added per depth: the line is the model's
+    first += (spec.num_layers - first) % step  # and the real depth a whole number of periods past the first one
+    depths = [d for d in (first + step, first + 2 * step, first + 3 * step) if d <= spec.num_layers] \
+        or [spec.num_layers]
     try:
         traces = trace_depths(spec, traced_train, depths, by_module, labels)
     except MemplanError:
@@ -126,7 +150,8 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     frag = full.peak_reserved - full.reserved_allocated
     bd = Breakdown(terms=tuple(terms), peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                      cuda_context_bytes=CUDA_CONTEXT_BYTES, phase=full.phase, trainable_params=full.trainable,
-                     params=full.params, note="; ".join(n for n in (spec.family.limits, spec.quantization) if n),
+                     params=full.params,
+                     note="; ".join(n for n in (spec.family.limits, spec.quantization, swapped) if n),
                      fragmentation_bytes=frag,
                      reserved_explain="the traced allocations replayed through the caching-allocator model "
                                       f"({(reserved - peak) / 2**30:.2f} GiB over the allocated peak; "
@@ -135,6 +160,7 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
                                          "layers" if deepened else ""),
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
                      method="exact", band=band_for(train.method))
+    bd = with_cuda_terms(bd) if device == "cuda" else bd  # the cuBLAS workspaces (predict/cuda.py CUDA_TERMS)
     return ExactRun(breakdown=bd, traces=traces, full=full, traced_train=traced_train)
 
 

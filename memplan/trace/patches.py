@@ -14,7 +14,7 @@ from memplan.spec.train import TrainConfig
 def fake_process_group(train: TrainConfig):  # noqa: ANN202
     """FSDP configs: torch's fake process group (rank 0 of the shard group; collectives do nothing) and its
     device mesh, built outside FakeTensorMode. Yields None for everything else."""
-    if not train.sharding.is_fsdp2:
+    if not (train.parallel.fsdp2 or train.parallel.fsdp1):
         yield None
         return
     import torch.distributed as dist

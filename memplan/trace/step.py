@@ -12,7 +12,7 @@ from typing import Any
 from memplan._imports import try_import
 from memplan.predict.allocator import replay
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import TrainConfig
+from memplan.spec.train import Sharding, TrainConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,7 +48,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memplan.build.model import build_model, build_optimizer
-    from memplan.build.shard import fully_shard_model
+    from memplan.build.shard import fsdp1_wrap_model, fully_shard_model
     from memplan.build.step import reference_step
     from memplan.trace.labels import LabelledLiveBytes, label_modules
     from memplan.trace.patches import (
@@ -84,9 +84,17 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         tensors = list(model.parameters()) + list(model.buffers())
         tracker.seed(tensors + [ids])
         del tensors  # sharding must be able to free the full parameters
+        # counted before sharding: FSDP1's original parameters become views of this rank's shard
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
         if mesh is not None:
             with tracker:  # the shards are allocated, the full parameters freed
-                fully_shard_model(model, mesh, train)
+                if train.parallel.fsdp1:
+                    # flat parameters: FSDP1 wraps, not in place. hybrid_shard holds what full_shard over the
+                    # fake group (one node's ranks) holds: the replication across nodes adds no memory
+                    model = fsdp1_wrap_model(model, train.with_(sharding=Sharding.FULL_SHARD), "cpu")
+                else:
+                    fully_shard_model(model, mesh, train)
             tracker.reset_peak()  # frameworks load and shard on the host (or meta): the GPU only sees shards
         optimizer = build_optimizer(model, train)
         weights = tracker.live - ids.untyped_storage().nbytes()
@@ -98,8 +106,6 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         states = sum(_storage_bytes(t) for t in state_tensors)
         with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
             reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
         events, tracker.events = tracker.events or [], None
         made_by = getattr(tracker, "labels", {})
     # the parameters, buffers, ids and states were seeded first, one request each (as when a model is loaded and

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from memplan._imports import try_import
+from memplan.errors import ConfigError
 from memplan.fit import predicted_tokens_per_s, search_space
 from memplan.predict.estimator import estimate
 from memplan.probe.result import ProbeResult, ProbeStatus
@@ -117,11 +118,15 @@ def _key(t: TrainConfig) -> str:
 def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, space: SearchSpace,
          usable_bytes: int, device: str = "cuda", storage: str = "sqlite:///memplan-tune.db", n_probes: int = 4,
          timeout_s: float | None = None, seed: int = 0, on_trial: Callable[[TrialRecord, float], None] | None = None,
-         ) -> TuneResult:
-    """Run (or resume) the study; returns every trial and the fastest configuration measured to fit."""
+         accept: Callable[[TrainConfig], bool] | None = None) -> TuneResult:
+    """Run (or resume) the study; returns every trial and the fastest configuration measured to fit. `accept`:
+    the candidates the user's launcher would run (fit's filter: what LLaMA-Factory refuses is never probed)."""
     optuna = try_import("optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    candidates = search_space(base, gpu, space)
+    candidates = [t for t in search_space(base, gpu, space) if accept is None or accept(t)]
+    if not candidates:
+        raise ConfigError("every configuration in the search is one LLaMA-Factory refuses to launch: widen the "
+                          "search (--precision, --method, --gpus)")
     by_key = {_key(t): t for t in candidates}
     name = study_name(spec, base, usable_bytes, space.global_batch, candidates)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)  # reads Trial.set_constraint

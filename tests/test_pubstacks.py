@@ -1,0 +1,131 @@
+"""The torchtune and LitGPT stacks (memplan.spec.stacks, issue #17): what each one quantizes, and torchao's NF4
+quantizer's load-time temporaries measured on the CPU allocator."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplan.predict.estimator import estimate
+from memplan.predict.layout import Layout
+from memplan.predict.weights import _quantized_bytes, model_states
+from memplan.spec.catalog import resolve_model
+from memplan.spec.packages import torchao_version
+from memplan.spec.stacks import STACKS, Stack
+from memplan.spec.train import Method, Precision, TrainConfig
+
+QLORA = TrainConfig(method=Method.QLORA, precision=Precision.PURE_BF16, batch_size=2, seq_len=512, lora_rank=8)
+
+
+def _weights(model: str, train: TrainConfig) -> int:
+    return model_states(Layout.of(resolve_model(model), train)).weights_bytes
+
+
+def test_torchtune_quantizes_only_the_adapted_linears() -> None:
+    """torchtune's llama2 builders make q/k/v/output_proj LoRALinear(quantize_base) only when targeted: the other
+    projections stay bf16 nn.Linear. With q,v adapted, k and o (4096 x 4096 each, 32 layers) are half, not 4-bit."""
+    spec = resolve_model("llama-2-7b")
+    qv = QLORA.with_(lora_targets=("q_proj", "v_proj"))
+    ref = qv.with_(stack=Stack.REFERENCE)  # bitsandbytes through transformers, no k-bit upcast
+    extra = _weights("llama-2-7b", qv.with_(stack=Stack.TORCHTUNE)) - _weights("llama-2-7b", ref)
+    kept = 2 * spec.hidden_size * spec.hidden_size * spec.num_layers  # k_proj + o_proj per layer
+    mlp = sum(lin.params for lin in spec.layer_linears() if lin.name in ("gate_proj", "up_proj", "down_proj"))
+    mlp *= spec.num_layers
+    q_all = sum(lin.params for lin in spec.layer_linears()) * spec.num_layers
+    # the difference is those weights at 2 B instead of their 4-bit storage (the packing is per tensor group)
+    expected = 2 * (kept + mlp) - (_quantized_bytes(q_all, 4, 0) - _quantized_bytes(q_all - kept - mlp, 4, 0))
+    assert abs(extra - expected) <= 8 * spec.num_layers * 16  # block rounding of the absmax terms
+    # all linears adapted (the QLoRA tutorial's config): the same base as the reference stack
+    every = QLORA.with_(lora_targets=("all-linear",))
+    assert _weights("llama-2-7b", every.with_(stack=Stack.TORCHTUNE)) == \
+        _weights("llama-2-7b", every.with_(stack=Stack.REFERENCE))
+
+
+def test_litgpt_quantizes_the_lm_head() -> None:
+    """Fabric's BitsandbytesPrecision replaces torch.nn.Linear at init: LitGPT's LM head is 4-bit too."""
+    spec = resolve_model("llama-2-7b")
+    qv = QLORA.with_(lora_targets=("q_proj", "v_proj"))
+    ref = qv.with_(stack=Stack.REFERENCE)
+    saved = _weights("llama-2-7b", ref) - _weights("llama-2-7b", qv.with_(stack=Stack.LITGPT))
+    head = spec.vocab_size * spec.hidden_size
+    assert saved == pytest.approx(2 * head - head * 0.5 - head / 64, rel=0.01)  # bf16 -> NF4 (+ absmax)
+
+
+@pytest.fixture
+def torchao(monkeypatch):
+    """Pin the torchao version the estimate reads (memplan.spec.packages), restored after the test."""
+    def pin(version: str) -> None:
+        monkeypatch.setenv("MEMPLAN_TORCHAO_VERSION", version)
+        torchao_version.cache_clear()
+    yield pin
+    monkeypatch.delenv("MEMPLAN_TORCHAO_VERSION", raising=False)
+    torchao_version.cache_clear()
+
+
+def test_torchtune_qlora_peaks_at_the_load(torchao) -> None:
+    """torchao 0.1: quantizing the largest weight (the MLP's 11008 x 4096) holds (numel, 16) bf16 comparisons
+    twice: the run's allocated peak is the load, above the training step, and the reserved peak at least the
+    load's replay. torchao 0.2+ compares 1024**2 elements at a time: the step is the peak again."""
+    torchao("0.1")
+    spec = resolve_model("llama-2-7b")
+    train = QLORA.with_(lora_targets=("all-linear",), stack=Stack.TORCHTUNE)
+    bd = estimate(spec, train)
+    largest = max(lin.params for lin in spec.layer_linears())
+    load = dict(bd.phases)["load"]
+    assert load == model_states(Layout.of(spec, train)).weights_bytes + 68 * largest
+    assert bd.phase == "load" and bd.peak_allocated_bytes == load > dict(bd.phases)["step"]
+    assert bd.peak_reserved_bytes > bd.peak_allocated_bytes
+    # bitsandbytes' quantizer (through transformers) holds only the half weight: that run peaks in the step
+    assert estimate(spec, train.with_(stack=Stack.REFERENCE)).phase != "load"
+    torchao("0.2.0")
+    chunked = estimate(spec, train)
+    assert dict(chunked.phases)["load"] == load - 64 * (largest - 1024**2)
+    assert chunked.phase != "load"
+
+
+def test_torchao_nf4_quantizer_temporaries_on_the_cpu_allocator() -> None:
+    """The CPU allocator's peak of torchao's to_nf4 on a bf16 weight already in place (smaller than one chunk, where
+    the installed torchao runs torchao 0.1's whole-tensor code path), against the stack's temporaries without the
+    device copy (the first 2 B: on CPU the weight is already there)."""
+    torch = pytest.importorskip("torch")
+    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 1376 * 512
+    w = torch.randn(1376, 512, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        packed = nf4.to_nf4(w)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    # scaled blocks + (n, 16) bf16 twice, + the uint8 index buffer torchao 0.2+ preallocates (0.1: int64 indices,
+    # made after the comparisons are freed); the rest (absmax, scalers) under 0.1 B/element
+    derived = (sum(STACKS[Stack.TORCHTUNE].quantize_load_transients[1:]) + 1) * n
+    assert n <= 1024**2 and peak == pytest.approx(derived, rel=0.002)  # measured 67.05 B/element
+    assert packed.quantized_data.numel() == n // 2
+
+
+def test_published_rows_name_their_stack() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "published.py"
+    spec = importlib.util.spec_from_file_location("published", path)
+    published = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(published)  # type: ignore[union-attr]
+    assert published.stack_of("torchtune lora_finetune_single_device") is Stack.TORCHTUNE
+    assert published.stack_of("LitGPT finetune lora/full (Lightning Fabric)") is Stack.LITGPT
+    assert published.stack_of("HF Trainer (transformers ~4.16)") is Stack.HF
+
+
+def test_exact_mode_refuses_the_analytic_only_stacks() -> None:
+    """The exact mode builds the transformers model (memplan.build.model): torchtune's and LitGPT's own model code
+    and quantizers are not traced, so it says so instead of tracing another stack."""
+    from memplan.errors import UnsupportedModel
+    from memplan.trace.exact import exact_run
+
+    for stack in (Stack.TORCHTUNE, Stack.LITGPT):
+        with pytest.raises(UnsupportedModel, match=f"{stack.value} stack"):
+            exact_run(resolve_model("llama-2-7b"), QLORA.with_(stack=stack))

@@ -91,8 +91,8 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
 @pytest.mark.parametrize(("extra", "named"), [
     ({"stage": "kto"}, ["stage=kto"]),
     ({"use_badam": True, "use_unsloth": True}, ["use_badam=true", "use_unsloth=true"]),
-    ({"upcast_layernorm": True, "do_train": True, "predict_with_generate": True},
-     ["upcast_layernorm=true", "predict_with_generate=true"]),
+    ({"resize_vocab": True, "do_train": True, "predict_with_generate": True},
+     ["resize_vocab=true", "predict_with_generate=true"]),
     ({"stage": "sft", "use_galore": False, "double_quantization": True}, []),  # values memplan models
     ({"use_reentrant_gc": True, "do_train": True, "do_eval": True}, []),  # the llamafactory stack; the eval phase
 ])

@@ -49,6 +49,11 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         model = getattr(transformers, spec.family.auto_class).from_config(hf_config(spec, train), dtype=load_dtype)
     model.train()
     if train.method is Method.QLORA:
+        if train.quant_method.value != "bnb":
+            from memplan.errors import ConfigError
+
+            raise ConfigError(f"quantization_method {train.quant_method.value}: memplan builds bitsandbytes "
+                              "quantized models only (hqq / eetq are estimated analytically)")
         _quantize_linears(model, train, half, device)
     prepare_for_stack(model, train)
     if train.is_lora:
@@ -94,6 +99,16 @@ def adapter_config(train: TrainConfig, targets: Any, exclude: str | None) -> Any
 
 def prepare_for_stack(model: Any, train: TrainConfig) -> None:
     """The stack's own preparation of the loaded model, before the adapters (memplan.spec.stacks)."""
+    torch = try_import("torch")
+    if train.upcast_layernorm:  # prepare_model_for_training L171-175; LAYERNORM_NAMES = {"norm", "ln"}
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and any(n in name for n in ("norm", "ln")):
+                param.data = param.data.to(torch.float32)
+    head = model.get_output_embeddings()
+    if train.upcast_lmhead_output and isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+        # LLaMA-Factory prepare_model_for_training L200-204: `output_layer.register_forward_hook(
+        # _fp32_forward_post_hook)`, which returns `output.to(torch.float32)`
+        head.register_forward_hook(lambda module, args, output: output.to(torch.float32))
     if train.method is Method.QLORA and stack_facts(train.stack).kbit_upcast:
         peft = try_import("peft")
         # peft's own function (the HF + PEFT QLoRA recipe): fp16/bf16 parameters that are not Params4bit -> fp32.
@@ -185,9 +200,10 @@ def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) ->
             weight = child.weight.data.to("cpu", half)
             if train.quant_bits == 4:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=half, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4")
+                                      compute_dtype=half, compress_statistics=train.double_quant,
+                                      quant_type=train.quant_type)
+                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=train.double_quant,
+                                             quant_type=train.quant_type)
             else:
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                         has_fp16_weights=False)
@@ -202,8 +218,7 @@ def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) ->
 def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None:
     if train.method is Method.FULL:
         return None
-    first = max(spec.num_layers - train.freeze_trainable_layers, 0)
-    return [f"layers.{i}." for i in range(first, spec.num_layers)]
+    return [f"layers.{i}." for i in train.trainable_layer_ids(spec.num_layers)]
 
 
 def build_optimizer(model: Any, train: TrainConfig) -> Any:

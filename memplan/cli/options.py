@@ -48,7 +48,8 @@ KNOBS = {k.name: k for k in (
     Knob("lora_alpha", "default 2 x rank"),
     Knob("lora_targets", "comma list of modules, or all-linear"),
     Knob("lora_dropout", "default 0"),
-    Knob("quant_bits", "qlora: 4 (NF4) or 8 (int8)"),
+    Knob("quant_bits", "qlora: bnb 4 (NF4) or 8 (int8); hqq 1/2/3/4/5/6/8; eetq 8"),
+    Knob("quant_method", "qlora: bnb|hqq|eetq (LLaMA-Factory quantization_method; default bnb)"),
     Knob("adapter", f"{_choices(Adapter)}: what lora / qlora train (default lora; qlora + oft: QOFT)"),
     Knob("oft_block_size", "oft: block size (default 32; 0 to give --oft-rank)"),
     Knob("oft_rank", "oft: blocks per layer (with --oft-block-size 0)"),
@@ -56,7 +57,7 @@ KNOBS = {k.name: k for k in (
     Knob("liger_kernel", "Liger's fused kernels: linear cross-entropy, RMSNorm, SwiGLU", switch=True),
     Knob("offload_checkpoints", "checkpointed layer inputs in host memory (LLaMA-Factory use_unsloth_gc)",
          switch=True),
-    Knob("freeze_trainable_layers", "freeze: last N layers train (default 2)"),
+    Knob("freeze_trainable_layers", "freeze: last N layers train, the first -N if negative (default 2)"),
     Knob("optimizer", f"{_choices(Optimizer)} (fit / tune: a comma list to search)", listable=True),
     Knob("proj_rank", "GaLore / APOLLO: the projection rank (default 16, LLaMA-Factory's galore_rank)"),
     Knob("proj_targets", "GaLore / APOLLO: comma list of modules, or all-linear"),
@@ -166,8 +167,9 @@ def train_config(knobs: dict[str, Any], base: TrainConfig | None = None, *, comm
     lora_given = ["--" + n.replace("_", "-") for n in _LORA_ONLY if n in knobs]
     if lora_given and method not in (Method.LORA, Method.QLORA):
         problems.append(f"{', '.join(lora_given)} given without LoRA: add --method lora (or qlora)")
-    if "quant_bits" in knobs and method is not Method.QLORA:
-        problems.append("--quant-bits applies to --method qlora only")
+    for name in ("quant_bits", "quant_method"):
+        if name in knobs and method is not Method.QLORA:
+            problems.append(f"--{name.replace('_', '-')} applies to --method qlora only")
     if "freeze_trainable_layers" in knobs and method is not Method.FREEZE:
         problems.append("--freeze-trainable-layers applies to --method freeze only")
     if problems:

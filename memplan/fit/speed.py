@@ -33,7 +33,7 @@ def predicted_tokens_per_s(spec: ModelSpec, train: TrainConfig, gpu: GPU) -> flo
     if train.method is Method.FULL:
         weight_grads = 2 * n_params
     elif train.method is Method.FREEZE:
-        weight_grads = 2 * n_params * min(train.freeze_trainable_layers, spec.num_layers) / spec.num_layers
+        weight_grads = 2 * n_params * len(train.trainable_layer_ids(spec.num_layers)) / spec.num_layers
     else:
         weight_grads = 0  # adapters' weight grads are negligible
     # forward + input-gradient backward (same cost) + weight gradients + the recomputed forward

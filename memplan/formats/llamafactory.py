@@ -37,6 +37,8 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
         "disable_gradient_checkpointing", "optimizer": "optim", "attn": "flash_attn", "lora_rank": "lora_rank",
         "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_targets": "lora_target",
         "quant_bits": "quantization_bit", "freeze_trainable_layers": "freeze_trainable_layers",
+        "quant_method": "quantization_method", "quant_type": "quantization_type",
+        "double_quant": "double_quantization", "llama_pro": "use_llama_pro",
         "precision": "bf16/fp16/pure_bf16", "gpus": "--gpus", "nodes": "--nodes", "sharding": "deepspeed",
         "offload": "deepspeed offload", "ds_reduce_bucket": "reduce_bucket_size",
         "fsdp_version": "fsdp_config version", "proj_rank": "galore_rank", "proj_targets": "galore_target",
@@ -61,19 +63,140 @@ _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.
 NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "stage": ("sft", "pt", "dpo"), "ref_model": (None,), "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
     "use_badam": (False,), "apollo_proj": ("random",), "use_unsloth": (False,), "additional_target": (None,),
-    "use_llama_pro": (False,), "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
-    "fp8": (False,), "mixture_of_depths": (None,), "double_quantization": (True,),
-    "quantization_method": ("bnb",), "neat_packing": (False,), "rope_scaling": (None,), "shift_attn": (False,),
-    "upcast_layernorm": (False,), "upcast_lmhead_output": (False,),
+    "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
+    "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,),
+    "shift_attn": (False,),
     "resize_vocab": (False,), "predict_with_generate": (False,),
 }
+# Why each of these keys (the ones this table's values leave out) is not modelled, in the warning line and README.
+# A key without an entry reads "not modelled yet".
+WHY_NOT: dict[str, str] = {
+    "stage=kto": "KTO's step, a target batch with grad + a mismatched KL batch under no_grad and the reference's "
+                 "forwards of both (train/kto/trainer.py concatenated_forward), is not modelled: the SFT step is "
+                 "estimated",
+    "stage=rm": "the reward model's step, 2 x batch pairs through a value head whose loss skips the vocabulary "
+                "(train/rm/trainer.py compute_loss), is not modelled: the SFT step is estimated",
+    "freeze_trainable_modules": "only those sub-modules of the trained layers train (model/adapter.py "
+                                "_setup_freeze_tuning); the estimate trains whole layers",
+    "freeze_extra_modules": "the named non-layer modules (embed_tokens, norm, lm_head) train too: their fp32 copy, "
+                            "gradient and optimizer states, and an embedding that trains puts every layer on the "
+                            "backward path; not in the estimate",
+    "additional_target": "peft modules_to_save: each named module trains whole beside a frozen original copy "
+                         "(model/adapter.py _setup_lora_tuning); not in the estimate",
+    "use_llama_pro": "with LoRA, adapters only on the expanded blocks (model_utils/misc.py find_expanded_modules); "
+                     "the estimate puts them on every layer",
+    "fp8": "fp8 mixed precision through accelerate (train/fp8_utils.py create_fp8_kwargs: torchao, TE or MS-AMP "
+           "by fp8_backend): each backend's fp8 weight copies and scales are not modelled",
+    "mixture_of_depths": "MoD routes a fraction of the tokens through each layer (model_utils/mod.py): activations "
+                         "shrink by the routing capacity, not modelled",
+    "neat_packing": "packed sequences with per-sequence attention masks (data/processor/supervised.py): the "
+                    "estimate takes every row cutoff_len tokens long (packing: the same shapes, modelled)",
+    "shift_attn": "LongLoRA's shifted sparse attention (model_utils/longlora.py) splits attention into groups: "
+                  "not modelled (its memory is at most the estimate's attention)",
+    "resize_vocab": "the embedding and head grow to len(tokenizer) rounded up to a multiple of 64 (model_utils/"
+                    "embedding.py resize_embedding_layer L308); the tokenizer is not read, the config's vocab is used",
+    "predict_with_generate": "generation during evaluation (KV cache, max_new_tokens) is not modelled",
+    "use_badam": "BAdam trains one block at a time (train/trainer_utils.py _create_badam_optimizer: the others "
+                 "frozen, one block's fp32 copy, gradients and states): not modelled, the full step is estimated",
+    "apollo_proj": "APOLLO's SVD projector (a full SVD per update) is not modelled: the random projector is",
+    "use_unsloth": "Unsloth's own patched model and kernels (its fused ops save other tensors): not modelled",
+    "ref_model": "a separate reference model (its weights beside the policy) is not modelled: the policy's own "
+                 "weights serve as the reference",
+}
+# The keys memplan reads into the estimate, with what each sets (the README's key table is rendered from these,
+# NOT_MODELLED and WHY_NOT: `key_table`)
+MODELLED: dict[str, str] = {
+    "model_name_or_path": "the model (a catalog name, a hub id, a local folder with config.json)",
+    "stage": "sft / pt: the SFT step; dpo: chosen + rejected pairs and the reference forward; ppo refused",
+    "pref_loss": "orpo / simpo: DPO without the reference forward",
+    "finetuning_type": "full, freeze, lora or oft (with quantization_bit: QLoRA / QOFT)",
+    "bf16": "AMP bf16: fp32 master weights, bf16 autocast", "fp16": "AMP fp16",
+    "pure_bf16": "weights, gradients and optimizer states in bf16",
+    "per_device_train_batch_size": "the micro-batch", "gradient_accumulation_steps": "micro-steps per step",
+    "cutoff_len": "the sequence length (every row at it)",
+    "disable_gradient_checkpointing": "LLaMA-Factory's reentrant checkpointing of trained layers, on by default",
+    "optim": "the optimizer (memplan.spec.optimizers)", "optim_args": "its arguments (8-bit, ...)",
+    "flash_attn": "the attention kernel: auto, disabled (eager), sdpa, fa2, fa3",
+    "lora_rank": "LoRA rank", "lora_alpha": "(read for the export; no memory)", "lora_dropout": "dropout's mask",
+    "lora_target": "which linears carry adapters",
+    "quantization_bit": "QLoRA's base storage: bnb 4/8, hqq 1/2/3/4/5/6/8, eetq 8",
+    "quantization_method": "bnb, hqq (packed + fp16 scale/zero per 64), eetq (int8 + fp16 scales)",
+    "quantization_type": "bnb 4-bit nf4 or fp4 (the same storage)",
+    "double_quantization": "bnb 4-bit: 8-bit absmax with an fp32 one per 256, else fp32 absmax per 64",
+    "freeze_trainable_layers": "freeze: the last N layers train; negative, the first -N (frozen layers above them "
+                               "save their input-gradient tape, unchecked)",
+    "use_llama_pro": "freeze: only the expanded blocks train (every L/N-th layer)",
+    "deepspeed": "ZeRO stage and offload from its JSON", "fsdp": "FSDP sharding strategy and offload",
+    "fsdp_config": "its fsdp_version: 1 (accelerate's FSDP1, the default) or 2",
+    "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
+    "per_device_eval_batch_size": "the evaluation forward's batch",
+    "rope_scaling": "any type (linear, dynamic, yarn, llama3; model_utils/rope.py configure_rope): no memory of its "
+                    "own, the rotary tables have cutoff_len's shape (the CPU step measured equal to the byte)",
+    "upcast_layernorm": "1-D norm weights in fp32 (model_utils/checkpointing.py L171-175): fp32 norm outputs under "
+                        "autocast, each following linear casting its own half copy",
+    "upcast_lmhead_output": "the LM head's output cast to fp32 by a forward hook (model_utils/checkpointing.py "
+                            "L200-204): fp32 logits kept, the loss's upcast a no-op",
+    "use_reentrant_gc": "either value: the llamafactory stack's checkpointing (measured within 168 B)",
+    "evaluation_strategy": "eval_strategy's older name", "output_dir": "kept in the export (no memory)",
+    "do_train": "false: refused, not a training run (memplan.formats.llamafactory_rules NOT_TRAINING)",
+    "do_predict": "without do_train: true, refused (a prediction run: inference memory is not estimated)",
+    "export_dir": "refused: an export (merge) config", "task": "refused: an evaluation-task config",
+    "infer_backend": "refused: a chat / API config",
+    "use_galore": "GaLore over AdamW: Adam states of each target's rank-r projected gradient + its projector "
+                  "(memplan.spec.optimizers)",
+    "galore_layerwise": "the step inside backward per parameter: one gradient alive at a time",
+    "galore_rank": "the projection rank", "galore_target": "the projected linears (all: every decoder linear)",
+    "galore_proj_type": "which side of each matrix is projected (std, reverse_std, left, right)",
+    "use_apollo": "APOLLO over AdamW: low-rank random-projection states", "apollo_layerwise": "as galore_layerwise",
+    "apollo_rank": "the projection rank", "apollo_target": "the projected linears",
+    "apollo_proj_type": "which side of each matrix is projected",
+    "use_adam_mini": "Adam-mini: one second moment per block / head, the first moment full",
+    "use_muon": "Muon: one momentum buffer for 2-D hidden matrices, AdamW for the rest",
+    "use_dora": "DoRA: a magnitude per output, the weight norm; each linear materialises its weight in forward",
+    "pissa_init": "LoRA from each target's SVD: a load-phase transient (training as LoRA)",
+    "pissa_iter": "fast-SVD iterations (-1: the full SVD)",
+    "oft_rank": "OFT: blocks per layer (finetuning_type: oft; with quantization_bit: QOFT)",
+    "oft_block_size": "OFT: the rotation's block size",
+    "enable_liger_kernel": "Liger's fused linear cross-entropy (no logits, chunked), RMSNorm, SwiGLU for the model "
+                           "types LLaMA-Factory patches (memplan.predict.kernels)",
+    "use_unsloth_gc": "checkpointed layer inputs offloaded to host memory (UnslothGradientCheckpointing)",
+}
+
+
+def key_table() -> list[tuple[str, str, str]]:
+    """(key, status, what) of every LLaMA-Factory key memplan reads or warns about, sorted by key."""
+    rows = []
+    for key in sorted({*MODELLED, *NOT_MODELLED}):
+        values = ", ".join("null" if v is None else _yaml_value(v) for v in NOT_MODELLED.get(key, ()))
+        if key in MODELLED and key in NOT_MODELLED:
+            why = "; ".join(f"{k.split('=')[1]}: {v}" for k, v in WHY_NOT.items() if k.startswith(f"{key}=")) \
+                or WHY_NOT.get(key, "not modelled yet")
+            status, what = f"modelled: {values}; else warned", f"{MODELLED[key]}. Else: {why}"
+        elif key in MODELLED and key not in WHY_NOT:
+            status, what = "modelled", MODELLED[key]
+        elif key in MODELLED:
+            status, what = "modelled; warned where noted", f"{MODELLED[key]}. Warned: {WHY_NOT[key]}"
+        else:
+            status, what = f"warned unless {values}", WHY_NOT.get(key, "not modelled yet")
+        rows.append((key, status, what.rstrip(". ")))
+    return rows
+
+
+def key_table_markdown() -> str:
+    """The README's table of LLaMA-Factory keys (between its `lf-keys` markers; tests/test_lf_keys.py checks it)."""
+    lines = ["| key | status | what memplan does with it |", "|---|---|---|"]
+    lines += [f"| `{k}` | {status} | {what.replace('|', '/')} |" for k, status, what in key_table()]
+    return "\n".join(lines)
+
+
 # use_reentrant_gc (either value) is the llamafactory stack's checkpointing (memplan.spec.stacks: both flavours
 # measured within 168 B); do_eval / eval_strategy / val_size / per_device_eval_batch_size: the eval run phase.
 # LLaMA-Factory's optimizer switches (hparams/finetuning_args.py GaloreArguments, ApolloArguments, use_adam_mini,
 # use_muon): a plan that changes the optimizer writes them anew
 _OPTIM_KEYS = ("use_galore", "galore_layerwise", "galore_rank", "galore_target", "galore_proj_type", "use_apollo",
                "apollo_layerwise", "apollo_rank", "apollo_target", "apollo_proj_type", "use_adam_mini", "use_muon")
-_PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "lora_rank", "lora_alpha", "lora_dropout",
+_PLAN_OWNED = ("bf16", "fp16", "pure_bf16", "quantization_bit", "quantization_method", "quantization_type",
+               "double_quantization", "lora_rank", "lora_alpha", "lora_dropout",
                "lora_target", "freeze_trainable_layers", "deepspeed", "fsdp", "fsdp_config", *_OPTIM_KEYS,
                "finetuning_type", "use_dora", "pissa_init", "pissa_iter", "oft_rank", "oft_block_size",
                "enable_liger_kernel", "use_unsloth_gc")
@@ -288,9 +411,18 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     except ConfigError as err:
         problems.extend(err.problems)
     kw["stack"] = Stack.LLAMAFACTORY  # its own model preparation (memplan.spec.stacks)
+    if str(raw.get("stage", "sft")).lower() == "ppo":
+        problems.append("stage ppo is not modelled: its step holds the policy with a value head, the reward model "
+                        "and the reference, and generates rollouts (train/ppo/trainer.py); memplan estimates sft, "
+                        "pt and dpo (kto / rm with a warning)")
     if str(raw.get("stage", "sft")).lower() == "dpo":  # train/dpo/workflow.py; finetuning_args.py L593
         kw["stage"] = Stage.DPO
         kw["dpo_reference"] = str(raw.get("pref_loss", "sigmoid")).lower() not in ("orpo", "simpo")
+    try:
+        kw["upcast_lmhead_output"] = _bool(raw, "upcast_lmhead_output")
+        kw["upcast_layernorm"] = _bool(raw, "upcast_layernorm")
+    except ConfigError as err:
+        problems.extend(err.problems)
     if _evaluates(raw):
         try:
             kw["eval_batch_size"] = int(raw.get("per_device_eval_batch_size", 8))  # HF TrainingArguments default
@@ -298,6 +430,15 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
             problems.append(f"per_device_eval_batch_size must be an integer, got {raw['per_device_eval_batch_size']!r}")
     if raw.get("quantization_bit") is not None:
         kw["quant_bits"] = raw["quantization_bit"]
+        problems += _quantization(raw, kw)
+    if kw.get("method") is Method.FREEZE:
+        try:
+            kw["llama_pro"] = _bool(raw, "use_llama_pro")
+        except ConfigError as err:
+            problems.extend(err.problems)
+    elif raw.get("use_llama_pro") is True and kw.get("method") is Method.FULL:  # finetuning_args.py L612-613
+        problems.append("use_llama_pro is only valid for freeze or lora training (LLaMA-Factory "
+                        "hparams/finetuning_args.py)")
     train = None
     if not problems:
         try:
@@ -308,11 +449,38 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
             problems.extend(err.respelled(keys).problems)
     if problems or train is None:
         raise ConfigError(problems)
-    unmodelled = tuple(f"{k}={_yaml_value(raw[k])}" for k, modelled in NOT_MODELLED.items()
+    unmodelled = tuple(_warning(k, raw[k]) for k, modelled in NOT_MODELLED.items()
                        if k in raw and raw[k] not in modelled)
+    if train.is_lora and raw.get("use_llama_pro") is True:
+        unmodelled += (_warning("use_llama_pro", True),)
     return LlamaFactoryConfig(model=str(raw["model_name_or_path"]), train=train, raw=dict(raw),
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"),
                               not_modelled=unmodelled)
+
+
+def _warning(key: str, value: Any) -> str:
+    why = WHY_NOT.get(f"{key}={_yaml_value(value)}", WHY_NOT.get(key))
+    return f"{key}={_yaml_value(value)}" + (f" ({why})" if why else "")
+
+
+def _quantization(raw: dict[str, Any], kw: dict[str, Any]) -> list[str]:
+    """quantization_method / quantization_type / double_quantization of an on-the-fly quantized base
+    (model_utils/quantization.py configure_quantization); the bits each method takes are checked by TrainConfig."""
+    from memplan.spec.train import QuantMethod
+
+    problems: list[str] = []
+    how = str(raw.get("quantization_method", "bnb")).lower()
+    try:
+        kw["quant_method"] = QuantMethod(how)
+    except ValueError:
+        problems.append(f"quantization_method {how!r}: LLaMA-Factory quantizes on the fly with bnb, hqq or eetq "
+                        "(others are pre-quantized checkpoints, not modelled)")
+    kw["quant_type"] = str(raw.get("quantization_type", "nf4")).lower()
+    try:
+        kw["double_quant"] = _bool(raw, "double_quantization", True)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    return problems
 
 
 def _yaml_value(value: Any) -> str:
@@ -388,7 +556,7 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None,
             import warnings
 
             warnings.warn(f"--config {path}: not modelled yet, the estimate leaves out what they change: "
-                          f"{', '.join(lf.not_modelled)}", stacklevel=2)
+                          f"{'; '.join(lf.not_modelled)}", stacklevel=2)
         return lf
     except ConfigError as err:
         raise err.respelled(KEYS, prefix=f"--config {path}: ") from None
@@ -402,7 +570,7 @@ def allowed(spec: ModelSpec, base: dict[str, Any] | None) -> Callable[[TrainConf
     seen: dict[tuple[object, ...], bool] = {}
 
     def accept(t: TrainConfig) -> bool:
-        key = (t.precision, t.method, t.quant_bits, t.sharding, t.offload, t.gpus > 1)
+        key = (t.precision, t.method, t.quant_bits, t.quant_method, t.sharding, t.offload, t.gpus > 1)
         if key not in seen:
             seen[key] = not rejections(llamafactory_yaml(spec, t, base, deepspeed="ds.json"), t)
         return seen[key]
@@ -453,8 +621,16 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
         plan["use_unsloth_gc"] = True
     if train.method is Method.QLORA:
         plan["quantization_bit"] = train.quant_bits
+        if train.quant_method.value != "bnb":
+            plan["quantization_method"] = train.quant_method.value
+        if not train.double_quant:
+            plan["double_quantization"] = False
+        if train.quant_type != "nf4":
+            plan["quantization_type"] = train.quant_type
     if train.method is Method.FREEZE:
         plan["freeze_trainable_layers"] = train.freeze_trainable_layers
+        if train.llama_pro:
+            plan["use_llama_pro"] = True
     base = base or {}
     if train.sharding.is_deepspeed:
         plan["deepspeed"] = deepspeed or base.get("deepspeed")

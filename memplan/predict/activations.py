@@ -14,7 +14,7 @@ from memplan.predict.kernels import liger_applies
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
 from memplan.spec.model import Linear
-from memplan.spec.train import ALL_LINEAR, Adapter, Attention
+from memplan.spec.train import ALL_LINEAR, Adapter, Attention, QuantMethod
 
 FP32 = 4
 
@@ -45,6 +45,8 @@ class _Ctx:
         return liger_applies(self.lay.spec.model_type, self.lay.train.liger_kernel)
 
     def norm_width(self) -> int:
+        if self.lay.norms_fp32:
+            return FP32
         return self.lay.trainable_width if self.trains else self.lay.kept_width
 
 
@@ -77,7 +79,16 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
         x = adapters.oft_rotate(tp, x, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
                                 amp=lay.amp, width=lay.lora_width)
     quantized = lay.quantized(name) and not name.startswith(("router", "experts"))
-    if quantized and lay.train.quant_bits == 4:
+    how = lay.train.quant_method
+    if quantized and how is QuantMethod.HQQ:
+        # hqq 0.2.8 HQQLinear's default backend (HQQBackend.PYTORCH, core/quantize.py L389) runs forward_pytorch:
+        # `torch.matmul(x, self.dequantize().t())` (L895): a fresh (out, in) weight in the compute dtype, which
+        # the matmul saves for x's gradient whenever x requires grad (the weight itself needs none)
+        xin = tp.cast(x, 2) if cx.amp else x
+        if xin.rg:
+            tp.save(T(in_f * out_f, lay.base_width, False))
+        y = T(x.numel // in_f * out_f, cx.c, x.rg)
+    elif quantized and how is QuantMethod.BNB and lay.train.quant_bits == 4:
         # bitsandbytes Linear4bit.forward (0.50: nn/modules.py L626-637): x.to(compute_dtype), then the output is
         # cast back to the input's dtype (`.to(inp_dtype)`): fp32 when the stack upcast the stream. MatMul4Bit
         # keeps that compute-dtype input for backward before 0.43.2 (`ctx.tensors = (A, B)`), only the packed
@@ -88,8 +99,10 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
                 tp.save(xin)
         y = T(x.numel // in_f * out_f, x.width, x.rg)
     elif quantized:
-        # Linear8bitLt: MatMul8bitLt is no autocast op; it keeps its input A itself (`ctx.tensors = (CAt, subA,
-        # A)`, autograd/_functions.py L187; its fp16 quantization copies are transients) and returns A's dtype
+        # EETQ (transformers integrations/eetq.py EetqLinearMMFunction: `ctx.save_for_backward(x, weight, scales,
+        # bias)`, no autocast rule) keeps its input as LLM.int8 does. Linear8bitLt: MatMul8bitLt is no autocast op;
+        # it keeps its input A itself (`ctx.tensors = (CAt, subA, A)`, autograd/_functions.py L187; its fp16
+        # quantization copies are transients) and returns A's dtype
         if x.rg:
             tp.save(x)
         y = T(x.numel // in_f * out_f, x.width, x.rg)
@@ -352,7 +365,9 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     x = T(n * s.hidden_size, stream_width(lay), True)
     rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
     norm = tape.nbytes
-    c = lay.logits_width
+    # upcast_lmhead_output: the hook's fp32 copy is what the model returns (the half output is freed at once),
+    # and the loss's logits.float() is then a no-op (transformers loss_utils ForCausalLMLoss)
+    c = FP32 if lay.head_output_fp32 else lay.logits_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0
     return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0),  # lm_head saves its input
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,

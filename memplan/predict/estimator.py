@@ -28,8 +28,8 @@ from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import Projection, facts
-from memplan.spec.stacks import quantize_temporaries, stack_facts
-from memplan.spec.train import Attention, Method, Precision, Sharding, Stage, TrainConfig
+from memplan.spec.stacks import Stack, quantize_temporaries, stack_facts
+from memplan.spec.train import Attention, Method, Precision, QuantMethod, Sharding, Stage, TrainConfig
 
 FP32 = 4
 
@@ -157,13 +157,27 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
-    note = "8-bit QLoRA: LLM.int8's backward is modelled only roughly (measured -8 ... +10 % on CPU)" \
-        if train.method is Method.QLORA and train.quant_bits == 8 else ""
+    note = _quant_note(train)
     bd = Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                    cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
                    host_bytes=rs.host_bytes + offloaded_checkpoint_bytes(lay) * train.gpus_per_node,
                    note=note, band=band_for(train.method), phases=phases, moments=tuple(moments.items()))
     return with_cuda_terms(bd) if device == "cuda" else bd
+
+
+def _quant_note(train: TrainConfig) -> str:
+    """What the estimate of a quantized base has not measured (bitsandbytes 4-bit is within 1 % of the CPU step)."""
+    if train.method is not Method.QLORA:
+        return ""
+    if train.quant_method is QuantMethod.HQQ:
+        return ("HQQ: storage from hqq's packing, each linear's dequantized weight saved for backward "
+                "(forward_pytorch); hqq does not run in the CPU ground truth, so not measured")
+    if train.quant_method is QuantMethod.EETQ:
+        return ("EETQ: int8 + fp16 scales, input saved as LLM.int8's; its backward's dequantized weight is a "
+                "transient not modelled, and EETQ has no CPU kernel to measure")
+    if train.quant_bits == 8:
+        return "8-bit QLoRA: LLM.int8's backward is modelled only roughly (measured -8 ... +10 % on CPU)"
+    return ""
 
 
 def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
@@ -186,7 +200,8 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
     # frees the half logits; `logits[:, :-1, :].log_softmax(-1)` runs on a non-contiguous slice, which the softmax
     # kernels copy first (aten/src/ATen/native/SoftMax.cpp host_softmax and the CUDA log_softmax both take
     # `input.contiguous()`): fp32 logits + that copy + the log-probs at the policy's peak
-    sft_head = nv * (lay.logits_width + (FP32 if lay.logits_width != FP32 else 0) + FP32)
+    sft_head = nv * (2 * FP32 if lay.head_output_fp32 else
+                     lay.logits_width + (FP32 if lay.logits_width != FP32 else 0) + FP32)
     moments["forward"] += 3 * nv * FP32 - sft_head
     if train.dpo_reference:
         # then the reference's forward under no_grad, while the policy's fp32 logits (kept in the trainer's output
@@ -283,32 +298,57 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     tr, L = lay.train, lay.spec.num_layers
     b, s = tr.batch_size, tr.seq_len
     full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
+    if tr.method is Method.FREEZE:
+        return _freeze_activations(lay, full_layer)
     if tr.checkpointing:
         # a checkpointed layer keeps its input hidden states (the rest is recomputed in backward). Only while
         # its graph lives: torch/utils/checkpoint.py's non-reentrant frame is held by the saved-tensor hooks of
-        # what the layer saves, and the reentrant CheckpointFunction's ctx by its output's grad_fn; a frozen
-        # layer below the trained ones (freeze) saves nothing and its output needs no grad, so its input is freed
+        # what the layer saves, and the reentrant CheckpointFunction's ctx by its output's grad_fn
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
         recomputed = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True,
                                  at_mlp=True)
         end = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True)
-        layers = lay.trainable_layers if tr.method is Method.FREEZE else L
         if offloads_checkpoints(lay):
             # LLaMA-Factory's UnslothGradientCheckpointing: each input saved as a host copy, so the device keeps
             # none (a layer's input is freed once the next runs) but the bottom one where it is a leaf (frozen
             # embedding: its AccumulateGrad node holds it); in backward, one input back on the device per recompute
-            return (0 if lay.full or tr.method is Method.FREEZE else kept), recomputed + kept, end + kept, 0
-        return layers * kept, recomputed, end, 0
+            return (0 if lay.full else kept), recomputed + kept, end + kept, 0
+        return L * kept, recomputed, end, 0
     released = full_layer - layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, at_mlp=True)
     if lay.full:
         return L * full_layer, full_layer, full_layer, released
-    if tr.is_lora:  # the first layer's input does not require grad (frozen embedding)
-        first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False)
-        return first + (L - 1) * full_layer, full_layer, full_layer, released
-    # freeze: frozen layers below save nothing; the first trainable one sees an input without grad
-    k = lay.trainable_layers
+    # LoRA: the first layer's input does not require grad (frozen embedding)
+    first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False)
+    return first + (L - 1) * full_layer, full_layer, full_layer, released
+
+
+def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int, int]:
+    """Freeze tuning (any trained layer set: the last N, the first N, LLaMA Pro's stride). Layers below the lowest
+    trained one save nothing (their input needs no grad); the lowest sees an input without grad; every layer
+    above it is on the backward path: a trained one saves its tape (or, checkpointed, its input), a frozen one
+    saves what its input's gradient needs (trains=False, x_rg=True). LLaMA-Factory checkpoints only modules with
+    trainable parameters (model_utils/checkpointing.py custom_gradient_checkpointing_func: `if any(param.
+    requires_grad ...)`), so its frozen layers above save that tape even with checkpointing on; transformers'
+    own checkpointing (the HF stack) wraps them too."""
+    tr, L = lay.train, lay.spec.num_layers
+    b, s = tr.batch_size, tr.seq_len
+    ids = lay.trained_ids
+    if not ids:
+        return 0, 0, 0, 0
+    lo = ids[0]
+    frozen_above = L - lo - len(ids)
+    frozen = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=True)
+    lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
+    if tr.checkpointing:
+        kept = b * s * lay.spec.hidden_size * stream_width(lay)
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True)
+        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True)
+        return len(ids) * kept + frozen_above * (frozen if lf else kept), recomputed, end, 0
     first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False)
-    return first + (k - 1) * full_layer, full_layer, full_layer, released
+    top_trains = ids[-1] == L - 1
+    top = trained_layer if top_trains else frozen
+    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True)
+    return first + (len(ids) - 1) * trained_layer + frozen_above * frozen, trained_layer, trained_layer, released
 
 
 def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
@@ -381,7 +421,8 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
     if st.quantized_params:
         kept = st.frozen_params - st.quantized_params
         w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.quantized_params:,} "
-                     f"quantized to {tr.quant_bits}-bit + {kept:,} frozen x {lay.kept_width} B + buffers"
+                     f"quantized to {tr.quant_bits}-bit {tr.quant_method.value} + {kept:,} frozen x "
+                     f"{lay.kept_width} B + buffers"
                      + (f" ({stack_facts(tr.stack).explain})" if lay.kept_width != lay.base_width else ""))
     else:
         w_explain = (f"{st.trainable_params:,} trainable x {lay.trainable_width} B + {st.frozen_params:,} frozen x "

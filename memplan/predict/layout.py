@@ -30,6 +30,7 @@ class Layout:
     lora_modules: frozenset[str]
     device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
+    trained_ids: range = range(0)  # which ones (TrainConfig.trainable_layer_ids: freeze's last / first N, LLaMA Pro)
     linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages), or the stack's own NF4
     quantized_head: bool = False  # QLoRA: the stack quantizes the LM head too (spec.stacks)
     only_quantized: frozenset[str] | None = None  # QLoRA: the only decoder linears that are 4-bit, where the stack
@@ -69,8 +70,8 @@ class Layout:
             linear4bit_keeps_input=keeps,
             quantized_head=qlora and stack.quantizes_lm_head and not spec.tie_word_embeddings,
             only_quantized=lora if qlora and stack.quantizes_only_adapted else None,
-            trainable_layers=spec.num_layers if full else
-            (min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0),
+            trainable_layers=len(train.trainable_layer_ids(spec.num_layers)),
+            trained_ids=train.trainable_layer_ids(spec.num_layers),
         )
 
     @property
@@ -86,6 +87,18 @@ class Layout:
     def logits_width(self) -> int:
         """The LM head's output: autocast's half dtype, else the head weight's own (an upcast head: fp32)."""
         return self.compute_width if self.amp else (self.trainable_width if self.full else self.kept_width)
+
+    @property
+    def norms_fp32(self) -> bool:
+        """upcast_layernorm under autocast: every norm weight fp32, so `weight * x.to(input_dtype)` (transformers
+        LlamaRMSNorm.forward; mul has no autocast rule) returns fp32 and each linear after it casts its own copy."""
+        return self.train.upcast_layernorm and self.amp
+
+    @property
+    def head_output_fp32(self) -> bool:
+        """upcast_lmhead_output's hook is registered (LLaMA-Factory registers it while the head is still in the
+        load dtype, before any fp32 cast: any half precision) and returns fp32 logits."""
+        return self.train.upcast_lmhead_output and self.compute_width == 2
 
     @property
     def head_cast_bytes(self) -> int:

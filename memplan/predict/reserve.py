@@ -133,7 +133,7 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
     """(bytes, trains, elements quantized on the way in or 0) of each parameter of decoder layer `index`: its
     linears, norms and LoRA adapters."""
     s, tr = lay.spec, lay.train
-    trains = lay.full or (tr.method is Method.FREEZE and index >= s.num_layers - lay.trainable_layers)
+    trains = lay.full or (tr.method is Method.FREEZE and index in lay.trained_ids)
     width = lay.trainable_width if trains else lay.base_width
     qlora = tr.method is Method.QLORA
     out = [(lin.params * scale * (tr.quant_bits / 8 if q else width), trains, lin.params * scale if q else 0)

@@ -11,9 +11,10 @@ from memplan.predict import adapters
 from memplan.predict.layout import Layout
 from memplan.predict.optim_states import fused_step_bytes, largest_grad, special_states
 from memplan.spec.optimizers import Projection, States, facts
-from memplan.spec.train import Adapter, Method
+from memplan.spec.train import Adapter, Method, QuantMethod, TrainConfig
 
 NF4_BLOCK = 64  # bitsandbytes NF4 blocksize; absmax quantized to 8 bits (double quant), 2nd level fp32 per 256
+HQQ_GROUP = 64  # transformers HqqConfig group_size default (LLaMA-Factory sets none)
 OPT8_BLOCK = 256  # bitsandbytes 8-bit optimizer state blocksize (fp32 absmax per block)
 OPT8_MIN_SIZE = 4096  # bnb keeps 32-bit states for tensors smaller than min_8bit_size
 
@@ -31,11 +32,32 @@ class ModelStates:
     autocast_layer_bytes: int  # the part of it one decoder layer casts (checkpointing frees and recasts it)
 
 
-def _quantized_bytes(numel: int, bits: int, out_features_total: int) -> int:
+def quantized_bytes(numel: int, train: TrainConfig, out_features_total: int, tensors: int = 1) -> int:
+    """Storage of `numel` quantized decoder-linear weights (`tensors` matrices, `out_features_total` rows in all)
+    under the config's quantization_method and bits, as each library stores them on the GPU."""
+    bits, how = train.quant_bits, train.quant_method
+    if how is QuantMethod.HQQ:
+        # hqq 0.2.8 core/quantize.py Quantizer: W reshaped (group_size, numel / group_size) (axis=0, LLaMA-Factory's
+        # HqqConfig) and packed by bit_to_packing (L40-48): 8/6/5-bit one uint8 each (no 5/6-bit packing), 4-bit
+        # two per uint8, 2-bit four, 1-bit eight, 3-bit ten per int32 with the 64 rows padded to 70 (bitpack.py
+        # pack_3bit_32); scale and zero per group of 64, fp16 on the GPU (core/optimize.py L152-157, quant_zero /
+        # quant_scale off): 4 B / 64
+        groups = -(-numel // HQQ_GROUP)
+        packed = groups * 28 if bits == 3 else numel * {8: 8, 6: 8, 5: 8, 4: 4, 2: 2, 1: 1}[bits] // 8
+        return packed + 4 * groups
+    if how is QuantMethod.EETQ:
+        # transformers integrations/eetq.py EetqLinear: int8 weight (in, out) + fp16 weight_scales (out,)
+        return numel + 2 * out_features_total
     if bits == 4:
-        # NF4: 0.5 B/param packed + 1 B absmax per 64 (double quant) + 4 B per 256 absmax blocks
+        # bitsandbytes Params4bit (NF4 or FP4: the same packing): 0.5 B/param + an absmax per block of 64; double
+        # quant (compress_statistics): each absmax 1 B + an fp32 absmax per 256 of them, else each fp32
+        # (bitsandbytes functional.py quantize_4bit: `absmax` fp32, quantize_blockwise(absmax, blocksize=256))
+        # Per tensor, its QuantState keeps the 4-bit code (16 fp32 = 64 B) and, double-quantized, the nested
+        # state's dynamic map (256 fp32 = 1 KiB) and its fp32 offset: measured to the byte on CPU (tests/test_lf_keys)
         blocks = -(-numel // NF4_BLOCK)
-        return numel // 2 + blocks + 4 * -(-blocks // 256)
+        if not train.double_quant:
+            return numel // 2 + 4 * blocks + 64 * tensors
+        return numel // 2 + blocks + 4 * -(-blocks // 256) + (64 + 1024 + 4) * tensors
     # LLM.int8: 1 B/param + fp32 row scale (SCB) per output feature
     return numel + 4 * out_features_total
 
@@ -80,7 +102,11 @@ def model_states(lay: Layout) -> ModelStates:
                 outs += s.vocab_size
         # the rest (embedding, norms, LM head) at kept_width: the base dtype, or fp32 where the stack upcasts
         weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + (
-            _quantized_bytes(quantized, tr.quant_bits, outs) if quantized else 0)
+            quantized_bytes(quantized, tr, outs, len(qlin) * s.num_layers + lay.quantized_head) if quantized else 0)
+    if lay.norms_fp32:  # upcast_layernorm: the frozen norms' half weights become fp32 (trained ones are already)
+        frozen_layers = s.num_layers - (lay.trainable_layers if tr.method is Method.FREEZE else 0)
+        frozen_width = lay.base_width if tr.method is Method.FREEZE else lay.kept_width
+        weights += (frozen_layers * _norm_params(lay) + s.hidden_size) * (4 - frozen_width) if not lay.full else 0
     if not lay.amp:
         ac_params = ac_layer = 0
     grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
@@ -96,6 +122,13 @@ def model_states(lay: Layout) -> ModelStates:
                        quantized_params=quantized, gradients_bytes=grads, optimizer_states_bytes=states,
                        optimizer_step_bytes=step, autocast_cache_bytes=2 * ac_params,
                        autocast_layer_bytes=2 * ac_layer)
+
+
+def _norm_params(lay: Layout) -> int:
+    """A decoder layer's norm weights (memplan.spec.model layer_params: RMSNorms + q / k norms)."""
+    s = lay.spec
+    qk = (s.q_dim + s.kv_dim if s.family.qk_norm_full else 2 * s.head_dim) if s.qk_norm else 0
+    return s.norms_per_layer * s.hidden_size + qk
 
 
 def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:

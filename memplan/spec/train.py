@@ -60,6 +60,19 @@ class ProjType(str, Enum):
     LEFT = "left"
 
 
+class QuantMethod(str, Enum):
+    """On-the-fly quantization of a QLoRA base (LLaMA-Factory's quantization_method, model_args.py L279)."""
+
+    BNB = "bnb"  # bitsandbytes: 4-bit NF4/FP4 (Linear4bit) or 8-bit LLM.int8 (Linear8bitLt)
+    HQQ = "hqq"  # hqq HQQLinear, group_size 64, scale and zero kept in fp16 (memplan.predict.weights)
+    EETQ = "eetq"  # EETQ W8A16: int8 weight + fp16 per-output-channel scale
+
+
+# the bit widths LLaMA-Factory 0.9.5 accepts per method (model/model_utils/quantization.py configure_quantization:
+# bnb 8 or 4 L187-203, "Bitsandbytes only accepts 4-bit or 8-bit"; hqq L208-209; eetq L219-220)
+QUANT_BITS: dict[QuantMethod, tuple[int, ...]] = {QuantMethod.BNB: (4, 8), QuantMethod.HQQ: (1, 2, 3, 4, 5, 6, 8),
+                                                  QuantMethod.EETQ: (8,)}
+
 ALL_LINEAR = "all-linear"
 
 
@@ -87,7 +100,14 @@ class TrainConfig:
     pissa_iter: int = 16  # LLaMA-Factory pissa_iter: fast-SVD iterations, -1 for the full SVD
     liger_kernel: bool = False  # Liger's fused kernels (LLaMA-Factory enable_liger_kernel): predict/kernels.py
     offload_checkpoints: bool = False  # checkpointed layer inputs kept in host memory (use_unsloth_gc)
+    quant_method: QuantMethod = QuantMethod.BNB
+    # bitsandbytes 4-bit only: nested 8-bit absmax (bnb_4bit_use_double_quant, LLaMA-Factory double_quantization)
+    double_quant: bool = True
+    quant_type: str = "nf4"  # bitsandbytes 4-bit data type, nf4 or fp4: the same packing (quantization_type)
+    # freeze: the last N layers train; negative, the first |N| (LLaMA-Factory adapter.py _setup_freeze_tuning);
+    # llama_pro: every (num_layers / N)-th layer, the expanded blocks (`trainable_layer_ids`)
     freeze_trainable_layers: int = 2
+    llama_pro: bool = False
     parallel: Parallelism = Parallelism()  # ranks, nodes, sharding, offload (memplan.spec.parallel)
     # the training stack (memplan.spec.stacks): hf unless the input names one (a LLaMA-Factory YAML: llamafactory)
     stack: Stack = Stack.HF
@@ -103,11 +123,20 @@ class TrainConfig:
     proj_rank: int = 16
     proj_targets: tuple[str, ...] = (ALL_LINEAR,)
     proj_type: ProjType = ProjType.STD
+    # LLaMA-Factory upcast_lmhead_output: a forward hook casts the LM head's output to fp32
+    # (model_utils/checkpointing.py prepare_model_for_training L200-204, _fp32_forward_post_hook)
+    upcast_lmhead_output: bool = False
+    # LLaMA-Factory upcast_layernorm: 1-D norm weights cast to fp32 (prepare_model_for_training L171-175)
+    upcast_layernorm: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []
-        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank", "freeze_trainable_layers"):
+        for name in ("batch_size", "grad_accum", "seq_len", "lora_rank"):
             problems += positive_int(name, getattr(self, name))
+        n = self.freeze_trainable_layers
+        if not isinstance(n, int) or isinstance(n, bool) or n == 0 or (self.llama_pro and n < 0):
+            problems.append(Problem("freeze_trainable_layers", f"{{}} must be a non-zero integer (positive with "
+                                                               f"llama_pro), got {n!r}"))
         if self.lora_alpha is not None:
             problems += positive_int("lora_alpha", self.lora_alpha)
         if not isinstance(self.eval_batch_size, int) or isinstance(self.eval_batch_size, bool) or \
@@ -116,9 +145,12 @@ class TrainConfig:
                                                        f"{self.eval_batch_size!r}"))
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             problems.append(Problem("lora_dropout", f"{{}} must be in [0, 1), got {self.lora_dropout!r}"))
-        if self.quant_bits not in (4, 8):
-            problems.append(Problem("quant_bits", f"{{}} must be 4 or 8 (bitsandbytes NF4 or int8), got "
-                                                  f"{self.quant_bits!r}"))
+        if self.quant_type not in ("nf4", "fp4"):
+            problems.append(Problem("quant_type", f"{{}} must be nf4 or fp4, got {self.quant_type!r}"))
+        bits = QUANT_BITS.get(self.quant_method, ())
+        if self.quant_bits not in bits:
+            problems.append(Problem("quant_bits", f"{{}} must be one of {'/'.join(map(str, bits))} with "
+                                                  f"{self.quant_method.value}, got {self.quant_bits!r}"))
         if self.attn is Attention.FLASH_ATTENTION_2 and self.precision is Precision.FP32:
             problems.append(Problem("attn", "{} flash_attention_2 needs fp16/bf16 (it has no fp32 kernel): use bf16 "
                                             "or sdpa"))
@@ -184,6 +216,23 @@ class TrainConfig:
     def ds_reduce_bucket(self) -> int | None:
         return self.parallel.ds_reduce_bucket
 
+    def trainable_layer_ids(self, num_layers: int) -> range:
+        """The decoder layers a freeze run trains, as LLaMA-Factory picks them (model/adapter.py
+        _setup_freeze_tuning): llama_pro every stride-th from stride - 1 (stride = L / N; LLaMA-Factory refuses L not
+        divisible by N); N > 0 the last N; N < 0 the first |N|. Full: all; LoRA: none."""
+        n = self.freeze_trainable_layers
+        if self.method is Method.FULL:
+            return range(num_layers)
+        if self.method is not Method.FREEZE:
+            return range(0)
+        if self.llama_pro:
+            if num_layers % n:
+                raise ConfigError(Problem("freeze_trainable_layers", f"{{}} {n} must divide the {num_layers} layers "
+                                                                     "with llama_pro"))
+            stride = num_layers // n
+            return range(stride - 1, num_layers + stride - 1, stride)
+        return range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
+
     @property
     def fsdp_version(self) -> int:
         return self.parallel.fsdp_version
@@ -248,7 +297,8 @@ def resolve_attention(family: Family, attn: Attention) -> Attention:
 # the fields whose values are choices (enums): one table for every reader of flat values (JSON, the CLI)
 CHOICES: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "optimizer": Optimizer,
                                   "attn": Attention, "sharding": Sharding, "offload": Offload, "stack": Stack,
-                                  "stage": Stage, "proj_type": ProjType, "adapter": Adapter}
+                                  "stage": Stage, "proj_type": ProjType, "adapter": Adapter,
+                                  "quant_method": QuantMethod}
 
 
 def train_from_dict(data: dict[str, object]) -> TrainConfig:

@@ -113,6 +113,10 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if spec.is_moe or spec.family.moe:
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")
+    if train.method is Method.FREEZE and (train.llama_pro or train.freeze_trainable_layers < 0):
+        # the depth line adds frozen layers below the trained ones; these runs train lower layers
+        raise UnsupportedModel("the exact mode extrapolates freeze tuning of the last N layers only; the first N "
+                               "layers or LLaMA Pro's blocks are modelled by the analytic estimate (drop --exact)")
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
     if train.sharding.is_fsdp:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)

@@ -18,6 +18,7 @@ from memplan.predict.layout import Layout
 from memplan.predict.sharding import largest_unit_params, model_state_bytes
 from memplan.predict.weights import model_states
 from memplan.spec.catalog import resolve_model
+from memplan.spec.stacks import Stack
 from memplan.spec.train import Method, Offload, Precision, Sharding, TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,19 +92,25 @@ def per_rank() -> list[dict[str, object]]:
     return rows
 
 
+# torchtune's distributed recipes wrapped with FSDP1 (FullyShardedDataParallel) until its v0.2 (July 2024) moved
+# them to FSDP2 fully_shard: the rows dated before run FSDP1, row 42 (2024-09) FSDP2
+FSDP_VERSION = {"26": 1, "29": 1, "32": 1, "34": 1, "35": 1, "42": 2}
+
+
 def published() -> tuple[list[str], list[float]]:
     rows = {r["id"]: r for r in csv.DictReader(open(PUBLISHED, newline=""))}
     out = ["| id | model | config | measured GiB/GPU | memplan peak allocated GiB | error |", "|---" * 6 + "|"]
     errors = []
     for rid, (name, knobs) in ROWS.items():
         r = rows[rid]
-        t = TrainConfig().with_(**knobs)  # type: ignore[arg-type]
+        t = TrainConfig().with_(**knobs, stack=Stack.TORCHTUNE,  # type: ignore[arg-type]
+                                fsdp_version=FSDP_VERSION[rid])
         ours = estimate(resolve_model(name), t).peak_allocated_bytes / GIB
         measured = float(r["measured_gib"])
         err = 100 * (ours / measured - 1)
         errors.append(abs(err))
         what = (f"{t.method.value} {t.precision.value} micro {t.batch_size} seq {t.seq_len} "
-                f"ckpt {'on' if t.checkpointing else 'off'}, {t.gpus} GPUs {t.sharding.value}"
+                f"ckpt {'on' if t.checkpointing else 'off'}, {t.gpus} GPUs {t.sharding.value} FSDP{t.fsdp_version}"
                 + (f" + offload {t.offload.value}" if t.offload is not Offload.NONE else ""))
         out.append(f"| {rid} | {name} | {what} | {measured:.2f} | {ours:.2f} | {err:+.1f} % |")
     return out, errors

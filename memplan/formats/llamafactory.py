@@ -127,7 +127,8 @@ MODELLED: dict[str, str] = {
                                "save their input-gradient tape, unchecked)",
     "use_llama_pro": "freeze: only the expanded blocks train (every L/N-th layer)",
     "deepspeed": "ZeRO stage and offload from its JSON", "fsdp": "FSDP sharding strategy and offload",
-    "fsdp_config": "its fsdp_version: 1 (accelerate's FSDP1, the default) or 2",
+    "fsdp_config": "its version: 1 (FSDP1) or 2 (FSDP2 fully_shard); unset, HF Trainer's default 2 "
+                   "(transformers 5 training_args.py)",
     "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
     "per_device_eval_batch_size": "the evaluation forward's batch",
     "rope_scaling": "any type (linear, dynamic, yarn, llama3; model_utils/rope.py configure_rope): no memory of its "

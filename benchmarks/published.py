@@ -39,6 +39,9 @@ LITGPT_DROPOUT = 0.05  # lora_dropout in every config_hub/finetune/*/lora.yaml a
 # Other rows: the CSV's grad_accum column where it states one.
 LITGPT_QV = dict(precision=PURE, seq_len=512, checkpointing=False, lora_rank=32, lora_targets=QV,
                  lora_dropout=LITGPT_DROPOUT)  # the 7-8B and 3B configs: r32 on query and value
+# their qlora.yaml files say `quantize: bnb.nf4`: Fabric's BitsandbytesPrecision("nf4"), single quantization
+# (fp32 absmax per 64; "nf4-dq" is the double-quantized mode)
+LITGPT_NF4 = dict(double_quant=False)
 
 # row id -> (catalog model, knobs). Targets "all (incl. lm head)" are approximated by all-linear. Left out: row 28
 # (7B full fine-tune at 13.9 GB: torchtune's optimizer-in-backward frees each gradient at once), rows 10, 12-19
@@ -65,11 +68,11 @@ ROWS: dict[str, tuple[str, dict[str, object]]] = {
         method=Method.LORA, precision=PURE, batch_size=8, seq_len=512, checkpointing=False, grad_accum=1,
         lora_rank=32, lora_targets=ALL, lora_dropout=LITGPT_DROPOUT)),
     "107": ("llama-2-7b", dict(method=Method.LORA, **LITGPT_QV, batch_size=2, grad_accum=4)),
-    "108": ("llama-2-7b", dict(method=Method.QLORA, **LITGPT_QV, batch_size=2, grad_accum=4)),
+    "108": ("llama-2-7b", dict(method=Method.QLORA, **LITGPT_QV, **LITGPT_NF4, batch_size=2, grad_accum=4)),
     "109": ("llama-3-8b", dict(method=Method.LORA, **LITGPT_QV, batch_size=1, grad_accum=8)),
-    "110": ("llama-3-8b", dict(method=Method.QLORA, **LITGPT_QV, batch_size=2, grad_accum=4)),
+    "110": ("llama-3-8b", dict(method=Method.QLORA, **LITGPT_QV, **LITGPT_NF4, batch_size=2, grad_accum=4)),
     "111": ("mistral-7b-v0.1", dict(method=Method.LORA, **LITGPT_QV, batch_size=2, grad_accum=4)),
-    "112": ("mistral-7b-v0.1", dict(method=Method.QLORA, **LITGPT_QV, batch_size=2, grad_accum=4)),
+    "112": ("mistral-7b-v0.1", dict(method=Method.QLORA, **LITGPT_QV, **LITGPT_NF4, batch_size=2, grad_accum=4)),
     "114": ("llama-3.2-3b", dict(method=Method.LORA, **LITGPT_QV, batch_size=1, grad_accum=8)),
 }
 
@@ -89,12 +92,12 @@ RESIDUALS = {
     "106, not in the table), while the LoRA and full rows of the same table are within -0.4 ... -8.5 % (+4.8 %) "
     "with their configs' lora_dropout 0.05 and gradient accumulation. Read and modelled: Fabric's plugin makes "
     "every Linear 4-bit, the LM head included "
-    "(-0.19 GiB); bitsandbytes 0.42 keeps each 4-bit linear's input. Read, not modelled: `bnb.nf4` is single "
-    "quantization (fp32 absmax per 64: +0.29 GiB over memplan's double-quant storage; no knob for it yet); Lightning "
-    "quantizes from torch.half, so MatMul4Bit dequantizes to fp16 then copies to bf16: the LM head's backward holds "
-    "both (+0.49 GiB at 32k vocab, +1.96 GiB for Llama-3), while LitGPT's chunked bf16 head (lm_head_chunk_size=128, "
-    "no fp32 upcast) is smaller than the HF head memplan models; the load (each weight quantized through one half "
-    "copy) is not the peak. None of these adds up to the gap.",
+    "(-0.19 GiB); bitsandbytes 0.42 keeps each 4-bit linear's input; `bnb.nf4` is single quantization (fp32 absmax "
+    "per 64, +0.29 GiB); Lightning quantizes from torch.half, so MatMul4Bit dequantizes to fp16 then copies to bf16: "
+    "the 4-bit LM head's backward and forward hold both (memplan.predict.estimator dequantized_bytes; the decoder "
+    "linears' dequantized weight in their backward is measured on CPU). Read, not modelled: LitGPT's chunked bf16 "
+    "head (lm_head_chunk_size=128, no fp32 upcast) is smaller than the HF head memplan models; the load (each "
+    "weight quantized through one half copy) is not the peak. The rest of the gap, about 2 GiB, is unexplained.",
     "torchtune LoRA README (27)": "a source inconsistency: the same nominal config is 15.57 GB in the tutorial of the "
     "same month (row 20, -5.7 %).",
     "LitGPT full TinyLlama (104)": "explained: was -19.5 % at one micro-step; tiny-llama/full.yaml accumulates "

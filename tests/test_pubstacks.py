@@ -7,7 +7,7 @@ import pytest
 
 from memplan.predict.estimator import estimate
 from memplan.predict.layout import Layout
-from memplan.predict.weights import _quantized_bytes, model_states
+from memplan.predict.weights import model_states, quantized_bytes
 from memplan.spec.catalog import resolve_model
 from memplan.spec.packages import torchao_version
 from memplan.spec.stacks import STACKS, Stack
@@ -32,7 +32,9 @@ def test_torchtune_quantizes_only_the_adapted_linears() -> None:
     mlp *= spec.num_layers
     q_all = sum(lin.params for lin in spec.layer_linears()) * spec.num_layers
     # the difference is those weights at 2 B instead of their 4-bit storage (the packing is per tensor group)
-    expected = 2 * (kept + mlp) - (_quantized_bytes(q_all, 4, 0) - _quantized_bytes(q_all - kept - mlp, 4, 0))
+    layers = spec.num_layers  # 7 matrices a layer 4-bit under the reference stack, 2 (q, v) under torchtune's
+    expected = 2 * (kept + mlp) - (quantized_bytes(q_all, qv, 0, tensors=7 * layers)
+                                   - quantized_bytes(q_all - kept - mlp, qv, 0, tensors=2 * layers))
     assert abs(extra - expected) <= 8 * spec.num_layers * 16  # block rounding of the absmax terms
     # all linears adapted (the QLoRA tutorial's config): the same base as the reference stack
     every = QLORA.with_(lora_targets=("all-linear",))

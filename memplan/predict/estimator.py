@@ -69,6 +69,12 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     # per-parameter moment below: LOMO fp32 / AMP / pure bf16 within 0.2 %)
     head_bwd = head.norm_bytes + lay.head_cast_bytes + grad_logits + n * spec.hidden_size * c + (
         spec.vocab_size * spec.hidden_size * c if per_param and lay.full else _lm_head_grad_peak(lay))
+    head_dq = dequantized_bytes(lay, v * spec.hidden_size) if lay.quantized_head else 0
+    if head_dq:  # a 4-bit LM head (LitGPT): its weight dequantized for the hidden states' gradient, and in its
+        # forward before the logits exist (bitsandbytes 0.42 MatMul4Bit.forward: `F.dequantize_4bit(B,
+        # quant_state).to(A.dtype)`): the fp16 copy freed once cast, the cast alive beside the new logits
+        head_bwd += head_dq
+        ce_fwd = max(ce_fwd, head_dq, v * spec.hidden_size * c + head.logits_bytes)
     if fused_ce and liger_applies(spec.model_type, train.liger_kernel):
         # Liger's fused linear cross-entropy (predict/kernels.py): no logits; both head gradients made in forward
         f = fused_ce_bytes(tokens=n, vocab=v, hidden=spec.hidden_size, input_width=stream_width(lay),
@@ -378,10 +384,28 @@ def _grads_above_bottom(lay: Layout, st: ModelStates) -> int:
 
 
 def _layer_backward_buffers(lay: Layout, n: int) -> int:
-    """Gradient buffers alive inside one layer's backward: the MLP's three (B, S, I) grads dominate."""
+    """Gradient buffers alive inside one layer's backward: the MLP's three (B, S, I) grads; with 4-bit MLP
+    linears, the up / gate projection's backward beside two of them: its weight dequantized for the input's
+    gradient (bitsandbytes MatMul4Bit.backward, 0.42 and 0.50 alike: `torch.matmul(grad_output,
+    F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))`)."""
     s = lay.spec
     inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
-    return 3 * n * inter * lay.compute_width
+    grads = 3 * n * inter * lay.compute_width
+    mlp = [lin for lin in s.mlp_linears() if lay.quantized(lin.name)] if not s.is_moe else []
+    if not mlp:
+        return grads
+    return max(grads, 2 * n * inter * lay.compute_width + max(dequantized_bytes(lay, lin.params) for lin in mlp))
+
+
+def dequantized_bytes(lay: Layout, numel: int) -> int:
+    """A 4-bit (bitsandbytes) weight of `numel` elements dequantized in a backward: in its QuantState dtype (the
+    dtype it was quantized from), plus its cast to the gradient's dtype when that differs (`.to()` copies)."""
+    tr = lay.train
+    if tr.method is not Method.QLORA or tr.quant_method is not QuantMethod.BNB or tr.quant_bits != 4:
+        return 0
+    if stack_facts(tr.stack).quantizes_from_half:  # fp16 QuantState; the gradient is bf16 under bf16 training
+        return numel * (2 + (lay.compute_width if tr.precision in (Precision.BF16, Precision.PURE_BF16) else 0))
+    return numel * lay.base_width
 
 
 def _head_grad_bytes(lay: Layout) -> int:

@@ -53,6 +53,8 @@ class StackFacts:
     # version decides (memplan.spec.packages)
     traced: bool = True  # the exact mode builds this stack's model (memplan.build.model); False: analytic only
     kbit_adapters_bf16: bool = False  # k-bit models: the trainable adapters are cast to bf16 (not peft's fp32)
+    quantizes_from_half: bool = False  # 4-bit weights quantized from an fp16 copy whatever the model dtype, so
+    # bitsandbytes' dequantize_4bit returns fp16 (QuantState.dtype) and `.to(grad_output.dtype)` makes a bf16 copy
 
 
 STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
@@ -110,6 +112,7 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # fabric.init_module(empty_init=(devices > 1)): on one GPU the layers are built there and quantized at once
         # (_Linear4bit.__init__ L305-314), then replaced on load.
         quantize_load_transients=(2,), device_init=True, quantizes_lm_head=True, traced=False,
+        quantizes_from_half=True,
         source="litgpt@41dece20 litgpt/finetune/lora.py L166-189; lightning@75553845 src/lightning/fabric/plugins/"
                "precision/bitsandbytes.py L129-144, L159-166, L326-341",
         explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),

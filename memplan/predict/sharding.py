@@ -151,6 +151,25 @@ def _deepspeed(lay: Layout, st: ModelStates) -> RankStates:
                       gathered_in_step=False, ds_grad_bytes=0 if offload else grads + grad32)
 
 
+def _fsdp_shards(lay: Layout, st: ModelStates, n: int) -> tuple[ModelStates, int]:
+    """One FSDP rank's share of the model states (FSDP1 and FSDP2 alike), and the host bytes per node: CPUOffload
+    (offload_params=True) moves parameters and gradients, the optimizer follows. Units are gathered in the compute
+    dtype (MixedPrecision param_dtype), so no autocast copies."""
+    tr = lay.train
+    weights, grads = _ceil(st.weights_bytes, n), _ceil(st.gradients_bytes, n)
+    states = _ceil(st.optimizer_states_bytes, n)
+    host = 0
+    if tr.offload is not Offload.NONE:
+        host = (weights + grads + states) * tr.gpus_per_node
+        weights = grads = states = 0
+    ranked = ModelStates(
+        weights_bytes=weights, trainable_params=st.trainable_params, frozen_params=st.frozen_params,
+        quantized_params=st.quantized_params, gradients_bytes=grads,
+        optimizer_states_bytes=states, optimizer_step_bytes=0 if host else _ceil(st.optimizer_step_bytes, n),
+        autocast_cache_bytes=0, autocast_layer_bytes=0)
+    return ranked, host
+
+
 def _fsdp(lay: Layout, st: ModelStates) -> RankStates:
     """FSDP2 (each decoder layer and the root wrapped; measured with the exact mode under a fake process group):
     the root (embeddings, head) stays gathered from its forward through backward, one decoder layer is gathered
@@ -166,17 +185,7 @@ def _fsdp(lay: Layout, st: ModelStates) -> RankStates:
         gathered, layer_extra = s.num_parameters * cw, unsharded_grads
     else:
         gathered, layer_extra = (root + s.layer_params) * cw, s.layer_params * cw + unsharded_grads
-    weights, grads = _ceil(st.weights_bytes, n), _ceil(st.gradients_bytes, n)
-    states = _ceil(st.optimizer_states_bytes, n)
-    host = 0
-    if tr.offload is not Offload.NONE:  # FSDP CPUOffload moves parameters and gradients; the optimizer follows
-        host = (weights + grads + states) * tr.gpus_per_node
-        weights = grads = states = 0
-    ranked = ModelStates(
-        weights_bytes=weights, trainable_params=st.trainable_params, frozen_params=st.frozen_params,
-        quantized_params=st.quantized_params, gradients_bytes=grads,
-        optimizer_states_bytes=states, optimizer_step_bytes=0 if host else _ceil(st.optimizer_step_bytes, n),
-        autocast_cache_bytes=0, autocast_layer_bytes=0,)  # MixedPrecision gathers half params: no autocast copies
+    ranked, host = _fsdp_shards(lay, st, n)
     what = f"FSDP {tr.sharding.value} over {n} ranks" + (f", offload {tr.offload.value}" if host else "")
     return RankStates(states=ranked, gathered_bytes=gathered, bucket_bytes=0, step_extra_bytes=0,
                       host_bytes=host, explain=what, layer_backward_bytes=layer_extra, gathered_in_step=False)
@@ -222,17 +231,7 @@ def _fsdp1(lay: Layout, st: ModelStates) -> RankStates:
                   "FlatParamHandle.unshard, in a unit's backward (in transient)")]
     parts.append(("unsharded flat grad", unsharded_grads, "_post_backward_hook: the running unit's grad until "
                                                             "reduce-scatter (in transient)"))
-    weights, grads = _ceil(st.weights_bytes, n), _ceil(st.gradients_bytes, n)
-    states = _ceil(st.optimizer_states_bytes, n)
-    host = 0
-    if tr.offload is not Offload.NONE:  # CPUOffload(offload_params=True): params and grads; the optimizer follows
-        host = (weights + grads + states) * tr.gpus_per_node
-        weights = grads = states = 0
-    ranked = ModelStates(
-        weights_bytes=weights, trainable_params=st.trainable_params, frozen_params=st.frozen_params,
-        quantized_params=st.quantized_params, gradients_bytes=grads,
-        optimizer_states_bytes=states, optimizer_step_bytes=0 if host else _ceil(st.optimizer_step_bytes, n),
-        autocast_cache_bytes=0, autocast_layer_bytes=0,)  # units are gathered in param_dtype: nothing to cast
+    ranked, host = _fsdp_shards(lay, st, n)
     what = (f"FSDP1 {tr.sharding.value} over {n} ranks (flat parameters, use_orig_params)"
             + (f", offload {tr.offload.value}" if host else ""))
     detail = "".join(f"\n· {name} {b:,} B: {src}" for name, b, src in parts)

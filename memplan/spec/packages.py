@@ -31,29 +31,27 @@ def _parse(text: str) -> tuple[int, ...] | None:
     return tuple(parts) or None
 
 
-@cache
-def bitsandbytes_version() -> tuple[int, ...] | None:
-    if text := os.environ.get("MEMPLAN_BITSANDBYTES_VERSION"):
+def _installed(package: str, override: str) -> tuple[int, ...] | None:
+    """`package`'s installed version, or the one the environment variable `override` names; None: absent."""
+    if text := os.environ.get(override):
         return _parse(text)
     from importlib import metadata
 
     try:
-        return _parse(metadata.version("bitsandbytes"))
+        return _parse(metadata.version(package))
     except metadata.PackageNotFoundError:
         return None
+
+
+@cache
+def bitsandbytes_version() -> tuple[int, ...] | None:
+    return _installed("bitsandbytes", "MEMPLAN_BITSANDBYTES_VERSION")
 
 
 @cache
 def torchao_version() -> tuple[int, ...] | None:
     """The installed torchao's version (MEMPLAN_TORCHAO_VERSION overrides it, as for bitsandbytes)."""
-    if text := os.environ.get("MEMPLAN_TORCHAO_VERSION"):
-        return _parse(text)
-    from importlib import metadata
-
-    try:
-        return _parse(metadata.version("torchao"))
-    except metadata.PackageNotFoundError:
-        return None
+    return _installed("torchao", "MEMPLAN_TORCHAO_VERSION")
 
 
 def nf4_chunk_elements() -> int | None:

@@ -186,6 +186,7 @@ def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
                 out += [(rows, cols, s.num_layers) for rows, cols in adapters.trainable_shapes(lay.train, lin)]
         return out
     layer = [(lin.out_features, lin.in_features, 1) for lin in s.layer_linears()]
+    layer += [(lin.out_features, 0, 1) for lin in s.layer_linears() if lin.bias]  # qwen2's q/k/v biases
     layer += [(h, 0, s.norms_per_layer)]
     n = lay.trainable_layers
     shapes = [(r, c, k * n) for r, c, k in layer]

@@ -407,6 +407,12 @@ def test_qwen2_vl_estimates_with_its_vision_tower_frozen():
     bd = estimate_any(vl, train)
     assert bd.method == "exact" and "not costed" in bd.note
     assert bd.trainable_params == estimate(text, train).trainable_params and bd.params > text.num_parameters
+    # flash_attention_2 (LLaMA-Factory's fa2) on a model only the exact mode knows: traced as sdpa, no analytic
+    # delta asked of formulas it has none of (was "not in the analytic formulas" after the whole trace)
+    half = train.with_(precision=Precision.BF16)
+    fa2 = estimate_any(vl, half.with_(attn=Attention.FLASH_ATTENTION_2))
+    assert fa2.peak_allocated_bytes == estimate_any(vl, half.with_(attn=Attention.SDPA)).peak_allocated_bytes
+    assert "traced as sdpa" in fa2.note
 
 
 @pytest.mark.integration

@@ -126,6 +126,10 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     first += (spec.num_layers - first) % step  # and the real depth a whole number of periods past the first one
     depths = [d for d in (first + step, first + 2 * step, first + 3 * step) if d <= spec.num_layers] \
         or [spec.num_layers]
+    if traced_train != train.with_(attn=traced_train.attn) and not spec.analytic:  # the delta below needs formulas
+        raise UnsupportedModel(f"{spec.name}: the exact mode traces this configuration without what it cannot run on "
+                               f"fake tensors{note} and adds that analytically, but {spec.model_type} is not in the "
+                               "analytic formulas: not estimated")
     try:
         traces = trace_depths(spec, traced_train, depths, by_module, labels)
     except MemplanError:
@@ -144,9 +148,10 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         note += "; traced at full depth (the traced allocation events did not extend to the extrapolated peak)"
         deepened = False
     peak, weights, states, reserved = full.peak, full.weights, full.states, full.peak_reserved
-    if traced_train != train:
-        delta_w = _analytic(spec, train, "weights") - _analytic(spec, traced_train, "weights")
-        delta_peak = estimate(spec, train).peak_allocated_bytes - estimate(spec, traced_train).peak_allocated_bytes
+    wanted = train.with_(attn=traced_train.attn)  # flash_attention_2 traced as sdpa keeps what it keeps: no delta
+    if traced_train != wanted:  # what the trace leaves out (QLoRA's storage, Liger, offload, PiSSA): analytic
+        delta_w = _analytic(spec, wanted, "weights") - _analytic(spec, traced_train, "weights")
+        delta_peak = estimate(spec, wanted).peak_allocated_bytes - estimate(spec, traced_train).peak_allocated_bytes
         peak, weights = peak + delta_peak, weights + delta_w
         reserved += delta_peak  # the quantized storage's own rounding is not replayed
     acts = max(full.forward_end - weights - states, 0) if full.forward_end else 0

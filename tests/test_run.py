@@ -73,7 +73,7 @@ def test_llamafactory_fields_and_defaults(extra, expected):
     ({"model_name_or_path": "x", "optim": "lion_32bit"}, "optim 'lion_32bit' is not modelled"),
     ({"model_name_or_path": "x", "bf16": True, "fp16": True}, "bf16 and fp16 are both true"),
     ({"model_name_or_path": "x", "per_device_train_batch_size": 0}, "per_device_train_batch_size must be"),
-    ({"model_name_or_path": "x", "finetuning_type": "full", "quantization_bit": 4}, "QLoRA only"),
+    ({"model_name_or_path": "x", "finetuning_type": "full", "quantization_bit": 4}, "adapters only"),
 ])
 def test_bad_llamafactory_fields_are_config_errors(raw, message):
     with pytest.raises(ConfigError, match=message):

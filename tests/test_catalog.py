@@ -416,10 +416,8 @@ def test_qwen2_vl_estimates_with_its_vision_tower_frozen():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kw", [dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False),
-                                dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True),
-                                dict(method=Method.LORA, precision=Precision.FP32, checkpointing=False)])
-def test_qwen3_5_exact_mode_matches_the_cpu_truth(kw):
+@pytest.mark.parametrize("kw", [dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True)])
+def test_qwen3_5_exact_mode_matches_the_cpu_truth(kw):  # full fp32 (-0.0006 %) and LoRA fp32 measured once
     """The real Qwen3.5-MoE step (Gated DeltaNet on torch's chunked fallback, MoE, the frozen tower) under the CPU
     profiler. Measured: -0.0006 %, -0.64 % (20 kB of 3.2 MB), -0.003 %."""
     from memplan.testing.truth import measure_cpu_peak

@@ -66,6 +66,14 @@ def test_sigterm_of_memplan_run_stops_the_training_and_its_children(tmp_path):
     assert _gone(child) and _gone(grand)
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT delivered and handled as a terminal's Ctrl-C would be. An ignored or blocked
+    SIGINT is inherited across exec, and in the whole suite something before this test leaves the pytest process
+    so (not found yet; the test alone passes): the probe then never saw the signal."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_probe_leaves_no_worker_and_no_temp_dir(sig, tmp_path):
     """A real worker (a training that would run for hours) under `memplan probe`, stopped by a signal."""
@@ -74,7 +82,7 @@ def test_interrupted_probe_leaves_no_worker_and_no_temp_dir(sig, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "memplan", "probe", "--model", str(tmp_path / "config.json"),
                              "--method", "full", "--precision", "fp32", "--seq-len", "64", "--steps", "1000000",
                              "--no-cache", "--json"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_interruptible)
     deadline, workers = time.monotonic() + 120, []
     while time.monotonic() < deadline and not workers:
         workers = [p for p in descendants(proc.pid)

@@ -10,7 +10,7 @@ from memplan._imports import try_import
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.train import Adapter, Method, Precision, TrainConfig, resolve_attention
+from memplan.spec.train import Adapter, Method, Precision, Stage, TrainConfig, resolve_attention
 
 _HALF = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.PURE_BF16: "bfloat16"}
 
@@ -78,7 +78,32 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
                 p.data = p.data.to(torch.float32)  # fp32 master weights under AMP
     if train.checkpointing:
         enable_checkpointing(model, train)
+    if train.stage is Stage.RM:
+        model.v_head = value_head(spec.hidden_size, device)
     return model
+
+
+def value_head(hidden_size: int, device: str) -> Any:
+    """trl 0.24's ValueHead (trl/models/modeling_value_head.py L22-59), which LLaMA-Factory's reward stage puts on
+    the (adapted) model: `AutoModelForCausalLMWithValueHead.from_pretrained(model)` after init_adapter (model/
+    loader.py L183-185). No kwargs, so dropout 0.1 (L29-34), and nn.Linear(hidden, 1) in the default dtype (fp32),
+    trainable; its forward casts its input to that dtype (L55-56)."""
+    torch = try_import("torch")
+
+    class ValueHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dropout = torch.nn.Dropout(0.1)
+            self.summary = torch.nn.Linear(hidden_size, 1, dtype=torch.float32)
+
+        def forward(self, hidden_states: Any) -> Any:
+            output = self.dropout(hidden_states)
+            if output.dtype != self.summary.weight.dtype:
+                output = output.to(self.summary.weight.dtype)
+            return self.summary(output)
+
+    with torch.device(device):
+        return ValueHead()
 
 
 def adapter_config(train: TrainConfig, targets: Any, exclude: str | None) -> Any:
@@ -236,8 +261,6 @@ def build_reference_model(spec: ModelSpec, train: TrainConfig, *, device: str = 
     """The frozen reference of a full / freeze DPO run, or None (LoRA disables the policy's adapters instead; the
     reference-free losses need none): LLaMA-Factory's create_ref_model (train/trainer_utils.py L116-148) loads the
     model again, not trainable — load_model(is_trainable=False): compute dtype, requires_grad off, eval mode."""
-    from memplan.spec.train import Stage
-
     if train.stage is not Stage.DPO or not train.dpo_reference or train.is_lora:
         return None
     torch = try_import("torch")

@@ -27,6 +27,11 @@ def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mar
 
         def loss_of() -> Any:
             return dpo_loss(model, train, pairs, ref_model)
+    elif train.stage is Stage.RM:
+        pairs = torch.cat([ids, ids.flip(0)])
+
+        def loss_of() -> Any:
+            return rm_loss(model, train, pairs)
     else:
         def loss_of() -> Any:
             return model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -46,6 +51,28 @@ def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mar
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def rm_loss(model: Any, train: TrainConfig, pairs: Any) -> Any:
+    """LLaMA-Factory's reward step (train/rm/trainer.py PairwiseTrainer.compute_loss L88-110 at ff6d4d12e) through
+    trl 0.24's AutoModelForCausalLMWithValueHead.forward (trl/models/modeling_value_head.py L131-183): the
+    pairwise collator's batch (chosen rows, then rejected) goes in with its labels, so the model computes its own
+    LM loss too (unused); the value head reads `hidden_states[-1]` (the final norm's output: transformers
+    utils/output_capturing.py L370-379); trl upcasts the logits to fp32 and returns (logits, loss, values), of
+    which compute_loss keeps the values. The score is each row's value at its last token."""
+    torch = try_import("torch")
+    out = model(input_ids=pairs, labels=pairs, output_hidden_states=True, return_dict=True, use_cache=False)
+    lm_logits = out.logits
+    value = model.v_head(out.hidden_states[-1]).squeeze(-1)
+    if lm_logits.dtype != torch.float32:
+        lm_logits = lm_logits.float()
+    del out, lm_logits  # trl's return tuple, unpacked as `_, _, values`
+    half = train.batch_size
+    last = torch.full((half, 1), pairs.size(1) - 1, dtype=torch.long)  # attention_mask.sum(-1) - 1: full rows
+    chosen, rejected = value.split(half, dim=0)
+    chosen_scores = chosen.gather(dim=-1, index=last).squeeze()
+    rejected_scores = rejected.gather(dim=-1, index=last).squeeze()
+    return -torch.nn.functional.logsigmoid(chosen_scores.float() - rejected_scores.float()).mean()
 
 
 def _batch_logps(model: Any, ids: Any) -> tuple[Any, Any]:

@@ -25,26 +25,30 @@ from memplan.predict.kernels import fused_ce as fused_ce_bytes
 from memplan.predict.kernels import liger_applies, offloaded_checkpoint_bytes, offloads_checkpoints
 from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
-from memplan.predict.weights import ModelStates, model_states
+from memplan.predict.weights import ModelStates, model_states, optimizer_bytes
 from memplan.spec.model import ModelSpec
-from memplan.spec.optimizers import Projection, facts
+from memplan.spec.optimizers import Projection, States, facts
 from memplan.spec.stacks import Stack, quantize_temporaries, stack_facts
 from memplan.spec.train import Attention, Method, Precision, QuantMethod, Sharding, Stage, TrainConfig
 
 FP32 = 4
 
 
-def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused_ce: bool = True) -> Breakdown:
+def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused_ce: bool = True,
+             value_head: bool = False) -> Breakdown:
     """Peak memory of `train` on `spec`, per GPU (per rank under data parallelism: train.gpus, train.sharding,
     train.offload; see sharding.py), with its terms and the phase where the peak happens.
 
     device="cpu" predicts the same step on PyTorch's CPU kernels, for checking against CPU measurements.
-    fused_ce=False: Liger without its fused linear cross-entropy (LLaMA-Factory's stages that need the logits)."""
+    fused_ce=False: Liger without its fused linear cross-entropy (LLaMA-Factory's stages that need the logits).
+    value_head=True: the reward stage's loss (`_rm`): the LM loss made in forward and dropped, a value head's."""
     if not spec.analytic:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
     if train.stage is Stage.DPO:
         return _dpo(spec, train, device)
+    if train.stage is Stage.RM:
+        return _rm(spec, train, device)
     lay = Layout.of(spec, train, device)
     if train.sharding.is_deepspeed and train.precision in (Precision.BF16, Precision.FP16):
         # DeepSpeed's own mixed precision: the module itself is half (no autocast, no fp32 weights on it); the
@@ -53,6 +57,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     _check_targets(lay)
     rs = rank_states(lay, model_states(lay))
     st = rs.states
+    head_states_left = False
+    if value_head and lay.full and not spec.tie_word_embeddings:
+        st, head_states_left = _without_head_states(lay, rs)
     comm = rs.gathered_bytes + rs.bucket_bytes
     b, s = train.batch_size, train.seq_len
     n, v = b * s, spec.vocab_size
@@ -82,6 +89,16 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         ce_fwd, ce_bwd = f.forward_peak_bytes, f.grad_input_bytes + f.grad_weight_bytes
         head = dataclasses.replace(head, logits_bytes=0, upcast_bytes=0, logprobs_bytes=0, softcap_bytes=0)
         head_bwd = head.norm_bytes + ce_bwd
+    head_kept = head.norm_bytes + lay.head_cast_bytes + head.softcap_bytes  # through the head's backward
+    head_grads = 0 if per_param else _head_grad_bytes(lay)
+    if value_head:
+        vh = _value_head(lay, n)
+        ce_fwd += vh.saved + _hidden_states_kept(lay, b, s)
+        # the logits' graph is dropped after forward: no log-probs, logits gradient or LM-head backward; the final
+        # norm's output (the LM head's saved input) is freed, the value head's backward runs on its saved tensors
+        head_kept = head.norm_bytes - (n * spec.hidden_size * c if lay.full else 0) + vh.saved
+        ce_bwd, head_bwd = vh.backward, 0
+        head_grads = (spec.hidden_size * lay.trainable_width if lay.full else 0) + vh.param_bytes
     layer_grad = _layer_backward_buffers(lay, n) + rs.layer_backward_bytes
     if train.checkpointing:
         # a recomputed layer's two high points: its backward at the MLP's product (what is still saved + the
@@ -98,6 +115,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
                          recomputed_end + adapters.forward_transient_bytes(lay) + rs.layer_backward_bytes)
     # input_ids (B, S) int64, alive through the step (labels=ids: the same tensor)
     base = st.weights_bytes + st.optimizer_states_bytes + comm + 8 * n
+    if value_head:
+        base += _value_head(lay, n).resident_bytes
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
     # whole forward, and through backward when checkpointed layers keep it as an input
     masks = spec.mask_types * b * s * s * stream_width(lay) if lay.attn is Attention.EAGER else \
@@ -109,7 +128,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         cast_layers = lay.trainable_layers if train.method is Method.FREEZE else spec.num_layers
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
-    head_grads = 0 if per_param else _head_grad_bytes(lay)
+    head_grads = 0 if per_param else head_grads
     states_base = base  # what the optimizer step sees besides the gradients
     # with accumulation, micro-steps after the first run forward and backward with every gradient already alive
     if train.grad_accum > 1:
@@ -125,7 +144,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         "forward adapter": base + st.autocast_cache_bytes + acts + masks + rope.forward
         + adapters.forward_transient_bytes(lay),
         "backward": kept + rope.backward + rs.backward_bucket_bytes + max(
-            head.norm_bytes + head_cast + head.softcap_bytes + ce_bwd,
+            head_kept + ce_bwd,
             head_bwd,
             # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
             # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
@@ -164,6 +183,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
     note = _quant_note(train)
+    if head_states_left:
+        note += ("; " if note else "") + ("the untied LM head gets no gradient in the reward stage, yet its gradient "
+                                          "and optimizer states are counted (an over-estimate)")
     bd = Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                    cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
                    host_bytes=rs.host_bytes + offloaded_checkpoint_bytes(lay) * train.gpus_per_node,
@@ -234,6 +256,75 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
                                moments=tuple(moments.items()),
                                phases=tuple((n, b + ref_weights) if n != "step" else (n, max(moments.values()))
                                             for n, b in policy.phases))
+
+
+@dataclass(frozen=True, slots=True)
+class _ValueHead:
+    saved: int  # what its forward saves: the dropout mask and the summary's input
+    backward: int  # its backward's buffers beside those
+    param_bytes: int  # the summary's gradient
+    resident_bytes: int  # the summary's weight and its optimizer states (AdamW's two fp32 states)
+
+
+def _value_head(lay: Layout, n: int) -> _ValueHead:
+    """trl 0.24's ValueHead on the final norm's output (memplan.build.model.value_head): dropout(0.1) saves its
+    bool mask; the input is cast to the fp32 summary's dtype (modeling_value_head.py L55-56); under autocast the
+    Linear casts it back to the compute dtype and saves that copy, else it saves the fp32 input. Its backward:
+    the input's gradient in the compute dtype, its fp32 cast, the dropout's gradient in the norm's dtype."""
+    h = lay.spec.hidden_size
+    norm_out = max(lay.stream_width, lay.trainable_width if lay.full else lay.kept_width)
+    saved = n * h * (1 + (lay.compute_width if lay.amp else FP32))
+    backward = n * h * ((lay.compute_width + FP32 if lay.amp else FP32) + norm_out)
+    return _ValueHead(saved=saved, backward=backward, param_bytes=(h + 1) * FP32, resident_bytes=3 * (h + 1) * FP32)
+
+
+def _without_head_states(lay: Layout, rs: RankStates) -> tuple[ModelStates, bool]:
+    """A full reward run's untied LM head gets no gradient (the loss reads the values only), so it has no .grad and
+    torch's optimizers skip it, never making its states (torch/optim/adamw.py _init_group: `if p.grad is None:
+    continue`). Removed for the optimizers whose states are per element; (states, True) where they stay counted
+    (sharded ranks, per-tensor rules: an over-estimate)."""
+    st, tr = rs.states, lay.train
+    opt = facts(tr.optimizer)
+    linear = opt.states in (States.ADAM, States.ADAM_FP32, States.MOMENTUM, States.NONE)
+    if not linear or opt.per_param or opt.projection is not Projection.NONE or tr.gpus > 1:
+        return st, True
+    vh = lay.spec.vocab_size * lay.spec.hidden_size
+    states, step = optimizer_bytes(lay, vh, lay.trainable_width)
+    return dataclasses.replace(st, gradients_bytes=st.gradients_bytes - vh * lay.trainable_width,
+                               optimizer_states_bytes=st.optimizer_states_bytes - states,
+                               optimizer_step_bytes=st.optimizer_step_bytes - step), False
+
+
+def _hidden_states_kept(lay: Layout, b: int, s: int) -> int:
+    """`output_hidden_states=True` (trl's forward sets it, modeling_value_head.py L156) keeps the tuple of the L+1
+    hidden states until the output is dropped: the first layer's input, each layer's output, the last replaced by
+    the final norm's output (transformers utils/output_capturing.py L370-379). What the graph saves anyway costs
+    nothing more: a checkpointed layer's input, an input its first op saves (an fp32 stream's norm: `pow` on the
+    tensor itself), the norm's output an LM head that trains saves as its input outside autocast."""
+    tr, spec = lay.train, lay.spec
+    h = b * s * spec.hidden_size
+    norm_out = max(lay.stream_width, lay.trainable_width if lay.full else lay.kept_width)
+    kept = 0 if lay.full and not lay.amp else h * norm_out
+    trains = lay.trainable_layers > 0
+    frozen = spec.num_layers - lay.trainable_layers if tr.method is Method.FREEZE else 0
+    own = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True) - \
+        layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True, input_kept=True)  # the input, if it saves it
+    per_trained = 0 if tr.checkpointing else h * lay.stream_width - own
+    return kept + frozen * h * lay.stream_width + (spec.num_layers - frozen) * per_trained
+
+
+def _rm(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
+    """LLaMA-Factory's reward step (memplan.build.step.rm_loss; rm/trainer.py compute_loss L88-110): chosen +
+    rejected rows in one batch (PairwiseDataCollatorWithPadding: 2 x micro-batch), the SFT forward with its own LM
+    loss (the labels go in), whose graph is dropped once the value head has read the last hidden states; the
+    backward starts at the value head, never at the vocabulary. trl upcasts the returned logits (`lm_logits.float()`,
+    modeling_value_head.py L177-178) while the LM loss's log-probs are alive: the same bytes as the upcast in
+    cross-entropy, so the forward's head moment is the SFT one. A full run's untied LM head gets no gradient, so
+    torch's optimizers never make its states (`_without_head_states`)."""
+    pairs = train.with_(stage=Stage.SFT, batch_size=2 * train.batch_size)
+    bd = estimate(spec, pairs, device=device, fused_ce=False, value_head=True)
+    note = "reward model: chosen + rejected pairs through a value head"
+    return dataclasses.replace(bd, note=(bd.note + "; " if bd.note else "") + note)
 
 
 def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, int]:

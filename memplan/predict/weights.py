@@ -111,7 +111,7 @@ def model_states(lay: Layout) -> ModelStates:
         ac_params = ac_layer = 0
     grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
     width = grads // trainable if trainable else 4
-    states, step = _optimizer(lay, trainable, width)
+    states, step = optimizer_bytes(lay, trainable, width)
     if facts(tr.optimizer).per_param and trainable:
         # the step runs in backward, parameter by parameter, each gradient freed after it (LF's layer-wise
         # post-accumulate-grad hooks; LOMO's tensor hooks): one gradient alive at a time, the largest
@@ -131,7 +131,7 @@ def _norm_params(lay: Layout) -> int:
     return s.norms_per_layer * s.hidden_size + qk
 
 
-def _optimizer(lay: Layout, trainable: int, width: int) -> tuple[int, int]:
+def optimizer_bytes(lay: Layout, trainable: int, width: int) -> tuple[int, int]:
     """(state bytes, step temporary bytes) for `trainable` params whose grads/states have `width` bytes."""
     opt = facts(lay.train.optimizer)
     step = trainable * width if opt.foreach_copy else 0  # foreach: _foreach_sqrt(exp_avg_sq) is one more copy

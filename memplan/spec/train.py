@@ -47,6 +47,7 @@ class Stage(str, Enum):
 
     SFT = "sft"  # next-token loss (pt: the same step)
     DPO = "dpo"  # chosen + rejected in one batch, plus a no-grad reference forward (memplan.predict.estimator)
+    RM = "rm"  # chosen + rejected in one batch through a value head; the loss skips the vocabulary
 
 
 class ProjType(str, Enum):

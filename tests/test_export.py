@@ -89,7 +89,7 @@ def test_every_optimizer_round_trips_through_each_format(optimizer, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "named"), [
-    ({"stage": "kto"}, ["stage=kto"]),
+    ({"stage": "kto", "fp8": True}, ["fp8=true"]),  # kto and rm are modelled (tests/test_dpo.py, test_reward.py)
     ({"use_badam": True, "use_unsloth": True}, ["use_badam=true", "use_unsloth=true"]),
     ({"resize_vocab": True, "do_train": True, "predict_with_generate": True},
      ["resize_vocab=true", "predict_with_generate=true"]),

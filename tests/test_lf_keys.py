@@ -154,11 +154,11 @@ def test_quantization_keys_are_read() -> None:
 # ---- warnings name the reason ------------------------------------------------------------------------------------
 def test_a_key_not_modelled_is_warned_with_its_reason(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "stage": "kto", "resize_vocab": True}))
+    path.write_text(yaml.safe_dump({**BASE, "use_badam": True, "resize_vocab": True}))
     with pytest.warns(UserWarning) as seen:
         read_llamafactory(path)
     text = str(seen[0].message)
-    assert "stage=kto (KTO's step" in text and "resize_vocab=true (the embedding and head grow" in text
+    assert "use_badam=true (BAdam trains one block" in text and "resize_vocab=true (the embedding and head grow" in text
 
 
 # ---- the README's table is the code's ----------------------------------------------------------------------------

@@ -261,7 +261,7 @@ def build_reference_model(spec: ModelSpec, train: TrainConfig, *, device: str = 
     """The frozen reference of a full / freeze DPO run, or None (LoRA disables the policy's adapters instead; the
     reference-free losses need none): LLaMA-Factory's create_ref_model (train/trainer_utils.py L116-148) loads the
     model again, not trainable — load_model(is_trainable=False): compute dtype, requires_grad off, eval mode."""
-    if train.stage is not Stage.DPO or not train.dpo_reference or train.is_lora:
+    if not train.has_reference or train.is_lora:
         return None
     torch = try_import("torch")
     transformers = try_import("transformers")

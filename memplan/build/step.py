@@ -27,6 +27,11 @@ def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mar
 
         def loss_of() -> Any:
             return dpo_loss(model, train, pairs, ref_model)
+    elif train.stage is Stage.KTO:
+        kl = ids.flip(0)  # the KL batch: each prompt with another row's response (the same shape)
+
+        def loss_of() -> Any:
+            return kto_loss(model, train, ids, kl, ref_model)
     elif train.stage is Stage.RM:
         pairs = torch.cat([ids, ids.flip(0)])
 
@@ -51,6 +56,58 @@ def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mar
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def _log_softmax(sliced: Any) -> Any:
+    """`sliced.log_softmax(-1)` with the copy its kernel makes of a non-contiguous input made here instead
+    (aten/src/ATen/native/SoftMax.cpp host_softmax, and the CUDA kernel, take `input.contiguous()`): the same bytes
+    for the same time, and visible to a fake-tensor trace, whose meta kernel allocates no such copy."""
+    return sliced.contiguous().log_softmax(-1)
+
+
+def _kto_logps(model: Any, ids: Any) -> tuple[Any, Any]:
+    """LLaMA-Factory's KTOTrainer.forward (train/kto/trainer.py L110-143 at ff6d4d12e): fp32 logits, then
+    get_batch_logps (trainer_utils.py L592-630). Returns (fp32 logits, per-row log-probs)."""
+    torch = try_import("torch")
+    logits = model(input_ids=ids, return_dict=True, use_cache=False).logits.to(torch.float32)
+    labels = ids[:, 1:].clone()
+    per_token = torch.gather(_log_softmax(logits[:, :-1, :]), dim=2, index=labels.unsqueeze(2)).squeeze(2)
+    return logits, per_token.sum(-1)
+
+
+def _kto_concatenated(model: Any, ids: Any, kl: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """concatenated_forward (L145-161): the target rows with grad, the KL rows under no_grad, then the target's
+    logits and log-probs split by kto_tags. Boolean indexing copies; index_select makes the same copies with shapes
+    a fake tensor can trace (the first half of the rows desirable)."""
+    torch = try_import("torch")
+    logits, logps = _kto_logps(model, ids)
+    with torch.no_grad():
+        _, kl_logps = _kto_logps(model, kl)
+    rows = ids.size(0)
+    chosen = torch.arange(0, (rows + 1) // 2)
+    rejected = torch.arange((rows + 1) // 2, rows)
+    return (logps.index_select(0, chosen), logps.index_select(0, rejected), logits.index_select(0, chosen),
+            logits.index_select(0, rejected), kl_logps)
+
+
+def kto_loss(model: Any, train: TrainConfig, ids: Any, kl: Any, ref_model: Any = None) -> Any:
+    """LLaMA-Factory's KTO loss (kto/trainer.py get_batch_loss_metrics L220-270): the policy's concatenated forward,
+    then the reference's under no_grad (compute_reference_log_probs L163-180: the policy with its adapters disabled
+    for LoRA), TRL's kto_loss (beta pref_beta 0.1, weights 1). The policy's chosen / rejected logits live until the
+    metrics are taken, at the end."""
+    torch = try_import("torch")
+    p_c, p_r, logits_c, logits_r, p_kl = _kto_concatenated(model, ids, kl)
+    reference = ref_model if ref_model is not None else model
+    off = contextlib.nullcontext() if ref_model is not None else model.disable_adapter()
+    with torch.no_grad(), off:
+        r_c, r_r, _, _, r_kl = _kto_concatenated(reference, ids, kl)
+    beta = 0.1
+    kl_term = (p_kl - r_kl).mean().clamp(min=0)
+    chosen = 1 - torch.nn.functional.sigmoid(beta * ((p_c - r_c) - kl_term))
+    rejected = 1 - torch.nn.functional.sigmoid(beta * (kl_term - (p_r - r_r)))
+    loss = torch.cat((chosen, rejected), 0).nanmean()
+    del logits_c, logits_r
+    return loss
 
 
 def rm_loss(model: Any, train: TrainConfig, pairs: Any) -> Any:
@@ -83,7 +140,7 @@ def _batch_logps(model: Any, ids: Any) -> tuple[Any, Any]:
     torch = try_import("torch")
     logits = model(input_ids=ids, return_dict=True, use_cache=False).logits.to(torch.float32)
     labels = ids[:, 1:].clone()
-    per_token = torch.gather(logits[:, :-1, :].log_softmax(-1), dim=2, index=labels.unsqueeze(2)).squeeze(2)
+    per_token = torch.gather(_log_softmax(logits[:, :-1, :]), dim=2, index=labels.unsqueeze(2)).squeeze(2)
     return per_token.sum(-1), logits
 
 

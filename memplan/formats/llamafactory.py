@@ -61,7 +61,8 @@ _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.
 # they are named in one warning line, never silently ignored. use_reentrant_gc: model_utils/checkpointing.py passes
 # it to gradient_checkpointing_enable (memplan models transformers' non-reentrant checkpoint).
 NOT_MODELLED: dict[str, tuple[object, ...]] = {
-    "stage": ("sft", "pt", "dpo", "rm"), "ref_model": (None,), "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
+    "stage": ("sft", "pt", "dpo", "rm", "kto"), "ref_model": (None,),
+    "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
     "use_badam": (False,), "apollo_proj": ("random",), "use_unsloth": (False,), "additional_target": (None,),
     "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,),
@@ -71,9 +72,6 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
 # Why each of these keys (the ones this table's values leave out) is not modelled, in the warning line and README.
 # A key without an entry reads "not modelled yet".
 WHY_NOT: dict[str, str] = {
-    "stage=kto": "KTO's step, a target batch with grad + a mismatched KL batch under no_grad and the reference's "
-                 "forwards of both (train/kto/trainer.py concatenated_forward), is not modelled: the SFT step is "
-                 "estimated",
     "freeze_trainable_modules": "only those sub-modules of the trained layers train (model/adapter.py "
                                 "_setup_freeze_tuning); the estimate trains whole layers",
     "freeze_extra_modules": "the named non-layer modules (embed_tokens, norm, lm_head) train too: their fp32 copy, "
@@ -106,7 +104,8 @@ WHY_NOT: dict[str, str] = {
 MODELLED: dict[str, str] = {
     "model_name_or_path": "the model (a catalog name, a hub id, a local folder with config.json)",
     "stage": "sft / pt: the SFT step; dpo: chosen + rejected pairs and the reference forward; rm: chosen + "
-             "rejected pairs through a value head (no vocabulary loss in backward); ppo refused",
+             "rejected pairs through a value head (no vocabulary loss in backward); kto: the target rows, a no-grad KL "
+             "batch and the reference's forwards of both; ppo refused",
     "pref_loss": "orpo / simpo: DPO without the reference forward",
     "finetuning_type": "full, freeze, lora or oft (with quantization_bit: QLoRA / QOFT)",
     "bf16": "AMP bf16: fp32 master weights, bf16 autocast", "fp16": "AMP fp16",
@@ -414,10 +413,12 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     if str(raw.get("stage", "sft")).lower() == "ppo":
         problems.append("stage ppo is not modelled: its step holds the policy with a value head, the reward model "
                         "and the reference, and generates rollouts (train/ppo/trainer.py); memplan estimates sft, "
-                        "pt, dpo and rm (kto with a warning)")
+                        "pt, dpo, kto and rm")
     if str(raw.get("stage", "sft")).lower() == "dpo":  # train/dpo/workflow.py; finetuning_args.py L593
         kw["stage"] = Stage.DPO
         kw["dpo_reference"] = str(raw.get("pref_loss", "sigmoid")).lower() not in ("orpo", "simpo")
+    if str(raw.get("stage", "sft")).lower() == "kto":  # train/kto/workflow.py: a reference always (L57-60)
+        kw["stage"] = Stage.KTO
     if str(raw.get("stage", "sft")).lower() == "rm":  # train/rm/workflow.py run_rm: load_model(add_valuehead=True)
         kw["stage"] = Stage.RM
     try:

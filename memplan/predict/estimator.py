@@ -45,7 +45,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     if not spec.analytic:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
-    if train.stage is Stage.DPO:
+    if train.stage in (Stage.DPO, Stage.KTO):
         return _dpo(spec, train, device)
     if train.stage is Stage.RM:
         return _rm(spec, train, device)
@@ -213,29 +213,44 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
     reference step on chosen + rejected together (PairwiseDataCollatorWithPadding: 2 x micro-batch rows); then the
     reference forward, under no_grad, while the policy's saved activations, its fp32 logits (kept in the trainer's
     output dict) and log-probs are alive: its own fp32 logits and log_softmax (B, S, V) on top. A full / freeze run
-    also holds the reference model, a frozen copy in the compute dtype (trainer_utils.py create_ref_model)."""
-    pairs = train.with_(stage=Stage.SFT, batch_size=2 * train.batch_size)
+    also holds the reference model, a frozen copy in the compute dtype (trainer_utils.py create_ref_model).
+
+    KTO (memplan.build.step.kto_loss; kto/trainer.py L110-270) runs the same head on the micro-batch's target
+    rows (KTODataCollatorWithPadding: n target rows + n KL rows), then a no-grad forward of the KL rows on the
+    policy, then the reference's forwards of both: its target logits alive through its KL forward, while the
+    policy's chosen / rejected logits (boolean-index copies of its fp32 logits) and log-probs are kept."""
+    kto = train.stage is Stage.KTO
+    pairs = train.with_(stage=Stage.SFT, batch_size=train.batch_size if kto else 2 * train.batch_size)
     # LLaMA-Factory turns Liger's fused cross-entropy off for a stage that needs the logits (require_logits:
     # model/model_utils/liger_kernel.py L106-108, loader.py: stage not in pt / sft)
     policy = estimate(spec, pairs, device=device, fused_ce=False)
     lay = Layout.of(spec, pairs, device)
-    nv = 2 * train.batch_size * train.seq_len * spec.vocab_size
+    nv = pairs.batch_size * train.seq_len * spec.vocab_size
     ref_weights = 0
-    if train.dpo_reference and not train.is_lora:
+    if train.has_reference and not train.is_lora:
         ref_weights = spec.num_parameters * lay.compute_width + spec.head_dim // 2 * 4  # + rotary inv_freq
     moments = {k: v + ref_weights for k, v in policy.moments}
     # the loss head differs from cross-entropy's (logits c + fp32 upcast + log-probs): `.logits.to(torch.float32)`
     # frees the half logits; `logits[:, :-1, :].log_softmax(-1)` runs on a non-contiguous slice, which the softmax
     # kernels copy first (aten/src/ATen/native/SoftMax.cpp host_softmax and the CUDA log_softmax both take
-    # `input.contiguous()`): fp32 logits + that copy + the log-probs at the policy's peak
+    # `input.contiguous()`): fp32 logits + that copy + the log-probs at the policy's peak. One row (KTO at
+    # micro-batch 1): the slice of a (1, S, V) tensor is contiguous, no copy
+    heads = (3 if pairs.batch_size > 1 else 2) * nv * FP32
     sft_head = nv * (2 * FP32 if lay.head_output_fp32 else
                      lay.logits_width + (FP32 if lay.logits_width != FP32 else 0) + FP32)
-    moments["forward"] += 3 * nv * FP32 - sft_head
-    if train.dpo_reference:
+    moments["forward"] += heads - sft_head
+    hidden = nv // spec.vocab_size * spec.hidden_size * stream_width(lay)
+    if kto:
+        # the KL rows' no-grad forward on the policy: its last hidden states, fp32 logits, their contiguous copy,
+        # log-probs, beside the policy's fp32 logits and log-probs (the copy of the forward is gone)
+        moments["kl forward"] = moments["forward"] - (heads - 2 * nv * FP32) + hidden + heads
+        # the reference's KL forward: the policy's chosen / rejected copies (nv fp32 in all) and log-probs, the
+        # reference's target logits, and the KL forward's own
+        moments["reference forward"] = moments["forward"] - (heads - 2 * nv * FP32) + nv * FP32 + hidden + heads
+    elif train.dpo_reference:
         # then the reference's forward under no_grad, while the policy's fp32 logits (kept in the trainer's output
         # dict) and log-probs are alive: its last hidden states, fp32 logits, their contiguous copy, log-probs
-        hidden = nv // spec.vocab_size * spec.hidden_size * stream_width(lay)
-        moments["reference forward"] = moments["forward"] - nv * FP32 + hidden + 3 * nv * FP32
+        moments["reference forward"] = moments["forward"] - nv * FP32 + hidden + heads
     phase = max(moments, key=moments.__getitem__)
     peak = moments[phase]
     terms = list(policy.terms)
@@ -248,11 +263,15 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
                                               "beside the policy's" if phase == "reference forward" else t.explain)
         for t in terms]
     what = "reference" if phase == "reference forward" else phase.split()[0]
+    if kto:
+        what = "reference" if phase in ("reference forward", "kl forward") else what
+        note = "KTO: the target rows, a no-grad KL batch, the reference's forwards of both"
+    else:
+        note = "DPO: chosen + rejected pairs" + (", a no-grad reference forward" if train.dpo_reference else "")
     return dataclasses.replace(policy, terms=tuple(terms), peak_allocated_bytes=peak,
                                peak_reserved_bytes=policy.peak_reserved_bytes + (peak - policy.peak_allocated_bytes),
                                phase="forward" if what == "reference" else what,
-                               note=(policy.note + "; " if policy.note else "") + "DPO: chosen + rejected pairs"
-                               + (", a no-grad reference forward" if train.dpo_reference else ""),
+                               note=(policy.note + "; " if policy.note else "") + note,
                                moments=tuple(moments.items()),
                                phases=tuple((n, b + ref_weights) if n != "step" else (n, max(moments.values()))
                                             for n, b in policy.phases))

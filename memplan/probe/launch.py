@@ -54,12 +54,10 @@ def probe(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions | None = None,
         from memplan.errors import ConfigError
 
         raise ConfigError("--steps must be positive and --warmup not negative")
-    from memplan.spec.train import Stage
-
-    if train.stage is Stage.DPO and train.dpo_reference and not train.is_lora:
+    if train.has_reference and not train.is_lora:
         from memplan.errors import ConfigError
 
-        raise ConfigError("probing DPO with a separate reference model (full / freeze) is not supported yet: the "
+        raise ConfigError("probing DPO / KTO with a separate reference model (full / freeze) is not supported yet: the "
                           "estimate models it; probe a LoRA DPO run, or a reference-free loss (orpo / simpo)")
     check_probeable(train, opts.device)
     request = request_for(spec, train, opts)

@@ -47,6 +47,7 @@ class Stage(str, Enum):
 
     SFT = "sft"  # next-token loss (pt: the same step)
     DPO = "dpo"  # chosen + rejected in one batch, plus a no-grad reference forward (memplan.predict.estimator)
+    KTO = "kto"  # target rows with grad, a mismatched KL batch under no_grad, the reference's forwards of both
     RM = "rm"  # chosen + rejected in one batch through a value head; the loss skips the vocabulary
 
 
@@ -118,6 +119,11 @@ class TrainConfig:
     # DPO (LLaMA-Factory stage: dpo): each micro-batch row is a chosen + rejected pair; dpo_reference False for the
     # reference-free losses (pref_loss orpo / simpo: finetuning_args.py use_ref_model)
     stage: Stage = Stage.SFT
+
+    @property
+    def has_reference(self) -> bool:
+        """A preference stage that runs a reference (DPO unless reference-free; KTO always)."""
+        return self.stage is Stage.KTO or (self.stage is Stage.DPO and self.dpo_reference)
     dpo_reference: bool = True
     # GaLore / APOLLO (optimizers with a Projection): the rank, the target modules (LLaMA-Factory galore_target /
     # apollo_target: "all" = every decoder linear) and the projected side; LLaMA-Factory's defaults

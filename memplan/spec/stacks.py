@@ -121,13 +121,14 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # becomes a float at L282): the previous micro-step's logits and graph live through that forward (full.py
         # L219-233 the same). Those logits are fp32: Fabric's _FabricModule.forward returns
         # `precision.convert_output(output)` (lightning@75553845 src/lightning/fabric/wrappers.py L142-145), which
-        # both BitsandbytesPrecision (bitsandbytes.py L154-155) and HalfPrecision (half.py L61-62) make
+        # both BitsandbytesPrecision (bitsandbytes.py L155-156) and HalfPrecision (half.py L61-62) make
         # `_convert_fp_tensor(..., dst_type=torch.get_default_dtype())`, fp32 outside the forward context.
         quantize_load_transients=(2,), device_init=True, quantizes_lm_head=True, traced=False,
         quantizes_from_half=True, holds_previous_output=True, output_fp32=True,
         source="litgpt@41dece20 litgpt/finetune/lora.py L166-189, L266-282; lightning@75553845 src/lightning/"
-               "fabric/plugins/precision/bitsandbytes.py L129-144, L154-166, L326-341; fabric/wrappers.py L137-148",
-        explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),
+               "fabric/plugins/precision/bitsandbytes.py L129-144, L155-166, L326-341; fabric/wrappers.py L137-148",
+        explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included; its loop holds "
+                "the last fp32 logits and their graph through the next forward"),
     StackFacts(
         name=Stack.TRL, title="TRL SFTTrainer (>= 1.0)", kbit_upcast=False, reentrant_checkpointing=False,
         # trl 1.16.0 trl/trainer/sft_trainer.py: SFTTrainer never calls prepare_model_for_kbit_training (only the

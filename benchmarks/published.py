@@ -88,21 +88,35 @@ RESIDUALS = {
     "the step sketch's allocator overhead; the full-depth replay of both quantization passes gives 7.22), the "
     "tutorial's init alone 8.50 GiB: fragmentation memplan's allocator replay does not reproduce (adding the NF4 "
     "clone's dequantization temporaries to the init pass moved it by 0.16 GiB; no GPU here to measure).",
-    "LitGPT QLoRA (108, 110, 112)": "unexplained, about 2.5-2.9 GiB on every 7-8B model (~2.4 GiB on TinyLlama, row "
-    "106, not in the table), while the LoRA and full rows of the same table are within -0.4 ... -8.5 % (+4.8 %) "
-    "with their configs' lora_dropout 0.05 and gradient accumulation. Read and modelled: Fabric's plugin makes "
-    "every Linear 4-bit, the LM head included "
-    "(-0.19 GiB); bitsandbytes 0.42 keeps each 4-bit linear's input; `bnb.nf4` is single quantization (fp32 absmax "
-    "per 64, +0.29 GiB); Lightning quantizes from torch.half, so MatMul4Bit dequantizes to fp16 then copies to bf16: "
-    "the 4-bit LM head's backward and forward hold both (memplan.predict.estimator dequantized_bytes; the decoder "
-    "linears' dequantized weight in their backward is measured on CPU). Read, not modelled: LitGPT's chunked bf16 "
-    "head (lm_head_chunk_size=128, no fp32 upcast) is smaller than the HF head memplan models; the load (each "
-    "weight quantized through one half copy) is not the peak. The rest of the gap, about 2 GiB, is unexplained.",
-    "torchtune LoRA README (27)": "a source inconsistency: the same nominal config is 15.57 GB in the tutorial of the "
-    "same month (row 20, -5.7 %).",
+    "LitGPT QLoRA (108, 110, 112)": "explained in the main: was -18.5 / -15.8 / -16.9 %, now -6.9 / -4.3 / -4.2 % "
+    "(TinyLlama row 106, not in the table: was about -2.4 GiB, now +0.6 %, QLoRA above LoRA as measured). "
+    "bitsandbytes 0.42 MatMul4Bit.forward keeps its input as a plain ctx attribute (`ctx.tensors = (A, B)`, "
+    "autograd/_functions.py L522-523), which autograd does not release after backward (only save_for_backward's "
+    "tensors); LitGPT's fit loop holds `logits = model(...)` (litgpt@41dece20 finetune/lora.py L266-270) until the "
+    "next forward returns, so that forward runs beside the previous micro-step's logits, fp32 (Fabric's "
+    "_FabricModule.forward returns precision.convert_output(output): lightning@75553845 fabric/wrappers.py L142-145), "
+    "and every 4-bit linear's input through their graph: 2 x tokens x L x (3 x hidden + intermediate) B, 1.42 GiB "
+    "on Llama-2-7B at 2 x 512, the peak (memplan.spec.stacks holds_previous_output; the held bytes measured to the "
+    "byte on the CPU allocator with 0.42's save on the installed kernels, tests/test_pubstacks.py). Modelled "
+    "before: Fabric's plugin makes every Linear 4-bit, the LM head included; `bnb.nf4` is single quantization; "
+    "Lightning quantizes from torch.half, so MatMul4Bit dequantizes to fp16 then copies to bf16. Left, 0.6-0.9 GiB "
+    "(-4 ... -7 %, the size of the LoRA rows' own residuals, -0.1 ... -7.8 %): not found in the source read. Read, "
+    "not modelled, both making the estimate larger: LitGPT's QLoRA optimizer is bnb.optim.PagedAdamW (lora.py "
+    "L176-179), whose fp32 states bitsandbytes 0.42 puts in cudaMallocManaged memory (optimizer.py "
+    "get_state_buffer L304-312, functional.py get_paged L169-177) that max_memory_allocated does not count, where "
+    "memplan counts torch AdamW's bf16 states (0.06 GiB); LitGPT's chunked loss holds fp32 logits and fp32 "
+    "log-probs (8 B per token x vocab), the HF head memplan models 10 B at the forward's end.",
+    "torchtune LoRA README (27)": "a source inconsistency, no mechanism found. The README at fef3ed1 (2024-04-16) "
+    "and the LoRA tutorial at ff594c2 (2024-04-15, row 20, -5.2 %) name the same config, recipes/configs/llama2/"
+    "7B_lora_single_device.yaml, whose diff between the two commits is a download comment and the profiler's "
+    "output_dir; recipes/lora_finetune_single_device.py differs only in the memory log's `device.type == \"cuda\"` "
+    "test (L298, L479), alpaca_cleaned_dataset keeps max_seq_len 512, no model builder change touches LoRA q/v. "
+    "The same README table's QLoRA row, 9.29 GB, is exactly the QLoRA tutorial's 'peak memory reserved, training' "
+    "(row 24): its column is the reserved peak, and for this config the tutorial reports 15.57 GB reserved against "
+    "the README's 17.18 GB ('~17.1GB' in its text). Compared as reserved, row 27 would be -14.0 %.",
     "LitGPT full TinyLlama (104)": "explained: was -19.5 % at one micro-step; tiny-llama/full.yaml accumulates "
-    "global_batch_size 32 // micro_batch_size 4 = 8 micro-steps, which run with every bf16 gradient alive (-3.9 %).",
-    "the rest": "within -8.5 ... +4.8 %: LitGPT's and torchtune's own model code (fused qkv, fp32 RoPE, one dropout "
+    "global_batch_size 32 // micro_batch_size 4 = 8 micro-steps, which run with every bf16 gradient alive (-3.4 %).",
+    "the rest": "within -7.8 ... +5.3 %: LitGPT's and torchtune's own model code (fused qkv, fp32 RoPE, one dropout "
     "on the fused input) against the transformers llama memplan models, and padded variable-length batches.",
 }
 

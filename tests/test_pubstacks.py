@@ -131,3 +131,100 @@ def test_exact_mode_refuses_the_analytic_only_stacks() -> None:
     for stack in (Stack.TORCHTUNE, Stack.LITGPT):
         with pytest.raises(UnsupportedModel, match=f"{stack.value} stack"):
             exact_run(resolve_model("llama-2-7b"), QLORA.with_(stack=stack))
+
+
+@pytest.fixture
+def bnb_era(monkeypatch):
+    """Pin the bitsandbytes version the estimate reads (memplan.spec.packages), restored after the test."""
+    from memplan.spec.packages import bitsandbytes_version
+
+    def pin(version: str) -> None:
+        monkeypatch.setenv("MEMPLAN_BITSANDBYTES_VERSION", version)
+        bitsandbytes_version.cache_clear()
+    yield pin
+    monkeypatch.delenv("MEMPLAN_BITSANDBYTES_VERSION", raising=False)
+    bitsandbytes_version.cache_clear()
+
+
+def test_litgpt_next_forward_runs_beside_the_previous_graph(bnb_era) -> None:
+    """LitGPT's fit loop holds `logits` (fp32: Fabric's convert_output) until the next forward returns, and with it
+    the graph, whose bitsandbytes 0.42 MatMul4Bit nodes keep every 4-bit linear's input in ctx.tensors: per layer
+    both norm outputs, the attention output and the MLP product (layer 0's q/k/v input needs no grad), plus the LM
+    head's input. The next forward's end is then the peak."""
+    from memplan.predict.estimator import held_bytes
+
+    spec = resolve_model("llama-2-7b")
+    train = QLORA.with_(lora_rank=32, lora_targets=("q_proj", "v_proj"), stack=Stack.LITGPT, checkpointing=False)
+    n, h, i, L = 2 * 512, spec.hidden_size, spec.intermediate_size, spec.num_layers
+    bnb_era("0.43.1")
+    lay = Layout.of(spec, train)
+    assert held_bytes(lay) == 2 * n * (L * (3 * h + i) - h) + 2 * n * h  # bf16
+    old_bd = estimate(spec, train)
+    old = dict(old_bd.moments)
+    assert max(old, key=old.__getitem__) == "forward previous" and old_bd.phase == "forward"
+    bnb_era("0.43.2")  # (None, B): nothing held; the previous fp32 logits still are
+    assert held_bytes(Layout.of(spec, train)) == 0
+    new_bd = estimate(spec, train)
+    new = dict(new_bd.moments)
+    # the previous graph's held inputs, and this step's own (those no other op saves)
+    own = old_bd.term("activations") - new_bd.term("activations")
+    assert 0 < own < held_bytes(lay)
+    head_input = 2 * n * h  # this step's 4-bit LM head input (counted with the head's saved tensors)
+    assert old["forward previous"] - new["forward previous"] == held_bytes(lay) + own + head_input
+    previous_logits = n * spec.vocab_size * 4
+    assert new["forward previous"] - new["forward"] <= previous_logits < held_bytes(lay) < \
+        old["forward previous"] - old["forward"]
+    # stacks whose loop drops the output before the next forward have no such moment
+    assert "forward previous" not in dict(estimate(spec, train.with_(stack=Stack.HF)).moments)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stack", [Stack.REFERENCE, Stack.HF])
+def test_bnb_042_held_inputs_on_the_cpu_allocator(bnb_era, monkeypatch, stack) -> None:
+    """bitsandbytes 0.42's MatMul4Bit.forward (`ctx.tensors = (A, B)`, autograd/_functions.py L522-523) on the
+    installed kernels: after backward, dropping the output frees its logits, the loss and exactly what
+    memplan's tape says the ctx attributes hold (autograd released everything saved_for_backward already)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.autograd import _functions as bnb_functions
+    from torch.profiler import ProfilerActivity, profile
+
+    from memplan.build.model import build_model
+    from memplan.predict.estimator import held_bytes
+    from memplan.spec.model import ModelSpec
+
+    forward = bnb_functions.MatMul4Bit.forward
+
+    def forward_042(ctx, A, B, out=None, bias=None, quant_state=None):  # noqa: N803 (bitsandbytes' names)
+        y = forward(ctx, A, B, out, bias, quant_state)
+        if any(ctx.needs_input_grad[:2]):
+            ctx.tensors = (A, B)
+        return y
+
+    monkeypatch.setattr(bnb_functions.MatMul4Bit, "forward", staticmethod(forward_042))
+    bnb_era("0.43.1")
+    spec = ModelSpec.from_config_dict(dict(
+        model_type="llama", hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=3, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=False), name="t")
+    train = TrainConfig(method=Method.QLORA, precision=Precision.PURE_BF16, batch_size=2, seq_len=64, stack=stack,
+                        lora_targets=("q_proj", "v_proj"), checkpointing=False)
+    torch.manual_seed(0)
+    model = build_model(spec, train, device="cpu")
+    ids = torch.randint(0, spec.vocab_size, (2, 64))
+    marks = (12345, 12347)  # two marker allocations of sizes nothing else has
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        torch.empty(marks[0], dtype=torch.uint8)
+        dropped = out.logits.untyped_storage().nbytes() + out.loss.untyped_storage().nbytes()
+        del out
+        torch.empty(marks[1], dtype=torch.uint8)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live, at = 0, []
+    for _, nbytes in events:
+        live += nbytes
+        if nbytes in marks:
+            at.append(live - nbytes)
+    held = held_bytes(Layout.of(spec, train, "cpu"))
+    assert held > 0 and at[0] - at[1] == dropped + held  # measured to the byte (bf16 and upcast fp32 streams)

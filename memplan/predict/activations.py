@@ -96,7 +96,7 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
         if lay.linear4bit_keeps_input:
             xin = tp.cast(x, cx.c)
             if xin.rg:
-                tp.save(xin)
+                tp.hold(xin)  # a ctx attribute: alive until the graph is freed (Tape.held)
         y = T(x.numel // in_f * out_f, x.width, x.rg)
     elif quantized:
         # EETQ (transformers integrations/eetq.py EetqLinearMMFunction: `ctx.save_for_backward(x, weight, scales,
@@ -104,7 +104,7 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
         # it keeps its input A itself (`ctx.tensors = (CAt, subA, A)`, autograd/_functions.py L187; its fp16
         # quantization copies are transients) and returns A's dtype
         if x.rg:
-            tp.save(x)
+            tp.hold(x) if how is QuantMethod.BNB else tp.save(x)  # MatMul8bitLt: ctx.tensors; EETQ: saved
         y = T(x.numel // in_f * out_f, x.width, x.rg)
     else:
         xin = tp.cast(x, 2) if cx.amp else x
@@ -325,20 +325,23 @@ def stream_width(lay: Layout) -> int:
 
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
-                at_mlp: bool = False) -> int:
+                at_mlp: bool = False, held: bool = False) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
     a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
     storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
     reaches the MLP's `act * up` (autograd frees a node's saved tensors once it ran, torch/csrc/autograd/
-    engine.cpp, retain_graph=False; the down projection's saved input is gone by then)."""
+    engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
+    holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward."""
     def saved(windowed: bool) -> int:
         tape = Tape()
         cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
+        if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward
+            return sum(tape.held.values())
         if input_kept and x.storage in tape.saved:
             tape.saved[x.storage] = 0  # kept in place: its position before the mark stays
-        return tape.nbytes_before_mark if at_mlp else tape.nbytes
+        return tape.nbytes_before_mark + tape.held_after_mark if at_mlp else tape.nbytes
 
     w, n = lay.spec.windowed_layers, lay.spec.num_layers
     if w is None or w == n or not sdpa_masked(lay):
@@ -355,6 +358,7 @@ class HeadSaved:
     logprobs_bytes: int  # fp32 log_softmax output saved by cross entropy
     upcast_bytes: int  # logits.float() copy when logits are half
     softcap_bytes: int  # gemma2 final_logit_softcapping: tanh output saved
+    held_bytes: int = 0  # a 4-bit LM head's input, kept by MatMul4Bit's ctx attribute (in norm_bytes too)
 
 
 def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
@@ -369,6 +373,9 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     # and the loss's logits.float() is then a no-op (transformers loss_utils ForCausalLMLoss)
     c = FP32 if lay.head_output_fp32 else lay.logits_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0
-    return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0),  # lm_head saves its input
+    # a 4-bit head (LitGPT) keeping its input before bitsandbytes 0.43.2, as the decoder's 4-bit linears do
+    held = n * s.hidden_size * lay.compute_width if lay.quantized_head and lay.linear4bit_keeps_input else 0
+    return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0) + held,  # lm_head's input
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,
-                     upcast_bytes=n * s.vocab_size * FP32 if c != FP32 else 0, softcap_bytes=softcap)
+                     upcast_bytes=n * s.vocab_size * FP32 if c != FP32 else 0, softcap_bytes=softcap,
+                     held_bytes=held)

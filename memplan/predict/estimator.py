@@ -135,6 +135,16 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         base += st.gradients_bytes
         head_grads = 0
     rope = _rope_bytes(lay)
+    # what ctx attributes hold (bitsandbytes < 0.43.2 MatMul4Bit's inputs): not freed as backward passes each
+    # layer, only with the graph; where the stack's loop keeps the last output, the graph outlives the step
+    # Checkpointed layers: reentrant ones run forward under no_grad (MatMul4Bit holds nothing, its recompute only
+    # within that layer's backward); non-reentrant ones hold every input past the checkpoint's saved-tensor hooks,
+    # and more (CPU, 3-layer llama: 1,261,572 B freed with the graph vs the tape's 1,064,960): not modelled yet
+    held = 0 if train.checkpointing else held_bytes(lay)
+    facts_ = stack_facts(train.stack)
+    holds = facts_.holds_previous_output
+    returned = n * v * FP32 if facts_.output_fp32 else head.logits_bytes  # the logits the loop holds
+    previous = returned + held if holds else 0  # the last micro-step's logits and what its graph holds
     kept = base + ac_backward + acts + (masks if train.checkpointing else 0)
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
@@ -148,19 +158,26 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
             head_bwd,
             # a decoder layer's backward (recomputed first under checkpointing): the head's backward is done, so
             # its saved tensors (final norm, lm_head input, softcap) are freed; its gradients stay
-            head_grads + layer_grad - top_released + n * spec.hidden_size * c),
+            head_grads + layer_grad - top_released + n * spec.hidden_size * c + head.held_bytes),
         # the lowest trained layer's backward, the same transient with the most gradients already made
         "backward bottom": base + rope.backward + rs.backward_bucket_bytes + (masks if train.checkpointing else 0)
         + _bottom_layer_kept(lay, st) + (0 if train.grad_accum > 1 or per_param else _grads_above_bottom(lay, st))
-        + layer_grad + n * spec.hidden_size * c,
+        + layer_grad + n * spec.hidden_size * c + held - _bottom_held(lay),
         # the gradients once (with accumulation `base` already holds them)
         "optimizer": states_base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
-        - (0 if rs.gathered_in_step else rs.gathered_bytes),
+        - (0 if rs.gathered_in_step else rs.gathered_bytes) + previous,
         # end of backward with tied embeddings trained: the embedding's dense (V, H) gradient and its sum with
         # the lm_head gradient already in .grad (AccumulateGrad adds out of place here)
         "backward end": base + rs.backward_bucket_bytes + (0 if train.grad_accum > 1 else st.gradients_bytes)
-        + _tied_embedding_extra(lay),
+        + _tied_embedding_extra(lay) + (previous if holds else held),
     }
+    if holds:
+        # the next forward, up to its logits (their assignment frees the previous ones), beside the previous graph
+        # (a 4-bit head: its dequantized weight beside them; fp32 outputs: the cast copy beside the half logits)
+        head_fwd = max(head_dq, v * spec.hidden_size * c + head.logits_bytes) if head_dq else head.logits_bytes
+        head_fwd = max(head_fwd, head.logits_bytes + returned) if facts_.output_fp32 else head_fwd
+        moments["forward previous"] = base + st.autocast_cache_bytes + acts + masks + rope.forward + \
+            head.norm_bytes + head_cast + head_fwd + previous - rs.forward_release_bytes
     if per_param and lay.full and not spec.tie_word_embeddings:
         # the largest tensor's step (the LM head's) runs in its backward, right after its gradient is accumulated:
         # on the kept activations, the head's saved tensors and the hidden-state gradient
@@ -171,14 +188,16 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
             # half copy of the weight among them (LOMO's tensor hook runs a parameter later: kept there)
             moments["optimizer"] -= spec.vocab_size * spec.hidden_size * c
     run = _run_phases(lay, st, st.weights_bytes + st.optimizer_states_bytes + comm, ac=st.autocast_cache_bytes)
+    if holds and "eval" in run:  # evaluation runs after the optimizer step, the previous output still bound
+        run["eval"] += previous
     phases = (("load", run["load"]), ("step", max(moments.values()))) + \
         ((("eval", run["eval"]),) if "eval" in run else ())
     moments.update(run)
-    phase = max(moments, key=moments.__getitem__)
-    peak = moments[phase]
-    phase = phase.split()[0]  # "backward end" is a backward moment
+    moment = max(moments, key=moments.__getitem__)
+    peak = moments[moment]
+    phase = moment.split()[0]  # "backward end" is a backward moment
     ac = st.autocast_cache_bytes if phase in ("forward", "eval") else 0 if phase == "load" else ac_backward
-    terms = _terms(lay, st, acts, ac, phase, peak, rs)
+    terms = _terms(lay, st, acts, ac, phase, peak, rs, previous=moment == "forward previous")
     reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
@@ -481,6 +500,23 @@ def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
         st.autocast_layer_bytes
 
 
+def held_bytes(lay: Layout) -> int:
+    """Bytes the ctx attributes of the whole graph hold (Tape.held: bitsandbytes < 0.43.2 MatMul4Bit's inputs, the
+    decoder layers' and a 4-bit head's), alive after backward until the graph itself is freed."""
+    tr, L = lay.train, lay.spec.num_layers
+    b, s = tr.batch_size, tr.seq_len
+    full = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, held=True)
+    layers = L * full if lay.full or tr.method is Method.FREEZE else _bottom_held(lay) + (L - 1) * full
+    return layers + head_saved(lay, batch=b, seq=s).held_bytes
+
+
+def _bottom_held(lay: Layout) -> int:
+    """What the lowest layer's ctx attributes hold (LoRA: its input needs no grad)."""
+    tr = lay.train
+    trains = lay.trainable_layers > 0
+    return layer_saved(lay, batch=tr.batch_size, seq=tr.seq_len, trains=trains, x_rg=lay.full, held=True)
+
+
 def _grads_above_bottom(lay: Layout, st: ModelStates) -> int:
     """Gradients made before the lowest trained layer's backward: all but that layer's own and, in full
     fine-tuning with an untied embedding, the embedding's (made last)."""
@@ -549,7 +585,7 @@ def _check_targets(lay: Layout) -> None:
 
 
 def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: int,
-           rs: RankStates) -> tuple[Term, ...]:
+           rs: RankStates, *, previous: bool = False) -> tuple[Term, ...]:
     """Split the peak into named terms; `transient` is what the peak moment adds on top of the kept state."""
     tr = lay.train
     if st.quantized_params:
@@ -601,5 +637,8 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
               Term(name="activations", bytes=acts + ac + ids, explain=ckpt + cast + " + the input ids")]
     what = "logits, fp32 upcast and log-probs at the loss" if phase == "forward" else \
         "cross-entropy backward (three fp32 B x S x vocab) or a recomputed layer + gradient buffers"
+    if previous:
+        what = ("this forward's logits beside the previous micro-step's, which the loop still holds with their "
+                "graph (and the 4-bit linears' inputs bitsandbytes < 0.43.2 keeps in ctx.tensors)")
     terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms), explain=f"{what}; LM head"))
     return tuple(terms)

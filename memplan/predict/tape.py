@@ -48,6 +48,9 @@ class Tape:
     """Collects saved storages (id -> bytes) while a layer program runs."""
 
     saved: dict[int, int] = field(default_factory=dict)
+    held: dict[int, int] = field(default_factory=dict)  # the saved storages a custom autograd Function keeps as a
+    # plain ctx attribute (bitsandbytes' `ctx.tensors`): autograd releases only save_for_backward's tensors after a
+    # node ran (PyNode::release_variables), so these live until the graph itself is freed
     mark: int = -1  # len(saved) when `mark_here` ran: storages first saved from then on come after it in `saved`
 
     def mark_here(self) -> None:
@@ -60,10 +63,24 @@ class Tape:
             return self.nbytes
         return sum(list(self.saved.values())[:self.mark])
 
+    @property
+    def held_after_mark(self) -> int:
+        """Bytes of the held storages first saved after the mark: still alive once their nodes ran."""
+        if self.mark < 0:
+            return 0
+        return sum(self.held.get(k, 0) for k in list(self.saved)[self.mark:])
+
     def save(self, *tensors: T) -> None:
         for t in tensors:
             if not t.param:
                 self.saved[t.storage] = t.storage_bytes
+
+    def hold(self, *tensors: T) -> None:
+        """Saved through a ctx attribute, not save_for_backward: alive until the graph is freed (see `held`)."""
+        self.save(*tensors)
+        for t in tensors:
+            if not t.param:
+                self.held[t.storage] = t.storage_bytes
 
     @property
     def nbytes(self) -> int:

@@ -55,6 +55,11 @@ class StackFacts:
     kbit_adapters_bf16: bool = False  # k-bit models: the trainable adapters are cast to bf16 (not peft's fp32)
     quantizes_from_half: bool = False  # 4-bit weights quantized from an fp16 copy whatever the model dtype, so
     # bitsandbytes' dequantize_4bit returns fp16 (QuantState.dtype) and `.to(grad_output.dtype)` makes a bf16 copy
+    holds_previous_output: bool = False  # the training loop keeps the last micro-step's output (and through its
+    # grad_fn the whole graph) until the next forward returns: that forward, the optimizer step and evaluation run
+    # beside those logits and every tensor a ctx attribute holds (bitsandbytes < 0.43.2 MatMul4Bit's inputs)
+    output_fp32: bool = False  # the model's float outputs are returned cast to fp32 (the logits: a (B, S, V) fp32
+    # copy made while the half ones still exist; the half ones freed once the copy is bound)
 
 
 STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
@@ -111,11 +116,19 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # then bnb.functional.quantize_4bit: one half copy on the GPU.
         # fabric.init_module(empty_init=(devices > 1)): on one GPU the layers are built there and quantized at once
         # (_Linear4bit.__init__ L305-314), then replaced on load.
+        # The fit loop (lora.py L266-270 at 41dece20, L267-271 at 58c5b188) binds `logits = model(input_ids,
+        # lm_head_chunk_size=128)`, backpropagates, and rebinds `logits` only when the next forward returns (`loss`
+        # becomes a float at L282): the previous micro-step's logits and graph live through that forward (full.py
+        # L219-233 the same). Those logits are fp32: Fabric's _FabricModule.forward returns
+        # `precision.convert_output(output)` (lightning@75553845 src/lightning/fabric/wrappers.py L142-145), which
+        # both BitsandbytesPrecision (bitsandbytes.py L155-156) and HalfPrecision (half.py L61-62) make
+        # `_convert_fp_tensor(..., dst_type=torch.get_default_dtype())`, fp32 outside the forward context.
         quantize_load_transients=(2,), device_init=True, quantizes_lm_head=True, traced=False,
-        quantizes_from_half=True,
-        source="litgpt@41dece20 litgpt/finetune/lora.py L166-189; lightning@75553845 src/lightning/fabric/plugins/"
-               "precision/bitsandbytes.py L129-144, L159-166, L326-341",
-        explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included"),
+        quantizes_from_half=True, holds_previous_output=True, output_fp32=True,
+        source="litgpt@41dece20 litgpt/finetune/lora.py L166-189, L266-282; lightning@75553845 src/lightning/"
+               "fabric/plugins/precision/bitsandbytes.py L129-144, L155-166, L326-341; fabric/wrappers.py L137-148",
+        explain="LitGPT: Fabric's bitsandbytes plugin quantizes every Linear, the LM head included; its loop holds "
+                "the last fp32 logits and their graph through the next forward"),
     StackFacts(
         name=Stack.TRL, title="TRL SFTTrainer (>= 1.0)", kbit_upcast=False, reentrant_checkpointing=False,
         # trl 1.16.0 trl/trainer/sft_trainer.py: SFTTrainer never calls prepare_model_for_kbit_training (only the

@@ -152,3 +152,25 @@ def test_an_fsdp1_plan_exports_its_version(tmp_path):
         data = yaml.safe_load(out.read_text())
         assert data.get("fsdp_config") == ({"version": 1} if version == 1 else None)
         assert read_llamafactory(out, env={}).train.fsdp_version == version
+
+
+def test_fsdp1_streams_keep_their_blocks_apart_in_the_reserved_sketch(monkeypatch):
+    """FSDP1 gathers its units on the unshard stream and makes the gradient shards on the post-backward stream
+    (memplan.predict.reserve); the caching allocator reuses a block only on its own stream, so in a full
+    fine-tune's optimizer step (the peak, nothing gathered) the root and the two decoder units last gathered stay
+    reserved beside the compute stream's blocks. On one stream the sketch reserves less."""
+    from memplan.predict import reserve
+
+    spec = resolve_model("llama-2-7b")
+    train = TrainConfig().with_(method=Method.FULL, precision=Precision.PURE_BF16, batch_size=2, seq_len=512,
+                                gpus=4, sharding=Sharding.FULL_SHARD)
+    units = (2 * spec.vocab_size * spec.hidden_size + spec.hidden_size + 2 * spec.layer_params) * 2  # bf16
+    bd = estimate(spec, train)
+    assert bd.phase == "optimizer"
+    assert bd.peak_reserved_bytes - bd.peak_allocated_bytes >= units
+    reserve._overhead.cache_clear()
+    monkeypatch.setattr(reserve, "UNSHARD", reserve.COMPUTE)
+    monkeypatch.setattr(reserve, "POST_BACKWARD", reserve.COMPUTE)
+    one_stream = estimate(spec, train).peak_reserved_bytes
+    reserve._overhead.cache_clear()
+    assert bd.peak_reserved_bytes - one_stream > units // 2

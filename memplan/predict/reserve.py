@@ -163,19 +163,6 @@ def _fsdp1_units(lay: Layout) -> tuple[int, int] | None:
     return root * lay.compute_width, s.layer_params * lay.compute_width
 
 
-def _unit_grads(p: _Program, trained: list[float], scale: float, fsdp1: bool) -> list[int]:
-    """A unit's gradients as they stay until zero_grad. FSDP1: the whole flat gradient on the compute stream, then
-    the reduce-scatter's output shard, made in the post-backward stream (torch/distributed/fsdp/_runtime_utils.py
-    _post_backward_hook: `with state._device_handle.stream(state._post_backward_stream)` around _reduce_grad ->
-    _get_reduce_scatter_tensors `torch.empty_like(chunks[0])`), the whole one freed after."""
-    if not fsdp1 or not trained:
-        return [p.new(b) for b in trained]
-    whole = p.new(sum(trained) / scale)
-    shard = p.new(sum(trained), POST_BACKWARD)
-    p.free(whole)
-    return [shard]
-
-
 def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]],
                       head: list[tuple[float, bool]], scale: float = 1.0) -> list[int]:
     """Step 2's forward and backward; returns the gradients alive after it (freed by zero_grad). Under FSDP1 (full
@@ -219,8 +206,18 @@ def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, b
         unit, nxt = nxt, (p.new(units[1], UNSHARD) if units else None)
         if tr.checkpointing:  # the layer's forward again, on its kept input
             keep = keep + [p.new(b) for b in saved]
+        trained = [b for b, trains, _ in params if trains]
+        # FSDP1: the unit's whole flat gradient on the compute stream, then the reduce-scatter's output shard made
+        # in the post-backward stream (_runtime_utils.py _post_backward_hook: `with state._device_handle.stream(
+        # state._post_backward_stream)` around _reduce_grad -> _get_reduce_scatter_tensors `torch.empty_like(
+        # chunks[0])`), the whole one freed after
+        whole = p.new(sum(trained) / scale) if units and trained else None
+        if whole is None:
+            grads += [p.new(b) for b in trained]
         p.free(*[p.new(n * inter * c) for _ in range(3)])  # the MLP's three (B, S, I) gradients
-        grads += _unit_grads(p, [b for b, trains, _ in params if trains], scale, units is not None)
+        if whole is not None:
+            grads.append(p.new(sum(trained), POST_BACKWARD))
+            p.free(whole)
         g_prev = p.new(hidden)
         p.free(g_x, *keep)
         p.free(unit)

@@ -174,3 +174,54 @@ def test_fsdp1_streams_keep_their_blocks_apart_in_the_reserved_sketch(monkeypatc
     one_stream = estimate(spec, train).peak_reserved_bytes
     reserve._overhead.cache_clear()
     assert bd.peak_reserved_bytes - one_stream > units // 2
+
+
+@pytest.mark.parametrize("method", [Method.LORA, Method.FULL])
+def test_torchtune_wraps_the_same_units_with_flat_parameters_only(method):
+    """torchtune's distributed recipes (memplan.spec.stacks, fef3ed1 lora_fsdp_wrap_policy / ModuleWrapPolicy)
+    make the same FSDP1 units as HF Trainer's peft / transformer policy: each decoder layer, each LoRA A and B, the
+    root; but with use_orig_params=False, which no analytic term depends on (the gloo test below)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from memplan.build.model import build_model
+    from memplan.build.shard import fsdp1_wrap_model
+    from memplan.spec.stacks import Stack
+    from memplan.trace.patches import fake_process_group
+
+    spec = tiny_spec("llama")
+    units, orig = {}, {}
+    for stack in (Stack.HF, Stack.TORCHTUNE):
+        train = TrainConfig(stack=stack).with_(**TINY, method=method, precision=Precision.PURE_BF16,
+                                               lora_targets=("q_proj", "v_proj"))
+        with fake_process_group(train):
+            wrapped = fsdp1_wrap_model(build_model(spec, train, device="cpu"), train, "cpu")
+            modules = FSDP.fsdp_modules(wrapped)
+            units[stack] = sorted(type(m.module).__name__ for m in modules)
+            orig[stack] = {m._use_orig_params for m in modules}
+    assert units[Stack.HF] == units[Stack.TORCHTUNE]
+    assert units[Stack.HF].count("LlamaDecoderLayer") == spec.num_layers
+    adapters = 4 * spec.num_layers if method is Method.LORA else 0  # A and B of q and v per layer
+    assert units[Stack.HF].count("Linear") == adapters
+    assert orig == {Stack.HF: {True}, Stack.TORCHTUNE: {False}}
+
+
+@pytest.mark.parametrize("method", [Method.LORA, Method.FULL])
+@pytest.mark.integration
+def test_torchtune_fsdp1_units_on_two_real_gloo_ranks(tmp_path, monkeypatch, method):
+    """Two torchrun ranks (gloo): torchtune's wrapping (its policy, use_orig_params=False) peaks at the same bytes
+    as HF Trainer's on the same tiny model (measured: LoRA 30,900,276 B and full 40,411,088 B per rank, both), and
+    the analytic FSDP1 estimate is within 1e-4 of it."""
+    from memplan.probe.launch import ProbeOptions, probe
+    from memplan.spec.stacks import Stack
+
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path))
+    spec = tiny_spec("llama")
+    peaks = {}
+    for stack in (Stack.HF, Stack.TORCHTUNE):
+        train = TrainConfig(stack=stack).with_(**TINY, method=method, precision=Precision.PURE_BF16,
+                                               checkpointing=False)
+        res = probe(spec, train, ProbeOptions(steps=1, warmup=1, timeout_s=600))
+        assert res.status.value == "ok", res.error
+        peaks[stack] = min(res.rank_peak_bytes)
+    assert peaks[Stack.HF] == peaks[Stack.TORCHTUNE]
+    assert abs(estimate(spec, train, device="cpu").peak_allocated_bytes / peaks[Stack.TORCHTUNE] - 1) <= 1e-4

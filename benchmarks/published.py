@@ -110,7 +110,9 @@ MULTI_LEFT_OUT = {
     "36": "llama2 70B full with PagedAdamW: no llama2/70B_full config exists at 0217d44 (git ls-tree "
           "recipes/configs/llama2), so checkpointing, data and the optimizer's settings are not stated",
     "126, 127": "Qwen-1 (QWenLMHeadModel, remote code: fused c_attn) has no catalog entry; 127 is probably the total "
-                "of two GPUs (the CSV's note)",
+                "of two GPUs (the CSV's note); and QwenLM/Qwen finetune/finetune_ds.sh (stored version 0400505d) "
+                "passes --deepspeed finetune/ds_config_zero2.json and --gradient_accumulation_steps 16, not the "
+                "ZeRO-3 and accumulation 8 the rows state, so which run the README profiled is not recoverable",
 }
 MULTI_RESIDUALS = {
     "compared statistic": (
@@ -137,7 +139,7 @@ MULTI_RESIDUALS = {
         "unexplained: -38.9 % against allocated, -35.9 % against reserved before the streams (12.51 GiB), -34.3 %"
         " after (the gathered units are live at its backward peak). Checked: torchtune's units "
         "(lora_fsdp_wrap_policy, use_orig_params=False) give the same per-rank peak as the units memplan models, "
-        "to the byte on two gloo ranks (tests/test_fsdp1.py); frozen decoder units are resharded in backward "
+        "within 52 B of 40 MB on two gloo ranks (tests/test_fsdp1.py); frozen decoder units are resharded in backward "
         "(register_multi_grad_hook on their inputs, _runtime_utils.py _register_post_backward_reshard_only_hook: "
         "PR #101982, 2023; seen on the gloo ranks); the load is outside the statistics (cleanup_before_training "
         "resets them). The same month's single-GPU README row 27 is -17 % too, and row 32 (0217d44, larger batch "

@@ -208,9 +208,9 @@ def test_torchtune_wraps_the_same_units_with_flat_parameters_only(method):
 @pytest.mark.parametrize("method", [Method.LORA, Method.FULL])
 @pytest.mark.integration
 def test_torchtune_fsdp1_units_on_two_real_gloo_ranks(tmp_path, monkeypatch, method):
-    """Two torchrun ranks (gloo): torchtune's wrapping (its policy, use_orig_params=False) peaks at the same bytes
-    as HF Trainer's on the same tiny model (measured: LoRA 30,900,276 B and full 40,411,088 B per rank, both), and
-    the analytic FSDP1 estimate is within 1e-4 of it."""
+    """Two torchrun ranks (gloo): torchtune's wrapping (its policy, use_orig_params=False) peaks where HF Trainer's
+    does on the same tiny model (measured: LoRA 30,900,276 B per rank for both; full 40,411,088 B for HF,
+    40,411,036 or 40,411,088 B for torchtune in two runs), and the analytic FSDP1 estimate is within 1e-4 of it."""
     from memplan.probe.launch import ProbeOptions, probe
     from memplan.spec.stacks import Stack
 
@@ -223,5 +223,5 @@ def test_torchtune_fsdp1_units_on_two_real_gloo_ranks(tmp_path, monkeypatch, met
         res = probe(spec, train, ProbeOptions(steps=1, warmup=1, timeout_s=600))
         assert res.status.value == "ok", res.error
         peaks[stack] = min(res.rank_peak_bytes)
-    assert peaks[Stack.HF] == peaks[Stack.TORCHTUNE]
+    assert abs(peaks[Stack.TORCHTUNE] / peaks[Stack.HF] - 1) <= 1e-5
     assert abs(estimate(spec, train, device="cpu").peak_allocated_bytes / peaks[Stack.TORCHTUNE] - 1) <= 1e-4

@@ -147,13 +147,13 @@ MULTI_RESIDUALS = {
         "in this recipe: recordStream's held blocks are the leading candidate, their size depends on timing, not "
         "on the source."
     ),
-    "32, 35, 43 (over)": (
-        "over: the README's 'Seq Length' is a maximum on alpaca (alpaca_dataset / alpaca_cleaned_dataset, "
-        "max_seq_len only caps), the estimate is at the full length."
+    "32, 35 (over)": (
+        "over: the README's 'Seq Length' is a maximum on alpaca (0217d44 alpaca_dataset / alpaca_cleaned_dataset: "
+        "max_seq_len only truncates, batches are padded to their longest), the estimate is at the full length."
     ),
-    "42 (over)": (
-        "over: torch.compile and CEWithChunkedOutputLoss (30b8519 llama3_1/70B_full.yaml) are not modelled; FSDP2"
-        " with CPU offload."
+    "42, 43 (over)": (
+        "over: packed to 2048 as the README says, but torch.compile and CEWithChunkedOutputLoss (30b8519 "
+        "llama3_1/70B_full.yaml and 70B_lora.yaml) are not modelled; FSDP2, 42 with CPU offload."
     ),
 }
 

@@ -52,14 +52,18 @@ def fsdp1_wrap_model(model: Any, train: TrainConfig, device: str, process_group:
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     from memplan.build.model import compute_dtype
+    from memplan.spec.stacks import stack_facts
 
-    if hasattr(model, "peft_config"):
+    stack = stack_facts(train.stack)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if stack.fsdp1_policy == "torchtune":
+        policy = functools.partial(_torchtune_policy, layers=tuple(classes), adapters=train.method.value != "full")
+    elif hasattr(model, "peft_config"):
         from peft.utils.other import fsdp_auto_wrap_policy
 
         policy = fsdp_auto_wrap_policy(model)
     else:
-        names = set(getattr(model, "_no_split_modules", None) or ())
-        classes = {type(m) for m in model.modules() if type(m).__name__ in names}
         policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
     amp = train.precision.value in ("fp16", "bf16")
     half = compute_dtype(train)
@@ -73,5 +77,18 @@ def fsdp1_wrap_model(model: Any, train: TrainConfig, device: str, process_group:
         kw["device_mesh"] = device_mesh
     return FSDP(model, process_group=process_group, sharding_strategy=ShardingStrategy[train.sharding.name],
                 auto_wrap_policy=policy, mixed_precision=mixed, backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
-                forward_prefetch=False, use_orig_params=True, sync_module_states=device == "cuda",
+                forward_prefetch=False, use_orig_params=stack.fsdp1_use_orig_params,
+                sync_module_states=device == "cuda",
                 limit_all_gathers=True, device_id=torch.device(device), **kw)
+
+
+def _torchtune_policy(module: Any, recurse: bool, layers: tuple[type, ...], adapters: bool, **_: Any) -> bool:
+    """torchtune@fef3ed1: lora_finetune_distributed.py wraps with torchtune/utils/_distributed.py
+    lora_fsdp_wrap_policy (L286-297: a unit for every module whose weight requires grad, LoRA's A and B, and every
+    decoder layer); full_finetune_distributed.py L273 with ModuleWrapPolicy({TransformerDecoderLayer})."""
+    if recurse:
+        return True
+    weight = getattr(module, "weight", None)
+    if adapters and getattr(weight, "requires_grad", False):
+        return True
+    return isinstance(module, layers)

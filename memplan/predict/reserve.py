@@ -23,6 +23,10 @@ from memplan.spec.stacks import quantize_temporaries, stack_facts
 from memplan.spec.train import Method
 
 FP32 = 4
+# CUDA streams of the sketch: the caching allocator reuses a freed block only for a request on the stream it was
+# allocated on (c10/cuda/CUDACachingAllocator.cpp get_free_block: `(*it)->stream != p.stream()` -> no block), so
+# what FSDP1 allocates on its own streams is cached apart from the compute stream's blocks
+COMPUTE, UNSHARD, POST_BACKWARD = 0, 1, 2
 
 
 class _Program:
@@ -32,12 +36,12 @@ class _Program:
         self.events: list[tuple[str, int, int, int]] = []
         self.packed: list[int] = []  # the 4-bit weights' ids, in load order
 
-    def new(self, nbytes: int) -> int:
-        self.events.append((ALLOC, len(self.events), int(nbytes), 0))
+    def new(self, nbytes: float, stream: int = COMPUTE) -> int:
+        self.events.append((ALLOC, len(self.events), int(nbytes), stream))
         return len(self.events) - 1
 
-    def free(self, *ids: int) -> None:
-        self.events += [(FREE, i, self.events[i][2], 0) for i in ids]
+    def free(self, *ids: int | None) -> None:
+        self.events += [(FREE, i, self.events[i][2], self.events[i][3]) for i in ids if i is not None]
 
 
 def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None = None) -> int:
@@ -58,7 +62,7 @@ def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: i
         for _ in range(per_state):
             p.new(n)
     p.new(tr.batch_size * tr.seq_len * 8)  # input ids (int64)
-    grads = _forward_backward(p, lay, layers, head)
+    grads = _forward_backward(p, lay, layers, head, scale)
     if opt.foreach_copy:  # foreach AdamW: _foreach_sqrt(exp_avg_sq), one copy per tensor, freed after the step
         p.free(*[p.new(n) for n in trained])
     p.free(*grads)
@@ -150,19 +154,36 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
     return out
 
 
+def _fsdp1_units(lay: Layout) -> tuple[int, int] | None:
+    """(root unit, decoder unit) bytes FSDP1 gathers in the compute dtype, where it shards parameters; else None."""
+    s, tr = lay.spec, lay.train
+    if not (tr.parallel.fsdp1 and tr.sharding.shards_params and tr.gpus > 1):
+        return None
+    root = s.vocab_size * s.hidden_size * (1 if s.tie_word_embeddings else 2) + s.hidden_size
+    return root * lay.compute_width, s.layer_params * lay.compute_width
+
+
 def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]],
-                      head: list[tuple[float, bool]]) -> list[int]:
-    """Step 2's forward and backward; returns the gradients alive after it (freed by zero_grad)."""
+                      head: list[tuple[float, bool]], scale: float = 1.0) -> list[int]:
+    """Step 2's forward and backward; returns the gradients alive after it (freed by zero_grad). Under FSDP1 (full
+    or hybrid shard) its units are gathered on its unshard stream (_runtime_utils.py _unshard: `with
+    state._device_handle.stream(unshard_stream): handle.unshard()`): the root from its forward to the end of
+    backward, each decoder unit for its forward and again, with the next one prefetched (BACKWARD_PRE), for its
+    backward; their cached blocks are reserved apart from the compute stream's in the optimizer step."""
     s, tr = lay.spec, lay.train
     n = tr.batch_size * tr.seq_len
     stream, c = stream_width(lay), lay.compute_width
     hidden = n * s.hidden_size * stream
     saved = _layer_saved_tensors(lay, x_rg=lay.full or tr.checkpointing)
+    units = _fsdp1_units(lay)
+    root_unit = p.new(units[0], UNSHARD) if units else None
     kept: list[list[int]] = []
     x = p.new(hidden)  # the embedding output
     for _ in layers:  # forward: each layer keeps its saved tensors (its input, under checkpointing)
+        unit = p.new(units[1], UNSHARD) if units else None  # FULL_SHARD: freed after the unit's forward
         kept.append([x] if tr.checkpointing else [x, *(p.new(b) for b in saved)])
         x = p.new(hidden)
+        p.free(unit)
     v = s.vocab_size
     logits = p.new(n * v * c)  # the LM head's output, the fp32 upcast, log_softmax's saved output
     up = p.new(n * v * FP32) if c != FP32 else logits
@@ -174,17 +195,32 @@ def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, b
     g_logits = p.new(n * v * c) if c != FP32 else g_up
     if c != FP32:
         p.free(g_up)
-    grads += [p.new(b) for b, trains in head if trains]
+    head_grads = [p.new(b / scale if units else b) for b, trains in head if trains]  # FSDP1: the root's, whole
     g_x = p.new(hidden)
     p.free(g_logits, x)
     inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
+    # the root's pre-backward prefetches the last unit, each unit's the one below it (in the sketch every layer
+    # has one below, as all but the lowest of the model's do: depth 1 and 2 differ by one layer's pattern)
+    nxt = p.new(units[1], UNSHARD) if units else None
     for params, keep in zip(reversed(layers), reversed(kept), strict=True):
+        unit, nxt = nxt, (p.new(units[1], UNSHARD) if units else None)
         if tr.checkpointing:  # the layer's forward again, on its kept input
             keep = keep + [p.new(b) for b in saved]
-        grads += [p.new(b) for b, trains, _ in params if trains]
+        trained = [b for b, trains, _ in params if trains]
+        # FSDP1: the unit's whole flat gradient on the compute stream, then the reduce-scatter's output shard made
+        # in the post-backward stream (_runtime_utils.py _post_backward_hook: `with state._device_handle.stream(
+        # state._post_backward_stream)` around _reduce_grad -> _get_reduce_scatter_tensors `torch.empty_like(
+        # chunks[0])`), the whole one freed after
+        whole = p.new(sum(trained) / scale) if units and trained else None
+        if whole is None:
+            grads += [p.new(b) for b in trained]
         p.free(*[p.new(n * inter * c) for _ in range(3)])  # the MLP's three (B, S, I) gradients
+        if whole is not None:
+            grads.append(p.new(sum(trained), POST_BACKWARD))
+            p.free(whole)
         g_prev = p.new(hidden)
         p.free(g_x, *keep)
+        p.free(unit)
         g_x = g_prev
     if lay.full:  # the embedding's dense gradient; tied to the LM head, AccumulateGrad adds it out of place to the
         vh = s.vocab_size * s.hidden_size * lay.trainable_width  # head's (estimator.py _tied_embedding_extra)
@@ -194,7 +230,15 @@ def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, b
             p.free(lm, g_emb)
         else:
             grads.append(p.new(vh))
-    p.free(g_x)
+    if units and head_grads:  # the root's flat gradient, whole once the embedding's is made (autograd's split
+        parts = head_grads + ([grads.pop()] if lay.full else [])  # backward), is reduce-scattered last
+        whole = p.new(sum(p.events[k][2] for k in parts))
+        p.free(*parts)
+        grads.append(p.new(p.events[whole][2] * scale, POST_BACKWARD))
+        p.free(whole)
+    else:
+        grads += head_grads
+    p.free(g_x, root_unit, nxt)
     return grads
 
 

@@ -60,6 +60,15 @@ class StackFacts:
     # beside those logits and every tensor a ctx attribute holds (bitsandbytes < 0.43.2 MatMul4Bit's inputs)
     output_fp32: bool = False  # the model's float outputs are returned cast to fp32 (the logits: a (B, S, V) fp32
     # copy made while the half ones still exist; the half ones freed once the copy is bound)
+    # Distributed recipes under FSDP1 (memplan.build.shard.fsdp1_wrap_model): which wrap policy makes the units
+    # ("peft": HF Trainer's update_fsdp_plugin_peft / accelerate's transformer policy; "torchtune": its own
+    # lora_fsdp_wrap_policy / ModuleWrapPolicy, the same units: every decoder layer, every module with a trainable
+    # weight, the root) and FullyShardedDataParallel(use_orig_params=...)
+    fsdp1_policy: str = "peft"
+    fsdp1_use_orig_params: bool = True
+    # the statistics the stack's own memory logger prints at once: a 'peak memory' it reports without naming one
+    # is one of them (empty: the stack prints none)
+    logged_stats: tuple[str, ...] = ()
 
 
 STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
@@ -99,11 +108,26 @@ STACKS: dict[Stack, StackFacts] = {f.name: f for f in (
         # layer deep-copied from the first: transformer.py _get_clones; the NF4 clone dequantizes and re-quantizes,
         # _register_nf4_dispatch_ops.py clone), then load_state_dict replaces every NF4 weight.
         # torchao 0.2+ compares in chunks of 1024**2 elements (memplan.spec.packages).
+        # Distributed recipes, read at fef3ed1 (2024-04-16) and 0217d44 (2024-05-09): recipes/lora_finetune_
+        # distributed.py _setup_model L279-349 (fef3ed1): rank 0 builds the model on the CPU and loads the
+        # checkpoint, the other ranks build it on the meta device; FSDP(auto_wrap_policy=utils.lora_fsdp_wrap_policy(
+        # {TransformerDecoderLayer}), FULL_SHARD, mixed_precision=None, sync_module_states=True, param_init_fn=
+        # to_empty), use_orig_params left False; torchtune/utils/_distributed.py lora_fsdp_wrap_policy L270-299:
+        # a unit for every module whose `weight.requires_grad` (LoRA's A and B) and every decoder layer.
+        # full_finetune_distributed.py L271-288: ModuleWrapPolicy({TransformerDecoderLayer}) (0217d44 L293-300:
+        # get_full_finetune_fsdp_wrap_policy, the same with memory_efficient_fsdp_wrap False as llama2/7B_full.yaml
+        # sets it). Loading is not in the step's statistics: train() starts with utils.cleanup_before_training
+        # (utils/memory.py L34-37: gc.collect, empty_cache, reset_peak_memory_stats). memory_stats_log (fef3ed1
+        # utils/memory.py L186-188; get_memory_stats at 0217d44 L198-200) prints active_bytes.all.peak,
+        # max_memory_allocated and max_memory_reserved together, /1e9.
         quantize_load_transients=(2, 2, 32, 32), packed_with=2, chunked_quantizer=True, device_init=True,
         quantizes_only_adapted=True, nf4_keeps_input=False, traced=False,
+        fsdp1_policy="torchtune", fsdp1_use_orig_params=False, logged_stats=("active", "allocated", "reserved"),
         source="torchtune@0914d5c recipes/lora_finetune_single_device.py L254-268; torchtune/modules/peft/lora.py "
                "_create_weight_and_bias; torchtune/utils/_register_nf4_dispatch_ops.py inplace_copy; torchao 0.1 "
-               "torchao/dtypes/nf4tensor.py quantize_tensor_nearest, LinearNF4.forward",
+               "torchao/dtypes/nf4tensor.py quantize_tensor_nearest, LinearNF4.forward; torchtune@fef3ed1 "
+               "recipes/lora_finetune_distributed.py L279-349, torchtune/utils/_distributed.py L270-299, "
+               "torchtune/utils/memory.py L34-37, L186-188",
         explain="torchtune: torchao NF4 on adapted linears only; quantizing each weight on load holds (numel, 16) "
                 "bf16 comparisons"),
     StackFacts(

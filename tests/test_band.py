@@ -38,8 +38,22 @@ def test_every_estimate_carries_its_method_band() -> None:
     spec = resolve_model("llama-2-7b")
     for method in Method:
         bd = estimate(spec, TrainConfig(method=method))
-        assert bd.band == band_for(method) > 0
+        assert bd.band == band_for(TrainConfig(method=method)) > 0
         assert bd.upper_bytes > bd.total_bytes
+
+
+def test_several_gpus_have_the_wider_band_of_their_rows() -> None:
+    """torchtune's FSDP rows are under-predicted for reasons not modelled (published.md): a multi-GPU estimate's
+    verdict keeps that band, whatever the layout (ZeRO, without a row, is not favoured over FSDP); one GPU keeps
+    its method's."""
+    from memplan.spec.parallel import Parallelism, Sharding
+
+    spec = resolve_model("llama-2-7b")
+    fsdp = TrainConfig(parallel=Parallelism(gpus=4, sharding=Sharding.FULL_SHARD))
+    one = TrainConfig()
+    assert estimate(spec, fsdp).band > estimate(spec, one).band == band_for(one)
+    zero = TrainConfig(parallel=Parallelism(gpus=4, sharding=Sharding.ZERO3))
+    assert estimate(spec, zero).band == estimate(spec, fsdp).band
 
 
 def test_fit_recommends_only_configurations_whose_band_fits(capsys) -> None:
@@ -59,16 +73,16 @@ def test_estimate_cli_says_tight(capsys) -> None:
     card = f"{(bd.total_bytes + bd.upper_bytes) / 2 / 0.95 / GIB:.1f}GB"  # between the estimate and its band
     assert main(["estimate", "--model", "llama-2-7b", "--method", "qlora", "--gpu", card, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["verdict"] == "tight" and data["fits"] is False and data["band"] == band_for(Method.QLORA)
+    assert data["verdict"] == "tight" and data["fits"] is False and data["band"] == band_for(TrainConfig(method=Method.QLORA))
 
 
 def test_committed_band_is_what_the_benchmark_derives() -> None:
     """band.json must be re-derived whenever the estimator changes (python benchmarks/band.py)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import band  # noqa: PLC0415
-    from published import DEFAULT_CSV, compare
+    from published import DEFAULT_CSV
 
     if not DEFAULT_CSV.exists():
         pytest.skip(f"{DEFAULT_CSV} is not in this checkout")
     committed = json.loads((ROOT / "memplan" / "predict" / "band.json").read_text())["bands"]
-    assert band.bands_of(compare(DEFAULT_CSV)) == committed
+    assert band.bands_of(band.all_rows(DEFAULT_CSV)) == committed

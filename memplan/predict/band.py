@@ -11,7 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from memplan.spec.train import Method
+from memplan.spec.train import Method, TrainConfig
 
 
 @lru_cache(maxsize=1)
@@ -20,7 +20,15 @@ def _bands() -> dict[str, float]:
     return {str(k): float(v) for k, v in data["bands"].items()}
 
 
-def band_for(method: Method) -> float:
-    """The fraction by which a run of this method may exceed its estimate (benchmarks/results/band.md)."""
+def band_for(train: TrainConfig) -> float:
+    """The fraction by which such a run may exceed its estimate (benchmarks/results/band.md): a run on more than
+    one GPU has its own (the published multi-GPU rows), else by method."""
+    bands = _bands()
+    if train.gpus > 1 and "multi_gpu" in bands:
+        return max(bands["multi_gpu"], _by_method(train.method))
+    return _by_method(train.method)
+
+
+def _by_method(method: Method) -> float:
     bands = _bands()
     return bands["qlora"] if method is Method.QLORA else bands["dense"]

@@ -208,7 +208,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     bd = Breakdown(terms=terms, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
                    cuda_context_bytes=context, phase=phase, trainable_params=st.trainable_params,
                    host_bytes=rs.host_bytes + offloaded_checkpoint_bytes(lay) * train.gpus_per_node,
-                   note=note, band=band_for(train.method), phases=phases, moments=tuple(moments.items()))
+                   note=note, band=band_for(train), phases=phases, moments=tuple(moments.items()))
     return with_cuda_terms(bd) if device == "cuda" else bd
 
 

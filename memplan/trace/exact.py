@@ -174,7 +174,7 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
                                       + (f"; events deepened from {traces[-2].layers} and {traces[-1].layers} "
                                          "layers" if deepened else ""),
                      by_module=tuple(sorted(full.by_module.items(), key=lambda kv: -kv[1])),
-                     method="exact", band=band_for(train.method))
+                     method="exact", band=band_for(train))
     bd = with_cuda_terms(bd) if device == "cuda" else bd  # the cuBLAS workspaces (predict/cuda.py CUDA_TERMS)
     return ExactRun(breakdown=bd, traces=traces, full=full, traced_train=traced_train)
 

@@ -106,6 +106,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # GlmAttention: q/k/v bias=config.attention_bias (GlmConfig default True), o_proj none; GlmMLP.gate_up_proj
     # chunked; apply_rotary_pos_emb rotates partial_rotary_factor of head_dim and concatenates the rest
     Family(model_type="glm", attention_bias_default=True, fused_gate_up=True, rope_concat=True),
+    # Starcoder2 (modeling_starcoder2.py): llama's attention with rope, q/k/v/o Linear(bias=config.use_bias)
+    # (l.153-156); nn.LayerNorm input / post-attention norms (l.212-213) and final norm (l.323); Starcoder2MLP
+    # c_fc -> gelu_pytorch_tanh -> c_proj, bias=use_bias (l.57-66); dropout after the embedding (l.368),
+    # after o_proj (l.199) and the MLP (l.66), attention_dropout on the probabilities (l.191); the sliding
+    # window when sliding_window is set (l.358). Starcoder2Config: use_bias True, tie_word_embeddings True
+    Family(model_type="starcoder2", architectures=("Starcoder2ForCausalLM",), layer_norm=True, gated_mlp=False,
+           act="gelu", bias_key="use_bias", attention_bias_default=True, out_bias=True, tied_default=True,
+           dropout_keys=("embedding_dropout", "residual_dropout", "attention_dropout")),
     # wqkv + wo, w1/w3/w2 (trust_remote_code)
     Family(model_type="internlm2", fused_qkv=True, remote_code=True),
     # BloomForCausalLM: ALiBi + LayerNorm, not in the formulas; `_supports_sdpa = False`
@@ -115,14 +123,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # post_attention / post_feedforward norms only (l.285-316), Olmo2RMSNorm multiplies in fp32 then casts (l.60-65)
     Family(model_type="olmo2", architectures=("Olmo2ForCausalLM",), qk_norm=True, qk_norm_full=True,
            post_norms=True),
-    # Starcoder2 (modeling_starcoder2.py): llama's attention with rope, q/k/v/o Linear(bias=config.use_bias)
-    # (l.153-156); nn.LayerNorm input / post-attention norms (l.212-213) and final norm (l.323); Starcoder2MLP
-    # c_fc -> gelu_pytorch_tanh -> c_proj, bias=use_bias (l.57-66); dropout after the embedding (l.368),
-    # after o_proj (l.199) and the MLP (l.66), attention_dropout on the probabilities (l.191); the sliding
-    # window when sliding_window is set (l.358). Starcoder2Config: use_bias True, tie_word_embeddings True
-    Family(model_type="starcoder2", architectures=("Starcoder2ForCausalLM",), layer_norm=True, gated_mlp=False,
-           act="gelu", bias_key="use_bias", attention_bias_default=True, out_bias=True, tied_default=True,
-           dropout_keys=("embedding_dropout", "residual_dropout", "attention_dropout")),
     Family(model_type="gpt_bigcode", analytic=False),  # multi-query attention, fused c_attn, LayerNorm, GELU
     # DeepseekV2/V3Attention: multi-head latent attention (q_lora_rank, kv_lora_rank, rope/nope split), MoE with
     # shared experts and first_k_dense_replace dense layers

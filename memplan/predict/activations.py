@@ -79,9 +79,11 @@ def norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
 def layer_norm(cx: _Ctx, x: T, dim: int) -> T:
     """nn.LayerNorm -> native_layer_norm, which saves its input, mean and rstd (one per row) for backward
     (derivatives.yaml native_layer_norm; weight and bias are parameters). CUDA autocast runs layer_norm in fp32
-    (autocast_mode.cpp's fp32 list): a fp32 copy of a half input, fp32 output and statistics. CPU autocast has no
-    rule for it: the input's dtype out, mean / rstd fp32 when the input is half and the weights fp32, else the
-    input's dtype (aten/src/ATen/native/layer_norm.cpp param_scalar_type; measured with saved_tensors_hooks)."""
+    (torch/include/ATen/autocast_mode.h AT_FORALL_FP32: layer_norm, native_layer_norm): a fp32 copy of a half
+    input, fp32 output and statistics (its fp32 weight copy, hidden x 4 B, left out); not checked on a GPU.
+    CPU autocast has no rule for it: the input's dtype out, mean / rstd fp32 when the input is half and the
+    weights fp32, else the input's dtype (aten/src/ATen/native/layer_norm.cpp param_scalar_type; measured with
+    saved_tensors_hooks)."""
     tp, rows = cx.tape, x.numel // dim
     w = param(dim, cx.norm_width(), cx.trains)
     rg = x.rg or w.rg

@@ -56,9 +56,10 @@ XFAIL: dict[int, str] = {
 }
 
 
-def draw(rng: random.Random) -> tuple[str, ModelSpec, TrainConfig]:
-    """One random tiny configuration: a family of memplan.testing.tiny with random dimensions, and every knob."""
-    arch = rng.choice(ARCHS)
+def draw(rng: random.Random, arch: str | None = None) -> tuple[str, ModelSpec, TrainConfig]:
+    """One random tiny configuration: a family of memplan.testing.tiny (drawn from ARCHS unless given) with random
+    dimensions, and every knob."""
+    arch = arch or rng.choice(ARCHS)
     cfg = dict(TINY_CONFIGS[arch])
     head_dim, kv = rng.choice([16, 32, 64]), rng.choice([1, 2, 4])
     heads = kv * rng.choice([1, 2, 4])
@@ -139,6 +140,44 @@ def test_analytic_equals_exact_on_random_configs(spec, train):
     assert abs(diff) <= TOLERANCE, f"analytic {100 * diff:+.2f} % from exact"
 
 
+# families made analytic after the draw above (issue 16), drawn the same way with their own seed so that the XFAIL
+# indices above stay those; each one's tiny config (memplan.testing.tiny), every knob
+LATER_ARCHS = ("starcoder2", "starcoder2-drop")
+LATER_SEED = 20261202
+LATER_CASES = 12
+# measured 2026-12-01 (each also run on a llama of the same dimensions, to tell a family's gap from a shared one)
+LATER_XFAIL: dict[int, str] = {
+    0: "-7.89 %: freeze pure_bf16, LLaMA-Factory, Adafactor: shared, a llama of the same dimensions is -6.89 % "
+       "(the freeze moments, as cases 21 / 24 above)",
+    1: "+5.17 %: QLoRA fp32 + dropouts, LLaMA-Factory's reentrant checkpointing: the same llama is exact; "
+       "suspected: the CPU math-path attention's saved tensors under a reentrant recompute (not isolated)",
+    4: "+7.14 %: freeze fp32 + Adafactor, h64 / I880: the optimizer moment; the same llama is exact (not isolated: "
+       "the Adafactor temporaries of c_fc against llama's gate/up)",
+    6: "-12.43 %: LoRA pure_bf16 eager, checkpointed: the recomputed layer's attention backward ((B, H, S, S) fp32 "
+       "softmax and its gradients) exceeds the MLP moment, which StarCoder2's single up projection makes smaller "
+       "than a gated MLP's (the same llama: -1.08 %; as case 26 above)",
+    10: "-1.93 %: full fp32 eager, s16, accumulation 2: 113 kB missing, the same llama is exact (not isolated)",
+}
+
+
+def _later_cases() -> list:
+    rng = random.Random(LATER_SEED)
+    out = []
+    for i in range(LATER_CASES):
+        arch = LATER_ARCHS[i % len(LATER_ARCHS)]
+        _, spec, train = draw(rng, arch)
+        marks = [pytest.mark.xfail(reason=LATER_XFAIL[i], strict=True)] if i in LATER_XFAIL else []
+        out.append(pytest.param(spec, train, id=_label(i, arch, spec, train), marks=marks))
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("spec,train", _later_cases())
+def test_later_families_analytic_equals_exact_on_random_configs(spec, train):
+    diff = compare(spec, train)
+    assert abs(diff) <= TOLERANCE, f"analytic {100 * diff:+.2f} % from exact"
+
+
 def _tiny(arch: str, **dims: int) -> ModelSpec:
     return ModelSpec.from_config_dict({**TINY_CONFIGS[arch], **dims}, name=f"tiny-{arch}")
 
@@ -161,15 +200,12 @@ SMOKE = [  # each once outside 1 %, by the mechanism named
 
 
 # freeze + checkpointing with one trained layer of four and accumulation: was +10.75 % (every frozen layer's
-# input counted), now -9.1 %: the trained layer's MLP backward under accumulation holds more than the product's
-# three (B, S, I) gradients on top of the gradients (suspected: AccumulateGrad's out-of-place sum into the
-# existing .grad, and the down projection's weight gradient); kept here so that it is seen
+# input counted), then -9.1 %: transformers' checkpointing turns input grads on, so the three frozen layers below the
+# trained one keep their checkpointed inputs too (estimator._freeze_activations); now within 1 %
 SMOKE.append(pytest.param(
     _tiny("mistral", num_hidden_layers=4, hidden_size=128, intermediate_size=224, vocab_size=256),
     TrainConfig(method=Method.FREEZE, precision=Precision.FP32, checkpointing=True, freeze_trainable_layers=1,
-                optimizer=Optimizer.PAGED_ADAMW_32BIT, batch_size=3, seq_len=256, grad_accum=2),
-    marks=pytest.mark.xfail(reason="-9.1 %: freeze, 1 of 4 layers trained, accumulation 2 (see above)",
-                            strict=True)))
+                optimizer=Optimizer.PAGED_ADAMW_32BIT, batch_size=3, seq_len=256, grad_accum=2)))
 
 
 @pytest.mark.parametrize("spec,train", SMOKE, ids=[f"smoke{i}" for i in range(len(SMOKE))])

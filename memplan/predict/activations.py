@@ -69,6 +69,45 @@ def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
     return tp.mul(w, hn, width=max(w.width, hn.width))
 
 
+def norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
+    """The family's norm: nn.LayerNorm (StarCoder2) or an RMSNorm."""
+    if cx.lay.spec.family.layer_norm:
+        return layer_norm(cx, x, dim)
+    return rms_norm(cx, x, dim, gemma=gemma)
+
+
+def layer_norm(cx: _Ctx, x: T, dim: int) -> T:
+    """nn.LayerNorm -> native_layer_norm, which saves its input, mean and rstd (one per row) for backward
+    (derivatives.yaml native_layer_norm; weight and bias are parameters). CUDA autocast runs layer_norm in fp32
+    (torch/include/ATen/autocast_mode.h AT_FORALL_FP32: layer_norm, native_layer_norm): a fp32 copy of a half
+    input, fp32 output and statistics (its fp32 weight copy, hidden x 4 B, left out); not checked on a GPU.
+    CPU autocast has no rule for it: the input's dtype out, mean / rstd fp32 when the input is half and the
+    weights fp32, else the input's dtype (aten/src/ATen/native/layer_norm.cpp param_scalar_type; measured with
+    saved_tensors_hooks)."""
+    tp, rows = cx.tape, x.numel // dim
+    w = param(dim, cx.norm_width(), cx.trains)
+    rg = x.rg or w.rg
+    if cx.lay.device == "cuda":
+        x = tp.cast(x, FP32) if cx.amp else x
+        stats = FP32  # acc_type of the input
+    else:
+        stats = FP32 if x.width < w.width else x.width
+    if rg:
+        tp.save(x, T(rows, stats, False), T(rows, stats, False))
+    return T(x.numel, x.width, rg)
+
+
+def dropout(cx: _Ctx, x: T, p: float) -> T:
+    """F.dropout(x, p, training=True): CUDA's native_dropout saves a bool mask; the CPU kernel computes x * noise
+    and saves the noise, in x's dtype (aten/src/ATen/native/Dropout.cpp _dropout_impl; measured); p = 0 returns
+    x itself."""
+    if not p:
+        return x
+    if x.rg:
+        cx.tape.save(T(x.numel, 1 if cx.lay.device == "cuda" else x.width, False))
+    return cx.tape.new(x)
+
+
 def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | None = None) -> T:
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
@@ -143,7 +182,7 @@ def attention(cx: _Ctx, h: T) -> T:
     if s.qk_norm:  # Gemma3's q_norm / k_norm are Gemma norms too; OLMo-2's span the whole projection
         gemma = s.family.sandwich_norms or s.family.post_norms
         qd, kd = (s.q_dim, s.kv_dim) if s.family.qk_norm_full else (s.head_dim, s.head_dim)
-        q, k = rms_norm(cx, q, qd, gemma=gemma), rms_norm(cx, k, kd, gemma=gemma)
+        q, k = norm(cx, q, qd, gemma=gemma), norm(cx, k, kd, gemma=gemma)
     rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
     q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
     if lay.amp:  # sdpa / matmul autocast to half
@@ -151,8 +190,18 @@ def attention(cx: _Ctx, h: T) -> T:
     rg = q.rg or k.rg or v.rg
     if lay.attn is Attention.EAGER:
         out = tp.new(_eager(cx, q, k, v, rg))  # transpose(1, 2).reshape of a (B, H, S, D) result: a copy
+    elif s.attention_dropout and lay.device == "cpu":
+        # the CPU flash kernel takes no dropout: torch's math path (sdp_utils_cpp.cpp check_for_dropout), which
+        # upcasts half inputs to fp32 and saves the scaled q, the scaled k and v at every query head (repeated
+        # for GQA), the softmax output, the dropout noise and the dropped probabilities (B, H, S, S), all fp32
+        # (measured with saved_tensors_hooks); its (B, H, S, D) output is copied by transpose(1, 2).contiguous()
+        if rg:
+            probs = cx.batch * s.num_heads * cx.seq * cx.seq
+            tp.save(*(T(m, FP32, False) for m in (q.numel, q.numel, q.numel, probs, probs, probs)))
+        out = T(n * s.q_dim, q.width, rg)
     else:
-        # sdpa / flash: saves q, k, v, out and the fp32 logsumexp (B, heads, S). CUDA kernels return `out` in
+        # sdpa / flash: saves q, k, v, out and the fp32 logsumexp (B, heads, S) (with dropout on CUDA, the philox
+        # seed and offset too: 16 B, left out; the mask is regenerated in backward). CUDA kernels return `out` in
         # (B, S, H, D) memory, so transformers' transpose(1, 2).contiguous() is free; the CPU kernel follows the
         # query's layout, which a torch.cat rope (phi3) makes (B, H, S, D): then it is a copy.
         out = T(n * s.q_dim, cx.c, rg)
@@ -234,6 +283,7 @@ def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:
         scores = tp.saving_output(scores)  # tanh(scores / cap) * cap
     probs = tp.saving_output(scores, width=FP32)  # softmax(dim=-1, dtype=float32)
     probs = tp.cast(probs, q.width)  # .to(query.dtype)
+    probs = dropout(cx, probs, s.attention_dropout)  # nn.functional.dropout(attn_weights, p=dropout)
     probs = tp.cast(probs, 2) if cx.lay.amp else probs
     return _matmul(cx, probs, v, q.numel)
 
@@ -250,6 +300,11 @@ def mlp(cx: _Ctx, h: T) -> T:
     if s.is_moe:  # balanced routing: each token visits `experts_per_token` experts of width moe_intermediate
         return _moe(cx, h)
     inter = s.intermediate_size
+    if not s.family.gated_mlp:  # Starcoder2MLP: c_fc, the activation (saves its input), c_proj
+        up_name, down_name = (lin.name for lin in s.mlp_linears())
+        act = cx.tape.saving_input(linear(cx, h, up_name, hid, inter))
+        cx.tape.mark_here()  # the activation's backward: c_proj's saved input is freed by then
+        return linear(cx, act, down_name, inter, hid)
     if s.fused_gate_up:
         gu = linear(cx, h, "gate_up_proj", hid, 2 * inter)
         gate, up = gu.view(n * inter), gu.view(n * inter)
@@ -309,11 +364,11 @@ def decoder_layer(cx: _Ctx, x: T) -> T:
         m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
         return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
-    a = attention(cx, rms_norm(cx, x, s.hidden_size, gemma=gemma))
+    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
     if gemma:
         a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
     x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-    m = mlp(cx, rms_norm(cx, x, s.hidden_size, gemma=gemma))
+    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
     if gemma:
         m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
     return T(x.numel, max(x.width, m.width), x.rg or m.rg)
@@ -367,15 +422,15 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     tape = Tape()
     cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
     x = T(n * s.hidden_size, stream_width(lay), True)
-    rms_norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
-    norm = tape.nbytes
+    norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
+    norm_bytes = tape.nbytes
     # upcast_lmhead_output: the hook's fp32 copy is what the model returns (the half output is freed at once),
     # and the loss's logits.float() is then a no-op (transformers loss_utils ForCausalLMLoss)
     c = FP32 if lay.head_output_fp32 else lay.logits_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0
     # a 4-bit head (LitGPT) keeping its input before bitsandbytes 0.43.2, as the decoder's 4-bit linears do
     held = n * s.hidden_size * lay.compute_width if lay.quantized_head and lay.linear4bit_keeps_input else 0
-    return HeadSaved(norm_bytes=norm + (n * s.hidden_size * c if lay.full else 0) + held,  # lm_head's input
+    return HeadSaved(norm_bytes=norm_bytes + (n * s.hidden_size * c if lay.full else 0) + held,  # lm_head's input
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,
                      upcast_bytes=n * s.vocab_size * FP32 if c != FP32 else 0, softcap_bytes=softcap,
                      held_bytes=held)

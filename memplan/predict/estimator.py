@@ -65,6 +65,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     n, v = b * s, spec.vocab_size
     c = lay.compute_width
     acts, recomputed, recomputed_end, top_released = _activations(lay)
+    acts += _embedding_dropout_bytes(lay)
     head = head_saved(lay, batch=b, seq=s)
     # cross-entropy backward: log-probs (saved) + their gradient + the logits' gradient, all fp32 (B, S, V)
     ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
@@ -108,7 +109,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         # `result + lora_B(lora_A(dropout(x))) * scaling`, with `x = self._cast_input_dtype(x, ...)`: the input's
         # copy in the adapter dtype lives until that forward returns) coexists with everything it recomputed
         tail = n * spec.hidden_size * c
-        if "down_proj" in lay.lora_modules and not spec.is_moe:
+        if spec.residual_dropout:  # the MLP's dropout, which saves a tensor, runs too: its output joins the tail
+            tail += n * spec.hidden_size * c
+        if spec.mlp_linears()[-1].name in lay.lora_modules and not spec.is_moe:
             inter = spec.intermediate_size
             tail += 2 * n * spec.hidden_size * c + (n * inter * lay.lora_width if lay.lora_width != c else 0)
         layer_grad = max(layer_grad + recomputed, recomputed_end + tail + rs.layer_backward_bytes,
@@ -457,6 +460,22 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     return first + (L - 1) * full_layer, full_layer, full_layer, released
 
 
+def _embedding_dropout_bytes(lay: Layout) -> int:
+    """The dropout after the embedding (StarCoder2's embedding_dropout) saves its mask or noise (activations.
+    dropout) when the embedding's output requires grad: the embedding trains, or checkpointing turned on input
+    grads (transformers' enable_input_require_grads), which keeps the frozen embedding's output alive besides."""
+    s, tr = lay.spec, lay.train
+    # LLaMA-Factory's checkpointing wrapper sets requires_grad on each trained layer's input instead (memplan.build.
+    # model.enable_checkpointing): after the dropout
+    hook = tr.checkpointing and stack_facts(tr.stack).name is not Stack.LLAMAFACTORY
+    if not s.embedding_dropout or not (lay.full or hook):
+        return 0
+    hidden = tr.batch_size * tr.seq_len * s.hidden_size
+    noise = hidden * (1 if lay.device == "cuda" else stream_width(lay))
+    # a frozen embedding's output made to require grad by the hook is a leaf, held by its AccumulateGrad node
+    return noise + (0 if lay.full else hidden * stream_width(lay))
+
+
 def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int, int]:
     """Freeze tuning (any trained layer set: the last N, the first N, LLaMA Pro's stride). Layers below the lowest
     trained one save nothing (their input needs no grad); the lowest sees an input without grad; every layer
@@ -478,7 +497,10 @@ def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int,
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
         recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True)
         end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True)
-        return len(ids) * kept + frozen_above * (frozen if lf else kept), recomputed, end, 0
+        # transformers' activation_checkpointing_enable turns input grads on (enable_input_require_grads): the
+        # frozen layers below the lowest trained one are then on the backward path too, each keeping its input
+        below = 0 if lf else lo * kept
+        return len(ids) * kept + frozen_above * (frozen if lf else kept) + below, recomputed, end, 0
     first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False)
     top_trains = ids[-1] == L - 1
     top = trained_layer if top_trains else frozen
@@ -536,7 +558,9 @@ def _layer_backward_buffers(lay: Layout, n: int) -> int:
     F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))`)."""
     s = lay.spec
     inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
-    grads = 3 * n * inter * lay.compute_width
+    # gated: act * up's backward (the product's, the activation's and up's gradients); one projection (StarCoder2):
+    # the activation's backward (its output's and input's gradients)
+    grads = (3 if s.family.gated_mlp else 2) * n * inter * lay.compute_width
     mlp = [lin for lin in s.mlp_linears() if lay.quantized(lin.name)] if not s.is_moe else []
     if not mlp:
         return grads

@@ -46,7 +46,7 @@ def trainable_tensors(lay: Layout) -> list[Tensor]:
         out.append(Tensor("embed", s.vocab_size, h, 1))
         if not s.tie_word_embeddings:
             out.append(Tensor("lm_head", s.vocab_size, h, 1))
-        out.append(Tensor("norm", h, 0, 1))
+        out.append(Tensor("norm", h, 0, s.family.norm_tensors))
     return out
 
 

@@ -66,7 +66,8 @@ def model_states(lay: Layout) -> ModelStates:
     s, tr = lay.spec, lay.train
     total = s.num_parameters
     linears = s.layer_linears()
-    linear_params = sum(lin.in_features * lin.out_features for lin in linears)  # autocast-cast per layer
+    # autocast casts every fp32 argument of F.linear, the bias too (aten/src/ATen/autocast_mode.cpp cached_cast)
+    linear_params = sum(lin.params for lin in linears)
     expert_params = sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts \
         if s.is_moe else 0  # grouped matmul: no autocast copies
     # rotary inv_freq and original_inv_freq, fp32 (rot_dim / 2) each: transformers 5 LlamaRotaryEmbedding.__init__
@@ -191,5 +192,5 @@ def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
     n = lay.trainable_layers
     shapes = [(r, c, k * n) for r, c, k in layer]
     if lay.full:
-        shapes += [(s.vocab_size, h, 1 if s.tie_word_embeddings else 2), (h, 0, 1)]
+        shapes += [(s.vocab_size, h, 1 if s.tie_word_embeddings else 2), (h, 0, s.family.norm_tensors)]
     return shapes

@@ -53,10 +53,23 @@ class Family:
     # config key: the layer types repeat with this period (Qwen3.5: full_attention_interval, 3 linear-attention
     # layers then a full one); the exact mode traces whole periods so the line through them is the model's
     layer_period_key: str | None = None
+    layer_norm: bool = False  # nn.LayerNorm (weight and bias) in place of RMSNorm (StarCoder2)
+    gated_mlp: bool = True  # False: one up projection, the activation, one down projection (c_fc, c_proj)
+    bias_key: str = "attention_bias"  # the config key of the q/k/v biases (StarCoder2: use_bias)
+    out_bias: bool = False  # the same bias on o_proj and the MLP's Linears too (StarCoder2's use_bias)
+    # config keys of the dropout probabilities the model applies in training (model.train()): after the embedding,
+    # after o_proj and after the MLP (the residual branches), inside attention on the probabilities
+    dropout_keys: tuple[str, str, str] | None = None
+
+    @property
+    def norm_tensors(self) -> int:
+        """Parameters of one norm, each (hidden,): RMSNorm's weight, LayerNorm's weight and bias."""
+        return 2 if self.layer_norm else 1
 
     @property
     def norms_per_layer(self) -> int:
-        return 4 if self.sandwich_norms else 2
+        """Norm parameter tensors of one decoder layer, each (hidden,)."""
+        return (4 if self.sandwich_norms else 2) * self.norm_tensors
 
 
 _VL_LIMITS = ("text-only inputs: image/video tokens (image_max_pixels) are not costed; the vision tower and "
@@ -93,6 +106,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # GlmAttention: q/k/v bias=config.attention_bias (GlmConfig default True), o_proj none; GlmMLP.gate_up_proj
     # chunked; apply_rotary_pos_emb rotates partial_rotary_factor of head_dim and concatenates the rest
     Family(model_type="glm", attention_bias_default=True, fused_gate_up=True, rope_concat=True),
+    # Starcoder2 (modeling_starcoder2.py): llama's attention with rope, q/k/v/o Linear(bias=config.use_bias)
+    # (l.153-156); nn.LayerNorm input / post-attention norms (l.212-213) and final norm (l.323); Starcoder2MLP
+    # c_fc -> gelu_pytorch_tanh -> c_proj, bias=use_bias (l.57-66); dropout after the embedding (l.368),
+    # after o_proj (l.199) and the MLP (l.66), attention_dropout on the probabilities (l.191); the sliding
+    # window when sliding_window is set (l.358). Starcoder2Config: use_bias True, tie_word_embeddings True
+    Family(model_type="starcoder2", architectures=("Starcoder2ForCausalLM",), layer_norm=True, gated_mlp=False,
+           act="gelu", bias_key="use_bias", attention_bias_default=True, out_bias=True, tied_default=True,
+           dropout_keys=("embedding_dropout", "residual_dropout", "attention_dropout")),
     # wqkv + wo, w1/w3/w2 (trust_remote_code)
     Family(model_type="internlm2", fused_qkv=True, remote_code=True),
     # BloomForCausalLM: ALiBi + LayerNorm, not in the formulas; `_supports_sdpa = False`
@@ -102,8 +123,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # post_attention / post_feedforward norms only (l.285-316), Olmo2RMSNorm multiplies in fp32 then casts (l.60-65)
     Family(model_type="olmo2", architectures=("Olmo2ForCausalLM",), qk_norm=True, qk_norm_full=True,
            post_norms=True),
-    # Starcoder2: LayerNorm with bias, c_fc/c_proj GELU MLP, biases on every Linear (use_bias)
-    Family(model_type="starcoder2", analytic=False),
     Family(model_type="gpt_bigcode", analytic=False),  # multi-query attention, fused c_attn, LayerNorm, GELU
     # DeepseekV2/V3Attention: multi-head latent attention (q_lora_rank, kv_lora_rank, rope/nope split), MoE with
     # shared experts and first_k_dense_replace dense layers

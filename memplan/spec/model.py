@@ -47,6 +47,10 @@ class ModelSpec:
     tie_word_embeddings: bool
     family: Family  # what the model_type builds beyond the config (memplan.spec.families)
     qkv_bias: bool = False
+    out_bias: bool = False  # o_proj and the MLP's Linears have biases too (StarCoder2 use_bias)
+    embedding_dropout: float = 0.0  # dropout probabilities applied in training (Family.dropout_keys)
+    residual_dropout: float = 0.0
+    attention_dropout: float = 0.0
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
@@ -152,7 +156,7 @@ class ModelSpec:
                 Linear(name="k_proj", in_features=h, out_features=self.kv_dim, bias=b),
                 Linear(name="v_proj", in_features=h, out_features=self.kv_dim, bias=b),
             )
-        return (*qkv, Linear(name="o_proj", in_features=self.q_dim, out_features=h))
+        return (*qkv, Linear(name="o_proj", in_features=self.q_dim, out_features=h, bias=self.out_bias))
 
     def _mla_linears(self) -> tuple[Linear, ...]:
         """DeepseekV3Attention.__init__ (modeling_deepseek_v3.py l.370-400): q directly or through the q LoRA, the
@@ -172,6 +176,9 @@ class ModelSpec:
         """The dense MLP of one layer (for MoE: one expert, repeated `num_experts` times)."""
         h = self.hidden_size
         i = self.moe_intermediate_size if self.is_moe else self.intermediate_size
+        if not self.family.gated_mlp:  # Starcoder2MLP: c_fc -> act -> c_proj
+            return (Linear(name="c_fc", in_features=h, out_features=i, bias=self.out_bias),
+                    Linear(name="c_proj", in_features=i, out_features=h, bias=self.out_bias))
         if self.fused_gate_up:
             up: tuple[Linear, ...] = (Linear(name="gate_up_proj", in_features=h, out_features=2 * i),)
         else:
@@ -189,7 +196,7 @@ class ModelSpec:
     def layer_params(self) -> int:
         h = self.hidden_size
         n = sum(lin.params for lin in self.attention_linears())
-        n += self.norms_per_layer * h  # RMSNorm weights: 2 per layer (4 in gemma2)
+        n += self.norms_per_layer * h  # RMSNorm weights: 2 per layer (4 in gemma2); LayerNorm: weight + bias
         if self.qk_norm:  # q_norm, k_norm (OLMo-2: over the whole projections)
             n += self.q_dim + self.kv_dim if self.family.qk_norm_full else 2 * self.head_dim
         n += self.q_lora_rank + self.kv_lora_rank  # MLA: q_a_layernorm, kv_a_layernorm (0 otherwise)
@@ -207,7 +214,8 @@ class ModelSpec:
     @property
     def head_params(self) -> int:
         """Final norm + lm_head (0 extra when tied to the embedding)."""
-        return self.hidden_size + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
+        return self.family.norm_tensors * self.hidden_size + (
+            0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
 
     @property
     def num_parameters(self) -> int:
@@ -287,6 +295,9 @@ class ModelSpec:
         problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in _OPTIONAL_INTS
                      if cfg.get(k) is not None and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool)
                                                     or cfg[k] <= 0)]
+        problems += [f"{label}: {k} must be a probability in [0, 1), got {cfg[k]!r}" for k in fam.dropout_keys or ()
+                     if cfg.get(k) is not None and (not isinstance(cfg[k], (int, float)) or isinstance(cfg[k], bool)
+                                                    or not 0 <= cfg[k] < 1)]
         if problems:
             raise ConfigError(problems)
         heads = cfg["num_attention_heads"]
@@ -301,7 +312,8 @@ class ModelSpec:
             raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
         tied = cfg.get("tie_word_embeddings")
-        bias = fam.qkv_bias if fam.qkv_bias is not None else cfg.get("attention_bias", fam.attention_bias_default)
+        bias = fam.qkv_bias if fam.qkv_bias is not None else cfg.get(fam.bias_key, fam.attention_bias_default)
+        drops = [float(cfg.get(k) or 0.0) for k in fam.dropout_keys] if fam.dropout_keys else [0.0, 0.0, 0.0]
         return cls(
             name=name or cfg.get("_name_or_path") or mtype,
             model_type=mtype,
@@ -315,6 +327,8 @@ class ModelSpec:
             vocab_size=cfg["vocab_size"],
             tie_word_embeddings=bool(fam.tied_default if tied is None else tied),
             qkv_bias=bool(bias),
+            out_bias=bool(bias) and fam.out_bias,
+            embedding_dropout=drops[0], residual_dropout=drops[1], attention_dropout=drops[2],
             num_experts=experts,
             experts_per_token=(cfg.get("num_experts_per_tok") or 0) if experts else 0,
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))

@@ -36,6 +36,10 @@ TINY_CONFIGS: dict[str, dict] = {
                         first_k_dense_replace=3),
     # OLMo-2: post-norms only, q/k norms over the whole projections
     "olmo2": dict(model_type="olmo2", **_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # StarCoder2: LayerNorm, c_fc/c_proj GELU MLP, biases everywhere, tied; "starcoder2-drop" adds its dropouts
+    "starcoder2": dict(model_type="starcoder2", **_BASE, hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5),
+    "starcoder2-drop": dict(model_type="starcoder2", **_BASE, hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5,
+                            embedding_dropout=0.1, residual_dropout=0.1, attention_dropout=0.1),
     "glm": dict(model_type="glm", **_BASE, head_dim=32, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2),
 }
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# LLaMA-Factory 0.9.5's own argument parser in a virtualenv of its own, for tests/test_llamafactory_parser.py:
-# llamafactory pins transformers <= 5.6 and peft <= 0.18.1, so it cannot share memplan's environment.
+# LLaMA-Factory 0.9.5 in a virtualenv of its own: its argument parser for tests/test_llamafactory_parser.py, its
+# training (run_exp on CPU, memplan/testing/lf_truth.py) for tests/test_llamafactory_train.py. llamafactory pins
+# transformers <= 5.6 and peft <= 0.18.1, so it cannot share memplan's environment.
 # llamafactory goes in with --no-deps, beside only what `from llamafactory.hparams import get_train_args` really
 # imports: torch (the CPU wheel on this disk; PyPI's torchvision / torchaudio, which llamafactory lists, do not
-# import beside it, and the parser never needs them), transformers / peft / accelerate / datasets / trl at the
+# import beside it; the parser never needs them, and lf_truth.py gives a text-only run an empty torchaudio module
+# for data/mm_plugin.py's top-level import), transformers / peft / accelerate / datasets / trl at the
 # versions llamafactory allows, omegaconf, and deepspeed, which HF TrainingArguments imports to read a DeepSpeed JSON.
 # Usage: .ci/llamafactory_venv.sh DIR  ->  builds DIR (kept when it already works) and prints DIR/bin/python.
 # Takes about 3-6 minutes on 2 cores.

@@ -3,7 +3,8 @@ write a plan back with the input's other keys kept in place.
 
 Defaults are LLaMA-Factory's own (hparams/finetuning_args.py, model_args.py) and HF Seq2SeqTrainingArguments':
 finetuning_type lora, lora_rank 8, lora_alpha 2 x rank, lora_target all, cutoff_len 2048, per-device batch 8,
-accumulation 1, optim adamw_torch, flash_attn auto, no bf16/fp16 (fp32), checkpointing on.
+accumulation 1, optim adamw_torch_fused (transformers 5.6's default with torch >= 2.8), flash_attn auto, no
+bf16/fp16 (fp32), checkpointing on.
 """
 
 from __future__ import annotations
@@ -327,12 +328,16 @@ def _optimizer(raw: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
     """`optim` and the switches over it (trainer_utils.py create_custom_optimizer: use_galore, use_apollo,
     use_adam_mini, use_muon; *_layerwise) -> the optimizer and its projection knobs; `keys` learns which YAML keys
     carry them (a problem in proj_rank names apollo_rank under use_apollo)."""
-    optim = str(raw.get("optim", "adamw_torch"))
+    flags = {k: _bool(raw, k) for k in ("use_galore", "use_apollo", "use_adam_mini", "use_muon",
+                                        "galore_layerwise", "apollo_layerwise")}
+    # no `optim`: transformers 5.6 TrainingArguments' default, adamw_torch_fused with torch >= 2.8
+    # (training_args.py L811-816; LLaMA-Factory 0.9.5 sets none). GaLore / APOLLO are read over adamw_torch, the
+    # only AdamW their builders take (train/trainer_utils.py L239, L330)
+    projected = flags["use_galore"] or flags["use_apollo"]
+    optim = str(raw.get("optim", "adamw_torch" if projected else "adamw_torch_fused"))
     base = optimizers.from_hf(optim, str(raw.get("optim_args", "")))
     if base is None:
         raise ConfigError(f"optim {optim!r} is not modelled: use one of {', '.join(optimizers.hf_names())}")
-    flags = {k: _bool(raw, k) for k in ("use_galore", "use_apollo", "use_adam_mini", "use_muon",
-                                        "galore_layerwise", "apollo_layerwise")}
     on = [k for k in ("use_galore", "use_apollo", "use_adam_mini", "use_muon") if flags[k]]
     if flags["use_galore"] and flags["use_apollo"]:  # finetuning_args.py L618
         raise ConfigError("use_galore and use_apollo are both true: LLaMA-Factory refuses them together")

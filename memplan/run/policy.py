@@ -31,7 +31,7 @@ def _stages(cur: TrainConfig, allow_method_change: bool) -> list[tuple[str, dict
     stages: list[tuple[str, dict[str, object]]] = [("smaller micro-batch, more accumulation", {})]
     if not cur.checkpointing:
         stages.append(("gradient checkpointing", dict(checkpointing=True)))
-    if cur.optimizer in (Optimizer.ADAMW,):
+    if cur.optimizer in (Optimizer.ADAMW, Optimizer.ADAMW_FUSED):
         stages.append(("8-bit AdamW", dict(optimizer=Optimizer.ADAMW_8BIT)))
     if allow_method_change and cur.method is Method.LORA:  # same adapters: the checkpoint still resumes
         stages.append(("QLoRA 4-bit", dict(method=Method.QLORA, quant_bits=4)))

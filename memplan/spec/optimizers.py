@@ -14,6 +14,7 @@ from enum import Enum
 
 class Optimizer(str, Enum):
     ADAMW = "adamw"
+    ADAMW_FUSED = "adamw_fused"  # torch.optim.AdamW(fused=True): transformers >= 5 with torch >= 2.8 by default
     ADAMW_8BIT = "adamw_8bit"
     PAGED_ADAMW_8BIT = "paged_adamw_8bit"
     PAGED_ADAMW_32BIT = "paged_adamw_32bit"
@@ -88,9 +89,17 @@ _LF = "memplan.build.optimizers"  # builders that take the model (LLaMA-Factory'
 # tensor below min_8bit_size: fp32 states; paged buffers fall back to ordinary ones on CPU).
 OPTIMIZERS: dict[Optimizer, OptimizerFacts] = {f.name: f for f in (
     OptimizerFacts(name=Optimizer.ADAMW, states=States.ADAM, foreach_copy=True, hf_optim="adamw_torch",
-                   hf_aliases=("adamw_torch_fused", "adamw_hf", "adamw_torch_xla", "adamw_apex_fused"),
+                   hf_aliases=("adamw_hf", "adamw_torch_xla", "adamw_apex_fused"),
                    builder=("torch.optim", "AdamW", (*_NO_DECAY, ("foreach", True))), smaller=Optimizer.ADAMW_8BIT,
                    explain="2 states (exp_avg, exp_avg_sq) x param width"),
+    # transformers 5.6 Trainer.get_optimizer_cls_and_kwargs: adamw_torch_fused -> AdamW(fused=True); torch's
+    # _fused_adamw_ updates every tensor in place (torch/optim/adamw.py -> adam.py _fused_adam): no state-sized
+    # temporary. TrainingArguments.optim defaults to it with torch >= 2.8 (transformers 5.6 training_args.py
+    # L811-816), so a LLaMA-Factory 0.9.5 YAML without `optim` runs it (measured: benchmarks/results/
+    # llamafactory_truth.md, full fine-tuning within 0.5 % of LLaMA-Factory's CPU peak, +22 % as foreach)
+    OptimizerFacts(name=Optimizer.ADAMW_FUSED, states=States.ADAM, foreach_copy=False, hf_optim="adamw_torch_fused",
+                   builder=("torch.optim", "AdamW", (*_NO_DECAY, ("fused", True))), smaller=Optimizer.ADAMW_8BIT,
+                   explain="2 states (exp_avg, exp_avg_sq) x param width; fused in place, no temporaries"),
     OptimizerFacts(name=Optimizer.ADAMW_8BIT, states=States.ADAM_8BIT, foreach_copy=False, hf_optim="adamw_bnb_8bit",
                    hf_aliases=("adamw_8bit",), builder=("bitsandbytes.optim", "AdamW8bit", _NO_DECAY),
                    bitsandbytes=True, explain="2 states x (1 B + 4 B absmax / 256)"),

@@ -10,7 +10,10 @@ entry here plus its branch in `memplan.build.model.prepare_for_stack` (and a CPU
 Checkpointing flavour: LLaMA-Factory checkpoints reentrantly (`use_reentrant_gc` defaults to true), transformers 5
 non-reentrantly. Measured on the CPU allocator (tiny llama, LoRA bf16, batch 2 x 256, real peft): 36,500,084 B
 reentrant vs 36,500,252 B non-reentrant, so the flavour is recorded (the builder reproduces it) but no formula
-depends on it.
+depends on it. Full fine-tuning differs at the bottom layer's backward (tiny llama, fp32, fused AdamW, batch 2 x 128,
+peak at aten::mul in backward 2): 69,818,436 B reentrant vs 69,546,180 B non-reentrant (+272,256 B, about one
+(B, S, H) fp32 tensor); the analytic estimate (68,974,720 B) is below both, the exact mode (69,803,268 B) traces it.
+LLaMA-Factory 0.9.5's own run_exp measured 69,822,548 B (benchmarks/results/llamafactory_truth.md).
 """
 
 from __future__ import annotations

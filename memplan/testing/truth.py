@@ -30,7 +30,7 @@ class Truth:
 
 
 @contextlib.contextmanager
-def _no_stray_frees() -> Iterator[None]:
+def no_stray_frees() -> Iterator[None]:
     """The profiled live bytes start from the resident model: garbage of earlier work (a reference cycle holding
     tensors) freed by Python's cycle collector inside the window would count as negative bytes and lower the peak
     by an amount that depends on what ran before (seen: -1.1 % after the optimizer tests). Collect it first; no
@@ -53,23 +53,16 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
     ref_model = build_reference_model(spec, train, device="cpu")  # DPO full / freeze: its frozen reference
     optimizer = build_optimizer(model, train)
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
-    seen: set[int] = set()
-    baseline = 0
-    for t in _resident(model) + (_resident(ref_model) if ref_model is not None else []):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            baseline += t.untyped_storage().nbytes()
+    baseline = resident_bytes(_resident(model) + (_resident(ref_model) if ref_model is not None else []))
     baseline += ids.untyped_storage().nbytes()
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with _no_stray_frees(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with no_stray_frees(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         losses = reference_step(model, optimizer, train, ids, record_function, ref_model=ref_model)
     events = list(prof.profiler.kineto_results.events())
     marks = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
                    if e.name().split(":")[0] in PHASES)
-    mem = sorted((e.start_ns(), e.nbytes()) for e in events
-                 if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    mem = cpu_memory_events(events)
     live, peak, peak_ns = 0, 0, 0
     phase_peaks: dict[str, int] = {}
     spans = iter(marks)
@@ -90,6 +83,18 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
                and e.start_ns() <= peak_ns <= e.start_ns() + e.duration_ns()]
     return Truth(peak_bytes=baseline + peak, phase=phase, step=step, baseline_bytes=baseline,
                  phase_peaks=phase_peaks, peak_op=min(running)[1] if running else "", losses=tuple(losses))
+
+
+def cpu_memory_events(events: list) -> list[tuple[int, int]]:
+    """(start_ns, +allocated / -freed bytes) of the CPU allocator's `[memory]` events of a profile, in time order."""
+    torch = try_import("torch")
+    return sorted((e.start_ns(), e.nbytes()) for e in events
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+
+
+def resident_bytes(tensors: list) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied weights counted once)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def _resident(model: object) -> list:
@@ -137,9 +142,8 @@ def measure_trainer_eval_peak(spec: ModelSpec, train: TrainConfig, *, seed: int 
         from torch.profiler import ProfilerActivity, profile, record_function
 
         evaluate = trainer.evaluate
-        baseline = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                        for t in _resident(model)}.values())
-        with _no_stray_frees(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        baseline = resident_bytes(_resident(model))
+        with no_stray_frees(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with record_function("train:1"):
                 trainer.train()
             with record_function("eval:1"):
@@ -147,8 +151,7 @@ def measure_trainer_eval_peak(spec: ModelSpec, train: TrainConfig, *, seed: int 
     events = list(prof.profiler.kineto_results.events())
     spans = {e.name(): (e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
              if e.name() in ("train:1", "eval:1")}
-    mem = sorted((e.start_ns(), e.nbytes()) for e in events
-                 if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    mem = cpu_memory_events(events)
     live, peaks = 0, {"train:1": 0, "eval:1": 0}
     for ts, nbytes in mem:
         live += nbytes

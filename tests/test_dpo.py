@@ -114,3 +114,30 @@ def test_dpo_equals_the_exact_trace() -> None:
     analytic = estimate(spec, train, device="cpu").peak_allocated_bytes
     exact = exact_estimate(spec, train, device="cpu").peak_allocated_bytes
     assert abs(analytic - exact) / exact < 0.01, (analytic, exact)
+
+
+def test_oft_preference_stages_load_a_reference_model() -> None:
+    """LLaMA-Factory's create_ref_model loads a second, frozen model unless finetuning_type is lora: OFT (and QOFT,
+    quantized the same way) gets one; LoRA disables its adapters instead."""
+    from memplan.spec.train import Adapter
+
+    spec = resolve_model("llama-3-8b")
+    for stage in (Stage.DPO, Stage.KTO):
+        oft = TrainConfig(stage=stage, adapter=Adapter.OFT, oft_block_size=32, oft_rank=0, seq_len=1024)
+        assert estimate(spec, oft).term("reference_model") == spec.num_parameters * 2 + spec.head_dim // 2 * 4
+        qoft = oft.with_(method=Method.QLORA)
+        assert 0 < estimate(spec, qoft).term("reference_model") < spec.num_parameters  # 4-bit: under 1 B/param
+        assert estimate(spec, oft.with_(adapter=Adapter.LORA, oft_block_size=0)).term("reference_model") == 0
+
+
+@pytest.mark.integration
+def test_oft_dpo_within_one_percent_of_its_cpu_truth() -> None:
+    from memplan.spec.train import Adapter
+    from memplan.testing.truth import measure_cpu_peak
+
+    spec = tiny_spec("llama")
+    train = TrainConfig(stage=Stage.DPO, adapter=Adapter.OFT, oft_block_size=32, oft_rank=0, batch_size=1,
+                        seq_len=256, precision=Precision.BF16)
+    truth = measure_cpu_peak(spec, train)
+    predicted = estimate(spec, train, device="cpu").peak_allocated_bytes
+    assert abs(predicted - truth.peak_bytes) / truth.peak_bytes < 0.01, (predicted, truth.peak_bytes)

@@ -258,14 +258,16 @@ def build_optimizer(model: Any, train: TrainConfig) -> Any:
 
 
 def build_reference_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> Any:
-    """The frozen reference of a full / freeze DPO run, or None (LoRA disables the policy's adapters instead; the
+    """The frozen reference of a full / freeze / OFT DPO or KTO run, or None (LoRA disables the policy's adapters instead; the
     reference-free losses need none): LLaMA-Factory's create_ref_model (train/trainer_utils.py L116-148) loads the
     model again, not trainable — load_model(is_trainable=False): compute dtype, requires_grad off, eval mode."""
-    if not train.has_reference or train.is_lora:
+    if not train.separate_reference:
         return None
     torch = try_import("torch")
     transformers = try_import("transformers")
     with torch.device(device):
         ref = transformers.AutoModelForCausalLM.from_config(hf_config(spec, train), dtype=compute_dtype(train))
+    if train.method is Method.QLORA:  # QOFT: the same quantization_bit (ModelArguments.copyfrom(model_args))
+        _quantize_linears(ref, train, compute_dtype(train), device)
     ref.requires_grad_(False)
     return ref.eval()

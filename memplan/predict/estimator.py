@@ -249,7 +249,11 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
     lay = Layout.of(spec, pairs, device)
     nv = pairs.batch_size * train.seq_len * spec.vocab_size
     ref_weights = 0
-    if train.has_reference and not train.is_lora:
+    if train.separate_reference and train.method is Method.QLORA:
+        # QOFT: the reference loads with the same quantization_bit (ModelArguments.copyfrom): the policy's weights
+        # without its trainable adapters
+        ref_weights = policy.term("weights") - policy.trainable_params * lay.lora_width
+    elif train.separate_reference:  # full / freeze / OFT: a frozen copy in the compute dtype
         ref_weights = spec.num_parameters * lay.compute_width + spec.head_dim // 2 * 4  # + rotary inv_freq
     moments = {k: v + ref_weights for k, v in policy.moments}
     # the loss head differs from cross-entropy's (logits c + fp32 upcast + log-probs): `.logits.to(torch.float32)`

@@ -54,7 +54,7 @@ def probe(spec: ModelSpec, train: TrainConfig, opts: ProbeOptions | None = None,
         from memplan.errors import ConfigError
 
         raise ConfigError("--steps must be positive and --warmup not negative")
-    if train.has_reference and not train.is_lora:
+    if train.separate_reference:
         from memplan.errors import ConfigError
 
         raise ConfigError("probing DPO / KTO with a separate reference model (full / freeze) is not supported yet: the "

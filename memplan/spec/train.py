@@ -119,11 +119,6 @@ class TrainConfig:
     # DPO (LLaMA-Factory stage: dpo): each micro-batch row is a chosen + rejected pair; dpo_reference False for the
     # reference-free losses (pref_loss orpo / simpo: finetuning_args.py use_ref_model)
     stage: Stage = Stage.SFT
-
-    @property
-    def has_reference(self) -> bool:
-        """A preference stage that runs a reference (DPO unless reference-free; KTO always)."""
-        return self.stage is Stage.KTO or (self.stage is Stage.DPO and self.dpo_reference)
     dpo_reference: bool = True
     # GaLore / APOLLO (optimizers with a Projection): the rank, the target modules (LLaMA-Factory galore_target /
     # apollo_target: "all" = every decoder linear) and the projected side; LLaMA-Factory's defaults
@@ -247,6 +242,18 @@ class TrainConfig:
     @property
     def is_lora(self) -> bool:
         return self.method in (Method.LORA, Method.QLORA)
+
+    @property
+    def has_reference(self) -> bool:
+        """A preference stage that runs a reference (DPO unless reference-free; KTO always)."""
+        return self.stage is Stage.KTO or (self.stage is Stage.DPO and self.dpo_reference)
+
+    @property
+    def separate_reference(self) -> bool:
+        """The reference is a second, frozen model: LLaMA-Factory's create_ref_model (train/trainer_utils.py
+        L136-146) loads one unless finetuning_type is lora (whose policy disables its adapters instead): full,
+        freeze and OFT (QOFT: with the same quantization_bit, ModelArguments.copyfrom(model_args))."""
+        return self.has_reference and (not self.is_lora or self.adapter is Adapter.OFT)
 
     @property
     def gpus_per_node(self) -> int:

@@ -100,9 +100,9 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         # tensor itself), and PiSSA's SVD is a load-phase transient: traced without them, their delta analytic
         traced_train = traced_train.with_(**analytic)
         note += "; " + ", ".join(k for k in analytic if getattr(train, k)) + ": traced without, added analytically"
-    if train.has_reference and not train.is_lora:
+    if train.separate_reference:
         raise UnsupportedModel("the exact mode does not build DPO's / KTO's separate reference model (full / "
-                               "freeze) yet: the analytic estimate models it (drop --exact)")
+                               "freeze / OFT) yet: the analytic estimate models it (drop --exact)")
     if facts(train.optimizer).projection is not Projection.NONE:
         raise UnsupportedModel("the exact mode does not trace GaLore / APOLLO steps (their projectors read gradient "
                                "values: SVD, norms): the analytic estimate models them (drop --exact)")

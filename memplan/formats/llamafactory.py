@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import ConfigError
-from memplan.formats.deepspeed import deepspeed_config, read_deepspeed
+from memplan.formats.deepspeed import deepspeed_candidates, deepspeed_config, read_deepspeed
 from memplan.formats.llamafactory_rules import (  # noqa: F401 - NOT_TRAINING, REJECTED, launch_world: public here
     NOT_TRAINING,
     REJECTED,
@@ -366,6 +366,19 @@ def _evaluates(raw: dict[str, Any]) -> bool:
     return strategy in ("steps", "epoch") or raw.get("do_eval") is True
 
 
+def not_a_config(raw: dict[str, Any]) -> str | None:
+    """Why a YAML mapping is no LLaMA-Factory config at all (none of its keys is an argument memplan knows LLaMA-
+    Factory's dataclasses define: every training YAML names model_name_or_path, which ModelArguments requires), or
+    None. examples/extras/multi_tokens/tokens_cfg.yaml is such a file: "<|token|>": description pairs, what
+    new_special_tokens_config names (hparams/model_args.py L83, loaded with OmegaConf.load at L220)."""
+    if not raw or any(k in MODELLED or k in NOT_MODELLED for k in raw):
+        return None
+    tokens = all(isinstance(v, str) for v in raw.values())
+    return (f"not a LLaMA-Factory training config: none of its {len(raw)} keys is a LLaMA-Factory argument "
+            "(a training YAML names model_name_or_path, stage, finetuning_type ...)"
+            + ("; its token: description pairs are what new_special_tokens_config points at" if tokens else ""))
+
+
 def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     """A parsed YAML mapping -> LlamaFactoryConfig; every problem in the modelled fields is reported at once."""
     problems: list[str] = []
@@ -543,6 +556,8 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"--config {path}: malformed YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of LLaMA-Factory arguments")
+    if (why := not_a_config(raw)) is not None:
+        raise ConfigError(f"--config {path}: {why}")
     raw = {**raw, **(overrides or {})}
     try:
         lf = config_from_llamafactory(raw)
@@ -706,8 +721,8 @@ def write_llamafactory(spec: ModelSpec, train: TrainConfig, path: Path, base: di
             got = {}
         if got.get("sharding") is train.sharding and got.get("offload", Offload.NONE) is train.offload:
             # reused; HF Trainer opens it from the working directory, so a JSON found beside the input YAML
-            # is named by that path
-            reuse = str(current) if Path(str(current)).is_file() else str((base_dir or Path.cwd()) / str(current))
+            # (or in a folder above it) is named by that path
+            reuse = str(next(p for p in deepspeed_candidates(str(current), base_dir or Path.cwd()) if p.is_file()))
         else:
             ds_file = path.with_name(f"{path.stem}.ds_{train.sharding.value}.json")
     data = llamafactory_yaml(spec, train, base, deepspeed=str(ds_file) if ds_file else reuse)

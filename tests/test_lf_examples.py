@@ -5,7 +5,6 @@ runs all of them)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

@@ -66,3 +66,106 @@ def test_estimate_of_a_token_file_exits_2_in_one_line(tmp_path, capsys):
     rc = main(["estimate", "--config", str(cfg)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "not a LLaMA-Factory training config" in err, err
+
+
+# ---- 3. pre-quantized checkpoints (AWQ, GPTQ, AQLM) ---------------------------------------------------------
+def test_packed_storage_is_each_librarys_buffers():
+    """Byte counts of the buffers each library registers per Linear (shapes from gptqmodel 7.7
+    nn_modules/qlinear/__init__.py and aqlm 1.1.7 inference.py, worked out by hand here)."""
+    from memplan.predict.weights import packed_bytes
+    from memplan.spec.prequantized import PackedQuant
+
+    awq, gptq = PackedQuant(method="awq", bits=4), PackedQuant(method="gptq", bits=4)
+    aqlm = PackedQuant(method="aqlm", bits=2, in_group_size=8, num_codebooks=1, nbits_per_codebook=16)
+    # AWQ (4096 -> 14336): qweight int32 4096 x 1792, qzeros int32 32 x 1792, scales fp16 32 x 14336
+    assert packed_bytes(awq, [(4096, 14336, 1)], 2) == 4096 * 1792 * 4 + 32 * 1792 * 4 + 32 * 14336 * 2
+    # GPTQ (4096 -> 4096): qweight int32 512 x 4096, qzeros int32 32 x 512, scales fp16 32 x 4096, g_idx int32 4096
+    assert packed_bytes(gptq, [(4096, 4096, 1)], 2) == 512 * 4096 * 4 + 32 * 512 * 4 + 32 * 4096 * 2 + 4096 * 4
+    # AQLM 1x16, in_group 8 (4096 -> 4096): codebooks 1 x 65536 x 1 x 8 fp16, codes int16 4096 x 512 x 1, scales
+    assert packed_bytes(aqlm, [(4096, 4096, 1)], 2) == 65536 * 8 * 2 + 4096 * 512 * 2 + 4096 * 2
+    assert packed_bytes(awq, [(4096, 14336, 3)], 2) == 3 * packed_bytes(awq, [(4096, 14336, 1)], 2)
+
+
+@pytest.mark.parametrize(("name", "method", "bits"), [
+    ("TechxGenus/Meta-Llama-3-8B-Instruct-AWQ", "awq", 4), ("TechxGenus/Meta-Llama-3-8B-Instruct-GPTQ", "gptq", 4),
+    ("ISTA-DASLab/Meta-Llama-3-8B-Instruct-AQLM-2Bit-1x16", "aqlm", 2)])
+def test_a_prequantized_repo_without_config_is_its_base_with_assumed_quantization(name, method, bits):
+    from memplan.spec.catalog import _assumed_prequantized, resolve_model
+
+    with pytest.warns(UserWarning, match="no config.json on disk, so its quantization_config is assumed") as rec:
+        spec = _assumed_prequantized(name)
+    assert spec is not None and spec.packed is not None
+    assert (spec.packed.method, spec.packed.bits) == (method, bits)
+    assert "meta-llama/Meta-Llama-3-8B's" in str(rec[0].message) and "--model" in str(rec[0].message)
+    base = resolve_model("meta-llama/Meta-Llama-3-8B")
+    assert (spec.hidden_size, spec.num_layers, spec.vocab_size) == (base.hidden_size, base.num_layers,
+                                                                    base.vocab_size)
+
+
+def _llama_config(tmp_path, quant):
+    from memplan.spec.catalog import find_entry
+
+    entry = find_entry("meta-llama/Meta-Llama-3-8B")
+    cfg = {**json.loads(entry.path.read_text()), "quantization_config": quant}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def test_a_local_config_json_wins_over_the_assumption(tmp_path, recwarn):
+    from memplan.spec.catalog import resolve_model
+
+    folder = _llama_config(tmp_path, {"quant_method": "gptq", "bits": 8, "group_size": 64, "desc_act": False})
+    spec = resolve_model(str(folder))
+    assert spec.packed is not None and (spec.packed.bits, spec.packed.group_size, spec.packed.assumed) == (8, 64, "")
+    assert not [w for w in recwarn if "assumed" in str(w.message)]
+
+
+def _peak(spec, **kw):
+    from memplan.predict.estimator import estimate
+    from memplan.spec.stacks import Stack
+    from memplan.spec.train import TrainConfig
+
+    return estimate(spec, TrainConfig(stack=Stack.LLAMAFACTORY, seq_len=1024).with_(**kw))
+
+
+def test_each_kernel_keeps_what_its_source_saves(tmp_path):
+    """Without checkpointing every layer's saved tensors stay: GPTQ's matmul keeps each linear's dequantized weight
+    (gptqmodel torch.py L370-376), AWQ's Function keeps only the packed buffers (gemm_awq.py L59), AQLM keeps the
+    input (aqlm inference.py L107-113); with the same storage, GPTQ sits above AWQ by about those weights."""
+    from memplan.spec.catalog import resolve_model
+
+    specs = {m: resolve_model(str(_llama_config(tmp_path / m, {"quant_method": m, "bits": 4}
+                                                if m != "aqlm" else {"quant_method": m})))
+             for m in ("awq", "gptq", "aqlm") if (tmp_path / m).mkdir() is None}
+    acts = {m: _peak(s, checkpointing=False).terms for m, s in specs.items()}
+    act = {m: next(t.bytes for t in terms if t.name == "activations") for m, terms in acts.items()}
+    spec = specs["gptq"]
+    weights_per_layer = sum(lin.in_features * lin.out_features for lin in spec.layer_linears()) * 2  # bf16 copies
+    assert act["gptq"] - act["awq"] == pytest.approx(spec.num_layers * weights_per_layer, rel=0.02)
+    assert act["awq"] < act["aqlm"] < act["gptq"]
+
+
+def test_prequantized_training_follows_llamafactorys_refusals(tmp_path):
+    from memplan.spec.catalog import resolve_model
+    from memplan.spec.parallel import Sharding as Sh
+    from memplan.spec.train import Method, QuantMethod
+
+    spec = resolve_model(str(_llama_config(tmp_path, {"quant_method": "awq", "bits": 4, "group_size": 128})))
+    assert _peak(spec).peak_allocated_bytes < _peak(resolve_model("meta-llama/Meta-Llama-3-8B")).peak_allocated_bytes
+    with pytest.raises(ConfigError, match="quantized models train LoRA or OFT adapters only"):
+        _peak(spec, method=Method.FULL)
+    with pytest.raises(ConfigError, match="incompatible with PTQ-quantized models"):
+        _peak(spec, sharding=Sh.ZERO3, gpus=2)
+    with pytest.raises(ConfigError, match="quantization_method awq: AWQ is a pre-quantized checkpoint's storage"):
+        _peak(resolve_model("meta-llama/Meta-Llama-3-8B"), method=Method.QLORA, quant_method=QuantMethod.AWQ)
+    with pytest.warns(UserWarning, match="quantization_bit 4 .bnb. over the pre-quantized"):
+        _peak(spec, method=Method.QLORA)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "aqlm"])
+def test_llamafactory_on_the_fly_quantization_refuses_packed_methods(method):
+    from memplan.formats.llamafactory import config_from_llamafactory
+
+    with pytest.raises(ConfigError, match=f"quantization_method '{method}': LLaMA-Factory quantizes on the fly"):
+        config_from_llamafactory({**BASE, "quantization_bit": 4, "quantization_method": method})
+    assert config_from_llamafactory({**BASE, "quantization_bit": 4, "quantization_method": "hqq"}).train.quant_bits == 4

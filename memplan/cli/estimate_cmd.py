@@ -53,6 +53,7 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
     from memplan.predict.breakdown import Verdict
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
+    from memplan.spec.prequantized import train_for
     from memplan.trace.exact import estimate_any
 
     model, lf = model_and_config(model, config)
@@ -61,6 +62,7 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
         warnings.warn(f"--config {config}: it shards ({train.sharding.value}) but names no GPU count (no --gpus, "
                       "NPROC_PER_NODE or launch line): estimated on 1 GPU; give --gpus N", stacklevel=1)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
+    train = train_for(spec, train)  # adapters over a pre-quantized checkpoint: QLoRA over its storage
     if (note := spec.seq_warning(train.seq_len)) is not None:
         warnings.warn(note, stacklevel=1)
     card = resolve_gpu(gpu) if gpu is not None else None

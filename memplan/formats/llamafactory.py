@@ -487,8 +487,11 @@ def _quantization(raw: dict[str, Any], kw: dict[str, Any]) -> list[str]:
     try:
         kw["quant_method"] = QuantMethod(how)
     except ValueError:
+        kw["quant_method"] = None
+    if kw["quant_method"] is None or kw["quant_method"].prequantized:  # quantization.py L177-227: bnb, hqq, eetq
         problems.append(f"quantization_method {how!r}: LLaMA-Factory quantizes on the fly with bnb, hqq or eetq "
-                        "(others are pre-quantized checkpoints, not modelled)")
+                        "(an AWQ / GPTQ / AQLM checkpoint brings its own quantization_config: name it as "
+                        "model_name_or_path, without quantization_bit)")
     kw["quant_type"] = str(raw.get("quantization_type", "nf4")).lower()
     try:
         kw["double_quant"] = _bool(raw, "double_quantization", True)

@@ -28,8 +28,8 @@ from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import Projection, facts
-from memplan.spec.stacks import Stack, quantize_temporaries, stack_facts
 from memplan.spec.prequantized import train_for
+from memplan.spec.stacks import Stack, quantize_temporaries, stack_facts
 from memplan.spec.train import Attention, Method, Precision, QuantMethod, Sharding, Stage, TrainConfig
 
 FP32 = 4

@@ -169,3 +169,58 @@ def test_llamafactory_on_the_fly_quantization_refuses_packed_methods(method):
     with pytest.raises(ConfigError, match=f"quantization_method '{method}': LLaMA-Factory quantizes on the fly"):
         config_from_llamafactory({**BASE, "quantization_bit": 4, "quantization_method": method})
     assert config_from_llamafactory({**BASE, "quantization_bit": 4, "quantization_method": "hqq"}).train.quant_bits == 4
+
+
+# ---- 4. a prediction run: inference memory ---------------------------------------------------------------------
+PREDICT = {"model_name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct", "stage": "sft", "do_predict": True,
+           "finetuning_type": "lora", "cutoff_len": 2048, "per_device_eval_batch_size": 1,
+           "predict_with_generate": True}  # examples/extras/nlg_eval/llama3_lora_predict.yaml's memory keys
+
+
+def test_a_predict_config_is_estimated_as_generation():
+    """weights in the eval dtype, the KV cache of cutoff_len + max_new_tokens (1024 by default) positions, one
+    layer's cache grown by cat and the last position's logits; no gradients or optimizer states."""
+    from memplan.formats.llamafactory import config_from_llamafactory
+    from memplan.predict.generation import generation_estimate
+    from memplan.spec.catalog import resolve_model
+
+    lf = config_from_llamafactory(PREDICT)
+    gen = lf.generation
+    assert gen is not None and (gen.batch_size, gen.prompt_len, gen.new_tokens, gen.width) == (1, 2048, 1024, 2)
+    assert not lf.not_modelled  # predict_with_generate is what is estimated here, not a key left out
+    spec = resolve_model(PREDICT["model_name_or_path"])
+    bd = generation_estimate(spec, gen)
+    terms = {t.name: t.bytes for t in bd.terms}
+    one_position = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2  # K + V, every layer, bf16
+    ws = terms["cuda_workspaces"]
+    logits = 2 * spec.vocab_size * 4 + spec.vocab_size * 2  # fp32 copy + softmax, the bf16 original
+    layer = one_position // spec.num_layers
+    # the last step: the whole cache, one layer's grown copy, the logits
+    assert dict(bd.phases)["decode"] - dict(bd.phases)["load"] - ws == (one_position + layer) * 3072 + logits
+    assert terms["weights"] == spec.num_parameters * 2 + 2 * (spec.rotary_dim // 2) * 4
+    assert "gradients" not in terms and "optimizer_states" not in terms and bd.trainable_params == 0
+    four = generation_estimate(spec, type(gen)(**{**{k: getattr(gen, k) for k in gen.__slots__}, "batch_size": 4}))
+    assert dict(four.phases)["decode"] - dict(four.phases)["load"] - ws == 4 * ((one_position + layer) * 3072
+                                                                                + logits)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"predict_with_generate": False}, "without predict_with_generate"),
+    ({"do_predict": False, "do_eval": True, "predict_with_generate": False}, "an evaluation-only run"),
+])
+def test_other_non_training_configs_keep_their_refusal(change, needle):
+    from memplan.formats.llamafactory import config_from_llamafactory
+
+    with pytest.raises(ConfigError, match=f"not a training run: .*{needle}"):
+        config_from_llamafactory({**PREDICT, **change})
+
+
+def test_estimate_of_a_predict_yaml_prints_inference(tmp_path, capsys):
+    from memplan.cli import main
+
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text(yaml.safe_dump(PREDICT))
+    assert main(["estimate", "--config", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "inference" and set(out["phases"]) == {"load", "prefill", "decode"}
+    assert out["memory"]["kv_cache"] > 0 and out["model"]["trainable_parameters"] == 0

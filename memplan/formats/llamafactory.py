@@ -23,8 +23,10 @@ from memplan.formats.llamafactory_rules import (  # noqa: F401 - NOT_TRAINING, R
     launch_line,
     launch_world,
     not_training,
+    predicts_with_generate,
     rejections,
 )
+from memplan.predict.generation import Generation
 from memplan.spec import optimizers
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
@@ -219,6 +221,8 @@ class LlamaFactoryConfig:
     deepspeed: str | None = None  # path of a DeepSpeed JSON, kept as written
     not_modelled: tuple[str, ...] = ()  # `key=value` of keys that change memory and are not modelled yet
     gpus_from: str | None = None  # where train.gpus came from (the environment, the launch line); None: not said
+    # a prediction run (do_predict + predict_with_generate): estimated as inference (memplan.predict.generation)
+    generation: Generation | None = None
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
@@ -463,13 +467,37 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
             problems.extend(err.respelled(keys).problems)
     if problems or train is None:
         raise ConfigError(problems)
+    generation = _generation(raw) if predicts_with_generate(raw) else None
     unmodelled = tuple(_warning(k, raw[k]) for k, modelled in NOT_MODELLED.items()
-                       if k in raw and raw[k] not in modelled)
+                       if k in raw and raw[k] not in modelled and not (generation and k == "predict_with_generate"))
     if train.is_lora and raw.get("use_llama_pro") is True:
         unmodelled += (_warning("use_llama_pro", True),)
     return LlamaFactoryConfig(model=str(raw["model_name_or_path"]), train=train, raw=dict(raw),
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"),
-                              not_modelled=unmodelled)
+                              not_modelled=unmodelled, generation=generation)
+
+
+def _generation(raw: dict[str, Any]) -> Generation:
+    """The generation of a prediction run: per_device_eval_batch_size (HF default 8), cutoff_len, max_new_tokens
+    and num_beams (hparams/generating_args.py defaults 1024, 1); the eval dtype is compute_dtype: bf16 / fp16 when
+    set (hparams/parser.py L640-643), else infer_dtype when given, else infer_optim_dtype (model/patcher.py
+    L375-379, extras/misc.py L241-248): bf16 for a bf16 checkpoint on a bf16 GPU, else fp16 on any GPU: 2 bytes."""
+    problems = []
+    values = {}
+    for key, default in (("per_device_eval_batch_size", 8), ("cutoff_len", 2048), ("max_new_tokens", 1024),
+                         ("num_beams", 1)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{key} must be a positive integer, got {value!r}")
+        values[key] = value
+    infer = str(raw.get("infer_dtype", "auto")).lower()
+    if infer not in ("auto", "float16", "bfloat16", "float32"):
+        problems.append(f"infer_dtype {infer!r}: choose auto, float16, bfloat16 or float32")
+    if problems:
+        raise ConfigError(problems)
+    half = _bool(raw, "bf16") or _bool(raw, "fp16") or _bool(raw, "pure_bf16") or infer != "float32"
+    return Generation(batch_size=values["per_device_eval_batch_size"], prompt_len=values["cutoff_len"],
+                      new_tokens=values["max_new_tokens"], num_beams=values["num_beams"], width=2 if half else 4)
 
 
 def _warning(key: str, value: Any) -> str:

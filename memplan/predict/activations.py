@@ -117,8 +117,8 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
         # EETQ (transformers integrations/eetq.py EetqLinearMMFunction: `ctx.save_for_backward(x, weight, scales,
         # bias)`, no autocast rule) keeps its input as LLM.int8 does; so does AQLM (aqlm 1.1.7 inference.py
         # _QuantizedMatmul.forward L107-113 saves `input`; its kernels return the input's dtype). Linear8bitLt:
-        # MatMul8bitLt is no autocast op; it keeps its input A itself (`ctx.tensors = (CAt, subA, A)`, autograd/_functions.py L187; its fp16
-        # quantization copies are transients) and returns A's dtype
+        # MatMul8bitLt is no autocast op; it keeps its input A itself (`ctx.tensors = (CAt, subA, A)`,
+        # autograd/_functions.py L187; its fp16 quantization copies are transients) and returns A's dtype
         if x.rg:
             tp.save(x)
         y = T(x.numel // in_f * out_f, x.width, x.rg)

@@ -97,7 +97,8 @@ WHY_NOT: dict[str, str] = {
                   "not modelled (its memory is at most the estimate's attention)",
     "resize_vocab": "the embedding and head grow to len(tokenizer) rounded up to a multiple of 64 (model_utils/"
                     "embedding.py resize_embedding_layer L308); the tokenizer is not read, the config's vocab is used",
-    "predict_with_generate": "generation during evaluation (KV cache, max_new_tokens) is not modelled",
+    "predict_with_generate": "generation during evaluation of a training run (KV cache, max_new_tokens) is not "
+                             "modelled; a prediction run (do_predict without do_train) is",
     "use_badam": "BAdam trains one block at a time (train/trainer_utils.py _create_badam_optimizer: the others "
                  "frozen, one block's fp32 copy, gradients and states): not modelled, the full step is estimated",
     "apollo_proj": "APOLLO's SVD projector (a full SVD per update) is not modelled: the random projector is",
@@ -122,17 +123,19 @@ MODELLED: dict[str, str] = {
     "lora_rank": "LoRA rank", "lora_alpha": "(read for the export; no memory)", "lora_dropout": "dropout's mask",
     "lora_target": "which linears carry adapters",
     "quantization_bit": "QLoRA's base storage: bnb 4/8, hqq 1/2/3/4/5/6/8, eetq 8",
-    "quantization_method": "bnb, hqq (packed + fp16 scale/zero per 64), eetq (int8 + fp16 scales)",
+    "quantization_method": "bnb, hqq (packed + fp16 scale/zero per 64), eetq (int8 + fp16 scales); awq, gptq, aqlm "
+                           "refused (a checkpoint's own quantization_config: memplan.spec.prequantized)",
     "quantization_type": "bnb 4-bit nf4 or fp4 (the same storage)",
     "double_quantization": "bnb 4-bit: 8-bit absmax with an fp32 one per 256, else fp32 absmax per 64",
     "freeze_trainable_layers": "freeze: the last N layers train; negative, the first -N (frozen layers above them "
                                "save their input-gradient tape, unchecked)",
     "use_llama_pro": "freeze: only the expanded blocks train (every L/N-th layer)",
-    "deepspeed": "ZeRO stage and offload from its JSON", "fsdp": "FSDP sharding strategy and offload",
+    "deepspeed": "ZeRO stage and offload from its JSON (looked for in the working directory, then the YAML's folder "
+                 "and each above it)", "fsdp": "FSDP sharding strategy and offload",
     "fsdp_config": "its version: 1 (FSDP1) or 2 (FSDP2 fully_shard); unset, HF Trainer's default 2 "
                    "(transformers 5 training_args.py)",
     "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
-    "per_device_eval_batch_size": "the evaluation forward's batch",
+    "per_device_eval_batch_size": "the evaluation forward's batch; a prediction run's generation batch",
     "rope_scaling": "any type (linear, dynamic, yarn, llama3; model_utils/rope.py configure_rope): no memory of its "
                     "own, the rotary tables have cutoff_len's shape (the CPU step measured equal to the byte)",
     "upcast_layernorm": "1-D norm weights in fp32 (model_utils/checkpointing.py L171-175): fp32 norm outputs under "
@@ -142,7 +145,12 @@ MODELLED: dict[str, str] = {
     "use_reentrant_gc": "either value: the llamafactory stack's checkpointing (measured within 168 B)",
     "evaluation_strategy": "eval_strategy's older name", "output_dir": "kept in the export (no memory)",
     "do_train": "false: refused, not a training run (memplan.formats.llamafactory_rules NOT_TRAINING)",
-    "do_predict": "without do_train: true, refused (a prediction run: inference memory is not estimated)",
+    "do_predict": "without do_train, with predict_with_generate (stage sft): inference memory (memplan.predict."
+                  "generation: weights in the eval dtype, KV cache, last logits); without predict_with_generate "
+                  "refused",
+    "max_new_tokens": "a prediction run: the generated positions the KV cache holds (default 1024)",
+    "num_beams": "a prediction run: rows generate runs and caches per prompt (default 1)",
+    "infer_dtype": "a prediction run without bf16 / fp16: the eval dtype (auto: 2 bytes on a GPU)",
     "export_dir": "refused: an export (merge) config", "task": "refused: an evaluation-task config",
     "infer_backend": "refused: a chat / API config",
     "use_galore": "GaLore over AdamW: Adam states of each target's rank-r projected gradient + its projector "

@@ -224,3 +224,12 @@ def test_estimate_of_a_predict_yaml_prints_inference(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "inference" and set(out["phases"]) == {"load", "prefill", "decode"}
     assert out["memory"]["kv_cache"] > 0 and out["model"]["trainable_parameters"] == 0
+
+
+def test_use_kt_is_named_not_ignored():
+    """examples/ktransformers/*: the experts run on the CPU under KTransformers; never silently dropped."""
+    from memplan.formats.llamafactory import config_from_llamafactory
+
+    lf = config_from_llamafactory({**BASE, "use_kt": True})
+    assert any(w.startswith("use_kt=true (KTransformers") for w in lf.not_modelled)
+    assert not config_from_llamafactory(BASE).not_modelled

@@ -68,7 +68,7 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,),
     "shift_attn": (False,),
-    "resize_vocab": (False,), "predict_with_generate": (False,),
+    "resize_vocab": (False,), "predict_with_generate": (False,), "use_kt": (False,),
 }
 # Why each of these keys (the ones this table's values leave out) is not modelled, in the warning line and README.
 # A key without an entry reads "not modelled yet".
@@ -103,6 +103,9 @@ WHY_NOT: dict[str, str] = {
                  "frozen, one block's fp32 copy, gradients and states): not modelled, the full step is estimated",
     "apollo_proj": "APOLLO's SVD projector (a full SVD per update) is not modelled: the random projector is",
     "use_unsloth": "Unsloth's own patched model and kernels (its fused ops save other tensors): not modelled",
+    "use_kt": "KTransformers' AMX MoE backend (hparams/model_args.py L469-472, kt_config): the routed experts' "
+              "weights and compute run on the CPU, so the GPU holds far less than the estimate, which keeps every "
+              "expert on the GPU",
     "ref_model": "a separate reference model (its weights beside the policy) is not modelled: the policy's own "
                  "weights serve as the reference",
 }

@@ -22,6 +22,26 @@ OUT = Path(__file__).parent / "results" / "llamafactory_examples.md"
 TRAINING = ("train_full", "train_lora", "train_qlora", "extras", "ascend", "ktransformers/train_lora", "megatron")
 
 
+# Why the hub models the examples name stay refused (no config.json on disk, no honest way to establish one), and
+# what else a reader of a row should know; written under the table
+NOTES = (
+    "`Qwen/Qwen3.5-4B`: no copy of its config.json on disk; transformers 5.24's configuration_qwen3_5.py documents "
+    "Qwen/Qwen3.5-27B's defaults, not the 4B's: refused.",
+    "`Qwen/Qwen2-VL-7B-Instruct`: configuration_qwen2_vl.py names this checkpoint, but says its defaults give a "
+    "*similar* configuration, and no config.json copy is on disk: refused (a local config.json estimates it, "
+    "exact mode).",
+    "`deepseek-ai/DeepSeek-V3-0324-BF16`: a community BF16 conversion of DeepSeek-V3-0324; the catalog's DeepSeek-V3 "
+    "config.json is the original release's, and nothing on disk documents that the 0324 checkpoint's is the same: "
+    "refused.",
+    "`OpenMOSS-Team/MOSS-VL-Instruct-0708`: a remote-code model transformers 5.24 does not ship: refused.",
+    "`/path/to/...`, `models/llama3-8b-pro`: placeholders or outputs of another LLaMA-Factory step (llama_pro's "
+    "expanded checkpoint): refused as unknown models.",
+    "Pre-quantized AWQ / GPTQ / AQLM repositories: their quantization_config is assumed from the name and the "
+    "library's defaults (one warning line, memplan.spec.prequantized), their dimensions are the catalog base's.",
+    "`use_kt: true` (KTransformers: experts on the CPU) is named in the not-modelled warning.",
+)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("examples", type=Path)
@@ -66,7 +86,8 @@ def main() -> int:
         f"{n} training YAMLs; {counts['estimated']} estimated ({counts['warned']} of them naming keys not modelled "
         f"yet), {counts['refused']} refused in one line, {counts['timeout']} over {args.timeout:.0f} s, "
         f"{counts['traceback']} tracebacks.", "", *([not_counted, ""] if not_counted else []),
-        "| config | exit | outcome | wall | stderr |", "|---|---|---|---|---|", *rows, ""]))
+        "| config | exit | outcome | wall | stderr |", "|---|---|---|---|---|", *rows, "", "Notes:", "",
+        *(f"- {n}" for n in NOTES), ""]))
     print(f"{n} configs: {counts} -> {args.out}")
     return 1 if counts["traceback"] else 0
 

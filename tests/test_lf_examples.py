@@ -233,3 +233,18 @@ def test_use_kt_is_named_not_ignored():
     lf = config_from_llamafactory({**BASE, "use_kt": True})
     assert any(w.startswith("use_kt=true (KTransformers") for w in lf.not_modelled)
     assert not config_from_llamafactory(BASE).not_modelled
+
+
+def test_offline_a_cached_config_json_wins_over_the_assumption(tmp_path, monkeypatch, recwarn):
+    """HF_HUB_OFFLINE: a pre-quantized repository is read from the hub cache's config.json when there is one (no
+    transformers import), else assumed."""
+    from memplan.spec import catalog
+
+    folder = _llama_config(tmp_path, {"quant_method": "awq", "bits": 4, "group_size": 64})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(catalog, "_cached_config", lambda name: folder / "config.json")
+    spec = catalog.resolve_model("someone/Some-Llama-AWQ")
+    assert spec.packed is not None and spec.packed.group_size == 64 and not spec.packed.assumed
+    monkeypatch.setattr(catalog, "_cached_config", lambda name: None)
+    with pytest.warns(UserWarning, match="assumed: awq"):
+        assert catalog.resolve_model("TechxGenus/Meta-Llama-3-8B-Instruct-AWQ").packed.group_size == 128

@@ -109,13 +109,19 @@ def _from_hub(name: str, trust_remote_code: bool) -> ModelSpec:
             "download its config.json and pass its path with --model")
     if "/" not in name:
         raise UnknownModel(hint)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")  # read now: the
+    # hub library reads it once, at its import
+    if offline and assumed_from_name(name) is not None:
+        # a pre-quantized repository offline: the hub cache's config.json is its own; without one, the assumption
+        # (no transformers import: its ~3 s was most of such an estimate's time)
+        cached = _cached_config(name)
+        return ModelSpec.from_config_dict(load_config_file(cached), name=name) if cached else \
+            _assumed_prequantized(name)  # type: ignore[return-value]
     try:
         import transformers  # optional: only for hub ids outside the catalog
     except ImportError:
         raise UnknownModel(hint + " (transformers is not installed, so the hub was not tried)") from None
     box: dict[str, object] = {}
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")  # read now: the
-    # hub library reads it once, at its import
 
     def lookup() -> None:  # transformers asks its own y/N question for remote code unless told: never ask
         try:
@@ -169,3 +175,17 @@ def _assumed_prequantized(name: str) -> ModelSpec | None:
     base = _load_entry(entry.hf_id)
     warnings.warn(f"{packed.assumed}; its dimensions are {entry.hf_id}'s (the catalog's)", stacklevel=3)
     return dataclasses.replace(base, name=name, packed=packed)
+
+
+def _cached_config(name: str) -> Path | None:
+    """config.json of hub repository `name` in the local hub cache (huggingface_hub.try_to_load_from_cache), or
+    None (not cached, or huggingface_hub not installed)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id=name, filename="config.json")
+    except Exception:  # noqa: BLE001 - a malformed repo id or cache: not cached
+        return None
+    return Path(found) if isinstance(found, str) else None

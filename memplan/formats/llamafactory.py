@@ -26,8 +26,8 @@ from memplan.formats.llamafactory_rules import (  # noqa: F401 - NOT_TRAINING, R
     predicts_with_generate,
     rejections,
 )
-from memplan.predict.generation import Generation
 from memplan.spec import optimizers
+from memplan.spec.generation import Generation
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.stacks import Stack

@@ -1,10 +1,11 @@
 """LLaMA-Factory's own example training YAMLs, estimated as a user would (`memplan estimate --config`, offline):
 which get an estimate, which name keys not modelled, which fail and why, and that none ends in a traceback.
 
-    python benchmarks/llamafactory_examples.py EXAMPLES_DIR [--label NAME]
+    python benchmarks/llamafactory_examples.py EXAMPLES_DIR [--label NAME] [--timeout S] [--out FILE.md]
 
 EXAMPLES_DIR is a LLaMA-Factory checkout's `examples/` (not shipped here: its files are LLaMA-Factory's). Writes
-benchmarks/results/llamafactory_examples.md.
+benchmarks/results/llamafactory_examples.md (or --out). A YAML under the training folders that is no LLaMA-Factory
+config at all (memplan.formats.llamafactory.not_a_config: a token-description file) is listed, not counted.
 """
 
 from __future__ import annotations
@@ -21,14 +22,37 @@ OUT = Path(__file__).parent / "results" / "llamafactory_examples.md"
 TRAINING = ("train_full", "train_lora", "train_qlora", "extras", "ascend", "ktransformers/train_lora", "megatron")
 
 
+# Why the hub models the examples name stay refused (no config.json on disk, no honest way to establish one), and
+# what else a reader of a row should know; written under the table
+NOTES = (
+    "`Qwen/Qwen3.5-4B`: no copy of its config.json on disk; transformers 5.24's configuration_qwen3_5.py documents "
+    "Qwen/Qwen3.5-27B's defaults, not the 4B's: refused.",
+    "`Qwen/Qwen2-VL-7B-Instruct`: configuration_qwen2_vl.py names this checkpoint, but says its defaults give a "
+    "*similar* configuration, and no config.json copy is on disk: refused (a local config.json estimates it, "
+    "exact mode).",
+    "`deepseek-ai/DeepSeek-V3-0324-BF16`: a community BF16 conversion of DeepSeek-V3-0324; the catalog's DeepSeek-V3 "
+    "config.json is the original release's, and nothing on disk documents that the 0324 checkpoint's is the same: "
+    "refused.",
+    "`OpenMOSS-Team/MOSS-VL-Instruct-0708`: a remote-code model transformers 5.24 does not ship: refused.",
+    "`/path/to/...`, `models/llama3-8b-pro`: placeholders or outputs of another LLaMA-Factory step (llama_pro's "
+    "expanded checkpoint): refused as unknown models.",
+    "Pre-quantized AWQ / GPTQ / AQLM repositories: their quantization_config is assumed from the name and the "
+    "library's defaults (one warning line, memplan.spec.prequantized), their dimensions are the catalog base's.",
+    "`use_kt: true` (KTransformers: experts on the CPU) is named in the not-modelled warning.",
+)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("examples", type=Path)
     ap.add_argument("--label", default="LLaMA-Factory HEAD")
     ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    files = sorted(p for p in args.examples.rglob("*.yaml")
+    found = sorted(p for p in args.examples.rglob("*.yaml")
                    if any(str(p.relative_to(args.examples)).startswith(t) for t in TRAINING))
+    skipped = [p for p in found if _not_a_config(p)]
+    files = [p for p in found if p not in skipped]
     rows, counts = [], {"estimated": 0, "warned": 0, "refused": 0, "timeout": 0, "traceback": 0}
     for path in files:
         t0 = time.perf_counter()
@@ -52,15 +76,33 @@ def main() -> int:
         rows.append(f"| `{path.relative_to(args.examples)}` | {proc.returncode} | {kind} | {wall:.1f} s | "
                     f"{err[:160].replace('|', '/')} |")
     n = len(files)
-    OUT.write_text("\n".join([
+    command = f"python benchmarks/llamafactory_examples.py EXAMPLES_DIR --label '{args.label}' " \
+              f"--timeout {args.timeout:g}" + (f" --out {args.out}" if args.out != OUT else "")
+    not_counted = ("Not counted, no LLaMA-Factory config: " + ", ".join(
+        f"`{p.relative_to(args.examples)}`" for p in skipped) + ".") if skipped else ""
+    args.out.write_text("\n".join([
         f"# LLaMA-Factory example configs ({args.label})", "",
-        f"`python benchmarks/llamafactory_examples.py EXAMPLES_DIR --label '{args.label}'`, with `HF_HUB_OFFLINE=1`: "
+        f"`{command}`, with `HF_HUB_OFFLINE=1`: "
         f"{n} training YAMLs; {counts['estimated']} estimated ({counts['warned']} of them naming keys not modelled "
         f"yet), {counts['refused']} refused in one line, {counts['timeout']} over {args.timeout:.0f} s, "
-        f"{counts['traceback']} tracebacks.", "",
-        "| config | exit | outcome | wall | stderr |", "|---|---|---|---|---|", *rows, ""]))
-    print(f"{n} configs: {counts} -> {OUT}")
+        f"{counts['traceback']} tracebacks.", "", *([not_counted, ""] if not_counted else []),
+        "| config | exit | outcome | wall | stderr |", "|---|---|---|---|---|", *rows, "", "Notes:", "",
+        *(f"- {n}" for n in NOTES), ""]))
+    print(f"{n} configs: {counts} -> {args.out}")
     return 1 if counts["traceback"] else 0
+
+
+def _not_a_config(path: Path) -> bool:
+    """memplan's own rule (the one `memplan estimate --config` refuses with), on the YAML as parsed."""
+    import yaml
+
+    from memplan.formats.llamafactory import not_a_config
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # memplan says why in its row
+    return isinstance(raw, dict) and not_a_config(raw) is not None
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def test_configs_cover_the_common_cases():
 
 # ---- item 7: configs that do not train -------------------------------------------------------------------------
 @pytest.mark.parametrize(("extra", "what"), [
-    ({"do_predict": True, "predict_with_generate": True}, "prediction run"),
+    ({"do_predict": True}, "prediction run"),  # with predict_with_generate: inference (tests/test_lf_examples.py)
     ({"do_eval": True}, "evaluation-only run"),
     ({"do_train": False}, "do_train is false"),
     ({"export_dir": "models/merged"}, "export (merge) config"),

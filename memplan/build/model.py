@@ -258,9 +258,10 @@ def build_optimizer(model: Any, train: TrainConfig) -> Any:
 
 
 def build_reference_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> Any:
-    """The frozen reference of a full / freeze / OFT DPO or KTO run, or None (LoRA disables the policy's adapters instead; the
-    reference-free losses need none): LLaMA-Factory's create_ref_model (train/trainer_utils.py L116-148) loads the
-    model again, not trainable — load_model(is_trainable=False): compute dtype, requires_grad off, eval mode."""
+    """The frozen reference of a full / freeze / OFT DPO or KTO run, or None (LoRA disables the policy's adapters
+    instead; the reference-free losses need none): LLaMA-Factory's create_ref_model (train/trainer_utils.py
+    L116-148) loads the model again, not trainable — load_model(is_trainable=False): compute dtype, requires_grad
+    off, eval mode."""
     if not train.separate_reference:
         return None
     torch = try_import("torch")

@@ -53,6 +53,7 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
     from memplan.predict.breakdown import Verdict
     from memplan.spec.catalog import resolve_model
     from memplan.spec.hardware import resolve_gpu
+    from memplan.spec.prequantized import train_for
     from memplan.trace.exact import estimate_any
 
     model, lf = model_and_config(model, config)
@@ -61,11 +62,17 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
         warnings.warn(f"--config {config}: it shards ({train.sharding.value}) but names no GPU count (no --gpus, "
                       "NPROC_PER_NODE or launch line): estimated on 1 GPU; give --gpus N", stacklevel=1)
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
+    if lf is None or lf.generation is None:
+        train = train_for(spec, train)  # adapters over a pre-quantized checkpoint: QLoRA over its storage
     if (note := spec.seq_warning(train.seq_len)) is not None:
         warnings.warn(note, stacklevel=1)
     card = resolve_gpu(gpu) if gpu is not None else None
     usable = card.usable_bytes(margin) if card else None
-    if timeline is not None:
+    if lf is not None and lf.generation is not None:  # a prediction run: inference memory
+        from memplan.predict.generation import generation_estimate
+
+        bd = generation_estimate(spec, lf.generation)
+    elif timeline is not None:
         bd = _with_timeline(spec, train, timeline, trust_remote_code, by_module)
     else:
         bd = estimate_any(spec, train, exact=exact, trust_remote_code=trust_remote_code, by_module=by_module)

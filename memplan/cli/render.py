@@ -103,10 +103,11 @@ def print_estimate(spec: ModelSpec, train: TrainConfig, bd: Breakdown, gpu: GPU 
     if bd.note:
         console.print(f"[yellow]{bd.note}[/]")
     console.print(f"[bold]{spec.name}[/] ({(bd.params or spec.num_parameters) / 1e9:.2f} B params, "
-                  f"{bd.trainable_params:,} trainable) · {_describe(train, spec)}")
+                  f"{bd.trainable_params:,} trainable) · "
+                  f"{'inference, generate' if bd.method == 'inference' else _describe(train, spec)}")
     console.print(breakdown_table(bd, explain=explain))
     if bd.phases:
-        peak = bd.phase if bd.phase in ("load", "eval") else "step"
+        peak = bd.phase if bd.phase in {name for name, _ in bd.phases} else "step"
         console.print("run phases (peak allocated): " + " · ".join(
             f"[bold]{name} {fmt_gib(b)} (the peak)[/]" if name == peak else f"{name} {fmt_gib(b)}"
             for name, b in bd.phases), highlight=False)

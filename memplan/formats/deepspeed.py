@@ -12,14 +12,28 @@ from memplan.spec.parallel import DS_REDUCE_BUCKET, Offload, Sharding
 from memplan.spec.train import Precision, TrainConfig
 
 
+def deepspeed_candidates(ds_path: str, relative_to: Path) -> list[Path]:
+    """Where a YAML's `deepspeed` JSON is looked for, in order: as written (HF Trainer opens it from the working
+    directory, the LLaMA-Factory checkout `llamafactory-cli` runs in: examples/train_full/qwen3vl_full_sft.yaml
+    names `examples/deepspeed/ds_z3_config.json`), then beside `relative_to` (the YAML's folder) and each of its
+    ancestors, where a checkout-relative path finds the checkout the YAML lives in."""
+    path = Path(ds_path)
+    if path.is_absolute():
+        return [path]
+    folder = relative_to.resolve()
+    return [path, *(d / path for d in (folder, *folder.parents))]
+
+
 def read_deepspeed(ds_path: str, relative_to: Path) -> dict[str, Any]:
     """A DeepSpeed JSON -> Parallelism fields: zero_optimization.stage, its offload_optimizer / offload_param
-    devices and reduce_bucket_size. The path is tried as written, then beside `relative_to`; a missing file is a
-    ConfigError."""
-    candidates = [Path(ds_path), relative_to / ds_path]
+    devices and reduce_bucket_size. The path is tried as `deepspeed_candidates` lists; a missing file is a
+    ConfigError saying where it was looked for."""
+    candidates = deepspeed_candidates(ds_path, relative_to)
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
-        raise ConfigError(f"deepspeed {ds_path}: no such file (looked beside the YAML too)")
+        where = "as an absolute path" if len(candidates) == 1 else (
+            f"in the working directory {Path.cwd()}, then in {relative_to.resolve()} and each folder above it")
+        raise ConfigError(f"deepspeed {ds_path}: no such file (looked {where})")
     try:
         data = json.loads(found.read_bytes().decode("utf-8"))
     except OSError as err:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import ConfigError
-from memplan.formats.deepspeed import deepspeed_config, read_deepspeed
+from memplan.formats.deepspeed import deepspeed_candidates, deepspeed_config, read_deepspeed
 from memplan.formats.llamafactory_rules import (  # noqa: F401 - NOT_TRAINING, REJECTED, launch_world: public here
     NOT_TRAINING,
     REJECTED,
@@ -24,9 +24,11 @@ from memplan.formats.llamafactory_rules import (  # noqa: F401 - NOT_TRAINING, R
     launch_line,
     launch_world,
     not_training,
+    predicts_with_generate,
     rejections,
 )
 from memplan.spec import optimizers
+from memplan.spec.generation import Generation
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.stacks import Stack
@@ -68,7 +70,7 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
     "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,),
     "shift_attn": (False,),
-    "resize_vocab": (False,), "predict_with_generate": (False,),
+    "resize_vocab": (False,), "predict_with_generate": (False,), "use_kt": (False,),
 }
 # Why each of these keys (the ones this table's values leave out) is not modelled, in the warning line and README.
 # A key without an entry reads "not modelled yet".
@@ -92,11 +94,15 @@ WHY_NOT: dict[str, str] = {
                   "not modelled (its memory is at most the estimate's attention)",
     "resize_vocab": "the embedding and head grow to len(tokenizer) rounded up to a multiple of 64 (model_utils/"
                     "embedding.py resize_embedding_layer L308); the tokenizer is not read, the config's vocab is used",
-    "predict_with_generate": "generation during evaluation (KV cache, max_new_tokens) is not modelled",
+    "predict_with_generate": "generation during evaluation of a training run (KV cache, max_new_tokens) is not "
+                             "modelled; a prediction run (do_predict without do_train) is",
     "use_badam": "BAdam trains one block at a time (train/trainer_utils.py _create_badam_optimizer: the others "
                  "frozen, one block's fp32 copy, gradients and states): not modelled, the full step is estimated",
     "apollo_proj": "APOLLO's SVD projector (a full SVD per update) is not modelled: the random projector is",
     "use_unsloth": "Unsloth's own patched model and kernels (its fused ops save other tensors): not modelled",
+    "use_kt": "KTransformers' AMX MoE backend (hparams/model_args.py L469-472, kt_config): the routed experts' "
+              "weights and compute run on the CPU, so the GPU holds far less than the estimate, which keeps every "
+              "expert on the GPU",
     "ref_model": "a separate reference model (its weights beside the policy) is not modelled: the policy's own "
                  "weights serve as the reference",
 }
@@ -119,17 +125,19 @@ MODELLED: dict[str, str] = {
     "lora_rank": "LoRA rank", "lora_alpha": "(read for the export; no memory)", "lora_dropout": "dropout's mask",
     "lora_target": "which linears carry adapters",
     "quantization_bit": "QLoRA's base storage: bnb 4/8, hqq 1/2/3/4/5/6/8, eetq 8",
-    "quantization_method": "bnb, hqq (packed + fp16 scale/zero per 64), eetq (int8 + fp16 scales)",
+    "quantization_method": "bnb, hqq (packed + fp16 scale/zero per 64), eetq (int8 + fp16 scales); awq, gptq, aqlm "
+                           "refused (a checkpoint's own quantization_config: memplan.spec.prequantized)",
     "quantization_type": "bnb 4-bit nf4 or fp4 (the same storage)",
     "double_quantization": "bnb 4-bit: 8-bit absmax with an fp32 one per 256, else fp32 absmax per 64",
     "freeze_trainable_layers": "freeze: the last N layers train; negative, the first -N (frozen layers above them "
                                "save their input-gradient tape, unchecked)",
     "use_llama_pro": "freeze: only the expanded blocks train (every L/N-th layer)",
-    "deepspeed": "ZeRO stage and offload from its JSON", "fsdp": "FSDP sharding strategy and offload",
+    "deepspeed": "ZeRO stage and offload from its JSON (looked for in the working directory, then the YAML's folder "
+                 "and each above it)", "fsdp": "FSDP sharding strategy and offload",
     "fsdp_config": "its version: 1 (FSDP1) or 2 (FSDP2 fully_shard); unset, HF Trainer's default 2 "
                    "(transformers 5 training_args.py)",
     "do_eval": "the evaluation phase", "eval_strategy": "the evaluation phase",
-    "per_device_eval_batch_size": "the evaluation forward's batch",
+    "per_device_eval_batch_size": "the evaluation forward's batch; a prediction run's generation batch",
     "rope_scaling": "any type (linear, dynamic, yarn, llama3; model_utils/rope.py configure_rope): no memory of its "
                     "own, the rotary tables have cutoff_len's shape (the CPU step measured equal to the byte)",
     "upcast_layernorm": "1-D norm weights in fp32 (model_utils/checkpointing.py L171-175): fp32 norm outputs under "
@@ -139,7 +147,12 @@ MODELLED: dict[str, str] = {
     "use_reentrant_gc": "either value: the llamafactory stack's checkpointing (measured within 168 B)",
     "evaluation_strategy": "eval_strategy's older name", "output_dir": "kept in the export (no memory)",
     "do_train": "false: refused, not a training run (memplan.formats.llamafactory_rules NOT_TRAINING)",
-    "do_predict": "without do_train: true, refused (a prediction run: inference memory is not estimated)",
+    "do_predict": "without do_train, with predict_with_generate (stage sft): inference memory (memplan.predict."
+                  "generation: weights in the eval dtype, KV cache, last logits); without predict_with_generate "
+                  "refused",
+    "max_new_tokens": "a prediction run: the generated positions the KV cache holds (default 1024)",
+    "num_beams": "a prediction run: rows generate runs and caches per prompt (default 1)",
+    "infer_dtype": "a prediction run without bf16 / fp16: the eval dtype (auto: 2 bytes on a GPU)",
     "export_dir": "refused: an export (merge) config", "task": "refused: an evaluation-task config",
     "infer_backend": "refused: a chat / API config",
     "use_galore": "GaLore over AdamW: Adam states of each target's rank-r projected gradient + its projector "
@@ -218,6 +231,8 @@ class LlamaFactoryConfig:
     deepspeed: str | None = None  # path of a DeepSpeed JSON, kept as written
     not_modelled: tuple[str, ...] = ()  # `key=value` of keys that change memory and are not modelled yet
     gpus_from: str | None = None  # where train.gpus came from (the environment, the launch line); None: not said
+    # a prediction run (do_predict + predict_with_generate): estimated as inference (memplan.predict.generation)
+    generation: Generation | None = None
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
@@ -369,6 +384,19 @@ def _evaluates(raw: dict[str, Any]) -> bool:
     return strategy in ("steps", "epoch") or raw.get("do_eval") is True
 
 
+def not_a_config(raw: dict[str, Any]) -> str | None:
+    """Why a YAML mapping is no LLaMA-Factory config at all (none of its keys is an argument memplan knows LLaMA-
+    Factory's dataclasses define: every training YAML names model_name_or_path, which ModelArguments requires), or
+    None. examples/extras/multi_tokens/tokens_cfg.yaml is such a file: "<|token|>": description pairs, what
+    new_special_tokens_config names (hparams/model_args.py L83, loaded with OmegaConf.load at L220)."""
+    if not raw or any(k in MODELLED or k in NOT_MODELLED for k in raw):
+        return None
+    tokens = all(isinstance(v, str) for v in raw.values())
+    return (f"not a LLaMA-Factory training config: none of its {len(raw)} keys is a LLaMA-Factory argument "
+            "(a training YAML names model_name_or_path, stage, finetuning_type ...)"
+            + ("; its token: description pairs are what new_special_tokens_config points at" if tokens else ""))
+
+
 def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     """A parsed YAML mapping -> LlamaFactoryConfig; every problem in the modelled fields is reported at once."""
     problems: list[str] = []
@@ -457,13 +485,37 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
             problems.extend(err.respelled(keys).problems)
     if problems or train is None:
         raise ConfigError(problems)
+    generation = _generation(raw) if predicts_with_generate(raw) else None
     unmodelled = tuple(_warning(k, raw[k]) for k, modelled in NOT_MODELLED.items()
-                       if k in raw and raw[k] not in modelled)
+                       if k in raw and raw[k] not in modelled and not (generation and k == "predict_with_generate"))
     if train.is_lora and raw.get("use_llama_pro") is True:
         unmodelled += (_warning("use_llama_pro", True),)
     return LlamaFactoryConfig(model=str(raw["model_name_or_path"]), train=train, raw=dict(raw),
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"),
-                              not_modelled=unmodelled)
+                              not_modelled=unmodelled, generation=generation)
+
+
+def _generation(raw: dict[str, Any]) -> Generation:
+    """The generation of a prediction run: per_device_eval_batch_size (HF default 8), cutoff_len, max_new_tokens
+    and num_beams (hparams/generating_args.py defaults 1024, 1); the eval dtype is compute_dtype: bf16 / fp16 when
+    set (hparams/parser.py L640-643), else infer_dtype when given, else infer_optim_dtype (model/patcher.py
+    L375-379, extras/misc.py L241-248): bf16 for a bf16 checkpoint on a bf16 GPU, else fp16 on any GPU: 2 bytes."""
+    problems = []
+    values = {}
+    for key, default in (("per_device_eval_batch_size", 8), ("cutoff_len", 2048), ("max_new_tokens", 1024),
+                         ("num_beams", 1)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{key} must be a positive integer, got {value!r}")
+        values[key] = value
+    infer = str(raw.get("infer_dtype", "auto")).lower()
+    if infer not in ("auto", "float16", "bfloat16", "float32"):
+        problems.append(f"infer_dtype {infer!r}: choose auto, float16, bfloat16 or float32")
+    if problems:
+        raise ConfigError(problems)
+    half = _bool(raw, "bf16") or _bool(raw, "fp16") or _bool(raw, "pure_bf16") or infer != "float32"
+    return Generation(batch_size=values["per_device_eval_batch_size"], prompt_len=values["cutoff_len"],
+                      new_tokens=values["max_new_tokens"], num_beams=values["num_beams"], width=2 if half else 4)
 
 
 def _warning(key: str, value: Any) -> str:
@@ -481,8 +533,11 @@ def _quantization(raw: dict[str, Any], kw: dict[str, Any]) -> list[str]:
     try:
         kw["quant_method"] = QuantMethod(how)
     except ValueError:
+        kw["quant_method"] = None
+    if kw["quant_method"] is None or kw["quant_method"].prequantized:  # quantization.py L177-227: bnb, hqq, eetq
         problems.append(f"quantization_method {how!r}: LLaMA-Factory quantizes on the fly with bnb, hqq or eetq "
-                        "(others are pre-quantized checkpoints, not modelled)")
+                        "(an AWQ / GPTQ / AQLM checkpoint brings its own quantization_config: name it as "
+                        "model_name_or_path, without quantization_bit)")
     kw["quant_type"] = str(raw.get("quantization_type", "nf4")).lower()
     try:
         kw["double_quant"] = _bool(raw, "double_quantization", True)
@@ -550,6 +605,8 @@ def read_llamafactory(path: str | Path, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"--config {path}: malformed YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of LLaMA-Factory arguments")
+    if (why := not_a_config(raw)) is not None:
+        raise ConfigError(f"--config {path}: {why}")
     raw = {**raw, **(overrides or {})}
     try:
         lf = config_from_llamafactory(raw)
@@ -713,8 +770,8 @@ def write_llamafactory(spec: ModelSpec, train: TrainConfig, path: Path, base: di
             got = {}
         if got.get("sharding") is train.sharding and got.get("offload", Offload.NONE) is train.offload:
             # reused; HF Trainer opens it from the working directory, so a JSON found beside the input YAML
-            # is named by that path
-            reuse = str(current) if Path(str(current)).is_file() else str((base_dir or Path.cwd()) / str(current))
+            # (or in a folder above it) is named by that path
+            reuse = str(next(p for p in deepspeed_candidates(str(current), base_dir or Path.cwd()) if p.is_file()))
         else:
             ds_file = path.with_name(f"{path.stem}.ds_{train.sharding.value}.json")
     data = llamafactory_yaml(spec, train, base, deepspeed=str(ds_file) if ds_file else reuse)

@@ -36,11 +36,20 @@ NOT_TRAINING: tuple[tuple[str, Callable[[dict[str, Any]], bool], str], ...] = (
      "hparams/evaluation_args.py:26 task"),
     ("an inference config for chat / api / webchat (infer_backend)", lambda r: r.get("infer_backend") is not None,
      "hparams/model_args.py:165 infer_backend, launcher.py:136-144"),
-    ("a prediction run (do_predict)", lambda r: _true(r, "do_predict"), "train/sft/workflow.py:152"),
+    # do_predict with predict_with_generate (stage sft) is estimated as inference (memplan.predict.generation)
+    ("a prediction run (do_predict) without predict_with_generate: its forward-only prediction step is not "
+     "modelled", lambda r: _true(r, "do_predict") and not predicts_with_generate(r), "train/sft/workflow.py:152"),
     ("an evaluation-only run (do_eval)", lambda r: _true(r, "do_eval"), "train/sft/workflow.py:146"),
     ("do_train is false", lambda r: _false(r, "do_train"), "train/sft/workflow.py:120 trains only if do_train"),
 )
 _FLAG_RULES = 3  # the last three: the same YAML trains with do_train: true
+
+
+def predicts_with_generate(raw: dict[str, Any]) -> bool:
+    """A prediction run memplan estimates (as inference): do_predict with predict_with_generate in the sft stage,
+    without do_train (train/sft/workflow.py L152-154 runs trainer.predict with the generating arguments)."""
+    return (_true(raw, "do_predict") and _true(raw, "predict_with_generate") and not _true(raw, "do_train")
+            and str(raw.get("stage", "sft")).lower() == "sft")
 
 
 def not_training(raw: dict[str, Any]) -> str | None:

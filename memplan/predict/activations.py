@@ -127,6 +127,21 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
         if xin.rg:
             tp.save(T(in_f * out_f, lay.base_width, False))
         y = T(x.numel // in_f * out_f, cx.c, x.rg)
+    elif quantized and how is QuantMethod.GPTQ:
+        # gptqmodel TorchQuantLinear._forward_eager (nn_modules/qlinear/torch.py L344-376), the training path of
+        # its kernels (tritonv2.py L179-180 defers to it when training): `weights = self.dequantize_weight()` (in,
+        # out) `.to(x.dtype)`, then `torch.matmul(x, weights)`, which saves that weight (under autocast its half
+        # cast) for x's gradient, as HQQ's forward_pytorch does
+        xin = tp.cast(x, 2) if cx.amp else x
+        if xin.rg:
+            tp.save(T(in_f * out_f, xin.width, False))
+        y = T(x.numel // in_f * out_f, xin.width, x.rg)
+    elif quantized and how is QuantMethod.AWQ:
+        # gptqmodel AwqGEMMLinear.forward (nn_modules/qlinear/gemm_awq.py L199-240, what transformers 5 builds for
+        # AWQ): x cast to fp16 unless half already; AwqGemmFn keeps only qweight, qzeros and scales for backward
+        # (L57-59); its dense path above 1024 rows dequantizes the (in, out) weight inside forward, a transient; the
+        # output is cast back to x's dtype (L242-243)
+        y = T(x.numel // in_f * out_f, x.width, x.rg)
     elif quantized and how is QuantMethod.BNB and lay.train.quant_bits == 4:
         # bitsandbytes Linear4bit.forward (0.50: nn/modules.py L626-637): x.to(compute_dtype), then the output is
         # cast back to the input's dtype (`.to(inp_dtype)`): fp32 when the stack upcast the stream. MatMul4Bit
@@ -139,9 +154,10 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
         y = T(x.numel // in_f * out_f, x.width, x.rg)
     elif quantized:
         # EETQ (transformers integrations/eetq.py EetqLinearMMFunction: `ctx.save_for_backward(x, weight, scales,
-        # bias)`, no autocast rule) keeps its input as LLM.int8 does. Linear8bitLt: MatMul8bitLt is no autocast op;
-        # it keeps its input A itself (`ctx.tensors = (CAt, subA, A)`, autograd/_functions.py L187; its fp16
-        # quantization copies are transients) and returns A's dtype
+        # bias)`, no autocast rule) keeps its input as LLM.int8 does; so does AQLM (aqlm 1.1.7 inference.py
+        # _QuantizedMatmul.forward L107-113 saves `input`; its kernels return the input's dtype). Linear8bitLt:
+        # MatMul8bitLt is no autocast op; it keeps its input A itself (`ctx.tensors = (CAt, subA, A)`,
+        # autograd/_functions.py L187; its fp16 quantization copies are transients) and returns A's dtype
         if x.rg:
             tp.hold(x) if how is QuantMethod.BNB else tp.save(x)  # MatMul8bitLt: ctx.tensors; EETQ: saved
         y = T(x.numel // in_f * out_f, x.width, x.rg)

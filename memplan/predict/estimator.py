@@ -28,6 +28,7 @@ from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states, optimizer_bytes
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import Projection, States, facts
+from memplan.spec.prequantized import train_for
 from memplan.spec.stacks import Stack, quantize_temporaries, stack_facts
 from memplan.spec.train import Attention, Method, Precision, QuantMethod, Sharding, Stage, TrainConfig
 
@@ -45,6 +46,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     if not spec.analytic:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} is not in the analytic formulas; "
                                "use the exact mode (memplan estimate --exact, needs pip install 'memplan[trace]')")
+    train = train_for(spec, train)  # adapters over a pre-quantized checkpoint: QLoRA over its own storage
     if train.stage in (Stage.DPO, Stage.KTO):
         return _dpo(spec, train, device)
     if train.stage is Stage.RM:
@@ -222,6 +224,9 @@ def _quant_note(train: TrainConfig) -> str:
     if train.quant_method is QuantMethod.HQQ:
         return ("HQQ: storage from hqq's packing, each linear's dequantized weight saved for backward "
                 "(forward_pytorch); hqq does not run in the CPU ground truth, so not measured")
+    if train.quant_method.prequantized:
+        return (f"{train.quant_method.value.upper()}: the checkpoint's packed storage and its kernel's saved tensors "
+                "and backward transients, read from the library's source; not measured (the kernels are CUDA-only)")
     if train.quant_method is QuantMethod.EETQ:
         return ("EETQ: int8 + fp16 scales, input saved as LLM.int8's; its backward's dequantized weight is a "
                 "transient not modelled, and EETQ has no CPU kernel to measure")
@@ -568,13 +573,26 @@ def _layer_backward_buffers(lay: Layout, n: int) -> int:
     mlp = [lin for lin in s.mlp_linears() if lay.quantized(lin.name)] if not s.is_moe else []
     if not mlp:
         return grads
-    return max(grads, 2 * n * inter * lay.compute_width + max(dequantized_bytes(lay, lin.params) for lin in mlp))
+    # AQLM's backward also scales the incoming gradient by the output scales first (cuda_kernel.cpp L314:
+    # `scaled_input = input * scales`): one more (B, S, I) copy
+    scaled = n * inter * lay.compute_width if lay.train.quant_method is QuantMethod.AQLM else 0
+    return max(grads, 2 * n * inter * lay.compute_width + scaled
+               + max(dequantized_bytes(lay, lin.params) for lin in mlp))
 
 
 def dequantized_bytes(lay: Layout, numel: int) -> int:
     """A 4-bit (bitsandbytes) weight of `numel` elements dequantized in a backward: in its QuantState dtype (the
-    dtype it was quantized from), plus its cast to the gradient's dtype when that differs (`.to()` copies)."""
+    dtype it was quantized from), plus its cast to the gradient's dtype when that differs (`.to()` copies). A
+    pre-quantized checkpoint's, as its kernel's backward makes it (GPTQ's is the saved forward weight: none)."""
     tr = lay.train
+    if tr.method is Method.QLORA and tr.quant_method is QuantMethod.AWQ:
+        # gptqmodel AwqGemmFn.backward (gemm_awq.py L101-106): awq_dequantize_weights -> fp16 (in, out),
+        # `.to(grad_output.dtype)`: a second copy when the gradient is bf16
+        return numel * (2 + (2 if lay.compute_width == 2 and tr.precision is not Precision.FP16 else 0))
+    if tr.method is Method.QLORA and tr.quant_method is QuantMethod.AQLM:
+        # aqlm code1x16_matmat_dequant_transposed (cuda_kernel.cpp L316-320): the (out, in) weight in the codebooks'
+        # dtype (the model's)
+        return numel * lay.base_width
     if tr.method is not Method.QLORA or tr.quant_method is not QuantMethod.BNB or tr.quant_bits != 4:
         return 0
     if stack_facts(tr.stack).quantizes_from_half:  # fp16 QuantState; the gradient is bf16 under bf16 training

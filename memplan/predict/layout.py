@@ -56,7 +56,11 @@ class Layout:
         base_width = trainable_width if full else (2 if half else 4)
         stack = stack_facts(train.stack)
         qlora = train.method is Method.QLORA
-        upcast = qlora and stack.kbit_upcast
+        # a pre-quantized checkpoint: its config decides what is quantized (every decoder linear, not the LM head:
+        # transformers' modules_to_not_convert default); peft's k-bit preparation casts nothing for GPTQ / AQLM
+        # (peft utils/other.py prepare_model_for_kbit_training L184-205), AWQ it does
+        packed = spec.packed
+        upcast = qlora and stack.kbit_upcast and not (packed and packed.method in ("gptq", "aqlm"))
         keeps = linear4bit_keeps_input() if stack.nf4_keeps_input is None else stack.nf4_keeps_input
         return cls(
             spec=spec, train=train, attn=resolve_attention(spec.family, train.attn), amp=amp,
@@ -68,8 +72,8 @@ class Layout:
             lora_modules=lora,
             device=device,
             linear4bit_keeps_input=keeps,
-            quantized_head=qlora and stack.quantizes_lm_head and not spec.tie_word_embeddings,
-            only_quantized=lora if qlora and stack.quantizes_only_adapted else None,
+            quantized_head=qlora and stack.quantizes_lm_head and not spec.tie_word_embeddings and not packed,
+            only_quantized=lora if qlora and stack.quantizes_only_adapted and not packed else None,
             trainable_layers=len(train.trainable_layer_ids(spec.num_layers)),
             trained_ids=train.trainable_layer_ids(spec.num_layers),
         )

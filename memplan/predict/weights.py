@@ -11,6 +11,7 @@ from memplan.predict import adapters
 from memplan.predict.layout import Layout
 from memplan.predict.optim_states import fused_step_bytes, largest_grad, special_states
 from memplan.spec.optimizers import Projection, States, facts
+from memplan.spec.prequantized import PackedQuant
 from memplan.spec.train import Adapter, Method, QuantMethod, TrainConfig
 
 NF4_BLOCK = 64  # bitsandbytes NF4 blocksize; absmax quantized to 8 bits (double quant), 2nd level fp32 per 256
@@ -62,6 +63,34 @@ def quantized_bytes(numel: int, train: TrainConfig, out_features_total: int, ten
     return numel + 4 * out_features_total
 
 
+def packed_bytes(packed: PackedQuant, shapes: list[tuple[int, int, int]], width: int) -> int:
+    """Storage of a pre-quantized checkpoint's linears, `shapes` (in_features, out_features, how many), as each
+    library registers its buffers; `width` the model dtype (AQLM's codebooks and scales are in it)."""
+    b, total = packed.bits, 0
+    for n_in, n_out, count in shapes:
+        g = n_in if packed.group_size <= 0 else packed.group_size  # -1: one group over all inputs
+        groups = -(-n_in // g)
+        if packed.method == "awq":
+            # gptqmodel AWQuantLinear (nn_modules/qlinear/__init__.py L1769-1788): qweight int32 (in, out x b / 32),
+            # qzeros int32 (in // g, out x b / 32), scales fp16 (in // g, out): 4-bit g128 = 0.5 + 2.5 / 128 B/param
+            cols = -(-n_out * b // 32)
+            one = 4 * n_in * cols + 4 * (n_in // g) * cols + 2 * (n_in // g) * n_out
+        elif packed.method == "gptq":
+            # gptqmodel PackedGroupedQuantLinear (L933-955): qweight int32 (in x b / 32, out), qzeros int32
+            # (ceil(in / g), out x b / 32), scales fp16 (ceil(in / g), out), g_idx int32 (in,)
+            one = 4 * -(-n_in * b // 32) * n_out + 4 * groups * -(-n_out * b // 32) + 2 * groups * n_out + 4 * n_in
+        else:
+            # aqlm 1.1.7 QuantizedLinear (inference.py L39-55): codebooks (num_codebooks, 2^nbits, out_group,
+            # in_group) and scales (out / out_group,) in the model dtype; codes (out / out_group, in / in_group,
+            # num_codebooks) in the narrowest int holding nbits (utils.py get_int_dtype: int8 <= 8, int16 <= 16)
+            code = 1 if packed.nbits_per_codebook <= 8 else 2 if packed.nbits_per_codebook <= 16 else 4
+            og, ig = packed.out_group_size, packed.in_group_size
+            one = (packed.num_codebooks * 2 ** packed.nbits_per_codebook * og * ig * width
+                   + (n_out // og) * (n_in // ig) * packed.num_codebooks * code + (n_out // og) * width)
+        total += one * count
+    return total
+
+
 def model_states(lay: Layout) -> ModelStates:
     s, tr = lay.spec, lay.train
     total = s.num_parameters
@@ -102,8 +131,13 @@ def model_states(lay: Layout) -> ModelStates:
                 quantized += s.vocab_size * s.hidden_size
                 outs += s.vocab_size
         # the rest (embedding, norms, LM head) at kept_width: the base dtype, or fp32 where the stack upcasts
-        weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + (
-            quantized_bytes(quantized, tr, outs, len(qlin) * s.num_layers + lay.quantized_head) if quantized else 0)
+        if s.packed is not None:  # a pre-quantized checkpoint's own storage (memplan.spec.prequantized)
+            stored = packed_bytes(s.packed, [(lin.in_features, lin.out_features, s.num_layers) for lin in qlin],
+                                  lay.base_width)
+        else:
+            stored = quantized_bytes(quantized, tr, outs, len(qlin) * s.num_layers + lay.quantized_head) \
+                if quantized else 0
+        weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + stored
     if lay.norms_fp32:  # upcast_layernorm: the frozen norms' half weights become fp32 (trained ones are already)
         frozen_layers = s.num_layers - (lay.trainable_layers if tr.method is Method.FREEZE else 0)
         frozen_width = lay.base_width if tr.method is Method.FREEZE else lay.kept_width

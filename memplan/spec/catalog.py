@@ -9,7 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from memplan.errors import UnknownModel, UnsupportedModel
-from memplan.spec.model import CATALOG_DIR, PACKED_STORAGE, ModelSpec, load_config_file
+from memplan.spec.model import CATALOG_DIR, ModelSpec, load_config_file
+from memplan.spec.prequantized import assumed_from_name
 
 # suffixes dropped to make short names; a short name that two entries would share is not registered
 _DROP = ("-hf", "-v0.1", "-4k-instruct", "-chat-v1.0", "-base-2407", "-base", "-intermediate-step-1431k-3t",
@@ -108,13 +109,19 @@ def _from_hub(name: str, trust_remote_code: bool) -> ModelSpec:
             "download its config.json and pass its path with --model")
     if "/" not in name:
         raise UnknownModel(hint)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")  # read now: the
+    # hub library reads it once, at its import
+    if offline and assumed_from_name(name) is not None:
+        # a pre-quantized repository offline: the hub cache's config.json is its own; without one, the assumption
+        # (no transformers import: its ~3 s was most of such an estimate's time)
+        cached = _cached_config(name)
+        return ModelSpec.from_config_dict(load_config_file(cached), name=name) if cached else \
+            _assumed_prequantized(name)  # type: ignore[return-value]
     try:
         import transformers  # optional: only for hub ids outside the catalog
     except ImportError:
         raise UnknownModel(hint + " (transformers is not installed, so the hub was not tried)") from None
     box: dict[str, object] = {}
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")  # read now: the
-    # hub library reads it once, at its import
 
     def lookup() -> None:  # transformers asks its own y/N question for remote code unless told: never ask
         try:
@@ -142,15 +149,43 @@ def _from_hub(name: str, trust_remote_code: bool) -> ModelSpec:
         if err is not None and "trust_remote_code" in str(err):
             raise UnsupportedModel(f"{name}: its config needs the repository's own code; pass --trust-remote-code "
                                    "to run it") from None
-        packed = re.search(r"-(awq|gptq|aqlm)\b", name, re.IGNORECASE)  # a pre-quantized repository by its name
-        if packed:
-            method = packed.group(1).lower()
-            base = find_entry(name[:packed.start()])
-            raise UnsupportedModel(
-                f"{name}: a pre-quantized ({method.upper()}) repository; the catalog ships no verified copy of its "
-                f"config.json and quantization_config, and memplan does not model {method.upper()} storage yet "
-                f"({PACKED_STORAGE[method]}); estimate "
-                f"{base.hf_id if base else 'the unquantized model'} with --method qlora --quant-bits 4") from None
+        if (prequantized := _assumed_prequantized(name)) is not None:
+            return prequantized
         why = type(err).__name__ if err is not None else f"no answer within {HUB_TIMEOUT_S:g} s"
         raise UnknownModel(f"{hint} (hub lookup failed: {why})") from None
     return ModelSpec.from_config_dict(box["cfg"], name=name)  # type: ignore[arg-type]
+
+
+def _assumed_prequantized(name: str) -> ModelSpec | None:
+    """A pre-quantized repository whose config.json is not on disk (`<base>-AWQ`, `-GPTQ`, `-AQLM-2Bit-1x16`):
+    its base model's catalog dimensions with the quantization_config its name and the library's defaults give
+    (memplan.spec.prequantized.assumed_from_name), said in one warning line; None when the name says no method."""
+    import dataclasses
+    import warnings
+
+    assumed = assumed_from_name(name)
+    if assumed is None:
+        return None
+    base_name, packed = assumed
+    entry = find_entry(base_name)
+    if entry is None:
+        raise UnknownModel(f"{name}: a pre-quantized ({packed.method.upper()}) repository whose config.json is not "
+                           f"on disk, and its base {base_name} is not in the catalog: download its config.json and "
+                           "pass its folder with --model")
+    base = _load_entry(entry.hf_id)
+    warnings.warn(f"{packed.assumed}; its dimensions are {entry.hf_id}'s (the catalog's)", stacklevel=3)
+    return dataclasses.replace(base, name=name, packed=packed)
+
+
+def _cached_config(name: str) -> Path | None:
+    """config.json of hub repository `name` in the local hub cache (huggingface_hub.try_to_load_from_cache), or
+    None (not cached, or huggingface_hub not installed)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id=name, filename="config.json")
+    except Exception:  # noqa: BLE001 - a malformed repo id or cache: not cached
+        return None
+    return Path(found) if isinstance(found, str) else None

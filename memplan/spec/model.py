@@ -14,6 +14,7 @@ from typing import Any
 
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.spec.families import FAMILIES, Family, family_of, type_of_architecture
+from memplan.spec.prequantized import PackedQuant, packed_from_config, storage_note
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -65,6 +66,8 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     quantization: str = ""  # how a pre-quantized checkpoint (config.json quantization_config) is costed
+    # an AWQ / GPTQ / AQLM checkpoint's packed storage (memplan.spec.prequantized): trained as QLoRA over it
+    packed: PackedQuant | None = None
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- family facts ------------------------------------------------------------------------------------------
@@ -274,13 +277,20 @@ class ModelSpec:
             text = {**cfg["text_config"], "model_type": fam.text_model}
             outer = {k: cfg[k] for k in ("_name_or_path", "quantization_config") if k in cfg}
             return cls.from_config_dict({**outer, **text}, name=name)
-        quant = _quantization(cfg, str(name or label))
+        q = cfg.get("quantization_config")
+        packed = packed_from_config(q, str(name or label)) if isinstance(q, dict) else None
+        quant = "" if packed else _quantization(cfg, str(name or label))
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
         if fam.dense_prefix_key:  # DeepSeek: dense layers first, then MoE ones (the Config default when absent)
             prefix = cfg.get(fam.dense_prefix_key)
             mixed = mixed or prefix is None or prefix < cfg.get("num_hidden_layers", 0)
+        if packed and (not fam.analytic or mixed):  # the exact mode builds bitsandbytes layers only
+            raise UnsupportedModel(f"{name or label}: a pre-quantized {packed.describe()} {mtype} checkpoint; memplan "
+                                   "models packed storage for the architectures of its analytic formulas only, and "
+                                   f"{mtype} is traced by the exact mode, which builds no {packed.method.upper()} "
+                                   f"layers ({storage_note(packed.method)})")
         if not fam.analytic or mixed or quant:  # a quantized checkpoint: the exact mode, whose note says how
             return cls._generic(cfg, mtype, str(name or label), quant)
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
@@ -344,6 +354,7 @@ class ModelSpec:
             qk_rope_head_dim=cfg["qk_rope_head_dim"] if fam.mla else 0,
             v_head_dim=cfg["v_head_dim"] if fam.mla else 0,
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
+            packed=packed,
         )
 
 
@@ -381,22 +392,11 @@ def _quantization(cfg: dict[str, Any], label: str) -> str:
         return DEQUANTIZED[method]
     bits = q.get("bits") or (4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else None) \
         if isinstance(q, dict) else None
-    storage = PACKED_STORAGE.get(method, "")
     raise UnsupportedModel(
         f"{label}: its weights are pre-quantized ({method or 'unknown method'}{f', {bits}-bit' if bits else ''}), a "
-        f"storage memplan does not model yet{f' ({storage})' if storage else ''}; estimate the unquantized model "
+        "storage memplan does not model yet (AWQ, GPTQ and AQLM it does); estimate the unquantized model "
         f"with --method qlora --quant-bits {8 if bits == 8 else 4} (bitsandbytes: about the same weight bytes) or "
         "--method lora")
-
-
-# what a model of each packed storage needs and memplan does not have yet (issue 16): the layout per Linear from the
-# format's own kernels, checked against a real checkpoint's quantization_config
-PACKED_STORAGE = {
-    "awq": "AutoAWQ WQLinear_GEMM: int32 qweight packing 8 4-bit values, qzeros and fp16 scales per group_size "
-           "input rows",
-    "gptq": "GPTQ QuantLinear: packed qweight, qzeros, scales per group and g_idx (desc_act)",
-    "aqlm": "AQLM: codes of nbits_per_codebook bits per in_group_size weights, num_codebooks codebooks per Linear",
-}
 
 
 def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:

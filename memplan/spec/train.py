@@ -68,12 +68,26 @@ class QuantMethod(str, Enum):
     BNB = "bnb"  # bitsandbytes: 4-bit NF4/FP4 (Linear4bit) or 8-bit LLM.int8 (Linear8bitLt)
     HQQ = "hqq"  # hqq HQQLinear, group_size 64, scale and zero kept in fp16 (memplan.predict.weights)
     EETQ = "eetq"  # EETQ W8A16: int8 weight + fp16 per-output-channel scale
+    # pre-quantized checkpoints (memplan.spec.prequantized): their storage is the checkpoint's, never chosen here
+    AWQ = "awq"  # gptqmodel AwqGEMMLinear (transformers 5 integrations/awq.py)
+    GPTQ = "gptq"  # gptqmodel TorchQuantLinear (its training path)
+    AQLM = "aqlm"  # aqlm QuantizedLinear
+
+    @property
+    def prequantized(self) -> bool:
+        """A checkpoint's own storage (quantization_config), not a method that quantizes on the fly."""
+        return self in (QuantMethod.AWQ, QuantMethod.GPTQ, QuantMethod.AQLM)
 
 
 # the bit widths LLaMA-Factory 0.9.5 accepts per method (model/model_utils/quantization.py configure_quantization:
 # bnb 8 or 4 L187-203, "Bitsandbytes only accepts 4-bit or 8-bit"; hqq L208-209; eetq L219-220)
+# Pre-quantized: the widths the kernels serve: gptqmodel AwqGEMMLinear SUPPORTS_BITS [4] (nn_modules/qlinear/
+# gemm_awq.py L117); GPTQConfig "supported numbers are (2, 3, 4, 8)" (transformers utils/quantization_config.py);
+# AQLM nbits_per_codebook x num_codebooks / in_group_size of the codebook shapes aqlm 1.1.7's kernels select
+# (inference_kernels/kernel_selector.py: 1x16 and 2x8 over 8 inputs: 2 bits; 1x8 over 8 and 1x16 over 16: 1 bit)
 QUANT_BITS: dict[QuantMethod, tuple[int, ...]] = {QuantMethod.BNB: (4, 8), QuantMethod.HQQ: (1, 2, 3, 4, 5, 6, 8),
-                                                  QuantMethod.EETQ: (8,)}
+                                                  QuantMethod.EETQ: (8,), QuantMethod.AWQ: (4,),
+                                                  QuantMethod.GPTQ: (2, 3, 4, 8), QuantMethod.AQLM: (1, 2)}
 
 ALL_LINEAR = "all-linear"
 

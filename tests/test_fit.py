@@ -110,3 +110,20 @@ def test_a_long_search_reports_progress():
               on_progress=lambda done, total: calls.append((done, total)))
     assert calls and all(total == res.searched for _, total in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] <= res.searched
+
+
+def test_fit_skips_layouts_a_pre_quantized_model_cannot_train() -> None:
+    """ZeRO-3 / FSDP over an AWQ checkpoint is refused by LLaMA-Factory (and by the estimate): the search drops
+    those candidates instead of failing, and fails with that reason only when nothing else is left."""
+    import warnings
+
+    from memplan.spec.train import Sharding
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the assumed quantization_config
+        spec = resolve_model("TechxGenus/Meta-Llama-3-8B-Instruct-AWQ")
+        res = fit(spec, TrainConfig(), resolve_gpu("24GB"), SearchSpace(global_batch=16, gpu_counts=(1, 2)))
+        assert res.ranked and not any(c.train.sharding in (Sharding.ZERO3, Sharding.FULL_SHARD) for c in res.ranked)
+        with pytest.raises(ConfigError, match="incompatible with PTQ"):
+            fit(spec, TrainConfig(), resolve_gpu("24GB"),
+                SearchSpace(global_batch=16, gpu_counts=(2,), shardings=(Sharding.ZERO3,)))

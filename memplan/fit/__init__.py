@@ -43,10 +43,16 @@ def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None 
         raise ConfigError("every configuration searched is one the target (LLaMA-Factory) refuses: open another "
                           "knob (--precision, --zero / --fsdp)")
     cands = []
+    refused: ConfigError | None = None
     for i, t in enumerate(configs, 1):
-        cands.append(evaluate(spec, t, gpu, usable))
+        try:
+            cands.append(evaluate(spec, t, gpu, usable))
+        except ConfigError as err:  # a layout the model cannot train (ZeRO-3 / FSDP over a pre-quantized one)
+            refused = refused or err
         if on_progress is not None and i % PROGRESS_EVERY == 0:
             on_progress(i, len(configs))
+    if not cands and refused is not None:
+        raise refused
     ranked = sorted((c for c in cands if c.fits), key=lambda c: (-c.tokens_per_s, c.total_bytes))
     smallest = min(cands, key=lambda c: (c.total_bytes, not c.train.checkpointing))
     suggestions = () if ranked else tuple(suggest(spec, smallest.train, gpu, usable))

@@ -52,15 +52,20 @@ def test_litgpt_quantizes_the_lm_head() -> None:
     assert saved == pytest.approx(2 * head - head * 0.5 - head / 64, rel=0.01)  # bf16 -> NF4 (+ absmax)
 
 
+def _pinning(monkeypatch, variable: str, cached):
+    """Pin a package version the estimate reads (memplan.spec.packages: `variable`, memoized by `cached`),
+    restored after the test."""
+    def pin(version: str) -> None:
+        monkeypatch.setenv(variable, version)
+        cached.cache_clear()
+    yield pin
+    monkeypatch.delenv(variable, raising=False)
+    cached.cache_clear()
+
+
 @pytest.fixture
 def torchao(monkeypatch):
-    """Pin the torchao version the estimate reads (memplan.spec.packages), restored after the test."""
-    def pin(version: str) -> None:
-        monkeypatch.setenv("MEMPLAN_TORCHAO_VERSION", version)
-        torchao_version.cache_clear()
-    yield pin
-    monkeypatch.delenv("MEMPLAN_TORCHAO_VERSION", raising=False)
-    torchao_version.cache_clear()
+    yield from _pinning(monkeypatch, "MEMPLAN_TORCHAO_VERSION", torchao_version)
 
 
 def test_torchtune_qlora_peaks_at_the_load(torchao) -> None:
@@ -135,15 +140,9 @@ def test_exact_mode_refuses_the_analytic_only_stacks() -> None:
 
 @pytest.fixture
 def bnb_era(monkeypatch):
-    """Pin the bitsandbytes version the estimate reads (memplan.spec.packages), restored after the test."""
     from memplan.spec.packages import bitsandbytes_version
 
-    def pin(version: str) -> None:
-        monkeypatch.setenv("MEMPLAN_BITSANDBYTES_VERSION", version)
-        bitsandbytes_version.cache_clear()
-    yield pin
-    monkeypatch.delenv("MEMPLAN_BITSANDBYTES_VERSION", raising=False)
-    bitsandbytes_version.cache_clear()
+    yield from _pinning(monkeypatch, "MEMPLAN_BITSANDBYTES_VERSION", bitsandbytes_version)
 
 
 def test_litgpt_next_forward_runs_beside_the_previous_graph(bnb_era) -> None:

@@ -225,3 +225,14 @@ def test_torchtune_fsdp1_units_on_two_real_gloo_ranks(tmp_path, monkeypatch, met
         peaks[stack] = min(res.rank_peak_bytes)
     assert abs(peaks[Stack.TORCHTUNE] / peaks[Stack.HF] - 1) <= 1e-5
     assert abs(estimate(spec, train, device="cpu").peak_allocated_bytes / peaks[Stack.TORCHTUNE] - 1) <= 1e-4
+
+
+def test_fsdp1_with_parameters_offloaded_estimates_reserved() -> None:
+    """CPU-offloaded parameters leave a rank no share of its own on the GPU (scale 0): the reserved sketch must not
+    divide by it (a fit over --offload params used to end in ZeroDivisionError)."""
+    from memplan.spec.parallel import Offload, Parallelism
+
+    train = TrainConfig(method=Method.FULL, parallel=Parallelism(gpus=8, sharding=Sharding.FULL_SHARD,
+                                                                 offload=Offload.PARAMS, fsdp_version=1))
+    bd = estimate(resolve_model("llama-3-8b"), train)
+    assert bd.peak_reserved_bytes >= bd.peak_allocated_bytes > 0

@@ -26,7 +26,7 @@ EXPORTS = {
     "lora_1gpu": ["--model", "llama-3-8b", "--gpu", "24GB", "--seq-len", "1024"],
     "qlora_1gpu": ["--model", "qwen2.5-7b", "--gpu", "16GB", "--method", "qlora", "--seq-len", "512"],
     "freeze_1gpu": ["--model", "llama-3.2-1b", "--gpu", "24GB", "--method", "freeze"],
-    "lora_ddp_4gpu": ["--model", "llama-3-8b", "--gpu", "24GB", "--gpus", "4", "--zero", "0", "--seq-len", "1024"],
+    "lora_ddp_4gpu": ["--model", "llama-3-8b", "--gpu", "40GB", "--gpus", "4", "--zero", "0", "--seq-len", "1024"],
     "full_zero3_8gpu": ["--model", "llama-3-8b", "--gpu", "80GB", "--gpus", "8", "--method", "full", "--zero", "3"],
     "full_zero2_offload_8gpu": ["--model", "llama-3-8b", "--gpu", "40GB", "--gpus", "8", "--method", "full",
                                 "--zero", "2", "--offload", "optimizer"],

@@ -175,7 +175,9 @@ def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, b
     stream, c = stream_width(lay), lay.compute_width
     hidden = n * s.hidden_size * stream
     saved = _layer_saved_tensors(lay, x_rg=lay.full or tr.checkpointing)
-    units = _fsdp1_units(lay)
+    # parameters offloaded to the host (FSDP1 CPUOffload: the rank's scale is 0, nothing of its own on the GPU):
+    # the gathered units' stream pools are not sketched there
+    units = _fsdp1_units(lay) if scale > 0 else None
     root_unit = p.new(units[0], UNSHARD) if units else None
     kept: list[list[int]] = []
     x = p.new(hidden)  # the embedding output

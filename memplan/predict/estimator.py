@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict import adapters
-from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
+from memplan.predict.activations import head_saved, layer_saved, layers_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads, with_cuda_terms
@@ -206,7 +206,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
-    note = _quant_note(train)
+    note = "; ".join(n for n in (_quant_note(train), spec.family.limits, spec.quantization) if n)
     if head_states_left:
         note += ("; " if note else "") + ("the untied LM head gets no gradient in the reward stage, yet its gradient "
                                           "and optimizer states are counted (an over-estimate)")
@@ -446,7 +446,7 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     b, s = tr.batch_size, tr.seq_len
     full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
     if tr.method is Method.FREEZE:
-        return _freeze_activations(lay, full_layer)
+        return _freeze_activations(lay)
     if tr.checkpointing:
         # a checkpointed layer keeps its input hidden states (the rest is recomputed in backward). Only while
         # its graph lives: torch/utils/checkpoint.py's non-reentrant frame is held by the saved-tensor hooks of
@@ -485,7 +485,7 @@ def _embedding_dropout_bytes(lay: Layout) -> int:
     return noise + (0 if lay.full else hidden * stream_width(lay))
 
 
-def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int, int]:
+def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
     """Freeze tuning (any trained layer set: the last N, the first N, LLaMA Pro's stride). Layers below the lowest
     trained one save nothing (their input needs no grad); the lowest sees an input without grad; every layer
     above it is on the backward path: a trained one saves its tape (or, checkpointed, its input), a frozen one
@@ -499,22 +499,27 @@ def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int,
     if not ids:
         return 0, 0, 0, 0
     lo = ids[0]
-    frozen_above = L - lo - len(ids)
-    frozen = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=True)
+    above = [i for i in range(lo + 1, L) if i not in ids]  # frozen layers on the backward path
+    frozen_above = len(above)
+    frozen = layers_saved(lay, above, batch=b, seq=s, trains=False, x_rg=True)
+    top_id = ids[-1]  # the highest trained layer: its kind (DeepSeek: dense or MoE) sets the recomputed moment
     lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
     if tr.checkpointing:
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
-        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True)
-        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True)
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True,
+                                 layer=top_id)
+        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, layer=top_id)
         # transformers' activation_checkpointing_enable turns input grads on (enable_input_require_grads): the
         # frozen layers below the lowest trained one are then on the backward path too, each keeping its input
         below = 0 if lf else lo * kept
-        return len(ids) * kept + frozen_above * (frozen if lf else kept) + below, recomputed, end, 0
-    first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False)
-    top_trains = ids[-1] == L - 1
-    top = trained_layer if top_trains else frozen
-    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True)
-    return first + (len(ids) - 1) * trained_layer + frozen_above * frozen, trained_layer, trained_layer, released
+        return len(ids) * kept + (frozen if lf else frozen_above * kept) + below, recomputed, end, 0
+    first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False, layer=lo)
+    trained = layers_saved(lay, ids[1:], batch=b, seq=s, trains=True, x_rg=True)
+    top_trains = top_id == L - 1
+    top = layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, layer=L - 1)
+    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True, layer=L - 1)
+    own_top = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, layer=top_id)
+    return first + trained + frozen, own_top, own_top, released
 
 
 def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
@@ -570,6 +575,13 @@ def _layer_backward_buffers(lay: Layout, n: int) -> int:
     # gated: act * up's backward (the product's, the activation's and up's gradients); one projection (StarCoder2):
     # the activation's backward (its output's and input's gradients)
     grads = (3 if s.family.gated_mlp else 2) * n * inter * lay.compute_width
+    if s.shared_intermediate:
+        # DeepSeek's top (MoE) layer: the routed experts' grouped matmuls run in the expert weights' dtype
+        # (activations._moe: fp32 where they train under AMP), the shared experts' product under autocast
+        trains = not lay.train.is_lora and (lay.full or lay.train.trainable_layer_ids(s.num_layers)[-1:] ==
+                                            [s.num_layers - 1])
+        experts = lay.trainable_width if trains else lay.stream_width
+        grads = max(3 * n * inter * experts, 3 * n * s.shared_intermediate * lay.compute_width)
     mlp = [lin for lin in s.mlp_linears() if lay.quantized(lin.name)] if not s.is_moe else []
     if not mlp:
         return grads

@@ -60,6 +60,11 @@ class Family:
     # config keys of the dropout probabilities the model applies in training (model.train()): after the embedding,
     # after o_proj and after the MLP (the residual branches), inside attention on the probabilities
     dropout_keys: tuple[str, str, str] | None = None
+    # DeepSeek MoE layers: a dense MLP of moe_intermediate_size x n_shared_experts beside the routed experts
+    shared_experts_key: str | None = None
+    # the MoE router: "softmax" (Mixtral: softmax(logits.float()) then top-k), "sigmoid" (DeepSeek-V3: an fp32
+    # weight, sigmoid scores, the chosen ones gathered and renormalised)
+    router: str = "softmax"
 
     @property
     def norm_tensors(self) -> int:
@@ -128,11 +133,18 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # shared experts and first_k_dense_replace dense layers
     # (a dense MLP while layer_idx < first_k_dense_replace: modeling_deepseek_v2.py l.428, _v3.py l.493)
     Family(model_type="deepseek_v2", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
-    # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention),
-    # but only for configs whose every layer is dense; with MoE layers (shared experts, sigmoid group routing) it is
-    # the exact mode's
+    # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention);
+    # DeepseekV3DecoderLayer (l.486-500): a DeepseekV3MLP(intermediate_size) while layer_idx < first_k_dense_replace,
+    # else DeepseekV3MoE (l.201-222): the DeepseekV3TopkRouter (l.120-158: fp32 weight kept by
+    # _keep_in_fp32_modules_strict l.551, sigmoid scores, grouped top-k on the scores + e_score_correction_bias, a
+    # buffer), the fused DeepseekV3Experts (l.162-198, @use_experts_implementation: grouped_mm) and a shared
+    # DeepseekV3MLP(moe_intermediate_size x n_shared_experts) on the layer's input
     Family(model_type="deepseek_v3", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
-           all_linear_skips=("gate_proj", "up_proj", "down_proj")),
+           all_linear_skips=("gate_proj", "up_proj", "down_proj"), shared_experts_key="n_shared_experts",
+           router="sigmoid",
+           limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
+                  "routing balance: the grouped_mm experts); QLoRA / freeze of the mixed dense + MoE layers not "
+                  "checked against the exact trace"),
     # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
     Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)

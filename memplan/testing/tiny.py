@@ -34,6 +34,17 @@ TINY_CONFIGS: dict[str, dict] = {
     "deepseek_v3": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=96,
                         kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
                         first_k_dense_replace=3),
+    # DeepSeek-V3 with MoE layers: one dense layer, then two MoE ones (4 routed experts of width 128, top-2, sigmoid
+    # router, one shared expert); "deepseek_v3-moe-noq": q_proj directly (V2-Lite's q_lora_rank null), 2 shared
+    # experts, every layer MoE
+    "deepseek_v3-moe": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=96,
+                            kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                            first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=4,
+                            num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1),
+    "deepseek_v3-moe-noq": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=None,
+                                kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                                first_k_dense_replace=0, moe_intermediate_size=128, n_routed_experts=4,
+                                num_experts_per_tok=2, n_shared_experts=2, n_group=2, topk_group=1),
     # OLMo-2: post-norms only, q/k norms over the whole projections
     "olmo2": dict(model_type="olmo2", **_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # StarCoder2: LayerNorm, c_fc/c_proj GELU MLP, biases everywhere, tied; "starcoder2-drop" adds its dropouts

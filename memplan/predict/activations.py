@@ -313,7 +313,7 @@ def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
 
 def mlp(cx: _Ctx, h: T) -> T:
     s = cx.lay.spec
-    n, hid = cx.tokens, s.hidden_size
+    hid = s.hidden_size
     if s.is_moe and cx.moe:  # each token visits `experts_per_token` experts of width moe_intermediate
         routed = _moe(cx, h)
         if not s.shared_intermediate:

@@ -95,8 +95,8 @@ def model_states(lay: Layout) -> ModelStates:
     s, tr = lay.spec, lay.train
     total = s.num_parameters
     linears = s.layer_linears()
-    # autocast casts every fp32 argument of F.linear, the bias too (aten/src/ATen/autocast_mode.cpp cached_cast)
-    linear_params = sum(lin.params for lin in linears)
+    # autocast casts every fp32 argument of F.linear, the bias too (aten/src/ATen/autocast_mode.cpp cached_cast):
+    # spec.linear_params_total / top_linear_params
     expert_params = sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts \
         if s.is_moe else 0  # grouped matmul: no autocast copies (one MoE layer's)
     # rotary inv_freq and original_inv_freq, fp32 (rot_dim / 2) each: transformers 5 LlamaRotaryEmbedding.__init__

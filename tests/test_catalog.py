@@ -319,10 +319,12 @@ def test_mla_parameter_count_equals_the_built_model():
     """Dense MLA layers, and DeepSeek-V3's dense layers then MoE ones (router, routed and shared experts)."""
     from memplan.build.model import build_model
 
-    for cfg in ({}, {"q_lora_rank": None}, TINY_CONFIGS["deepseek_v3-moe"], TINY_CONFIGS["deepseek_v3-moe-noq"]):
+    for cfg in ({}, {"q_lora_rank": None}, TINY_CONFIGS["deepseek_v3-moe"], TINY_CONFIGS["deepseek_v3-moe-noq"],
+                TINY_CONFIGS["deepseek_v2"]):
         spec = ModelSpec.from_config_dict({**TINY_CONFIGS["deepseek_v3"], **cfg})
         model = build_model(spec, TrainConfig(method=Method.FULL, precision=Precision.FP32), device="meta")
         assert spec.analytic and sum(p.numel() for p in model.parameters()) == spec.num_parameters
+    assert resolve_model("deepseek-v2-lite").num_parameters == 15_706_484_224  # the published count
     v3 = resolve_model("deepseek-v3")
     assert v3.analytic and (v3.dense_layers, v3.moe_layers, v3.shared_intermediate) == (3, 58, 2048)
 
@@ -370,14 +372,22 @@ DEEPSEEK_CASES = [("deepseek_v3-moe", dict(method=Method.LORA, precision=Precisi
                   ("deepseek_v3-moe", dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False)),
                   ("deepseek_v3-moe-noq", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False)),
                   ("deepseek_v3-moe-noq", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True)),
-                  ("deepseek_v3-moe-noq", dict(method=Method.FULL, precision=Precision.BF16, checkpointing=False))]
+                  ("deepseek_v3-moe-noq", dict(method=Method.FULL, precision=Precision.BF16, checkpointing=False)),
+                  ("deepseek_v2", dict(method=Method.FULL, precision=Precision.BF16, checkpointing=False)),
+                  ("deepseek_v2", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False)),
+                  ("deepseek_v2", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True)),
+                  ("deepseek_v2", dict(method=Method.FULL, precision=Precision.BF16, checkpointing=True)),
+                  ("deepseek_v2", dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False)),
+                  ("deepseek_v2", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False,
+                                       attn=Attention.EAGER))]
 
 
 @pytest.mark.parametrize("arch,kw", [pytest.param(*c, marks=[pytest.mark.integration] if i > 1 else [])
                                      for i, c in enumerate(DEEPSEEK_CASES)])
 def test_deepseek_moe_formula_matches_the_exact_trace(arch, kw):
     """Measured (b2 x s256): -0.000 %, -0.000 %, -0.168 %, +0.006 %, +0.006 %, -0.74 %, -0.028 %, +0.086 %,
-    -0.016 %. The routed experts run transformers' grouped_mm: their saved rows are tokens x top-k whatever the
+    -0.016 %; DeepSeek-V2 (complex rope, softmax router): -0.041 %, -0.040 %, -0.254 %, -0.000 %, -0.700 %,
+    -0.039 %. Freeze is the worst (the lowest trained layer's backward, not walked op by op). The routed experts run transformers' grouped_mm: their saved rows are tokens x top-k whatever the
     routing, so the exact trace and the formulas agree without a balance assumption."""
     from memplan.trace.exact import exact_estimate
 
@@ -389,10 +399,10 @@ def test_deepseek_moe_formula_matches_the_exact_trace(arch, kw):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("arch,kw", [DEEPSEEK_CASES[i] for i in (0, 1, 2, 3, 6, 7)])
+@pytest.mark.parametrize("arch,kw", [DEEPSEEK_CASES[i] for i in (0, 1, 2, 3, 6, 7, 9, 10, 11, 12)])
 def test_deepseek_moe_formula_matches_the_cpu_truth(arch, kw):
-    """Measured: -0.000 %, -0.000 %, -0.210 %, +0.006 %, -0.028 %, +0.046 % (real sigmoid routing, random
-    weights)."""
+    """Measured: -0.000 %, -0.000 %, -0.210 %, +0.006 %, -0.028 %, +0.046 % (V3, real sigmoid routing, random
+    weights); V2: -0.041 %, -0.041 %, -0.295 %, -0.000 %."""
     from memplan.testing.truth import measure_cpu_peak
 
     spec, train = tiny_spec(arch), TrainConfig(batch_size=2, seq_len=256, **kw)

@@ -251,7 +251,9 @@ def mla_attention(cx: _Ctx, h: T) -> T:
         q = linear(cx, h, "q_proj", h_in, nh * qk)
     ckv = linear(cx, h, "kv_a_proj_with_mqa", h_in, s.kv_lora_rank + rope)
     latent = rms_norm(cx, ckv.view(n * s.kv_lora_rank), s.kv_lora_rank)
-    rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype
+    # V3: cos/sin carry the stream dtype (q * cos promotes); V2: apply_rotary_emb casts back `type_as(xq)` and its
+    # complex product saves only the shared freqs_cis (estimator._rope_bytes)
+    rope_width = q.width if s.family.rope_complex else max(cx.stream, q.width)
     q = T(n * nh * qk, rope_width, q.rg)  # cat(q_pass, rotated q_rot): promoted to the rotated part's dtype
     kvb = linear(cx, latent, "kv_b_proj", s.kv_lora_rank, nh * (nope + vd))
     k = T(n * nh * qk, kvb.width, kvb.rg or ckv.rg)  # new_empty + copy_ of k_nope and the expanded k_rot
@@ -365,6 +367,8 @@ def _moe(cx: _Ctx, h: T) -> T:
     router_trains = cx.trains or wrapped
     if s.family.router == "sigmoid":
         weights = _sigmoid_router(cx, h, router_trains, wrapped)
+    elif s.family.router == "softmax_fp32":
+        weights = _softmax_fp32_router(cx, h, router_trains, wrapped)
     else:
         hin = tp.cast(h, 2) if lay.amp else h
         logits = tp.linear(hin, s.hidden_size, s.num_experts, w_trains=router_trains, width=cx.c)
@@ -407,6 +411,26 @@ def _sigmoid_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
         if s.config.get("norm_topk_prob", True):
             tp.save(T(n, scores.width, False))  # the denominator (n, 1)
     return T(n * k, scores.width, scores.rg)
+
+
+def _softmax_fp32_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
+    """DeepseekV2TopkRouter.forward (modeling_deepseek_v2.py l.98-117): the fp32 weight's `F.linear(h.float(),
+    w.float())` (autocast casts both to half), `softmax(dim=-1, dtype=float32)` (saves its fp32 result), top-k
+    (saves its int64 indices; group_limited_greedy first masks the scores: masked_fill saves the bool mask), then
+    x routed_scaling_factor (no renormalisation)."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, k = cx.tokens, s.experts_per_token
+    hin = tp.cast(h, FP32)
+    hin = tp.cast(hin, 2) if lay.amp else hin
+    logits = tp.linear(hin, s.hidden_size, s.num_experts, w_trains=trains, width=cx.c if lay.amp else FP32)
+    if wrapped:
+        tp.save(T(n * lay.train.lora_rank, logits.width, True))  # router LoRA: A's output
+    probs = tp.saving_output(tp.cast(logits, FP32), width=FP32)
+    if probs.rg:
+        if s.config.get("topk_method") == "group_limited_greedy":
+            tp.save(T(n * s.num_experts, 1, False))  # masked_fill's mask
+        tp.save(T(n * k, 8, False))  # topk's indices
+    return T(n * k, FP32, probs.rg)
 
 
 def decoder_layer(cx: _Ctx, x: T) -> T:

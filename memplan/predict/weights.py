@@ -104,7 +104,8 @@ def model_states(lay: Layout) -> ModelStates:
     buffers = 2 * (s.rotary_dim // 2) * 4
     # DeepseekV3TopkRouter: the fp32 e_score_correction_bias buffer (E,) and its fp32 weight (E, H), kept fp32
     # whatever the load dtype (_keep_in_fp32_modules_strict, modeling_deepseek_v3.py l.131, l.551)
-    router_fp32 = s.moe_layers * s.num_experts * s.hidden_size if s.family.router == "sigmoid" else 0
+    # (DeepseekV2TopkRouter l.92: created fp32, which the built model keeps)
+    router_fp32 = s.moe_layers * s.num_experts * s.hidden_size if s.family.router != "softmax" else 0
     buffers += s.moe_layers * s.num_experts * 4 if s.family.router == "sigmoid" else 0
     quantized = 0
     if tr.method is Method.FULL:

@@ -65,6 +65,7 @@ class Family:
     # the MoE router: "softmax" (Mixtral: softmax(logits.float()) then top-k), "sigmoid" (DeepSeek-V3: an fp32
     # weight, sigmoid scores, the chosen ones gathered and renormalised)
     router: str = "softmax"
+    rope_complex: bool = False  # DeepSeek-V2's apply_rotary_emb: complex freqs_cis, outputs `type_as` the input
 
     @property
     def norm_tensors(self) -> int:
@@ -129,10 +130,18 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="olmo2", architectures=("Olmo2ForCausalLM",), qk_norm=True, qk_norm_full=True,
            post_norms=True),
     Family(model_type="gpt_bigcode", analytic=False),  # multi-query attention, fused c_attn, LayerNorm, GELU
-    # DeepseekV2/V3Attention: multi-head latent attention (q_lora_rank, kv_lora_rank, rope/nope split), MoE with
-    # shared experts and first_k_dense_replace dense layers
-    # (a dense MLP while layer_idx < first_k_dense_replace: modeling_deepseek_v2.py l.428, _v3.py l.493)
-    Family(model_type="deepseek_v2", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
+    # DeepseekV2 (modeling_deepseek_v2.py): V3's MLA (DeepseekV2Attention l.290-420) but rope by apply_rotary_emb
+    # (l.259-272: view_as_complex of a float copy, times the complex freqs_cis made once per forward by
+    # DeepseekV2RotaryEmbedding l.214-219, `.type_as(xq)`); a dense MLP while layer_idx < first_k_dense_replace
+    # (l.428), else DeepseekV2Moe (l.120-137): DeepseekV2TopkRouter (l.86-117: fp32 weight, `F.linear(h.float(),
+    # w.float())`, softmax fp32, greedy or group-limited top-k, x routed_scaling_factor; no renormalisation), the
+    # grouped_mm DeepseekV2Experts (@use_experts_implementation, l.46-83), shared experts
+    Family(model_type="deepseek_v2", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
+           all_linear_skips=("gate_proj", "up_proj", "down_proj"), shared_experts_key="n_shared_experts",
+           router="softmax_fp32", rope_complex=True,
+           limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
+                  "routing balance: the grouped_mm experts); QLoRA / freeze of the mixed dense + MoE layers not "
+                  "checked against the exact trace"),
     # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention);
     # DeepseekV3DecoderLayer (l.486-500): a DeepseekV3MLP(intermediate_size) while layer_idx < first_k_dense_replace,
     # else DeepseekV3MoE (l.201-222): the DeepseekV3TopkRouter (l.120-158: fp32 weight kept by

@@ -45,6 +45,12 @@ TINY_CONFIGS: dict[str, dict] = {
                                 kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
                                 first_k_dense_replace=0, moe_intermediate_size=128, n_routed_experts=4,
                                 num_experts_per_tok=2, n_shared_experts=2, n_group=2, topk_group=1),
+    # DeepSeek-V2: V3's MLA with a complex rope, a softmax router (greedy top-2 of 4, no renormalisation); V2-Lite's
+    # shape: no q LoRA, one dense layer then MoE ones with 2 shared experts
+    "deepseek_v2": dict(model_type="deepseek_v2", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=None,
+                        kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                        first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+                        n_shared_experts=2, n_group=1, topk_group=1, topk_method="greedy", norm_topk_prob=False),
     # OLMo-2: post-norms only, q/k norms over the whole projections
     "olmo2": dict(model_type="olmo2", **_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # StarCoder2: LayerNorm, c_fc/c_proj GELU MLP, biases everywhere, tied; "starcoder2-drop" adds its dropouts

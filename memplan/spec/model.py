@@ -145,7 +145,9 @@ class ModelSpec:
     def rotary_dim(self) -> int:
         """Width of the rotary cos/sin: head_dim x partial_rotary_factor (transformers 5 compute_default_rope_
         parameters: `dim = int(head_dim * partial_rotary_factor)`, read from rope_parameters or the config)."""
-        if self.family.mla:  # DeepseekV3RotaryEmbedding rotates the qk_rope_head_dim part only (l.58-101)
+        # MLA: DeepseekV3Config sets head_dim = qk_rope_head_dim (configuration_deepseek_v3.py l.123, V2's l.124),
+        # the rotary embedding's dim (modeling_deepseek_v3.py l.87)
+        if self.family.mla:
             return self.qk_rope_head_dim
         rope = self.config.get("rope_parameters") or {}
         factor = rope.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))

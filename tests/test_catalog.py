@@ -28,7 +28,8 @@ CURRENT = ["Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-14B", "
            "mistralai/Ministral-8B-Instruct-2410", "mistralai/Mixtral-8x22B-v0.1", "01-ai/Yi-34B",
            "allenai/OLMo-2-1124-7B", "bigcode/starcoder2-7b", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-34b-hf",
            "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3.5-35B-A3B", "Qwen/Qwen3.5-397B-A17B",
-           "Qwen/Qwen3-235B-A22B-Instruct-2507", "Qwen/Qwen2-VL-7B-Instruct"]
+           "Qwen/Qwen3-235B-A22B-Instruct-2507", "Qwen/Qwen2-VL-7B-Instruct",
+           "Qwen/Qwen3.5-4B"]
 
 
 def _expected(entry) -> int:
@@ -92,6 +93,14 @@ def test_qwen2_vl_7b_is_the_flat_instruct_file():
     assert spec.model_type == "qwen2_vl" and spec.num_layers == 28 and not spec.analytic
     assert spec.config["vision_config"]["embed_dim"] == 1280 and catalog_param_count(ENTRIES[
         "Qwen/Qwen2-VL-7B-Instruct"]) == 8_291_375_616
+
+
+def test_qwen3_5_4b_is_dense_hybrid_and_tied():
+    """8 x (3 Gated DeltaNet + 1 full attention) layers, a dense MLP, one tied 248320 x 2560 embedding."""
+    spec = resolve_model("Qwen/Qwen3.5-4B")
+    text = spec.config["text_config"]
+    assert spec.model_type == "qwen3_5" and spec.num_layers == 32 and spec.tie_word_embeddings
+    assert [i for i, t in enumerate(text["layer_types"]) if t == "full_attention"] == list(range(3, 32, 4))
 
 
 @pytest.mark.parametrize("name,fp8", [("deepseek-ai/DeepSeek-V3-0324", True),

@@ -113,6 +113,9 @@ def test_deepseek_v3_0324_is_the_v3_entry_under_its_own_name(name, fp8):
     assert {k: v for k, v in spec.config.items() if k != "quantization_config"} == \
         {k: v for k, v in v3.config.items() if k != "quantization_config"}
     assert bool(spec.quantization) is fp8 and ("quantization_config" in spec.config) is fp8
+    from memplan.formats.llamafactory import _hub_id
+
+    assert _hub_id(spec) == name and _hub_id(v3) == "deepseek-ai/DeepSeek-V3"  # an exported YAML names its own
 
 
 def test_the_short_names_resolve():

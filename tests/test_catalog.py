@@ -28,7 +28,8 @@ CURRENT = ["Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-14B", "
            "mistralai/Ministral-8B-Instruct-2410", "mistralai/Mixtral-8x22B-v0.1", "01-ai/Yi-34B",
            "allenai/OLMo-2-1124-7B", "bigcode/starcoder2-7b", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-34b-hf",
            "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3.5-35B-A3B", "Qwen/Qwen3.5-397B-A17B",
-           "Qwen/Qwen3-235B-A22B-Instruct-2507"]
+           "Qwen/Qwen3-235B-A22B-Instruct-2507", "Qwen/Qwen2-VL-7B-Instruct",
+           "Qwen/Qwen3.5-4B"]
 
 
 def _expected(entry) -> int:
@@ -87,6 +88,37 @@ def test_models_search_finds_the_new_entries(capsys, needle, expected):
     assert expected <= {r["name"] for r in rows} and all(r["parameters"] for r in rows)
     if needle == "deepseek":  # the analytic count: the checkpoint's 671,026,419,200 less 58 x 256 buffers
         assert {r["name"]: r["parameters"] for r in rows}["deepseek-v3"] == 671_026_419_200 - 58 * 256
+
+
+def test_qwen2_vl_7b_is_the_flat_instruct_file():
+    """The original 4.41.2 layout: text keys at the top level, the ViT's own keys (embed_dim / mlp_ratio) nested."""
+    spec = resolve_model("Qwen/Qwen2-VL-7B-Instruct")
+    assert spec.model_type == "qwen2_vl" and spec.num_layers == 28 and not spec.analytic
+    assert spec.config["vision_config"]["embed_dim"] == 1280 and catalog_param_count(ENTRIES[
+        "Qwen/Qwen2-VL-7B-Instruct"]) == 8_291_375_616
+
+
+def test_qwen3_5_4b_is_dense_hybrid_and_tied():
+    """8 x (3 Gated DeltaNet + 1 full attention) layers, a dense MLP, one tied 248320 x 2560 embedding."""
+    spec = resolve_model("Qwen/Qwen3.5-4B")
+    text = spec.config["text_config"]
+    assert spec.model_type == "qwen3_5" and spec.num_layers == 32 and spec.tie_word_embeddings
+    assert [i for i, t in enumerate(text["layer_types"]) if t == "full_attention"] == list(range(3, 32, 4))
+
+
+@pytest.mark.parametrize("name,fp8", [("deepseek-ai/DeepSeek-V3-0324", True),
+                                      ("deepseek-ai/DeepSeek-V3-0324-BF16", False)])
+def test_deepseek_v3_0324_is_the_v3_entry_under_its_own_name(name, fp8):
+    """Its model card: 'The model structure of DeepSeek-V3-0324 is exactly the same as DeepSeek-V3'; a BF16 cast
+    (LLaMA-Factory's ktransformers example) keeps the shapes and drops the FP8 storage."""
+    v3, spec = resolve_model("deepseek-ai/DeepSeek-V3"), resolve_model(name)
+    assert find_entry(name).hf_id == "deepseek-ai/DeepSeek-V3" and spec.name == name
+    assert {k: v for k, v in spec.config.items() if k != "quantization_config"} == \
+        {k: v for k, v in v3.config.items() if k != "quantization_config"}
+    assert bool(spec.quantization) is fp8 and ("quantization_config" in spec.config) is fp8
+    from memplan.formats.llamafactory import _hub_id
+
+    assert _hub_id(spec) == name and _hub_id(v3) == "deepseek-ai/DeepSeek-V3"  # an exported YAML names its own
 
 
 def test_the_short_names_resolve():

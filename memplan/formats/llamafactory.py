@@ -644,12 +644,12 @@ def allowed(spec: ModelSpec, base: dict[str, Any] | None) -> Callable[[TrainConf
 
 def _hub_id(spec: ModelSpec) -> str:
     """The hub id a catalog model is downloaded by (memplan's short names mean nothing to LLaMA-Factory)."""
-    from memplan.spec.catalog import find_entry
+    from memplan.spec.catalog import SAME_AS, find_entry
 
     if spec.config.get("_name_or_path"):
         return str(spec.config["_name_or_path"])
-    entry = find_entry(spec.name)
-    return entry.hf_id if entry is not None else spec.name
+    entry = find_entry(spec.name)  # a checkpoint sharing an entry's config (SAME_AS) keeps its own hub id
+    return entry.hf_id if entry is not None and spec.name.lower() not in SAME_AS else spec.name
 
 
 def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] | None = None, *,

@@ -60,6 +60,12 @@ class Family:
     # config keys of the dropout probabilities the model applies in training (model.train()): after the embedding,
     # after o_proj and after the MLP (the residual branches), inside attention on the probabilities
     dropout_keys: tuple[str, str, str] | None = None
+    # saving a full / freeze checkpoint (save_pretrained) reverts transformers 5's fused MoE expert parameters to
+    # the checkpoint's per-expert layout first, for the whole state dict at once (modeling_utils.py l.3539-3540
+    # revert_weight_conversion): Concatenate(dim=1)'s reverse is Chunk(dim=1), whose `chunk.contiguous()`
+    # (core_model_loading.py l.134, l.228-229) copies each layer's gate_up_proj (conversion_mapping.py l.1359-1371
+    # mixtral, l.1386-1394 qwen2_moe, which qwen3_moe / deepseek_v2 / deepseek_v3 / qwen3_5_moe_text use, l.26-38)
+    save_copies_gate_up: bool = False
 
     @property
     def norm_tensors(self) -> int:
@@ -100,8 +106,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # with a full and a sliding mask per forward (l.527); no softcapping by default
     Family(model_type="gemma3_text", architectures=("Gemma3ForCausalLM",), sandwich_norms=True, qk_norm=True,
            tied_default=True, act="gelu", mask_types=2, window_pattern=6),
-    Family(model_type="mixtral", moe=True),
-    Family(model_type="qwen3_moe", moe=True, qk_norm=True, intermediate_key="moe_intermediate_size",
+    Family(model_type="mixtral", moe=True, save_copies_gate_up=True),
+    Family(model_type="qwen3_moe", moe=True, save_copies_gate_up=True, qk_norm=True,
+           intermediate_key="moe_intermediate_size",
            sliding_window_flag="use_sliding_window"),
     # GlmAttention: q/k/v bias=config.attention_bias (GlmConfig default True), o_proj none; GlmMLP.gate_up_proj
     # chunked; apply_rotary_pos_emb rotates partial_rotary_factor of head_dim and concatenates the rest
@@ -127,11 +134,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # DeepseekV2/V3Attention: multi-head latent attention (q_lora_rank, kv_lora_rank, rope/nope split), MoE with
     # shared experts and first_k_dense_replace dense layers
     # (a dense MLP while layer_idx < first_k_dense_replace: modeling_deepseek_v2.py l.428, _v3.py l.493)
-    Family(model_type="deepseek_v2", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
+    Family(model_type="deepseek_v2", analytic=False, moe=True, save_copies_gate_up=True,
+           dense_prefix_key="first_k_dense_replace"),
     # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention),
     # but only for configs whose every layer is dense; with MoE layers (shared experts, sigmoid group routing) it is
     # the exact mode's
-    Family(model_type="deepseek_v3", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
+    Family(model_type="deepseek_v3", moe=True, save_copies_gate_up=True, mla=True,
+           dense_prefix_key="first_k_dense_replace",
            all_linear_skips=("gate_proj", "up_proj", "down_proj")),
     # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
     Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
@@ -155,7 +164,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # gated shared expert; the vision tower visual.* frozen (LLaMA-Factory _register_composite_model("qwen3_5"))
     Family(model_type="qwen3_5", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
-    Family(model_type="qwen3_5_moe", analytic=False, moe=True, auto_class="AutoModelForImageTextToText",
+    Family(model_type="qwen3_5_moe", analytic=False, moe=True, save_copies_gate_up=True,
+           auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
     Family(model_type="gemma3", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("vision_tower.", "multi_modal_projector."), limits=_VL_LIMITS),

@@ -196,12 +196,12 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     if holds and "eval" in run:  # evaluation runs after the optimizer step, the previous output still bound
         run["eval"] += previous
     phases = (("load", run["load"]), ("step", max(moments.values()))) + \
-        ((("eval", run["eval"]),) if "eval" in run else ())
+        ((("eval", run["eval"]),) if "eval" in run else ()) + (("save", run["save"]),)
     moments.update(run)
     moment = max(moments, key=moments.__getitem__)
     peak = moments[moment]
     phase = moment.split()[0]  # "backward end" is a backward moment
-    ac = st.autocast_cache_bytes if phase in ("forward", "eval") else 0 if phase == "load" else ac_backward
+    ac = st.autocast_cache_bytes if phase in ("forward", "eval") else 0 if phase in ("load", "save") else ac_backward
     terms = _terms(lay, st, acts, ac, phase, peak, rs, previous=moment == "forward previous")
     reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
@@ -378,7 +378,8 @@ def _rm(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
 
 
 def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, int]:
-    """The run's other moments (issue 17, whole-run peak): model load, and evaluation during training.
+    """The run's other moments (issue 17, whole-run peak): model load, checkpoint saves (_save_copies), and
+    evaluation during training.
 
     load: the weights, plus the largest converted tensor's half copy in flight (transformers 5
       from_pretrained fills meta parameters tensor by tensor; bitsandbytes quantizes each half weight on its way in;
@@ -406,13 +407,38 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
         else:
             converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
         load = st.weights_bytes + max(2 * converted, adapters.pissa_load_bytes(lay))  # PiSSA's SVD at init
-    out = {"load": load}
+    out = {"load": load, "save": base + _save_copies(lay)}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
         hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states
         out["eval"] = base + ac + hidden + head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + \
             head.softcap_bytes
     return out
+
+
+def _save_copies(lay: Layout) -> int:
+    """Device bytes a checkpoint save adds to the model states (the `save` phase; issue 17, whole-run peak).
+
+    HF Trainer._save_checkpoint (transformers 5.24 trainer.py l.3363) runs after an optimizer step and zero_grad:
+    save_model, then the optimizer's and scheduler's state dicts and the RNG states, which torch.save writes storage
+    by storage through host copies; safetensors' save_file moves each tensor to the host too. What stays on the
+    device is what save_pretrained makes there before that: it reverts transformers' weight conversions of the
+    whole state dict at once (modeling_utils.py l.3541), and for a MoE whose fused gate_up_proj came from per-expert
+    gate/up weights that is a contiguous copy of every gate_up_proj (Family.save_copies_gate_up). A peft model
+    saves its adapters only (no conversion). Under FSDP the full state dict is gathered unit by unit to the host
+    (trainer.py l.4105-4108, accelerate get_state_dict offload_to_cpu) and under DeepSpeed cloned or consolidated
+    to the host (l.4109-4121): the conversion runs on host copies there, the device holds at most one gathered
+    unit, which the step's gathered parameters already count. Measured on CPU with a real Trainer (tests/
+    test_phases.py): the model states plus the RNG state, plus these copies for a MoE."""
+    s, tr = lay.spec, lay.train
+    if not s.family.save_copies_gate_up or tr.method not in (Method.FULL, Method.FREEZE) or \
+            tr.sharding is not Sharding.NONE:
+        return 0
+    gate_up = s.num_experts * 2 * s.moe_intermediate_size * s.hidden_size  # one MoE layer's fused parameter
+    moe_layers = range(s.dense_prefix, s.num_layers)
+    trained = set(lay.trained_ids) if tr.method is Method.FREEZE else set(moe_layers)
+    # each copy in its parameter's dtype: trained ones at the trainable width, frozen ones at the base width
+    return sum(gate_up * (lay.trainable_width if i in trained else lay.base_width) for i in moe_layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,6 +703,13 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if opt.foreach_copy else "step"
         terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                           explain=f"optimizer.step() temporaries ({step})"))
+        return tuple(terms)
+    if phase == "save":
+        terms += [Term(name="gradients", bytes=0, explain="freed by zero_grad(set_to_none=True)"),
+                  Term(name="activations", bytes=0, explain="none: a checkpoint save runs between steps"),
+                  Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
+                       explain="checkpoint save: save_pretrained's contiguous copy of every fused MoE gate_up_proj "
+                               "as it reverts to the per-expert layout (the rest goes to the host)")]
         return tuple(terms)
     if phase in ("load", "eval"):
         if phase == "load":  # no optimizer state yet

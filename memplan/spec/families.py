@@ -66,6 +66,12 @@ class Family:
     # weight, sigmoid scores, the chosen ones gathered and renormalised)
     router: str = "softmax"
     rope_complex: bool = False  # DeepSeek-V2's apply_rotary_emb: complex freqs_cis, outputs `type_as` the input
+    # saving a full / freeze checkpoint (save_pretrained) reverts transformers 5's fused MoE expert parameters to
+    # the checkpoint's per-expert layout first, for the whole state dict at once (modeling_utils.py l.3539-3540
+    # revert_weight_conversion): Concatenate(dim=1)'s reverse is Chunk(dim=1), whose `chunk.contiguous()`
+    # (core_model_loading.py l.134, l.228-229) copies each layer's gate_up_proj (conversion_mapping.py l.1359-1371
+    # mixtral, l.1386-1394 qwen2_moe, which qwen3_moe / deepseek_v2 / deepseek_v3 / qwen3_5_moe_text use, l.26-38)
+    save_copies_gate_up: bool = False
 
     @property
     def norm_tensors(self) -> int:
@@ -106,8 +112,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # with a full and a sliding mask per forward (l.527); no softcapping by default
     Family(model_type="gemma3_text", architectures=("Gemma3ForCausalLM",), sandwich_norms=True, qk_norm=True,
            tied_default=True, act="gelu", mask_types=2, window_pattern=6),
-    Family(model_type="mixtral", moe=True),
-    Family(model_type="qwen3_moe", moe=True, qk_norm=True, intermediate_key="moe_intermediate_size",
+    Family(model_type="mixtral", moe=True, save_copies_gate_up=True),
+    Family(model_type="qwen3_moe", moe=True, save_copies_gate_up=True, qk_norm=True,
+           intermediate_key="moe_intermediate_size",
            sliding_window_flag="use_sliding_window"),
     # GlmAttention: q/k/v bias=config.attention_bias (GlmConfig default True), o_proj none; GlmMLP.gate_up_proj
     # chunked; apply_rotary_pos_emb rotates partial_rotary_factor of head_dim and concatenates the rest
@@ -137,6 +144,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # w.float())`, softmax fp32, greedy or group-limited top-k, x routed_scaling_factor; no renormalisation), the
     # grouped_mm DeepseekV2Experts (@use_experts_implementation, l.46-83), shared experts
     Family(model_type="deepseek_v2", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
+           save_copies_gate_up=True,
            all_linear_skips=("gate_proj", "up_proj", "down_proj"), shared_experts_key="n_shared_experts",
            router="softmax_fp32", rope_complex=True,
            limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
@@ -149,6 +157,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # buffer), the fused DeepseekV3Experts (l.162-198, @use_experts_implementation: grouped_mm) and a shared
     # DeepseekV3MLP(moe_intermediate_size x n_shared_experts) on the layer's input
     Family(model_type="deepseek_v3", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
+           save_copies_gate_up=True,
            all_linear_skips=("gate_proj", "up_proj", "down_proj"), shared_experts_key="n_shared_experts",
            router="sigmoid",
            limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
@@ -176,7 +185,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # gated shared expert; the vision tower visual.* frozen (LLaMA-Factory _register_composite_model("qwen3_5"))
     Family(model_type="qwen3_5", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
-    Family(model_type="qwen3_5_moe", analytic=False, moe=True, auto_class="AutoModelForImageTextToText",
+    Family(model_type="qwen3_5_moe", analytic=False, moe=True, save_copies_gate_up=True,
+           auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
     Family(model_type="gemma3", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("vision_tower.", "multi_modal_projector."), limits=_VL_LIMITS),

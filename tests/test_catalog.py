@@ -421,8 +421,8 @@ _DEEPSEEK_TRACED = (0, 2, 5, 7, 11, 13)
 @pytest.mark.parametrize("arch,kw", [pytest.param(*DEEPSEEK_CASES[i], marks=[pytest.mark.integration] if n else [])
                                      for n, i in enumerate(_DEEPSEEK_TRACED)])
 def test_deepseek_moe_formula_matches_the_exact_trace(arch, kw):
-    """Measured (b2 x s256, all DEEPSEEK_CASES): -0.000 %, -0.000 %, -0.168 %, +0.006 %, +0.006 %, -0.74 %, -0.028 %, +0.086 %,
-    -0.016 %; DeepSeek-V2 (complex rope, softmax router): -0.041 %, -0.040 %, -0.254 %, -0.000 %, -0.700 %,
+    """Measured (b2 x s256, all DEEPSEEK_CASES): -0.000 %, -0.000 %, -0.168 %, +0.006 %, +0.006 %, -0.74 %,
+    -0.028 %, +0.086 %, -0.016 %; DeepSeek-V2 (complex rope, softmax router): -0.041 %, -0.040 %, -0.254 %, -0.000 %, -0.700 %,
     -0.039 %. Freeze is the worst (a moment inside a trained layer's backward, not walked op by op). The routed
     experts run transformers' grouped_mm: their saved rows are tokens x top-k whatever the routing, so the exact
     trace and the formulas agree without a balance assumption."""
@@ -438,7 +438,8 @@ def test_deepseek_moe_formula_matches_the_exact_trace(arch, kw):
 @pytest.mark.integration
 @pytest.mark.parametrize("arch,kw", [DEEPSEEK_CASES[i] for i in (1, 11)])
 def test_deepseek_moe_formula_matches_the_cpu_truth(arch, kw):
-    """Measured (cases 0, 1, 2, 3, 6, 7, 9, 10, 11, 12; CI runs 1 and 11): -0.000 %, -0.000 %, -0.210 %, +0.006 %, -0.028 %, +0.046 % (V3, real sigmoid routing, random
+    """Measured (cases 0, 1, 2, 3, 6, 7, 9, 10, 11, 12; CI runs 1 and 11): -0.000 %, -0.000 %, -0.210 %,
+    +0.006 %, -0.028 %, +0.046 % (V3, real sigmoid routing, random
     weights); V2: -0.041 %, -0.041 %, -0.295 %, -0.000 %."""
     from memplan.testing.truth import measure_cpu_peak
 

@@ -421,10 +421,10 @@ _DEEPSEEK_TRACED = (0, 2, 5, 7, 11, 13)
 @pytest.mark.parametrize("arch,kw", [pytest.param(*DEEPSEEK_CASES[i], marks=[pytest.mark.integration] if n else [])
                                      for n, i in enumerate(_DEEPSEEK_TRACED)])
 def test_deepseek_moe_formula_matches_the_exact_trace(arch, kw):
-    """Measured (b2 x s256, all DEEPSEEK_CASES): -0.000 %, -0.000 %, -0.168 %, +0.006 %, +0.006 %, -0.74 %,
-    -0.028 %, +0.086 %, -0.016 %; DeepSeek-V2 (complex rope, softmax router): -0.041 %, -0.040 %, -0.254 %,
-    -0.000 %, -0.700 %, -0.039 %. Freeze is the worst (a moment inside a trained layer's backward, not walked op
-    by op). The routed experts run transformers' grouped_mm: their saved rows are tokens x top-k whatever the routing, so the exact
+    """Measured (b2 x s256, all DEEPSEEK_CASES): -0.000 %, -0.000 %, -0.168 %, +0.006 %, +0.006 %, -0.74 %, -0.028 %,
+    +0.086 %, -0.016 %; DeepSeek-V2 (complex rope, softmax router): -0.041 %, -0.040 %, -0.254 %, -0.000 %, -0.700
+    %, -0.039 %. Freeze is the worst (a moment inside a trained layer's backward, not walked op by op). The routed
+    experts run transformers' grouped_mm: their saved rows are tokens x top-k whatever the routing, so the exact
     trace and the formulas agree without a balance assumption."""
     from memplan.trace.exact import exact_estimate
 

@@ -207,6 +207,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
     note = _quant_note(train)
+    if spec.family.limits:  # what the family's formulas leave out (a VL model's image tokens)
+        note += ("; " if note else "") + spec.family.limits
     if head_states_left:
         note += ("; " if note else "") + ("the untied LM head gets no gradient in the reward stage, yet its gradient "
                                           "and optimizer states are counted (an over-estimate)")
@@ -431,6 +433,8 @@ def _rope_bytes(lay: Layout) -> _Rope:
     s, tr = lay.spec, lay.train
     cos_sin = 2 * tr.seq_len * s.rotary_dim * stream_width(lay)
     ids = 8 * tr.seq_len
+    if s.family.mrope:  # Qwen2_5_VLRotaryEmbedding.forward (l.530-540): cos/sin (B, S, D), one per sample
+        cos_sin *= tr.batch_size
     if tr.checkpointing:
         return _Rope(cos_sin + ids, cos_sin + ids)
     qk = {"q_proj", "k_proj", "qkv_proj"}

@@ -103,8 +103,10 @@ def model_states(lay: Layout) -> ModelStates:
     # registers both (`self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)`)
     buffers = 2 * (s.rotary_dim // 2) * 4
     quantized = 0
+    vision = s.vision_params  # a VL tower: frozen, kept in the load dtype (memplan.build.model.build_model)
     if tr.method is Method.FULL:
-        trainable, weights = total, total * lay.trainable_width
+        trainable = total - vision
+        weights = trainable * lay.trainable_width + vision * lay.compute_width  # loaded in the compute dtype
         ac_layer = linear_params
         ac_params = linear_params * s.num_layers + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:

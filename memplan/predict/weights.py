@@ -108,8 +108,11 @@ def model_states(lay: Layout) -> ModelStates:
     router_fp32 = s.moe_layers * s.num_experts * s.hidden_size if s.family.router != "softmax" else 0
     buffers += s.moe_layers * s.num_experts * 4 if s.family.router == "sigmoid" else 0
     quantized = 0
+    vision = s.vision_params  # a VL tower: frozen, kept in the load dtype (memplan.build.model.build_model)
     if tr.method is Method.FULL:
-        trainable, weights = total, total * lay.trainable_width + router_fp32 * (4 - lay.trainable_width)
+        trainable = total - vision
+        weights = trainable * lay.trainable_width + router_fp32 * (4 - lay.trainable_width) + \
+            vision * lay.compute_width  # the tower loaded in the compute dtype
         ac_layer = s.top_linear_params()
         ac_params = s.linear_params_total() + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:

@@ -72,6 +72,10 @@ class Family:
     # (core_model_loading.py l.134, l.228-229) copies each layer's gate_up_proj (conversion_mapping.py l.1359-1371
     # mixtral, l.1386-1394 qwen2_moe, which qwen3_moe / deepseek_v2 / deepseek_v3 / qwen3_5_moe_text use, l.26-38)
     save_copies_gate_up: bool = False
+    vision: str = ""  # the vision tower whose parameters ModelSpec.vision_params counts (frozen, never trained)
+    # position ids (3, B, S) and cos/sin (B, S, rotary_dim) per forward: the multimodal RoPE (Qwen-VL) makes them
+    # per sample, not (1, S, rotary_dim) as LlamaRotaryEmbedding does (predict.estimator._rope_bytes)
+    mrope: bool = False
 
     @property
     def norm_tensors(self) -> int:
@@ -166,8 +170,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
     Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
-    Family(model_type="qwen2_5_vl", analytic=False, auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), limits=_VL_LIMITS),
+    # Qwen2.5-VL on text (modeling_qwen2_5_vl.py): Qwen2_5_VLTextModel is a qwen2 decoder, q/k/v bias (l.625-628);
+    # with no image the position ids are arange(S).view(1, 1, -1).expand(3, B, -1) (l.803-804), one int64 (S)
+    # storage; Qwen2_5_VLRotaryEmbedding (l.530-546) gives cos/sin (B, S, head_dim) in the stream dtype
+    Family(model_type="qwen2_5_vl", auto_class="AutoModelForImageTextToText", qkv_bias=True,
+           sliding_window_flag="use_sliding_window", frozen_modules=("visual.",), vision="qwen2_5_vl", mrope=True,
+           limits=_VL_LIMITS),
     # Qwen2-VL (modeling_qwen2_vl.py): a qwen2 decoder with M-RoPE and the visual.* tower LLaMA-Factory freezes
     # (_register_composite_model("qwen2_vl")); no catalog entry yet (no verified config.json copy found)
     Family(model_type="qwen2_vl", analytic=False, auto_class="AutoModelForImageTextToText",

@@ -279,9 +279,26 @@ class ModelSpec:
             0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
 
     @property
+    def vision_params(self) -> int:
+        """The vision tower and merger of a VL model (0 for a text model), frozen (Family.frozen_modules)."""
+        vc = self.config.get("vision_config")
+        if self.family.vision != "qwen2_5_vl" or not isinstance(vc, dict):
+            return 0
+        # transformers 5.24 models/qwen2_5_vl/modeling_qwen2_5_vl.py; Qwen2_5_VLVisionConfig defaults (l.53-61)
+        h, i, out = vc.get("hidden_size", 3584), vc.get("intermediate_size", 3420), vc.get("out_hidden_size", 3584)
+        c = vc.get("in_channels", vc.get("in_chans", 3))
+        patch = c * vc.get("temporal_patch_size", 2) * vc.get("patch_size", 14) ** 2 * h  # Conv3d, no bias (l.114)
+        # a block (l.342-348): 2 RMSNorm(h) + qkv Linear(h, 3h, bias) + proj Linear(h, h, bias) (l.266-267)
+        # + Qwen2_5_VLMLP(bias=True): gate/up Linear(h, I) + down Linear(I, h), with biases (l.90-92)
+        block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
+        m = h * vc.get("spatial_merge_size", 2) ** 2  # merger (l.185-193): RMSNorm(h), Linear(m, m), Linear(m, out)
+        merger = h + (m * m + m) + (m * out + out)
+        return patch + vc.get("depth", 32) * block + merger
+
+    @property
     def num_parameters(self) -> int:
-        """Exact parameter count from the shapes (buffers such as rotary inv_freq excluded)."""
-        return self.embedding_params + self.layers_params + self.head_params
+        """Exact parameter count from the shapes (buffers such as rotary inv_freq excluded), a VL tower included."""
+        return self.embedding_params + self.layers_params + self.head_params + self.vision_params
 
     # ---- constructors -------------------------------------------------------------------------------------------
     def with_layers(self, layers: int) -> ModelSpec:

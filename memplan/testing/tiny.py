@@ -58,6 +58,12 @@ TINY_CONFIGS: dict[str, dict] = {
     "starcoder2-drop": dict(model_type="starcoder2", **_BASE, hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5,
                             embedding_dropout=0.1, residual_dropout=0.1, attention_dropout=0.1),
     "glm": dict(model_type="glm", **_BASE, head_dim=32, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2),
+    # Qwen2.5-VL on text: a qwen2 decoder with M-RoPE (sections 4/6/6 of head_dim / 2 = 16) and a small frozen
+    # vision tower (2 blocks, h64) whose weights count
+    "qwen2_5_vl": dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], **_BASE,
+                       tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                       vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                          out_hidden_size=256, fullatt_block_indexes=[1])),
 }
 
 # a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)

@@ -70,6 +70,9 @@ class ModelSpec:
     quantization: str = ""  # how a pre-quantized checkpoint (config.json quantization_config) is costed
     # an AWQ / GPTQ / AQLM checkpoint's packed storage (memplan.spec.prequantized): trained as QLoRA over it
     packed: PackedQuant | None = None
+    # the checkpoint's saved dtype (config.json `dtype`, transformers 4's `torch_dtype`): what LLaMA-Factory loads
+    # whatever the YAML's precision (model/loader.py L155 torch_dtype="auto"); None where the config names none
+    checkpoint_dtype: str | None = None
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- family facts ------------------------------------------------------------------------------------------
@@ -439,6 +442,7 @@ class ModelSpec:
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
             final_softcap=cfg.get("final_logit_softcapping") or None,
             remote_code=fam.remote_code,
+            checkpoint_dtype=_checkpoint_dtype(cfg),
             max_positions=cfg.get("max_position_embeddings"),
             q_lora_rank=(cfg.get("q_lora_rank") or 0) if fam.mla else 0,
             kv_lora_rank=cfg["kv_lora_rank"] if fam.mla else 0,
@@ -516,3 +520,13 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return data
+
+
+def _checkpoint_dtype(cfg: dict[str, Any]) -> str | None:
+    """config.json's `dtype` (transformers 5) or `torch_dtype` (4.x), a composite model's text_config's otherwise:
+    "bfloat16", "float16", "float32"; None when absent."""
+    for c in (cfg, cfg.get("text_config") or {}):
+        value = c.get("dtype") or c.get("torch_dtype")
+        if value:
+            return str(value).removeprefix("torch.")
+    return None

@@ -284,9 +284,10 @@ def test_qwen2_5_vl_formula_matches_the_exact_trace(kw):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kw", QWEN25_VL_CASES, ids=lambda kw: f"{kw['method'].value}-ckpt{kw['checkpointing']}")
+@pytest.mark.parametrize("kw", QWEN25_VL_CASES[3:], ids=lambda kw: f"{kw['method'].value}-ckpt{kw['checkpointing']}")
 def test_qwen2_5_vl_formula_matches_the_cpu_truth(kw):
-    """Measured (b2 x s256, bf16): LoRA +0.022 % / -0.039 % (ckpt), full +0.003 % / -0.771 % (ckpt); 30-75 s each."""
+    """Measured (b2 x s256, bf16): LoRA +0.022 % / -0.039 % (ckpt), full +0.003 % / -0.771 % (ckpt); 30-75 s each,
+    so CI measures the worst one (the exact trace, which equals the CPU truth, checks all four above)."""
     from memplan.testing.truth import measure_cpu_peak
 
     spec, train = tiny_spec("qwen2_5_vl"), TrainConfig(batch_size=2, seq_len=256, **kw)

@@ -107,10 +107,12 @@ def test_qwen3_5_4b_is_dense_hybrid_and_tied():
 
 
 @pytest.mark.parametrize("name,fp8", [("deepseek-ai/DeepSeek-V3-0324", True),
-                                      ("deepseek-ai/DeepSeek-V3-0324-BF16", False)])
+                                      ("deepseek-ai/DeepSeek-V3-0324-BF16", False),
+                                      ("opensourcerelease/DeepSeek-V3-bf16", False)])
 def test_deepseek_v3_0324_is_the_v3_entry_under_its_own_name(name, fp8):
     """Its model card: 'The model structure of DeepSeek-V3-0324 is exactly the same as DeepSeek-V3'; a BF16 cast
-    (LLaMA-Factory's ktransformers example) keeps the shapes and drops the FP8 storage."""
+    (LLaMA-Factory's ktransformers examples, at HEAD and in the llama3 tree) keeps the shapes and drops the FP8
+    storage."""
     v3, spec = resolve_model("deepseek-ai/DeepSeek-V3"), resolve_model(name)
     assert find_entry(name).hf_id == "deepseek-ai/DeepSeek-V3" and spec.name == name
     assert {k: v for k, v in spec.config.items() if k != "quantization_config"} == \

@@ -27,6 +27,13 @@ SAME_AS = {
     # LLaMA-Factory examples/ktransformers: "need to convert to BF16 checkpoint first" (DeepSeek-V3's
     # inference/fp8_cast_bf16.py): the same shapes, the FP8 weights cast to BF16
     "deepseek-ai/deepseek-v3-0324-bf16": ("deepseek-ai/DeepSeek-V3", True, _V3_0324_CARD + "; cast to BF16"),
+    # the BF16 cast LLaMA-Factory's KTransformers example names: KTransformers' DeepSeek-V3 docs, "The bf16 model of
+    # DeepSeek-V3 is available [here](https://huggingface.co/opensourcerelease/DeepSeek-V3-bf16)" (file index id
+    # 4170822697), LLaMA-Factory's KT docs: "You must provide a BF16 model ... convert with fp8_cast_bf16.py"
+    # (id 14018070168)
+    "opensourcerelease/deepseek-v3-bf16": ("deepseek-ai/DeepSeek-V3", True,
+                                           "KTransformers' DeepSeek-V3 docs: the BF16 model of DeepSeek-V3 (file "
+                                           "index id 4170822697); DeepSeek-V3's fp8_cast_bf16.py"),
 }
 
 

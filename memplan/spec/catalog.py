@@ -148,6 +148,9 @@ def _from_hub(name: str, trust_remote_code: bool) -> ModelSpec:
         cached = _cached_config(name)
         return ModelSpec.from_config_dict(load_config_file(cached), name=name) if cached else \
             _assumed_prequantized(name)  # type: ignore[return-value]
+    if offline and _cached_config(name) is None:  # nothing to read: said now, without importing transformers
+        # (its import, ~2 s, was most of such a refusal's time)
+        raise UnknownModel(f"{hint} (HF_HUB_OFFLINE is set and the hub cache has no config.json for it)")
     try:
         import transformers  # optional: only for hub ids outside the catalog
     except ImportError:

@@ -50,7 +50,7 @@ def main() -> int:
                    if any(str(p.relative_to(args.examples)).startswith(t) for t in TRAINING))
     skipped = [p for p in found if _not_a_config(p)]
     files = [p for p in found if p not in skipped]
-    rows, counts = [], {"estimated": 0, "warned": 0, "refused": 0, "timeout": 0, "traceback": 0}
+    rows, counts = [], {"estimated": 0, "warned": 0, "refused": 0, "not training": 0, "timeout": 0, "traceback": 0}
     for path in files:
         t0 = time.perf_counter()
         # its own process group: a timeout must also end the exact mode's forked trace child (left running before)
@@ -67,7 +67,7 @@ def main() -> int:
         wall = time.perf_counter() - t0
         err = " ".join(proc.stderr.split())
         kind = "traceback" if "Traceback" in proc.stderr else "estimated" if proc.returncode == 0 else \
-            "timeout" if proc.returncode == 124 else "refused"
+            "timeout" if proc.returncode == 124 else "not training" if "not a training run" in err else "refused"
         counts[kind] += 1
         counts["warned"] += "warning:" in err and proc.returncode == 0
         rows.append(f"| `{path.relative_to(args.examples)}` | {proc.returncode} | {kind} | {wall:.1f} s | "
@@ -80,9 +80,12 @@ def main() -> int:
     args.out.write_text("\n".join([
         f"# LLaMA-Factory example configs ({args.label})", "",
         f"`{command}`, with `HF_HUB_OFFLINE=1`: "
-        f"{n} training YAMLs; {counts['estimated']} estimated ({counts['warned']} of them naming keys not modelled "
-        f"yet), {counts['refused']} refused in one line, {counts['timeout']} over {args.timeout:.0f} s, "
-        f"{counts['traceback']} tracebacks.", "", *([not_counted, ""] if not_counted else []),
+        f"{n} YAMLs in the training folders; {counts['estimated']} estimated ({counts['warned']} of them naming keys "
+        f"not modelled yet), {counts['not training']} recognised as not a training run (an evaluation task: "
+        f"refused in one line, as issue 16 asks), {counts['refused']} refused in one line, {counts['timeout']} over "
+        f"{args.timeout:.0f} s, {counts['traceback']} tracebacks: {counts['estimated']} of "
+        f"{n - counts['not training']} training runs estimated "
+        f"({100 * counts['estimated'] / max(1, n - counts['not training']):.0f} %).", "", *([not_counted, ""] if not_counted else []),
         "| config | exit | outcome | wall | stderr |", "|---|---|---|---|---|", *rows, "", "Notes:", "",
         *(f"- {n}" for n in NOTES), ""]))
     print(f"{n} configs: {counts} -> {args.out}")

@@ -14,6 +14,7 @@ from memplan.cli import main
 from memplan.formats.llamafactory import SFT_TEMPLATE, rejections
 from memplan.spec.parallel import Parallelism, Sharding
 from memplan.spec.train import Method, Precision, TrainConfig
+from memplan.testing.lf_truth import lf_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = Path(__file__).with_name("lf_parser_check.py")
@@ -94,7 +95,7 @@ def _lf_check(paths: list[Path]) -> dict[str, dict]:
     """LLaMA-Factory's get_train_args on each file, in its own virtualenv, from the project root (the shipped
     configs name their DeepSpeed JSON from there, as LLaMA-Factory's examples do)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NPROC_PER_NODE", "NNODES")}
-    run = subprocess.run([LF_PYTHON, str(CHECK), *map(str, paths)], cwd=ROOT, env=env, capture_output=True,
+    run = subprocess.run([lf_python(), str(CHECK), *map(str, paths)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(paths), run.stdout[-2000:] + run.stderr[-4000:]

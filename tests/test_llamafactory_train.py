@@ -13,7 +13,7 @@ from memplan.predict.estimator import estimate
 from memplan.spec.catalog import resolve_model
 from memplan.spec.optimizers import Optimizer
 from memplan.spec.stacks import Stack
-from memplan.testing.lf_truth import measure, sft_yaml
+from memplan.testing.lf_truth import lf_python, measure, sft_yaml
 from memplan.testing.tiny import SMALL_LLAMA
 
 LF_PYTHON = os.environ.get("MEMPLAN_LF_PYTHON")
@@ -28,9 +28,10 @@ CASES = {"lora_bf16_gc": {}, "full_bf16_gc": {"finetuning_type": "full"}}
 def measured(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lf_train")
     (folder / "cfg.json").write_text(json.dumps(SMALL_LLAMA))
-    measure(LF_PYTHON, folder, "fixture", str(folder), str(folder / "cfg.json"), "4", str(CUTOFF))
+    python = lf_python()  # .ci/run: waits for the venv built beside the first tests
+    measure(python, folder, "fixture", str(folder), str(folder / "cfg.json"), "4", str(CUTOFF))
     yamls = {name: sft_yaml(folder, name, CUTOFF, **keys) for name, keys in CASES.items()}
-    measure(LF_PYTHON, folder, "train", *(a for n, y in yamls.items() for a in (str(y), str(folder / f"{n}.json"))))
+    measure(python, folder, "train", *(a for n, y in yamls.items() for a in (str(y), str(folder / f"{n}.json"))))
     return {name: (yamls[name], json.loads((folder / f"{name}.json").read_text())) for name in CASES}
 
 

@@ -54,6 +54,26 @@ def sft_yaml(folder: Path, name: str, cutoff: int, **keys: Any) -> Path:
     return path
 
 
+def lf_python(wait_s: float = 1800.0) -> str | None:
+    """LLaMA-Factory's venv python ($MEMPLAN_LF_PYTHON), None when unset. .ci/run builds the venv beside the first
+    tests and sets $MEMPLAN_LF_READY to the file its build writes its exit status to: wait for it here (the first
+    test that needs the venv), and fail with the build's log when the build failed."""
+    import time
+
+    python, ready = os.environ.get("MEMPLAN_LF_PYTHON"), os.environ.get("MEMPLAN_LF_READY")
+    if python and ready:
+        deadline = time.monotonic() + wait_s
+        while not os.path.exists(ready) or not Path(ready).read_text().strip():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the LLaMA-Factory venv build did not finish within {wait_s:g} s ({ready})")
+            time.sleep(2)
+        if Path(ready).read_text().strip() != "0":
+            log = Path(ready + ".log")
+            raise RuntimeError("the LLaMA-Factory venv build failed:\n" +
+                               (log.read_text()[-4000:] if log.exists() else "(no log)"))
+    return python
+
+
 def measure(lf_python: str, folder: Path, *argv: str, timeout_s: int = 1200) -> None:
     """Run this driver (`fixture ...` or `train ...`) with LLaMA-Factory's python, offline, the hub and datasets
     cache in folder/hf; raises with the driver's last output lines when it fails."""

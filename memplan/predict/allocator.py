@@ -103,9 +103,9 @@ class Allocator:
             return self._handles
         size = round_size(nbytes, self.config.roundup_power2_divisions)
         small = size <= SMALL_SIZE  # [1.14] L1453 get_pool
-        alloc_size = allocation_size(size)
         block = self._get_free_block(small, stream, size)
         if block is None:  # [1.14] L782-789: cudaMalloc; else free oversize cached blocks, retry; else free all
+            alloc_size = allocation_size(size)
             block = self._alloc_block(small, stream, size, alloc_size)
             if block is None and self._release_available_cached_blocks(small, stream, size):
                 block = self._alloc_block(small, stream, size, alloc_size)

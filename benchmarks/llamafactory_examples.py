@@ -25,20 +25,17 @@ TRAINING = ("train_full", "train_lora", "train_qlora", "extras", "ascend", "ktra
 # Why the hub models the examples name stay refused (no config.json on disk, no honest way to establish one), and
 # what else a reader of a row should know; written under the table
 NOTES = (
-    "`Qwen/Qwen3.5-4B`: no copy of its config.json on disk; transformers 5.24's configuration_qwen3_5.py documents "
-    "Qwen/Qwen3.5-27B's defaults, not the 4B's: refused.",
-    "`Qwen/Qwen2-VL-7B-Instruct`: configuration_qwen2_vl.py names this checkpoint, but says its defaults give a "
-    "*similar* configuration, and no config.json copy is on disk: refused (a local config.json estimates it, "
-    "exact mode).",
-    "`deepseek-ai/DeepSeek-V3-0324-BF16`: a community BF16 conversion of DeepSeek-V3-0324; the catalog's DeepSeek-V3 "
-    "config.json is the original release's, and nothing on disk documents that the 0324 checkpoint's is the same: "
-    "refused.",
-    "`OpenMOSS-Team/MOSS-VL-Instruct-0708`: a remote-code model transformers 5.24 does not ship: refused.",
+    "`Qwen/Qwen3.5-4B`, `Qwen/Qwen2-VL-7B-Instruct`: in the catalog from public config copies with their parameter "
+    "counts checked (the catalog files' `_source`); `deepseek-ai/DeepSeek-V3-0324(-BF16)`: the V3 entry under its own "
+    "name (its model card: the structure is exactly DeepSeek-V3's; -BF16 without the FP8 storage).",
+    "`OpenMOSS-Team/MOSS-VL-Instruct-0708`: a remote-code model transformers 5.24 does not ship, and no copy of its "
+    "config.json was found: refused.",
     "`/path/to/...`, `models/llama3-8b-pro`: placeholders or outputs of another LLaMA-Factory step (llama_pro's "
     "expanded checkpoint): refused as unknown models.",
     "Pre-quantized AWQ / GPTQ / AQLM repositories: their quantization_config is assumed from the name and the "
     "library's defaults (one warning line, memplan.spec.prequantized), their dimensions are the catalog base's.",
-    "`use_kt: true` (KTransformers: experts on the CPU) is named in the not-modelled warning.",
+    "`use_kt: true` (KTransformers: experts on the CPU) and Megatron-Core's parallel sizes (`megatron/*`) are named "
+    "in the not-modelled warning.",
 )
 
 

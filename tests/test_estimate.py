@@ -83,11 +83,18 @@ def test_bad_inputs():
 def test_every_catalog_model_has_consistent_terms(entry):
     spec = resolve_model(entry.hf_id)
     n, rotary = spec.num_parameters, 2 * (spec.rotary_dim // 2) * 4
+    # a VL tower stays frozen in the load dtype; DeepSeek's routers keep an fp32 weight (_keep_in_fp32_modules_strict)
+    # and V3's an fp32 e_score_correction_bias buffer per MoE layer
+    vision = spec.vision_params
+    router = spec.moe_layers * spec.num_experts * spec.hidden_size if spec.family.router != "softmax" else 0
+    rotary += spec.moe_layers * spec.num_experts * 4 if spec.family.router == "sigmoid" else 0
+    trained = n - vision
     # full bf16 AMP with AdamW: fp32 master weights, gradients, two states and the foreach step copy coexist
     full = estimate(spec, TrainConfig(method=Method.FULL))
-    assert full.trainable_params == n
-    assert full.term("weights") == 4 * n + rotary and full.term("optimizer_states") == 2 * 4 * n
-    assert full.peak_allocated_bytes >= 20 * n + rotary
+    assert full.trainable_params == trained
+    assert full.term("weights") == 4 * trained + 2 * vision + rotary
+    assert full.term("optimizer_states") == 2 * 4 * trained
+    assert full.peak_allocated_bytes >= 20 * trained + rotary
     # LoRA (the default, all-linear; attention only for MoE, where peft also wraps the experts): r x (in + out)
     # per adapted linear in every layer, over bf16 base weights
     linears = spec.attention_linears() + (() if spec.is_moe else spec.mlp_linears())
@@ -95,7 +102,7 @@ def test_every_catalog_model_has_consistent_terms(entry):
     lora = estimate(spec, train)
     adapters = spec.num_layers * train.lora_rank * sum(lin.in_features + lin.out_features for lin in linears)
     assert lora.trainable_params == adapters
-    assert lora.term("weights") == 2 * n + 4 * adapters + rotary
+    assert lora.term("weights") == 2 * n + 4 * adapters + rotary + 2 * router
     assert lora.term("optimizer_states") == 2 * 4 * adapters
     assert lora.peak_allocated_bytes >= lora.term("weights") + lora.term("optimizer_states")
     for bd in (full, lora):

@@ -205,12 +205,13 @@ def test_torchtune_wraps_the_same_units_with_flat_parameters_only(method):
     assert orig == {Stack.HF: {True}, Stack.TORCHTUNE: {False}}
 
 
-@pytest.mark.parametrize("method", [Method.LORA, Method.FULL])
+@pytest.mark.parametrize("method", [Method.LORA])
 @pytest.mark.integration
 def test_torchtune_fsdp1_units_on_two_real_gloo_ranks(tmp_path, monkeypatch, method):
     """Two torchrun ranks (gloo): torchtune's wrapping (its policy, use_orig_params=False) peaks where HF Trainer's
     does on the same tiny model (measured: LoRA 30,900,276 B per rank for both; full 40,411,088 B for HF,
-    40,411,036 or 40,411,088 B for torchtune in two runs), and the analytic FSDP1 estimate is within 1e-4 of it."""
+    40,411,036 or 40,411,088 B for torchtune in two runs), and the analytic FSDP1 estimate is within 1e-4 of it.
+    CI runs LoRA (mixed frozen and trained units); the fake-process-group test above checks both methods' units."""
     from memplan.probe.launch import ProbeOptions, probe
     from memplan.spec.stacks import Stack
 

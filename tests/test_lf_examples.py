@@ -235,6 +235,19 @@ def test_use_kt_is_named_not_ignored():
     assert not config_from_llamafactory(BASE).not_modelled
 
 
+def test_megatron_parallelism_is_named_not_ignored():
+    """examples/megatron/*: tensor / pipeline parallel sizes split the model over GPUs under Megatron-Core; the
+    estimate (one data-parallel GPU) names them instead of answering as if they were not there."""
+    from memplan.formats.llamafactory import config_from_llamafactory
+
+    lf = config_from_llamafactory({**BASE, "tensor_model_parallel_size": 4, "pipeline_model_parallel_size": 2,
+                                   "sequence_parallel": True})
+    named = {w.split("=")[0] for w in lf.not_modelled}
+    assert named == {"tensor_model_parallel_size", "pipeline_model_parallel_size"}
+    assert all("Megatron-Core" in w for w in lf.not_modelled)
+    assert not config_from_llamafactory({**BASE, "tensor_model_parallel_size": 1}).not_modelled
+
+
 def test_offline_a_cached_config_json_wins_over_the_assumption(tmp_path, monkeypatch, recwarn):
     """HF_HUB_OFFLINE: a pre-quantized repository is read from the hub cache's config.json when there is one (no
     transformers import), else assumed."""

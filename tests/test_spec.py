@@ -94,3 +94,12 @@ def test_a_cached_hub_repo_never_runs_its_code_unasked(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120, check=False)
     assert not marker.exists()
     assert proc.returncode == 2 and "--trust-remote-code" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_checkpoint_dtype_read_from_config_json() -> None:
+    from memplan.spec.model import ModelSpec
+    from memplan.testing.tiny import SMALL_LLAMA
+
+    assert ModelSpec.from_config_dict({**SMALL_LLAMA, "torch_dtype": "bfloat16"}).checkpoint_dtype == "bfloat16"
+    assert ModelSpec.from_config_dict({**SMALL_LLAMA, "dtype": "float16"}).checkpoint_dtype == "float16"
+    assert ModelSpec.from_config_dict(dict(SMALL_LLAMA)).checkpoint_dtype is None

@@ -7,6 +7,7 @@ import pytest
 
 from memplan.cli import main
 from memplan.errors import UnsupportedModel
+from memplan.predict.estimator import estimate
 from memplan.spec.catalog import resolve_model
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
 from memplan.testing.tiny import tiny_spec
@@ -33,6 +34,9 @@ def test_exact_equals_cpu_truth(arch, kw):
     exact = exact_estimate(tiny_spec(arch), cfg, device="cpu").peak_allocated_bytes
     truth = measure_cpu_peak(tiny_spec(arch), cfg).peak_bytes
     assert abs(exact / truth - 1) <= 0.005, (exact, truth)
+    # the analytic estimate against the same real step (benchmarks/accuracy.py has the full table)
+    analytic = estimate(tiny_spec(arch), cfg, device="cpu").peak_allocated_bytes
+    assert abs(analytic / truth - 1) <= 0.01, (analytic, truth)
 
 
 def test_depth_extrapolation_matches_a_deep_model():

@@ -71,7 +71,14 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,),
     "shift_attn": (False,),
     "resize_vocab": (False,), "predict_with_generate": (False,), "use_kt": (False,),
+    # Megatron-Core runs (hparams/megatron_bridge_args.py l.32-48, finetuning_args.py l.476 use_mca)
+    "use_mca": (False,), "tensor_model_parallel_size": (1,), "pipeline_model_parallel_size": (1,),
+    "expert_model_parallel_size": (1,), "context_parallel_size": (1,),
 }
+_MEGATRON = ("Megatron-Core parallelism (LLaMA-Factory's mcore path, hparams/megatron_bridge_args.py) splits each "
+             "layer's weights and activations over the tensor-parallel ranks, the layers over pipeline stages, the "
+             "experts and the sequence over their groups: not modelled, the estimate is one data-parallel GPU "
+             "holding the whole model under the HF Trainer")
 # Why each of these keys (the ones this table's values leave out) is not modelled, in the warning line and README.
 # A key without an entry reads "not modelled yet".
 WHY_NOT: dict[str, str] = {
@@ -103,6 +110,8 @@ WHY_NOT: dict[str, str] = {
     "use_kt": "KTransformers' AMX MoE backend (hparams/model_args.py L469-472, kt_config): the routed experts' "
               "weights and compute run on the CPU, so the GPU holds far less than the estimate, which keeps every "
               "expert on the GPU",
+    **{key: _MEGATRON for key in ("use_mca", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                  "expert_model_parallel_size", "context_parallel_size")},
     "ref_model": "a separate reference model (its weights beside the policy) is not modelled: the policy's own "
                  "weights serve as the reference",
 }
@@ -644,12 +653,12 @@ def allowed(spec: ModelSpec, base: dict[str, Any] | None) -> Callable[[TrainConf
 
 def _hub_id(spec: ModelSpec) -> str:
     """The hub id a catalog model is downloaded by (memplan's short names mean nothing to LLaMA-Factory)."""
-    from memplan.spec.catalog import find_entry
+    from memplan.spec.catalog import SAME_AS, find_entry
 
     if spec.config.get("_name_or_path"):
         return str(spec.config["_name_or_path"])
-    entry = find_entry(spec.name)
-    return entry.hf_id if entry is not None else spec.name
+    entry = find_entry(spec.name)  # a checkpoint sharing an entry's config (SAME_AS) keeps its own hub id
+    return entry.hf_id if entry is not None and spec.name.lower() not in SAME_AS else spec.name
 
 
 def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] | None = None, *,

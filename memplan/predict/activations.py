@@ -30,6 +30,7 @@ class _Ctx:
     stream: int  # width of the residual stream (the rotary cos/sin follow it)
     autocast: bool = True  # False where the op has no autocast rule (MoE grouped matmuls): stream dtype
     windowed: bool = True  # this layer attends within the sliding window (Gemma3: all but every 6th layer)
+    moe: bool = True  # an MoE model's layer has the sparse MLP (False: DeepSeek's leading dense layers)
 
     @property
     def amp(self) -> bool:
@@ -260,7 +261,9 @@ def mla_attention(cx: _Ctx, h: T) -> T:
         q = linear(cx, h, "q_proj", h_in, nh * qk)
     ckv = linear(cx, h, "kv_a_proj_with_mqa", h_in, s.kv_lora_rank + rope)
     latent = rms_norm(cx, ckv.view(n * s.kv_lora_rank), s.kv_lora_rank)
-    rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype
+    # V3: cos/sin carry the stream dtype (q * cos promotes); V2: apply_rotary_emb casts back `type_as(xq)` and its
+    # complex product saves only the shared freqs_cis (estimator._rope_bytes)
+    rope_width = q.width if s.family.rope_complex else max(cx.stream, q.width)
     q = T(n * nh * qk, rope_width, q.rg)  # cat(q_pass, rotated q_rot): promoted to the rotated part's dtype
     kvb = linear(cx, latent, "kv_b_proj", s.kv_lora_rank, nh * (nope + vd))
     k = T(n * nh * qk, kvb.width, kvb.rg or ckv.rg)  # new_empty + copy_ of k_nope and the expanded k_rot
@@ -322,43 +325,55 @@ def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
 
 def mlp(cx: _Ctx, h: T) -> T:
     s = cx.lay.spec
-    n, hid = cx.tokens, s.hidden_size
-    if s.is_moe:  # balanced routing: each token visits `experts_per_token` experts of width moe_intermediate
-        return _moe(cx, h)
+    hid = s.hidden_size
+    if s.is_moe and cx.moe:  # each token visits `experts_per_token` experts of width moe_intermediate
+        routed = _moe(cx, h)
+        if not s.shared_intermediate:
+            return routed
+        # DeepseekV3MoE.forward (modeling_deepseek_v3.py l.215-222): `hidden_states + self.shared_experts(residuals)`
+        shared = _gated_mlp(cx, h, s.shared_intermediate, "shared_experts.")
+        return T(routed.numel, max(routed.width, shared.width), True)
     inter = s.intermediate_size
     if not s.family.gated_mlp:  # Starcoder2MLP: c_fc, the activation (saves its input), c_proj
         up_name, down_name = (lin.name for lin in s.mlp_linears())
         act = cx.tape.saving_input(linear(cx, h, up_name, hid, inter))
         cx.tape.mark_here()  # the activation's backward: c_proj's saved input is freed by then
         return linear(cx, act, down_name, inter, hid)
+    return _gated_mlp(cx, h, inter)
+
+
+def _gated_mlp(cx: _Ctx, h: T, inter: int, prefix: str = "") -> T:
+    """down(act(gate(x)) * up(x)) (LlamaMLP, DeepseekV3MLP l.115-117); `prefix` names DeepSeek's shared experts."""
+    s = cx.lay.spec
+    n, hid = cx.tokens, s.hidden_size
     if cx.liger:  # LigerSiLUMulFunction / GEGLU (predict/kernels.py): saves gate and up, recomputes the act
-        gate, up = _gate_up(cx, h)
+        gate, up = _gate_up(cx, h, inter, prefix)
         if gate.rg or up.rg:
             cx.tape.save(gate, up)
         cx.tape.mark_here()
-        return linear(cx, T(n * inter, max(gate.width, up.width), gate.rg or up.rg), "down_proj", inter, hid)
+        return linear(cx, T(n * inter, max(gate.width, up.width), gate.rg or up.rg), prefix + "down_proj", inter,
+                      hid)
     if s.fused_gate_up:
-        gate, up = _gate_up(cx, h)
+        gate, up = _gate_up(cx, h, inter, prefix)
         act = cx.tape.saving_input(gate)  # silu / gelu_tanh
     else:  # `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: the gate's output goes once the activation ran
-        act = cx.tape.saving_input(linear(cx, h, "gate_proj", hid, inter))
-        up = linear(cx, h, "up_proj", hid, inter)
+        act = cx.tape.saving_input(linear(cx, h, prefix + "gate_proj", hid, inter))
+        up = linear(cx, h, prefix + "up_proj", hid, inter)
     prod = cx.tape.mul(act, up)
     del act, up
     # backward reaches act * up's node (its three (B, S, I) gradients: layer_backward_buffers) after the down
     # projection's node (and any later one) ran and released what only they saved (`layer_saved(at_mlp=True)`)
     cx.tape.mark_here()
-    return linear(cx, prod, "down_proj", inter, hid)
+    return linear(cx, prod, prefix + "down_proj", inter, hid)
 
 
-def _gate_up(cx: _Ctx, h: T) -> tuple[T, T]:
+def _gate_up(cx: _Ctx, h: T, inter: int, prefix: str = "") -> tuple[T, T]:
     """The MLP's gate and up projections (two views of one output when fused)."""
-    s = cx.lay.spec
-    n, hid, inter = cx.tokens, s.hidden_size, s.intermediate_size
-    if s.fused_gate_up:
+    n, hid = cx.tokens, cx.lay.spec.hidden_size
+    if cx.lay.spec.fused_gate_up:
         gu = linear(cx, h, "gate_up_proj", hid, 2 * inter)
         return gu.view(n * inter), gu.view(n * inter)
-    return linear(cx, h, "gate_proj", hid, inter), linear(cx, h, "up_proj", hid, inter)
+    return linear(cx, h, prefix + "gate_proj", hid, inter), linear(cx, h, prefix + "up_proj", hid, inter)
 
 
 def _moe(cx: _Ctx, h: T) -> T:
@@ -370,12 +385,17 @@ def _moe(cx: _Ctx, h: T) -> T:
     n, k = cx.tokens, s.experts_per_token
     wrapped = lay.train.is_lora and ALL_LINEAR in lay.train.lora_targets
     router_trains = cx.trains or wrapped
-    hin = tp.cast(h, 2) if lay.amp else h
-    logits = tp.linear(hin, s.hidden_size, s.num_experts, w_trains=router_trains, width=cx.c)
-    if wrapped:
-        tp.save(T(n * lay.train.lora_rank, cx.c, True))  # router LoRA: A's output
-    probs = tp.saving_output(tp.cast(logits, FP32), width=FP32)  # softmax(router_logits.float())
-    weights = T(n * k, FP32, probs.rg)  # top-k probabilities, renormalised
+    if s.family.router == "sigmoid":
+        weights = _sigmoid_router(cx, h, router_trains, wrapped)
+    elif s.family.router == "softmax_fp32":
+        weights = _softmax_fp32_router(cx, h, router_trains, wrapped)
+    else:
+        hin = tp.cast(h, 2) if lay.amp else h
+        logits = tp.linear(hin, s.hidden_size, s.num_experts, w_trains=router_trains, width=cx.c)
+        if wrapped:
+            tp.save(T(n * lay.train.lora_rank, cx.c, True))  # router LoRA: A's output
+        probs = tp.saving_output(tp.cast(logits, FP32), width=FP32)  # softmax(router_logits.float())
+        weights = T(n * k, FP32, probs.rg)  # top-k probabilities, renormalised
     routed = T(n * k * s.hidden_size, h.width, h.rg)  # hidden_states[token_idx], all experts together
     # the experts' grouped matmul has no autocast rule: transformers casts its input to the expert weights' dtype
     # (`input.to(weight.dtype)`): the stream's, except in freeze's trained layers under AMP (fp32 weights)
@@ -391,6 +411,46 @@ def _moe(cx: _Ctx, h: T) -> T:
     if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype
         tp.save(T(s.num_experts * 3 * inter * s.hidden_size, cx.c, False))
     return T(n * s.hidden_size, h.width, True)  # `.to(hidden_states.dtype)` at the end
+
+
+def _sigmoid_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
+    """DeepseekV3TopkRouter.forward (modeling_deepseek_v3.py l.133-158): `F.linear(h.type(float32),
+    weight.type(float32))` on the fp32 weight (autocast then casts both to half), sigmoid (saves its result), the
+    grouped top-k on the scores + e_score_correction_bias without grad, `scores.gather(1, topk_indices)` (saves the
+    int64 index), renormalised in place by their sum (div_ saves the denominator) and scaled."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, k = cx.tokens, s.experts_per_token
+    hin = tp.cast(h, FP32)
+    hin = tp.cast(hin, 2) if lay.amp else hin
+    logits = tp.linear(hin, s.hidden_size, s.num_experts, w_trains=trains, width=cx.c if lay.amp else FP32)
+    if wrapped:
+        tp.save(T(n * lay.train.lora_rank, logits.width, True))  # router LoRA: A's output
+    scores = tp.saving_output(logits)
+    if scores.rg:
+        tp.save(T(n * k, 8, False))  # gather's index
+        if s.config.get("norm_topk_prob", True):
+            tp.save(T(n, scores.width, False))  # the denominator (n, 1)
+    return T(n * k, scores.width, scores.rg)
+
+
+def _softmax_fp32_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
+    """DeepseekV2TopkRouter.forward (modeling_deepseek_v2.py l.98-117): the fp32 weight's `F.linear(h.float(),
+    w.float())` (autocast casts both to half), `softmax(dim=-1, dtype=float32)` (saves its fp32 result), top-k
+    (saves its int64 indices; group_limited_greedy first masks the scores: masked_fill saves the bool mask), then
+    x routed_scaling_factor (no renormalisation)."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, k = cx.tokens, s.experts_per_token
+    hin = tp.cast(h, FP32)
+    hin = tp.cast(hin, 2) if lay.amp else hin
+    logits = tp.linear(hin, s.hidden_size, s.num_experts, w_trains=trains, width=cx.c if lay.amp else FP32)
+    if wrapped:
+        tp.save(T(n * lay.train.lora_rank, logits.width, True))  # router LoRA: A's output
+    probs = tp.saving_output(tp.cast(logits, FP32), width=FP32)
+    if probs.rg:
+        if s.config.get("topk_method") == "group_limited_greedy":
+            tp.save(T(n * s.num_experts, 1, False))  # masked_fill's mask
+        tp.save(T(n * k, 8, False))  # topk's indices
+    return T(n * k, FP32, probs.rg)
 
 
 def decoder_layer(cx: _Ctx, x: T) -> T:
@@ -417,16 +477,17 @@ def stream_width(lay: Layout) -> int:
 
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
-                at_mlp: bool = False, held: bool = False) -> int:
+                at_mlp: bool = False, held: bool = False, layer: int | None = None) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
     a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
     storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
     reaches the MLP's `act * up` (autograd frees a node's saved tensors once it ran, torch/csrc/autograd/
     engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
-    holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward."""
-    def saved(windowed: bool) -> int:
+    holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward.
+    layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace); None: the mean over all."""
+    def saved(windowed: bool, moe: bool = True) -> int:
         tape = Tape()
-        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed)
+        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
         if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward
@@ -436,11 +497,27 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
         return tape.nbytes_before_mark + tape.held_after_mark if at_mlp else tape.nbytes
 
     w, n = lay.spec.windowed_layers, lay.spec.num_layers
+    if lay.spec.dense_layers and layer is not None:
+        return saved(True, moe=layer >= lay.spec.dense_layers)
+    if lay.spec.dense_layers:
+        # DeepSeek's leading dense layers and the MoE ones: their mean, so that num_layers x this is the sum (a
+        # moment inside one layer's backward takes that layer's own: `layer_kind_saved`)
+        d = lay.spec.dense_layers
+        return (d * saved(True, moe=False) + (n - d) * saved(True)) // n
     if w is None or w == n or not sdpa_masked(lay):
         return saved(True)
     # layers with and without the window differ (sdpa's explicit mask, repeat_kv copies): their mean, so that the
     # estimator's num_layers x this is the sum over the layer types
     return (w * saved(True) + (n - w) * saved(False)) // n
+
+
+def layers_saved(lay: Layout, ids: list[int] | range, **kw: object) -> int:
+    """The sum of layer_saved over these decoder layers (one program per layer kind)."""
+    if not lay.spec.dense_layers:
+        return len(ids) * layer_saved(lay, **kw)  # type: ignore[arg-type]
+    dense = sum(i < lay.spec.dense_layers for i in ids)
+    return (dense * layer_saved(lay, layer=0, **kw) if dense else 0) + \
+        ((len(ids) - dense) * layer_saved(lay, layer=lay.spec.num_layers - 1, **kw) if len(ids) > dense else 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict import adapters
-from memplan.predict.activations import head_saved, layer_saved, sdpa_masked, stream_width
+from memplan.predict.activations import head_saved, layer_saved, layers_saved, sdpa_masked, stream_width
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads, with_cuda_terms
@@ -196,17 +196,17 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     if holds and "eval" in run:  # evaluation runs after the optimizer step, the previous output still bound
         run["eval"] += previous
     phases = (("load", run["load"]), ("step", max(moments.values()))) + \
-        ((("eval", run["eval"]),) if "eval" in run else ())
+        ((("eval", run["eval"]),) if "eval" in run else ()) + (("save", run["save"]),)
     moments.update(run)
     moment = max(moments, key=moments.__getitem__)
     peak = moments[moment]
     phase = moment.split()[0]  # "backward end" is a backward moment
-    ac = st.autocast_cache_bytes if phase in ("forward", "eval") else 0 if phase == "load" else ac_backward
+    ac = st.autocast_cache_bytes if phase in ("forward", "eval") else 0 if phase in ("load", "save") else ac_backward
     terms = _terms(lay, st, acts, ac, phase, peak, rs, previous=moment == "forward previous")
     reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
-    note = _quant_note(train)
+    note = "; ".join(n for n in (_quant_note(train), spec.family.limits, spec.quantization) if n)
     if head_states_left:
         note += ("; " if note else "") + ("the untied LM head gets no gradient in the reward stage, yet its gradient "
                                           "and optimizer states are counted (an over-estimate)")
@@ -378,7 +378,8 @@ def _rm(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
 
 
 def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, int]:
-    """The run's other moments (issue 17, whole-run peak): model load, and evaluation during training.
+    """The run's other moments (issue 17, whole-run peak): model load, checkpoint saves (_save_copies), and
+    evaluation during training.
 
     load: the weights, plus the largest converted tensor's half copy in flight (transformers 5
       from_pretrained fills meta parameters tensor by tensor; bitsandbytes quantizes each half weight on its way in;
@@ -406,13 +407,38 @@ def _run_phases(lay: Layout, st: ModelStates, base: int, ac: int) -> dict[str, i
         else:
             converted = 0  # loaded straight into its dtype (LoRA adapters are created, not converted)
         load = st.weights_bytes + max(2 * converted, adapters.pissa_load_bytes(lay))  # PiSSA's SVD at init
-    out = {"load": load}
+    out = {"load": load, "save": base + _save_copies(lay)}
     if tr.eval_batch_size:
         head = head_saved(lay, batch=tr.eval_batch_size, seq=tr.seq_len)
         hidden = tr.eval_batch_size * tr.seq_len * s.hidden_size * stream_width(lay)  # the last hidden states
         out["eval"] = base + ac + hidden + head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + \
             head.softcap_bytes
     return out
+
+
+def _save_copies(lay: Layout) -> int:
+    """Device bytes a checkpoint save adds to the model states (the `save` phase; issue 17, whole-run peak).
+
+    HF Trainer._save_checkpoint (transformers 5.24 trainer.py l.3363) runs after an optimizer step and zero_grad:
+    save_model, then the optimizer's and scheduler's state dicts and the RNG states, which torch.save writes storage
+    by storage through host copies; safetensors' save_file moves each tensor to the host too. What stays on the
+    device is what save_pretrained makes there before that: it reverts transformers' weight conversions of the
+    whole state dict at once (modeling_utils.py l.3541), and for a MoE whose fused gate_up_proj came from per-expert
+    gate/up weights that is a contiguous copy of every gate_up_proj (Family.save_copies_gate_up). A peft model
+    saves its adapters only (no conversion). Under FSDP the full state dict is gathered unit by unit to the host
+    (trainer.py l.4105-4108, accelerate get_state_dict offload_to_cpu) and under DeepSpeed cloned or consolidated
+    to the host (l.4109-4121): the conversion runs on host copies there, the device holds at most one gathered
+    unit, which the step's gathered parameters already count. Measured on CPU with a real Trainer (tests/
+    test_phases.py): the model states plus the RNG state, plus these copies for a MoE."""
+    s, tr = lay.spec, lay.train
+    if not s.family.save_copies_gate_up or tr.method not in (Method.FULL, Method.FREEZE) or \
+            tr.sharding is not Sharding.NONE:
+        return 0
+    gate_up = s.num_experts * 2 * s.moe_intermediate_size * s.hidden_size  # one MoE layer's fused parameter
+    moe_layers = range(s.dense_prefix, s.num_layers)
+    trained = set(lay.trained_ids) if tr.method is Method.FREEZE else set(moe_layers)
+    # each copy in its parameter's dtype: trained ones at the trainable width, frozen ones at the base width
+    return sum(gate_up * (lay.trainable_width if i in trained else lay.base_width) for i in moe_layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +456,11 @@ def _rope_bytes(lay: Layout) -> _Rope:
     frame's recompute_fn closes over args and kwargs; the reentrant one save_for_backward()s the tensor inputs)."""
     s, tr = lay.spec, lay.train
     cos_sin = 2 * tr.seq_len * s.rotary_dim * stream_width(lay)
+    if s.family.rope_complex:  # DeepSeek-V2: one complex64 freqs_cis (1, S, rope / 2) in place of cos and sin
+        cos_sin = tr.seq_len * (s.rotary_dim // 2) * 8
     ids = 8 * tr.seq_len
+    if s.family.mrope:  # Qwen2_5_VLRotaryEmbedding.forward (l.530-540): cos/sin (B, S, D), one per sample
+        cos_sin *= tr.batch_size
     if tr.checkpointing:
         return _Rope(cos_sin + ids, cos_sin + ids)
     qk = {"q_proj", "k_proj", "qkv_proj"}
@@ -446,7 +476,7 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     b, s = tr.batch_size, tr.seq_len
     full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
     if tr.method is Method.FREEZE:
-        return _freeze_activations(lay, full_layer)
+        return _freeze_activations(lay)
     if tr.checkpointing:
         # a checkpointed layer keeps its input hidden states (the rest is recomputed in backward). Only while
         # its graph lives: torch/utils/checkpoint.py's non-reentrant frame is held by the saved-tensor hooks of
@@ -485,7 +515,7 @@ def _embedding_dropout_bytes(lay: Layout) -> int:
     return noise + (0 if lay.full else hidden * stream_width(lay))
 
 
-def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int, int]:
+def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
     """Freeze tuning (any trained layer set: the last N, the first N, LLaMA Pro's stride). Layers below the lowest
     trained one save nothing (their input needs no grad); the lowest sees an input without grad; every layer
     above it is on the backward path: a trained one saves its tape (or, checkpointed, its input), a frozen one
@@ -499,22 +529,27 @@ def _freeze_activations(lay: Layout, trained_layer: int) -> tuple[int, int, int,
     if not ids:
         return 0, 0, 0, 0
     lo = ids[0]
-    frozen_above = L - lo - len(ids)
-    frozen = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=True)
+    above = [i for i in range(lo + 1, L) if i not in ids]  # frozen layers on the backward path
+    frozen_above = len(above)
+    frozen = layers_saved(lay, above, batch=b, seq=s, trains=False, x_rg=True)
+    top_id = ids[-1]  # the highest trained layer: its kind (DeepSeek: dense or MoE) sets the recomputed moment
     lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
     if tr.checkpointing:
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
-        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True)
-        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True)
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True,
+                                 layer=top_id)
+        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, layer=top_id)
         # transformers' activation_checkpointing_enable turns input grads on (enable_input_require_grads): the
         # frozen layers below the lowest trained one are then on the backward path too, each keeping its input
         below = 0 if lf else lo * kept
-        return len(ids) * kept + frozen_above * (frozen if lf else kept) + below, recomputed, end, 0
-    first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False)
-    top_trains = ids[-1] == L - 1
-    top = trained_layer if top_trains else frozen
-    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True)
-    return first + (len(ids) - 1) * trained_layer + frozen_above * frozen, trained_layer, trained_layer, released
+        return len(ids) * kept + (frozen if lf else frozen_above * kept) + below, recomputed, end, 0
+    first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False, layer=lo)
+    trained = layers_saved(lay, ids[1:], batch=b, seq=s, trains=True, x_rg=True)
+    top_trains = top_id == L - 1
+    top = layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, layer=L - 1)
+    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True, layer=L - 1)
+    own_top = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, layer=top_id)
+    return first + trained + frozen, own_top, own_top, released
 
 
 def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
@@ -570,6 +605,13 @@ def _layer_backward_buffers(lay: Layout, n: int) -> int:
     # gated: act * up's backward (the product's, the activation's and up's gradients); one projection (StarCoder2):
     # the activation's backward (its output's and input's gradients)
     grads = (3 if s.family.gated_mlp else 2) * n * inter * lay.compute_width
+    if s.shared_intermediate:
+        # DeepSeek's top (MoE) layer: the routed experts' grouped matmuls run in the expert weights' dtype
+        # (activations._moe: fp32 where they train under AMP), the shared experts' product under autocast
+        trains = not lay.train.is_lora and (lay.full or lay.train.trainable_layer_ids(s.num_layers)[-1:] ==
+                                            [s.num_layers - 1])
+        experts = lay.trainable_width if trains else lay.stream_width
+        grads = max(3 * n * inter * experts, 3 * n * s.shared_intermediate * lay.compute_width)
     mlp = [lin for lin in s.mlp_linears() if lay.quantized(lin.name)] if not s.is_moe else []
     if not mlp:
         return grads
@@ -663,6 +705,13 @@ def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: i
         step = "foreach AdamW: _foreach_sqrt(exp_avg_sq) copy" if opt.foreach_copy else "step"
         terms.append(Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
                           explain=f"optimizer.step() temporaries ({step})"))
+        return tuple(terms)
+    if phase == "save":
+        terms += [Term(name="gradients", bytes=0, explain="freed by zero_grad(set_to_none=True)"),
+                  Term(name="activations", bytes=0, explain="none: a checkpoint save runs between steps"),
+                  Term(name="transient", bytes=peak - sum(t.bytes for t in terms),
+                       explain="checkpoint save: save_pretrained's contiguous copy of every fused MoE gate_up_proj "
+                               "as it reverts to the per-expert layout (the rest goes to the host)")]
         return tuple(terms)
     if phase in ("load", "eval"):
         if phase == "load":  # no optimizer state yet

@@ -153,14 +153,20 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
     trains = lay.full or (tr.method is Method.FREEZE and index in lay.trained_ids)
     width = lay.trainable_width if trains else lay.base_width
     qlora = tr.method is Method.QLORA
+    moe = _moe_layer(lay, index)
+    linears = s.layer_linears()  # an MoE model's: attention only; a DeepSeek dense layer adds its SwiGLU MLP,
+    if s.is_moe and not moe:  # an MoE layer its shared experts (spec.model dense_mlp_linears)
+        linears += s.dense_mlp_linears(s.intermediate_size)
+    elif moe and s.shared_intermediate:
+        linears += s.dense_mlp_linears(s.shared_intermediate, "shared_experts.")
     out = [(lin.params * scale * (tr.quant_bits / 8 if q else width), trains, lin.params * scale if q else 0)
-           for lin in s.layer_linears() for q in [lay.quantized(lin.name)]]
+           for lin in linears for q in [lay.quantized(lin.name)]]
     out += [(s.hidden_size * (lay.trainable_width if trains else lay.base_width) * scale, trains, 0)
             for _ in range(s.norms_per_layer)]
-    if s.is_moe:
+    if moe:
         out += [(lin.params * s.num_experts * (tr.quant_bits / 8 if qlora else width) * scale, trains, 0)
                 for lin in s.mlp_linears()]
-    for lin in s.layer_linears():
+    for lin in linears:
         if lin.name in lay.lora_modules:  # LoRA A, B (DoRA + magnitude; OFT: its rotation blocks)
             out += [(rows * (cols or 1) * lay.lora_width * scale, True, 0)
                     for rows, cols in adapters.trainable_shapes(tr, lin)]
@@ -327,8 +333,14 @@ class _Layer:
     input_saved: bool
 
 
-def _layer_kind(lay: Layout, index: int) -> tuple[bool, bool]:
-    """(its weights train, its input requires grad) of decoder layer `index`. transformers' checkpointing turns
+def _moe_layer(lay: Layout, index: int) -> bool:
+    """Decoder layer `index` has the sparse MoE MLP (not one of DeepSeek's first_k_dense_replace dense layers:
+    modeling_deepseek_v3.py DeepseekV3DecoderLayer `if layer_idx >= config.first_k_dense_replace`)."""
+    return lay.spec.is_moe and index >= lay.spec.dense_layers
+
+
+def _layer_kind(lay: Layout, index: int) -> tuple[bool, bool, bool]:
+    """(its weights train, its input requires grad, it is an MoE layer) of decoder layer `index`. transformers' checkpointing turns
     input gradients on (estimator.py _freeze_activations): then every layer's input needs a gradient, but on
     LLaMA-Factory's wrapper. Otherwise a freeze run's layers below the lowest trained one need none (they save
     nothing), nor a LoRA run's first layer; a full run's always do (the embedding trains)."""
@@ -336,11 +348,11 @@ def _layer_kind(lay: Layout, index: int) -> tuple[bool, bool]:
     if tr.method is Method.FREEZE:
         lo = lay.trained_ids[0] if lay.trained_ids else lay.spec.num_layers
         input_grads = tr.checkpointing and stack_facts(tr.stack).name is not Stack.LLAMAFACTORY
-        return index in lay.trained_ids, index > lo or input_grads
-    return lay.full, lay.full or tr.checkpointing or index > 0
+        return index in lay.trained_ids, index > lo or input_grads, _moe_layer(lay, index)
+    return lay.full, lay.full or tr.checkpointing or index > 0, _moe_layer(lay, index)
 
 
-def _program(lay: Layout, trains: bool, x_rg: bool) -> _Layer:
+def _program(lay: Layout, trains: bool, x_rg: bool, moe: bool = True) -> _Layer:
     """Run activations.decoder_layer's tape program once, recording its storages' lifetimes. A linear whose weight
     trains reads autocast's half copy of it when that weight is fp32 (a leaf that requires grad:
     aten/src/ATen/autocast_mode.cpp cached_cast; weights.py autocast_layer_bytes): 2 B per element, else none."""
@@ -349,7 +361,7 @@ def _program(lay: Layout, trains: bool, x_rg: bool) -> _Layer:
     width = lay.lora_width if tr.is_lora else lay.trainable_width
     cast = 2 if lay.amp and width == FP32 and tr.adapter is not Adapter.OFT else 0
     tape = Tape()
-    cx = _Ctx(tape, lay, b * sq, b, sq, trains, stream_width(lay))
+    cx = _Ctx(tape, lay, b * sq, b, sq, trains, stream_width(lay), moe=moe)
     x = T(b * sq * lay.spec.hidden_size, stream_width(lay), x_rg)
     with tape.recording() as rec:
         y = decoder_layer(cx, x)

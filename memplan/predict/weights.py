@@ -95,37 +95,47 @@ def model_states(lay: Layout) -> ModelStates:
     s, tr = lay.spec, lay.train
     total = s.num_parameters
     linears = s.layer_linears()
-    # autocast casts every fp32 argument of F.linear, the bias too (aten/src/ATen/autocast_mode.cpp cached_cast)
-    linear_params = sum(lin.params for lin in linears)
+    # autocast casts every fp32 argument of F.linear, the bias too (aten/src/ATen/autocast_mode.cpp cached_cast):
+    # spec.linear_params_total / top_linear_params
     expert_params = sum(lin.in_features * lin.out_features for lin in s.mlp_linears()) * s.num_experts \
-        if s.is_moe else 0  # grouped matmul: no autocast copies
+        if s.is_moe else 0  # grouped matmul: no autocast copies (one MoE layer's)
     # rotary inv_freq and original_inv_freq, fp32 (rot_dim / 2) each: transformers 5 LlamaRotaryEmbedding.__init__
     # registers both (`self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)`)
     buffers = 2 * (s.rotary_dim // 2) * 4
+    # DeepseekV3TopkRouter: the fp32 e_score_correction_bias buffer (E,) and its fp32 weight (E, H), kept fp32
+    # whatever the load dtype (_keep_in_fp32_modules_strict, modeling_deepseek_v3.py l.131, l.551)
+    # (DeepseekV2TopkRouter l.92: created fp32, which the built model keeps)
+    router_fp32 = s.moe_layers * s.num_experts * s.hidden_size if s.family.router != "softmax" else 0
+    buffers += s.moe_layers * s.num_experts * 4 if s.family.router == "sigmoid" else 0
     quantized = 0
+    vision = s.vision_params  # a VL tower: frozen, kept in the load dtype (memplan.build.model.build_model)
     if tr.method is Method.FULL:
-        trainable, weights = total, total * lay.trainable_width
-        ac_layer = linear_params
-        ac_params = linear_params * s.num_layers + s.vocab_size * s.hidden_size  # all linears incl. lm_head
+        trainable = total - vision
+        weights = trainable * lay.trainable_width + router_fp32 * (4 - lay.trainable_width) + \
+            vision * lay.compute_width  # the tower loaded in the compute dtype
+        ac_layer = s.top_linear_params()
+        ac_params = s.linear_params_total() + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:
         trainable = lay.trainable_layers * s.layer_params
         weights = trainable * lay.trainable_width + (total - trainable) * lay.base_width
-        ac_layer = linear_params if lay.trainable_width == 4 else 0
+        # the trained layers are the top ones (DeepSeek: MoE layers with the shared experts' Linears)
+        ac_layer = s.top_linear_params() if lay.trainable_width == 4 else 0
         ac_params = ac_layer * lay.trainable_layers
     else:
-        trainable = lay.lora_params_per_layer() * s.num_layers
+        trainable = lay.lora_params_total()
         ac_layer = lay.lora_params_per_layer() if lay.lora_width == 4 else 0
         if tr.adapter is not Adapter.LORA:  # DoRA's magnitude, OFT's weight: no autocast op casts them
             ac_layer = sum(adapters.autocast_params_per_linear(tr, lin) for lin in linears
                            if lin.name in lay.lora_modules) if lay.lora_width == 4 else 0
             buffers += s.num_layers * sum(adapters.buffer_bytes_per_linear(tr, lin) for lin in linears
                                           if lin.name in lay.lora_modules)
-        ac_params = ac_layer * s.num_layers
+        ac_params = ac_layer * s.num_layers if tr.adapter is not Adapter.LORA or not ac_layer else trainable
         if tr.method is Method.QLORA:
             # decoder linears (all, or the adapted ones where the stack quantizes only those); bnb through
             # transformers skips lm_head, a stack may quantize it too (spec.stacks)
             qlin = [lin for lin in linears if lay.quantized(lin.name)]
-            quantized = (sum(lin.in_features * lin.out_features for lin in qlin) + expert_params) * s.num_layers
+            quantized = sum(lin.in_features * lin.out_features for lin in qlin) * s.num_layers + \
+                expert_params * (s.moe_layers or s.num_layers)
             outs = sum(lin.out_features for lin in qlin) * s.num_layers
             if lay.quantized_head:
                 quantized += s.vocab_size * s.hidden_size
@@ -137,7 +147,8 @@ def model_states(lay: Layout) -> ModelStates:
         else:
             stored = quantized_bytes(quantized, tr, outs, len(qlin) * s.num_layers + lay.quantized_head) \
                 if quantized else 0
-        weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + stored
+        weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + stored + \
+            router_fp32 * (4 - lay.kept_width)
     if lay.norms_fp32:  # upcast_layernorm: the frozen norms' half weights become fp32 (trained ones are already)
         frozen_layers = s.num_layers - (lay.trainable_layers if tr.method is Method.FREEZE else 0)
         frozen_width = lay.base_width if tr.method is Method.FREEZE else lay.kept_width

@@ -17,6 +17,19 @@ _DROP = ("-hf", "-v0.1", "-4k-instruct", "-chat-v1.0", "-base-2407", "-base", "-
          "-pt")
 
 
+# checkpoints released with another entry's architecture, as their own model card says: lower-case hub id -> (that
+# entry's hub id, whether the checkpoint's weights are no longer FP8 (no quantization_config), the source)
+_V3_0324_CARD = ("deepseek-ai/DeepSeek-V3-0324 model card, 'How to Run Locally': \"The model structure of "
+                 "DeepSeek-V3-0324 is exactly the same as DeepSeek-V3\" (verbatim README copies, file index ids "
+                 "70590656122 and 31621324607)")
+SAME_AS = {
+    "deepseek-ai/deepseek-v3-0324": ("deepseek-ai/DeepSeek-V3", False, _V3_0324_CARD),
+    # LLaMA-Factory examples/ktransformers: "need to convert to BF16 checkpoint first" (DeepSeek-V3's
+    # inference/fp8_cast_bf16.py): the same shapes, the FP8 weights cast to BF16
+    "deepseek-ai/deepseek-v3-0324-bf16": ("deepseek-ai/DeepSeek-V3", True, _V3_0324_CARD + "; cast to BF16"),
+}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CatalogEntry:
     hf_id: str  # e.g. "meta-llama/Meta-Llama-3-8B"
@@ -61,6 +74,8 @@ def find_entry(name: str) -> CatalogEntry | None:
     config.json has the same dimensions (Llama-3-8B-Instruct -> Meta-Llama-3-8B, gemma-2-9b-it -> gemma-2-9b)."""
     names = _index()[0]
     key = name.strip().lower()
+    if key in SAME_AS:
+        return names[SAME_AS[key][0].lower()]
     if key in names:
         return names[key]
     base = re.sub(r"-(instruct|chat|it)(?=-|$)", "", key)
@@ -100,7 +115,16 @@ def resolve_model(name: str, *, trust_remote_code: bool = False) -> ModelSpec:
         return ModelSpec.from_config_dict(load_config_file(path), name=str(path))
     entry = find_entry(name)
     if entry is not None:
-        return _load_entry(entry.hf_id)
+        same = SAME_AS.get(name.strip().lower())
+        if same is None:
+            return _load_entry(entry.hf_id)
+        import dataclasses  # the entry's spec under the checkpoint's own name; a BF16 cast: no FP8 storage
+
+        spec = _load_entry(entry.hf_id)
+        if not same[1]:
+            return dataclasses.replace(spec, name=name.strip())
+        config = {k: v for k, v in spec.config.items() if k != "quantization_config"}
+        return dataclasses.replace(spec, name=name.strip(), quantization="", config=config)
     return _from_hub(name, trust_remote_code)
 
 

@@ -60,6 +60,22 @@ class Family:
     # config keys of the dropout probabilities the model applies in training (model.train()): after the embedding,
     # after o_proj and after the MLP (the residual branches), inside attention on the probabilities
     dropout_keys: tuple[str, str, str] | None = None
+    # DeepSeek MoE layers: a dense MLP of moe_intermediate_size x n_shared_experts beside the routed experts
+    shared_experts_key: str | None = None
+    # the MoE router: "softmax" (Mixtral: softmax(logits.float()) then top-k), "sigmoid" (DeepSeek-V3: an fp32
+    # weight, sigmoid scores, the chosen ones gathered and renormalised)
+    router: str = "softmax"
+    rope_complex: bool = False  # DeepSeek-V2's apply_rotary_emb: complex freqs_cis, outputs `type_as` the input
+    # saving a full / freeze checkpoint (save_pretrained) reverts transformers 5's fused MoE expert parameters to
+    # the checkpoint's per-expert layout first, for the whole state dict at once (modeling_utils.py l.3539-3540
+    # revert_weight_conversion): Concatenate(dim=1)'s reverse is Chunk(dim=1), whose `chunk.contiguous()`
+    # (core_model_loading.py l.134, l.228-229) copies each layer's gate_up_proj (conversion_mapping.py l.1359-1371
+    # mixtral, l.1386-1394 qwen2_moe, which qwen3_moe / deepseek_v2 / deepseek_v3 / qwen3_5_moe_text use, l.26-38)
+    save_copies_gate_up: bool = False
+    vision: str = ""  # the vision tower whose parameters ModelSpec.vision_params counts (frozen, never trained)
+    # position ids (3, B, S) and cos/sin (B, S, rotary_dim) per forward: the multimodal RoPE (Qwen-VL) makes them
+    # per sample, not (1, S, rotary_dim) as LlamaRotaryEmbedding does (predict.estimator._rope_bytes)
+    mrope: bool = False
 
     @property
     def norm_tensors(self) -> int:
@@ -100,8 +116,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # with a full and a sliding mask per forward (l.527); no softcapping by default
     Family(model_type="gemma3_text", architectures=("Gemma3ForCausalLM",), sandwich_norms=True, qk_norm=True,
            tied_default=True, act="gelu", mask_types=2, window_pattern=6),
-    Family(model_type="mixtral", moe=True),
-    Family(model_type="qwen3_moe", moe=True, qk_norm=True, intermediate_key="moe_intermediate_size",
+    Family(model_type="mixtral", moe=True, save_copies_gate_up=True),
+    Family(model_type="qwen3_moe", moe=True, save_copies_gate_up=True, qk_norm=True,
+           intermediate_key="moe_intermediate_size",
            sliding_window_flag="use_sliding_window"),
     # GlmAttention: q/k/v bias=config.attention_bias (GlmConfig default True), o_proj none; GlmMLP.gate_up_proj
     # chunked; apply_rotary_pos_emb rotates partial_rotary_factor of head_dim and concatenates the rest
@@ -124,20 +141,41 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="olmo2", architectures=("Olmo2ForCausalLM",), qk_norm=True, qk_norm_full=True,
            post_norms=True),
     Family(model_type="gpt_bigcode", analytic=False),  # multi-query attention, fused c_attn, LayerNorm, GELU
-    # DeepseekV2/V3Attention: multi-head latent attention (q_lora_rank, kv_lora_rank, rope/nope split), MoE with
-    # shared experts and first_k_dense_replace dense layers
-    # (a dense MLP while layer_idx < first_k_dense_replace: modeling_deepseek_v2.py l.428, _v3.py l.493)
-    Family(model_type="deepseek_v2", analytic=False, moe=True, dense_prefix_key="first_k_dense_replace"),
-    # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention),
-    # but only for configs whose every layer is dense; with MoE layers (shared experts, sigmoid group routing) it is
-    # the exact mode's
+    # DeepseekV2 (modeling_deepseek_v2.py): V3's MLA (DeepseekV2Attention l.290-420) but rope by apply_rotary_emb
+    # (l.259-272: view_as_complex of a float copy, times the complex freqs_cis made once per forward by
+    # DeepseekV2RotaryEmbedding l.214-219, `.type_as(xq)`); a dense MLP while layer_idx < first_k_dense_replace
+    # (l.428), else DeepseekV2Moe (l.120-137): DeepseekV2TopkRouter (l.86-117: fp32 weight, `F.linear(h.float(),
+    # w.float())`, softmax fp32, greedy or group-limited top-k, x routed_scaling_factor; no renormalisation), the
+    # grouped_mm DeepseekV2Experts (@use_experts_implementation, l.46-83), shared experts
+    Family(model_type="deepseek_v2", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
+           save_copies_gate_up=True,
+           all_linear_skips=("gate_proj", "up_proj", "down_proj"), shared_experts_key="n_shared_experts",
+           router="softmax_fp32", rope_complex=True,
+           limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
+                  "routing balance: the grouped_mm experts); QLoRA / freeze of the mixed dense + MoE layers not "
+                  "checked against the exact trace"),
+    # DeepseekV3Attention (modeling_deepseek_v3.py l.349-481): MLA in the formulas (activations.mla_attention);
+    # DeepseekV3DecoderLayer (l.486-500): a DeepseekV3MLP(intermediate_size) while layer_idx < first_k_dense_replace,
+    # else DeepseekV3MoE (l.201-222): the DeepseekV3TopkRouter (l.120-158: fp32 weight kept by
+    # _keep_in_fp32_modules_strict l.551, sigmoid scores, grouped top-k on the scores + e_score_correction_bias, a
+    # buffer), the fused DeepseekV3Experts (l.162-198, @use_experts_implementation: grouped_mm) and a shared
+    # DeepseekV3MLP(moe_intermediate_size x n_shared_experts) on the layer's input
     Family(model_type="deepseek_v3", moe=True, mla=True, dense_prefix_key="first_k_dense_replace",
-           all_linear_skips=("gate_proj", "up_proj", "down_proj")),
+           save_copies_gate_up=True,
+           all_linear_skips=("gate_proj", "up_proj", "down_proj"), shared_experts_key="n_shared_experts",
+           router="sigmoid",
+           limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
+                  "routing balance: the grouped_mm experts); QLoRA / freeze of the mixed dense + MoE layers not "
+                  "checked against the exact trace"),
     # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
     Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
-    Family(model_type="qwen2_5_vl", analytic=False, auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), limits=_VL_LIMITS),
+    # Qwen2.5-VL on text (modeling_qwen2_5_vl.py): Qwen2_5_VLTextModel is a qwen2 decoder, q/k/v bias (l.625-628);
+    # with no image the position ids are arange(S).view(1, 1, -1).expand(3, B, -1) (l.803-804), one int64 (S)
+    # storage; Qwen2_5_VLRotaryEmbedding (l.530-546) gives cos/sin (B, S, head_dim) in the stream dtype
+    Family(model_type="qwen2_5_vl", auto_class="AutoModelForImageTextToText", qkv_bias=True,
+           sliding_window_flag="use_sliding_window", frozen_modules=("visual.",), vision="qwen2_5_vl", mrope=True,
+           limits=_VL_LIMITS),
     # Qwen2-VL (modeling_qwen2_vl.py): a qwen2 decoder with M-RoPE and the visual.* tower LLaMA-Factory freezes
     # (_register_composite_model("qwen2_vl")); no catalog entry yet (no verified config.json copy found)
     Family(model_type="qwen2_vl", analytic=False, auto_class="AutoModelForImageTextToText",
@@ -155,7 +193,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # gated shared expert; the vision tower visual.* frozen (LLaMA-Factory _register_composite_model("qwen3_5"))
     Family(model_type="qwen3_5", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
-    Family(model_type="qwen3_5_moe", analytic=False, moe=True, auto_class="AutoModelForImageTextToText",
+    Family(model_type="qwen3_5_moe", analytic=False, moe=True, save_copies_gate_up=True,
+           auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
     Family(model_type="gemma3", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("vision_tower.", "multi_modal_projector."), limits=_VL_LIMITS),

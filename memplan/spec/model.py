@@ -55,6 +55,8 @@ class ModelSpec:
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    dense_layers: int = 0  # leading layers with a dense MLP before the MoE ones (DeepSeek first_k_dense_replace)
+    shared_intermediate: int = 0  # DeepSeek: the shared experts' MLP width beside the routed ones (0: none)
     sliding_window: int | None = None
     windowed_layers: int | None = None  # layers that use the window (None: all of them; Gemma3: 5 of every 6)
     attn_softcap: float | None = None  # Gemma2 attn_logit_softcapping: tanh(scores / cap) * cap
@@ -68,6 +70,9 @@ class ModelSpec:
     quantization: str = ""  # how a pre-quantized checkpoint (config.json quantization_config) is costed
     # an AWQ / GPTQ / AQLM checkpoint's packed storage (memplan.spec.prequantized): trained as QLoRA over it
     packed: PackedQuant | None = None
+    # the checkpoint's saved dtype (config.json `dtype`, transformers 4's `torch_dtype`): what LLaMA-Factory loads
+    # whatever the YAML's precision (model/loader.py L155 torch_dtype="auto"); None where the config names none
+    checkpoint_dtype: str | None = None
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- family facts ------------------------------------------------------------------------------------------
@@ -143,6 +148,10 @@ class ModelSpec:
     def rotary_dim(self) -> int:
         """Width of the rotary cos/sin: head_dim x partial_rotary_factor (transformers 5 compute_default_rope_
         parameters: `dim = int(head_dim * partial_rotary_factor)`, read from rope_parameters or the config)."""
+        # MLA: DeepseekV3Config sets head_dim = qk_rope_head_dim (configuration_deepseek_v3.py l.123, V2's l.124),
+        # the rotary embedding's dim (modeling_deepseek_v3.py l.87)
+        if self.family.mla:
+            return self.qk_rope_head_dim
         rope = self.config.get("rope_parameters") or {}
         factor = rope.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
         return int(self.head_dim * (factor if factor is not None else 1.0))
@@ -195,6 +204,36 @@ class ModelSpec:
             return self.attention_linears()
         return self.attention_linears() + self.mlp_linears()
 
+    def dense_mlp_linears(self, inter: int, prefix: str = "") -> tuple[Linear, ...]:
+        """A SwiGLU MLP of width `inter` (DeepseekV3MLP, modeling_deepseek_v3.py l.104-117): a DeepSeek dense
+        layer's (intermediate_size) or the shared experts of an MoE layer (`prefix` "shared_experts.")."""
+        h = self.hidden_size
+        return (Linear(name=prefix + "gate_proj", in_features=h, out_features=inter),
+                Linear(name=prefix + "up_proj", in_features=h, out_features=inter),
+                Linear(name=prefix + "down_proj", in_features=inter, out_features=h))
+
+    @property
+    def moe_layers(self) -> int:
+        """Decoder layers with the sparse MoE MLP (all of them but DeepSeek's leading dense ones)."""
+        return self.num_layers - self.dense_layers if self.is_moe else 0
+
+    def linear_params_total(self) -> int:
+        """Parameters of every nn.Linear in the decoder layers (autocast casts each per forward): attention in each
+        layer, the dense MLPs, the shared experts; the routed experts are 3D parameters (grouped_mm, no autocast)."""
+        n = sum(lin.params for lin in self.layer_linears()) * self.num_layers
+        if self.dense_layers:
+            n += sum(lin.params for lin in self.dense_mlp_linears(self.intermediate_size)) * self.dense_layers
+        if self.shared_intermediate:
+            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) * self.moe_layers
+        return n
+
+    def top_linear_params(self) -> int:
+        """The nn.Linear parameters of the top decoder layer (an MoE one where there are any)."""
+        n = sum(lin.params for lin in self.layer_linears())
+        if self.shared_intermediate:
+            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate))
+        return n
+
     @property
     def layer_params(self) -> int:
         h = self.hidden_size
@@ -206,9 +245,31 @@ class ModelSpec:
         mlp = sum(lin.params for lin in self.mlp_linears())
         if self.is_moe:
             n += h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
+            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) \
+                if self.shared_intermediate else 0  # DeepSeek's shared experts
         else:
             n += mlp
         return n
+
+    @property
+    def dense_layer_params(self) -> int:
+        """A DeepSeek leading dense layer: the MoE layer's attention and norms, a DeepseekV3MLP(intermediate_size)."""
+        return sum(lin.params for lin in self.attention_linears()) + self._layer_norm_params + \
+            sum(lin.params for lin in self.dense_mlp_linears(self.intermediate_size))
+
+    @property
+    def _layer_norm_params(self) -> int:
+        """RMSNorm weights of one layer: input / post-attention, q / k norms, MLA's q_a / kv_a norms."""
+        n = self.norms_per_layer * self.hidden_size
+        if self.qk_norm:
+            n += self.q_dim + self.kv_dim if self.family.qk_norm_full else 2 * self.head_dim
+        return n + self.q_lora_rank + self.kv_lora_rank
+
+    @property
+    def layers_params(self) -> int:
+        """Parameters of all decoder layers (DeepSeek: dense ones first, then MoE ones)."""
+        return self.moe_layers * self.layer_params + (self.num_layers - self.moe_layers) * \
+            (self.dense_layer_params if self.dense_layers else self.layer_params)
 
     @property
     def embedding_params(self) -> int:
@@ -221,9 +282,26 @@ class ModelSpec:
             0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
 
     @property
+    def vision_params(self) -> int:
+        """The vision tower and merger of a VL model (0 for a text model), frozen (Family.frozen_modules)."""
+        vc = self.config.get("vision_config")
+        if self.family.vision != "qwen2_5_vl" or not isinstance(vc, dict):
+            return 0
+        # transformers 5.24 models/qwen2_5_vl/modeling_qwen2_5_vl.py; Qwen2_5_VLVisionConfig defaults (l.53-61)
+        h, i, out = vc.get("hidden_size", 3584), vc.get("intermediate_size", 3420), vc.get("out_hidden_size", 3584)
+        c = vc.get("in_channels", vc.get("in_chans", 3))
+        patch = c * vc.get("temporal_patch_size", 2) * vc.get("patch_size", 14) ** 2 * h  # Conv3d, no bias (l.114)
+        # a block (l.342-348): 2 RMSNorm(h) + qkv Linear(h, 3h, bias) + proj Linear(h, h, bias) (l.266-267)
+        # + Qwen2_5_VLMLP(bias=True): gate/up Linear(h, I) + down Linear(I, h), with biases (l.90-92)
+        block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
+        m = h * vc.get("spatial_merge_size", 2) ** 2  # merger (l.185-193): RMSNorm(h), Linear(m, m), Linear(m, out)
+        merger = h + (m * m + m) + (m * out + out)
+        return patch + vc.get("depth", 32) * block + merger
+
+    @property
     def num_parameters(self) -> int:
-        """Exact parameter count from the shapes (buffers such as rotary inv_freq excluded)."""
-        return self.embedding_params + self.num_layers * self.layer_params + self.head_params
+        """Exact parameter count from the shapes (buffers such as rotary inv_freq excluded), a VL tower included."""
+        return self.embedding_params + self.layers_params + self.head_params + self.vision_params
 
     # ---- constructors -------------------------------------------------------------------------------------------
     def with_layers(self, layers: int) -> ModelSpec:
@@ -241,7 +319,8 @@ class ModelSpec:
         windowed = self.windowed_layers
         if windowed is not None:  # the cut keeps the first layers' types
             windowed = _windowed_layers(config, self.family)
-        return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed)
+        return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed,
+                                   dense_layers=min(self.dense_layers, layers) if self.is_moe else 0)
 
     @classmethod
     def _generic(cls, cfg: dict[str, Any], mtype: str, name: str, quantization: str = "") -> ModelSpec:
@@ -283,20 +362,29 @@ class ModelSpec:
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
-        if fam.dense_prefix_key:  # DeepSeek: dense layers first, then MoE ones (the Config default when absent)
-            prefix = cfg.get(fam.dense_prefix_key)
+        prefix = cfg.get(fam.dense_prefix_key) if fam.dense_prefix_key else None
+        if fam.dense_prefix_key and not fam.shared_experts_key:  # dense then MoE layers, not in the formulas
             mixed = mixed or prefix is None or prefix < cfg.get("num_hidden_layers", 0)
         if packed and (not fam.analytic or mixed):  # the exact mode builds bitsandbytes layers only
             raise UnsupportedModel(f"{name or label}: a pre-quantized {packed.describe()} {mtype} checkpoint; memplan "
                                    "models packed storage for the architectures of its analytic formulas only, and "
                                    f"{mtype} is traced by the exact mode, which builds no {packed.method.upper()} "
                                    f"layers ({storage_note(packed.method)})")
-        if not fam.analytic or mixed or quant:  # a quantized checkpoint: the exact mode, whose note says how
+        # a checkpoint transformers trains dequantized (MXFP4, FP8 below compute capability 8.9: DEQUANTIZED) is the
+        # unquantized model: analytic where the family is, the note saying how it is costed
+        if not fam.analytic or mixed:
             return cls._generic(cfg, mtype, str(name or label), quant)
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
         if fam.mla:  # DeepseekV3Config's defaults (q_lora_rank 1536, ...) are another model's: each must be given
             required += ["kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"]
+        # DeepSeek with MoE layers: the Config's defaults (256 routed experts, 3 dense layers...) are DeepSeek-V3's
+        # own, so each must be given (first_k_dense_replace may be 0)
+        sparse = fam.shared_experts_key is not None and (prefix is None or prefix < cfg.get("num_hidden_layers", 0))
+        if sparse:
+            required += ["n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", fam.shared_experts_key]
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]
+        if sparse and prefix is None:
+            problems.append(f"{label}: missing first_k_dense_replace (0 when every layer is MoE)")
         if fam.mla and "q_lora_rank" not in cfg:
             problems.append(f"{label}: missing q_lora_rank (null for a direct q_proj)")
         problems += [f"{label}: {k} must be a positive integer, got {cfg[k]!r}" for k in required
@@ -320,7 +408,10 @@ class ModelSpec:
             head_dim = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
         if heads % kv:
             raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-        experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
+        experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0) \
+            if fam.moe else 0
+        if fam.shared_experts_key and not sparse:  # every layer dense (first_k_dense_replace >= layers)
+            experts = 0
         tied = cfg.get("tie_word_embeddings")
         bias = fam.qkv_bias if fam.qkv_bias is not None else cfg.get(fam.bias_key, fam.attention_bias_default)
         drops = [float(cfg.get(k) or 0.0) for k in fam.dropout_keys] if fam.dropout_keys else [0.0, 0.0, 0.0]
@@ -343,11 +434,15 @@ class ModelSpec:
             experts_per_token=(cfg.get("num_experts_per_tok") or 0) if experts else 0,
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
             if experts else 0,
+            dense_layers=min(int(prefix or 0), cfg["num_hidden_layers"]) if experts and fam.shared_experts_key else 0,
+            shared_intermediate=cfg["moe_intermediate_size"] * cfg[fam.shared_experts_key] if experts and
+            fam.shared_experts_key else 0,
             sliding_window=_sliding_window(cfg, fam),
             windowed_layers=_windowed_layers(cfg, fam),
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
             final_softcap=cfg.get("final_logit_softcapping") or None,
             remote_code=fam.remote_code,
+            checkpoint_dtype=_checkpoint_dtype(cfg),
             max_positions=cfg.get("max_position_embeddings"),
             q_lora_rank=(cfg.get("q_lora_rank") or 0) if fam.mla else 0,
             kv_lora_rank=cfg["kv_lora_rank"] if fam.mla else 0,
@@ -355,6 +450,7 @@ class ModelSpec:
             v_head_dim=cfg["v_head_dim"] if fam.mla else 0,
             config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
             packed=packed,
+            quantization=quant,
         )
 
 
@@ -424,3 +520,13 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return data
+
+
+def _checkpoint_dtype(cfg: dict[str, Any]) -> str | None:
+    """config.json's `dtype` (transformers 5) or `torch_dtype` (4.x), a composite model's text_config's otherwise:
+    "bfloat16", "float16", "float32"; None when absent."""
+    for c in (cfg, cfg.get("text_config") or {}):
+        value = c.get("dtype") or c.get("torch_dtype")
+        if value:
+            return str(value).removeprefix("torch.")
+    return None

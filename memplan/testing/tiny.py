@@ -34,6 +34,23 @@ TINY_CONFIGS: dict[str, dict] = {
     "deepseek_v3": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=96,
                         kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
                         first_k_dense_replace=3),
+    # DeepSeek-V3 with MoE layers: one dense layer, then two MoE ones (4 routed experts of width 128, top-2, sigmoid
+    # router, one shared expert); "deepseek_v3-moe-noq": q_proj directly (V2-Lite's q_lora_rank null), 2 shared
+    # experts, every layer MoE
+    "deepseek_v3-moe": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=96,
+                            kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                            first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=4,
+                            num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1),
+    "deepseek_v3-moe-noq": dict(model_type="deepseek_v3", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=None,
+                                kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                                first_k_dense_replace=0, moe_intermediate_size=128, n_routed_experts=4,
+                                num_experts_per_tok=2, n_shared_experts=2, n_group=2, topk_group=1),
+    # DeepSeek-V2: V3's MLA with a complex rope, a softmax router (greedy top-2 of 4, no renormalisation); V2-Lite's
+    # shape: no q LoRA, one dense layer then MoE ones with 2 shared experts
+    "deepseek_v2": dict(model_type="deepseek_v2", **{**_BASE, "num_key_value_heads": 8}, q_lora_rank=None,
+                        kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                        first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+                        n_shared_experts=2, n_group=1, topk_group=1, topk_method="greedy", norm_topk_prob=False),
     # OLMo-2: post-norms only, q/k norms over the whole projections
     "olmo2": dict(model_type="olmo2", **_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # StarCoder2: LayerNorm, c_fc/c_proj GELU MLP, biases everywhere, tied; "starcoder2-drop" adds its dropouts
@@ -41,6 +58,12 @@ TINY_CONFIGS: dict[str, dict] = {
     "starcoder2-drop": dict(model_type="starcoder2", **_BASE, hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5,
                             embedding_dropout=0.1, residual_dropout=0.1, attention_dropout=0.1),
     "glm": dict(model_type="glm", **_BASE, head_dim=32, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2),
+    # Qwen2.5-VL on text: a qwen2 decoder with M-RoPE (sections 4/6/6 of head_dim / 2 = 16) and a small frozen
+    # vision tower (2 blocks, h64) whose weights count
+    "qwen2_5_vl": dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], **_BASE,
+                       tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                       vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                          out_hidden_size=256, fullatt_block_indexes=[1])),
 }
 
 # a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)

@@ -114,48 +114,56 @@ def _resident(model: object) -> list:
 
 
 def measure_trainer_eval_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> tuple[int, int]:
-    """(peak live bytes during HF Trainer.evaluate() after one real training step, peak of that step) on CPU: the
-    real Trainer (its prediction_step, autocast, zero_grad) around memplan's model build, every sequence seq_len
-    tokens long, profiled as measure_cpu_peak is."""
+    """(peak live bytes during HF Trainer.evaluate() after one real training step, peak of that step) on CPU."""
+    peaks = measure_trainer_phases(spec, train, ("eval",), seed=seed)
+    return peaks["eval"], peaks["train"]
+
+
+def measure_trainer_phases(spec: ModelSpec, train: TrainConfig, phases: tuple[str, ...], *,
+                           seed: int = 0) -> dict[str, int]:
+    """Peak live bytes of one real HF Trainer training step ("train") and of each phase after it on CPU: "eval"
+    (Trainer.evaluate(): its prediction_step, autocast, zero_grad) and "save" (Trainer._save_checkpoint: the
+    model's save_pretrained, the optimizer's and scheduler's state dicts, the RNG states), around memplan's model
+    build, every sequence seq_len tokens long, profiled as measure_cpu_peak is."""
     torch = try_import("torch")
     transformers = try_import("transformers")
     import tempfile
 
+    from memplan.spec.optimizers import facts
+    from memplan.spec.train import Precision
     from memplan.testing.hf_train import collate, dataset
 
     torch.manual_seed(seed)
     model = build_model(spec, train, device="cpu")
     n = train.batch_size * train.grad_accum
     data = dataset(n, train.seq_len, train.seq_len, 0, spec.vocab_size)
-    evals = dataset(train.eval_batch_size, train.seq_len, train.seq_len, 0, spec.vocab_size)
-    from memplan.spec.train import Precision
-
+    evals = dataset(max(train.eval_batch_size, 1), train.seq_len, train.seq_len, 0, spec.vocab_size)
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
             output_dir=out, per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
-            per_device_eval_batch_size=train.eval_batch_size, max_steps=1, report_to=[], use_cpu=True,
+            per_device_eval_batch_size=max(train.eval_batch_size, 1), max_steps=1, report_to=[], use_cpu=True,
             bf16=train.precision is Precision.BF16, fp16=train.precision is Precision.FP16, save_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, learning_rate=1e-5,
-            optim=__import__("memplan.spec.optimizers", fromlist=["facts"]).facts(train.optimizer).hf_optim)
+            optim=facts(train.optimizer).hf_optim)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=evals,
                                        data_collator=collate)
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        evaluate = trainer.evaluate
+        run = {"eval": trainer.evaluate, "save": lambda: trainer._save_checkpoint(trainer.model, trial=None)}
         baseline = resident_bytes(_resident(model))
         with no_stray_frees(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with record_function("train:1"):
                 trainer.train()
-            with record_function("eval:1"):
-                evaluate()
+            for name in phases:
+                with record_function(f"{name}:1"):
+                    run[name]()
     events = list(prof.profiler.kineto_results.events())
-    spans = {e.name(): (e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
-             if e.name() in ("train:1", "eval:1")}
-    mem = cpu_memory_events(events)
-    live, peaks = 0, {"train:1": 0, "eval:1": 0}
-    for ts, nbytes in mem:
+    names = {"train:1", *(f"{p}:1" for p in phases)}
+    spans = {e.name(): (e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name() in names}
+    live, peaks = 0, dict.fromkeys(names, 0)
+    for ts, nbytes in cpu_memory_events(events):
         live += nbytes
         for name, (start, end) in spans.items():
             if start <= ts <= end:
                 peaks[name] = max(peaks[name], baseline + live)
-    return peaks["eval:1"], peaks["train:1"]
+    return {name.split(":")[0]: peak for name, peak in peaks.items()}

@@ -19,8 +19,9 @@ from functools import lru_cache
 
 from memplan.predict import adapters
 from memplan.predict.activations import _Ctx, decoder_layer, stream_width
-from memplan.predict.allocator import ALLOC, FREE, replay
+from memplan.predict.allocator import ALLOC, FREE
 from memplan.predict.layout import Layout
+from memplan.predict.runs import ALLOC_OP, FREE_LOCAL, FREE_REF, Chunk, replay_chunks
 from memplan.predict.tape import CAST, MADE, T, Tape
 from memplan.predict.weights import ModelStates
 from memplan.spec.optimizers import States, facts
@@ -35,18 +36,55 @@ COMPUTE, UNSHARD, POST_BACKWARD = 0, 1, 2
 
 
 class _Program:
-    """The events being written: `new` allocates and returns an id, `free` releases one."""
+    """The requests being written, in chunks (runs.Chunk: one per decoder layer in each phase, `mark`): `new`
+    allocates and returns an id (ids count the allocations), `free` releases one."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, int, int, int]] = []
+        self.chunks: list[Chunk] = []
+        self.sizes: list[tuple[int, int]] = []  # each id's (bytes, stream)
         self.packed: list[int] = []  # the 4-bit weights' ids, in load order
+        self.templates: dict[tuple[int, bool, int], tuple] = {}  # _run's requests per (program, keep, offset)
+        self._ops: list[tuple[int, int, int]] = []
+        self._refs: list[int] = []
+        self._base, self._layer = 0, False
 
     def new(self, nbytes: float, stream: int = COMPUTE) -> int:
-        self.events.append((ALLOC, len(self.events), int(nbytes), stream))
-        return len(self.events) - 1
+        n = int(nbytes)
+        self._ops.append((ALLOC_OP, n, stream))
+        self.sizes.append((n, stream))
+        return len(self.sizes) - 1
 
     def free(self, *ids: int | None) -> None:
-        self.events += [(FREE, i, self.events[i][2], self.events[i][3]) for i in ids if i is not None]
+        for i in ids:
+            if i is None:
+                continue
+            if i >= self._base:
+                self._ops.append((FREE_LOCAL, i - self._base, 0))
+            else:
+                self._ops.append((FREE_REF, len(self._refs), 0))
+                self._refs.append(i)
+
+    def mark(self, layer: bool = False) -> None:
+        """Close the chunk being written; the next is one decoder layer's when `layer`."""
+        if self._ops:
+            self.chunks.append(Chunk(ops=tuple(self._ops), base=self._base, allocs=len(self.sizes) - self._base,
+                                     refs=tuple(self._refs), layer=self._layer))
+        self._ops, self._refs, self._base, self._layer = [], [], len(self.sizes), layer
+
+    @property
+    def events(self) -> list[tuple[str, int, int, int]]:
+        """The program as replay() takes it: (ALLOC | FREE, id, bytes, stream) in order."""
+        out: list[tuple[str, int, int, int]] = []
+        for c in self.chunks:
+            made = 0
+            for op, x, y in c.ops:
+                if op == ALLOC_OP:
+                    out.append((ALLOC, c.base + made, x, y))
+                    made += 1
+                else:
+                    key = c.base + x if op == FREE_LOCAL else c.refs[x]
+                    out.append((FREE, key, *self.sizes[key]))
+        return out
 
 
 def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None = None) -> int:
@@ -58,36 +96,53 @@ def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: i
 
 @lru_cache(maxsize=1024)
 def _overhead(lay: Layout, st: ModelStates, scale: float, depth: int | None) -> int:
-    """One replay per distinct configuration (a 7B model's sketch is ~15,000 events, ~50 ms): a fit estimating a
-    configuration again (its ranking, its suggestions) replays nothing. The cache keeps the integers, not the
-    events."""
-    stats = replay(sketch_events(lay, st, scale, depth))
-    return stats.peak_reserved_bytes - stats.peak_requested_bytes
+    """One replay per distinct configuration: a fit estimating a configuration again (its ranking, its
+    suggestions) replays nothing. runs.replay_chunks replays the layers until the allocator's transition repeats,
+    then builds the state after the rest (a 7B model's sketch is ~15,000 events; the bytes are a full replay's,
+    tests/test_runs.py). The cache keeps the integers, not the events."""
+    p = _sketch(lay, st, scale, depth)
+    peaks = replay_chunks(p.chunks, p.sizes)
+    return peaks.peak_reserved_bytes - peaks.peak_requested_bytes
 
 
 def sketch_events(lay: Layout, st: ModelStates, scale: float = 1.0,
                   depth: int | None = None) -> tuple[tuple[str, int, int, int], ...]:
     """The step's sketched (kind, id, nbytes, stream) allocations and frees, in order (see reserved_overhead)."""
+    return tuple(_sketch(lay, st, scale, depth).events)
+
+
+def _sketch(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None = None) -> _Program:
+    """The step's program, in chunks (see reserved_overhead)."""
     p = _Program()
     s, tr = lay.spec, lay.train
     layers = [_layer_params(lay, i, scale) for i in range(s.num_layers if depth is None else depth)]
     # the load's quantizer temporaries are left to load_reserved: this sketch is the step's, as the exact mode's
     # replays (which trace the step) measure it
     head = _load(p, lay, layers, scale, quantizer=False)
-    trained = [n for params in layers for n, t, _ in params if t] + [n for n, t in head if t]
+    # the trainable tensors, each layer's (a chunk each), then the head's and the embedding's
+    trained = [[n for n, t, _ in params if t] for params in layers] + [[n for n, t in head if t]]
     if lay.full:
-        trained.append(s.vocab_size * s.hidden_size * scale * lay.trainable_width)  # the embedding
+        trained[-1].append(s.vocab_size * s.hidden_size * scale * lay.trainable_width)  # the embedding
     opt = facts(tr.optimizer)
     per_state = {States.ADAM: 2, States.ADAM_FP32: 2, States.MOMENTUM: 1}.get(opt.states, 0)
-    for n in trained:  # optimizer states, per trainable tensor (8-bit / factored states: left out)
-        for _ in range(per_state):
-            p.new(n)
+    for i, group in enumerate(trained):  # optimizer states, per trainable tensor (8-bit / factored: left out)
+        p.mark(layer=i < len(layers))
+        for n in group:
+            for _ in range(per_state):
+                p.new(n)
+    p.mark()
     p.new(tr.batch_size * tr.seq_len * 8)  # input ids (int64)
     grads = _forward_backward(p, lay, st, layers, head, scale)
     if opt.foreach_copy:  # foreach AdamW: _foreach_sqrt(exp_avg_sq), one copy per tensor, freed after the step
-        p.free(*[p.new(n) for n in trained])
+        copies = []
+        for i, group in enumerate(trained):
+            p.mark(layer=i < len(layers))
+            copies += [p.new(n) for n in group]
+        p.mark()
+        p.free(*copies)
     p.free(*grads)
-    return tuple(p.events)
+    p.mark()
+    return p
 
 
 def load_reserved(lay: Layout, st: ModelStates, scale: float = 1.0) -> int:
@@ -101,7 +156,8 @@ def load_reserved(lay: Layout, st: ModelStates, scale: float = 1.0) -> int:
     _load(p, lay, layers, scale, quantizer=True)
     if stack_facts(lay.train.stack).device_init:  # built and quantized on the GPU, then each weight replaced
         _requantize(p, lay, layers)
-    return replay(p.events).peak_reserved_bytes
+    p.mark()
+    return replay_chunks(p.chunks, p.sizes).peak_reserved_bytes
 
 
 def _quantize(p: _Program, lay: Layout, nbytes: float, elements: float) -> int:
@@ -121,6 +177,7 @@ def _requantize(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, f
     """The checkpoint's weights replacing the ones built on the device: each 4-bit weight quantized anew, the old
     packed one freed after (the other parameters are copied in place). The ids follow _load's order."""
     weights = [(n, e) for params in layers for n, _, e in params if e]
+    p.mark()
     for key, (nbytes, elements) in zip(list(p.packed), weights, strict=True):
         _quantize(p, lay, nbytes, elements)
         p.free(key)
@@ -133,10 +190,12 @@ def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]
     s, qlora = lay.spec, lay.train.method is Method.QLORA and quantizer
     p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
     for params in layers:  # each parameter its own request, as a model is loaded; QLoRA: 4-bit ones quantized
+        p.mark(layer=True)
         for nbytes, _trains, elements in params:
             key = _quantize(p, lay, nbytes, elements if qlora else 0)
             if elements and qlora:
                 p.packed.append(key)
+    p.mark()
     head = [(s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width), lay.full)]
     if not s.tie_word_embeddings:
         head.append((s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width),
@@ -244,6 +303,7 @@ def _forward(p: _Program, lay: Layout, progs: list[_Layer], hidden: int,
     cached: list[int] = []  # autocast's copies that only its cache holds (checkpointed layers)
     x = p.new(hidden)  # the embedding output
     for prog in progs:
+        p.mark(layer=True)
         unit = p.new(units[1], UNSHARD) if units else None
         keep, casts, y = _run(p, prog, keep_saved=not checkpointing)
         if checkpointing:  # the checkpoint keeps the layer's input (a layer with no gradient path: nothing)
@@ -257,6 +317,7 @@ def _forward(p: _Program, lay: Layout, progs: list[_Layer], hidden: int,
                 p.free(x)
         x = y
         p.free(unit)
+    p.mark()
     return x, kept, cached
 
 
@@ -278,6 +339,7 @@ def _backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, flo
     for params, keep, prog in zip(reversed(layers), reversed(kept), reversed(progs), strict=True):
         if not prog.events:
             continue  # below the lowest trained layer of a freeze run: no backward
+        p.mark(layer=True)
         unit, nxt = nxt, (p.new(units[1], UNSHARD) if units else None)
         if tr.checkpointing:  # the layer's forward again, on its kept input: it saves now
             saved, casts, y = _run(p, prog, keep_saved=True)
@@ -295,6 +357,7 @@ def _backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, flo
         p.free(g_x, *keep)
         p.free(unit)
         g_x = g_prev
+    p.mark()
     return g_x, nxt
 
 
@@ -313,9 +376,9 @@ def _embedding_and_root(p: _Program, lay: Layout, grads: list[int], head_grads: 
             grads.append(p.new(vh))
     if units and head_grads:
         parts = head_grads + ([grads.pop()] if lay.full else [])
-        whole = p.new(sum(p.events[k][2] for k in parts))
+        whole = p.new(sum(p.sizes[k][0] for k in parts))
         p.free(*parts)
-        grads.append(p.new(p.events[whole][2] * scale, POST_BACKWARD))
+        grads.append(p.new(p.sizes[whole][0] * scale, POST_BACKWARD))
         p.free(whole)
     else:
         grads += head_grads
@@ -340,9 +403,9 @@ def _moe_layer(lay: Layout, index: int) -> bool:
 
 
 def _layer_kind(lay: Layout, index: int) -> tuple[bool, bool, bool]:
-    """(its weights train, its input requires grad, it is an MoE layer) of decoder layer `index`. transformers' checkpointing turns
-    input gradients on (estimator.py _freeze_activations): then every layer's input needs a gradient, but on
-    LLaMA-Factory's wrapper. Otherwise a freeze run's layers below the lowest trained one need none (they save
+    """(its weights train, its input requires grad, it is an MoE layer) of decoder layer `index`. transformers'
+    checkpointing turns input gradients on (estimator.py _freeze_activations): then every layer's input needs a
+    gradient, but on LLaMA-Factory's wrapper. Otherwise a freeze run's layers below the lowest trained one need none (they save
     nothing), nor a LoRA run's first layer; a full run's always do (the embedding trains)."""
     tr = lay.train
     if tr.method is Method.FREEZE:
@@ -375,7 +438,24 @@ def _program(lay: Layout, trains: bool, x_rg: bool, moe: bool = True) -> _Layer:
 
 
 def _run(p: _Program, prog: _Layer, keep_saved: bool) -> tuple[list[int], list[int], int]:
-    """Make a layer's requests: returns (its saved tensors still alive, its weight copies, its output)."""
+    """Make a layer's requests: returns (its saved tensors still alive, its weight copies, its output). Written
+    once per (program, keep_saved, place in the chunk) and copied (_run_into)."""
+    offset = len(p.sizes) - p._base
+    key = (id(prog), keep_saved, offset)
+    if key not in p.templates:
+        q = _Program()
+        q._base = -offset  # its ids count from 0; frees of them are local to the chunk at `offset`
+        saved, casts, out = _run_into(q, prog, keep_saved)
+        assert not q._refs
+        p.templates[key] = (tuple(q._ops), q.sizes, saved, casts, out)
+    ops, sizes, saved, casts, out = p.templates[key]
+    start = len(p.sizes)
+    p._ops += ops
+    p.sizes += sizes
+    return [start + i for i in saved], [start + i for i in casts], start + out
+
+
+def _run_into(p: _Program, prog: _Layer, keep_saved: bool) -> tuple[list[int], list[int], int]:
     ids: dict[int, int] = {}
     casts: list[int] = []
     for kind, key, nbytes in prog.events:

@@ -44,6 +44,7 @@ class _Program:
         self.sizes: list[tuple[int, int]] = []  # each id's (bytes, stream)
         self.packed: list[int] = []  # the 4-bit weights' ids, in load order
         self.templates: dict[tuple[int, bool, int], tuple] = {}  # _run's requests per (program, keep, offset)
+        self._groups: dict[tuple[float, ...], tuple] = {}  # allocs' requests per group
         self._ops: list[tuple[int, int, int]] = []
         self._refs: list[int] = []
         self._base, self._layer = 0, False
@@ -53,6 +54,17 @@ class _Program:
         self._ops.append((ALLOC_OP, n, stream))
         self.sizes.append((n, stream))
         return len(self.sizes) - 1
+
+    def allocs(self, group: tuple[float, ...]) -> range:
+        """`new` for each of `group` (a layer's parameters, states, copies: written once per distinct group)."""
+        made = self._groups.get(group)
+        if made is None:
+            made = self._groups[group] = (tuple((ALLOC_OP, int(n), COMPUTE) for n in group),
+                                          [(int(n), COMPUTE) for n in group])
+        start = len(self.sizes)
+        self._ops += made[0]
+        self.sizes += made[1]
+        return range(start, len(self.sizes))
 
     def free(self, *ids: int | None) -> None:
         for i in ids:
@@ -127,9 +139,7 @@ def _sketch(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None 
     per_state = {States.ADAM: 2, States.ADAM_FP32: 2, States.MOMENTUM: 1}.get(opt.states, 0)
     for i, group in enumerate(trained):  # optimizer states, per trainable tensor (8-bit / factored: left out)
         p.mark(layer=i < len(layers))
-        for n in group:
-            for _ in range(per_state):
-                p.new(n)
+        p.allocs(tuple(n for n in group for _ in range(per_state)))
     p.mark()
     p.new(tr.batch_size * tr.seq_len * 8)  # input ids (int64)
     grads = _forward_backward(p, lay, st, layers, head, scale)
@@ -137,7 +147,7 @@ def _sketch(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None 
         copies = []
         for i, group in enumerate(trained):
             p.mark(layer=i < len(layers))
-            copies += [p.new(n) for n in group]
+            copies += p.allocs(tuple(group))
         p.mark()
         p.free(*copies)
     p.free(*grads)
@@ -191,6 +201,9 @@ def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]
     p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
     for params in layers:  # each parameter its own request, as a model is loaded; QLoRA: 4-bit ones quantized
         p.mark(layer=True)
+        if not qlora:
+            p.allocs(tuple(nbytes for nbytes, _, _ in params))
+            continue
         for nbytes, _trains, elements in params:
             key = _quantize(p, lay, nbytes, elements if qlora else 0)
             if elements and qlora:
@@ -405,8 +418,8 @@ def _moe_layer(lay: Layout, index: int) -> bool:
 def _layer_kind(lay: Layout, index: int) -> tuple[bool, bool, bool]:
     """(its weights train, its input requires grad, it is an MoE layer) of decoder layer `index`. transformers'
     checkpointing turns input gradients on (estimator.py _freeze_activations): then every layer's input needs a
-    gradient, but on LLaMA-Factory's wrapper. Otherwise a freeze run's layers below the lowest trained one need none (they save
-    nothing), nor a LoRA run's first layer; a full run's always do (the embedding trains)."""
+    gradient, but on LLaMA-Factory's wrapper. Otherwise a freeze run's layers below the lowest trained one need
+    none (they save nothing), nor a LoRA run's first layer; a full run's always do (the embedding trains)."""
     tr = lay.train
     if tr.method is Method.FREEZE:
         lo = lay.trained_ids[0] if lay.trained_ids else lay.spec.num_layers

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from memplan.predict import adapters
 from memplan.predict.activations import _Ctx, decoder_layer, stream_width
@@ -25,6 +26,7 @@ from memplan.predict.runs import ALLOC_OP, FREE_LOCAL, FREE_REF, Chunk, replay_c
 from memplan.predict.tape import CAST, MADE, T, Tape
 from memplan.predict.weights import ModelStates
 from memplan.spec.optimizers import States, facts
+from memplan.spec.parallel import Parallelism
 from memplan.spec.stacks import Stack, quantize_temporaries, stack_facts
 from memplan.spec.train import Adapter, Method
 
@@ -67,14 +69,15 @@ class _Program:
         return range(start, len(self.sizes))
 
     def free(self, *ids: int | None) -> None:
+        base, ops, refs = self._base, self._ops, self._refs
         for i in ids:
             if i is None:
                 continue
-            if i >= self._base:
-                self._ops.append((FREE_LOCAL, i - self._base, 0))
+            if i >= base:
+                ops.append((FREE_LOCAL, i - base, 0))
             else:
-                self._ops.append((FREE_REF, len(self._refs), 0))
-                self._refs.append(i)
+                ops.append((FREE_REF, len(refs), 0))
+                refs.append(i)
 
     def mark(self, layer: bool = False) -> None:
         """Close the chunk being written; the next is one decoder layer's when `layer`."""
@@ -102,16 +105,28 @@ class _Program:
 def reserved_overhead(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None = None) -> int:
     """Reserved minus live peak bytes of the step's sketched allocation sequence (`scale`: the fraction of each
     parameter, gradient and state one rank holds under sharding; `depth`: sketch that many decoder layers, all by
-    default). The sketch leaves gradient accumulation out, so candidates that differ only there share one replay."""
-    return _overhead(dataclasses.replace(lay, train=dataclasses.replace(lay.train, grad_accum=1)), st, scale, depth)
+    default). The sketch leaves gradient accumulation out, so candidates that differ only there share one replay;
+    of the parallel layout it reads only FSDP1's gathered units (_fsdp1_units) and of the states only autocast's
+    copies, so without units the GPU count and the sharding (a rank's share is `scale`) share one too."""
+    train = dataclasses.replace(lay.train, grad_accum=1)
+    if _fsdp1_units(lay) is None:
+        train = dataclasses.replace(train, parallel=Parallelism())
+    return _overhead(dataclasses.replace(lay, train=train), _Autocast(st.autocast_cache_bytes, st.autocast_layer_bytes),
+                     scale, depth)
 
 
-@lru_cache(maxsize=1024)
-def _overhead(lay: Layout, st: ModelStates, scale: float, depth: int | None) -> int:
-    """One replay per distinct configuration: a fit estimating a configuration again (its ranking, its
-    suggestions) replays nothing. runs.replay_chunks replays the layers until the allocator's transition repeats,
-    then builds the state after the rest (a 7B model's sketch is ~15,000 events; the bytes are a full replay's,
-    tests/test_runs.py). The cache keeps the integers, not the events."""
+class _Autocast(NamedTuple):
+    """What the sketch reads of the model states (weights.ModelStates' fields of the same names)."""
+
+    autocast_cache_bytes: int
+    autocast_layer_bytes: int
+
+
+@lru_cache(maxsize=4096)
+def _overhead(lay: Layout, st: _Autocast, scale: float, depth: int | None) -> int:
+    """One replay per distinct sketch: a fit estimating a configuration again (its ranking, its suggestions)
+    replays nothing. A 7B model's sketch is ~10,000-15,000 requests, replayed by runs.replay_chunks (the bytes of
+    allocator.replay, tests/test_runs.py). The cache keeps the integers, not the requests."""
     p = _sketch(lay, st, scale, depth)
     peaks = replay_chunks(p.chunks, p.sizes)
     return peaks.peak_reserved_bytes - peaks.peak_requested_bytes
@@ -123,11 +138,11 @@ def sketch_events(lay: Layout, st: ModelStates, scale: float = 1.0,
     return tuple(_sketch(lay, st, scale, depth).events)
 
 
-def _sketch(lay: Layout, st: ModelStates, scale: float = 1.0, depth: int | None = None) -> _Program:
+def _sketch(lay: Layout, st: ModelStates | _Autocast, scale: float = 1.0, depth: int | None = None) -> _Program:
     """The step's program, in chunks (see reserved_overhead)."""
     p = _Program()
     s, tr = lay.spec, lay.train
-    layers = [_layer_params(lay, i, scale) for i in range(s.num_layers if depth is None else depth)]
+    layers = _all_layer_params(lay, scale, s.num_layers if depth is None else depth)
     # the load's quantizer temporaries are left to load_reserved: this sketch is the step's, as the exact mode's
     # replays (which trace the step) measure it
     head = _load(p, lay, layers, scale, quantizer=False)
@@ -162,7 +177,7 @@ def load_reserved(lay: Layout, st: ModelStates, scale: float = 1.0) -> int:
     `reserved_overhead` uses for the step does not hold here: the temporaries' cached blocks are reused by later
     weights, a one-off pattern, not a per-layer one."""
     p = _Program()
-    layers = [_layer_params(lay, i, scale) for i in range(lay.spec.num_layers)]
+    layers = _all_layer_params(lay, scale, lay.spec.num_layers)
     _load(p, lay, layers, scale, quantizer=True)
     if stack_facts(lay.train.stack).device_init:  # built and quantized on the GPU, then each weight replaced
         _requantize(p, lay, layers)
@@ -218,6 +233,18 @@ def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]
     return head
 
 
+def _all_layer_params(lay: Layout, scale: float, depth: int) -> list[list[tuple[float, bool, float]]]:
+    """_layer_params of the first `depth` decoder layers, worked out once per kind (trains, MoE)."""
+    kinds: dict[tuple[bool, bool], list[tuple[float, bool, float]]] = {}
+    out = []
+    for i in range(depth):
+        kind = (lay.full or (lay.train.method is Method.FREEZE and i in lay.trained_ids), _moe_layer(lay, i))
+        if kind not in kinds:
+            kinds[kind] = _layer_params(lay, i, scale)
+        out.append(kinds[kind])
+    return out
+
+
 def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bool, float]]:
     """(bytes, trains, elements quantized on the way in or 0) of each parameter of decoder layer `index`: its
     linears, norms and LoRA adapters."""
@@ -254,8 +281,9 @@ def _fsdp1_units(lay: Layout) -> tuple[int, int] | None:
     return root * lay.compute_width, s.layer_params * lay.compute_width
 
 
-def _forward_backward(p: _Program, lay: Layout, st: ModelStates, layers: list[list[tuple[float, bool, float]]],
-                      head: list[tuple[float, bool]], scale: float = 1.0) -> list[int]:
+def _forward_backward(p: _Program, lay: Layout, st: ModelStates | _Autocast,
+                      layers: list[list[tuple[float, bool, float]]], head: list[tuple[float, bool]],
+                      scale: float = 1.0) -> list[int]:
     """Step 2's forward and backward; returns the gradients alive after it (freed by zero_grad). Each decoder layer
     runs its tape program's requests (_program): what it saves is kept for its backward, or, under checkpointing,
     dropped where the program drops it and made again when its backward recomputes it. Under FSDP1 (full or
@@ -361,7 +389,7 @@ def _backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, flo
         trained = [b for b, trains, _ in params if trains]
         whole = p.new(sum(trained) / scale) if units and trained else None
         if whole is None:
-            grads += [p.new(b) for b in trained]
+            grads += p.allocs(tuple(trained))
         p.free(*[p.new(n * inter * c) for _ in range(3)])  # the MLP's three (B, S, I) gradients
         if whole is not None:
             grads.append(p.new(sum(trained), POST_BACKWARD))

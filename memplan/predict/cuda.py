@@ -117,7 +117,7 @@ def with_cuda_terms(bd: Breakdown) -> Breakdown:
 @contextlib.contextmanager
 def reserved_lower_bound() -> Iterator[None]:
     """Estimates made inside take reserved at its lower bound, the live peak (the allocator never reserves less than
-    it hands out), skipping the allocator replays (~0.1 s each at a 7B model's full depth). Every total is then at
+    it hands out), skipping the allocator replays (~0.03-0.1 s each at a 7B model's full depth). Every total is then at
     most the full estimate's, so a candidate over the card here is over it in full: fit screens with this."""
     token = _LOWER_BOUND.set(True)
     try:

@@ -53,7 +53,7 @@ class _B:
 
     __slots__ = ("addr", "size", "pool", "used", "prev", "next")
 
-    def __init__(self, addr: int, size: int, pool: int, prev: _B | None, nxt: _B | None) -> None:
+    def __init__(self, addr: int, size: int, pool: list[int], prev: _B | None, nxt: _B | None) -> None:
         self.addr, self.size, self.pool, self.used = addr, size, pool, True
         self.prev, self.next = prev, nxt
 
@@ -63,7 +63,8 @@ def replay_chunks(chunks: list[Chunk], sizes: list[tuple[int, int]]) -> Peaks:
     their sources are allocator.Allocator's: malloc (round_size, get_pool, get_free_block, alloc_block with
     get_allocation_size, should_split, the split) and free (free_block, try_merge_blocks)."""
     held: list[_B | None] = [None] * len(sizes)  # each live id's block
-    pools: dict[int, list[int]] = {}  # pool (stream x 2 + small) -> sorted keys of its free blocks
+    pools: dict[int, list[int]] = {}  # pool (stream x 2 + small) -> sorted keys of its free blocks (a block
+    # holds its pool's list)
     free_at: dict[int, _B] = {}  # a free block's key -> the block
     reserved = requested = peak_requested = 0
     next_addr = 1 << 20
@@ -77,22 +78,22 @@ def replay_chunks(chunks: list[Chunk], sizes: list[tuple[int, int]]) -> Peaks:
                     continue
                 size = MIN_BLOCK if x < MIN_BLOCK else -(-x // MIN_BLOCK) * MIN_BLOCK  # round_size
                 small = size <= SMALL_SIZE
-                pool = y * 2 + small
-                free = pools.get(pool)
+                free = pools.get(y * 2 + small)
+                if free is None:
+                    free = pools[y * 2 + small] = []
                 block = None
-                if free:
-                    i = bisect_left(free, size * _ADDR)  # the smallest free block >= size, lowest address first
-                    if i < len(free):
-                        block = free_at.pop(free.pop(i))
-                if block is None:  # a new segment (cudaMalloc)
+                i = bisect_left(free, size * _ADDR)  # the smallest free block >= size, lowest address first
+                if i < len(free):
+                    block = free_at.pop(free.pop(i))
+                else:  # a new segment (cudaMalloc)
                     seg = SMALL_BUFFER if small else LARGE_BUFFER if size < MIN_LARGE_ALLOC else \
                         -(-size // ROUND_LARGE) * ROUND_LARGE
-                    block = _B(next_addr, seg, pool, None, None)
+                    block = _B(next_addr, seg, free, None, None)
                     next_addr += seg + ROUND_LARGE  # segments never touch
                     reserved += seg
                 rest = block.size - size
                 if rest >= MIN_BLOCK if small else rest > SMALL_SIZE:  # should_split: the front is handed out
-                    front = _B(block.addr, size, pool, block.prev, block)
+                    front = _B(block.addr, size, free, block.prev, block)
                     if block.prev is not None:
                         block.prev.next = front
                     block.prev = front
@@ -100,7 +101,7 @@ def replay_chunks(chunks: list[Chunk], sizes: list[tuple[int, int]]) -> Peaks:
                     block.size = rest
                     block.used = False
                     k = rest * _ADDR + block.addr
-                    insort(pools.setdefault(pool, []), k)
+                    insort(free, k)
                     free_at[k] = block
                     block = front
                 else:
@@ -117,7 +118,7 @@ def replay_chunks(chunks: list[Chunk], sizes: list[tuple[int, int]]) -> Peaks:
                 held[key_id] = None
                 requested -= sizes[key_id][0]
                 block.used = False
-                free = pools.setdefault(block.pool, [])
+                free = block.pool
                 prev, nxt = block.prev, block.next
                 if prev is not None and not prev.used:  # try_merge_blocks with the free neighbour before
                     k = prev.size * _ADDR + prev.addr

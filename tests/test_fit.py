@@ -127,3 +127,22 @@ def test_fit_skips_layouts_a_pre_quantized_model_cannot_train() -> None:
         with pytest.raises(ConfigError, match="incompatible with PTQ"):
             fit(spec, TrainConfig(), resolve_gpu("24GB"),
                 SearchSpace(global_batch=16, gpu_counts=(2,), shardings=(Sharding.ZERO3,)))
+
+
+@pytest.mark.parametrize("gpu", ["24GB", "16GB"])
+def test_screening_at_the_reserved_lower_bound_changes_nothing(monkeypatch, gpu):
+    """fit replays the full-depth reserved sketch only for candidates that fit at reserved's lower bound (and the
+    smallest one): its result equals the one with every candidate replayed (the bound made a no-op). 16 GB: a
+    card where little fits, so the smallest-memory search matters."""
+    import contextlib
+    import sys
+
+    fit_module = sys.modules["memplan.fit"]  # the package (memplan.fit the attribute is the function)
+
+    spec, base = resolve_model("llama-2-7b"), TrainConfig()
+    space = SearchSpace(global_batch=8, lora_ranks=(8, 64))
+    screened = fit(spec, base, resolve_gpu(gpu), space)
+    monkeypatch.setattr(fit_module, "reserved_lower_bound", contextlib.nullcontext)
+    full = fit(spec, base, resolve_gpu(gpu), space)
+    assert screened.ranked == full.ranked and screened.best_effort == full.best_effort
+    assert screened.suggestions == full.suggestions and screened.searched == full.searched

@@ -16,6 +16,7 @@ from memplan.fit.search import search_space
 from memplan.fit.speed import predicted_tokens_per_s
 from memplan.fit.suggest import suggest
 from memplan.predict.breakdown import Verdict
+from memplan.predict.cuda import reserved_lower_bound
 from memplan.spec.hardware import DEFAULT_MARGIN, GPU
 from memplan.spec.model import ModelSpec
 from memplan.spec.space import SearchSpace
@@ -42,23 +43,45 @@ def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None 
     if not configs:
         raise ConfigError("every configuration searched is one the target (LLaMA-Factory) refuses: open another "
                           "knob (--precision, --zero / --fsdp)")
-    cands = []
+    bounds: list[Candidate] = []  # each candidate with reserved at its lower bound (cuda.reserved_lower_bound)
     refused: ConfigError | None = None
-    for i, t in enumerate(configs, 1):
-        try:
-            cands.append(evaluate(spec, t, gpu, usable))
-        except ConfigError as err:  # a layout the model cannot train (ZeRO-3 / FSDP over a pre-quantized one)
-            refused = refused or err
-        if on_progress is not None and i % PROGRESS_EVERY == 0:
-            on_progress(i, len(configs))
-    if not cands and refused is not None:
+    with reserved_lower_bound():
+        for i, t in enumerate(configs, 1):
+            try:
+                bounds.append(evaluate(spec, t, gpu, usable))
+            except ConfigError as err:  # a layout the model cannot train (ZeRO-3 / FSDP over a pre-quantized one)
+                refused = refused or err
+            if on_progress is not None and i % PROGRESS_EVERY == 0:
+                on_progress(i, len(configs))
+    if not bounds and refused is not None:
         raise refused
-    ranked = sorted((c for c in cands if c.fits), key=lambda c: (-c.tokens_per_s, c.total_bytes))
-    smallest = min(cands, key=lambda c: (c.total_bytes, not c.train.checkpointing))
+    # a bound's total is at most the full estimate's: what does not fit with its band at the bound does not in
+    # full, so only the rest replay the allocator
+    full = {i: evaluate(spec, c.train, gpu, usable) for i, c in enumerate(bounds) if c.fits}
+    ranked = sorted((c for c in full.values() if c.fits), key=lambda c: (-c.tokens_per_s, c.total_bytes))
+    smallest = _smallest(spec, bounds, full, gpu, usable)
     suggestions = () if ranked else tuple(suggest(spec, smallest.train, gpu, usable))
     return FitResult(model=spec, gpu=gpu, margin=margin, global_batch=space.global_batch, usable_bytes=usable,
-                     ranked=tuple(ranked), searched=len(cands), best_effort=smallest, suggestions=suggestions,
+                     ranked=tuple(ranked), searched=len(bounds), best_effort=smallest, suggestions=suggestions,
                      as_written=evaluate(spec, as_written, gpu, usable) if as_written else None)
+
+
+def _smallest(spec: ModelSpec, bounds: list[Candidate], full: dict[int, Candidate], gpu: GPU,
+              usable: int) -> Candidate:
+    """The smallest-memory candidate in full (checkpointed first on a tie, the first searched after that), as
+    `min` over every full estimate would pick it: candidates are estimated in full in their bounds' order until a
+    bound is above the smallest full total found, which no later candidate can then undercut."""
+    def key(c: Candidate) -> tuple[int, bool]:
+        return c.total_bytes, not c.train.checkpointing
+
+    best: tuple[int, bool] | None = None
+    for i in sorted(range(len(bounds)), key=lambda i: key(bounds[i])):
+        if best is not None and key(bounds[i]) > best:
+            break
+        if i not in full:
+            full[i] = evaluate(spec, bounds[i].train, gpu, usable)
+        best = key(full[i]) if best is None else min(best, key(full[i]))
+    return min((full[i] for i in sorted(full) if key(full[i]) == best), key=key)
 
 
 def recheck_exact(res: FitResult, top: int = 3) -> FitResult:

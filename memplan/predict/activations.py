@@ -165,6 +165,8 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     else:
         xin = tp.cast(x, 2) if cx.amp else x
         y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
+        del xin  # the cast input dies with the matmul (unless saved); the `del`s below place such ends for
+        # predict/reserve.py, which records when each tensor of this program is dropped (tape.Lifetimes)
     if adapter in (Adapter.LORA, Adapter.DORA):
         x = x_in
         xl = tp.cast(x, lay.lora_width)  # peft _cast_input_dtype to the adapter dtype (a no-op when equal)
@@ -175,11 +177,19 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
             xl = tp.new(xl)
         xa = tp.cast(xl, 2) if lay.amp else xl
         a = tp.linear(xa, in_f, lay.train.lora_rank, w_trains=True, width=cx.c)
-        b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
         if adapter is Adapter.DORA:
+            b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
             adapters.dora_extra(tp, xa, y, b, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
                                 amp=lay.amp, width=lay.lora_width, compute=cx.c)
             y = tp.new(y)  # `result + result_dora` (fp32), `.to(torch_result_dtype)`: not the saved base output
+        else:  # peft lora/layer.py Linear.forward: `result = result + lora_B(lora_A(dropout(x))) * scaling`
+            del xa
+            b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+            del a
+            scaled = tp.new(b)  # `* scaling`: a scalar product saves nothing
+            del b
+            y = tp.new(y, rg=True)  # the sum: a new tensor; the base output goes
+            del scaled
         y.rg = True
     return y
 
@@ -336,24 +346,34 @@ def _gated_mlp(cx: _Ctx, h: T, inter: int, prefix: str = "") -> T:
     """down(act(gate(x)) * up(x)) (LlamaMLP, DeepseekV3MLP l.115-117); `prefix` names DeepSeek's shared experts."""
     s = cx.lay.spec
     n, hid = cx.tokens, s.hidden_size
-    if s.fused_gate_up:
-        gu = linear(cx, h, "gate_up_proj", hid, 2 * inter)
-        gate, up = gu.view(n * inter), gu.view(n * inter)
-    else:
-        gate = linear(cx, h, prefix + "gate_proj", hid, inter)
-        up = linear(cx, h, prefix + "up_proj", hid, inter)
     if cx.liger:  # LigerSiLUMulFunction / GEGLU (predict/kernels.py): saves gate and up, recomputes the act
+        gate, up = _gate_up(cx, h, inter, prefix)
         if gate.rg or up.rg:
             cx.tape.save(gate, up)
         cx.tape.mark_here()
         return linear(cx, T(n * inter, max(gate.width, up.width), gate.rg or up.rg), prefix + "down_proj", inter,
                       hid)
-    act = cx.tape.saving_input(gate)  # silu / gelu_tanh
+    if s.fused_gate_up:
+        gate, up = _gate_up(cx, h, inter, prefix)
+        act = cx.tape.saving_input(gate)  # silu / gelu_tanh
+    else:  # `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: the gate's output goes once the activation ran
+        act = cx.tape.saving_input(linear(cx, h, prefix + "gate_proj", hid, inter))
+        up = linear(cx, h, prefix + "up_proj", hid, inter)
     prod = cx.tape.mul(act, up)
+    del act, up
     # backward reaches act * up's node (its three (B, S, I) gradients: layer_backward_buffers) after the down
     # projection's node (and any later one) ran and released what only they saved (`layer_saved(at_mlp=True)`)
     cx.tape.mark_here()
     return linear(cx, prod, prefix + "down_proj", inter, hid)
+
+
+def _gate_up(cx: _Ctx, h: T, inter: int, prefix: str = "") -> tuple[T, T]:
+    """The MLP's gate and up projections (two views of one output when fused)."""
+    n, hid = cx.tokens, cx.lay.spec.hidden_size
+    if cx.lay.spec.fused_gate_up:
+        gu = linear(cx, h, "gate_up_proj", hid, 2 * inter)
+        return gu.view(n * inter), gu.view(n * inter)
+    return linear(cx, h, prefix + "gate_proj", hid, inter), linear(cx, h, prefix + "up_proj", hid, inter)
 
 
 def _moe(cx: _Ctx, h: T) -> T:

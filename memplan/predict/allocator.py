@@ -103,9 +103,9 @@ class Allocator:
             return self._handles
         size = round_size(nbytes, self.config.roundup_power2_divisions)
         small = size <= SMALL_SIZE  # [1.14] L1453 get_pool
-        alloc_size = allocation_size(size)
         block = self._get_free_block(small, stream, size)
         if block is None:  # [1.14] L782-789: cudaMalloc; else free oversize cached blocks, retry; else free all
+            alloc_size = allocation_size(size)
             block = self._alloc_block(small, stream, size, alloc_size)
             if block is None and self._release_available_cached_blocks(small, stream, size):
                 block = self._alloc_block(small, stream, size, alloc_size)
@@ -119,14 +119,16 @@ class Allocator:
         if self._should_split(block, size):
             block = self._split(block, size)
         block.allocated = True
-        self.allocated += block.size  # [1.14] L949-951 allocated_bytes counts the block's (rounded) size
-        self.requested += nbytes
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
-        self.peak_requested = max(self.peak_requested, self.requested)
+        allocated = self.allocated = self.allocated + block.size  # [1.14] L949-951 allocated_bytes counts the
+        requested = self.requested = self.requested + nbytes  # block's (rounded) size
+        if allocated > self.peak_allocated:  # (comparisons, not max(): this is the replay's hot path)
+            self.peak_allocated = allocated
+        if requested > self.peak_requested:
+            self.peak_requested = requested
         if self.reserved > self.peak_reserved:  # reserved only grows inside malloc: its peak is seen here
-            self.peak_reserved, self.allocated_at_peak = self.reserved, self.allocated
-        elif self.reserved == self.peak_reserved:  # still at the peak: the most of it in use
-            self.allocated_at_peak = max(self.allocated_at_peak, self.allocated)
+            self.peak_reserved, self.allocated_at_peak = self.reserved, allocated
+        elif self.reserved == self.peak_reserved and allocated > self.allocated_at_peak:  # still at the peak:
+            self.allocated_at_peak = allocated  # the most of it in use
         self._live[self._handles] = (block, nbytes)
         return self._handles
 
@@ -155,7 +157,9 @@ class Allocator:
     # ---- finding and making blocks --------------------------------------------------------------------------
     def _get_free_block(self, small: bool, stream: int, size: int) -> _Block | None:
         """[cpp] get_free_block ([1.14] L1484-1510): the smallest free block >= size on this stream and pool."""
-        free = self._free.get((small, stream), [])
+        free = self._free.get((small, stream))
+        if not free:
+            return None
         i = bisect.bisect_left(free, (size, -1))
         if i == len(free):
             return None

@@ -7,7 +7,10 @@ test_cuda_terms.py keeps the two equal).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from memplan.predict.allocator import allocation_size
@@ -19,6 +22,8 @@ from memplan.spec.stacks import stack_facts
 from memplan.spec.train import Method
 
 MIB = 1024**2
+# inside `reserved_lower_bound()`: reserved is taken at its lower bound, the live peak, without the replay
+_LOWER_BOUND: ContextVar[bool] = ContextVar("memplan_reserved_lower_bound", default=False)
 CUDA_CONTEXT_BYTES = 500 * MIB  # CUDA context and loaded kernels: not yet calibrated on a GPU, see README 'Limits'
 
 # cuBLAS workspaces (aten/src/ATen/cuda/CublasHandlePool.cpp, pytorch@26a39059: parseChosenWorkspaceSize,
@@ -109,19 +114,29 @@ def with_cuda_terms(bd: Breakdown) -> Breakdown:
                                peak_reserved_bytes=max(bd.peak_reserved_bytes + segments, peak))
 
 
+@contextlib.contextmanager
+def reserved_lower_bound() -> Iterator[None]:
+    """Estimates made inside take reserved at its lower bound, the live peak (the allocator never reserves less than
+    it hands out), skipping the allocator replays (~0.03-0.1 s each at a 7B model's full depth). Every total is then at
+    most the full estimate's, so a candidate over the card here is over it in full: fit screens with this."""
+    token = _LOWER_BOUND.set(True)
+    try:
+        yield
+    finally:
+        _LOWER_BOUND.reset(token)
+
+
 def cuda_overheads(peak_allocated: int, lay: Layout, st: ModelStates) -> tuple[int, int]:
     """(peak reserved bytes, context bytes). Reserved = the live peak + the allocator's overhead on the step's
-    sketched allocation sequence (predict/reserve.py, replayed by predict/allocator.py), sketched at one and two
-    decoder layers and put on a line to the model's depth: a full-depth sketch costs ~0.1 s an estimate (a fit
-    replays hundreds), and was not closer to the exact mode's replays (benchmarks/results/allocator_catalog.md).
+    sketched allocation sequence at the model's full depth (predict/reserve.py: every decoder layer's tape program,
+    the LM head and loss, the optimizer step, replayed by predict/allocator.py). A line through one- and two-layer
+    sketches missed by up to -15 %: the overhead is not linear in depth (benchmarks/results/allocator_catalog.md).
     `st` is one rank's model states (sharding scales each parameter's, gradient's and state's request)."""
+    if _LOWER_BOUND.get():
+        return peak_allocated, CUDA_CONTEXT_BYTES
     unsharded = model_states(lay).weights_bytes
     scale = st.weights_bytes / unsharded if unsharded else 1.0
-    one = reserved_overhead(lay, st, scale, depth=1)
-    layers = lay.spec.num_layers
-    two = reserved_overhead(lay, st, scale, depth=2) if layers > 1 else one
-    overhead = one + (two - one) * (layers - 1)
-    reserved = peak_allocated + max(overhead, 0)  # the allocator never reserves less than it hands out
+    reserved = peak_allocated + max(reserved_overhead(lay, st, scale), 0)  # never less than it hands out
     if stack_facts(lay.train.stack).device_init and lay.train.method is Method.QLORA:
         reserved = max(reserved, load_reserved(lay, st, scale))  # the cache keeps what the load reserved
     return reserved, CUDA_CONTEXT_BYTES

@@ -9,10 +9,46 @@ Rule of thumb for products: `mul(a, b)` saves `b` iff `a` requires grad and `a` 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from itertools import count
 
 _ids = count()
+MADE, DROPPED, CAST = "made", "dropped", "cast"  # a recorded program's events (Lifetimes)
+
+
+class Lifetimes:
+    """The storages a program makes and drops, in order: CPython frees a T as its last reference goes (refcounts),
+    as torch frees a storage when its last tensor goes, so a program written as transformers' code is (locals,
+    temporaries inside an expression) drops its tensors where that code does. Views share their base's count;
+    storages made before the recording (the layer's input, parameters) are not counted."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, int]] = []  # (MADE | DROPPED | CAST, storage or 0, bytes or numel)
+        self.refs: dict[int, int] = {}
+        self.open = True
+
+    def made(self, t: T, fresh: bool) -> None:
+        if t.param or not self.open:
+            return
+        if fresh and t.storage_bytes:
+            self.refs[t.storage] = 1
+            self.events.append((MADE, t.storage, t.storage_bytes))
+        elif t.storage in self.refs:
+            self.refs[t.storage] += 1
+
+    def dropped(self, t: T) -> None:
+        if not self.open or t.storage not in self.refs:
+            return
+        self.refs[t.storage] -= 1
+        if not self.refs[t.storage]:
+            del self.refs[t.storage]
+            self.events.append((DROPPED, t.storage, t.storage_bytes))
+
+
+_recording: ContextVar[Lifetimes | None] = ContextVar("memplan_tape_recording", default=None)
 
 
 @dataclass(slots=True)
@@ -25,10 +61,20 @@ class T:
     param: bool = False
     storage: int = field(default_factory=lambda: next(_ids))
     storage_bytes: int = -1
+    _lifetimes: Lifetimes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.storage_bytes < 0:
+        fresh = self.storage_bytes < 0  # only a view passes its base's storage
+        if fresh:
             self.storage_bytes = self.numel * self.width
+        rec = _recording.get()
+        if rec is not None:
+            self._lifetimes = rec
+            rec.made(self, fresh)
+
+    def __del__(self) -> None:
+        if self._lifetimes is not None:
+            self._lifetimes.dropped(self)
 
     @property
     def nbytes(self) -> int:
@@ -51,7 +97,20 @@ class Tape:
     held: dict[int, int] = field(default_factory=dict)  # the saved storages a custom autograd Function keeps as a
     # plain ctx attribute (bitsandbytes' `ctx.tensors`): autograd releases only save_for_backward's tensors after a
     # node ran (PyNode::release_variables), so these live until the graph itself is freed
+    lifetimes: Lifetimes | None = None  # set inside `recording()`
     mark: int = -1  # len(saved) when `mark_here` ran: storages first saved from then on come after it in `saved`
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Lifetimes]:
+        """Record the storages the program run inside makes and drops (Lifetimes), and where a trained weight is
+        read by a linear (CAST: its numel)."""
+        self.lifetimes = Lifetimes()
+        token = _recording.set(self.lifetimes)
+        try:
+            yield self.lifetimes
+        finally:
+            _recording.reset(token)
+            self.lifetimes.open = False
 
     def mark_here(self) -> None:
         self.mark = len(self.saved)
@@ -119,5 +178,7 @@ class Tape:
     def linear(self, x: T, in_features: int, out_features: int, *, w_trains: bool, width: int) -> T:
         """F.linear: saves x if the weight trains (x already in the compute dtype)."""
         if w_trains:
+            if self.lifetimes is not None and self.lifetimes.open:
+                self.lifetimes.events.append((CAST, 0, in_features * out_features))
             self.save(x)
         return T(x.numel // in_features * out_features, width, x.rg or w_trains)

@@ -1,7 +1,7 @@
 import pytest
 
 from memplan.errors import ConfigError
-from memplan.fit import fit
+from memplan.fit import PROGRESS_EVERY, fit
 from memplan.spec.catalog import resolve_model
 from memplan.spec.hardware import resolve_gpu
 from memplan.spec.space import SearchSpace
@@ -103,12 +103,13 @@ def test_suggestions_include_more_gpus_with_the_effective_batch_kept():
 def test_a_long_search_reports_progress():
     from memplan.spec.train import Optimizer
 
-    calls = []
-    res = fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("80GB"),
+    calls = []  # a 16 GB card: the screening pass still sees all 3,880 candidates, few of which fit and are
+    # replayed through the allocator sketch (on 80 GB nearly all of them fit and are: minutes in CI)
+    res = fit(resolve_model("llama-2-7b"), TrainConfig(), resolve_gpu("16GB"),
               SearchSpace(global_batch=64, lora_ranks=(8, 16, 32, 64, 128), gpu_counts=(1, 2, 4, 8),
                           optimizers=(Optimizer.ADAMW, Optimizer.ADAMW_8BIT)),
               on_progress=lambda done, total: calls.append((done, total)))
-    assert calls and all(total == res.searched for _, total in calls)
+    assert res.searched > PROGRESS_EVERY and calls and all(total == res.searched for _, total in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] <= res.searched
 
 

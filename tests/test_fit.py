@@ -1,7 +1,7 @@
 import pytest
 
 from memplan.errors import ConfigError
-from memplan.fit import PROGRESS_EVERY, fit
+from memplan.fit import PROGRESS_EVERY, fit, search_space
 from memplan.spec.catalog import resolve_model
 from memplan.spec.hardware import resolve_gpu
 from memplan.spec.space import SearchSpace
@@ -125,6 +125,11 @@ def test_fit_skips_layouts_a_pre_quantized_model_cannot_train() -> None:
         spec = resolve_model("TechxGenus/Meta-Llama-3-8B-Instruct-AWQ")
         res = fit(spec, TrainConfig(), resolve_gpu("24GB"), SearchSpace(global_batch=16, gpu_counts=(1, 2)))
         assert res.ranked and not any(c.train.sharding in (Sharding.ZERO3, Sharding.FULL_SHARD) for c in res.ranked)
+        # and says so: how many were left out and why (they were dropped without a word before)
+        dropped = sum(int(line.split()[0]) for line in res.left_out)
+        assert dropped > 0 and all("incompatible with PTQ" in line for line in res.left_out), res.left_out
+        assert len(search_space(TrainConfig(), resolve_gpu("24GB"),
+                                SearchSpace(global_batch=16, gpu_counts=(1, 2)))) == res.searched + dropped
         with pytest.raises(ConfigError, match="incompatible with PTQ"):
             fit(spec, TrainConfig(), resolve_gpu("24GB"),
                 SearchSpace(global_batch=16, gpu_counts=(2,), shardings=(Sharding.ZERO3,)))

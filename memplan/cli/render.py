@@ -173,6 +173,7 @@ def fit_json(res: FitResult) -> dict[str, Any]:
         "model": {"name": spec.name, "model_type": spec.model_type, "parameters": spec.num_parameters},
         "gpu": {"name": res.gpu.name, "memory_bytes": res.gpu.memory_bytes, "usable_bytes": res.usable_bytes},
         "margin": res.margin, "global_batch": res.global_batch, "searched": res.searched,
+        "left_out": list(res.left_out),
         "fits": res.fits, "verdict": best.verdict.value, "band": best.breakdown.band,
         "config": config_dict(spec, best.train),
         "memory": best.breakdown.memory_dict(),
@@ -197,6 +198,8 @@ def print_fit(res: FitResult, top: int) -> None:
     head = f"[bold]{spec.name}[/] on {gpu.name} ({fmt_gib(res.usable_bytes)} usable, margin {res.margin:.0%}), " \
            f"effective batch {res.global_batch} · {res.searched} configurations searched"
     console.print(head)
+    for line in res.left_out:
+        console.print(f"[dim]left out: {line}[/]", highlight=False)
     if res.best is None:
         be = res.best_effort
         if be.verdict is Verdict.TIGHT:

@@ -8,6 +8,7 @@ LLaMA-Factory YAML's knobs; `recheck_exact` re-checks the winners with the exact
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 
 from memplan.errors import ConfigError
@@ -39,10 +40,14 @@ def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None 
     run (LLaMA-Factory's refused combinations) before they are judged."""
     space = space or SearchSpace()
     usable = gpu.usable_bytes(margin)
-    configs = [t for t in search_space(base, gpu, space) if accept is None or accept(t)]
+    every = search_space(base, gpu, space)
+    configs = [t for t in every if accept is None or accept(t)]
     if not configs:
         raise ConfigError("every configuration searched is one the target (LLaMA-Factory) refuses: open another "
                           "knob (--precision, --zero / --fsdp)")
+    why: Counter[str] = Counter()
+    if len(configs) < len(every):
+        why["the target (LLaMA-Factory) refuses the combination (its parser's rules)"] = len(every) - len(configs)
     bounds: list[Candidate] = []  # each candidate with reserved at its lower bound (cuda.reserved_lower_bound)
     refused: ConfigError | None = None
     with reserved_lower_bound():
@@ -51,6 +56,7 @@ def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None 
                 bounds.append(evaluate(spec, t, gpu, usable))
             except ConfigError as err:  # a layout the model cannot train (ZeRO-3 / FSDP over a pre-quantized one)
                 refused = refused or err
+                why[str(err)] += 1
             if on_progress is not None and i % PROGRESS_EVERY == 0:
                 on_progress(i, len(configs))
     if not bounds and refused is not None:
@@ -63,7 +69,8 @@ def fit(spec: ModelSpec, base: TrainConfig, gpu: GPU, space: SearchSpace | None 
     suggestions = () if ranked else tuple(suggest(spec, smallest.train, gpu, usable))
     return FitResult(model=spec, gpu=gpu, margin=margin, global_batch=space.global_batch, usable_bytes=usable,
                      ranked=tuple(ranked), searched=len(bounds), best_effort=smallest, suggestions=suggestions,
-                     as_written=evaluate(spec, as_written, gpu, usable) if as_written else None)
+                     as_written=evaluate(spec, as_written, gpu, usable) if as_written else None,
+                     left_out=tuple(f"{n} configuration{'s' * (n > 1)}: {reason}" for reason, n in why.items()))
 
 
 def _smallest(spec: ModelSpec, bounds: list[Candidate], full: dict[int, Candidate], gpu: GPU,

@@ -45,6 +45,9 @@ class FitResult:
     best_effort: Candidate  # the smallest-memory candidate when nothing fits
     suggestions: tuple[Suggestion, ...] = field(default=())
     as_written: Candidate | None = None  # fit --config: the YAML's own configuration, judged the same way
+    # candidates the search did not judge, one "N configurations: why" line per reason (the target refuses the
+    # combination; the estimate refuses the layout)
+    left_out: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:

@@ -25,6 +25,9 @@ CASES = [
     ("mixtral", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False,
                      lora_targets=("q_proj", "v_proj"))),
     ("mixtral", dict(method=Method.LORA, precision=Precision.FP32, checkpointing=True)),
+    # a VL model on text (nested text_config, interleaved M-RoPE, frozen tower), MoE experts peft does not wrap:
+    # analytic -0.198 % of the truth
+    ("qwen3_vl_moe", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False)),
 ]
 
 

@@ -25,6 +25,9 @@ CASES = [
     ("mixtral", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False,
                      lora_targets=("q_proj", "v_proj"))),
     ("mixtral", dict(method=Method.LORA, precision=Precision.FP32, checkpointing=True)),
+    # a VL model on text (nested text_config, interleaved M-RoPE, frozen tower), MoE experts peft does not wrap:
+    # analytic -0.147 % of the truth (s256: -0.198 %; s128 keeps the profiled step short)
+    ("qwen3_vl_moe", dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False, seq_len=128)),
 ]
 
 

@@ -14,7 +14,7 @@ from memplan.predict.kernels import liger_applies
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
 from memplan.spec.model import Linear
-from memplan.spec.train import ALL_LINEAR, Adapter, Attention, QuantMethod
+from memplan.spec.train import Adapter, Attention, QuantMethod
 
 FP32 = 4
 
@@ -383,7 +383,7 @@ def _moe(cx: _Ctx, h: T) -> T:
     (target_parameters): the experts then run a grouped matmul on merged weights W + BA, saved for backward."""
     s, tp, lay = cx.lay.spec, cx.tape, cx.lay
     n, k = cx.tokens, s.experts_per_token
-    wrapped = lay.train.is_lora and ALL_LINEAR in lay.train.lora_targets
+    wrapped = lay.experts_wrapped
     router_trains = cx.trains or wrapped
     if s.family.router == "sigmoid":
         weights = _sigmoid_router(cx, h, router_trains, wrapped)

@@ -459,7 +459,9 @@ def _rope_bytes(lay: Layout) -> _Rope:
     if s.family.rope_complex:  # DeepSeek-V2: one complex64 freqs_cis (1, S, rope / 2) in place of cos and sin
         cos_sin = tr.seq_len * (s.rotary_dim // 2) * 8
     ids = 8 * tr.seq_len
-    if s.family.mrope:  # Qwen2_5_VLRotaryEmbedding.forward (l.530-540): cos/sin (B, S, D), one per sample
+    # M-RoPE: cos/sin (B, S, D), one per sample (Qwen2_5_VLRotaryEmbedding.forward l.530-540, Qwen2VLRotaryEmbedding
+    # l.126-136; Qwen3VLTextRotaryEmbedding l.396-419 interleaves the sections in place, then one cat, one cast)
+    if s.family.mrope:
         cos_sin *= tr.batch_size
     if tr.checkpointing:
         return _Rope(cos_sin + ids, cos_sin + ids)

@@ -113,6 +113,11 @@ class Layout:
             return self.spec.vocab_size * self.spec.hidden_size * 2
         return 0
 
+    @property
+    def experts_wrapped(self) -> bool:
+        """LoRA on all-linear wraps an MoE's router and 3D expert parameters too (Family.lora_wraps_experts)."""
+        return self.train.is_lora and ALL_LINEAR in self.train.lora_targets and self.spec.family.lora_wraps_experts
+
     def lora_params_total(self) -> int:
         """Adapter parameters of all decoder layers (DeepSeek's leading dense layers have no MoE adapters)."""
         s = self.spec
@@ -129,7 +134,7 @@ class Layout:
         if s.shared_intermediate:
             n += sum(params_per_linear(self.train, lin) for lin in s.dense_mlp_linears(s.shared_intermediate,
                      "shared_experts.") if lin.name in self.lora_modules)
-        if s.is_moe and ALL_LINEAR in self.train.lora_targets:
+        if s.is_moe and self.experts_wrapped:
             # peft 0.21 also wraps the router and the 3D expert parameters (shapes read off a built model):
             # router A (r, H) + B (E, r); gate_up A (2Er, H) + B (2I, 2Er); down A (Er, I) + B (H, Er)
             e, h, i = s.num_experts, s.hidden_size, s.moe_intermediate_size

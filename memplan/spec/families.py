@@ -74,8 +74,18 @@ class Family:
     save_copies_gate_up: bool = False
     vision: str = ""  # the vision tower whose parameters ModelSpec.vision_params counts (frozen, never trained)
     # position ids (3, B, S) and cos/sin (B, S, rotary_dim) per forward: the multimodal RoPE (Qwen-VL) makes them
-    # per sample, not (1, S, rotary_dim) as LlamaRotaryEmbedding does (predict.estimator._rope_bytes)
-    mrope: bool = False
+    # per sample, not (1, S, rotary_dim) as LlamaRotaryEmbedding does (predict.estimator._rope_bytes). "sections":
+    # the frequencies split by mrope_section, which must sum to head_dim / 2 (Qwen2VLRotaryEmbedding
+    # .recomposition_frequencies, modeling_qwen2_vl.py l.142); "interleaved": Qwen3-VL's strided assignment (l.410-419)
+    mrope: str = ""
+    # a composite VL config forwards text_config's tie_word_embeddings to the outer config (Qwen2-VL / 2.5-VL BC:
+    # configuration_qwen2_vl.py l.184-188); Qwen3-VL ties only by the outer key (Qwen3VLConfig l.140, default false)
+    tie_from_text: bool = False
+    sliding: bool = True  # False: the decoder never windows attention, whatever config.json's sliding_window says
+    # peft 0.21's all-linear also wraps an MoE's router and 3D expert parameters, through its v4 -> v5 target remap
+    # keyed by model_type (peft utils/transformers_weight_conversion.py _convert_peft_config_moe l.402-420, via
+    # transformers conversion_mapping.py _MODEL_TO_CONVERSION_PATTERN); False: a type not in that table
+    lora_wraps_experts: bool = True
 
     @property
     def norm_tensors(self) -> int:
@@ -174,19 +184,35 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # with no image the position ids are arange(S).view(1, 1, -1).expand(3, B, -1) (l.803-804), one int64 (S)
     # storage; Qwen2_5_VLRotaryEmbedding (l.530-546) gives cos/sin (B, S, head_dim) in the stream dtype
     Family(model_type="qwen2_5_vl", auto_class="AutoModelForImageTextToText", qkv_bias=True,
-           sliding_window_flag="use_sliding_window", frozen_modules=("visual.",), vision="qwen2_5_vl", mrope=True,
-           limits=_VL_LIMITS),
-    # Qwen2-VL (modeling_qwen2_vl.py): a qwen2 decoder with M-RoPE and the visual.* tower LLaMA-Factory freezes
-    # (_register_composite_model("qwen2_vl")); no catalog entry yet (no verified config.json copy found)
-    Family(model_type="qwen2_vl", analytic=False, auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), limits=_VL_LIMITS),
-    Family(model_type="qwen3_vl", analytic=False, auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), limits=_VL_LIMITS),
-    # Qwen3-VL-MoE (modeling_qwen3_vl_moe.py): Qwen3-VL's tower and deepstack mergers, the text decoder's MLPs
-    # Qwen3VLMoeTextSparseMoeBlock (fused Qwen3VLMoeTextExperts parameters, l.114); LLaMA-Factory freezes
-    # visual.* (model_utils/visual.py, _register_composite_model("qwen3_vl_moe"))
-    Family(model_type="qwen3_vl_moe", analytic=False, moe=True, auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), limits=_VL_LIMITS),
+           sliding_window_flag="use_sliding_window", frozen_modules=("visual.",), vision="qwen2_5_vl", mrope="sections",
+           tie_from_text=True, limits=_VL_LIMITS),
+    # Qwen2-VL (modeling_qwen2_vl.py): Qwen2VLTextModel is Qwen2.5-VL's decoder (q/k/v bias, o_proj none,
+    # l.504-507; text-only position ids arange(S).view(1, 1, -1).expand(3, B, -1), l.766-767; Qwen2VLRotaryEmbedding
+    # cos/sin (B, S, head_dim), l.88-136), its window only with use_sliding_window; the ViT of
+    # memplan.spec.vision._qwen2_vl, visual.* frozen (LLaMA-Factory _register_composite_model("qwen2_vl"))
+    Family(model_type="qwen2_vl", architectures=("Qwen2VLForConditionalGeneration",),
+           auto_class="AutoModelForImageTextToText", qkv_bias=True, sliding_window_flag="use_sliding_window",
+           frozen_modules=("visual.",), vision="qwen2_vl", mrope="sections", tie_from_text=True, limits=_VL_LIMITS),
+    # Qwen3-VL on text (modeling_qwen3_vl.py): Qwen3VLTextModel, the decoder dims nested in text_config, is a qwen3
+    # decoder (q_norm / k_norm RMSNorm(head_dim) before the transpose, l.496-511; no bias by default) with
+    # create_causal_mask only (no window, l.801); position ids arange(S).view(1, 1, -1).expand(4, B, -1) (l.790-791),
+    # one int64 (S) storage; Qwen3VLTextRotaryEmbedding (l.358-419) returns the interleaved-mrope cos/sin (B, S,
+    # head_dim) in the stream dtype. Deepstack visual embeds are added only when an image is given (l.827)
+    Family(model_type="qwen3_vl", architectures=("Qwen3VLForConditionalGeneration",),
+           auto_class="AutoModelForImageTextToText", qk_norm=True, sliding=False, frozen_modules=("visual.",),
+           vision="qwen3_vl", mrope="interleaved", limits=_VL_LIMITS),
+    # Qwen3-VL-MoE (modeling_qwen3_vl_moe.py): Qwen3-VL's tower and deepstack mergers, a qwen3_moe text decoder:
+    # Qwen3VLMoeTextSparseMoeBlock (l.172-183) = Qwen3VLMoeTextTopKRouter (l.153-169: a (E, H) weight, softmax fp32,
+    # top-k renormalised) + the grouped_mm Qwen3VLMoeTextExperts (fused 3D gate_up_proj / down_proj, l.114-151);
+    # Qwen3VLMoeTextConfig sets sliding_window None (configuration_qwen3_vl_moe.py l.116). Its model_type is not in
+    # transformers' qwen2_moe conversion family (conversion_mapping.py l.1450-1461: a check_dims Transpose, which
+    # returns the parameter itself when the shapes agree, core_model_loading.py l.372-375, so saving copies
+    # nothing), hence peft's all-linear wraps only the attention Linears (a built tiny model: no router or expert
+    # adapters)
+    Family(model_type="qwen3_vl_moe", architectures=("Qwen3VLMoeForConditionalGeneration",), moe=True,
+           intermediate_key="moe_intermediate_size", lora_wraps_experts=False,
+           auto_class="AutoModelForImageTextToText", qk_norm=True, sliding=False, frozen_modules=("visual.",),
+           vision="qwen3_vl", mrope="interleaved", limits=_VL_LIMITS),
     # Qwen3.5 (modeling_qwen3_5.py / modeling_qwen3_5_moe.py): layer_types alternate Gated DeltaNet linear
     # attention (Qwen3_5MoeGatedDeltaNet, l.517: causal conv1d + chunked delta rule; on CPU torch's fallbacks
     # torch_chunk_gated_delta_rule, l.304) with full attention every full_attention_interval-th layer; MoE with a

@@ -15,6 +15,7 @@ from typing import Any
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.spec.families import FAMILIES, Family, family_of, type_of_architecture
 from memplan.spec.prequantized import PackedQuant, packed_from_config, storage_note
+from memplan.spec.vision import vision_params
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -152,8 +153,10 @@ class ModelSpec:
         # the rotary embedding's dim (modeling_deepseek_v3.py l.87)
         if self.family.mla:
             return self.qk_rope_head_dim
-        rope = self.config.get("rope_parameters") or {}
-        factor = rope.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
+        text = self.config.get("text_config")
+        cfg = text if isinstance(text, dict) else self.config  # a VL model's decoder: its nested text_config
+        rope = cfg.get("rope_parameters") or {}
+        factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         return int(self.head_dim * (factor if factor is not None else 1.0))
 
     def attention_linears(self) -> tuple[Linear, ...]:
@@ -284,19 +287,7 @@ class ModelSpec:
     @property
     def vision_params(self) -> int:
         """The vision tower and merger of a VL model (0 for a text model), frozen (Family.frozen_modules)."""
-        vc = self.config.get("vision_config")
-        if self.family.vision != "qwen2_5_vl" or not isinstance(vc, dict):
-            return 0
-        # transformers 5.24 models/qwen2_5_vl/modeling_qwen2_5_vl.py; Qwen2_5_VLVisionConfig defaults (l.53-61)
-        h, i, out = vc.get("hidden_size", 3584), vc.get("intermediate_size", 3420), vc.get("out_hidden_size", 3584)
-        c = vc.get("in_channels", vc.get("in_chans", 3))
-        patch = c * vc.get("temporal_patch_size", 2) * vc.get("patch_size", 14) ** 2 * h  # Conv3d, no bias (l.114)
-        # a block (l.342-348): 2 RMSNorm(h) + qkv Linear(h, 3h, bias) + proj Linear(h, h, bias) (l.266-267)
-        # + Qwen2_5_VLMLP(bias=True): gate/up Linear(h, I) + down Linear(I, h), with biases (l.90-92)
-        block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
-        m = h * vc.get("spatial_merge_size", 2) ** 2  # merger (l.185-193): RMSNorm(h), Linear(m, m), Linear(m, out)
-        merger = h + (m * m + m) + (m * out + out)
-        return patch + vc.get("depth", 32) * block + merger
+        return vision_params(self.family.vision, self.config.get("vision_config"))
 
     @property
     def num_parameters(self) -> int:
@@ -356,6 +347,9 @@ class ModelSpec:
             text = {**cfg["text_config"], "model_type": fam.text_model}
             outer = {k: cfg[k] for k in ("_name_or_path", "quantization_config") if k in cfg}
             return cls.from_config_dict({**outer, **text}, name=name)
+        raw = cfg  # what `config` keeps, the exact mode's input (hf_config)
+        if fam.analytic and fam.vision and isinstance(cfg.get("text_config"), dict):
+            cfg = _decoder_view(cfg, fam, mtype)
         q = cfg.get("quantization_config")
         packed = packed_from_config(q, str(name or label)) if isinstance(q, dict) else None
         quant = "" if packed else _quantization(cfg, str(name or label))
@@ -373,7 +367,7 @@ class ModelSpec:
         # a checkpoint transformers trains dequantized (MXFP4, FP8 below compute capability 8.9: DEQUANTIZED) is the
         # unquantized model: analytic where the family is, the note saying how it is costed
         if not fam.analytic or mixed:
-            return cls._generic(cfg, mtype, str(name or label), quant)
+            return cls._generic(raw, mtype, str(name or label), quant)
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", fam.intermediate_key]
         if fam.mla:  # DeepseekV3Config's defaults (q_lora_rank 1536, ...) are another model's: each must be given
             required += ["kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"]
@@ -408,6 +402,10 @@ class ModelSpec:
             head_dim = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
         if heads % kv:
             raise ConfigError(f"{label}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        section = rope.get("mrope_section", [16, 24, 24])  # Qwen2VLRotaryEmbedding's default (l.104)
+        if fam.mrope == "sections" and sum(section) != head_dim // 2:  # transformers' split fails in forward
+            raise ConfigError(f"{label}: mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
         experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0) \
             if fam.moe else 0
         if fam.shared_experts_key and not sparse:  # every layer dense (first_k_dense_replace >= layers)
@@ -442,13 +440,13 @@ class ModelSpec:
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
             final_softcap=cfg.get("final_logit_softcapping") or None,
             remote_code=fam.remote_code,
-            checkpoint_dtype=_checkpoint_dtype(cfg),
+            checkpoint_dtype=_checkpoint_dtype(raw),
             max_positions=cfg.get("max_position_embeddings"),
             q_lora_rank=(cfg.get("q_lora_rank") or 0) if fam.mla else 0,
             kv_lora_rank=cfg["kv_lora_rank"] if fam.mla else 0,
             qk_rope_head_dim=cfg["qk_rope_head_dim"] if fam.mla else 0,
             v_head_dim=cfg["v_head_dim"] if fam.mla else 0,
-            config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_name_or_path"},
+            config={k: v for k, v in raw.items() if not k.startswith("_") or k == "_name_or_path"},
             packed=packed,
             quantization=quant,
         )
@@ -458,9 +456,19 @@ _OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "intermediate_size", "moe_i
                   "num_local_experts", "num_experts", "num_experts_per_tok", "max_position_embeddings")
 
 
+def _decoder_view(cfg: dict[str, Any], fam: Family, mtype: str) -> dict[str, Any]:
+    """A composite VL config.json with the decoder's keys in text_config (Qwen3-VL; Qwen2-VL / 2.5-VL as transformers
+    >= 4.52 saves them) seen flat, for the dimensions; ModelSpec.config keeps the file as it is. The embeddings tie by
+    the outer config (modeling_utils.py l.2492 reads the composite model's config), or text_config's where the
+    Config class forwards it (Family.tie_from_text)."""
+    text = cfg["text_config"]
+    tied = bool(cfg.get("tie_word_embeddings")) or (fam.tie_from_text and bool(text.get("tie_word_embeddings")))
+    return {**cfg, **text, "model_type": mtype, "tie_word_embeddings": tied}
+
+
 def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:
     """The window transformers really applies (Qwen2/3 only with use_sliding_window; MistralConfig's default)."""
-    if fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag):
+    if not fam.sliding or (fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag)):
         return None
     return cfg.get("sliding_window", fam.sliding_window_default)
 

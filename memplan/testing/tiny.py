@@ -11,6 +11,11 @@ from memplan.spec.model import ModelSpec
 _BASE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=4,
              num_hidden_layers=3, vocab_size=4096, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
+_QWEN3_VL_TEXT = dict(**_BASE, head_dim=32,
+                      rope_scaling={"rope_type": "default", "mrope_interleaved": True, "mrope_section": [6, 5, 5]})
+_QWEN3_VL_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256,
+                        patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
+
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", **_BASE),
     "mistral": dict(model_type="mistral", **{**_BASE, "num_key_value_heads": 2}, sliding_window=None),
@@ -64,6 +69,19 @@ TINY_CONFIGS: dict[str, dict] = {
                        tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
                        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                                           out_hidden_size=256, fullatt_block_indexes=[1])),
+    # Qwen2-VL on text: the same qwen2 decoder with M-RoPE, its own ViT (2 LayerNorm blocks, width 64, mlp_ratio 2)
+    "qwen2_vl": dict(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"], **_BASE,
+                     tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                     vision_config=dict(depth=2, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2)),
+    # Qwen3-VL on text: the decoder nested in text_config (qwen3: q/k norms, head_dim 32), interleaved M-RoPE
+    # (sections 6/5/5 of head_dim / 2), a small tower with one deepstack merger; "qwen3_vl_moe": 4 experts of width
+    # 128, top-2, an untied LM head
+    "qwen3_vl": dict(model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"],
+                     tie_word_embeddings=True, text_config=_QWEN3_VL_TEXT, vision_config=_QWEN3_VL_VISION),
+    "qwen3_vl_moe": dict(model_type="qwen3_vl_moe", architectures=["Qwen3VLMoeForConditionalGeneration"],
+                         tie_word_embeddings=False, vision_config=_QWEN3_VL_VISION,
+                         text_config={**_QWEN3_VL_TEXT, "intermediate_size": 352, "moe_intermediate_size": 128,
+                                      "num_experts": 4, "num_experts_per_tok": 2}),
 }
 
 # a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)

@@ -50,9 +50,8 @@ def param_dtypes(stack: Stack, precision: Precision, checkpoint_dtype: str | Non
     compute = COMPUTE_DTYPE[precision]
     autocast = precision in (Precision.BF16, Precision.FP16)  # TrainingArguments bf16 / fp16: accelerate autocast
     trainable = "bfloat16" if precision is Precision.PURE_BF16 else "float32"
-    if stack is not Stack.LLAMAFACTORY or method is Method.QLORA:
-        # the base loaded in the compute dtype (HF Trainer scripts' torch_dtype, torchtune / LitGPT precision);
-        # memplan builds QLoRA's 4-bit linears from the compute dtype (memplan.build.model _quantize_linears)
+    if stack is not Stack.LLAMAFACTORY:
+        # the base loaded in the compute dtype (HF Trainer scripts' torch_dtype, torchtune / LitGPT precision)
         return ParamDtypes(frozen=compute, trainable=trainable, adapters=trainable, autocast=autocast,
                            compute=compute)
     # LLaMA-Factory 0.9.5: model/loader.py L155 `init_kwargs["torch_dtype"] = "auto"`: the checkpoint's dtype D
@@ -62,10 +61,12 @@ def param_dtypes(stack: Stack, precision: Precision, checkpoint_dtype: str | Non
     # after get_peft_model in _setup_lora_tuning L286-288; without the cast the trainables stay D. LoRA / OFT:
     # get_peft_model (L284) keeps peft 0.18.1's autocast_adapter_dtype=True (peft/mapping_func.py L35; PeftModel
     # __init__ peft_model.py L131-134 -> tuners/tuners_utils.py cast_adapter_dtype L1976-2006: float16 / bfloat16
-    # adapter weights -> float32), so the
-    # adapters are fp32 under pure_bf16 as well. Autocast: only TrainingArguments bf16 / fp16 (pure_bf16 sets
-    # neither: parser.py L512-515 reads it for compute_dtype alone).
-    d = checkpoint_dtype if checkpoint_dtype in DTYPE_WIDTH else compute
+    # adapter weights -> float32), so the adapters are fp32 under pure_bf16 as well. Autocast: only
+    # TrainingArguments bf16 / fp16 (pure_bf16 sets neither: parser.py L512-515 reads it for compute_dtype alone).
+    # QLoRA keeps the compute dtype for what is not quantized (memplan builds its 4-bit linears from it:
+    # memplan.build.model _quantize_linears); LLaMA-Factory's "auto" load of those over an fp32 checkpoint is not
+    # modelled (not measured: the LLaMA-Factory venv has no bitsandbytes)
+    d = compute if method is Method.QLORA or checkpoint_dtype not in DTYPE_WIDTH else checkpoint_dtype
     return ParamDtypes(frozen=d, trainable=d if precision is Precision.PURE_BF16 else "float32", adapters="float32",
                        autocast=autocast, compute=compute)
 

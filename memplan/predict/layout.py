@@ -114,10 +114,10 @@ class Layout:
 
     @property
     def head_cast_bytes(self) -> int:
-        """A frozen fp32 LM head under autocast: F.linear casts the weight to half on every call (autocast
-        caches only leaf tensors that require grad: aten/src/ATen/autocast_mode.cpp cached_cast), and the matmul
-        saves that copy for the head's input gradient."""
-        if self.amp and not self.full and self.kept_width == 4 and self.compute_width == 2:
+        """A frozen LM head not in autocast's dtype (fp32, or fp16 under bf16: spec.dtypes): F.linear casts the
+        weight to half on every call (autocast caches only leaf tensors that require grad:
+        aten/src/ATen/autocast_mode.cpp cached_cast), and the matmul saves that copy for the head's input gradient."""
+        if self.amp and not self.full and (self.kept_width == 4 or self.frozen_cast) and self.compute_width == 2:
             return self.spec.vocab_size * self.spec.hidden_size * 2
         return 0
 

@@ -55,6 +55,7 @@ def test_estimates_within_one_percent_of_llamafactorys_own_cpu_peak(measured, ca
     assert lf.train.stack is Stack.LLAMAFACTORY and lf.train.seq_len == CUTOFF
     assert lf.train.optimizer is Optimizer.ADAMW_FUSED  # no `optim`: transformers 5.6's default
     spec = resolve_model(lf.model)
+    assert spec.checkpoint_dtype == ("float32" if FP32_CHECKPOINT in lf.model else "bfloat16")  # spec.dtypes' D
     assert truth["trainable"] == estimate(spec, lf.train, device="cpu").trainable_params
     for how, got in (("analytic", estimate(spec, lf.train, device="cpu").peak_allocated_bytes),
                      ("exact", exact_estimate(spec, lf.train, device="cpu").peak_allocated_bytes)):

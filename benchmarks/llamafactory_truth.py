@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
         "template empty, flash_attn sdpa, use_cpu); peak = resident parameters and buffers at on_train_begin + "
         "the running maximum of the CPU allocator's events to on_train_end. AdamW without `fused` is run with "
         "foreach=True (the GPU's default path), as memplan's CPU truth does. memplan reads the same YAML "
-        "(stack llamafactory) and predicts for PyTorch's CPU kernels (`device=\"cpu\"`).\n\n"
+        "(stack llamafactory) and predicts for PyTorch's CPU kernels (`device=\"cpu\"`). LLaMA-Factory peaks "
+        f"measured in this run: {', '.join(todo) or 'none'}; the others are the JSON's earlier measurements.\n\n"
         "| case | checkpoint | optimizer read | LLaMA-Factory peak B | peak at step, op | analytic B | Δ | exact B | "
         "Δ | analytic phase |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     OUT.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")

@@ -4,6 +4,7 @@ reason in one warning line; the README's key table is the code's."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -198,8 +199,12 @@ def test_upcast_lmhead_output_keeps_fp32_logits_instead_of_half_plus_upcast() ->
     plain, hooked = (dict(estimate(spec, TrainConfig(upcast_lmhead_output=u, **kw)).moments)["forward"]
                      for u in (False, True))
     assert plain - hooked == 2 * 1024 * spec.vocab_size * 2  # the half (B, S, V) logits no longer kept
-    fp32 = TrainConfig(precision=Precision.FP32, **kw)  # no half head: LLaMA-Factory registers no hook
-    assert estimate(spec, fp32).moments == estimate(spec, fp32.with_(upcast_lmhead_output=True)).moments
+    fp32 = TrainConfig(precision=Precision.FP32, **kw)
+    # no flag over an fp32 checkpoint: no half head, so LLaMA-Factory registers no hook; over llama-3's bf16 one
+    # the head stays bf16 (memplan.spec.dtypes) and the hook is registered
+    spec32 = dataclasses.replace(spec, checkpoint_dtype="float32")
+    assert estimate(spec32, fp32).moments == estimate(spec32, fp32.with_(upcast_lmhead_output=True)).moments
+    assert estimate(spec, fp32).moments != estimate(spec, fp32.with_(upcast_lmhead_output=True)).moments
     assert config_from_llamafactory({**BASE, "upcast_lmhead_output": True}).train.upcast_lmhead_output
 
 

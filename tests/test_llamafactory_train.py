@@ -20,8 +20,14 @@ LF_PYTHON = os.environ.get("MEMPLAN_LF_PYTHON")
 needs_lf = pytest.mark.skipif(not LF_PYTHON, reason="MEMPLAN_LF_PYTHON is unset: build LLaMA-Factory 0.9.5's "
                               "virtualenv with `.ci/llamafactory_venv.sh DIR` and set it to DIR/bin/python")
 CUTOFF = 64  # every row is cutoff_len tokens (lf_truth.write_fixture); a multiple of the collator's 8: no padding
-# two cases in one LLaMA-Factory process (CI time); benchmarks/llamafactory_truth.py runs the wider matrix
-CASES = {"lora_bf16_gc": {}, "full_bf16_gc": {"finetuning_type": "full"}}
+# the cases run in one LLaMA-Factory process (CI time); benchmarks/llamafactory_truth.py runs the wider matrix.
+# The last three are LLaMA-Factory's parameter dtypes (memplan.spec.dtypes): an fp32 checkpoint under bf16 autocast
+# (an fp32 frozen base), no flag over the bf16 one (a bf16 base, fp32 adapters, no autocast), pure_bf16 (the same:
+# peft upcasts the adapters)
+FP32_CHECKPOINT = "model_float32"  # lf_truth.write_fixture's fp32 copy of the model
+CASES = {"lora_bf16_gc": {}, "full_bf16_gc": {"finetuning_type": "full"},
+         "lora_bf16_fp32_checkpoint": {"model_name_or_path": FP32_CHECKPOINT}, "lora_no_flag": {"bf16": False},
+         "lora_pure_bf16": {"bf16": False, "pure_bf16": True}}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,10 @@ def measured(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lf_train")
     (folder / "cfg.json").write_text(json.dumps(SMALL_LLAMA))
     python = lf_python()  # .ci/run: waits for the venv built beside the first tests
-    measure(python, folder, "fixture", str(folder), str(folder / "cfg.json"), "4", str(CUTOFF))
-    yamls = {name: sft_yaml(folder, name, CUTOFF, **keys) for name, keys in CASES.items()}
+    measure(python, folder, "fixture", str(folder), str(folder / "cfg.json"), "4", str(CUTOFF), "float32")
+    model = {FP32_CHECKPOINT: str(folder / FP32_CHECKPOINT)}
+    yamls = {name: sft_yaml(folder, name, CUTOFF, **{k: model.get(v, v) for k, v in keys.items()})
+             for name, keys in CASES.items()}
     measure(python, folder, "train", *(a for n, y in yamls.items() for a in (str(y), str(folder / f"{n}.json"))))
     return {name: (yamls[name], json.loads((folder / f"{name}.json").read_text())) for name in CASES}
 
@@ -48,6 +56,7 @@ def test_estimates_within_one_percent_of_llamafactorys_own_cpu_peak(measured, ca
     assert lf.train.stack is Stack.LLAMAFACTORY and lf.train.seq_len == CUTOFF
     assert lf.train.optimizer is Optimizer.ADAMW_FUSED  # no `optim`: transformers 5.6's default
     spec = resolve_model(lf.model)
+    assert spec.checkpoint_dtype == ("float32" if FP32_CHECKPOINT in lf.model else "bfloat16")  # spec.dtypes' D
     assert truth["trainable"] == estimate(spec, lf.train, device="cpu").trainable_params
     for how, got in (("analytic", estimate(spec, lf.train, device="cpu").peak_allocated_bytes),
                      ("exact", exact_estimate(spec, lf.train, device="cpu").peak_allocated_bytes)):

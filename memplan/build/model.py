@@ -7,12 +7,11 @@ import re
 from typing import Any
 
 from memplan._imports import try_import
+from memplan.spec.dtypes import COMPUTE_DTYPE, param_dtypes
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.train import Adapter, Method, Precision, Stage, TrainConfig, resolve_attention
-
-_HALF = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.PURE_BF16: "bfloat16"}
+from memplan.spec.train import Adapter, Method, Stage, TrainConfig, resolve_attention
 
 
 def hf_config(spec: ModelSpec, train: TrainConfig) -> Any:
@@ -29,7 +28,7 @@ def hf_config(spec: ModelSpec, train: TrainConfig) -> Any:
 
 def compute_dtype(train: TrainConfig) -> Any:
     torch = try_import("torch")
-    return getattr(torch, _HALF[train.precision]) if train.precision in _HALF else torch.float32
+    return getattr(torch, COMPUTE_DTYPE[train.precision])
 
 
 def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> Any:
@@ -43,8 +42,8 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         # already associated to a python object of type FakeTensor"): the exact mode traces QLoRA as LoRA
         raise ConfigError("QLoRA cannot be built on the meta device (bitsandbytes quantizes real tensors)")
     half = compute_dtype(train)
-    # LLaMA-Factory loads the base in the compute dtype and upcasts what trains to fp32 (unless pure_bf16)
-    load_dtype = torch.float32 if train.precision is Precision.FP32 else half
+    dt = param_dtypes(train.stack, train.precision, spec.checkpoint_dtype, train.method)  # spec.dtypes
+    load_dtype = getattr(torch, dt.frozen)  # the stack's load: the compute dtype, or LLaMA-Factory's checkpoint's
     with torch.device(device):
         model = getattr(transformers, spec.family.auto_class).from_config(hf_config(spec, train), dtype=load_dtype)
     model.train()
@@ -63,8 +62,9 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         skip = spec.family.frozen_modules + spec.family.lora_exclude
         frozen = "|".join(f".*{re.escape(f)}.*" for f in skip) or None
         lcfg = adapter_config(train, targets, frozen)
-        # peft upcasts adapters to fp32 by default (autocast_adapter_dtype); pure bf16 keeps them bf16
-        model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=train.precision is not Precision.PURE_BF16)
+        # peft makes the adapters in the base layer's dtype and upcasts half ones to fp32 with autocast_adapter_dtype
+        # (peft tuners_utils.py cast_adapter_dtype); the stack's rule says which (spec.dtypes)
+        model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=dt.adapters == "float32")
         if train.method is Method.QLORA and stack_facts(train.stack).kbit_adapters_bf16:
             for name, p in model.named_parameters():  # TRL SFTTrainer (trl/trainer/sft_trainer.py L908-911)
                 if p.requires_grad and "lora_magnitude_vector" not in name:
@@ -74,8 +74,8 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         for name, p in model.named_parameters():
             p.requires_grad_((trainable is None or any(t in name for t in trainable))
                              and not any(f in name for f in spec.family.frozen_modules))
-            if p.requires_grad and train.precision in (Precision.FP16, Precision.BF16):
-                p.data = p.data.to(torch.float32)  # fp32 master weights under AMP
+            if p.requires_grad and p.dtype != getattr(torch, dt.trainable):
+                p.data = p.data.to(getattr(torch, dt.trainable))  # fp32 master weights unless pure_bf16
     if train.checkpointing:
         enable_checkpointing(model, train)
     if train.stage is Stage.RM:

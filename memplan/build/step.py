@@ -10,7 +10,8 @@ from typing import Any
 
 from memplan._imports import try_import
 from memplan.build.model import compute_dtype
-from memplan.spec.train import Precision, Stage, TrainConfig
+from memplan.spec.dtypes import param_dtypes
+from memplan.spec.train import Stage, TrainConfig
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -21,7 +22,7 @@ def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mar
     manager per phase. record_losses=False for fake tensors, whose values cannot be read. A DPO config's loss is
     `dpo_loss` (`ref_model`: the frozen reference of a full / freeze run; LoRA disables its adapters instead)."""
     torch = try_import("torch")
-    amp = train.precision in (Precision.FP16, Precision.BF16)
+    amp = param_dtypes(train.stack, train.precision, None, train.method).autocast  # spec.dtypes: the flag decides
     if train.stage is Stage.DPO:
         pairs = torch.cat([ids, ids.flip(0)])  # chosen rows, then the rejected: the same tokens reversed
 

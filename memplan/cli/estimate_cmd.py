@@ -52,6 +52,7 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
     from memplan.errors import ExitCode
     from memplan.predict.breakdown import Verdict
     from memplan.spec.catalog import resolve_model
+    from memplan.spec.dtypes import dtype_warning
     from memplan.spec.hardware import resolve_gpu
     from memplan.spec.prequantized import train_for
     from memplan.trace.exact import estimate_any
@@ -65,6 +66,8 @@ def _estimate(model: str | None, config: str | None, gpu: str | None, margin: fl
     if lf is None or lf.generation is None:
         train = train_for(spec, train)  # adapters over a pre-quantized checkpoint: QLoRA over its storage
     if (note := spec.seq_warning(train.seq_len)) is not None:
+        warnings.warn(note, stacklevel=1)
+    if (note := dtype_warning(train.stack, train.precision, spec.checkpoint_dtype, train.method)) is not None:
         warnings.warn(note, stacklevel=1)
     card = resolve_gpu(gpu) if gpu is not None else None
     usable = card.usable_bytes(margin) if card else None

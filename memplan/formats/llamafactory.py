@@ -124,8 +124,10 @@ MODELLED: dict[str, str] = {
              "batch and the reference's forwards of both; ppo refused",
     "pref_loss": "orpo / simpo: DPO without the reference forward",
     "finetuning_type": "full, freeze, lora or oft (with quantization_bit: QLoRA / QOFT)",
-    "bf16": "AMP bf16: fp32 master weights, bf16 autocast", "fp16": "AMP fp16",
-    "pure_bf16": "weights, gradients and optimizer states in bf16",
+    "bf16": "AMP bf16: fp32 trainable weights, bf16 autocast; the frozen base in the checkpoint's dtype "
+            "(memplan.spec.dtypes)", "fp16": "AMP fp16",
+    "pure_bf16": "trainable weights, gradients and optimizer states in the checkpoint's dtype (bf16); LoRA "
+                 "adapters fp32 (peft's autocast_adapter_dtype); no autocast",
     "per_device_train_batch_size": "the micro-batch", "gradient_accumulation_steps": "micro-steps per step",
     "cutoff_len": "the sequence length (every row at it)",
     "disable_gradient_checkpointing": "LLaMA-Factory's reentrant checkpointing of trained layers, on by default",

@@ -165,6 +165,10 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     else:
         xin = tp.cast(x, 2) if cx.amp else x
         y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
+        if cx.amp and lay.frozen_cast and not w_trains and xin.rg:
+            # autocast casts a frozen weight afresh on every call (cached_cast caches only leaves that require
+            # grad: aten/src/ATen/autocast_mode.cpp), and the matmul saves that copy for its input's gradient
+            tp.save(T(in_f * out_f, cx.c, False))
         del xin  # the cast input dies with the matmul (unless saved); the `del`s below place such ends for
         # predict/reserve.py, which records when each tensor of this program is dropped (tape.Lifetimes)
     if adapter in (Adapter.LORA, Adapter.DORA):
@@ -176,15 +180,17 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
                 tp.save(T(xl.numel, 1 if lay.device == "cuda" else xl.width, False))
             xl = tp.new(xl)
         xa = tp.cast(xl, 2) if lay.amp else xl
-        a = tp.linear(xa, in_f, lay.train.lora_rank, w_trains=True, width=cx.c)
+        # without autocast the adapters compute in their own dtype (fp32 ones over a half base: LLaMA-Factory)
+        aw = cx.c if lay.amp else xa.width
+        a = tp.linear(xa, in_f, lay.train.lora_rank, w_trains=True, width=aw)
         if adapter is Adapter.DORA:
-            b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+            b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=aw)
             adapters.dora_extra(tp, xa, y, b, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
                                 amp=lay.amp, width=lay.lora_width, compute=cx.c)
             y = tp.new(y)  # `result + result_dora` (fp32), `.to(torch_result_dtype)`: not the saved base output
         else:  # peft lora/layer.py Linear.forward: `result = result + lora_B(lora_A(dropout(x))) * scaling`
             del xa
-            b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=cx.c)
+            b = tp.linear(a, lay.train.lora_rank, out_f, w_trains=True, width=aw)
             del a
             scaled = tp.new(b)  # `* scaling`: a scalar product saves nothing
             del b

@@ -26,6 +26,7 @@ from memplan.predict.kernels import liger_applies, offloaded_checkpoint_bytes, o
 from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
 from memplan.predict.weights import ModelStates, model_states, optimizer_bytes
+from memplan.spec.dtypes import deepspeed_half
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import Projection, States, facts
 from memplan.spec.prequantized import train_for
@@ -55,7 +56,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     if train.sharding.is_deepspeed and train.precision in (Precision.BF16, Precision.FP16):
         # DeepSpeed's own mixed precision: the module itself is half (no autocast, no fp32 weights on it); the
         # fp32 copies live in the optimizer's partition (sharding.py)
-        lay = Layout.of(spec, train.with_(precision=Precision.PURE_BF16), device)
+        lay = Layout.of(spec, train.with_(precision=Precision.PURE_BF16), device, deepspeed_half(train.precision))
     _check_targets(lay)
     rs = rank_states(lay, model_states(lay))
     st = rs.states

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.predict.adapters import params_per_linear
+from memplan.spec.dtypes import ParamDtypes, param_dtypes
 from memplan.spec.model import ModelSpec
 from memplan.spec.packages import linear4bit_keeps_input
 from memplan.spec.stacks import stack_facts
-from memplan.spec.train import ALL_LINEAR, Attention, Method, Precision, TrainConfig, resolve_attention
-
-AMP = (Precision.FP16, Precision.BF16)
+from memplan.spec.train import ALL_LINEAR, Attention, Method, TrainConfig, resolve_attention
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,12 +20,15 @@ class Layout:
     train: TrainConfig
     attn: Attention
     amp: bool
-    compute_width: int  # linear outputs: 4 (fp32) or 2 (fp16/bf16)
+    compute_width: int  # linear outputs: autocast's half (2), else the weights' own width (spec.dtypes)
     base_width: int  # frozen/base weights (the decoder linears a QLoRA model quantizes, before quantization)
     kept_width: int  # frozen weights that are never quantized (embedding, norms, LM head) and, for LoRA/freeze,
     # the embedding output ("stream"): base_width, or fp32 where the stack upcasts a k-bit model (spec.stacks)
-    trainable_width: int  # weights that train: fp32 master copies except under pure_bf16
-    lora_width: int  # adapters: fp32 (peft upcasts) except under pure_bf16
+    trainable_width: int  # weights that train: fp32 master copies except under pure_bf16 (spec.dtypes)
+    lora_width: int  # adapters: fp32 (peft upcasts) except under pure_bf16 outside LLaMA-Factory (spec.dtypes)
+    load_width: int = 4  # what the stack loads the base in: the frozen weights (a full run's frozen VL tower too)
+    frozen_cast: bool = False  # autocast casts each frozen weight per call (its dtype is not autocast's: an fp32
+    # or fp16 checkpoint under LLaMA-Factory's bf16), a copy the matmul saves when its input needs a gradient
     lora_modules: frozenset[str]
     device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
@@ -41,11 +43,14 @@ class Layout:
         return self.train.method is Method.QLORA and (self.only_quantized is None or name in self.only_quantized)
 
     @classmethod
-    def of(cls, spec: ModelSpec, train: TrainConfig, device: str = "cuda") -> Layout:
-        amp = train.precision in AMP
-        half = train.precision is not Precision.FP32
+    def of(cls, spec: ModelSpec, train: TrainConfig, device: str = "cuda", dtypes: ParamDtypes | None = None
+           ) -> Layout:
+        """`dtypes`: the parameter dtypes where the caller knows them better than the stack's rule (DeepSpeed's
+        half module); else memplan.spec.dtypes param_dtypes of the stack, precision and checkpoint dtype."""
+        dt = dtypes or param_dtypes(train.stack, train.precision, spec.checkpoint_dtype, train.method)
+        amp = dt.autocast
         full = train.method is Method.FULL
-        trainable_width = 2 if train.precision is Precision.PURE_BF16 else 4
+        trainable_width = dt.trainable_width
         names = {lin.name for lin in spec.layer_linears()}
         if not train.is_lora:
             lora: frozenset[str] = frozenset()
@@ -53,7 +58,7 @@ class Layout:
             lora = frozenset(names - set(spec.family.all_linear_skips))
         else:
             lora = frozenset(train.lora_targets)
-        base_width = trainable_width if full else (2 if half else 4)
+        base_width = trainable_width if full else dt.frozen_width
         stack = stack_facts(train.stack)
         qlora = train.method is Method.QLORA
         # a pre-quantized checkpoint: its config decides what is quantized (every decoder linear, not the LM head:
@@ -64,11 +69,14 @@ class Layout:
         keeps = linear4bit_keeps_input() if stack.nf4_keeps_input is None else stack.nf4_keeps_input
         return cls(
             spec=spec, train=train, attn=resolve_attention(spec.family, train.attn), amp=amp,
-            compute_width=2 if half else 4,
+            # no autocast: a linear computes in its weights' dtype (full: the trained ones; else the frozen base's)
+            compute_width=2 if amp else base_width,
             base_width=base_width,
             kept_width=4 if upcast else base_width,
             trainable_width=trainable_width,
-            lora_width=2 if qlora and stack.kbit_adapters_bf16 else trainable_width,
+            lora_width=2 if qlora and stack.kbit_adapters_bf16 else dt.adapters_width,
+            load_width=dt.frozen_width,
+            frozen_cast=dt.frozen_cast and not full,
             lora_modules=lora,
             device=device,
             linear4bit_keeps_input=keeps,
@@ -101,15 +109,15 @@ class Layout:
     @property
     def head_output_fp32(self) -> bool:
         """upcast_lmhead_output's hook is registered (LLaMA-Factory registers it while the head is still in the
-        load dtype, before any fp32 cast: any half precision) and returns fp32 logits."""
-        return self.train.upcast_lmhead_output and self.compute_width == 2
+        load dtype, before any fp32 cast: a half load, spec.dtypes) and returns fp32 logits."""
+        return self.train.upcast_lmhead_output and self.load_width == 2
 
     @property
     def head_cast_bytes(self) -> int:
-        """A frozen fp32 LM head under autocast: F.linear casts the weight to half on every call (autocast
-        caches only leaf tensors that require grad: aten/src/ATen/autocast_mode.cpp cached_cast), and the matmul
-        saves that copy for the head's input gradient."""
-        if self.amp and not self.full and self.kept_width == 4 and self.compute_width == 2:
+        """A frozen LM head not in autocast's dtype (fp32, or fp16 under bf16: spec.dtypes): F.linear casts the
+        weight to half on every call (autocast caches only leaf tensors that require grad:
+        aten/src/ATen/autocast_mode.cpp cached_cast), and the matmul saves that copy for the head's input gradient."""
+        if self.amp and not self.full and (self.kept_width == 4 or self.frozen_cast) and self.compute_width == 2:
             return self.spec.vocab_size * self.spec.hidden_size * 2
         return 0
 

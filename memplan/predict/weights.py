@@ -112,7 +112,7 @@ def model_states(lay: Layout) -> ModelStates:
     if tr.method is Method.FULL:
         trainable = total - vision
         weights = trainable * lay.trainable_width + router_fp32 * (4 - lay.trainable_width) + \
-            vision * lay.compute_width  # the tower loaded in the compute dtype
+            vision * lay.load_width  # the tower as loaded (spec.dtypes)
         ac_layer = s.top_linear_params()
         ac_params = s.linear_params_total() + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:

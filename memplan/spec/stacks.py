@@ -15,19 +15,16 @@ peak at aten::mul in backward 2): 69,818,436 B reentrant vs 69,546,180 B non-ree
 (B, S, H) fp32 tensor); the analytic estimate (68,974,720 B) is below both, the exact mode (69,803,268 B) traces it.
 LLaMA-Factory 0.9.5's own run_exp measured 69,822,548 B (benchmarks/results/llamafactory_truth.md).
 
-LLaMA-Factory 0.9.5 parameter dtypes (not yet a field here: the work in progress on branch `dtype`), no
-quantization, no ZeRO-3, no BAdam; D = the checkpoint's config.json torch_dtype:
-- load: D for every flag (model/loader.py L155 torch_dtype="auto"); compute_dtype (hparams/parser.py L512-515:
-  bf16 or pure_bf16 -> bf16, fp16 -> fp16; else model/patcher.py L321-325 infer_optim_dtype, extras/misc.py
-  L241-248: bf16 for a bf16 / unset D on a bf16 GPU, else fp16 on any GPU, fp32 on a CPU) does not reach the load.
-- trainable parameters: fp32 unless pure_bf16 (model/adapter.py L313-325; full L51-52, freeze L133-134, LoRA
-  L286-288 after get_peft_model); under pure_bf16 they stay D, except LoRA adapters: get_peft_model (L284) keeps
-  peft 0.18.1's autocast_adapter_dtype=True, which upcasts bf16 / fp16 adapters to fp32.
-- frozen parameters: D. Autocast: only bf16 / fp16 (TrainingArguments; pure_bf16 sets neither).
-So no flag on a bf16 checkpoint: LoRA / freeze train a bf16 frozen base with fp32 trainables and no autocast
-(memplan's FP32 reading is +38.8 % for LoRA); full is all fp32 (= FP32). bf16 / fp16 over an fp32 checkpoint:
-an fp32 frozen base under autocast (each frozen weight cast per call, not cached). pure_bf16 = all bf16 only for
-full / freeze on a bf16 checkpoint.
+Parameter dtypes: memplan.spec.dtypes `param_dtypes(stack, precision, checkpoint dtype, method)` gives the frozen
+weights', the trainable weights' and the adapters' dtype and whether autocast runs; the analytic layout
+(memplan.predict.layout) and the model builder (memplan.build.model, memplan.build.step) read it, so both sides
+agree. Every stack but LLaMA-Factory loads the base in the precision flag's compute dtype (fp32 without one), casts
+what trains to fp32 unless pure_bf16 and autocasts under bf16 / fp16. LLaMA-Factory 0.9.5 (no ZeRO-3, no BAdam)
+loads the checkpoint's own dtype D whatever the flag, so with D known (config.json `dtype`) its frozen base is D: a
+bf16 flag over an fp32 checkpoint (Gemma-2, OLMo-2) trains an fp32 base under autocast, no flag over a bf16
+checkpoint a bf16 base with fp32 adapters and no autocast (freeze there fails: spec.dtypes dtype_warning); its LoRA
+adapters are fp32 under pure_bf16 too. The rule and its sources, file and line, are in memplan.spec.dtypes
+(memplan.spec.train imports this table, so the rule lives beside it).
 """
 
 from __future__ import annotations
@@ -199,3 +196,4 @@ def quantize_temporaries(stack: Stack, elements: int) -> list[int]:
     chunk = nf4_chunk_elements() if f.chunked_quantizer else None
     per_chunk = min(elements, chunk) if chunk else elements
     return [b * (elements if i < f.packed_with else per_chunk) for i, b in enumerate(f.quantize_load_transients)]
+

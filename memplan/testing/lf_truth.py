@@ -4,8 +4,10 @@ step: the ground truth of the `llamafactory` stack (issue #17).
 Runs with LLaMA-Factory 0.9.5's virtualenv python (.ci/llamafactory_venv.sh; llamafactory pins transformers <= 5.6
 and cannot share memplan's environment), the worktree on PYTHONPATH:
 
-    python -m memplan.testing.lf_truth fixture DIR CONFIG.json SAMPLES CUTOFF
-        DIR/model: a random-weight model of CONFIG.json (transformers' config keys) and a word-level tokenizer;
+    python -m memplan.testing.lf_truth fixture DIR CONFIG.json SAMPLES CUTOFF [DTYPE ...]
+        DIR/model: a random-weight model of CONFIG.json (transformers' config keys) saved in bf16, as hub
+        checkpoints mostly are (config.json's `dtype` says it), and a word-level tokenizer; DIR/model_DTYPE the same
+        weights saved in each DTYPE named (float32: Gemma-2's and OLMo-2's checkpoints);
         DIR/data: SAMPLES alpaca rows whose prompt and answer are each CUTOFF words, registered as `tiny` in
         dataset_info.json, so LLaMA-Factory's truncation (infer_seqlen) makes every row exactly CUTOFF tokens
     python -m memplan.testing.lf_truth train RUN.yaml OUT.json [RUN2.yaml OUT2.json ...]
@@ -85,8 +87,10 @@ def measure(lf_python: str, folder: Path, *argv: str, timeout_s: int = 1200) -> 
         raise RuntimeError(f"lf_truth {argv[0]} failed ({out.returncode}):\n" + (out.stdout + out.stderr)[-4000:])
 
 
-def write_fixture(folder: Path, config: dict[str, Any], samples: int, cutoff: int) -> None:
-    """The model folder (config, random weights in bf16, tokenizer) and the registered dataset."""
+def write_fixture(folder: Path, config: dict[str, Any], samples: int, cutoff: int, dtypes: tuple[str, ...] = ()
+                  ) -> None:
+    """The model folder (config, random weights in bf16, tokenizer), one more per dtype in `dtypes`
+    (folder/model_DTYPE), and the registered dataset."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -100,11 +104,12 @@ def write_fixture(folder: Path, config: dict[str, Any], samples: int, cutoff: in
                                    pad_token="<pad>")
     cfg.update(bos_token_id=1, eos_token_id=2, pad_token_id=3)
     torch.manual_seed(0)
-    # saved in bf16, as hub checkpoints are: LLaMA-Factory 0.9.5 loads the checkpoint's own dtype
+    # saved in bf16 (and `dtypes`), as hub checkpoints are: LLaMA-Factory 0.9.5 loads the checkpoint's own dtype
     # (model/loader.py L155 `init_kwargs["torch_dtype"] = "auto"`), whatever bf16 / fp16 the YAML asks for
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).to(torch.bfloat16)
-    model.save_pretrained(folder / "model")
-    fast.save_pretrained(folder / "model")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    for name, dtype in (("model", "bfloat16"), *((f"model_{d}", d) for d in dtypes)):
+        model.to(getattr(torch, dtype)).save_pretrained(folder / name)
+        fast.save_pretrained(folder / name)
     rows = [{"instruction": " ".join(words[(7 * i + 3 * j) % len(words)] for j in range(cutoff)), "input": "",
              "output": " ".join(words[(5 * i + 11 * j) % len(words)] for j in range(cutoff))} for i in range(samples)]
     (folder / "data").mkdir(parents=True, exist_ok=True)
@@ -144,6 +149,15 @@ def _adamw_foreach() -> Any:
         return cls, kwargs
 
     return mock.patch.object(Trainer, "get_optimizer_cls_and_kwargs", staticmethod(with_foreach))
+
+
+def _bf16_device() -> Any:
+    """LLaMA-Factory refuses pure_bf16 where transformers finds no bf16 GPU (hparams/parser.py L380-382:
+    `is_torch_bf16_gpu_available()`, imported into the parser at L31), so on a CPU the check answers yes; the run
+    itself is the CPU's (pure_bf16 sets no TrainingArguments flag: no autocast, parser.py L512-515)."""
+    from unittest import mock
+
+    return mock.patch("llamafactory.hparams.parser.is_torch_bf16_gpu_available", lambda: True)
 
 
 def _recording_lengths(lengths: list[int]) -> Any:
@@ -209,7 +223,7 @@ def train(run_yaml: Path, out: Path) -> dict[str, Any]:
 
     cb = _profiler_callback()
     lengths: list[int] = []
-    with _adamw_foreach(), _recording_lengths(lengths):
+    with _adamw_foreach(), _recording_lengths(lengths), _bf16_device():
         run_exp(yaml.safe_load(run_yaml.read_text()), callbacks=[cb])
     live, peak, peak_ns = 0, 0, 0
     for ts, nbytes in cpu_memory_events(cb.events):
@@ -228,7 +242,7 @@ def train(run_yaml: Path, out: Path) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if argv[0] == "fixture":
-        write_fixture(Path(argv[1]), json.loads(Path(argv[2]).read_text()), int(argv[3]), int(argv[4]))
+        write_fixture(Path(argv[1]), json.loads(Path(argv[2]).read_text()), int(argv[3]), int(argv[4]), tuple(argv[5:]))
     elif argv[0] == "train":
         for run_yaml, out in zip(argv[1::2], argv[2::2], strict=True):
             train(Path(run_yaml), Path(out))

@@ -13,7 +13,7 @@ from memplan.predict import adapters
 from memplan.predict.kernels import liger_applies
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.model import Linear
+from memplan.spec.model import Linear, ModelSpec
 from memplan.spec.train import ALL_LINEAR, Adapter, Attention, QuantMethod
 
 FP32 = 4
@@ -31,6 +31,7 @@ class _Ctx:
     autocast: bool = True  # False where the op has no autocast rule (MoE grouped matmuls): stream dtype
     windowed: bool = True  # this layer attends within the sliding window (Gemma3: all but every 6th layer)
     moe: bool = True  # an MoE model's layer has the sparse MLP (False: DeepSeek's leading dense layers)
+    linear: bool = False  # a Qwen3.5 Gated DeltaNet layer (layer_types "linear_attention")
 
     @property
     def amp(self) -> bool:
@@ -65,7 +66,8 @@ def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
     xr = tp.mul(xf, rs)
     w = param(dim, cx.norm_width(), cx.trains)
     if gemma:
-        return tp.cast(tp.mul(xr, param(dim, FP32, cx.trains), width=FP32), x.width)
+        # `(1.0 + self.weight.float())` is a fresh (dim,) tensor, saved for xr's gradient
+        return tp.cast(tp.mul(xr, T(dim, FP32, cx.trains), width=FP32), x.width)
     hn = tp.cast(xr, x.width)
     return tp.mul(w, hn, width=max(w.width, hn.width))
 
@@ -189,7 +191,18 @@ def attention(cx: _Ctx, h: T) -> T:
     n = cx.tokens
     if s.family.mla:
         return mla_attention(cx, h)
-    if s.fused_qkv:
+    if cx.linear:
+        return gated_deltanet(cx, h)
+    gate = None
+    if s.family.linear_attention:
+        # Qwen3_5Attention.forward (modeling_qwen3_5.py l.773-778): q_proj's (B, S, H, 2D) output chunked into the
+        # query (a view: the q_norm's fp32 `pow` pins all of it) and the gate, whose reshape of a strided chunk
+        # copies; k_proj, v_proj as usual
+        qg = linear(cx, h, "q_proj", s.hidden_size, 2 * s.q_dim)
+        q, gate = qg.view(n * s.q_dim), tp.new(qg, numel=n * s.q_dim)
+        k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
+        v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
+    elif s.fused_qkv:
         qkv = linear(cx, h, "qkv_proj", s.hidden_size, s.q_dim + 2 * s.kv_dim)
         q, k, v = qkv.view(n * s.q_dim), qkv.view(n * s.kv_dim), qkv.view(n * s.kv_dim)
     else:
@@ -197,7 +210,7 @@ def attention(cx: _Ctx, h: T) -> T:
         k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
         v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
     if s.qk_norm:  # Gemma3's q_norm / k_norm are Gemma norms too; OLMo-2's span the whole projection
-        gemma = s.family.sandwich_norms or s.family.post_norms
+        gemma = s.family.sandwich_norms or s.family.post_norms or s.family.zero_centered_norms
         qd, kd = (s.q_dim, s.kv_dim) if s.family.qk_norm_full else (s.head_dim, s.head_dim)
         q, k = norm(cx, q, qd, gemma=gemma), norm(cx, k, kd, gemma=gemma)
     rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
@@ -232,7 +245,138 @@ def attention(cx: _Ctx, h: T) -> T:
             tp.save(q, k, v, out, T(n * s.num_heads, FP32, False))
         if lay.device == "cpu" and s.rope_concat:
             out = tp.new(out)
+    if gate is not None:  # `attn_output * torch.sigmoid(gate)` (l.812): sigmoid saves its output, mul both sides
+        out = tp.mul(out, tp.saving_output(gate))
     return linear(cx, out, "o_proj", s.q_dim, s.hidden_size)
+
+
+def _mm(cx: _Ctx, a: T, b: T, out_numel: int, *, copy_a: bool = False, copy_b: bool = False) -> T:
+    """torch.matmul inside the delta rule: under autocast both operands cast to half (fresh copies of fp32 tensors
+    that are no leaves: autocast caches only leaf weights), each saved for the other's gradient (mm: `self` if
+    `mat2` requires grad and the other way round). copy_a / copy_b: an operand whose strides cannot fold into bmm's
+    batch, which matmul's reshape copies (the copy is what it saves)."""
+    tp = cx.tape
+    if cx.lay.amp:
+        a, b = tp.cast(a, 2), tp.cast(b, 2)
+    else:
+        a, b = tp.new(a) if copy_a else a, tp.new(b) if copy_b else b
+    if b.rg:
+        tp.save(a)
+    if a.rg:
+        tp.save(b)
+    return T(out_numel, 2 if cx.lay.amp else max(a.width, b.width), a.rg or b.rg)
+
+
+def gated_deltanet(cx: _Ctx, h: T) -> T:
+    """Qwen3_5GatedDeltaNet.forward (modeling_qwen3_5.py l.550-656) without a cache, as torch's fallbacks run it
+    (no causal-conv1d / fla kernels: CPU, or a GPU without them): the four input projections, causal_conv1d_fn
+    (l.256-277), beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias), torch_chunk_gated_delta_rule
+    (`_delta_rule`), the gated RMSNorm (Qwen3_5RMSNormGated l.204-220) and out_proj."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, hid, nv, dv = cx.tokens, s.hidden_size, s.gdn_value_heads, s.gdn_value_dim
+    conv = s.gdn_conv_dim
+    qkv = linear(cx, h, "in_proj_qkv", hid, conv)
+    z = linear(cx, h, "in_proj_z", hid, nv * dv)
+    b = linear(cx, h, "in_proj_b", hid, nv)
+    a = linear(cx, h, "in_proj_a", hid, nv)
+    # causal_conv1d_fn: `F.conv1d(hidden_states.to(weight.dtype), weight.unsqueeze(1), padding=kernel - 1,
+    # groups=conv_dim)[:, :, :seq_len]`, then silu, `.to(hidden_states.dtype)`. conv1d is an autocast op (half
+    # input copy; the weight's `squeeze(1).unsqueeze(1)` is a view, no leaf, so cast afresh per call) and saves its
+    # input and weight (one derivative formula for both); silu saves its input, the (B, C, S + kernel - 1) output
+    w_width = lay.trainable_width if cx.trains else lay.base_width
+    xc = tp.cast(qkv, w_width)
+    weight = param(conv * s.gdn_conv, w_width, cx.trains)
+    if cx.amp:
+        xc = tp.cast(xc, 2)
+        weight = T(weight.numel, 2, weight.rg) if w_width != 2 else weight
+    rg = xc.rg or cx.trains
+    if rg:
+        tp.save(xc, weight)
+    padded = T(cx.batch * conv * (cx.seq + s.gdn_conv - 1), 2 if cx.amp else max(xc.width, w_width), rg)
+    act = tp.cast(tp.saving_input(padded.view(n * conv)), qkv.width)  # silu's input: a view of `padded`
+    act = T(n * conv, act.width, rg)
+    beta = tp.saving_output(b)  # b.sigmoid()
+    # g: A_log.float().exp() (saves its result), negated; a.float() + dt_bias, softplus (saves its input)
+    a_log = tp.saving_output(param(nv, FP32, cx.trains)) if cx.trains else T(nv, FP32, False)
+    neg = tp.new(a_log)
+    shifted = T(n * nv, FP32, a.rg or cx.trains)
+    g = tp.mul(neg, tp.saving_input(shifted))
+    core = _delta_rule(cx, act, g, beta)
+    # Qwen3_5RMSNormGated(core (tokens x heads, dv), z): x.float(), pow (saves), rsqrt (saves), weight *
+    # x.to(input_dtype), times silu(gate.float()) (saves its input, mul both sides), `.to(input_dtype)`
+    xf = tp.cast(core, FP32)
+    tp.saving_input(xf)
+    rs = tp.saving_output(T(n * nv, FP32, xf.rg))
+    hb = tp.cast(tp.mul(xf, rs), core.width)
+    w = param(dv, cx.norm_width(), cx.trains)
+    hw = tp.mul(w, hb, width=max(w.width, hb.width))
+    out = tp.cast(tp.mul(hw, tp.saving_input(tp.cast(z, FP32))), core.width)
+    return linear(cx, out, "out_proj", nv * dv, hid)
+
+
+def _delta_rule(cx: _Ctx, act: T, g: T, beta: T) -> T:
+    """torch_chunk_gated_delta_rule (modeling_qwen3_5.py l.287-426) on the conv output's q / k / v views, as
+    autograd records it: repeat_interleave of q / k to the value heads, fp32 contiguous copies, l2norm (x * x and
+    x * rsqrt(...) save x and the fp32 rsqrt), pads to whole chunks of 64, beta products, the (B, H, chunks, 64, 64)
+    decays (masked_fill saves the bool mask, exp its result), the two triangular solves (each saves the matrix and
+    its result), the decay products, then per chunk the recurrent state's matmuls: each state (B, H, dk, dv) and
+    v_new (B, H, 64, dv) saved, half copies of every operand under autocast."""
+    s, tp = cx.lay.spec, cx.tape
+    bsz, nv, dk, dv, c = cx.batch, s.gdn_value_heads, s.gdn_key_dim, s.gdn_value_dim, 64
+    chunks = -(-cx.seq // c)
+    rows = bsz * nv * chunks * c  # padded (B, H, S_pad) positions
+    rg = act.rg
+    # `x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)` copies a half x; an fp32 x it
+    # returns as is (Tensor.to aliases when the dtype matches and the suggested memory format is already
+    # contiguous), still in the (B, S, H, d) layout: with no repeat_interleave (as many key as value heads) a view
+    # of the conv output. F.pad to whole chunks then makes contiguous copies, but with no padding
+    # (S a multiple of 64) it clones in that layout, so each chunk matmul copies its operands (reshape to bmm)
+    strided = act.width == FP32 and cx.seq % c == 0
+    if act.width == FP32 and s.gdn_key_heads == nv:
+        q, k = act.view(cx.tokens * nv * dk), act.view(cx.tokens * nv * dk)
+    else:
+        q, k = T(cx.tokens * nv * dk, FP32, rg), T(cx.tokens * nv * dk, FP32, rg)
+
+    def l2norm(x: T) -> T:
+        tp.saving_input(x)  # x * x
+        inv = tp.saving_output(T(x.numel // dk, FP32, x.rg))  # rsqrt(sum + eps)
+        return tp.mul(x, inv)
+
+    q, k = l2norm(q), l2norm(k)
+    # `query * scaling`, then F.pad of q, k, v (B, H, S_pad, d), beta and decay (B, H, S_pad): fresh tensors
+    q_p, k_p, v_p = T(rows * dk, FP32, rg), T(rows * dk, FP32, rg), T(rows * dv, FP32, rg)
+    beta_p, decay = T(rows, FP32, beta.rg), T(rows, FP32, g.rg)
+    v_beta, k_beta = tp.mul(v_p, beta_p), tp.mul(k_p, beta_p)
+    pairs = bsz * nv * chunks * c * c
+    if decay.rg:
+        tp.save(T(c * c, 1, False))  # masked_fill's strictly-upper bool mask
+    pd = tp.saving_output(T(pairs, FP32, decay.rg))  # exp of the masked pairwise decays
+    ut = tp.mul(_mm(cx, k_beta, k_p, pairs, copy_a=strided, copy_b=strided), pd)
+    intra = tp.mul(_mm(cx, q_p, k_p, pairs, copy_a=strided, copy_b=strided), pd)
+    dkb = tp.mul(k_beta, tp.saving_output(T(rows, FP32, decay.rg)))  # k_beta * cum_decay.exp()
+    solved = []
+    for rhs, d in ((v_beta, dv), (dkb, dk)):  # linalg.solve_triangular saves the matrix and its result
+        x = T(rows * d, FP32, ut.rg or rhs.rg)
+        if x.rg:
+            tp.save(ut, x)
+        solved.append(x)
+    new_values, k_cumdecay = solved
+    query = tp.mul(q_p, tp.saving_output(T(rows, FP32, decay.rg)))  # q * cum_decay.exp()
+    key = tp.mul(k_p, tp.saving_output(T(rows, FP32, decay.rg)))  # k * (cum_decay[-1] - cum_decay).exp()
+    chunk_decay = tp.saving_output(T(bsz * nv * chunks, FP32, decay.rg))
+    state = T(bsz * nv * dk * dv, FP32, False)  # zeros
+    per = bsz * nv * c
+    for _ in range(chunks):
+        v_new = T(per * dv, FP32, True)  # new_values[:, :, i] - k_cumdecay[:, :, i] @ state
+        _mm(cx, k_cumdecay.view(per * dk), state, per * dv)  # column-major (LAPACK's result): folds into bmm
+        _mm(cx, query.view(per * dk), state, per * dv, copy_a=strided)
+        v_new.rg = new_values.rg or k_cumdecay.rg or state.rg
+        _mm(cx, intra.view(per * c), v_new, per * dv)
+        tp.mul(state, chunk_decay.view(bsz * nv))
+        _mm(cx, key.view(per * dk), v_new, bsz * nv * dk * dv, copy_a=strided)
+        state = T(bsz * nv * dk * dv, FP32, True)
+    # core_attn_out[:, :, :S].transpose(1, 2).to(initial_dtype, contiguous): (B, S, H, dv) in q's dtype
+    return T(cx.tokens * nv * dv, act.width, rg)
 
 
 def mla_attention(cx: _Ctx, h: T) -> T:
@@ -316,6 +460,14 @@ def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
 def mlp(cx: _Ctx, h: T) -> T:
     s = cx.lay.spec
     hid = s.hidden_size
+    if s.is_moe and cx.moe and s.family.shared_expert_gate:
+        # Qwen3_5MoeSparseMoeBlock.forward (modeling_qwen3_5_moe.py l.921-933): the shared expert first, the router
+        # and experts, then `sigmoid(shared_expert_gate(x)) * shared` (sigmoid saves its output, mul both sides)
+        shared = _gated_mlp(cx, h, s.shared_intermediate, "shared_expert.")
+        routed = _moe(cx, h)
+        gate = cx.tape.saving_output(linear(cx, h, "shared_expert_gate", s.hidden_size, 1))
+        shared = cx.tape.mul(gate, shared)
+        return T(routed.numel, max(routed.width, shared.width), True)
     if s.is_moe and cx.moe:  # each token visits `experts_per_token` experts of width moe_intermediate
         routed = _moe(cx, h)
         if not s.shared_intermediate:
@@ -363,7 +515,7 @@ def _moe(cx: _Ctx, h: T) -> T:
     (target_parameters): the experts then run a grouped matmul on merged weights W + BA, saved for backward."""
     s, tp, lay = cx.lay.spec, cx.tape, cx.lay
     n, k = cx.tokens, s.experts_per_token
-    wrapped = lay.train.is_lora and ALL_LINEAR in lay.train.lora_targets
+    wrapped = lay.train.is_lora and ALL_LINEAR in lay.train.lora_targets and s.family.expert_lora
     router_trains = cx.trains or wrapped
     if s.family.router == "sigmoid":
         weights = _sigmoid_router(cx, h, router_trains, wrapped)
@@ -441,11 +593,12 @@ def decoder_layer(cx: _Ctx, x: T) -> T:
         m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
         return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
-    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
+    zc = gemma or s.family.zero_centered_norms  # x * (1 + w) in fp32 (Gemma, Qwen3_5RMSNorm)
+    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=zc)), s.residual_dropout)
     if gemma:
         a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
     x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
+    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=zc)), s.residual_dropout)
     if gemma:
         m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
     return T(x.numel, max(x.width, m.width), x.rg or m.rg)
@@ -457,17 +610,19 @@ def stream_width(lay: Layout) -> int:
 
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
-                at_mlp: bool = False, held: bool = False, layer: int | None = None) -> int:
+                at_mlp: bool = False, held: bool = False, layer: int | None = None, worst: bool = False) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
     a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
     storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
     reaches the MLP's `act * up` (autograd frees a node's saved tensors once it ran, torch/csrc/autograd/
     engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
     holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward.
-    layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace); None: the mean over all."""
-    def saved(windowed: bool, moe: bool = True) -> int:
+    layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace; Qwen3.5: a Gated DeltaNet
+    or full attention); None: the mean over all, or with `worst` the largest kind's."""
+    def saved(windowed: bool, moe: bool = True, linear: bool = False) -> int:
         tape = Tape()
-        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe)
+        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe,
+                  linear=linear)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
         if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward
@@ -477,6 +632,12 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
         return tape.nbytes_before_mark + tape.held_after_mark if at_mlp else tape.nbytes
 
     w, n = lay.spec.windowed_layers, lay.spec.num_layers
+    if lay.spec.layer_types or (lay.spec.dense_layers and worst):
+        kinds = layer_kinds(lay.spec, [layer] if layer is not None else range(n))
+        values = {kind: saved(True, moe=kind[0], linear=kind[1]) for kind in kinds}
+        if worst:
+            return max(values.values())
+        return sum(count * values[kind] for kind, count in kinds.items()) // sum(kinds.values())
     if lay.spec.dense_layers and layer is not None:
         return saved(True, moe=layer >= lay.spec.dense_layers)
     if lay.spec.dense_layers:
@@ -491,8 +652,22 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
     return (w * saved(True) + (n - w) * saved(False)) // n
 
 
+def layer_kinds(spec: ModelSpec, ids: list[int] | range) -> dict[tuple[bool, bool], int]:
+    """How many of these decoder layers are of each kind: (sparse MLP, Gated DeltaNet)."""
+    kinds: dict[tuple[bool, bool], int] = {}
+    for i in ids:
+        kind = (i >= spec.dense_layers, spec.is_linear_layer(i))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def layers_saved(lay: Layout, ids: list[int] | range, **kw: object) -> int:
     """The sum of layer_saved over these decoder layers (one program per layer kind)."""
+    if lay.spec.layer_types:
+        first = {}
+        for i in ids:
+            first.setdefault(layer_kinds(lay.spec, [i]).popitem()[0], []).append(i)
+        return sum(len(same) * layer_saved(lay, layer=same[0], **kw) for same in first.values())  # type: ignore
     if not lay.spec.dense_layers:
         return len(ids) * layer_saved(lay, **kw)  # type: ignore[arg-type]
     dense = sum(i < lay.spec.dense_layers for i in ids)

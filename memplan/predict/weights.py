@@ -116,7 +116,7 @@ def model_states(lay: Layout) -> ModelStates:
         ac_layer = s.top_linear_params()
         ac_params = s.linear_params_total() + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:
-        trainable = lay.trainable_layers * s.layer_params
+        trainable = s.params_of_layers(lay.trained_ids)
         weights = trainable * lay.trainable_width + (total - trainable) * lay.base_width
         # the trained layers are the top ones (DeepSeek: MoE layers with the shared experts' Linears)
         ac_layer = s.top_linear_params() if lay.trainable_width == 4 else 0

@@ -76,6 +76,18 @@ class Family:
     # position ids (3, B, S) and cos/sin (B, S, rotary_dim) per forward: the multimodal RoPE (Qwen-VL) makes them
     # per sample, not (1, S, rotary_dim) as LlamaRotaryEmbedding does (predict.estimator._rope_bytes)
     mrope: bool = False
+    # Qwen3.5: layer_types mix Gated DeltaNet layers (activations.gated_deltanet) with full attention whose q_proj
+    # also makes a sigmoid output gate (Qwen3_5Attention l.756-815); decoder dims read from text_config
+    linear_attention: bool = False
+    # Qwen3_5RMSNorm (l.835-852): `x.float()` normalised, times (1 + weight.float()), cast back (Gemma's norm)
+    zero_centered_norms: bool = False
+    # Qwen3.5-MoE: one shared expert of shared_expert_intermediate_size (shared_experts_key) scaled by
+    # sigmoid(shared_expert_gate(x)), a Linear(hidden, 1) (Qwen3_5MoeSparseMoeBlock l.913-933)
+    shared_expert_gate: bool = False
+    # peft's all-linear also wraps the router and the fused 3D expert parameters (target_parameters, via
+    # transformers' conversion mapping of the type: conversion_mapping.py); False where it wraps neither (measured
+    # on a built qwen3_5_moe: only the Linears, the shared expert's included, get adapters)
+    expert_lora: bool = True
 
     @property
     def norm_tensors(self) -> int:
@@ -188,14 +200,21 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="qwen3_vl_moe", analytic=False, moe=True, auto_class="AutoModelForImageTextToText",
            frozen_modules=("visual.",), limits=_VL_LIMITS),
     # Qwen3.5 (modeling_qwen3_5.py / modeling_qwen3_5_moe.py): layer_types alternate Gated DeltaNet linear
-    # attention (Qwen3_5MoeGatedDeltaNet, l.517: causal conv1d + chunked delta rule; on CPU torch's fallbacks
-    # torch_chunk_gated_delta_rule, l.304) with full attention every full_attention_interval-th layer; MoE with a
-    # gated shared expert; the vision tower visual.* frozen (LLaMA-Factory _register_composite_model("qwen3_5"))
-    Family(model_type="qwen3_5", analytic=False, auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
-    Family(model_type="qwen3_5_moe", analytic=False, moe=True, save_copies_gate_up=True,
-           auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
+    # attention (Qwen3_5GatedDeltaNet, l.500-656: in_proj_qkv -> causal conv1d + silu -> the chunked gated delta rule,
+    # on CPU torch's fallback torch_chunk_gated_delta_rule, l.287-426; a gated RMSNorm, out_proj) with gated full
+    # attention every full_attention_interval-th layer (q_norm / k_norm zero-centred, partial rope, o_proj on
+    # attn * sigmoid(gate)); M-RoPE cos/sin (B, S, rotary_dim) per forward (l.182-201); MoE: the qwen3_moe softmax
+    # router and grouped_mm experts plus a gated shared expert; the vision tower visual.* frozen (LLaMA-Factory
+    # _register_composite_model("qwen3_5"))
+    Family(model_type="qwen3_5", auto_class="AutoModelForImageTextToText", qk_norm=True, rope_concat=True,
+           frozen_modules=("visual.",), layer_period_key="full_attention_interval", vision="qwen3_5", mrope=True,
+           linear_attention=True, zero_centered_norms=True, limits=_VL_LIMITS + _GDN_LIMITS),
+    Family(model_type="qwen3_5_moe", moe=True, save_copies_gate_up=True, qk_norm=True, rope_concat=True,
+           intermediate_key="moe_intermediate_size", shared_experts_key="shared_expert_intermediate_size",
+           shared_expert_gate=True, expert_lora=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",),
+           layer_period_key="full_attention_interval", vision="qwen3_5", mrope=True, linear_attention=True,
+           zero_centered_norms=True, limits=_VL_LIMITS + _GDN_LIMITS),
     Family(model_type="gemma3", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("vision_tower.", "multi_modal_projector."), limits=_VL_LIMITS),
     # Llama 4 (modeling_llama4.py): transformers 5.24's Llama4ForConditionalGeneration.forward cannot train on text

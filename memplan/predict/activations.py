@@ -332,6 +332,9 @@ def _delta_rule(cx: _Ctx, act: T, g: T, beta: T) -> T:
     # of the conv output. F.pad to whole chunks then makes contiguous copies, but with no padding
     # (S a multiple of 64) it clones in that layout, so each chunk matmul copies its operands (reshape to bmm)
     strided = act.width == FP32 and cx.seq % c == 0
+    # such a (B, H, chunks, 64, d) operand folds into bmm's (B x H x chunks) batch as a view only with one sample
+    # and one chunk; a chunk's (B, H, 64, d) slice only with one sample
+    whole, per_chunk = strided and (bsz > 1 or chunks > 1), strided and bsz > 1
     if act.width == FP32 and s.gdn_key_heads == nv:
         q, k = act.view(cx.tokens * nv * dk), act.view(cx.tokens * nv * dk)
     else:
@@ -351,8 +354,8 @@ def _delta_rule(cx: _Ctx, act: T, g: T, beta: T) -> T:
     if decay.rg:
         tp.save(T(c * c, 1, False))  # masked_fill's strictly-upper bool mask
     pd = tp.saving_output(T(pairs, FP32, decay.rg))  # exp of the masked pairwise decays
-    ut = tp.mul(_mm(cx, k_beta, k_p, pairs, copy_a=strided, copy_b=strided), pd)
-    intra = tp.mul(_mm(cx, q_p, k_p, pairs, copy_a=strided, copy_b=strided), pd)
+    ut = tp.mul(_mm(cx, k_beta, k_p, pairs, copy_a=whole, copy_b=whole), pd)
+    intra = tp.mul(_mm(cx, q_p, k_p, pairs, copy_a=whole, copy_b=whole), pd)
     dkb = tp.mul(k_beta, tp.saving_output(T(rows, FP32, decay.rg)))  # k_beta * cum_decay.exp()
     solved = []
     for rhs, d in ((v_beta, dv), (dkb, dk)):  # linalg.solve_triangular saves the matrix and its result
@@ -369,11 +372,11 @@ def _delta_rule(cx: _Ctx, act: T, g: T, beta: T) -> T:
     for _ in range(chunks):
         v_new = T(per * dv, FP32, True)  # new_values[:, :, i] - k_cumdecay[:, :, i] @ state
         _mm(cx, k_cumdecay.view(per * dk), state, per * dv)  # column-major (LAPACK's result): folds into bmm
-        _mm(cx, query.view(per * dk), state, per * dv, copy_a=strided)
+        _mm(cx, query.view(per * dk), state, per * dv, copy_a=per_chunk)
         v_new.rg = new_values.rg or k_cumdecay.rg or state.rg
         _mm(cx, intra.view(per * c), v_new, per * dv)
         tp.mul(state, chunk_decay.view(bsz * nv))
-        _mm(cx, key.view(per * dk), v_new, bsz * nv * dk * dv, copy_a=strided)
+        _mm(cx, key.view(per * dk), v_new, bsz * nv * dk * dv, copy_a=per_chunk)
         state = T(bsz * nv * dk * dv, FP32, True)
     # core_attn_out[:, :, :S].transpose(1, 2).to(initial_dtype, contiguous): (B, S, H, dv) in q's dtype
     return T(cx.tokens * nv * dv, act.width, rg)

@@ -104,10 +104,11 @@ _VL_LIMITS = ("text-only inputs: image/video tokens (image_max_pixels) are not c
               "projector are frozen (LLaMA-Factory's freeze_vision_tower / freeze_multi_modal_projector defaults) "
               "and only their weights are counted")
 
-# the linear-attention layers traced on CPU run torch's chunked fallback (transformers uses the fla / causal-conv1d
-# kernels on a GPU when installed): their saved tensors may differ there
-_GDN_LIMITS = ("; linear-attention layers traced with torch's chunked gated-delta-rule fallback (a GPU with fla "
-               "/ causal-conv1d installed runs other kernels: not checked)")
+# the linear-attention layers as torch's fallbacks run them (CPU, or a GPU without the kernels): the analytic tape
+# (activations.gated_deltanet) and the exact trace alike; transformers runs the fla / causal-conv1d kernels on a GPU
+# where they are installed, whose saved tensors differ
+_GDN_LIMITS = ("; linear-attention layers costed as torch's chunked gated-delta-rule fallback runs them (a GPU with "
+               "fla / causal-conv1d installed runs other kernels: not checked)")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="llama", architectures=("LlamaForCausalLM",)),

@@ -77,7 +77,7 @@ class Family:
     # per sample, not (1, S, rotary_dim) as LlamaRotaryEmbedding does (predict.estimator._rope_bytes)
     mrope: bool = False
     # Qwen3.5: layer_types mix Gated DeltaNet layers (activations.gated_deltanet) with full attention whose q_proj
-    # also makes a sigmoid output gate (Qwen3_5Attention l.756-815); decoder dims read from text_config
+    # also makes a sigmoid output gate (Qwen3_5Attention l.742-815); decoder dims read from text_config
     linear_attention: bool = False
     # Qwen3_5RMSNorm (l.835-852): `x.float()` normalised, times (1 + weight.float()), cast back (Gemma's norm)
     zero_centered_norms: bool = False

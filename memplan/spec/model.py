@@ -202,7 +202,7 @@ class ModelSpec:
         if self.fused_qkv:
             qkv = (Linear(name="qkv_proj", in_features=h, out_features=self.q_dim + 2 * self.kv_dim, bias=b),)
         else:
-            # Qwen3_5Attention (modeling_qwen3_5.py l.756-758): q_proj makes the query and its output gate
+            # Qwen3_5Attention (modeling_qwen3_5.py l.754-756): q_proj makes the query and its output gate
             gate = 2 if self.family.linear_attention else 1
             qkv = (
                 Linear(name="q_proj", in_features=h, out_features=gate * self.q_dim, bias=b),
@@ -547,7 +547,7 @@ class ModelSpec:
 
 def _qwen3_5_vision_params(vc: dict[str, Any]) -> int:
     """Qwen3_5VisionModel (modeling_qwen3_5.py l.1117-1160; the MoE model's tower is the same): Conv3d patch embedding
-    with bias (l.963), a learned position table (l.1132), depth blocks of 2 LayerNorm(h) + qkv Linear(h, 3h) + proj
+    with bias (l.963), a learned position table (l.1136), depth blocks of 2 LayerNorm(h) + qkv Linear(h, 3h) + proj
     Linear(h, h) + fc1 Linear(h, I) + fc2 Linear(I, h), all with biases (l.941-952, l.1004-1015, l.1087-1092), and the
     merger: LayerNorm(h), Linear(m, m), Linear(m, out) with m = h x spatial_merge_size^2 (l.974-987). Defaults:
     Qwen3_5VisionConfig."""

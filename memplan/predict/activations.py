@@ -67,8 +67,10 @@ def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
     xr = tp.mul(xf, rs)
     w = param(dim, cx.norm_width(), cx.trains)
     if gemma:
-        # `(1.0 + self.weight.float())` is a fresh (dim,) tensor, saved for xr's gradient
-        return tp.cast(tp.mul(xr, T(dim, FP32, cx.trains), width=FP32), x.width)
+        # Gemma / Qwen3.5: `(1.0 + self.weight.float())` is a fresh (dim,) tensor, saved for xr's gradient; OLMo-2
+        # multiplies by the weight itself
+        w1 = param(dim, FP32, cx.trains) if cx.lay.spec.family.post_norms else T(dim, FP32, cx.trains)
+        return tp.cast(tp.mul(xr, w1, width=FP32), x.width)
     hn = tp.cast(xr, x.width)
     return tp.mul(w, hn, width=max(w.width, hn.width))
 

@@ -100,7 +100,11 @@ def test_every_catalog_model_has_consistent_terms(entry):
     linears = spec.attention_linears() + (() if spec.is_moe else spec.mlp_linears())
     train = TrainConfig(lora_targets=tuple(lin.name for lin in linears)) if spec.is_moe else TrainConfig()
     lora = estimate(spec, train)
-    adapters = spec.num_layers * train.lora_rank * sum(lin.in_features + lin.out_features for lin in linears)
+    # Qwen3.5: each layer kind's own Linears (the Gated DeltaNet's, or the full attention's)
+    names = {lin.name for lin in linears} if spec.is_moe else None  # None: all-linear
+    adapters = train.lora_rank * sum(lin.in_features + lin.out_features for i in range(spec.num_layers)
+                                     for lin in (spec.layer_linears(i) if spec.layer_types else linears)
+                                     if names is None or lin.name in names)
     assert lora.trainable_params == adapters
     assert lora.term("weights") == 2 * n + 4 * adapters + rotary + 2 * router
     assert lora.term("optimizer_states") == 2 * 4 * adapters

@@ -2,7 +2,8 @@
 
 `layer_saved(layout, tokens, trains, x_rg)` is the bytes one decoder layer keeps for backward. Layers differ only in
 whether their weights train (freeze) and whether their input already requires grad (the first LoRA layer's does
-not, unless checkpointing turned on input grads), so the estimator runs at most three programs.
+not, unless checkpointing turned on input grads), so the estimator runs at most three programs per layer kind
+(DeepSeek's dense / MoE layers, Qwen3.5's Gated DeltaNet / full-attention ones: `layer_kinds`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from memplan.predict import adapters
 from memplan.predict.kernels import liger_applies
 from memplan.predict.layout import Layout
 from memplan.predict.tape import T, Tape, param
-from memplan.spec.model import Linear
+from memplan.spec.model import Linear, ModelSpec
 from memplan.spec.train import Adapter, Attention, QuantMethod
 
 FP32 = 4
@@ -31,6 +32,7 @@ class _Ctx:
     autocast: bool = True  # False where the op has no autocast rule (MoE grouped matmuls): stream dtype
     windowed: bool = True  # this layer attends within the sliding window (Gemma3: all but every 6th layer)
     moe: bool = True  # an MoE model's layer has the sparse MLP (False: DeepSeek's leading dense layers)
+    linear: bool = False  # a Qwen3.5 Gated DeltaNet layer (layer_types "linear_attention")
 
     @property
     def amp(self) -> bool:
@@ -65,7 +67,10 @@ def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
     xr = tp.mul(xf, rs)
     w = param(dim, cx.norm_width(), cx.trains)
     if gemma:
-        return tp.cast(tp.mul(xr, param(dim, FP32, cx.trains), width=FP32), x.width)
+        # Gemma / Qwen3.5: `(1.0 + self.weight.float())` is a fresh (dim,) tensor, saved for xr's gradient; OLMo-2
+        # multiplies by the weight itself
+        w1 = param(dim, FP32, cx.trains) if cx.lay.spec.family.post_norms else T(dim, FP32, cx.trains)
+        return tp.cast(tp.mul(xr, w1, width=FP32), x.width)
     hn = tp.cast(xr, x.width)
     return tp.mul(w, hn, width=max(w.width, hn.width))
 
@@ -205,7 +210,20 @@ def attention(cx: _Ctx, h: T) -> T:
     n = cx.tokens
     if s.family.mla:
         return mla_attention(cx, h)
-    if s.fused_qkv:
+    if cx.linear:
+        from memplan.predict.linear_attention import gated_deltanet  # it builds on this module's ops
+
+        return gated_deltanet(cx, h)
+    gate = None
+    if s.family.linear_attention:
+        # Qwen3_5Attention.forward (modeling_qwen3_5.py l.781-788): q_proj's (B, S, H, 2D) output chunked into the
+        # query (a view: the q_norm's fp32 `pow` pins all of it) and the gate, whose reshape of a strided chunk
+        # copies; k_proj, v_proj as usual
+        qg = linear(cx, h, "q_proj", s.hidden_size, 2 * s.q_dim)
+        q, gate = qg.view(n * s.q_dim), tp.new(qg, numel=n * s.q_dim)
+        k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
+        v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
+    elif s.fused_qkv:
         qkv = linear(cx, h, "qkv_proj", s.hidden_size, s.q_dim + 2 * s.kv_dim)
         q, k, v = qkv.view(n * s.q_dim), qkv.view(n * s.kv_dim), qkv.view(n * s.kv_dim)
     else:
@@ -213,7 +231,7 @@ def attention(cx: _Ctx, h: T) -> T:
         k = linear(cx, h, "k_proj", s.hidden_size, s.kv_dim)
         v = linear(cx, h, "v_proj", s.hidden_size, s.kv_dim)
     if s.qk_norm:  # Gemma3's q_norm / k_norm are Gemma norms too; OLMo-2's span the whole projection
-        gemma = s.family.sandwich_norms or s.family.post_norms
+        gemma = s.family.sandwich_norms or s.family.post_norms or s.family.zero_centered_norms
         qd, kd = (s.q_dim, s.kv_dim) if s.family.qk_norm_full else (s.head_dim, s.head_dim)
         q, k = norm(cx, q, qd, gemma=gemma), norm(cx, k, kd, gemma=gemma)
     rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
@@ -248,6 +266,8 @@ def attention(cx: _Ctx, h: T) -> T:
             tp.save(q, k, v, out, T(n * s.num_heads, FP32, False))
         if lay.device == "cpu" and s.rope_concat:
             out = tp.new(out)
+    if gate is not None:  # `attn_output * torch.sigmoid(gate)` (l.812): sigmoid saves its output, mul both sides
+        out = tp.mul(out, tp.saving_output(gate))
     return linear(cx, out, "o_proj", s.q_dim, s.hidden_size)
 
 
@@ -332,6 +352,14 @@ def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
 def mlp(cx: _Ctx, h: T) -> T:
     s = cx.lay.spec
     hid = s.hidden_size
+    if s.is_moe and cx.moe and s.family.shared_expert_gate:
+        # Qwen3_5MoeSparseMoeBlock.forward (modeling_qwen3_5_moe.py l.921-933): the shared expert first, the router
+        # and experts, then `sigmoid(shared_expert_gate(x)) * shared` (sigmoid saves its output, mul both sides)
+        shared = _gated_mlp(cx, h, s.shared_intermediate, "shared_expert.")
+        routed = _moe(cx, h)
+        gate = cx.tape.saving_output(linear(cx, h, "shared_expert_gate", s.hidden_size, 1))
+        shared = cx.tape.mul(gate, shared)
+        return T(routed.numel, max(routed.width, shared.width), True)
     if s.is_moe and cx.moe:  # each token visits `experts_per_token` experts of width moe_intermediate
         routed = _moe(cx, h)
         if not s.shared_intermediate:
@@ -467,11 +495,12 @@ def decoder_layer(cx: _Ctx, x: T) -> T:
         m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
         return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
-    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
+    zc = gemma or s.family.zero_centered_norms  # x * (1 + w) in fp32 (Gemma, Qwen3_5RMSNorm)
+    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=zc)), s.residual_dropout)
     if gemma:
         a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
     x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
+    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=zc)), s.residual_dropout)
     if gemma:
         m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
     return T(x.numel, max(x.width, m.width), x.rg or m.rg)
@@ -483,17 +512,19 @@ def stream_width(lay: Layout) -> int:
 
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
-                at_mlp: bool = False, held: bool = False, layer: int | None = None) -> int:
+                at_mlp: bool = False, held: bool = False, layer: int | None = None, worst: bool = False) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
     a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
     storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
     reaches the MLP's `act * up` (autograd frees a node's saved tensors once it ran, torch/csrc/autograd/
     engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
     holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward.
-    layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace); None: the mean over all."""
-    def saved(windowed: bool, moe: bool = True) -> int:
+    layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace; Qwen3.5: a Gated DeltaNet
+    or full attention); None: the mean over all, or with `worst` the largest kind's."""
+    def saved(windowed: bool, moe: bool = True, linear: bool = False) -> int:
         tape = Tape()
-        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe)
+        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe,
+                  linear=linear)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
         if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward
@@ -503,6 +534,12 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
         return tape.nbytes_before_mark + tape.held_after_mark if at_mlp else tape.nbytes
 
     w, n = lay.spec.windowed_layers, lay.spec.num_layers
+    if lay.spec.layer_types or (lay.spec.dense_layers and worst):
+        kinds = layer_kinds(lay.spec, [layer] if layer is not None else range(n))
+        values = {kind: saved(True, moe=kind[0], linear=kind[1]) for kind in kinds}
+        if worst:
+            return max(values.values())
+        return sum(count * values[kind] for kind, count in kinds.items()) // sum(kinds.values())
     if lay.spec.dense_layers and layer is not None:
         return saved(True, moe=layer >= lay.spec.dense_layers)
     if lay.spec.dense_layers:
@@ -517,8 +554,22 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
     return (w * saved(True) + (n - w) * saved(False)) // n
 
 
+def layer_kinds(spec: ModelSpec, ids: list[int] | range) -> dict[tuple[bool, bool], int]:
+    """How many of these decoder layers are of each kind: (sparse MLP, Gated DeltaNet)."""
+    kinds: dict[tuple[bool, bool], int] = {}
+    for i in ids:
+        kind = (i >= spec.dense_layers, spec.is_linear_layer(i))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def layers_saved(lay: Layout, ids: list[int] | range, **kw: object) -> int:
     """The sum of layer_saved over these decoder layers (one program per layer kind)."""
+    if lay.spec.layer_types:
+        first = {}
+        for i in ids:
+            first.setdefault(layer_kinds(lay.spec, [i]).popitem()[0], []).append(i)
+        return sum(len(same) * layer_saved(lay, layer=same[0], **kw) for same in first.values())  # type: ignore
     if not lay.spec.dense_layers:
         return len(ids) * layer_saved(lay, **kw)  # type: ignore[arg-type]
     dense = sum(i < lay.spec.dense_layers for i in ids)

@@ -477,29 +477,37 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     the MLP's product without checkpointing)."""
     tr, L = lay.train, lay.spec.num_layers
     b, s = tr.batch_size, tr.seq_len
-    full_layer = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True)
+    trains = lay.trainable_layers > 0
+    full_layer = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True)
     if tr.method is Method.FREEZE:
         return _freeze_activations(lay)
+    # layers of different kinds (Qwen3.5): the recomputed / top-of-backward layer is the one that holds the most
+    mixed = bool(lay.spec.layer_types)
     if tr.checkpointing:
         # a checkpointed layer keeps its input hidden states (the rest is recomputed in backward). Only while
         # its graph lives: torch/utils/checkpoint.py's non-reentrant frame is held by the saved-tensor hooks of
         # what the layer saves, and the reentrant CheckpointFunction's ctx by its output's grad_fn
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
-        recomputed = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True,
-                                 at_mlp=True)
-        end = layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, input_kept=True)
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True, input_kept=True, at_mlp=True,
+                                 worst=mixed)
+        end = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True, input_kept=True, worst=mixed)
         if offloads_checkpoints(lay):
             # LLaMA-Factory's UnslothGradientCheckpointing: each input saved as a host copy, so the device keeps
             # none (a layer's input is freed once the next runs) but the bottom one where it is a leaf (frozen
             # embedding: its AccumulateGrad node holds it); in backward, one input back on the device per recompute
             return (0 if lay.full else kept), recomputed + kept, end + kept, 0
         return L * kept, recomputed, end, 0
-    released = full_layer - layer_saved(lay, batch=b, seq=s, trains=lay.trainable_layers > 0, x_rg=True, at_mlp=True)
+    top = L - 1 if mixed else None
+    released = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True, layer=top) - \
+        layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True, at_mlp=True, layer=top)
     if lay.full:
-        return L * full_layer, full_layer, full_layer, released
+        return (layers_saved(lay, range(L), batch=b, seq=s, trains=trains, x_rg=True) if mixed else
+                L * full_layer), full_layer, full_layer, released
     # LoRA: the first layer's input does not require grad (frozen embedding)
-    first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False)
-    return first + (L - 1) * full_layer, full_layer, full_layer, released
+    first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False, layer=0 if mixed else None)
+    rest = layers_saved(lay, range(1, L), batch=b, seq=s, trains=trains, x_rg=True) if mixed else \
+        (L - 1) * full_layer
+    return first + rest, full_layer, full_layer, released
 
 
 def _embedding_dropout_bytes(lay: Layout) -> int:
@@ -565,7 +573,9 @@ def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
     if tr.checkpointing:
         return b * sq * s.hidden_size * stream_width(lay)
     x_rg = lay.full  # the embedding trains (full); else the first trained layer's input needs no grad
-    return layer_saved(lay, batch=b, seq=sq, trains=lay.trainable_layers > 0, x_rg=x_rg, at_mlp=True) + \
+    bottom = (lay.trained_ids[0] if lay.trained_ids else 0) if s.layer_types else None
+    return layer_saved(lay, batch=b, seq=sq, trains=lay.trainable_layers > 0, x_rg=x_rg, at_mlp=True,
+                       layer=bottom) + \
         st.autocast_layer_bytes
 
 
@@ -593,7 +603,8 @@ def _grads_above_bottom(lay: Layout, st: ModelStates) -> int:
     if tr.is_lora:
         own = lay.lora_params_per_layer() * lay.lora_width
     else:
-        own = s.layer_params * lay.trainable_width
+        own = (s.params_of_layer(lay.trained_ids[0] if lay.trained_ids else 0) if s.layer_types else s.layer_params) \
+            * lay.trainable_width
     embedding = s.vocab_size * s.hidden_size * lay.trainable_width if lay.full and not s.tie_word_embeddings else 0
     return st.gradients_bytes - own - embedding
 

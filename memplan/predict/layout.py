@@ -129,17 +129,22 @@ class Layout:
     def lora_params_total(self) -> int:
         """Adapter parameters of all decoder layers (DeepSeek's leading dense layers have no MoE adapters)."""
         s = self.spec
+        if s.layer_types:  # Qwen3.5: Gated DeltaNet and full-attention layers adapt different Linears
+            return sum(self.lora_params_per_layer(layer=i) for i in range(s.num_layers))
         dense = s.num_layers - s.moe_layers if s.dense_layers else 0
         return (s.num_layers - dense) * self.lora_params_per_layer() + dense * self.lora_params_per_layer(moe=False)
 
-    def lora_params_per_layer(self, *, moe: bool = True) -> int:
-        """One layer's adapter parameters (moe=False: a DeepSeek dense layer's; all-linear skips its MLP)."""
+    def lora_params_per_layer(self, *, moe: bool = True, layer: int | None = None) -> int:
+        """One layer's adapter parameters (moe=False: a DeepSeek dense layer's; all-linear skips its MLP); layer:
+        that decoder layer's (None: the top one's)."""
         s, r = self.spec, self.train.lora_rank
-        n = sum(params_per_linear(self.train, lin) for lin in s.layer_linears() if lin.name in self.lora_modules)
+        n = sum(params_per_linear(self.train, lin) for lin in s.layer_linears(s.num_layers - 1 if layer is None
+                                                                               else layer)
+                if lin.name in self.lora_modules)
         if not moe:
             return n + sum(params_per_linear(self.train, lin) for lin in s.dense_mlp_linears(s.intermediate_size)
                            if lin.name in self.lora_modules)
-        if s.shared_intermediate:
+        if s.shared_intermediate and not s.family.shared_expert_gate:  # DeepSeek's (Qwen3.5's are layer Linears)
             n += sum(params_per_linear(self.train, lin) for lin in s.dense_mlp_linears(s.shared_intermediate,
                      "shared_experts.") if lin.name in self.lora_modules)
         if s.is_moe and self.experts_wrapped:

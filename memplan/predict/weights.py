@@ -116,7 +116,7 @@ def model_states(lay: Layout) -> ModelStates:
         ac_layer = s.top_linear_params()
         ac_params = s.linear_params_total() + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:
-        trainable = lay.trainable_layers * s.layer_params
+        trainable = s.params_of_layers(lay.trained_ids)
         weights = trainable * lay.trainable_width + (total - trainable) * lay.base_width
         # the trained layers are the top ones (DeepSeek: MoE layers with the shared experts' Linears)
         ac_layer = s.top_linear_params() if lay.trainable_width == 4 else 0
@@ -133,10 +133,14 @@ def model_states(lay: Layout) -> ModelStates:
         if tr.method is Method.QLORA:
             # decoder linears (all, or the adapted ones where the stack quantizes only those); bnb through
             # transformers skips lm_head, a stack may quantize it too (spec.stacks)
+            # each layer's own Linears (Qwen3.5's kinds differ), counted once per layer that has them
+            per_layer = [s.layer_linears(i) for i in range(s.num_layers)] if s.layer_types else \
+                [linears] * s.num_layers
+            qall = [lin for lins in per_layer for lin in lins if lay.quantized(lin.name)]
             qlin = [lin for lin in linears if lay.quantized(lin.name)]
-            quantized = sum(lin.in_features * lin.out_features for lin in qlin) * s.num_layers + \
+            quantized = sum(lin.in_features * lin.out_features for lin in qall) + \
                 expert_params * (s.moe_layers or s.num_layers)
-            outs = sum(lin.out_features for lin in qlin) * s.num_layers
+            outs = sum(lin.out_features for lin in qall)
             if lay.quantized_head:
                 quantized += s.vocab_size * s.hidden_size
                 outs += s.vocab_size
@@ -145,8 +149,7 @@ def model_states(lay: Layout) -> ModelStates:
             stored = packed_bytes(s.packed, [(lin.in_features, lin.out_features, s.num_layers) for lin in qlin],
                                   lay.base_width)
         else:
-            stored = quantized_bytes(quantized, tr, outs, len(qlin) * s.num_layers + lay.quantized_head) \
-                if quantized else 0
+            stored = quantized_bytes(quantized, tr, outs, len(qall) + lay.quantized_head) if quantized else 0
         weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + stored + \
             router_fp32 * (4 - lay.kept_width)
     if lay.norms_fp32:  # upcast_layernorm: the frozen norms' half weights become fp32 (trained ones are already)
@@ -228,14 +231,19 @@ def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
     if lay.train.is_lora:
         out = []
         for lin in s.layer_linears():
-            if lin.name in lay.lora_modules:
-                out += [(rows, cols, s.num_layers) for rows, cols in adapters.trainable_shapes(lay.train, lin)]
+            if lin.name in lay.lora_modules:  # in how many layers (Qwen3.5: its own layer kind's)
+                count = sum(lin in s.layer_linears(i) for i in range(s.num_layers)) if s.layer_types else \
+                    s.num_layers
+                out += [(rows, cols, count) for rows, cols in adapters.trainable_shapes(lay.train, lin)]
         return out
-    layer = [(lin.out_features, lin.in_features, 1) for lin in s.layer_linears()]
-    layer += [(lin.out_features, 0, 1) for lin in s.layer_linears() if lin.bias]  # qwen2's q/k/v biases
-    layer += [(h, 0, s.norms_per_layer)]
-    n = lay.trainable_layers
-    shapes = [(r, c, k * n) for r, c, k in layer]
+    ids = list(lay.trained_ids) if s.layer_types else [s.num_layers - 1] * lay.trainable_layers
+    shapes = []
+    for lins in dict.fromkeys(s.layer_linears(i) for i in ids) if s.layer_types else [s.layer_linears()]:
+        n = sum(s.layer_linears(i) == lins for i in ids) if s.layer_types else lay.trainable_layers
+        layer = [(lin.out_features, lin.in_features, 1) for lin in lins]
+        layer += [(lin.out_features, 0, 1) for lin in lins if lin.bias]  # qwen2's q/k/v biases
+        layer += [(h, 0, s.norms_per_layer)]
+        shapes += [(r, c, k * n) for r, c, k in layer]
     if lay.full:
         shapes += [(s.vocab_size, h, 1 if s.tie_word_embeddings else 2), (h, 0, s.family.norm_tensors)]
     return shapes

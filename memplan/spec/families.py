@@ -86,6 +86,14 @@ class Family:
     # keyed by model_type (peft utils/transformers_weight_conversion.py _convert_peft_config_moe l.402-420, via
     # transformers conversion_mapping.py _MODEL_TO_CONVERSION_PATTERN); False: a type not in that table
     lora_wraps_experts: bool = True
+    # Qwen3.5: layer_types mix Gated DeltaNet layers (activations.gated_deltanet) with full attention whose q_proj
+    # also makes a sigmoid output gate (Qwen3_5Attention l.742-815); decoder dims read from text_config
+    linear_attention: bool = False
+    # Qwen3_5RMSNorm (l.835-852): `x.float()` normalised, times (1 + weight.float()), cast back (Gemma's norm)
+    zero_centered_norms: bool = False
+    # Qwen3.5-MoE: one shared expert of shared_expert_intermediate_size (shared_experts_key) scaled by
+    # sigmoid(shared_expert_gate(x)), a Linear(hidden, 1) (Qwen3_5MoeSparseMoeBlock l.913-933)
+    shared_expert_gate: bool = False
 
     @property
     def norm_tensors(self) -> int:
@@ -102,10 +110,11 @@ _VL_LIMITS = ("text-only inputs: image/video tokens (image_max_pixels) are not c
               "projector are frozen (LLaMA-Factory's freeze_vision_tower / freeze_multi_modal_projector defaults) "
               "and only their weights are counted")
 
-# the linear-attention layers traced on CPU run torch's chunked fallback (transformers uses the fla / causal-conv1d
-# kernels on a GPU when installed): their saved tensors may differ there
-_GDN_LIMITS = ("; linear-attention layers traced with torch's chunked gated-delta-rule fallback (a GPU with fla "
-               "/ causal-conv1d installed runs other kernels: not checked)")
+# the linear-attention layers as torch's fallbacks run them (CPU, or a GPU without the kernels): the analytic tape
+# (activations.gated_deltanet) and the exact trace alike; transformers runs the fla / causal-conv1d kernels on a GPU
+# where they are installed, whose saved tensors differ
+_GDN_LIMITS = ("; linear-attention layers costed as torch's chunked gated-delta-rule fallback runs them (a GPU with "
+               "fla / causal-conv1d installed runs other kernels: not checked)")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="llama", architectures=("LlamaForCausalLM",)),
@@ -214,14 +223,21 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            auto_class="AutoModelForImageTextToText", qk_norm=True, sliding=False, frozen_modules=("visual.",),
            vision="qwen3_vl", mrope="interleaved", limits=_VL_LIMITS),
     # Qwen3.5 (modeling_qwen3_5.py / modeling_qwen3_5_moe.py): layer_types alternate Gated DeltaNet linear
-    # attention (Qwen3_5MoeGatedDeltaNet, l.517: causal conv1d + chunked delta rule; on CPU torch's fallbacks
-    # torch_chunk_gated_delta_rule, l.304) with full attention every full_attention_interval-th layer; MoE with a
-    # gated shared expert; the vision tower visual.* frozen (LLaMA-Factory _register_composite_model("qwen3_5"))
-    Family(model_type="qwen3_5", analytic=False, auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
-    Family(model_type="qwen3_5_moe", analytic=False, moe=True, save_copies_gate_up=True,
-           auto_class="AutoModelForImageTextToText",
-           frozen_modules=("visual.",), layer_period_key="full_attention_interval", limits=_VL_LIMITS + _GDN_LIMITS),
+    # attention (Qwen3_5GatedDeltaNet, l.500-656: in_proj_qkv -> causal conv1d + silu -> the chunked gated delta rule,
+    # on CPU torch's fallback torch_chunk_gated_delta_rule, l.287-426; a gated RMSNorm, out_proj) with gated full
+    # attention every full_attention_interval-th layer (q_norm / k_norm zero-centred, partial rope, o_proj on
+    # attn * sigmoid(gate)); M-RoPE cos/sin (B, S, rotary_dim) per forward (l.182-201); MoE: the qwen3_moe softmax
+    # router and grouped_mm experts plus a gated shared expert; the vision tower visual.* frozen (LLaMA-Factory
+    # _register_composite_model("qwen3_5"))
+    Family(model_type="qwen3_5", auto_class="AutoModelForImageTextToText", qk_norm=True, rope_concat=True,
+           frozen_modules=("visual.",), layer_period_key="full_attention_interval", vision="qwen3_5", mrope="interleaved",
+           linear_attention=True, zero_centered_norms=True, limits=_VL_LIMITS + _GDN_LIMITS),
+    Family(model_type="qwen3_5_moe", moe=True, save_copies_gate_up=True, qk_norm=True, rope_concat=True,
+           intermediate_key="moe_intermediate_size", shared_experts_key="shared_expert_intermediate_size",
+           shared_expert_gate=True, lora_wraps_experts=False, auto_class="AutoModelForImageTextToText",
+           frozen_modules=("visual.",),
+           layer_period_key="full_attention_interval", vision="qwen3_5", mrope="interleaved", linear_attention=True,
+           zero_centered_norms=True, limits=_VL_LIMITS + _GDN_LIMITS),
     Family(model_type="gemma3", analytic=False, auto_class="AutoModelForImageTextToText",
            frozen_modules=("vision_tower.", "multi_modal_projector."), limits=_VL_LIMITS),
     # Llama 4 (modeling_llama4.py): transformers 5.24's Llama4ForConditionalGeneration.forward cannot train on text

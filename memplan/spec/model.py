@@ -74,6 +74,16 @@ class ModelSpec:
     # the checkpoint's saved dtype (config.json `dtype`, transformers 4's `torch_dtype`): what LLaMA-Factory loads
     # whatever the YAML's precision (model/loader.py L155 torch_dtype="auto"); None where the config names none
     checkpoint_dtype: str | None = None
+    # Qwen3.5 hybrid layers (Family.linear_attention): each layer's type from text_config layer_types
+    # ("linear_attention": a Gated DeltaNet, "full_attention": gated softmax attention); () when all are alike
+    layer_types: tuple[str, ...] = ()
+    # the Gated DeltaNet's dims (Qwen3_5GatedDeltaNet.__init__, modeling_qwen3_5.py l.501-548): linear_num_key_heads,
+    # linear_num_value_heads, linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim
+    gdn_key_heads: int = 0
+    gdn_value_heads: int = 0
+    gdn_key_dim: int = 0
+    gdn_value_dim: int = 0
+    gdn_conv: int = 0
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- family facts ------------------------------------------------------------------------------------------
@@ -159,15 +169,46 @@ class ModelSpec:
         factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         return int(self.head_dim * (factor if factor is not None else 1.0))
 
-    def attention_linears(self) -> tuple[Linear, ...]:
+    def is_linear_layer(self, layer: int) -> bool:
+        """Decoder layer `layer` is a Gated DeltaNet (Qwen3.5 layer_types "linear_attention")."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def gdn_conv_dim(self) -> int:
+        """The causal conv1d's channels: q, k and v (Qwen3_5GatedDeltaNet.conv_dim = key_dim * 2 + value_dim)."""
+        return 2 * self.gdn_key_heads * self.gdn_key_dim + self.gdn_value_heads * self.gdn_value_dim
+
+    def gdn_linears(self) -> tuple[Linear, ...]:
+        """Qwen3_5GatedDeltaNet's nn.Linear (modeling_qwen3_5.py l.539-545): in_proj_qkv, in_proj_z, in_proj_b,
+        in_proj_a, out_proj, none with a bias."""
+        h, v, nv = self.hidden_size, self.gdn_value_heads * self.gdn_value_dim, self.gdn_value_heads
+        return (Linear(name="in_proj_qkv", in_features=h, out_features=self.gdn_conv_dim),
+                Linear(name="in_proj_z", in_features=h, out_features=v),
+                Linear(name="in_proj_b", in_features=h, out_features=nv),
+                Linear(name="in_proj_a", in_features=h, out_features=nv),
+                Linear(name="out_proj", in_features=v, out_features=h))
+
+    @property
+    def gdn_other_params(self) -> int:
+        """A Gated DeltaNet's parameters besides its Linears (l.522-537): conv1d weight (conv_dim, 1, kernel), no
+        bias; dt_bias and A_log (value heads each); the gated RMSNorm's weight (value head dim)."""
+        return self.gdn_conv_dim * self.gdn_conv + 2 * self.gdn_value_heads + self.gdn_value_dim
+
+    def attention_linears(self, layer: int | None = None) -> tuple[Linear, ...]:
+        """One layer's token mixer Linears (layer None: the top layer's); a Qwen3.5 linear-attention layer's are
+        the Gated DeltaNet's."""
         h, b = self.hidden_size, self.qkv_bias
+        if layer is not None and self.is_linear_layer(layer):
+            return self.gdn_linears()
         if self.family.mla:
             return self._mla_linears()
         if self.fused_qkv:
             qkv = (Linear(name="qkv_proj", in_features=h, out_features=self.q_dim + 2 * self.kv_dim, bias=b),)
         else:
+            # Qwen3_5Attention (modeling_qwen3_5.py l.754-756): q_proj makes the query and its output gate
+            gate = 2 if self.family.linear_attention else 1
             qkv = (
-                Linear(name="q_proj", in_features=h, out_features=self.q_dim, bias=b),
+                Linear(name="q_proj", in_features=h, out_features=gate * self.q_dim, bias=b),
                 Linear(name="k_proj", in_features=h, out_features=self.kv_dim, bias=b),
                 Linear(name="v_proj", in_features=h, out_features=self.kv_dim, bias=b),
             )
@@ -201,11 +242,21 @@ class ModelSpec:
                   Linear(name="up_proj", in_features=h, out_features=i))
         return (*up, Linear(name="down_proj", in_features=i, out_features=h))
 
-    def layer_linears(self) -> tuple[Linear, ...]:
-        """Every nn.Linear of one decoder layer that peft's 'all-linear' would wrap (MoE experts excluded)."""
-        if self.is_moe:
-            return self.attention_linears()
-        return self.attention_linears() + self.mlp_linears()
+    def layer_linears(self, layer: int | None = None) -> tuple[Linear, ...]:
+        """Every nn.Linear of one decoder layer that peft's 'all-linear' would wrap (MoE experts excluded); layer
+        None: of every kind of layer (Qwen3.5: the Gated DeltaNet's and the full attention's, its names)."""
+        if layer is None and self.layer_types:
+            return self.gdn_linears() + self.layer_linears(self.num_layers - 1)
+        mlp = self._shared_gate_linears() if self.is_moe else self.mlp_linears()
+        return self.attention_linears(layer) + mlp
+
+    def _shared_gate_linears(self) -> tuple[Linear, ...]:
+        """Qwen3.5-MoE's shared expert and its gate (Qwen3_5MoeSparseMoeBlock, modeling_qwen3_5_moe.py l.916-919):
+        Linears beside the routed experts; none elsewhere (DeepSeek's shared experts are counted apart)."""
+        if not self.family.shared_expert_gate:
+            return ()
+        return self.dense_mlp_linears(self.shared_intermediate, "shared_expert.") + (
+            Linear(name="shared_expert_gate", in_features=self.hidden_size, out_features=1),)
 
     def dense_mlp_linears(self, inter: int, prefix: str = "") -> tuple[Linear, ...]:
         """A SwiGLU MLP of width `inter` (DeepseekV3MLP, modeling_deepseek_v3.py l.104-117): a DeepSeek dense
@@ -223,6 +274,8 @@ class ModelSpec:
     def linear_params_total(self) -> int:
         """Parameters of every nn.Linear in the decoder layers (autocast casts each per forward): attention in each
         layer, the dense MLPs, the shared experts; the routed experts are 3D parameters (grouped_mm, no autocast)."""
+        if self.layer_types:
+            return sum(sum(lin.params for lin in self.layer_linears(i)) for i in range(self.num_layers))
         n = sum(lin.params for lin in self.layer_linears()) * self.num_layers
         if self.dense_layers:
             n += sum(lin.params for lin in self.dense_mlp_linears(self.intermediate_size)) * self.dense_layers
@@ -232,27 +285,50 @@ class ModelSpec:
 
     def top_linear_params(self) -> int:
         """The nn.Linear parameters of the top decoder layer (an MoE one where there are any)."""
-        n = sum(lin.params for lin in self.layer_linears())
-        if self.shared_intermediate:
+        n = sum(lin.params for lin in self.layer_linears(self.num_layers - 1))
+        if self.shared_intermediate and not self.family.shared_expert_gate:
             n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate))
         return n
 
     @property
     def layer_params(self) -> int:
+        """Parameters of one decoder layer: the top one, or the largest where layers differ (Qwen3.5: a Gated
+        DeltaNet layer, the unit FSDP gathers); `params_of_layer` for any."""
+        if self.layer_types:
+            return max(self.params_of_layer(i) for i in {self.layer_types.index(t) for t in self.layer_types})
+        return self.params_of_layer(self.num_layers - 1)
+
+    def params_of_layers(self, ids: range | list[int]) -> int:
+        """Parameters of these decoder layers (freeze's trained ones)."""
+        if not self.layer_types and not self.dense_layers:
+            return len(ids) * self.layer_params
+        return sum(self.params_of_layer(i) for i in ids)
+
+    def params_of_layer(self, layer: int) -> int:
+        """Parameters of decoder layer `layer` (DeepSeek's dense prefix aside: dense_layer_params)."""
         h = self.hidden_size
+        if layer < self.dense_layers:
+            return self.dense_layer_params
+        if self.is_linear_layer(layer):  # Gated DeltaNet, 2 zero-centred RMSNorms and the MLP
+            return sum(lin.params for lin in self.gdn_linears()) + self.gdn_other_params + 2 * h + self._mlp_params
         n = sum(lin.params for lin in self.attention_linears())
         n += self.norms_per_layer * h  # RMSNorm weights: 2 per layer (4 in gemma2); LayerNorm: weight + bias
         if self.qk_norm:  # q_norm, k_norm (OLMo-2: over the whole projections)
             n += self.q_dim + self.kv_dim if self.family.qk_norm_full else 2 * self.head_dim
         n += self.q_lora_rank + self.kv_lora_rank  # MLA: q_a_layernorm, kv_a_layernorm (0 otherwise)
+        return n + self._mlp_params
+
+    @property
+    def _mlp_params(self) -> int:
+        """One layer's MLP: dense, or the router + experts (+ shared experts, + Qwen3.5-MoE's shared_expert_gate)."""
+        h = self.hidden_size
         mlp = sum(lin.params for lin in self.mlp_linears())
-        if self.is_moe:
-            n += h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
-            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) \
-                if self.shared_intermediate else 0  # DeepSeek's shared experts
-        else:
-            n += mlp
-        return n
+        if not self.is_moe:
+            return mlp
+        n = h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
+        n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) \
+            if self.shared_intermediate else 0  # DeepSeek's shared experts, Qwen3.5-MoE's shared_expert
+        return n + (h if self.family.shared_expert_gate else 0)  # Linear(h, 1)
 
     @property
     def dense_layer_params(self) -> int:
@@ -271,6 +347,8 @@ class ModelSpec:
     @property
     def layers_params(self) -> int:
         """Parameters of all decoder layers (DeepSeek: dense ones first, then MoE ones)."""
+        if self.layer_types:
+            return self.params_of_layers(range(self.num_layers))
         return self.moe_layers * self.layer_params + (self.num_layers - self.moe_layers) * \
             (self.dense_layer_params if self.dense_layers else self.layer_params)
 
@@ -311,6 +389,7 @@ class ModelSpec:
         if windowed is not None:  # the cut keeps the first layers' types
             windowed = _windowed_layers(config, self.family)
         return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed,
+                                   layer_types=self.layer_types[:layers],
                                    dense_layers=min(self.dense_layers, layers) if self.is_moe else 0)
 
     @classmethod
@@ -373,7 +452,8 @@ class ModelSpec:
             required += ["kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"]
         # DeepSeek with MoE layers: the Config's defaults (256 routed experts, 3 dense layers...) are DeepSeek-V3's
         # own, so each must be given (first_k_dense_replace may be 0)
-        sparse = fam.shared_experts_key is not None and (prefix is None or prefix < cfg.get("num_hidden_layers", 0))
+        sparse = fam.dense_prefix_key is not None and fam.shared_experts_key is not None and \
+            (prefix is None or prefix < cfg.get("num_hidden_layers", 0))
         if sparse:
             required += ["n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", fam.shared_experts_key]
         problems = [f"{label}: missing {k}" for k in required if k not in cfg]
@@ -408,7 +488,8 @@ class ModelSpec:
             raise ConfigError(f"{label}: mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
         experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0) \
             if fam.moe else 0
-        if fam.shared_experts_key and not sparse:  # every layer dense (first_k_dense_replace >= layers)
+        # DeepSeek with every layer dense (first_k_dense_replace >= layers)
+        if fam.dense_prefix_key and fam.shared_experts_key and not sparse:
             experts = 0
         tied = cfg.get("tie_word_embeddings")
         bias = fam.qkv_bias if fam.qkv_bias is not None else cfg.get(fam.bias_key, fam.attention_bias_default)
@@ -433,8 +514,9 @@ class ModelSpec:
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0))
             if experts else 0,
             dense_layers=min(int(prefix or 0), cfg["num_hidden_layers"]) if experts and fam.shared_experts_key else 0,
-            shared_intermediate=cfg["moe_intermediate_size"] * cfg[fam.shared_experts_key] if experts and
-            fam.shared_experts_key else 0,
+            shared_intermediate=(cfg[fam.shared_experts_key] if fam.shared_expert_gate else
+                                 cfg["moe_intermediate_size"] * cfg[fam.shared_experts_key])
+            if experts and fam.shared_experts_key else 0,
             sliding_window=_sliding_window(cfg, fam),
             windowed_layers=_windowed_layers(cfg, fam),
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
@@ -448,6 +530,7 @@ class ModelSpec:
             v_head_dim=cfg["v_head_dim"] if fam.mla else 0,
             config={k: v for k, v in raw.items() if not k.startswith("_") or k == "_name_or_path"},
             packed=packed,
+            **_gdn_dims(cfg, fam),
             quantization=quant,
         )
 
@@ -464,6 +547,19 @@ def _decoder_view(cfg: dict[str, Any], fam: Family, mtype: str) -> dict[str, Any
     text = cfg["text_config"]
     tied = bool(cfg.get("tie_word_embeddings")) or (fam.tie_from_text and bool(text.get("tie_word_embeddings")))
     return {**cfg, **text, "model_type": mtype, "tie_word_embeddings": tied}
+
+
+def _gdn_dims(cfg: dict[str, Any], fam: Family) -> dict[str, Any]:
+    """Qwen3.5's layer types and Gated DeltaNet dims (Qwen3_5TextConfig defaults: 16 key heads, 32 value heads,
+    128 each, kernel 4; layer_types every full_attention_interval-th full, configuration_qwen3_5.py l.111-116)."""
+    if not fam.linear_attention:
+        return {}
+    types = cfg.get("layer_types") or [
+        "full_attention" if (i + 1) % int(cfg.get("full_attention_interval") or 4) == 0 else "linear_attention"
+        for i in range(cfg["num_hidden_layers"])]
+    return dict(layer_types=tuple(types), gdn_key_heads=cfg.get("linear_num_key_heads", 16),
+                gdn_value_heads=cfg.get("linear_num_value_heads", 32), gdn_key_dim=cfg.get("linear_key_head_dim", 128),
+                gdn_value_dim=cfg.get("linear_value_head_dim", 128), gdn_conv=cfg.get("linear_conv_kernel_dim", 4))
 
 
 def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:

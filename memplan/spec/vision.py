@@ -60,7 +60,23 @@ def _qwen3_vl(vc: dict[str, Any]) -> int:
     return patch + pos + vc.get("depth", 27) * block + merger + layers * deepstack
 
 
-TOWERS = {"qwen2_5_vl": _qwen2_5_vl, "qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl}
+def _qwen3_5(vc: dict[str, Any]) -> int:
+    """Qwen3_5VisionModel (modeling_qwen3_5.py l.1117-1160; the MoE model's tower is the same): Conv3d patch embedding
+    with bias (l.963), a learned position table (l.1136), depth blocks of 2 LayerNorm(h) + qkv Linear(h, 3h) + proj
+    Linear(h, h) + fc1 Linear(h, I) + fc2 Linear(I, h), all with biases (l.941-952, l.1004-1015, l.1087-1092), and the
+    merger: LayerNorm(h), Linear(m, m), Linear(m, out) with m = h x spatial_merge_size^2 (l.974-987). Defaults:
+    Qwen3_5VisionConfig."""
+    h, i, out = vc.get("hidden_size", 1152), vc.get("intermediate_size", 4304), vc.get("out_hidden_size", 3584)
+    c, t, p = vc.get("in_channels", 3), vc.get("temporal_patch_size", 2), vc.get("patch_size", 16)
+    patch = c * t * p * p * h + h
+    pos = vc.get("num_position_embeddings", 2304) * h
+    block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
+    m = h * vc.get("spatial_merge_size", 2) ** 2
+    merger = 2 * h + (m * m + m) + (m * out + out)
+    return patch + pos + vc.get("depth", 27) * block + merger
+
+
+TOWERS = {"qwen2_5_vl": _qwen2_5_vl, "qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl, "qwen3_5": _qwen3_5}
 
 
 def vision_params(kind: str, vision_config: Any) -> int:

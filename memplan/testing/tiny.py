@@ -15,6 +15,15 @@ _QWEN3_VL_TEXT = dict(**_BASE, head_dim=32,
                       rope_scaling={"rope_type": "default", "mrope_interleaved": True, "mrope_section": [6, 5, 5]})
 _QWEN3_VL_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256,
                         patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
+_QWEN35_TEXT = dict(**{**_BASE, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
+                    head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                    linear_value_head_dim=48, linear_conv_kernel_dim=4, full_attention_interval=4,
+                    layer_types=["linear_attention"] * 3 + ["full_attention"],
+                    rope_parameters=dict(rope_type="default", rope_theta=10000000, partial_rotary_factor=0.25,
+                                         mrope_interleaved=True, mrope_section=[4, 2, 2]))
+_QWEN35_VISION = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[])
 
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", **_BASE),
@@ -82,6 +91,18 @@ TINY_CONFIGS: dict[str, dict] = {
                          tie_word_embeddings=False, vision_config=_QWEN3_VL_VISION,
                          text_config={**_QWEN3_VL_TEXT, "intermediate_size": 352, "moe_intermediate_size": 128,
                                       "num_experts": 4, "num_experts_per_tok": 2}),
+    # Qwen3.5 (composite config, decoder dims in text_config): 3 Gated DeltaNet layers (2 key / 4 value heads of
+    # 32 / 48: repeat_interleave to the value heads) then one gated full-attention layer (4 q / 2 kv heads of 64,
+    # partial rope 0.25), a small frozen vision tower; "qwen3_5_moe": 4 experts of 128, top-2, a gated shared expert
+    "qwen3_5": dict(model_type="qwen3_5", architectures=["Qwen3_5ForConditionalGeneration"],
+                    tie_word_embeddings=False, text_config=dict(model_type="qwen3_5_text", **_QWEN35_TEXT),
+                    vision_config=_QWEN35_VISION),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"],
+                        tie_word_embeddings=False,
+                        text_config=dict(model_type="qwen3_5_moe_text", **{**_QWEN35_TEXT, "intermediate_size": None},
+                                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                                         shared_expert_intermediate_size=128),
+                        vision_config=_QWEN35_VISION),
 }
 
 # a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)

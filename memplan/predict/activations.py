@@ -298,6 +298,8 @@ def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:
     scores = T(cx.batch * s.num_heads * cx.seq * cx.seq, q.width, rg)
     if rg:
         tp.save(q, k)
+    if s.family.attention_sinks:
+        return _eager_sinks(cx, scores, v, q.numel)
     if s.attn_softcap:
         scores = tp.saving_output(scores)  # tanh(scores / cap) * cap
     probs = tp.saving_output(scores, width=FP32)  # softmax(dim=-1, dtype=float32)
@@ -305,6 +307,25 @@ def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:
     probs = dropout(cx, probs, s.attention_dropout)  # nn.functional.dropout(attn_weights, p=dropout)
     probs = tp.cast(probs, 2) if cx.lay.amp else probs
     return _matmul(cx, probs, v, q.numel)
+
+
+def _eager_sinks(cx: _Ctx, scores: T, v: T, out_numel: int) -> T:
+    """gpt-oss's eager_attention_forward (modeling_gpt_oss.py l.205-227): `scores * scaling + mask` (the mask is in
+    the stream dtype and promotes), `torch.cat([scores, sinks])` to (B, H, S, S + 1) (cat promotes to the sinks'
+    dtype: fp32 where they train under AMP), minus its max (`max(dim=-1)` saves its int64 indices), softmax in that
+    dtype (saves its result), the sink column dropped by a slice and `.to(value.dtype)`: a copy only when the
+    dtypes differ, else the slice (a view) is what the matmul saves."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    rows = cx.batch * s.num_heads * cx.seq
+    sinks = param(s.num_heads, lay.trainable_width if cx.trains else lay.kept_width, cx.trains)
+    width = max(scores.width, cx.stream, sinks.width)
+    rg = scores.rg or sinks.rg
+    if rg:
+        tp.save(T(rows, 8, False))  # max(dim=-1, keepdim=True).indices
+    probs = tp.saving_output(T(rows * (cx.seq + 1), width, rg))  # softmax(combined - max, dtype=combined.dtype)
+    weights = probs.view(rows * cx.seq) if width == v.width else T(rows * cx.seq, v.width, rg)  # [..., :-1].to()
+    weights = dropout(cx, weights, s.attention_dropout)
+    return _matmul(cx, weights, v, out_numel)
 
 
 def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
@@ -316,6 +337,8 @@ def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
 def mlp(cx: _Ctx, h: T) -> T:
     s = cx.lay.spec
     hid = s.hidden_size
+    if s.is_moe and cx.moe and s.family.moe_block == "gpt_oss":
+        return _gpt_oss_moe(cx, h)
     if s.is_moe and cx.moe:  # each token visits `experts_per_token` experts of width moe_intermediate
         routed = _moe(cx, h)
         if not s.shared_intermediate:
@@ -393,6 +416,47 @@ def _moe(cx: _Ctx, h: T) -> T:
     return T(n * s.hidden_size, h.width, True)  # `.to(hidden_states.dtype)` at the end
 
 
+def _gpt_oss_moe(cx: _Ctx, h: T) -> T:
+    """GptOssMLP (modeling_gpt_oss.py l.131-145) on transformers 5's grouped_mm experts (integrations/moe.py
+    grouped_mm_experts_forward l.424-537). The router (l.123-128): `F.linear(h, weight, bias)` (autocast: half),
+    topk of the logits (saves its int64 indices), softmax over the k in the logits' dtype (saves its result). The
+    experts: the rows sorted by expert, `hidden_states[perm // k]` and `sample_weights[perm]` (each indexing saves its
+    int64 index), the bias rows `gate_up_proj_bias[expert_ids_g]` / `down_proj_bias[expert_ids_g]` (one index,
+    saved when the biases train), each grouped matmul saving its input (cast to the expert weights' dtype) and the
+    int32 offsets; `_apply_gate` (l.79-85): the interleaved gate / up slices of gate_up clamped (clamp saves its
+    input: the whole gate_up), `gate * sigmoid(gate * alpha)` (sigmoid saves its result, the product both
+    factors), `(up + 1) * glu` (both); x the routing weight (both saved), un-permuted `weighted_out[inv_perm]`
+    (its index saved), summed over the k in the experts' dtype, `.to(hidden_states.dtype)`."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, k, e, hid, inter = cx.tokens, s.experts_per_token, s.num_experts, s.hidden_size, s.moe_intermediate_size
+    hin = tp.cast(h, 2) if lay.amp else h
+    logits = tp.linear(hin, hid, e, w_trains=cx.trains, width=cx.c)
+    if logits.rg:
+        tp.save(T(n * k, 8, False))  # topk's indices
+    weights = tp.saving_output(T(n * k, logits.width, logits.rg))  # softmax over the top-k values
+    rows = n * k
+    if h.rg:
+        tp.save(T(rows, 8, False))  # hidden_states[perm // k]'s index
+    if weights.rg:
+        tp.save(T(rows, 8, False))  # sample_weights[perm]'s index
+    weights = T(rows, weights.width, weights.rg)  # the gathered sample_weights_g
+    width = lay.trainable_width if cx.trains else h.width  # `input.to(weight.dtype)` (no autocast rule)
+    routed = tp.cast(T(rows * hid, h.width, h.rg), width)
+    if cx.trains:
+        tp.save(routed, T(rows, 8, False), T(e, 4, False))  # grouped_mm's input; the bias rows' index; offsets
+    gate_up = T(rows * 2 * inter, width, routed.rg or cx.trains)
+    if gate_up.rg:
+        tp.save(gate_up, T(e, 4, False))  # both clamps' input (the strided gate / up views); the offsets
+    gate = T(rows * inter, width, gate_up.rg)  # gate.clamp(max=limit)
+    glu = tp.mul(gate, tp.saving_output(T(rows * inter, width, gate.rg)))  # gate * sigmoid(gate * alpha)
+    gated = tp.mul(T(rows * inter, width, gate_up.rg), glu)  # (up.clamp(-limit, limit) + 1) * glu
+    out = tp.linear(gated, inter, hid, w_trains=cx.trains, width=width)  # down grouped_mm (+ bias rows)
+    weighted = tp.mul(out, weights)
+    if weighted.rg:
+        tp.save(T(rows, 8, False))  # weighted_out[inv_perm]'s index
+    return T(n * hid, h.width, True)
+
+
 def _sigmoid_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
     """DeepseekV3TopkRouter.forward (modeling_deepseek_v3.py l.133-158): `F.linear(h.type(float32),
     weight.type(float32))` on the fp32 weight (autocast then casts both to half), sigmoid (saves its result), the
@@ -441,11 +505,12 @@ def decoder_layer(cx: _Ctx, x: T) -> T:
         m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
         return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
-    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
+    fp32_mul = gemma or s.family.norm_mul_fp32  # the weight times the fp32 normalised input, then the cast
+    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
         a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
     x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=gemma)), s.residual_dropout)
+    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
         m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
     return T(x.numel, max(x.width, m.width), x.rg or m.rg)
@@ -516,7 +581,7 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     tape = Tape()
     cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
     x = T(n * s.hidden_size, stream_width(lay), True)
-    norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
+    norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms or s.family.norm_mul_fp32)
     norm_bytes = tape.nbytes
     # upcast_lmhead_output: the hook's fp32 copy is what the model returns (the half output is freed at once),
     # and the loss's logits.float() is then a no-op (transformers loss_utils ForCausalLMLoss)

@@ -456,6 +456,8 @@ def _rope_bytes(lay: Layout) -> _Rope:
     frame's recompute_fn closes over args and kwargs; the reentrant one save_for_backward()s the tensor inputs)."""
     s, tr = lay.spec, lay.train
     cos_sin = 2 * tr.seq_len * s.rotary_dim * stream_width(lay)
+    if s.family.rope_half:  # gpt-oss: cos/sin (1, S, rotary_dim / 2) (Family.rope_half)
+        cos_sin //= 2
     if s.family.rope_complex:  # DeepSeek-V2: one complex64 freqs_cis (1, S, rope / 2) in place of cos and sin
         cos_sin = tr.seq_len * (s.rotary_dim // 2) * 8
     ids = 8 * tr.seq_len

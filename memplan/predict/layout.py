@@ -129,7 +129,7 @@ class Layout:
         if s.shared_intermediate:
             n += sum(params_per_linear(self.train, lin) for lin in s.dense_mlp_linears(s.shared_intermediate,
                      "shared_experts.") if lin.name in self.lora_modules)
-        if s.is_moe and ALL_LINEAR in self.train.lora_targets:
+        if s.is_moe and ALL_LINEAR in self.train.lora_targets and s.family.peft_fused_experts:
             # peft 0.21 also wraps the router and the 3D expert parameters (shapes read off a built model):
             # router A (r, H) + B (E, r); gate_up A (2Er, H) + B (2I, 2Er); down A (Er, I) + B (H, Er)
             e, h, i = s.num_experts, s.hidden_size, s.moe_intermediate_size

@@ -76,7 +76,23 @@ class Family:
     # position ids (3, B, S) and cos/sin (B, S, rotary_dim) per forward: the multimodal RoPE (Qwen-VL) makes them
     # per sample, not (1, S, rotary_dim) as LlamaRotaryEmbedding does (predict.estimator._rope_bytes)
     mrope: bool = False
-
+    # GptOssRMSNorm (modeling_gpt_oss.py l.53-60): `(self.weight * hidden_states).to(input_dtype)`, the weight times
+    # the fp32 normalised input (OLMo-2's and Gemma's order), not Llama's `weight * hidden_states.to(input_dtype)`
+    norm_mul_fp32: bool = False
+    # learned attention sinks (GptOssAttention.sinks, one per head, l.263): eager_attention_forward (l.205-227)
+    # concatenates them to the masked scores as one more key column, (B, H, S, S + 1), before the softmax
+    attention_sinks: bool = False
+    # the rotary cos/sin are (1, S, rotary_dim / 2): GptOssRotaryEmbedding.forward (l.174-180) takes `emb = freqs`
+    # without Llama's cat((freqs, freqs)); _apply_rotary_emb (l.195-203) rotates the two halves
+    rope_half: bool = False
+    # the MoE block: "" (Mixtral's: a bias-free router Linear, softmax, then top-k; SwiGLU experts), "gpt_oss"
+    # (GptOssMLP l.131-145: a router with a bias, top-k of the logits then softmax over the k; GptOssExperts with
+    # biases and a clamped SwiGLU, `_apply_gate` l.79-85)
+    moe_block: str = ""
+    # peft 0.21 remaps all-linear onto transformers 5's fused expert parameters and the router only for the model
+    # types its weight-conversion table names (peft utils/transformers_weight_conversion.py l.44-45, l.413-425:
+    # mixtral and the qwen2_moe pattern); any other MoE keeps its experts and router unadapted
+    peft_fused_experts: bool = True
     @property
     def norm_tensors(self) -> int:
         """Parameters of one norm, each (hidden,): RMSNorm's weight, LayerNorm's weight and bias."""
@@ -167,8 +183,16 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
                   "routing balance: the grouped_mm experts); QLoRA / freeze of the mixed dense + MoE layers not "
                   "checked against the exact trace"),
-    # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
-    Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
+    # gpt-oss (modeling_gpt_oss.py): q/k/v/o Linear(bias=attention_bias, GptOssConfig default True, l.246-257);
+    # attention sinks; alternating sliding / full layer_types (configuration_gpt_oss.py l.84-87): two eager
+    # masks per forward (GptOssModel.forward l.463-466); `_supports_sdpa = False` (l.379): eager on CPU and where
+    # no flash kernel is installed; GptOssMLP (l.131-145); the final and layer norms GptOssRMSNorm. The experts'
+    # LoRA: none (peft_fused_experts); the router is no nn.Linear (GptOssTopKRouter, l.115-128), so never adapted
+    Family(model_type="gpt_oss", moe=True, sdpa=False, attention_bias_default=True, out_bias=True, mask_types=2,
+           norm_mul_fp32=True, attention_sinks=True, rope_half=True, moe_block="gpt_oss", peft_fused_experts=False,
+           limits="eager attention (transformers 5.24 has no sdpa for the sinks; a flash-attention kernel from the "
+                  "hub saves far less); MoE layers costed with the routed rows as a whole (tokens x "
+                  "num_experts_per_tok, whatever the routing: the grouped_mm experts)"),
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
     # Qwen2.5-VL on text (modeling_qwen2_5_vl.py): Qwen2_5_VLTextModel is a qwen2 decoder, q/k/v bias (l.625-628);
     # with no image the position ids are arange(S).view(1, 1, -1).expand(3, B, -1) (l.803-804), one int64 (S)

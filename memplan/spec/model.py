@@ -243,8 +243,12 @@ class ModelSpec:
             n += self.q_dim + self.kv_dim if self.family.qk_norm_full else 2 * self.head_dim
         n += self.q_lora_rank + self.kv_lora_rank  # MLA: q_a_layernorm, kv_a_layernorm (0 otherwise)
         mlp = sum(lin.params for lin in self.mlp_linears())
+        n += self.num_heads if self.family.attention_sinks else 0  # GptOssAttention.sinks (num_heads,)
         if self.is_moe:
             n += h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
+            if self.family.moe_block == "gpt_oss":  # GptOssTopKRouter.bias (E,) (modeling_gpt_oss.py l.121), the
+                # experts' gate_up_proj_bias (E, 2I) and down_proj_bias (E, H) (l.71-74)
+                n += self.num_experts * (1 + 2 * self.moe_intermediate_size + h)
             n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) \
                 if self.shared_intermediate else 0  # DeepSeek's shared experts
         else:

@@ -64,6 +64,10 @@ TINY_CONFIGS: dict[str, dict] = {
                        tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
                        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                                           out_hidden_size=256, fullatt_block_indexes=[1])),
+    # gpt-oss: 4 experts of width 128 with biases, top-2, attention sinks, q/k/v/o biases, layers sliding (64) /
+    # full / sliding; yarn rope (GptOssConfig's default rope_parameters)
+    "gpt_oss": dict(model_type="gpt_oss", **{**_BASE, "intermediate_size": 128}, head_dim=32, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=64),
 }
 
 # a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)

@@ -31,6 +31,7 @@ class _Ctx:
     autocast: bool = True  # False where the op has no autocast rule (MoE grouped matmuls): stream dtype
     windowed: bool = True  # this layer attends within the sliding window (Gemma3: all but every 6th layer)
     moe: bool = True  # an MoE model's layer has the sparse MLP (False: DeepSeek's leading dense layers)
+    rope: bool = True  # this layer rotates q / k (False: Llama 4's NoPE layers)
 
     @property
     def amp(self) -> bool:
@@ -68,6 +69,15 @@ def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
         return tp.cast(tp.mul(xr, param(dim, FP32, cx.trains), width=FP32), x.width)
     hn = tp.cast(xr, x.width)
     return tp.mul(w, hn, width=max(w.width, hn.width))
+
+
+def l2_norm(cx: _Ctx, x: T, dim: int) -> T:
+    """Llama4TextL2Norm: `x.float()`, x * rsqrt(mean(x^2) + eps) (pow and the product save the fp32 copy, rsqrt its
+    result), `.type_as(x)`; no weight."""
+    xf = cx.tape.cast(x, FP32)
+    if x.rg:
+        cx.tape.save(xf, T(x.numel // dim, FP32, False))
+    return T(x.numel, x.width, x.rg)
 
 
 def norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
@@ -200,8 +210,18 @@ def attention(cx: _Ctx, h: T) -> T:
         gemma = s.family.sandwich_norms or s.family.post_norms
         qd, kd = (s.q_dim, s.kv_dim) if s.family.qk_norm_full else (s.head_dim, s.head_dim)
         q, k = norm(cx, q, qd, gemma=gemma), norm(cx, k, kd, gemma=gemma)
-    rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
-    q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
+    if not cx.rope:  # Llama 4's NoPE layer: `(q * attn_scales).to(q.dtype)` (modeling_llama4.py l.360-367)
+        if s.config.get("attn_temperature_tuning", True):
+            if q.rg:
+                tp.save(T(cx.seq, FP32, False))  # attn_scales (1, S, 1, 1) expanded over the batch
+            q = tp.new(q)
+    elif s.family.rope_complex:  # apply_rotary_emb (l.225-234): complex products on float copies, `.type_as(x)`
+        q, k = tp.new(q), tp.new(k)
+        if s.family.nope_layers and s.config.get("use_qk_norm", True):  # Llama4TextL2Norm (l.106-118) on q, k
+            q, k = l2_norm(cx, q, s.head_dim), l2_norm(cx, k, s.head_dim)
+    else:
+        rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
+        q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
     if lay.amp:  # sdpa / matmul autocast to half
         q, k, v = tp.cast(q, 2), tp.cast(k, 2), tp.cast(v, 2)
     rg = q.rg or k.rg or v.rg
@@ -339,12 +359,14 @@ def mlp(cx: _Ctx, h: T) -> T:
     hid = s.hidden_size
     if s.is_moe and cx.moe and s.family.moe_block == "gpt_oss":
         return _gpt_oss_moe(cx, h)
+    if s.is_moe and cx.moe and s.family.moe_block == "llama4":
+        return _llama4_moe(cx, h)
     if s.is_moe and cx.moe:  # each token visits `experts_per_token` experts of width moe_intermediate
         routed = _moe(cx, h)
         if not s.shared_intermediate:
             return routed
         # DeepseekV3MoE.forward (modeling_deepseek_v3.py l.215-222): `hidden_states + self.shared_experts(residuals)`
-        shared = _gated_mlp(cx, h, s.shared_intermediate, "shared_experts.")
+        shared = _gated_mlp(cx, h, s.shared_intermediate, s.family.shared_prefix)
         return T(routed.numel, max(routed.width, shared.width), True)
     inter = s.intermediate_size
     if not s.family.gated_mlp:  # Starcoder2MLP: c_fc, the activation (saves its input), c_proj
@@ -457,6 +479,33 @@ def _gpt_oss_moe(cx: _Ctx, h: T) -> T:
     return T(n * hid, h.width, True)
 
 
+def _llama4_moe(cx: _Ctx, h: T) -> T:
+    """Llama4TextMoe.forward (modeling_llama4.py l.166-175). Llama4Router (l.141-152): an nn.Linear (autocast:
+    half logits; never adapted, Family.lora_exclude), topk (its int64 indices, which the scatter_ saves too),
+    `full_like(-inf).scatter_` then `sigmoid(scores.float())` (saves its fp32 result) `.to(dtype)`. Every token goes
+    to every expert: `hidden_states.repeat(E, 1)` times the scores' transposed column (a copy; the product saves
+    both). Llama4TextExperts (l.66-85): torch.bmm, an autocast op (half input copy saved when the experts train),
+    `gate_up.chunk(2)`, silu(gate) saves the gate view (so all of gate_up), `up * act` both, the down bmm its input.
+    Then the shared expert (a Llama4TextMLP on the layer's input) and `out.add_(routed.sum(0))`."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, k, e, hid, inter = cx.tokens, s.experts_per_token, s.num_experts, s.hidden_size, s.moe_intermediate_size
+    hin = tp.cast(h, 2) if lay.amp else h
+    logits = tp.linear(hin, hid, e, w_trains=cx.trains, width=cx.c)
+    if logits.rg:
+        tp.save(T(n * k, 8, False))  # topk's indices (scatter_'s index too)
+    scores = tp.cast(tp.saving_output(tp.cast(T(n * e, logits.width, logits.rg), FP32)), logits.width)
+    col = T(n * e, scores.width, scores.rg)  # router_scores.transpose(0, 1).reshape(-1, 1): a copy
+    routed = tp.mul(T(e * n * hid, h.width, h.rg), col)  # hidden_states.repeat(E, 1) * col
+    xin = tp.cast(routed, 2) if lay.amp else routed
+    gate_up = tp.linear(xin, hid, 2 * inter, w_trains=cx.trains, width=cx.c)  # bmm(x, gate_up_proj)
+    act = tp.saving_input(gate_up, width=None)  # silu(gate): saves the gate view, i.e. gate_up's storage
+    act = T(e * n * inter, act.width, act.rg)
+    prod = tp.mul(gate_up.view(e * n * inter), act)  # up * act
+    tp.linear(prod, inter, hid, w_trains=cx.trains, width=cx.c)  # bmm(prod, down_proj)
+    shared = _gated_mlp(cx, h, s.shared_intermediate, s.family.shared_prefix)
+    return T(n * hid, shared.width, True)
+
+
 def _sigmoid_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
     """DeepseekV3TopkRouter.forward (modeling_deepseek_v3.py l.133-158): `F.linear(h.type(float32),
     weight.type(float32))` on the fp32 weight (autocast then casts both to half), sigmoid (saves its result), the
@@ -530,9 +579,10 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
     engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
     holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward.
     layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace); None: the mean over all."""
-    def saved(windowed: bool, moe: bool = True) -> int:
+    def saved(windowed: bool, moe: bool = True, rope: bool = True) -> int:
         tape = Tape()
-        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe)
+        cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe,
+                  rope=rope)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
         if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward
@@ -542,6 +592,14 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
         return tape.nbytes_before_mark + tape.held_after_mark if at_mlp else tape.nbytes
 
     w, n = lay.spec.windowed_layers, lay.spec.num_layers
+    if lay.spec.family.nope_layers:
+        # Llama 4: rope layers (chunked: an explicit mask past attention_chunk_size) and NoPE ones (full attention)
+        masked = w is not None and sdpa_masked(lay)
+        if layer is not None:
+            rope = lay.spec.uses_rope(layer)
+            return saved(rope or not masked, rope=rope)
+        r = lay.spec.rope_layers
+        return (r * saved(True) + (n - r) * saved(not masked, rope=False)) // n
     if lay.spec.dense_layers and layer is not None:
         return saved(True, moe=layer >= lay.spec.dense_layers)
     if lay.spec.dense_layers:
@@ -558,6 +616,8 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
 
 def layers_saved(lay: Layout, ids: list[int] | range, **kw: object) -> int:
     """The sum of layer_saved over these decoder layers (one program per layer kind)."""
+    if lay.spec.family.nope_layers:  # Llama 4's rope / NoPE layers: each its own kind
+        return sum(layer_saved(lay, layer=i, **kw) for i in ids)  # type: ignore[arg-type]
     if not lay.spec.dense_layers:
         return len(ids) * layer_saved(lay, **kw)  # type: ignore[arg-type]
     dense = sum(i < lay.spec.dense_layers for i in ids)

@@ -200,7 +200,7 @@ def _forward_backward(p: _Program, lay: Layout, layers: list[list[tuple[float, b
     head_grads = [p.new(b / scale if units else b) for b, trains in head if trains]  # FSDP1: the root's, whole
     g_x = p.new(hidden)
     p.free(g_logits, x)
-    inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
+    inter = s.moe_intermediate_size * s.routed_rows if s.is_moe else s.intermediate_size
     # the root's pre-backward prefetches the last unit, each unit's the one below it (in the sketch every layer
     # has one below, as all but the lowest of the model's do: depth 1 and 2 differ by one layer's pattern)
     nxt = p.new(units[1], UNSHARD) if units else None

@@ -53,6 +53,7 @@ class Family:
     # config key: the layer types repeat with this period (Qwen3.5: full_attention_interval, 3 linear-attention
     # layers then a full one); the exact mode traces whole periods so the line through them is the model's
     layer_period_key: str | None = None
+    layer_period_default: int = 1  # the period when the config lacks that key (Llama 4: no_rope_layer_interval 4)
     layer_norm: bool = False  # nn.LayerNorm (weight and bias) in place of RMSNorm (StarCoder2)
     gated_mlp: bool = True  # False: one up projection, the activation, one down projection (c_fc, c_proj)
     bias_key: str = "attention_bias"  # the config key of the q/k/v biases (StarCoder2: use_bias)
@@ -87,12 +88,23 @@ class Family:
     rope_half: bool = False
     # the MoE block: "" (Mixtral's: a bias-free router Linear, softmax, then top-k; SwiGLU experts), "gpt_oss"
     # (GptOssMLP l.131-145: a router with a bias, top-k of the logits then softmax over the k; GptOssExperts with
-    # biases and a clamped SwiGLU, `_apply_gate` l.79-85)
+    # biases and a clamped SwiGLU, `_apply_gate` l.79-85), "llama4" (modeling_llama4.py Llama4TextMoe l.156-175:
+    # a sigmoid router, every expert on every token through torch.bmm, which autocasts; a shared expert)
     moe_block: str = ""
     # peft 0.21 remaps all-linear onto transformers 5's fused expert parameters and the router only for the model
     # types its weight-conversion table names (peft utils/transformers_weight_conversion.py l.44-45, l.413-425:
     # mixtral and the qwen2_moe pattern); any other MoE keeps its experts and router unadapted
     peft_fused_experts: bool = True
+    # Llama 4's text attention (modeling_llama4.py Llama4TextAttention.forward l.341-372): the layers listed 1 in
+    # no_rope_layers (default: all but every no_rope_layer_interval-th, configuration_llama4.py l.168-172) rotate q/k
+    # and L2-normalise them (Llama4TextL2Norm l.106-118, use_qk_norm, no weight); the others (NoPE) scale q by the
+    # attn_temperature_tuning factor instead
+    nope_layers: bool = False
+    # the shared expert's Linears: their module prefix, and whether peft's all-linear adapts them (it does where
+    # peft remaps nothing: Llama 4's Llama4TextMLP shared_expert; DeepSeek's all-linear maps gate/up/down onto the
+    # fused routed experts, Family.all_linear_skips)
+    shared_prefix: str = "shared_experts."
+    shared_in_all_linear: bool = False
     @property
     def norm_tensors(self) -> int:
         """Parameters of one norm, each (hidden,): RMSNorm's weight, LayerNorm's weight and bias."""
@@ -228,9 +240,17 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # layers (no_rope_layers, l.318); Llama4Router is an nn.Linear returning a tuple (l.141-152), which peft's LoRA
     # forward cannot wrap (it reads result.dtype): the router is left out of all-linear
     Family(model_type="llama4", analytic=False, text_model="llama4_text"),
-    Family(model_type="llama4_text", analytic=False, moe=True, lora_exclude=("feed_forward.router",),
+    # Llama4TextDecoderLayer (l.394-443): Llama4TextMoe (l.156-175) on every interleave_moe_layer_step-th layer
+    # (step 1 here: a step > 1 or an explicit moe_layers list interleaves dense MLPs, traced by the exact mode);
+    # the rope is DeepSeek-V2's complex one (apply_rotary_emb l.225-234: xq.float(), a complex freqs_cis, `.type_as`);
+    # sdpa is supported (l.451), chunked attention (attention_chunk_size) on the rope layers
+    Family(model_type="llama4_text", moe=True, lora_exclude=("feed_forward.router",), rope_complex=True,
+           nope_layers=True, moe_block="llama4", peft_fused_experts=False, shared_prefix="shared_expert.",
+           layer_period_key="no_rope_layer_interval", layer_period_default=4,
+           shared_in_all_linear=True,
            limits="the text decoder only: the vision tower and projector are not counted (the shipped config has "
-                  "no vision_config) and image tokens are not costed"),
+                  "no vision_config) and image tokens are not costed; every expert runs on every token (Llama4TextMoe "
+                  "repeats the tokens num_local_experts times, the sigmoid scores zero the unrouted ones)"),
 )}
 
 

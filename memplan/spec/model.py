@@ -128,7 +128,7 @@ class ModelSpec:
         key = self.family.layer_period_key
         text = self.config.get("text_config")
         cfg = text if isinstance(text, dict) else self.config
-        period = int(cfg.get(key) or 1) if key else 1
+        period = int(cfg.get(key) or self.family.layer_period_default) if key else 1
         return period if 1 < period <= self.num_layers else 1
 
     # ---- derived -------------------------------------------------------------------------------------------
@@ -201,8 +201,29 @@ class ModelSpec:
     def layer_linears(self) -> tuple[Linear, ...]:
         """Every nn.Linear of one decoder layer that peft's 'all-linear' would wrap (MoE experts excluded)."""
         if self.is_moe:
-            return self.attention_linears()
+            return self.attention_linears() + (self.shared_linears() if self.family.shared_in_all_linear else ())
         return self.attention_linears() + self.mlp_linears()
+
+    def shared_linears(self) -> tuple[Linear, ...]:
+        """An MoE layer's shared expert(s) (DeepSeek's shared_experts, Llama 4's shared_expert); () without."""
+        if not self.shared_intermediate:
+            return ()
+        return self.dense_mlp_linears(self.shared_intermediate, self.family.shared_prefix)
+
+    @property
+    def routed_rows(self) -> int:
+        """Rows each token gives the routed experts: num_experts_per_tok (grouped_mm on the gathered tokens), or
+        every expert (Llama4TextMoe l.170-172: `hidden_states.repeat(num_experts, 1)` times the sigmoid scores)."""
+        return self.num_experts if self.family.moe_block == "llama4" else self.experts_per_token
+
+    def uses_rope(self, layer: int) -> bool:
+        """Llama 4: no_rope_layers[layer] (1: rope; default every no_rope_layer_interval-th layer NoPE,
+        configuration_llama4.py l.168-172); every other family rotates every layer."""
+        return not self.family.nope_layers or _uses_rope(self.config, layer)
+
+    @property
+    def rope_layers(self) -> int:
+        return sum(self.uses_rope(i) for i in range(self.num_layers))
 
     def dense_mlp_linears(self, inter: int, prefix: str = "") -> tuple[Linear, ...]:
         """A SwiGLU MLP of width `inter` (DeepseekV3MLP, modeling_deepseek_v3.py l.104-117): a DeepSeek dense
@@ -223,16 +244,24 @@ class ModelSpec:
         n = sum(lin.params for lin in self.layer_linears()) * self.num_layers
         if self.dense_layers:
             n += sum(lin.params for lin in self.dense_mlp_linears(self.intermediate_size)) * self.dense_layers
-        if self.shared_intermediate:
-            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) * self.moe_layers
-        return n
+        if self.shared_intermediate and not self.family.shared_in_all_linear:
+            n += sum(lin.params for lin in self.shared_linears()) * self.moe_layers
+        return n + self.bmm_expert_params * self.moe_layers
+
+    @property
+    def bmm_expert_params(self) -> int:
+        """One MoE layer's expert (and router) parameters that autocast casts: Llama4TextExperts' torch.bmm (an
+        autocast op, modeling_llama4.py l.79-82) and its nn.Linear router; the grouped_mm experts: none."""
+        if self.family.moe_block != "llama4":
+            return 0
+        return self.num_experts * (3 * self.hidden_size * self.moe_intermediate_size + self.hidden_size)
 
     def top_linear_params(self) -> int:
         """The nn.Linear parameters of the top decoder layer (an MoE one where there are any)."""
         n = sum(lin.params for lin in self.layer_linears())
-        if self.shared_intermediate:
-            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate))
-        return n
+        if self.shared_intermediate and not self.family.shared_in_all_linear:
+            n += sum(lin.params for lin in self.shared_linears())
+        return n + self.bmm_expert_params
 
     @property
     def layer_params(self) -> int:
@@ -366,6 +395,9 @@ class ModelSpec:
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
+        # Llama 4's dense layers between the MoE ones (interleave_moe_layer_step > 1, Maverick; or a moe_layers list)
+        mixed = mixed or (fam.moe_block == "llama4" and (cfg.get("interleave_moe_layer_step") not in (None, 1)
+                                                         or cfg.get("moe_layers") is not None))
         prefix = cfg.get(fam.dense_prefix_key) if fam.dense_prefix_key else None
         if fam.dense_prefix_key and not fam.shared_experts_key:  # dense then MoE layers, not in the formulas
             mixed = mixed or prefix is None or prefix < cfg.get("num_hidden_layers", 0)
@@ -440,7 +472,7 @@ class ModelSpec:
             if experts else 0,
             dense_layers=min(int(prefix or 0), cfg["num_hidden_layers"]) if experts and fam.shared_experts_key else 0,
             shared_intermediate=cfg["moe_intermediate_size"] * cfg[fam.shared_experts_key] if experts and
-            fam.shared_experts_key else 0,
+            fam.shared_experts_key else cfg["intermediate_size"] if experts and fam.moe_block == "llama4" else 0,
             sliding_window=_sliding_window(cfg, fam),
             windowed_layers=_windowed_layers(cfg, fam),
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
@@ -463,7 +495,11 @@ _OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "intermediate_size", "moe_i
 
 
 def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:
-    """The window transformers really applies (Qwen2/3 only with use_sliding_window; MistralConfig's default)."""
+    """The window transformers really applies (Qwen2/3 only with use_sliding_window; MistralConfig's default).
+    Llama 4's rope layers attend within chunks of attention_chunk_size (Llama4TextConfig default 8192, l.158):
+    an explicit mask as a window's once the sequence is longer."""
+    if fam.nope_layers:
+        return cfg.get("attention_chunk_size", 8192)
     if fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag):
         return None
     return cfg.get("sliding_window", fam.sliding_window_default)
@@ -499,10 +535,22 @@ def _quantization(cfg: dict[str, Any], label: str) -> str:
         "--method lora")
 
 
+def _uses_rope(cfg: dict[str, Any], layer: int) -> bool:
+    """Llama 4's no_rope_layers[layer] (1: rope), default all but every no_rope_layer_interval-th (l.168-172)."""
+    flags = cfg.get("no_rope_layers")
+    if isinstance(flags, list) and layer < len(flags):
+        return bool(flags[layer])
+    return (layer + 1) % int(cfg.get("no_rope_layer_interval") or 4) != 0
+
+
 def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:
-    """How many layers attend within the window: config.json's layer_types, else the family's pattern."""
+    """How many layers attend within the window: config.json's layer_types, else the family's pattern (Llama 4:
+    its rope layers are chunked, configuration_llama4.py l.187-191)."""
     if isinstance(cfg.get("layer_types"), list):
-        return sum(t == "sliding_attention" for t in cfg["layer_types"])
+        return sum(t in ("sliding_attention", "chunked_attention") for t in cfg["layer_types"])
+    if fam.nope_layers:
+        return sum(_uses_rope(cfg, i) for i in range(cfg["num_hidden_layers"])) \
+            if cfg.get("attention_chunk_size", 8192) else None
     if not fam.window_pattern:
         return None
     every = cfg.get("sliding_window_pattern") or fam.window_pattern

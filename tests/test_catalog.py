@@ -66,9 +66,11 @@ def test_exact_only_entry_builds_the_model_of_its_published_count(entry):
 
 def test_llama4_is_its_text_decoder():
     """The shared copy has only text_config (its count is the text decoder's); transformers 5.24 cannot train the
-    VL class on text, so the text decoder (Llama4ForCausalLM) is what is built and traced."""
+    VL class on text, so the text decoder (Llama4ForCausalLM) is what is built and traced: analytic (every layer
+    MoE, 36 rope + chunked layers, 12 NoPE ones)."""
     spec = resolve_model("llama-4-scout-17b-16e-instruct")
     assert spec.model_type == "llama4_text" and spec.num_layers == 48 and "vision" in spec.family.limits
+    assert spec.analytic and (spec.rope_layers, spec.windowed_layers, spec.shared_intermediate) == (36, 36, 8192)
 
 
 def test_deepseek_v2_lite_has_no_q_lora():
@@ -538,6 +540,82 @@ def test_deepseek_moe_needs_its_expert_dimensions():
                                                                                  "first_k_dense_replace")}
     with pytest.raises(ConfigError, match="n_routed_experts.*first_k_dense_replace"):
         ModelSpec.from_config_dict(cfg)
+
+
+# ---- gpt-oss in the formulas: attention sinks (eager), biased router and experts, the clamped SwiGLU -------------
+
+def test_gpt_oss_parameter_count_equals_the_built_model():
+    """q/k/v/o biases, sinks (heads,), the router's bias, the experts' gate_up / down biases; the catalog entries'
+    published totals are checked by test_analytic_count_equals_the_published_or_counted_total."""
+    from memplan.build.model import build_model
+
+    spec = tiny_spec("gpt_oss")
+    model = build_model(spec, TrainConfig(method=Method.FULL, precision=Precision.FP32), device="meta")
+    assert spec.analytic and sum(p.numel() for p in model.parameters()) == spec.num_parameters
+    assert resolve_model("gpt-oss-20b").analytic and resolve_model("gpt-oss-120b").windowed_layers == 18
+
+
+GPT_OSS_CASES = [dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False),
+                 dict(method=Method.FULL, precision=Precision.BF16, checkpointing=True),
+                 dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False),
+                 dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True),
+                 dict(method=Method.FULL, precision=Precision.BF16, checkpointing=False),
+                 dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=True),
+                 dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False)]
+
+
+@pytest.mark.parametrize("kw", [pytest.param(c, marks=[pytest.mark.integration] if i > 1 else [])
+                                for i, c in enumerate(GPT_OSS_CASES)],
+                         ids=lambda kw: f"{kw['method'].value}-{kw['precision'].value}-ckpt{kw['checkpointing']}")
+def test_gpt_oss_formula_matches_the_exact_trace(kw):
+    """Measured (b2 x s256): +0.022 %, -0.000 %, -0.001 %, -0.000 %, -0.001 %, -0.000 %, -0.000 % (s640: LoRA
+    +0.008 %, full -0.001 %, freeze -0.001 %; gpt-oss-20b b1: LoRA checkpointed s1024 -0.000 %, full s1024
+    -0.000 %). The CPU truth: tests/test_trace.py (full fp32 b1 x s64)."""
+    from memplan.trace.exact import exact_estimate
+
+    spec, train = tiny_spec("gpt_oss"), TrainConfig(batch_size=2, seq_len=256, **kw)
+    exact = exact_estimate(spec, train, device="cpu")
+    analytic = estimate(spec, train, device="cpu")
+    assert analytic.trainable_params == exact.trainable_params
+    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.01
+
+
+# ---- Llama 4 text in the formulas: every expert on every token, a shared expert, rope + L2 norm / NoPE layers -------
+
+def test_llama4_parameter_count_equals_the_built_model_and_dense_interleave_stays_exact():
+    from memplan.build.model import build_model
+
+    spec = tiny_spec("llama4_text")
+    model = build_model(spec, TrainConfig(method=Method.FULL, precision=Precision.FP32), device="meta")
+    assert spec.analytic and sum(p.numel() for p in model.parameters()) == spec.num_parameters
+    assert spec.layer_period == 4 and [spec.uses_rope(i) for i in range(4)] == [True, True, True, False]
+    # Maverick's dense MLPs between the MoE layers are not in the formulas: the exact mode traces them
+    assert not ModelSpec.from_config_dict({**TINY_CONFIGS["llama4_text"], "interleave_moe_layer_step": 2}).analytic
+
+
+LLAMA4_CASES = [dict(method=Method.LORA, precision=Precision.BF16, checkpointing=True),
+                dict(method=Method.FULL, precision=Precision.BF16, checkpointing=False),
+                dict(method=Method.LORA, precision=Precision.BF16, checkpointing=False),
+                dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=False),
+                dict(method=Method.FULL, precision=Precision.BF16, checkpointing=True),
+                dict(method=Method.FREEZE, precision=Precision.BF16, checkpointing=True),
+                dict(method=Method.FULL, precision=Precision.FP32, checkpointing=False)]
+
+
+@pytest.mark.parametrize("kw", [pytest.param(c, marks=[pytest.mark.integration] if i > 1 else [])
+                                for i, c in enumerate(LLAMA4_CASES)],
+                         ids=lambda kw: f"{kw['method'].value}-{kw['precision'].value}-ckpt{kw['checkpointing']}")
+def test_llama4_formula_matches_the_exact_trace(kw):
+    """Measured (b2 x s256): -0.001 %, -0.000 %, +0.018 %, -0.000 %, -0.000 %, -0.000 %, -0.000 % (s640: LoRA
+    +0.008 %, full / freeze / LoRA checkpointed -0.000 %); the exact mode traces whole periods of 4 layers (3 rope
+    + 1 NoPE: Family.layer_period_default). The CPU truth: tests/test_trace.py (full fp32 b1 x s64)."""
+    from memplan.trace.exact import exact_estimate
+
+    spec, train = tiny_spec("llama4_text"), TrainConfig(batch_size=2, seq_len=256, **kw)
+    exact = exact_estimate(spec, train, device="cpu")
+    analytic = estimate(spec, train, device="cpu")
+    assert analytic.trainable_params == exact.trainable_params
+    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.01
 
 
 # ---- Qwen3.5: linear-attention and full-attention layers in a period; flash-attn 2 in the exact mode ---------------

@@ -33,6 +33,7 @@ class _Ctx:
     windowed: bool = True  # this layer attends within the sliding window (Gemma3: all but every 6th layer)
     moe: bool = True  # an MoE model's layer has the sparse MLP (False: DeepSeek's leading dense layers)
     linear: bool = False  # a Qwen3.5 Gated DeltaNet layer (layer_types "linear_attention")
+    rope: bool = True  # this layer rotates q / k (False: Llama 4's NoPE layers)
 
     @property
     def amp(self) -> bool:
@@ -69,10 +70,20 @@ def rms_norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
     if gemma:
         # Gemma / Qwen3.5: `(1.0 + self.weight.float())` is a fresh (dim,) tensor, saved for xr's gradient; OLMo-2
         # multiplies by the weight itself
-        w1 = param(dim, FP32, cx.trains) if cx.lay.spec.family.post_norms else T(dim, FP32, cx.trains)
+        fam = cx.lay.spec.family  # OLMo-2 and gpt-oss multiply by the weight itself
+        w1 = param(dim, FP32, cx.trains) if fam.post_norms or fam.norm_mul_fp32 else T(dim, FP32, cx.trains)
         return tp.cast(tp.mul(xr, w1, width=FP32), x.width)
     hn = tp.cast(xr, x.width)
     return tp.mul(w, hn, width=max(w.width, hn.width))
+
+
+def l2_norm(cx: _Ctx, x: T, dim: int) -> T:
+    """Llama4TextL2Norm: `x.float()`, x * rsqrt(mean(x^2) + eps) (pow and the product save the fp32 copy, rsqrt its
+    result), `.type_as(x)`; no weight."""
+    xf = cx.tape.cast(x, FP32)
+    if x.rg:
+        cx.tape.save(xf, T(x.numel // dim, FP32, False))
+    return T(x.numel, x.width, x.rg)
 
 
 def norm(cx: _Ctx, x: T, dim: int, *, gemma: bool = False) -> T:
@@ -234,8 +245,18 @@ def attention(cx: _Ctx, h: T) -> T:
         gemma = s.family.sandwich_norms or s.family.post_norms or s.family.zero_centered_norms
         qd, kd = (s.q_dim, s.kv_dim) if s.family.qk_norm_full else (s.head_dim, s.head_dim)
         q, k = norm(cx, q, qd, gemma=gemma), norm(cx, k, kd, gemma=gemma)
-    rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
-    q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
+    if not cx.rope:  # Llama 4's NoPE layer: `(q * attn_scales).to(q.dtype)` (modeling_llama4.py l.360-367)
+        if s.config.get("attn_temperature_tuning", True):
+            if q.rg:
+                tp.save(T(cx.seq, FP32, False))  # attn_scales (1, S, 1, 1) expanded over the batch
+            q = tp.new(q)
+    elif s.family.rope_complex:  # apply_rotary_emb (l.225-234): complex products on float copies, `.type_as(x)`
+        q, k = tp.new(q), tp.new(k)
+        if s.family.nope_layers and s.config.get("use_qk_norm", True):  # Llama4TextL2Norm (l.106-118) on q, k
+            q, k = l2_norm(cx, q, s.head_dim), l2_norm(cx, k, s.head_dim)
+    else:
+        rope_width = max(cx.stream, q.width)  # cos/sin carry the stream dtype; q*cos promotes
+        q, k = tp.new(q, width=rope_width), tp.new(k, width=rope_width)  # q*cos + rotate_half(q)*sin
     if lay.amp:  # sdpa / matmul autocast to half
         q, k, v = tp.cast(q, 2), tp.cast(k, 2), tp.cast(v, 2)
     rg = q.rg or k.rg or v.rg
@@ -334,6 +355,8 @@ def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:
     scores = T(cx.batch * s.num_heads * cx.seq * cx.seq, q.width, rg)
     if rg:
         tp.save(q, k)
+    if s.family.attention_sinks:
+        return _eager_sinks(cx, scores, v, q.numel)
     if s.attn_softcap:
         scores = tp.saving_output(scores)  # tanh(scores / cap) * cap
     probs = tp.saving_output(scores, width=FP32)  # softmax(dim=-1, dtype=float32)
@@ -341,6 +364,25 @@ def _eager(cx: _Ctx, q: T, k: T, v: T, rg: bool) -> T:
     probs = dropout(cx, probs, s.attention_dropout)  # nn.functional.dropout(attn_weights, p=dropout)
     probs = tp.cast(probs, 2) if cx.lay.amp else probs
     return _matmul(cx, probs, v, q.numel)
+
+
+def _eager_sinks(cx: _Ctx, scores: T, v: T, out_numel: int) -> T:
+    """gpt-oss's eager_attention_forward (modeling_gpt_oss.py l.205-227): `scores * scaling + mask` (the mask is in
+    the stream dtype and promotes), `torch.cat([scores, sinks])` to (B, H, S, S + 1) (cat promotes to the sinks'
+    dtype: fp32 where they train under AMP), minus its max (`max(dim=-1)` saves its int64 indices), softmax in that
+    dtype (saves its result), the sink column dropped by a slice and `.to(value.dtype)`: a copy only when the
+    dtypes differ, else the slice (a view) is what the matmul saves."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    rows = cx.batch * s.num_heads * cx.seq
+    sinks = param(s.num_heads, lay.trainable_width if cx.trains else lay.kept_width, cx.trains)
+    width = max(scores.width, cx.stream, sinks.width)
+    rg = scores.rg or sinks.rg
+    if rg:
+        tp.save(T(rows, 8, False))  # max(dim=-1, keepdim=True).indices
+    probs = tp.saving_output(T(rows * (cx.seq + 1), width, rg))  # softmax(combined - max, dtype=combined.dtype)
+    weights = probs.view(rows * cx.seq) if width == v.width else T(rows * cx.seq, v.width, rg)  # [..., :-1].to()
+    weights = dropout(cx, weights, s.attention_dropout)
+    return _matmul(cx, weights, v, out_numel)
 
 
 def _matmul(cx: _Ctx, a: T, b: T, out_numel: int) -> T:
@@ -360,12 +402,16 @@ def mlp(cx: _Ctx, h: T) -> T:
         gate = cx.tape.saving_output(linear(cx, h, "shared_expert_gate", s.hidden_size, 1))
         shared = cx.tape.mul(gate, shared)
         return T(routed.numel, max(routed.width, shared.width), True)
+    if s.is_moe and cx.moe and s.family.moe_block == "gpt_oss":
+        return _gpt_oss_moe(cx, h)
+    if s.is_moe and cx.moe and s.family.moe_block == "llama4":
+        return _llama4_moe(cx, h)
     if s.is_moe and cx.moe:  # each token visits `experts_per_token` experts of width moe_intermediate
         routed = _moe(cx, h)
         if not s.shared_intermediate:
             return routed
         # DeepseekV3MoE.forward (modeling_deepseek_v3.py l.215-222): `hidden_states + self.shared_experts(residuals)`
-        shared = _gated_mlp(cx, h, s.shared_intermediate, "shared_experts.")
+        shared = _gated_mlp(cx, h, s.shared_intermediate, s.family.shared_prefix)
         return T(routed.numel, max(routed.width, shared.width), True)
     inter = s.intermediate_size
     if not s.family.gated_mlp:  # Starcoder2MLP: c_fc, the activation (saves its input), c_proj
@@ -447,6 +493,74 @@ def _moe(cx: _Ctx, h: T) -> T:
     return T(n * s.hidden_size, h.width, True)  # `.to(hidden_states.dtype)` at the end
 
 
+def _gpt_oss_moe(cx: _Ctx, h: T) -> T:
+    """GptOssMLP (modeling_gpt_oss.py l.131-145) on transformers 5's grouped_mm experts (integrations/moe.py
+    grouped_mm_experts_forward l.424-537). The router (l.123-128): `F.linear(h, weight, bias)` (autocast: half),
+    topk of the logits (saves its int64 indices), softmax over the k in the logits' dtype (saves its result). The
+    experts: the rows sorted by expert, `hidden_states[perm // k]` and `sample_weights[perm]` (each indexing saves its
+    int64 index), the bias rows `gate_up_proj_bias[expert_ids_g]` / `down_proj_bias[expert_ids_g]` (one index,
+    saved when the biases train), each grouped matmul saving its input (cast to the expert weights' dtype) and the
+    int32 offsets; `_apply_gate` (l.79-85): the interleaved gate / up slices of gate_up clamped (clamp saves its
+    input: the whole gate_up), `gate * sigmoid(gate * alpha)` (sigmoid saves its result, the product both
+    factors), `(up + 1) * glu` (both); x the routing weight (both saved), un-permuted `weighted_out[inv_perm]`
+    (its index saved), summed over the k in the experts' dtype, `.to(hidden_states.dtype)`."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, k, e, hid, inter = cx.tokens, s.experts_per_token, s.num_experts, s.hidden_size, s.moe_intermediate_size
+    hin = tp.cast(h, 2) if lay.amp else h
+    logits = tp.linear(hin, hid, e, w_trains=cx.trains, width=cx.c)
+    if logits.rg:
+        tp.save(T(n * k, 8, False))  # topk's indices
+    weights = tp.saving_output(T(n * k, logits.width, logits.rg))  # softmax over the top-k values
+    rows = n * k
+    if h.rg:
+        tp.save(T(rows, 8, False))  # hidden_states[perm // k]'s index
+    if weights.rg:
+        tp.save(T(rows, 8, False))  # sample_weights[perm]'s index
+    weights = T(rows, weights.width, weights.rg)  # the gathered sample_weights_g
+    width = lay.trainable_width if cx.trains else h.width  # `input.to(weight.dtype)` (no autocast rule)
+    routed = tp.cast(T(rows * hid, h.width, h.rg), width)
+    if cx.trains:
+        tp.save(routed, T(rows, 8, False), T(e, 4, False))  # grouped_mm's input; the bias rows' index; offsets
+    gate_up = T(rows * 2 * inter, width, routed.rg or cx.trains)
+    if gate_up.rg:
+        tp.save(gate_up, T(e, 4, False))  # both clamps' input (the strided gate / up views); the offsets
+    gate = T(rows * inter, width, gate_up.rg)  # gate.clamp(max=limit)
+    glu = tp.mul(gate, tp.saving_output(T(rows * inter, width, gate.rg)))  # gate * sigmoid(gate * alpha)
+    gated = tp.mul(T(rows * inter, width, gate_up.rg), glu)  # (up.clamp(-limit, limit) + 1) * glu
+    out = tp.linear(gated, inter, hid, w_trains=cx.trains, width=width)  # down grouped_mm (+ bias rows)
+    weighted = tp.mul(out, weights)
+    if weighted.rg:
+        tp.save(T(rows, 8, False))  # weighted_out[inv_perm]'s index
+    return T(n * hid, h.width, True)
+
+
+def _llama4_moe(cx: _Ctx, h: T) -> T:
+    """Llama4TextMoe.forward (modeling_llama4.py l.166-175). Llama4Router (l.141-152): an nn.Linear (autocast:
+    half logits; never adapted, Family.lora_exclude), topk (its int64 indices, which the scatter_ saves too),
+    `full_like(-inf).scatter_` then `sigmoid(scores.float())` (saves its fp32 result) `.to(dtype)`. Every token goes
+    to every expert: `hidden_states.repeat(E, 1)` times the scores' transposed column (a copy; the product saves
+    both). Llama4TextExperts (l.66-85): torch.bmm, an autocast op (half input copy saved when the experts train),
+    `gate_up.chunk(2)`, silu(gate) saves the gate view (so all of gate_up), `up * act` both, the down bmm its input.
+    Then the shared expert (a Llama4TextMLP on the layer's input) and `out.add_(routed.sum(0))`."""
+    s, tp, lay = cx.lay.spec, cx.tape, cx.lay
+    n, k, e, hid, inter = cx.tokens, s.experts_per_token, s.num_experts, s.hidden_size, s.moe_intermediate_size
+    hin = tp.cast(h, 2) if lay.amp else h
+    logits = tp.linear(hin, hid, e, w_trains=cx.trains, width=cx.c)
+    if logits.rg:
+        tp.save(T(n * k, 8, False))  # topk's indices (scatter_'s index too)
+    scores = tp.cast(tp.saving_output(tp.cast(T(n * e, logits.width, logits.rg), FP32)), logits.width)
+    col = T(n * e, scores.width, scores.rg)  # router_scores.transpose(0, 1).reshape(-1, 1): a copy
+    routed = tp.mul(T(e * n * hid, h.width, h.rg), col)  # hidden_states.repeat(E, 1) * col
+    xin = tp.cast(routed, 2) if lay.amp else routed
+    gate_up = tp.linear(xin, hid, 2 * inter, w_trains=cx.trains, width=cx.c)  # bmm(x, gate_up_proj)
+    act = tp.saving_input(gate_up, width=None)  # silu(gate): saves the gate view, i.e. gate_up's storage
+    act = T(e * n * inter, act.width, act.rg)
+    prod = tp.mul(gate_up.view(e * n * inter), act)  # up * act
+    tp.linear(prod, inter, hid, w_trains=cx.trains, width=cx.c)  # bmm(prod, down_proj)
+    shared = _gated_mlp(cx, h, s.shared_intermediate, s.family.shared_prefix)
+    return T(n * hid, shared.width, True)
+
+
 def _sigmoid_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
     """DeepseekV3TopkRouter.forward (modeling_deepseek_v3.py l.133-158): `F.linear(h.type(float32),
     weight.type(float32))` on the fp32 weight (autocast then casts both to half), sigmoid (saves its result), the
@@ -495,12 +609,13 @@ def decoder_layer(cx: _Ctx, x: T) -> T:
         m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
         return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
-    zc = gemma or s.family.zero_centered_norms  # x * (1 + w) in fp32 (Gemma, Qwen3_5RMSNorm)
-    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=zc)), s.residual_dropout)
+    # x * (1 + w) in fp32 (Gemma, Qwen3_5RMSNorm), or the weight times the fp32 normalised input (gpt-oss)
+    fp32_mul = gemma or s.family.zero_centered_norms or s.family.norm_mul_fp32
+    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
         a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
     x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=zc)), s.residual_dropout)
+    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
         m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
     return T(x.numel, max(x.width, m.width), x.rg or m.rg)
@@ -520,11 +635,11 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
     engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
     holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward.
     layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace; Qwen3.5: a Gated DeltaNet
-    or full attention); None: the mean over all, or with `worst` the largest kind's."""
-    def saved(windowed: bool, moe: bool = True, linear: bool = False) -> int:
+    or full attention; Llama 4: rope or NoPE); None: the mean over all, or with `worst` the largest kind's."""
+    def saved(windowed: bool, moe: bool = True, linear: bool = False, rope: bool = True) -> int:
         tape = Tape()
         cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe,
-                  linear=linear)
+                  linear=linear, rope=rope)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
         if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward
@@ -534,6 +649,16 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
         return tape.nbytes_before_mark + tape.held_after_mark if at_mlp else tape.nbytes
 
     w, n = lay.spec.windowed_layers, lay.spec.num_layers
+    if lay.spec.family.nope_layers:
+        # Llama 4: rope layers (chunked: an explicit mask past attention_chunk_size) and NoPE ones (full attention)
+        masked = w is not None and sdpa_masked(lay)
+        if layer is not None:
+            rope = lay.spec.uses_rope(layer)
+            return saved(rope or not masked, rope=rope)
+        r = lay.spec.rope_layers
+        if worst:
+            return max(saved(True), saved(not masked, rope=False)) if r < n else saved(True)
+        return (r * saved(True) + (n - r) * saved(not masked, rope=False)) // n
     if lay.spec.layer_types or (lay.spec.dense_layers and worst):
         kinds = layer_kinds(lay.spec, [layer] if layer is not None else range(n))
         values = {kind: saved(True, moe=kind[0], linear=kind[1]) for kind in kinds}
@@ -565,6 +690,8 @@ def layer_kinds(spec: ModelSpec, ids: list[int] | range) -> dict[tuple[bool, boo
 
 def layers_saved(lay: Layout, ids: list[int] | range, **kw: object) -> int:
     """The sum of layer_saved over these decoder layers (one program per layer kind)."""
+    if lay.spec.family.nope_layers:  # Llama 4's rope / NoPE layers: each its own kind
+        return sum(layer_saved(lay, layer=i, **kw) for i in ids)  # type: ignore[arg-type]
     if lay.spec.layer_types:
         first = {}
         for i in ids:
@@ -593,7 +720,7 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     tape = Tape()
     cx = _Ctx(tape, lay, n, batch, seq, lay.full, stream_width(lay))
     x = T(n * s.hidden_size, stream_width(lay), True)
-    norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms)
+    norm(cx, x, s.hidden_size, gemma=s.family.sandwich_norms or s.family.post_norms or s.family.norm_mul_fp32)
     norm_bytes = tape.nbytes
     # upcast_lmhead_output: the hook's fp32 copy is what the model returns (the half output is freed at once),
     # and the loss's logits.float() is then a no-op (transformers loss_utils ForCausalLMLoss)

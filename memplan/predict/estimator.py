@@ -457,6 +457,8 @@ def _rope_bytes(lay: Layout) -> _Rope:
     frame's recompute_fn closes over args and kwargs; the reentrant one save_for_backward()s the tensor inputs)."""
     s, tr = lay.spec, lay.train
     cos_sin = 2 * tr.seq_len * s.rotary_dim * stream_width(lay)
+    if s.family.rope_half:  # gpt-oss: cos/sin (1, S, rotary_dim / 2) (Family.rope_half)
+        cos_sin //= 2
     if s.family.rope_complex:  # DeepSeek-V2: one complex64 freqs_cis (1, S, rope / 2) in place of cos and sin
         cos_sin = tr.seq_len * (s.rotary_dim // 2) * 8
     ids = 8 * tr.seq_len
@@ -615,11 +617,13 @@ def _layer_backward_buffers(lay: Layout, n: int) -> int:
     gradient (bitsandbytes MatMul4Bit.backward, 0.42 and 0.50 alike: `torch.matmul(grad_output,
     F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))`)."""
     s = lay.spec
-    inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
+    inter = s.moe_intermediate_size * s.routed_rows if s.is_moe else s.intermediate_size
     # gated: act * up's backward (the product's, the activation's and up's gradients); one projection (StarCoder2):
     # the activation's backward (its output's and input's gradients)
     grads = (3 if s.family.gated_mlp else 2) * n * inter * lay.compute_width
-    if s.shared_intermediate:
+    if s.shared_intermediate and s.family.moe_block == "llama4":  # torch.bmm autocasts: the compute dtype
+        grads = 3 * n * max(inter, s.shared_intermediate) * lay.compute_width
+    elif s.shared_intermediate:
         # DeepSeek's top (MoE) layer: the routed experts' grouped matmuls run in the expert weights' dtype
         # (activations._moe: fp32 where they train under AMP), the shared experts' product under autocast
         trains = not lay.train.is_lora and (lay.full or lay.train.trainable_layer_ids(s.num_layers)[-1:] ==

@@ -144,9 +144,9 @@ class Layout:
         if not moe:
             return n + sum(params_per_linear(self.train, lin) for lin in s.dense_mlp_linears(s.intermediate_size)
                            if lin.name in self.lora_modules)
-        if s.shared_intermediate and not s.family.shared_expert_gate:  # DeepSeek's (Qwen3.5's are layer Linears)
-            n += sum(params_per_linear(self.train, lin) for lin in s.dense_mlp_linears(s.shared_intermediate,
-                     "shared_experts.") if lin.name in self.lora_modules)
+        if s.shared_intermediate and not s.family.shared_expert_gate and not s.family.shared_in_all_linear:
+            # DeepSeek's (Qwen3.5's and Llama 4's shared experts are among the layer's Linears already)
+            n += sum(params_per_linear(self.train, lin) for lin in s.shared_linears() if lin.name in self.lora_modules)
         if s.is_moe and self.experts_wrapped:
             # peft 0.21 also wraps the router and the 3D expert parameters (shapes read off a built model):
             # router A (r, H) + B (E, r); gate_up A (2Er, H) + B (2I, 2Er); down A (Er, I) + B (H, Er)

@@ -375,7 +375,7 @@ def _backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, flo
     n = tr.batch_size * tr.seq_len
     c = lay.compute_width
     hidden = n * s.hidden_size * stream_width(lay)
-    inter = s.moe_intermediate_size * s.experts_per_token if s.is_moe else s.intermediate_size
+    inter = s.moe_intermediate_size * s.routed_rows if s.is_moe else s.intermediate_size
     nxt = p.new(units[1], UNSHARD) if units else None
     for params, keep, prog in zip(reversed(layers), reversed(kept), reversed(progs), strict=True):
         if not prog.events:

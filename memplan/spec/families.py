@@ -53,6 +53,7 @@ class Family:
     # config key: the layer types repeat with this period (Qwen3.5: full_attention_interval, 3 linear-attention
     # layers then a full one); the exact mode traces whole periods so the line through them is the model's
     layer_period_key: str | None = None
+    layer_period_default: int = 1  # the period when the config lacks that key (Llama 4: no_rope_layer_interval 4)
     layer_norm: bool = False  # nn.LayerNorm (weight and bias) in place of RMSNorm (StarCoder2)
     gated_mlp: bool = True  # False: one up projection, the activation, one down projection (c_fc, c_proj)
     bias_key: str = "attention_bias"  # the config key of the q/k/v biases (StarCoder2: use_bias)
@@ -94,6 +95,30 @@ class Family:
     # Qwen3.5-MoE: one shared expert of shared_expert_intermediate_size (shared_experts_key) scaled by
     # sigmoid(shared_expert_gate(x)), a Linear(hidden, 1) (Qwen3_5MoeSparseMoeBlock l.913-933)
     shared_expert_gate: bool = False
+    # GptOssRMSNorm (modeling_gpt_oss.py l.53-60): `(self.weight * hidden_states).to(input_dtype)`, the weight times
+    # the fp32 normalised input (OLMo-2's and Gemma's order), not Llama's `weight * hidden_states.to(input_dtype)`
+    norm_mul_fp32: bool = False
+    # learned attention sinks (GptOssAttention.sinks, one per head, l.263): eager_attention_forward (l.205-227)
+    # concatenates them to the masked scores as one more key column, (B, H, S, S + 1), before the softmax
+    attention_sinks: bool = False
+    # the rotary cos/sin are (1, S, rotary_dim / 2): GptOssRotaryEmbedding.forward (l.174-180) takes `emb = freqs`
+    # without Llama's cat((freqs, freqs)); _apply_rotary_emb (l.195-203) rotates the two halves
+    rope_half: bool = False
+    # the MoE block: "" (Mixtral's: a bias-free router Linear, softmax, then top-k; SwiGLU experts), "gpt_oss"
+    # (GptOssMLP l.131-145: a router with a bias, top-k of the logits then softmax over the k; GptOssExperts with
+    # biases and a clamped SwiGLU, `_apply_gate` l.79-85), "llama4" (modeling_llama4.py Llama4TextMoe l.156-175:
+    # a sigmoid router, every expert on every token through torch.bmm, which autocasts; a shared expert)
+    moe_block: str = ""
+    # Llama 4's text attention (modeling_llama4.py Llama4TextAttention.forward l.341-372): the layers listed 1 in
+    # no_rope_layers (default: all but every no_rope_layer_interval-th, configuration_llama4.py l.168-172) rotate q/k
+    # and L2-normalise them (Llama4TextL2Norm l.106-118, use_qk_norm, no weight); the others (NoPE) scale q by the
+    # attn_temperature_tuning factor instead
+    nope_layers: bool = False
+    # the shared expert's Linears: their module prefix, and whether peft's all-linear adapts them (it does where
+    # peft remaps nothing: Llama 4's Llama4TextMLP shared_expert; DeepSeek's all-linear maps gate/up/down onto the
+    # fused routed experts, Family.all_linear_skips)
+    shared_prefix: str = "shared_experts."
+    shared_in_all_linear: bool = False
 
     @property
     def norm_tensors(self) -> int:
@@ -186,8 +211,16 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            limits="MoE layers costed with the routed rows as a whole (tokens x num_experts_per_tok, whatever the "
                   "routing balance: the grouped_mm experts); QLoRA / freeze of the mixed dense + MoE layers not "
                   "checked against the exact trace"),
-    # GptOssAttention: learned attention sinks, alternating sliding/full layer_types; GptOssExperts with biases
-    Family(model_type="gpt_oss", analytic=False, moe=True, sdpa=False),  # `_supports_sdpa = False` (the sinks)
+    # gpt-oss (modeling_gpt_oss.py): q/k/v/o Linear(bias=attention_bias, GptOssConfig default True, l.246-257);
+    # attention sinks; alternating sliding / full layer_types (configuration_gpt_oss.py l.84-87): two eager
+    # masks per forward (GptOssModel.forward l.463-466); `_supports_sdpa = False` (l.379): eager on CPU and where
+    # no flash kernel is installed; GptOssMLP (l.131-145); the final and layer norms GptOssRMSNorm. The experts'
+    # LoRA: none (lora_wraps_experts); the router is no nn.Linear (GptOssTopKRouter, l.115-128), so never adapted
+    Family(model_type="gpt_oss", moe=True, sdpa=False, attention_bias_default=True, out_bias=True, mask_types=2,
+           norm_mul_fp32=True, attention_sinks=True, rope_half=True, moe_block="gpt_oss", lora_wraps_experts=False,
+           limits="eager attention (transformers 5.24 has no sdpa for the sinks; a flash-attention kernel from the "
+                  "hub saves far less); MoE layers costed with the routed rows as a whole (tokens x "
+                  "num_experts_per_tok, whatever the routing: the grouped_mm experts)"),
     # vision-language models: the text decoder on text-only inputs, the vision tower's weights counted (frozen)
     # Qwen2.5-VL on text (modeling_qwen2_5_vl.py): Qwen2_5_VLTextModel is a qwen2 decoder, q/k/v bias (l.625-628);
     # with no image the position ids are arange(S).view(1, 1, -1).expand(3, B, -1) (l.803-804), one int64 (S)
@@ -230,8 +263,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # router and grouped_mm experts plus a gated shared expert; the vision tower visual.* frozen (LLaMA-Factory
     # _register_composite_model("qwen3_5"))
     Family(model_type="qwen3_5", auto_class="AutoModelForImageTextToText", qk_norm=True, rope_concat=True,
-           frozen_modules=("visual.",), layer_period_key="full_attention_interval", vision="qwen3_5", mrope="interleaved",
-           linear_attention=True, zero_centered_norms=True, limits=_VL_LIMITS + _GDN_LIMITS),
+           frozen_modules=("visual.",), layer_period_key="full_attention_interval", vision="qwen3_5",
+           mrope="interleaved", linear_attention=True, zero_centered_norms=True, limits=_VL_LIMITS + _GDN_LIMITS),
     Family(model_type="qwen3_5_moe", moe=True, save_copies_gate_up=True, qk_norm=True, rope_concat=True,
            intermediate_key="moe_intermediate_size", shared_experts_key="shared_expert_intermediate_size",
            shared_expert_gate=True, lora_wraps_experts=False, auto_class="AutoModelForImageTextToText",
@@ -246,9 +279,17 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # layers (no_rope_layers, l.318); Llama4Router is an nn.Linear returning a tuple (l.141-152), which peft's LoRA
     # forward cannot wrap (it reads result.dtype): the router is left out of all-linear
     Family(model_type="llama4", analytic=False, text_model="llama4_text"),
-    Family(model_type="llama4_text", analytic=False, moe=True, lora_exclude=("feed_forward.router",),
+    # Llama4TextDecoderLayer (l.394-443): Llama4TextMoe (l.156-175) on every interleave_moe_layer_step-th layer
+    # (step 1 here: a step > 1 or an explicit moe_layers list interleaves dense MLPs, traced by the exact mode);
+    # the rope is DeepSeek-V2's complex one (apply_rotary_emb l.225-234: xq.float(), a complex freqs_cis, `.type_as`);
+    # sdpa is supported (l.451), chunked attention (attention_chunk_size) on the rope layers
+    Family(model_type="llama4_text", moe=True, lora_exclude=("feed_forward.router",), rope_complex=True,
+           nope_layers=True, moe_block="llama4", lora_wraps_experts=False, shared_prefix="shared_expert.",
+           layer_period_key="no_rope_layer_interval", layer_period_default=4,
+           shared_in_all_linear=True,
            limits="the text decoder only: the vision tower and projector are not counted (the shipped config has "
-                  "no vision_config) and image tokens are not costed"),
+                  "no vision_config) and image tokens are not costed; every expert runs on every token (Llama4TextMoe "
+                  "repeats the tokens num_local_experts times, the sigmoid scores zero the unrouted ones)"),
 )}
 
 

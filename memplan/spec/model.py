@@ -139,7 +139,7 @@ class ModelSpec:
         key = self.family.layer_period_key
         text = self.config.get("text_config")
         cfg = text if isinstance(text, dict) else self.config
-        period = int(cfg.get(key) or 1) if key else 1
+        period = int(cfg.get(key) or self.family.layer_period_default) if key else 1
         return period if 1 < period <= self.num_layers else 1
 
     # ---- derived -------------------------------------------------------------------------------------------
@@ -247,7 +247,10 @@ class ModelSpec:
         None: of every kind of layer (Qwen3.5: the Gated DeltaNet's and the full attention's, its names)."""
         if layer is None and self.layer_types:
             return self.gdn_linears() + self.layer_linears(self.num_layers - 1)
-        mlp = self._shared_gate_linears() if self.is_moe else self.mlp_linears()
+        if self.is_moe:  # Qwen3.5-MoE's gated shared expert, Llama 4's shared_expert: Linears of the layer
+            mlp = self._shared_gate_linears() + (self.shared_linears() if self.family.shared_in_all_linear else ())
+        else:
+            mlp = self.mlp_linears()
         return self.attention_linears(layer) + mlp
 
     def _shared_gate_linears(self) -> tuple[Linear, ...]:
@@ -257,6 +260,27 @@ class ModelSpec:
             return ()
         return self.dense_mlp_linears(self.shared_intermediate, "shared_expert.") + (
             Linear(name="shared_expert_gate", in_features=self.hidden_size, out_features=1),)
+
+    def shared_linears(self) -> tuple[Linear, ...]:
+        """An MoE layer's shared expert(s) (DeepSeek's shared_experts, Llama 4's shared_expert); () without."""
+        if not self.shared_intermediate:
+            return ()
+        return self.dense_mlp_linears(self.shared_intermediate, self.family.shared_prefix)
+
+    @property
+    def routed_rows(self) -> int:
+        """Rows each token gives the routed experts: num_experts_per_tok (grouped_mm on the gathered tokens), or
+        every expert (Llama4TextMoe l.170-172: `hidden_states.repeat(num_experts, 1)` times the sigmoid scores)."""
+        return self.num_experts if self.family.moe_block == "llama4" else self.experts_per_token
+
+    def uses_rope(self, layer: int) -> bool:
+        """Llama 4: no_rope_layers[layer] (1: rope; default every no_rope_layer_interval-th layer NoPE,
+        configuration_llama4.py l.168-172); every other family rotates every layer."""
+        return not self.family.nope_layers or _uses_rope(self.config, layer)
+
+    @property
+    def rope_layers(self) -> int:
+        return sum(self.uses_rope(i) for i in range(self.num_layers))
 
     def dense_mlp_linears(self, inter: int, prefix: str = "") -> tuple[Linear, ...]:
         """A SwiGLU MLP of width `inter` (DeepseekV3MLP, modeling_deepseek_v3.py l.104-117): a DeepSeek dense
@@ -279,16 +303,24 @@ class ModelSpec:
         n = sum(lin.params for lin in self.layer_linears()) * self.num_layers
         if self.dense_layers:
             n += sum(lin.params for lin in self.dense_mlp_linears(self.intermediate_size)) * self.dense_layers
-        if self.shared_intermediate:
-            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) * self.moe_layers
-        return n
+        if self.shared_intermediate and not self.family.shared_in_all_linear:
+            n += sum(lin.params for lin in self.shared_linears()) * self.moe_layers
+        return n + self.bmm_expert_params * self.moe_layers
+
+    @property
+    def bmm_expert_params(self) -> int:
+        """One MoE layer's expert (and router) parameters that autocast casts: Llama4TextExperts' torch.bmm (an
+        autocast op, modeling_llama4.py l.79-82) and its nn.Linear router; the grouped_mm experts: none."""
+        if self.family.moe_block != "llama4":
+            return 0
+        return self.num_experts * (3 * self.hidden_size * self.moe_intermediate_size + self.hidden_size)
 
     def top_linear_params(self) -> int:
         """The nn.Linear parameters of the top decoder layer (an MoE one where there are any)."""
         n = sum(lin.params for lin in self.layer_linears(self.num_layers - 1))
-        if self.shared_intermediate and not self.family.shared_expert_gate:
-            n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate))
-        return n
+        if self.shared_intermediate and not self.family.shared_expert_gate and not self.family.shared_in_all_linear:
+            n += sum(lin.params for lin in self.shared_linears())  # DeepSeek's shared experts
+        return n + self.bmm_expert_params
 
     @property
     def layer_params(self) -> int:
@@ -316,6 +348,7 @@ class ModelSpec:
         if self.qk_norm:  # q_norm, k_norm (OLMo-2: over the whole projections)
             n += self.q_dim + self.kv_dim if self.family.qk_norm_full else 2 * self.head_dim
         n += self.q_lora_rank + self.kv_lora_rank  # MLA: q_a_layernorm, kv_a_layernorm (0 otherwise)
+        n += self.num_heads if self.family.attention_sinks else 0  # GptOssAttention.sinks (num_heads,)
         return n + self._mlp_params
 
     @property
@@ -326,8 +359,11 @@ class ModelSpec:
         if not self.is_moe:
             return mlp
         n = h * self.num_experts + self.num_experts * mlp  # router Linear(h, E) + E SwiGLU experts
+        if self.family.moe_block == "gpt_oss":  # GptOssTopKRouter.bias (E,) (modeling_gpt_oss.py l.121), the
+            # experts' gate_up_proj_bias (E, 2I) and down_proj_bias (E, H) (l.71-74)
+            n += self.num_experts * (1 + 2 * self.moe_intermediate_size + h)
         n += sum(lin.params for lin in self.dense_mlp_linears(self.shared_intermediate)) \
-            if self.shared_intermediate else 0  # DeepSeek's shared experts, Qwen3.5-MoE's shared_expert
+            if self.shared_intermediate else 0  # DeepSeek's shared experts, Qwen3.5-MoE's / Llama 4's shared_expert
         return n + (h if self.family.shared_expert_gate else 0)  # Linear(h, 1)
 
     @property
@@ -435,6 +471,9 @@ class ModelSpec:
         # dense layers mixed into an MoE model (qwen3_moe decoder_sparse_step / mlp_only_layers): the formulas
         # assume every layer sparse, so only the exact mode traces it
         mixed = fam.moe and (cfg.get("decoder_sparse_step") not in (None, 1) or bool(cfg.get("mlp_only_layers")))
+        # Llama 4's dense layers between the MoE ones (interleave_moe_layer_step > 1, Maverick; or a moe_layers list)
+        mixed = mixed or (fam.moe_block == "llama4" and (cfg.get("interleave_moe_layer_step") not in (None, 1)
+                                                         or cfg.get("moe_layers") is not None))
         prefix = cfg.get(fam.dense_prefix_key) if fam.dense_prefix_key else None
         if fam.dense_prefix_key and not fam.shared_experts_key:  # dense then MoE layers, not in the formulas
             mixed = mixed or prefix is None or prefix < cfg.get("num_hidden_layers", 0)
@@ -516,7 +555,8 @@ class ModelSpec:
             dense_layers=min(int(prefix or 0), cfg["num_hidden_layers"]) if experts and fam.shared_experts_key else 0,
             shared_intermediate=(cfg[fam.shared_experts_key] if fam.shared_expert_gate else
                                  cfg["moe_intermediate_size"] * cfg[fam.shared_experts_key])
-            if experts and fam.shared_experts_key else 0,
+            if experts and fam.shared_experts_key else cfg["intermediate_size"] if experts and fam.moe_block == "llama4"
+            else 0,
             sliding_window=_sliding_window(cfg, fam),
             windowed_layers=_windowed_layers(cfg, fam),
             attn_softcap=cfg.get("attn_logit_softcapping") or None,
@@ -563,7 +603,11 @@ def _gdn_dims(cfg: dict[str, Any], fam: Family) -> dict[str, Any]:
 
 
 def _sliding_window(cfg: dict[str, Any], fam: Family) -> int | None:
-    """The window transformers really applies (Qwen2/3 only with use_sliding_window; MistralConfig's default)."""
+    """The window transformers really applies (Qwen2/3 only with use_sliding_window; MistralConfig's default).
+    Llama 4's rope layers attend within chunks of attention_chunk_size (Llama4TextConfig default 8192, l.158):
+    an explicit mask as a window's once the sequence is longer."""
+    if fam.nope_layers:
+        return cfg.get("attention_chunk_size", 8192)
     if not fam.sliding or (fam.sliding_window_flag and not cfg.get(fam.sliding_window_flag)):
         return None
     return cfg.get("sliding_window", fam.sliding_window_default)
@@ -599,10 +643,22 @@ def _quantization(cfg: dict[str, Any], label: str) -> str:
         "--method lora")
 
 
+def _uses_rope(cfg: dict[str, Any], layer: int) -> bool:
+    """Llama 4's no_rope_layers[layer] (1: rope), default all but every no_rope_layer_interval-th (l.168-172)."""
+    flags = cfg.get("no_rope_layers")
+    if isinstance(flags, list) and layer < len(flags):
+        return bool(flags[layer])
+    return (layer + 1) % int(cfg.get("no_rope_layer_interval") or 4) != 0
+
+
 def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:
-    """How many layers attend within the window: config.json's layer_types, else the family's pattern."""
+    """How many layers attend within the window: config.json's layer_types, else the family's pattern (Llama 4:
+    its rope layers are chunked, configuration_llama4.py l.187-191)."""
     if isinstance(cfg.get("layer_types"), list):
-        return sum(t == "sliding_attention" for t in cfg["layer_types"])
+        return sum(t in ("sliding_attention", "chunked_attention") for t in cfg["layer_types"])
+    if fam.nope_layers:
+        return sum(_uses_rope(cfg, i) for i in range(cfg["num_hidden_layers"])) \
+            if cfg.get("attention_chunk_size", 8192) else None
     if not fam.window_pattern:
         return None
     every = cfg.get("sliding_window_pattern") or fam.window_pattern

@@ -103,6 +103,14 @@ TINY_CONFIGS: dict[str, dict] = {
                                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
                                          shared_expert_intermediate_size=128),
                         vision_config=_QWEN35_VISION),
+    # gpt-oss: 4 experts of width 128 with biases, top-2, attention sinks, q/k/v/o biases, layers sliding (64) /
+    # full / sliding; yarn rope (GptOssConfig's default rope_parameters)
+    "gpt_oss": dict(model_type="gpt_oss", **{**_BASE, "intermediate_size": 128}, head_dim=32, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=64),
+    # Llama 4 text (Scout's shape): every layer MoE (4 experts of width 128, top-1, a shared expert), layer 3 NoPE
+    # (no_rope_layer_interval 4), rope layers L2-normalised, chunks of 8192 (no mask at the tested lengths)
+    "llama4_text": dict(model_type="llama4_text", **{**_BASE, "intermediate_size": 128, "num_hidden_layers": 4},
+                        head_dim=32, intermediate_size_mlp=352, num_local_experts=4, num_experts_per_tok=1),
 }
 
 # a smaller llama (hidden 128, 2 layers, vocab 2048) for tests that run many real probe steps (probe, tune, scale)

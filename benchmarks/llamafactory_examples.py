@@ -85,7 +85,8 @@ def main() -> int:
         f"refused in one line, as issue 16 asks), {counts['refused']} refused in one line, {counts['timeout']} over "
         f"{args.timeout:.0f} s, {counts['traceback']} tracebacks: {counts['estimated']} of "
         f"{n - counts['not training']} training runs estimated "
-        f"({100 * counts['estimated'] / max(1, n - counts['not training']):.0f} %).", "", *([not_counted, ""] if not_counted else []),
+        f"({100 * counts['estimated'] / max(1, n - counts['not training']):.0f} %).", "",
+        *([not_counted, ""] if not_counted else []),
         "| config | exit | outcome | wall | stderr |", "|---|---|---|---|---|", *rows, "", "Notes:", "",
         *(f"- {n}" for n in NOTES), ""]))
     print(f"{n} configs: {counts} -> {args.out}")

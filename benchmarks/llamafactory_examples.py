@@ -27,11 +27,16 @@ TRAINING = ("train_full", "train_lora", "train_qlora", "extras", "ascend", "ktra
 NOTES = (
     "`Qwen/Qwen3.5-4B`, `Qwen/Qwen2-VL-7B-Instruct`: in the catalog from public config copies with their parameter "
     "counts checked (the catalog files' `_source`); `deepseek-ai/DeepSeek-V3-0324(-BF16)`: the V3 entry under its own "
-    "name (its model card: the structure is exactly DeepSeek-V3's; -BF16 without the FP8 storage).",
+    "name (its model card: the structure is exactly DeepSeek-V3's; -BF16 without the FP8 storage); "
+    "`opensourcerelease/DeepSeek-V3-bf16`: the V3 entry cast to BF16, as KTransformers' and LLaMA-Factory's docs say.",
     "`OpenMOSS-Team/MOSS-VL-Instruct-0708`: a remote-code model transformers 5.24 does not ship, and no copy of its "
     "config.json was found: refused.",
-    "`/path/to/...`, `models/llama3-8b-pro`: placeholders or outputs of another LLaMA-Factory step (llama_pro's "
-    "expanded checkpoint): refused as unknown models.",
+    "`/path/to/...` (`/path/to/DeepSeek-V3.1-source`), `models/llama3-8b-pro`: placeholders or outputs of another "
+    "LLaMA-Factory step (llama_pro's expanded checkpoint): refused as unknown models, offline in about a second "
+    "(no transformers import when the hub cache has no config.json).",
+    "Every training YAML now answers analytically (Qwen3.5, Qwen3-VL / -MoE, Qwen2-VL, gpt-oss and Llama 4 are in "
+    "the formulas): the slowest command took 1.5 s here; a DeepSpeed / FSDP YAML without a GPU count is estimated "
+    "on one GPU with a one-line warning (`fit` searches 1-8 GPUs).",
     "Pre-quantized AWQ / GPTQ / AQLM repositories: their quantization_config is assumed from the name and the "
     "library's defaults (one warning line, memplan.spec.prequantized), their dimensions are the catalog base's.",
     "`use_kt: true` (KTransformers: experts on the CPU) and Megatron-Core's parallel sizes (`megatron/*`) are named "

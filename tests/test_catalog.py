@@ -376,8 +376,9 @@ def test_a_local_vl_config_estimates_without_a_traceback(capsys, tmp_path):
 
 
 def test_exact_only_models_say_so_in_one_line_when_transformers_cannot_build_them(capsys, tmp_path):
-    cfg = _tiny_qwen3_5_moe(layers=2)  # exact mode only
-    cfg["text_config"]["num_key_value_heads"] = 3  # 2 query heads: the attention's shapes do not match
+    # Llama 4 with dense MLPs between its MoE layers (Maverick's interleave): exact mode only
+    cfg = {**TINY_CONFIGS["llama4_text"], "interleave_moe_layer_step": 2, "num_key_value_heads": 3}
+    assert not ModelSpec.from_config_dict(cfg).analytic  # 3 kv heads for 4 query heads: the shapes do not match
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     code = main(["estimate", "--model", str(tmp_path), "--seq-len", "64"])
     err = capsys.readouterr().err
@@ -697,7 +698,9 @@ def test_flash_attention_2_on_an_exact_only_model_is_traced_as_sdpa():
     delta asked of formulas it has none of (was "not in the analytic formulas" after the whole trace)."""
     from memplan.trace.exact import estimate_any
 
-    vl = ModelSpec.from_config_dict(_tiny_qwen3_5_moe(layers=2), name="tiny-qwen3.5-moe")
+    vl = ModelSpec.from_config_dict({**TINY_CONFIGS["llama4_text"], "interleave_moe_layer_step": 2},
+                                    name="tiny-llama4-interleaved")  # Maverick's dense + MoE layers: exact only
+    assert not vl.analytic
     half = TrainConfig(method=Method.LORA, batch_size=1, seq_len=64, precision=Precision.BF16, checkpointing=False)
     fa2 = estimate_any(vl, half.with_(attn=Attention.FLASH_ATTENTION_2))
     assert fa2.method == "exact" and "traced as sdpa" in fa2.note

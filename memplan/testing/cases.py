@@ -66,7 +66,7 @@ BAD_INPUT: list[tuple[list[str], str]] = [
     (["trace", "--model", "nope"], "unknown model"),
     (["trace", *M, "--gpus", "8", "--zero", "3"], "drop --exact"),
     # a model only the exact mode knows, under ZeRO: why it fell back, not "drop --exact" (never passed)
-    (["estimate", "--model", "Qwen/Qwen3-VL-4B-Instruct", "--gpus", "8", "--zero", "3"],
+    (["estimate", "--model", "bloomz-7b1", "--gpus", "8", "--zero", "3"],
      "the exact mode it falls back to traces one GPU"),
     (["trace", "--model", "internlm2_5-7b"], "trust_remote_code"),
     # fit

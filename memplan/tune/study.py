@@ -158,7 +158,12 @@ def tune(spec: ModelSpec, base: TrainConfig, gpu: GPU, evaluator: Evaluator, *, 
             _tell(study, trial, known[key], TrialSource.REPEAT)
             exhausted += 1
             continue
-        if _claimed(study, trial, key):  # another worker is probing it right now
+        if _claimed(study, trial, key):  # another worker is probing it, or finished it since `known` was read
+            known = _known(study, by_key)
+            if key in known:
+                _tell(study, trial, known[key], TrialSource.REPEAT)
+                exhausted += 1
+                continue
             trial.set_user_attr("source", TrialSource.CLAIMED.value)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             exhausted += 1
@@ -284,10 +289,14 @@ def _heartbeat(study, trial):  # noqa: ANN001, ANN202
 
 
 def _claimed(study, trial, key: str) -> bool:  # noqa: ANN001
-    """Another RUNNING trial with a lower number has the same configuration (ties go to the first asker)."""
+    """Another trial with a lower number, RUNNING or COMPLETE, has the same configuration (ties go to the first
+    asker). COMPLETE too: a worker that finished it between this worker's read of the finished trials and this
+    check left no RUNNING trial behind, and its configuration was probed twice (seen with two workers on
+    PostgreSQL)."""
     import optuna
 
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)
+    for t in study.get_trials(deepcopy=False, states=states):
         if t.number < trial.number and t.params and \
                 json.dumps({k: t.params.get(k) for k in KNOBS}, sort_keys=True) == key:
             return True

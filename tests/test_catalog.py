@@ -39,6 +39,17 @@ def _expected(entry) -> int:
     return expected
 
 
+def _assert_formula_matches_exact(spec: ModelSpec, train: TrainConfig, tolerance: float) -> None:
+    """The analytic estimate of `train` has the exact trace's trainable parameters and its peak within
+    `tolerance`."""
+    from memplan.trace.exact import exact_estimate
+
+    exact = exact_estimate(spec, train, device="cpu")
+    analytic = estimate(spec, train, device="cpu")
+    assert analytic.trainable_params == exact.trainable_params
+    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < tolerance
+
+
 def test_the_current_models_are_in_the_catalog():
     assert set(CURRENT) <= set(ENTRIES)
 
@@ -235,13 +246,9 @@ STARCODER2_CASES = [("starcoder2", dict(method=Method.FULL, precision=Precision.
 def test_starcoder2_formula_matches_the_exact_trace(arch, kw):
     """Measured: +0.02 %, -0.00 %, -0.00 %, -0.00 %, +0.04 % (b2 x s256). Not here: full fine-tuning with
     checkpointing and attention dropout on CPU (-2.5 ... -4 %, README Limits)."""
-    from memplan.trace.exact import exact_estimate
 
     spec, train = tiny_spec(arch), TrainConfig(batch_size=2, seq_len=256, **kw)
-    exact = exact_estimate(spec, train, device="cpu")
-    analytic = estimate(spec, train, device="cpu")
-    assert analytic.trainable_params == exact.trainable_params
-    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.005
+    _assert_formula_matches_exact(spec, train, 0.005)
 
 
 def test_a_dropout_outside_0_1_is_refused_naming_the_key():
@@ -300,13 +307,9 @@ VL_CASES = [("qwen3_vl", dict(method=Method.FREEZE, checkpointing=True)),
 @pytest.mark.parametrize("arch,kw", VL_CASES, ids=[f"{a}-{k['method'].value}-ckpt{k['checkpointing']}"
                                                    for a, k in VL_CASES])
 def test_vl_formulas_match_the_exact_trace(arch, kw):
-    from memplan.trace.exact import exact_estimate
 
     spec, train = tiny_spec(arch), TrainConfig(batch_size=2, seq_len=256, precision=Precision.BF16, **kw)
-    exact = exact_estimate(spec, train, device="cpu")
-    analytic = estimate(spec, train, device="cpu")
-    assert analytic.trainable_params == exact.trainable_params
-    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.01
+    _assert_formula_matches_exact(spec, train, 0.01)
 
 
 def test_a_split_mrope_section_must_cover_half_the_head():
@@ -318,13 +321,9 @@ def test_a_split_mrope_section_must_cover_half_the_head():
 @pytest.mark.parametrize("kw", QWEN25_VL_CASES, ids=lambda kw: f"{kw['method'].value}-ckpt{kw['checkpointing']}")
 def test_qwen2_5_vl_formula_matches_the_exact_trace(kw):
     """Measured (b2 x s256, bf16): LoRA +0.023 % / +0.005 % (ckpt), full +0.003 % / -0.750 % (ckpt)."""
-    from memplan.trace.exact import exact_estimate
 
     spec, train = tiny_spec("qwen2_5_vl"), TrainConfig(batch_size=2, seq_len=256, **kw)
-    exact = exact_estimate(spec, train, device="cpu")
-    analytic = estimate(spec, train, device="cpu")
-    assert analytic.trainable_params == exact.trainable_params
-    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.01
+    _assert_formula_matches_exact(spec, train, 0.01)
 
 
 @pytest.mark.integration
@@ -470,14 +469,10 @@ def test_mla_formula_matches_the_exact_trace(extra, kw):
     """Measured: -0.029 %, -0.019 %, -0.044 %, -0.063 %, -0.030 %, -0.042 % (the CPU kernels: v's head size
     differs from q/k's, so sdpa takes torch's math path there; the CUDA estimate takes the memory-efficient
     kernel's saved tensors, not checked on a GPU). peft's all-linear leaves the dense MLP out on deepseek_v3."""
-    from memplan.trace.exact import exact_estimate
 
     spec = ModelSpec.from_config_dict({**TINY_CONFIGS["deepseek_v3"], **extra}, name="tiny-mla")
     train = TrainConfig(batch_size=2, seq_len=256, **kw)
-    exact = exact_estimate(spec, train, device="cpu")
-    analytic = estimate(spec, train, device="cpu")
-    assert analytic.trainable_params == exact.trainable_params
-    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.002
+    _assert_formula_matches_exact(spec, train, 0.002)
 
 
 # ---- DeepSeek-V3 MoE layers in the formulas: dense layers first, then MoE (sigmoid router, shared experts) ----------
@@ -512,13 +507,9 @@ def test_deepseek_moe_formula_matches_the_exact_trace(arch, kw):
     %, -0.039 %. Freeze is the worst (a moment inside a trained layer's backward, not walked op by op). The routed
     experts run transformers' grouped_mm: their saved rows are tokens x top-k whatever the routing, so the exact
     trace and the formulas agree without a balance assumption."""
-    from memplan.trace.exact import exact_estimate
 
     spec, train = tiny_spec(arch), TrainConfig(batch_size=2, seq_len=256, **kw)
-    exact = exact_estimate(spec, train, device="cpu")
-    analytic = estimate(spec, train, device="cpu")
-    assert analytic.trainable_params == exact.trainable_params
-    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.01
+    _assert_formula_matches_exact(spec, train, 0.01)
 
 
 @pytest.mark.integration
@@ -577,13 +568,9 @@ def test_gpt_oss_and_llama4_formulas_match_the_exact_trace(arch, kw):
     """gpt-oss (sinks, biased router / experts, clamped SwiGLU) and Llama 4 text (every expert on every token, a
     shared expert, rope + L2 norm / NoPE layers: the exact mode traces whole periods of 4 layers,
     Family.layer_period_default) within 1 % of the exact trace, the same trainable parameters."""
-    from memplan.trace.exact import exact_estimate
 
     spec, train = tiny_spec(arch), TrainConfig(batch_size=2, seq_len=256, **kw)
-    exact = exact_estimate(spec, train, device="cpu")
-    analytic = estimate(spec, train, device="cpu")
-    assert analytic.trainable_params == exact.trainable_params
-    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.01
+    _assert_formula_matches_exact(spec, train, 0.01)
 
 
 # ---- Llama 4 text in the formulas: every expert on every token, a shared expert, rope + L2 norm / NoPE layers -------
@@ -765,10 +752,6 @@ def test_qwen3_5_formula_matches_the_exact_trace(arch, kw):
     CI traces the fastest (freeze; the MoE's LoRA checkpointed is traced against the CPU truth below); Qwen3.5-4B
     LoRA b1 x s1024: +0.02 % (checkpointed)
     and +0.03 % against traces of 390-490 s. The Gated DeltaNet runs torch's chunked fallback in both."""
-    from memplan.trace.exact import exact_estimate
 
     spec, train = tiny_spec(arch), TrainConfig(batch_size=2, seq_len=256, **kw)
-    exact = exact_estimate(spec, train, device="cpu")
-    analytic = estimate(spec, train, device="cpu")
-    assert analytic.trainable_params == exact.trainable_params
-    assert abs(analytic.peak_allocated_bytes / exact.peak_allocated_bytes - 1) < 0.01
+    _assert_formula_matches_exact(spec, train, 0.01)

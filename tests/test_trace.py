@@ -10,7 +10,7 @@ from memplan.errors import UnsupportedModel
 from memplan.predict.estimator import estimate
 from memplan.spec.catalog import resolve_model
 from memplan.spec.train import Attention, Method, Optimizer, Precision, TrainConfig
-from memplan.testing.tiny import tiny_spec
+from memplan.testing.tiny import TINY_CONFIGS, tiny_spec
 from memplan.testing.truth import measure_cpu_peak
 from memplan.trace.exact import exact_estimate
 
@@ -156,11 +156,17 @@ def test_trace_command_exits_fast_with_all_output_and_its_code(tmp_path):
     import subprocess
     import sys
 
-    ok = subprocess.run([sys.executable, "-m", "memplan", "trace", "--model", "llama-3.2-1b", "--seq-len", "128",
+    # a tiny llama deeper than the traced depths, so the cold CLI forks (memplan.trace.fork; a catalog 1B model
+    # checked the same in 4x the time)
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**TINY_CONFIGS["llama"], "num_hidden_layers": 6,
+                                                   "architectures": ["LlamaForCausalLM"]}))
+    ok = subprocess.run([sys.executable, "-m", "memplan", "trace", "--model", str(model), "--seq-len", "128",
                          "--json"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and json.loads(ok.stdout)["method"] == "exact"
     # cold, the CLI traced its deepest depth in a forked child: the same bytes as this (warm, in-turn) process
-    warm = exact_estimate(resolve_model("llama-3.2-1b"), TrainConfig(seq_len=128))
+    warm = exact_estimate(resolve_model(str(model)), TrainConfig(seq_len=128))
     assert json.loads(ok.stdout)["memory"]["peak_allocated_bytes"] == warm.peak_allocated_bytes
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,

@@ -53,6 +53,22 @@ NOT_FITTED = {"method+zero3": "full on DeepSpeed ZeRO-3 vs LoRA without: ZeRO-3'
               "method+gpus": "the same on 2 GPUs: ZeRO-3 scaling", "gpus/nodes": "2 nodes, ZeRO-2: no inter-node term"}
 
 
+MODEL_NOTE = """memplan.fit.speed: one micro-step on one GPU takes max(GPU time, host time). GPU time = matmul
+FLOPs (2 per weight forward, 2 backward for input gradients, 2 more per trained weight, causal attention with
+FlashAttention-2's 2.5x backward, LoRA's rank-r matmuls, the forward again under checkpointing) at `mfu_peak`
+x tokens / (tokens + `half_tokens`), + LoRA's elementwise traffic (`lora_bytes_per_feature` per token per in+out
+feature of each adapted linear per forward-equivalent pass) + 4-bit dequantisation (`dequant_bytes` per weight per
+use: bnb and GPTQ fitted, torchao NF4 derived at 4.5 B), both over the GPU's memory bandwidth (gpus.csv). Host time =
+`layer_overhead_s` per decoder layer per micro-step. Several GPUs: x GPUs x the sharding's efficiency.
+
+No published row that memplan can state isolates these, so they keep their assumed values: DDP / ZeRO-1/2/3 /
+shard_grad_op / hybrid_shard scaling (Qwen's 2-GPU ZeRO-3 and 2-node ZeRO-2 rows are confounded with a method
+change or an inter-node link: shown below, not fitted), CPU offload slowdowns (torchtune's 70B offload row states
+too little), HQQ / EETQ / AWQ / AQLM dequantisation (bnb's value), attention kernels (eager vs flash: no term),
+DeepSpeed ZeRO-3's per-step engine cost on one GPU (Qwen's 1.8B full rows: shown, not fitted), the optimizer
+step, torch.compile, padding of variable-length batches."""
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     raw: dict[str, str]
@@ -260,6 +276,7 @@ def write(results: list[dict], absolute: list[dict], c: SpeedConstants, loso: di
         summary(f"ratio: {kind}", [e for e in fit_rows if e["compare"] == kind])
     for kind, why in NOT_FITTED.items():
         summary(f"not fitted: {kind} ({why})", [e for e in results if e["compare"] == kind])
+    lines += ["", "## Model and what stays uncalibrated", "", MODEL_NOTE]
     lines += ["", "## Constants", "", "| constant | before | fitted (all sources) | LOSO range |", "|---|---|---|---|"]
     before = dict(layer_overhead_s="0", half_tokens="1024 (MFU_HALF_TOKENS)", lora_bytes_per_feature="0",
                   bnb="x1.35 (QLORA_SLOWDOWN)",

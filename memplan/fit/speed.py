@@ -1,13 +1,15 @@
 """The speed model behind fit's ranking and tune's seeds: the time of one micro-step on one GPU as matmul FLOPs at
-a utilisation plus two memory-bound terms (LoRA's elementwise traffic, 4-bit dequantisation), or the host's
-per-layer dispatch time where that is longer. Calibrated on published throughput ratios (benchmarks/
-speed_published.py -> benchmarks/results/speed_published.md). One replaceable function: predicted_tokens_per_s."""
+a utilisation plus memory- and link-bound terms (LoRA's elementwise traffic, 4-bit dequantisation, the gathers
+of sharded parameters), or the host's per-layer dispatch time where that is longer. Calibrated on published
+throughput ratios (benchmarks/speed_published.py -> benchmarks/results/speed_published.md). One replaceable
+function: predicted_tokens_per_s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from memplan.predict.layout import Layout
+from memplan.predict.weights import model_states
 from memplan.spec.hardware import GPU
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
@@ -35,31 +37,34 @@ class SpeedConstants:
     lora_bytes_per_feature: float  # memory traffic per token per (in + out) feature of an adapted linear, per
     # forward-equivalent pass: dropout, the rank-r matmuls' inputs and outputs, the scale and the add
     dequant_bytes: dict[str, float] = field(default_factory=dict)  # 4-bit kernels: bytes per weight per use
-    # data-parallel scaling per GPU: gradient reduce-scatter overlaps backward, parameter gathers (ZeRO-3, FSDP)
-    # and host transfers (offload) do not fully (uncalibrated: no published row memplan can state, see README)
+    link_gbs: float  # effective GB/s of the parameter gathers and gradient reduce-scatters of the
+    # strategies that shard parameters (FSDP full / hybrid shard, ZeRO-3), what does not overlap compute
+    # data-parallel scaling per GPU of the others: gradient all-reduce / reduce-scatter overlaps backward
+    # (uncalibrated: no published row memplan can state, see README); 1.0 where link_gbs models the traffic
     scaling: dict[Sharding, float] = field(default_factory=dict)
     offload_slowdown: dict[Offload, float] = field(default_factory=dict)
 
 
 UNCALIBRATED_SCALING = {Sharding.NONE: 0.97, Sharding.NO_SHARD: 0.97, Sharding.ZERO1: 0.97, Sharding.ZERO2: 0.95,
                         Sharding.SHARD_GRAD_OP: 0.93, Sharding.ZERO3: 0.85, Sharding.FULL_SHARD: 0.87,
-                        Sharding.HYBRID_SHARD: 0.9}
+                        Sharding.HYBRID_SHARD: 0.9}  # the model before calibration (main 598f0f5)
+GATHERED = (Sharding.ZERO3, Sharding.FULL_SHARD, Sharding.HYBRID_SHARD)  # link_gbs models their traffic
 UNCALIBRATED_OFFLOAD = {Offload.NONE: 1.0, Offload.OPTIMIZER: 2.0, Offload.PARAMS: 3.0}
 
 # Fitted by `python benchmarks/speed_published.py` on 69 published throughput ratios from 6 sources (torchtune
 # README x2, Qwen README, ms-swift Benchmark.md, fms-acceleration's A100 reference CSV, LitGPT config_hub; least
 # squares on log ratios within each source, each source weighted equally; mfu_peak from the absolute tokens/s).
-# Median ratio error 4.5 % fitted, 10.0 % leave-one-source-out (uncalibrated model: 10.3 %); every row's residual
+# Median ratio error 4.3 % fitted, 10.0 % leave-one-source-out (uncalibrated model: 10.3 %); every row's residual
 # is in benchmarks/results/speed_published.md. layer_overhead_s is identified by the Qwen README rows only (the
-# only host-bound small micro-batches); bnb and GPTQ dequantisation cost 15 and 21 B-equivalents per weight use
-# (sources disagree: LitGPT's bnb rows alone say ~10, fms' ~70; torchao's derived 4.5 matches torchtune's row).
-# HQQ, EETQ, AWQ and AQLM have no published training throughput here and take bnb's value. full_shard: fms'
-# 2-GPU FSDP runs (one source) lose nothing measurable per GPU, the fit stops at 1.0. The other scalings and the
-# offload slowdowns have no published row memplan can state: uncalibrated.
+# only host-bound small micro-batches), link_gbs by fms-acceleration's 2-GPU FSDP rows only; bnb and GPTQ
+# dequantisation cost 15 and 23 B-equivalents per weight use (sources disagree: LitGPT's bnb rows alone say ~10,
+# fms' ~70; torchao's derived 4.5 matches torchtune's row). HQQ, EETQ, AWQ and AQLM have no published training
+# throughput here and take bnb's value. DDP / ZeRO-1/2 / shard_grad_op scaling and the offload slowdowns have no
+# published row memplan can state: uncalibrated (UNCALIBRATED_SCALING, UNCALIBRATED_OFFLOAD).
 CALIBRATED = SpeedConstants(
-    mfu_peak=0.683, layer_overhead_s=0.00278, half_tokens=381.0, lora_bytes_per_feature=6.42,
-    dequant_bytes={"bnb": 15.0, "gptq": 21.0, "torchao": TORCHAO_NF4_BYTES},
-    scaling={**UNCALIBRATED_SCALING, Sharding.FULL_SHARD: 1.0}, offload_slowdown=UNCALIBRATED_OFFLOAD)
+    mfu_peak=0.711, layer_overhead_s=0.00255, half_tokens=405.0, lora_bytes_per_feature=6.09,
+    dequant_bytes={"bnb": 14.8, "gptq": 22.8, "torchao": TORCHAO_NF4_BYTES}, link_gbs=72.0,
+    scaling={**UNCALIBRATED_SCALING, **{k: 1.0 for k in GATHERED}}, offload_slowdown=UNCALIBRATED_OFFLOAD)
 
 
 def predicted_tokens_per_s(spec: ModelSpec, train: TrainConfig, gpu: GPU) -> float:
@@ -87,6 +92,7 @@ class StepTerms:
     quantized_params: int  # 4-bit weights dequantised per use (0 unless QLoRA)
     quant_kernel: str
     layers: int
+    link_bytes: int = 0  # per micro-step per rank: parameter gathers (forward, backward) + gradient reduce-scatter
 
 
 def step_terms(spec: ModelSpec, train: TrainConfig, gpu: GPU) -> StepTerms:
@@ -98,7 +104,7 @@ def step_terms(spec: ModelSpec, train: TrainConfig, gpu: GPU) -> StepTerms:
         peak_flops=_peak_flops(gpu, train.precision), bandwidth=(gpu.bandwidth_gbs or BANDWIDTH_FALLBACK_GBS) * 1e9,
         passes=3 + (1 if train.checkpointing else 0), weight_uses=2 + (1 if train.checkpointing else 0),
         lora_features=_lora_features(spec, lay), quantized_params=_quantized_params(spec, lay) if qlora else 0,
-        quant_kernel=_quant_kernel(train), layers=spec.num_layers)
+        quant_kernel=_quant_kernel(train), layers=spec.num_layers, link_bytes=_link_bytes(lay))
 
 
 def step_time_s(spec: ModelSpec, train: TrainConfig, gpu: GPU, c: SpeedConstants) -> float:
@@ -112,6 +118,7 @@ def time_of(t: StepTerms, c: SpeedConstants) -> float:
     gpu_s = (t.tokens + c.half_tokens) / t.tokens * t.flops / (t.peak_flops * c.mfu_peak)
     gpu_s += t.tokens * t.lora_features * c.lora_bytes_per_feature * t.passes / t.bandwidth
     gpu_s += t.quantized_params * c.dequant_bytes.get(t.quant_kernel, 0.0) * t.weight_uses / t.bandwidth
+    gpu_s += t.link_bytes / (c.link_gbs * 1e9)
     # the host dispatches kernels asynchronously: a step takes the longer of the host's work (python, launches,
     # autograd, hooks: per layer) and the GPU's. Small micro-batches are host-bound (Qwen README: 1.8B LoRA at
     # 256, 512 and 1024 tokens all 1.0-1.1 s/it, then time grows with tokens)
@@ -147,6 +154,17 @@ def flops_per_token(spec: ModelSpec, train: TrainConfig, lay: Layout | None = No
         weight_grads = lora
     backward = 2 * n_mm + ATTN_BWD_PER_FWD * attn + lora + weight_grads
     return fwd + backward + (fwd if train.checkpointing else 0)
+
+
+def _link_bytes(lay: Layout) -> int:
+    """Bytes one rank receives per micro-step where parameters are sharded: every unit's parameters gathered
+    before forward and again before backward (FSDP FULL_SHARD / ZeRO-3; recomputation runs inside the backward
+    gather) and the gradients reduce-scattered, each (g - 1) / g of the whole (ring collectives)."""
+    g, sharding = lay.train.gpus, lay.train.sharding
+    if g <= 1 or sharding not in GATHERED:
+        return 0
+    st = model_states(lay)
+    return int((2 * st.weights_bytes + st.gradients_bytes) * (g - 1) / g)
 
 
 def _lora_features(spec: ModelSpec, lay: Layout) -> int:

@@ -113,8 +113,9 @@ def step_time_s(spec: ModelSpec, train: TrainConfig, gpu: GPU, c: SpeedConstants
 
 
 def time_of(t: StepTerms, c: SpeedConstants) -> float:
-    """The GPU's time: matmuls at mfu_peak, less efficient below half_tokens, plus LoRA's elementwise traffic and
-    the dequantisation of every 4-bit weight per use; or the host's, where longer."""
+    """The GPU's time: matmuls at mfu_peak, less efficient below half_tokens, plus LoRA's elementwise traffic, the
+    dequantisation of every 4-bit weight per use and the sharded parameters' link traffic; or the host's, where
+    longer."""
     gpu_s = (t.tokens + c.half_tokens) / t.tokens * t.flops / (t.peak_flops * c.mfu_peak)
     gpu_s += t.tokens * t.lora_features * c.lora_bytes_per_feature * t.passes / t.bandwidth
     gpu_s += t.quantized_params * c.dequant_bytes.get(t.quant_kernel, 0.0) * t.weight_uses / t.bandwidth

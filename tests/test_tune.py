@@ -1,5 +1,7 @@
 """The tuner end to end on CPU: real (in-process) probes of a small model against a simulated capacity."""
 
+import sys
+
 import pytest
 
 from memplan.cli import main
@@ -89,7 +91,10 @@ def test_oom_is_a_complete_trial_and_larger_batches_are_skipped(tmp_path):
         assert not later
 
 
-def test_interrupted_study_resumes_without_repeating_probes(tmp_path):
+def test_interrupted_study_resumes_without_repeating_probes(tmp_path, monkeypatch):
+    # resumption is under test, not speed pruning: the tiny model is host-bound in the speed model, so every other
+    # candidate is predicted over 20 % slower than the first probe and would be pruned rather than probed
+    monkeypatch.setattr(sys.modules[tune.__module__], "SPEED_PRUNE", 0.0)
     cap = capacity_between(CKPT8, NO_CKPT8)
     first = Counting(cap)
     r1 = run(tmp_path, first, cap, n_probes=1, name="resume.db")

@@ -22,6 +22,7 @@ class GPU:
     bf16: bool = True
     dense_bf16_tflops: float | None = None
     fp32_tflops: float | None = None
+    bandwidth_gbs: float | None = None  # memory bandwidth, GB/s (gpus.csv): the speed model's memory-bound terms
     key: str = ""  # short catalog key, e.g. "a100-80gb"
 
     def usable_bytes(self, margin: float = DEFAULT_MARGIN) -> int:
@@ -51,7 +52,8 @@ def gpu_catalog() -> dict[str, GPU]:
             key = _key(row["name"])
             gpus[key] = GPU(name=row["name"], key=key, memory_bytes=int(float(row["memory_gib_nvml"]) * GIB),
                             bf16=row["bf16"].strip() == "yes", dense_bf16_tflops=_float(row["dense_bf16_tflops"]),
-                            fp32_tflops=_float(row["fp32_tflops"]))
+                            fp32_tflops=_float(row["fp32_tflops"]),
+                            bandwidth_gbs=_float(row["bandwidth_gbs"]))
     aliases: dict[str, list[str]] = {}
     for key in gpus:
         parts = key.split("-")

@@ -483,13 +483,24 @@ def _moe(cx: _Ctx, h: T) -> T:
     sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, width, autocast=False)
     inter = s.moe_intermediate_size
     routed = tp.cast(routed, width)
+    if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype: peft's ParamWrapper
+        # (tuners/lora/layer.py l.2572-2600) parametrizes each with _LoraFactorsProxy's baddbmm(W, lhs, rhs);
+        # register_parametrization computes it once to check it (torch/nn/utils/parametrize.py l.233-237
+        # `Z = self()`: down_proj's wrapper is the outer one), dropped; the experts then read each under
+        # parametrize.cached(), gate_up_proj's for the first grouped matmul, down_proj's for the second, saved
+        e3 = s.num_experts * inter * s.hidden_size
+        T(e3, cx.c, False)  # (made and dropped at once)
+        T(2 * e3, cx.c, False)
+        merged = [T(2 * e3, cx.c, False)]  # held by the cache until the block returns
+        tp.save(merged[0])
     gate = linear(sub, routed, "experts.gate", s.hidden_size, inter)
     up = linear(sub, routed, "experts.up", s.hidden_size, inter)
     prod = tp.mul(tp.saving_input(gate), up)
+    if wrapped:
+        merged.append(T(e3, cx.c, False))
+        tp.save(merged[1])
     out = linear(sub, prod, "experts.down", inter, s.hidden_size)
     tp.mul(out, weights)  # x routing weight
-    if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype
-        tp.save(T(s.num_experts * 3 * inter * s.hidden_size, cx.c, False))
     return T(n * s.hidden_size, h.width, True)  # `.to(hidden_states.dtype)` at the end
 
 

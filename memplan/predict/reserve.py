@@ -275,7 +275,10 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
         # (modeling_mixtral.py l.65-66; every grouped_mm / bmm family stores them so)
         e, h, i = s.num_experts, s.hidden_size, s.moe_intermediate_size
         experts = [e * h] + [e * 2 * i * h, e * h * i] if s.family.gated_mlp else [e * h, e * h * i, e * h * i]
-        out += [(n * scale * (tr.quant_bits / 8 if qlora and n > e * h else width), trains, 0) for n in experts]
+        # DeepSeek's routers stay fp32 whatever the load dtype (weights.py router_fp32)
+        router = FP32 if s.family.router != "softmax" else width
+        out += [(n * scale * (router if k == 0 else tr.quant_bits / 8 if qlora else width), trains, 0)
+                for k, n in enumerate(experts)]
         rest -= sum(experts)
     norms = min(s.norms_per_layer, max(rest, 0) // s.hidden_size)
     out += [(s.hidden_size * kept * scale, trains, 0)] * norms
@@ -510,7 +513,7 @@ def _program(lay: Layout, kind: _Kind) -> _Layer:
     del y
     events = tuple((what, key, nbytes * cast if what == CAST else nbytes) for what, key, nbytes in rec.events
                    if what != CAST or cast)
-    has_grad = kind.trains or kind.x_rg
+    has_grad = kind.trains or kind.x_rg or tr.is_lora  # (a LoRA run's first layer: its adapters train)
     return _Layer(events=events if has_grad else (), saved=frozenset(tape.saved), output=output,
                   input_saved=x.storage in tape.saved, grads=_grads(lay, kind))
 

@@ -435,8 +435,10 @@ class ModelSpec:
         else:
             config = cut(self.config)
         windowed = self.windowed_layers
-        if windowed is not None:  # the cut keeps the first layers' types
-            windowed = _windowed_layers(config, self.family)
+        if windowed is not None:  # the cut keeps the first layers' types (a VL model's: its decoder's)
+            nested = config.get("text_config")
+            windowed = _windowed_layers(nested if isinstance(nested, dict) and "num_hidden_layers" in nested
+                                        else config, self.family)
         return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed,
                                    layer_types=self.layer_types[:layers],
                                    dense_layers=min(self.dense_layers, layers) if self.is_moe else 0)

@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from memplan.predict import adapters
-from memplan.predict.activations import _Ctx, decoder_layer, stream_width
+from memplan.predict.activations import _Ctx, decoder_layer, merged_experts, stream_width
 from memplan.predict.allocator import ALLOC, FREE
 from memplan.predict.layout import Layout
 from memplan.predict.runs import ALLOC_OP, FREE_LOCAL, FREE_REF, Chunk, replay_chunks
@@ -403,21 +403,25 @@ def _backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, flo
             continue  # below the lowest trained layer of a freeze run: no backward
         p.mark(layer=True)
         unit, nxt = nxt, (p.new(units[1], UNSHARD) if units else None)
+        own = keep  # the program's saved tensors lead the forward's kept list
         if tr.checkpointing:  # the layer's forward again, on its kept input: it saves now
-            saved, casts, y = _run(p, prog, keep_saved=True)
+            own, casts, y = _run(p, prog, keep_saved=True)
             p.free(y)
-            keep = keep + saved + casts
+            keep = keep + own + casts
         trained = [b for b, trains, _ in params if trains]
         whole = p.new(sum(trained) / scale) if units and trained else None
         if whole is None:
             grads += p.allocs(tuple(trained))
-        for group in prog.grads:  # the MLP's three (B, S, I) gradients; merged expert weights' gradients
-            p.free(*[p.new(nbytes) for nbytes in group])
+        gone: set[int] = set()
+        for group, early in zip(prog.grads, prog.released, strict=True):  # the MLP's three (B, S, I) gradients;
+            made = [p.new(nbytes) for nbytes in group]  # merged expert weights' gradients, each freeing the
+            gone.update(own[i] for i in early)  # merged weight saved for it (_grads)
+            p.free(*[own[i] for i in early], *made)
         if whole is not None:
             grads.append(p.new(sum(trained), POST_BACKWARD))
             p.free(whole)
         g_prev = p.new(hidden)
-        p.free(g_x, *keep)
+        p.free(g_x, *[k for k in keep if k not in gone])
         p.free(unit)
         g_x = g_prev
     p.mark()
@@ -458,6 +462,8 @@ class _Layer:
     output: int
     input_saved: bool
     grads: tuple[tuple[int, ...], ...] = ()  # its backward's gradient buffers, each group made then freed (_grads)
+    released: tuple[tuple[int, ...], ...] = ()  # per group: its saved tensors (places in _run's saved list) freed
+    # with it, before the layer's backward ends
 
 
 def _moe_layer(lay: Layout, index: int) -> bool:
@@ -514,25 +520,30 @@ def _program(lay: Layout, kind: _Kind) -> _Layer:
     events = tuple((what, key, nbytes * cast if what == CAST else nbytes) for what, key, nbytes in rec.events
                    if what != CAST or cast)
     has_grad = kind.trains or kind.x_rg or tr.is_lora  # (a LoRA run's first layer: its adapters train)
+    groups = _grads(lay, kind)
+    # _run's saved list: the saved storages in the order made (the output aside); a group releasing a saved tensor
+    # of some size frees the last one of that size (activations._moe saves each merged weight once)
+    sizes = [nbytes for what, key, nbytes in events if what == MADE and key in tape.saved and key != output]
+    released = tuple((max(i for i, n in enumerate(sizes) if n == size),) if size in sizes else ()
+                     for _, size in groups)
     return _Layer(events=events if has_grad else (), saved=frozenset(tape.saved), output=output,
-                  input_saved=x.storage in tape.saved, grads=_grads(lay, kind))
+                  input_saved=x.storage in tape.saved, grads=tuple(made for made, _ in groups), released=released)
 
 
-def _grads(lay: Layout, kind: _Kind) -> tuple[tuple[int, ...], ...]:
+def _grads(lay: Layout, kind: _Kind) -> tuple[tuple[tuple[int, ...], int], ...]:
     """The gradient buffers a layer's backward makes beside its parameters' gradients, in order: the MLP's three
     (B, S, I) ones of act * up's backward (estimator.py _layer_backward_buffers; a DeepSeek dense layer's I:
     intermediate_size, an MoE layer's: the routed rows); where peft wraps the experts (activations._moe), the
     merged weights' gradients, which the grouped matmuls' backward makes (the merged weight requires grad through
-    the LoRA factors): down_proj's (E, H, I) before the MLP's, gate_up_proj's (E, 2I, H) after, each freed once
-    baddbmm's backward ran."""
+    the LoRA factors): down_proj's (E, H, I) before the MLP's, gate_up_proj's (E, 2I, H) after, each with the
+    merged weight its grouped matmul saved (baddbmm's backward releases it; a Mixtral trace frees each there).
+    Each group: (its bytes, the bytes of the saved tensor it frees or 0)."""
     s, n, c = lay.spec, lay.train.batch_size * lay.train.seq_len, lay.compute_width
     moe = s.is_moe and kind.moe
     inter = s.moe_intermediate_size * s.routed_rows if moe else s.intermediate_size
     mlp = (n * inter * c,) * (3 if s.family.gated_mlp else 2)  # one projection (StarCoder2): the activation's two
-    if not (moe and lay.experts_wrapped):
-        return (mlp,)
-    e3 = s.num_experts * s.moe_intermediate_size * s.hidden_size * c
-    return (e3,), mlp, (2 * e3,)
+    down, gate_up = merged_experts(lay) if moe else (0, 0)
+    return (((down,), down), (mlp, 0), ((gate_up,), gate_up)) if down else ((mlp, 0),)
 
 
 def _run(p: _Program, prog: _Layer, keep_saved: bool) -> tuple[list[int], list[int], int]:

@@ -260,7 +260,7 @@ def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bo
     s, tr = lay.spec, lay.train
     trains = lay.full or (tr.method is Method.FREEZE and index in lay.trained_ids)
     width = lay.trainable_width if trains else lay.base_width
-    kept = lay.trainable_width if trains else lay.base_width
+    kept = lay.trainable_width if trains else lay.kept_width  # never quantized (predict/weights.py: kept_width)
     qlora = tr.method is Method.QLORA
     moe = _moe_layer(lay, index)
     linears = s.layer_linears(index)  # an MoE model's: attention (and the gated / all-linear shared experts);

@@ -2,7 +2,7 @@
 caching-allocator model) against the exact mode's replay of the traced allocations, over a spread of catalog models
 and configurations; and the exact mode's deepened events (trace/deepen.py) against a full-depth trace's events.
 
-    python benchmarks/allocator_catalog.py   # -> benchmarks/results/allocator_catalog.md (a few minutes, 2 cores)
+    python benchmarks/allocator_catalog.py   # -> benchmarks/results/allocator_catalog.md (~15-20 min, 2 cores)
 """
 
 from __future__ import annotations
@@ -38,6 +38,20 @@ CASES = [  # model, method, precision, batch, seq, checkpointing
     ("Qwen/Qwen3-1.7B", Method.LORA, Precision.PURE_BF16, 2, 2048, False),
     ("google/gemma-3-1b-pt", Method.FULL, Precision.BF16, 2, 1024, False),
     ("allenai/OLMo-2-1124-7B", Method.LORA, Precision.BF16, 1, 1024, True),
+    # the families of the analytic formulas since: MLA + MoE with shared experts and a dense prefix, experts (peft
+    # wraps them: merged weights), sinks + MoE, all-MoE with NoPE layers, Gated DeltaNet, VL towers, Gemma 3's
+    # interleaved windows (s2048 > its 512 window)
+    ("deepseek-ai/DeepSeek-V2-Lite", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("deepseek-ai/DeepSeek-V2-Lite", Method.FULL, Precision.BF16, 1, 512, False),
+    ("mistralai/Mixtral-8x7B-v0.1", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("Qwen/Qwen3-30B-A3B", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("openai/gpt-oss-20b", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("meta-llama/Llama-4-Scout-17B-16E-Instruct", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("Qwen/Qwen3.5-4B", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("Qwen/Qwen2-VL-7B-Instruct", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", Method.LORA, Precision.BF16, 2, 1024, True),
+    ("Qwen/Qwen3-VL-4B-Instruct", Method.LORA, Precision.BF16, 1, 1024, True),
+    ("google/gemma-3-1b-pt", Method.LORA, Precision.BF16, 2, 2048, True),
 ]
 DEEPEN = [0, 3, 4, 6, 8]  # CASES whose deepened events are checked against a full-depth trace (each ~10-80 s here)
 
@@ -101,7 +115,12 @@ def write(rows: list[dict[str, object]], deep: list[dict[str, object]], wall_s: 
              "`memplan/predict/allocator.py`); analytic = `estimate` (predict/cuda.py: the sketched sequence of "
              "predict/reserve.py at the model's full depth - every decoder layer's tape program with the lifetimes "
              "of its tensors and autocast's weight copies, the LM head and loss, the optimizer step - replayed "
-             "through the same allocator model). GiB = 2^30 B.", "",
+             "through the same allocator model). Each layer is sketched as its own kind (a DeepSeek dense or MoE "
+             "layer, a Qwen3.5 Gated DeltaNet or full-attention one, a Llama 4 rope or NoPE one, a Gemma 3 windowed "
+             "or global one) with its own parameters (a VL model's tower loaded first); where peft wraps the "
+             "experts, their merged weights and those weights' gradients are requests too. The reserved error "
+             "includes the analytic allocated peak's own error (the difference of the allocated columns). "
+             "GiB = 2^30 B.", "",
              f"Analytic reserved within 2 % of the replay: {within} of {len(rows)}; worst "
              f"{max(rows, key=lambda r: abs(r['err']))['err']:+.2f} % (without the QLoRA rows, see below: "
              f"{sum(abs(r['err']) <= 2 for r in same)} of {len(same)}, worst "

@@ -180,7 +180,7 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
         y = T(x.numel // in_f * out_f, x.width, x.rg)
     else:
         xin = tp.cast(x, 2) if cx.amp else x
-        y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c)
+        y = tp.linear(xin, in_f, out_f, w_trains=w_trains, width=cx.c, autocast=cx.autocast)
         if cx.amp and lay.frozen_cast and not w_trains and xin.rg:
             # autocast casts a frozen weight afresh on every call (cached_cast caches only leaves that require
             # grad: aten/src/ATen/autocast_mode.cpp), and the matmul saves that copy for its input's gradient
@@ -483,14 +483,36 @@ def _moe(cx: _Ctx, h: T) -> T:
     sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, width, autocast=False)
     inter = s.moe_intermediate_size
     routed = tp.cast(routed, width)
+    if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype: peft's ParamWrapper
+        # (tuners/lora/layer.py l.2572-2600) parametrizes each with _LoraFactorsProxy's baddbmm(W, lhs, rhs);
+        # register_parametrization computes it once to check it (torch/nn/utils/parametrize.py l.233-237
+        # `Z = self()`: down_proj's wrapper is the outer one), dropped; the experts then read each under
+        # parametrize.cached(), gate_up_proj's for the first grouped matmul, down_proj's for the second, saved
+        down_b, gate_up_b = merged_experts(lay)
+        T(down_b, 1, False)  # (made and dropped at once)
+        T(gate_up_b, 1, False)
+        merged = [T(gate_up_b, 1, False)]  # held by the cache until the block returns
+        tp.save(merged[0])
     gate = linear(sub, routed, "experts.gate", s.hidden_size, inter)
     up = linear(sub, routed, "experts.up", s.hidden_size, inter)
     prod = tp.mul(tp.saving_input(gate), up)
+    if wrapped:
+        merged.append(T(down_b, 1, False))
+        tp.save(merged[1])
     out = linear(sub, prod, "experts.down", inter, s.hidden_size)
     tp.mul(out, weights)  # x routing weight
-    if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype
-        tp.save(T(s.num_experts * 3 * inter * s.hidden_size, cx.c, False))
     return T(n * s.hidden_size, h.width, True)  # `.to(hidden_states.dtype)` at the end
+
+
+def merged_experts(lay: Layout) -> tuple[int, int]:
+    """Bytes of the merged down_proj (E, H, I) and gate_up_proj (E, 2I, H) weights peft builds in each forward of
+    an MoE layer whose experts it wraps (_moe), in the compute dtype; their gradients are as large (the grouped
+    matmuls' backward makes them: the merged weight requires grad through the LoRA factors). (0, 0) unwrapped."""
+    s = lay.spec
+    if not (s.is_moe and lay.experts_wrapped):
+        return 0, 0
+    down = s.num_experts * s.moe_intermediate_size * s.hidden_size * lay.compute_width
+    return down, 2 * down
 
 
 def _gpt_oss_moe(cx: _Ctx, h: T) -> T:
@@ -527,7 +549,8 @@ def _gpt_oss_moe(cx: _Ctx, h: T) -> T:
     gate = T(rows * inter, width, gate_up.rg)  # gate.clamp(max=limit)
     glu = tp.mul(gate, tp.saving_output(T(rows * inter, width, gate.rg)))  # gate * sigmoid(gate * alpha)
     gated = tp.mul(T(rows * inter, width, gate_up.rg), glu)  # (up.clamp(-limit, limit) + 1) * glu
-    out = tp.linear(gated, inter, hid, w_trains=cx.trains, width=width)  # down grouped_mm (+ bias rows)
+    # the down grouped_mm (+ bias rows): no autocast rule
+    out = tp.linear(gated, inter, hid, w_trains=cx.trains, width=width, autocast=False)
     weighted = tp.mul(out, weights)
     if weighted.rg:
         tp.save(T(rows, 8, False))  # weighted_out[inv_perm]'s index

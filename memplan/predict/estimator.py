@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.predict import adapters
-from memplan.predict.activations import head_saved, layer_saved, layers_saved, sdpa_masked, stream_width
+from memplan.predict.activations import (
+    head_saved,
+    layer_saved,
+    layers_saved,
+    merged_experts,
+    sdpa_masked,
+    stream_width,
+)
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
 from memplan.predict.cuda import cuda_overheads, with_cuda_terms
@@ -630,6 +637,10 @@ def _layer_backward_buffers(lay: Layout, n: int) -> int:
                                             [s.num_layers - 1])
         experts = lay.trainable_width if trains else lay.stream_width
         grads = max(3 * n * inter * experts, 3 * n * s.shared_intermediate * lay.compute_width)
+    down, _ = merged_experts(lay)
+    if down:  # peft's wrapped experts: the merged down_proj's gradient beside its input's (a Mixtral trace: the
+        # layer's top; gate_up_proj's comes once that one and the saved down weight are freed)
+        grads = max(grads, down + n * inter * lay.compute_width)
     mlp = [lin for lin in s.mlp_linears() if lay.quantized(lin.name)] if not s.is_moe else []
     if not mlp:
         return grads

@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from memplan.predict import adapters
-from memplan.predict.activations import _Ctx, decoder_layer, stream_width
+from memplan.predict.activations import _Ctx, decoder_layer, merged_experts, stream_width
 from memplan.predict.allocator import ALLOC, FREE
 from memplan.predict.layout import Layout
 from memplan.predict.runs import ALLOC_OP, FREE_LOCAL, FREE_REF, Chunk, replay_chunks
@@ -213,6 +213,11 @@ def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]
     """The model load's requests: the embedding, each layer's parameters, the final norm and LM head (returned);
     with `quantizer`, each 4-bit weight made through the stack's quantizer temporaries."""
     s, qlora = lay.spec, lay.train.method is Method.QLORA and quantizer
+    if s.vision_tensors:  # a VL model's tower first (`visual` precedes the decoder in its modules), frozen, in the
+        # load dtype (full), the base's (freeze) or the kept one (LoRA), as predict/weights.py counts it
+        tower = lay.load_width if lay.full else lay.base_width if lay.train.method is Method.FREEZE else lay.kept_width
+        p.allocs(tuple(n * tower * scale for n in s.vision_tensors))
+        p.mark()
     p.new(s.vocab_size * s.hidden_size * scale * (lay.trainable_width if lay.full else lay.base_width))  # embedding
     for params in layers:  # each parameter its own request, as a model is loaded; QLoRA: 4-bit ones quantized
         p.mark(layer=True)
@@ -234,11 +239,12 @@ def _load(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, float]]
 
 
 def _all_layer_params(lay: Layout, scale: float, depth: int) -> list[list[tuple[float, bool, float]]]:
-    """_layer_params of the first `depth` decoder layers, worked out once per kind (trains, MoE)."""
-    kinds: dict[tuple[bool, bool], list[tuple[float, bool, float]]] = {}
+    """_layer_params of the first `depth` decoder layers, worked out once per kind (trains, MoE, Gated DeltaNet)."""
+    kinds: dict[tuple[bool, bool, bool], list[tuple[float, bool, float]]] = {}
     out = []
     for i in range(depth):
-        kind = (lay.full or (lay.train.method is Method.FREEZE and i in lay.trained_ids), _moe_layer(lay, i))
+        kind = (lay.full or (lay.train.method is Method.FREEZE and i in lay.trained_ids), _moe_layer(lay, i),
+                lay.spec.is_linear_layer(i))
         if kind not in kinds:
             kinds[kind] = _layer_params(lay, i, scale)
         out.append(kinds[kind])
@@ -247,28 +253,45 @@ def _all_layer_params(lay: Layout, scale: float, depth: int) -> list[list[tuple[
 
 def _layer_params(lay: Layout, index: int, scale: float) -> list[tuple[float, bool, float]]:
     """(bytes, trains, elements quantized on the way in or 0) of each parameter of decoder layer `index`: its
-    linears, norms and LoRA adapters."""
+    nn.Linears (spec.model layer_linears of that layer: a Gated DeltaNet's or the attention's), an MoE layer's 3D
+    experts, the rest of spec.model params_of_layer (norms; the Gated DeltaNet's conv1d, dt_bias, A_log, norm; MLA's
+    latent norms; sinks; expert biases) as the norms' (hidden,) tensors and one more, then the LoRA adapters (an MoE
+    layer's router and expert ones where peft wraps them: Layout.experts_wrapped)."""
     s, tr = lay.spec, lay.train
     trains = lay.full or (tr.method is Method.FREEZE and index in lay.trained_ids)
     width = lay.trainable_width if trains else lay.base_width
+    kept = lay.trainable_width if trains else lay.kept_width  # never quantized (predict/weights.py: kept_width)
     qlora = tr.method is Method.QLORA
     moe = _moe_layer(lay, index)
-    linears = s.layer_linears()  # an MoE model's: attention only; a DeepSeek dense layer adds its SwiGLU MLP,
-    if s.is_moe and not moe:  # an MoE layer its shared experts (spec.model dense_mlp_linears)
-        linears += s.dense_mlp_linears(s.intermediate_size)
-    elif moe and s.shared_intermediate:
-        linears += s.dense_mlp_linears(s.shared_intermediate, "shared_experts.")
+    linears = s.layer_linears(index)  # an MoE model's: attention (and the gated / all-linear shared experts);
+    if s.is_moe and not moe:  # a DeepSeek dense layer adds its SwiGLU MLP, an MoE layer its shared experts
+        linears += s.dense_mlp_linears(s.intermediate_size)  # (as Layout.lora_params_per_layer counts them)
+    elif moe and s.shared_intermediate and not s.family.shared_expert_gate and not s.family.shared_in_all_linear:
+        linears += s.shared_linears()
     out = [(lin.params * scale * (tr.quant_bits / 8 if q else width), trains, lin.params * scale if q else 0)
            for lin in linears for q in [lay.quantized(lin.name)]]
-    out += [(s.hidden_size * (lay.trainable_width if trains else lay.base_width) * scale, trains, 0)
-            for _ in range(s.norms_per_layer)]
-    if moe:
-        out += [(lin.params * s.num_experts * (tr.quant_bits / 8 if qlora else width) * scale, trains, 0)
-                for lin in s.mlp_linears()]
+    rest = s.params_of_layer(index) - sum(lin.params for lin in linears)
+    if moe:  # the router's (E, H) weight, the experts' gate_up_proj (E, 2I, H) and down_proj (E, H, I)
+        # (modeling_mixtral.py l.65-66; every grouped_mm / bmm family stores them so)
+        e, h, i = s.num_experts, s.hidden_size, s.moe_intermediate_size
+        experts = [e * h] + [e * 2 * i * h, e * h * i] if s.family.gated_mlp else [e * h, e * h * i, e * h * i]
+        # DeepSeek's routers stay fp32 whatever the load dtype (weights.py router_fp32)
+        router = FP32 if s.family.router != "softmax" else width
+        out += [(n * scale * (router if k == 0 else tr.quant_bits / 8 if qlora else width), trains, 0)
+                for k, n in enumerate(experts)]
+        rest -= sum(experts)
+    norms = min(s.norms_per_layer, max(rest, 0) // s.hidden_size)
+    out += [(s.hidden_size * kept * scale, trains, 0)] * norms
+    if rest > norms * s.hidden_size:
+        out.append(((rest - norms * s.hidden_size) * kept * scale, trains, 0))
     for lin in linears:
         if lin.name in lay.lora_modules:  # LoRA A, B (DoRA + magnitude; OFT: its rotation blocks)
             out += [(rows * (cols or 1) * lay.lora_width * scale, True, 0)
                     for rows, cols in adapters.trainable_shapes(tr, lin)]
+    if moe and lay.experts_wrapped:  # Layout.lora_params_per_layer's shapes: router A (r, H) + B (E, r);
+        e, h, i, r = s.num_experts, s.hidden_size, s.moe_intermediate_size, tr.lora_rank  # gate_up A (2Er, H) + B
+        out += [(n * lay.lora_width * scale, True, 0)  # (2I, 2Er); down A (Er, I) + B (H, Er)
+                for n in (r * h, e * r, 2 * e * r * h, 2 * i * 2 * e * r, e * r * i, h * e * r)]
     return out
 
 
@@ -300,7 +323,7 @@ def _forward_backward(p: _Program, lay: Layout, st: ModelStates | _Autocast,
     units = _fsdp1_units(lay) if scale > 0 else None
     root_unit = p.new(units[0], UNSHARD) if units else None
     kinds = [_layer_kind(lay, i) for i in range(len(layers))]
-    programs = {kind: _program(lay, *kind) for kind in dict.fromkeys(kinds)}
+    programs = {kind: _program(lay, kind) for kind in dict.fromkeys(kinds)}
     x, kept, cached = _forward(p, lay, [programs[k] for k in kinds], hidden, units)
     v, vh = s.vocab_size, s.vocab_size * s.hidden_size
     # the LM head's weight copy (full AMP: estimator.py counts it in autocast_cache_bytes), then its output, the
@@ -373,29 +396,32 @@ def _backward(p: _Program, lay: Layout, layers: list[list[tuple[float, bool, flo
     `torch.empty_like(chunks[0])`), the whole one freed after."""
     s, tr = lay.spec, lay.train
     n = tr.batch_size * tr.seq_len
-    c = lay.compute_width
     hidden = n * s.hidden_size * stream_width(lay)
-    inter = s.moe_intermediate_size * s.routed_rows if s.is_moe else s.intermediate_size
     nxt = p.new(units[1], UNSHARD) if units else None
     for params, keep, prog in zip(reversed(layers), reversed(kept), reversed(progs), strict=True):
         if not prog.events:
             continue  # below the lowest trained layer of a freeze run: no backward
         p.mark(layer=True)
         unit, nxt = nxt, (p.new(units[1], UNSHARD) if units else None)
+        own = keep  # the program's saved tensors lead the forward's kept list
         if tr.checkpointing:  # the layer's forward again, on its kept input: it saves now
-            saved, casts, y = _run(p, prog, keep_saved=True)
+            own, casts, y = _run(p, prog, keep_saved=True)
             p.free(y)
-            keep = keep + saved + casts
+            keep = keep + own + casts
         trained = [b for b, trains, _ in params if trains]
         whole = p.new(sum(trained) / scale) if units and trained else None
         if whole is None:
             grads += p.allocs(tuple(trained))
-        p.free(*[p.new(n * inter * c) for _ in range(3)])  # the MLP's three (B, S, I) gradients
+        gone: set[int] = set()
+        for group, early in zip(prog.grads, prog.released, strict=True):  # the MLP's three (B, S, I) gradients;
+            made = [p.new(nbytes) for nbytes in group]  # merged expert weights' gradients, each freeing the
+            gone.update(own[i] for i in early)  # merged weight saved for it (_grads)
+            p.free(*[own[i] for i in early], *made)
         if whole is not None:
             grads.append(p.new(sum(trained), POST_BACKWARD))
             p.free(whole)
         g_prev = p.new(hidden)
-        p.free(g_x, *keep)
+        p.free(g_x, *[k for k in keep if k not in gone])
         p.free(unit)
         g_x = g_prev
     p.mark()
@@ -435,6 +461,9 @@ class _Layer:
     saved: frozenset[int]
     output: int
     input_saved: bool
+    grads: tuple[tuple[int, ...], ...] = ()  # its backward's gradient buffers, each group made then freed (_grads)
+    released: tuple[tuple[int, ...], ...] = ()  # per group: its saved tensors (places in _run's saved list) freed
+    # with it, before the layer's backward ends
 
 
 def _moe_layer(lay: Layout, index: int) -> bool:
@@ -443,39 +472,78 @@ def _moe_layer(lay: Layout, index: int) -> bool:
     return lay.spec.is_moe and index >= lay.spec.dense_layers
 
 
-def _layer_kind(lay: Layout, index: int) -> tuple[bool, bool, bool]:
-    """(its weights train, its input requires grad, it is an MoE layer) of decoder layer `index`. transformers'
-    checkpointing turns input gradients on (estimator.py _freeze_activations): then every layer's input needs a
-    gradient, but on LLaMA-Factory's wrapper. Otherwise a freeze run's layers below the lowest trained one need
-    none (they save nothing), nor a LoRA run's first layer; a full run's always do (the embedding trains)."""
-    tr = lay.train
+class _Kind(NamedTuple):
+    """What a decoder layer's tape program depends on: its weights train, its input requires grad, it is an MoE
+    layer, a Gated DeltaNet (Qwen3.5 layer_types), it rotates q / k (not a Llama 4 NoPE layer), it attends within
+    the sliding window (Gemma 3: all but every sliding_window_pattern-th; spec.model is_windowed_layer)."""
+
+    trains: bool
+    x_rg: bool
+    moe: bool
+    linear: bool = False
+    rope: bool = True
+    windowed: bool = True
+
+
+def _layer_kind(lay: Layout, index: int) -> _Kind:
+    """The kind of decoder layer `index`. transformers' checkpointing turns input gradients on (estimator.py
+    _freeze_activations): then every layer's input needs a gradient, but on LLaMA-Factory's wrapper. Otherwise a
+    freeze run's layers below the lowest trained one need none (they save nothing), nor a LoRA run's first layer; a
+    full run's always do (the embedding trains)."""
+    tr, s = lay.train, lay.spec
+    shape = dict(moe=_moe_layer(lay, index), linear=s.is_linear_layer(index), rope=s.uses_rope(index),
+                 windowed=s.is_windowed_layer(index))
     if tr.method is Method.FREEZE:
-        lo = lay.trained_ids[0] if lay.trained_ids else lay.spec.num_layers
+        lo = lay.trained_ids[0] if lay.trained_ids else s.num_layers
         input_grads = tr.checkpointing and stack_facts(tr.stack).name is not Stack.LLAMAFACTORY
-        return index in lay.trained_ids, index > lo or input_grads, _moe_layer(lay, index)
-    return lay.full, lay.full or tr.checkpointing or index > 0, _moe_layer(lay, index)
+        return _Kind(trains=index in lay.trained_ids, x_rg=index > lo or input_grads, **shape)
+    return _Kind(trains=lay.full, x_rg=lay.full or tr.checkpointing or index > 0, **shape)
 
 
-def _program(lay: Layout, trains: bool, x_rg: bool, moe: bool = True) -> _Layer:
-    """Run activations.decoder_layer's tape program once, recording its storages' lifetimes. A linear whose weight
-    trains reads autocast's half copy of it when that weight is fp32 (a leaf that requires grad:
-    aten/src/ATen/autocast_mode.cpp cached_cast; weights.py autocast_layer_bytes): 2 B per element, else none."""
+def _program(lay: Layout, kind: _Kind) -> _Layer:
+    """Run activations.decoder_layer's tape program once for a layer of this kind, recording its storages'
+    lifetimes. A linear whose weight trains reads autocast's half copy of it when that weight is fp32 (a leaf that
+    requires grad: aten/src/ATen/autocast_mode.cpp cached_cast; weights.py autocast_layer_bytes): 2 B per element,
+    else none."""
     tr = lay.train
     b, sq = tr.batch_size, tr.seq_len
     width = lay.lora_width if tr.is_lora else lay.trainable_width
     cast = 2 if lay.amp and width == FP32 and tr.adapter is not Adapter.OFT else 0
     tape = Tape()
-    cx = _Ctx(tape, lay, b * sq, b, sq, trains, stream_width(lay), moe=moe)
-    x = T(b * sq * lay.spec.hidden_size, stream_width(lay), x_rg)
+    cx = _Ctx(tape, lay, b * sq, b, sq, kind.trains, stream_width(lay), moe=kind.moe, linear=kind.linear,
+              rope=kind.rope, windowed=kind.windowed)
+    x = T(b * sq * lay.spec.hidden_size, stream_width(lay), kind.x_rg)
     with tape.recording() as rec:
         y = decoder_layer(cx, x)
     output = y.storage
     del y
-    events = tuple((kind, key, nbytes * cast if kind == CAST else nbytes) for kind, key, nbytes in rec.events
-                   if kind != CAST or cast)
-    has_grad = trains or x_rg
+    events = tuple((what, key, nbytes * cast if what == CAST else nbytes) for what, key, nbytes in rec.events
+                   if what != CAST or cast)
+    has_grad = kind.trains or kind.x_rg or tr.is_lora  # (a LoRA run's first layer: its adapters train)
+    groups = _grads(lay, kind)
+    # _run's saved list: the saved storages in the order made (the output aside); a group releasing a saved tensor
+    # of some size frees the last one of that size (activations._moe saves each merged weight once)
+    sizes = [nbytes for what, key, nbytes in events if what == MADE and key in tape.saved and key != output]
+    released = tuple((max(i for i, n in enumerate(sizes) if n == size),) if size in sizes else ()
+                     for _, size in groups)
     return _Layer(events=events if has_grad else (), saved=frozenset(tape.saved), output=output,
-                  input_saved=x.storage in tape.saved)
+                  input_saved=x.storage in tape.saved, grads=tuple(made for made, _ in groups), released=released)
+
+
+def _grads(lay: Layout, kind: _Kind) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """The gradient buffers a layer's backward makes beside its parameters' gradients, in order: the MLP's three
+    (B, S, I) ones of act * up's backward (estimator.py _layer_backward_buffers; a DeepSeek dense layer's I:
+    intermediate_size, an MoE layer's: the routed rows); where peft wraps the experts (activations._moe), the
+    merged weights' gradients, which the grouped matmuls' backward makes (the merged weight requires grad through
+    the LoRA factors): down_proj's (E, H, I) before the MLP's, gate_up_proj's (E, 2I, H) after, each with the
+    merged weight its grouped matmul saved (baddbmm's backward releases it; a Mixtral trace frees each there).
+    Each group: (its bytes, the bytes of the saved tensor it frees or 0)."""
+    s, n, c = lay.spec, lay.train.batch_size * lay.train.seq_len, lay.compute_width
+    moe = s.is_moe and kind.moe
+    inter = s.moe_intermediate_size * s.routed_rows if moe else s.intermediate_size
+    mlp = (n * inter * c,) * (3 if s.family.gated_mlp else 2)  # one projection (StarCoder2): the activation's two
+    down, gate_up = merged_experts(lay) if moe else (0, 0)
+    return (((down,), down), (mlp, 0), ((gate_up,), gate_up)) if down else ((mlp, 0),)
 
 
 def _run(p: _Program, prog: _Layer, keep_saved: bool) -> tuple[list[int], list[int], int]:

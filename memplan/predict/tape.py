@@ -175,10 +175,12 @@ class Tape:
             self.save(out)
         return out
 
-    def linear(self, x: T, in_features: int, out_features: int, *, w_trains: bool, width: int) -> T:
-        """F.linear: saves x if the weight trains (x already in the compute dtype)."""
+    def linear(self, x: T, in_features: int, out_features: int, *, w_trains: bool, width: int,
+               autocast: bool = True) -> T:
+        """F.linear: saves x if the weight trains (x already in the compute dtype). `autocast`: the op has an
+        autocast rule, so a trained weight is read through autocast's copy (CAST; grouped_mm has none)."""
         if w_trains:
-            if self.lifetimes is not None and self.lifetimes.open:
+            if autocast and self.lifetimes is not None and self.lifetimes.open:
                 self.lifetimes.events.append((CAST, 0, in_features * out_features))
             self.save(x)
         return T(x.numel // in_features * out_features, width, x.rg or w_trains)

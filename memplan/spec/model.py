@@ -15,7 +15,7 @@ from typing import Any
 from memplan.errors import ConfigError, UnsupportedModel
 from memplan.spec.families import FAMILIES, Family, family_of, type_of_architecture
 from memplan.spec.prequantized import PackedQuant, packed_from_config, storage_note
-from memplan.spec.vision import vision_params
+from memplan.spec.vision import vision_params, vision_tensors
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -273,6 +273,14 @@ class ModelSpec:
         every expert (Llama4TextMoe l.170-172: `hidden_states.repeat(num_experts, 1)` times the sigmoid scores)."""
         return self.num_experts if self.family.moe_block == "llama4" else self.experts_per_token
 
+    def is_windowed_layer(self, layer: int) -> bool:
+        """Decoder layer `layer` attends within the sliding window (spec.model _windowed; every layer where
+        windowed_layers is None)."""
+        if self.windowed_layers is None:
+            return True
+        text = self.config.get("text_config")
+        return bool(_windowed(text if isinstance(text, dict) else self.config, self.family, layer))
+
     def uses_rope(self, layer: int) -> bool:
         """Llama 4: no_rope_layers[layer] (1: rope; default every no_rope_layer_interval-th layer NoPE,
         configuration_llama4.py l.168-172); every other family rotates every layer."""
@@ -404,6 +412,11 @@ class ModelSpec:
         return vision_params(self.family.vision, self.config.get("vision_config"))
 
     @property
+    def vision_tensors(self) -> tuple[int, ...]:
+        """Element counts of the vision tower's parameters, one per tensor in load order (spec.vision)."""
+        return vision_tensors(self.family.vision, self.config.get("vision_config"))
+
+    @property
     def num_parameters(self) -> int:
         """Exact parameter count from the shapes (buffers such as rotary inv_freq excluded), a VL tower included."""
         return self.embedding_params + self.layers_params + self.head_params + self.vision_params
@@ -422,8 +435,10 @@ class ModelSpec:
         else:
             config = cut(self.config)
         windowed = self.windowed_layers
-        if windowed is not None:  # the cut keeps the first layers' types
-            windowed = _windowed_layers(config, self.family)
+        if windowed is not None:  # the cut keeps the first layers' types (a VL model's: its decoder's)
+            nested = config.get("text_config")
+            windowed = _windowed_layers(nested if isinstance(nested, dict) and "num_hidden_layers" in nested
+                                        else config, self.family)
         return dataclasses.replace(self, num_layers=layers, config=config, windowed_layers=windowed,
                                    layer_types=self.layer_types[:layers],
                                    dense_layers=min(self.dense_layers, layers) if self.is_moe else 0)
@@ -652,17 +667,24 @@ def _uses_rope(cfg: dict[str, Any], layer: int) -> bool:
 
 
 def _windowed_layers(cfg: dict[str, Any], fam: Family) -> int | None:
-    """How many layers attend within the window: config.json's layer_types, else the family's pattern (Llama 4:
-    its rope layers are chunked, configuration_llama4.py l.187-191)."""
-    if isinstance(cfg.get("layer_types"), list):
-        return sum(t in ("sliding_attention", "chunked_attention") for t in cfg["layer_types"])
+    """How many layers attend within the window (None: all of them, or no per-layer pattern): `_windowed`."""
+    flags = [_windowed(cfg, fam, i) for i in range(cfg["num_hidden_layers"])]
+    return None if None in flags else sum(flags)
+
+
+def _windowed(cfg: dict[str, Any], fam: Family, layer: int) -> bool | None:
+    """Layer `layer` attends within the window: config.json's layer_types, else the family's pattern (Llama 4: its
+    rope layers are chunked, configuration_llama4.py l.187-191; Gemma 3: all but every sliding_window_pattern-th);
+    None: no per-layer pattern (every layer attends alike)."""
+    types = cfg.get("layer_types")
+    if isinstance(types, list):
+        return layer < len(types) and types[layer] in ("sliding_attention", "chunked_attention")
     if fam.nope_layers:
-        return sum(_uses_rope(cfg, i) for i in range(cfg["num_hidden_layers"])) \
-            if cfg.get("attention_chunk_size", 8192) else None
+        return _uses_rope(cfg, layer) if cfg.get("attention_chunk_size", 8192) else None
     if not fam.window_pattern:
         return None
     every = cfg.get("sliding_window_pattern") or fam.window_pattern
-    return sum(bool((i + 1) % every) for i in range(cfg["num_hidden_layers"]))
+    return bool((layer + 1) % every)
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

@@ -107,13 +107,19 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 def image_grid(kind: str, vision_config: dict[str, Any], visual: VisualInput) -> ImageGrid:
     """The grid of the largest image `visual` allows, for the tower `kind` (Family.vision): a square of
     image_max_pixels after LLaMA-Factory's resize, then the processor's smart_resize."""
-    patch = int(vision_config.get("patch_size", 16 if kind == "qwen3_vl" else 14))
+    patch = patch_size(kind, vision_config)
     merge = int(vision_config.get("spatial_merge_size", 2))
     side = math.isqrt(visual.image_max_pixels)
     w, h = _lf_resize(side, side, visual.image_max_pixels, visual.image_min_pixels)
     lo, hi = PROCESSOR_PIXELS[kind]
     hh, ww = smart_resize(h, w, patch * merge, lo, hi)
     return ImageGrid(t=1, h=hh // patch, w=ww // patch, merge=merge)
+
+
+def patch_size(kind: str, vision_config: dict[str, Any]) -> int:
+    """The tower's patch side: the vision config's, else the Config class default (Qwen2VLVisionConfig /
+    Qwen2_5_VLVisionConfig 14, Qwen3VLVisionConfig 16)."""
+    return int(vision_config.get("patch_size", 16 if kind == "qwen3_vl" else 14))
 
 
 def costed(kind: str) -> bool:

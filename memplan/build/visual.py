@@ -13,7 +13,7 @@ from memplan._imports import try_import
 from memplan.errors import ConfigError
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
-from memplan.spec.visual import costed, image_grid
+from memplan.spec.visual import costed, fits_sequence, image_grid
 
 
 def has_images(spec: ModelSpec, train: TrainConfig) -> bool:
@@ -32,12 +32,7 @@ def visual_batch(model: Any, spec: ModelSpec, train: TrainConfig, *, seed: int =
     grid = image_grid(spec.family.vision, vc, train.visual)
     n, b, s = train.visual.images, train.batch_size, train.seq_len
     cfg = model.config
-    need = n * (grid.tokens + 2)
-    if need > s:
-        raise ConfigError(f"{n} image{'s' if n > 1 else ''} of {grid.tokens} visual tokens each (image_max_pixels "
-                          f"{train.visual.image_max_pixels}) need {need} positions of the {s}-token sequence: "
-                          "LLaMA-Factory truncates them and transformers refuses the batch; raise cutoff_len or "
-                          "lower image_max_pixels")
+    fits_sequence(train.visual, grid, s)
     vocab = model.get_input_embeddings().num_embeddings
     special = (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
     if max(special) >= vocab:

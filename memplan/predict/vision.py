@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from memplan.predict.layout import Layout
 from memplan.predict.tape import DROPPED, MADE, T, Tape
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.visual import ImageGrid, costed, image_grid
+from memplan.spec.visual import ImageGrid, costed, fits_sequence, image_grid
 
 FP32 = 4
 
@@ -41,13 +41,16 @@ class VisionCost:
 
 
 def hooked(lay: Layout) -> bool:
-    """The tower's patch embedding output requires grad (see the module docstring): LoRA under checkpointing
-    (peft), or any checkpointing run of the hf stack (activation_checkpointing_enable), for the towers that name
-    patch_embed as their input embeddings."""
+    """enable_input_require_grads has run (see the module docstring): LoRA under checkpointing (peft), or any
+    checkpointing run of the hf stack (activation_checkpointing_enable). Its hook makes the text embedding's output
+    a leaf that requires grad, and the tower's patch embedding's where the tower names patch_embed as its input
+    embeddings (Qwen2-VL, Qwen2.5-VL): then the frozen tower records its graph."""
     tr = lay.train
-    if lay.spec.family.vision not in ("qwen2_vl", "qwen2_5_vl") or not tr.checkpointing:
-        return False
-    return tr.is_lora or stack_facts(tr.stack).name is not Stack.LLAMAFACTORY
+    return tr.checkpointing and (tr.is_lora or stack_facts(tr.stack).name is not Stack.LLAMAFACTORY)
+
+
+def tower_records(lay: Layout) -> bool:
+    return hooked(lay) and lay.spec.family.vision in ("qwen2_vl", "qwen2_5_vl")
 
 
 def vision_cost(lay: Layout) -> VisionCost:
@@ -64,11 +67,12 @@ def vision_cost(lay: Layout) -> VisionCost:
     # pixel_values (patches, C x T x P x P) fp32 from the image processor, image_grid_thw (n, 3) int64, and the
     # collator's M-RoPE position ids (3, B, S) int64 in place of the text path's arange(S) (estimator._rope_bytes)
     inputs = n * grid.patches * width * FP32 + n * 3 * 8 + 3 * b * s * 8 - 8 * s
+    fits_sequence(vis, grid, s)
     saved, kept, peak = _tower(lay, grid, n)
     return VisionCost(inputs_bytes=inputs, saved_bytes=saved, kept_bytes=kept, peak_bytes=peak, tokens=grid.tokens,
                       note=f"images: {vis.describe()}, {grid.tokens} visual tokens each ({grid.h} x {grid.w} "
                            "patches)" + ("; the frozen tower's activations saved (its patch embedding hooked by "
-                                         "enable_input_require_grads)" if hooked(lay) else ""))
+                                         "enable_input_require_grads)" if tower_records(lay) else ""))
 
 
 def _patch(vc: dict, spec: object) -> int:
@@ -139,7 +143,14 @@ def _block(tp: Tape, h: T, p: int, e: int, i: int, heads: int, kind: str, cos: T
         u = tp.linear(n2, e, i, w_trains=False, width=c)
         m = tp.mul(a, u)
         del a, u
-    else:  # fc1 -> activation (saves its input) -> fc2
+    elif kind == "qwen2_vl":  # VisionMlp fc1 -> QuickGELU `x * sigmoid(1.702 * x)` (activations.py) -> fc2
+        f = tp.linear(n2, e, i, w_trains=False, width=c)
+        scaled = tp.new(f, rg=f.rg)
+        sig = tp.saving_output(scaled)
+        del scaled
+        m = tp.mul(f, sig)
+        del f, sig
+    else:  # Qwen3VLVisionMLP: linear_fc1 -> gelu_pytorch_tanh (saves its input) -> linear_fc2
         f = tp.linear(n2, e, i, w_trains=False, width=c)
         m = tp.saving_input(f)
         del f
@@ -166,14 +177,17 @@ def _tower(lay: Layout, grid: ImageGrid, images: int) -> tuple[int, int, int]:
     hd = e // heads
     p = images * grid.patches
     c = lay.kept_width  # the frozen tower in its load dtype
-    rg = hooked(lay)
+    rg = tower_records(lay)
+    # the hf stack checkpoints the vision blocks too (activation_checkpointing_enable reaches every
+    # GradientCheckpointingLayer): each keeps only its input; LLaMA-Factory's wrapper skips frozen blocks
+    per_block = rg and stack_facts(lay.train.stack).name is not Stack.LLAMAFACTORY
     tp = Tape()
     b, s, h = lay.train.batch_size, lay.train.seq_len, spec.hidden_size
     with tp.recording() as rec:
         # the text embedding's output (B, S, H), made before the tower runs (Qwen2_5_VLModel.forward l.1199); hooked,
         # it is a leaf the graph holds (masked_scatter makes the decoder's input from it)
-        text = T(b * s * h, lay.stream_width, rg)
-        if rg:
+        text = T(b * s * h, lay.stream_width, hooked(lay))
+        if hooked(lay):
             tp.save(text)
         x0 = T(p * e, c, rg)  # PatchEmbed's Conv3d output (the hooked leaf: the graph holds it)
         if rg:
@@ -185,7 +199,13 @@ def _tower(lay: Layout, grid: ImageGrid, images: int) -> tuple[int, int, int]:
         if kind == "qwen3_vl":  # the learned position embeddings added to the patches (l.694-695)
             x = tp.new(x0)
         for _ in range(depth):
-            x = _block(tp, x, p, e, i, heads, kind, cos, sin)
+            if per_block:  # torch.utils.checkpoint (non-reentrant): the block's input and rotary tables kept
+                tp.save(x, cos, sin)
+                inner = Tape()
+                inner.lifetimes = tp.lifetimes
+                x = _block(inner, x, p, e, i, heads, kind, cos, sin)
+            else:
+                x = _block(tp, x, p, e, i, heads, kind, cos, sin)
         # the merger (Qwen2_5_VLPatchMerger l.185-198): norm, view (P / m^2, m^2 E), Linear, GELU (saves its
         # input), Linear; Qwen2.5-VL then gathers back out of window order
         norm = _rms if kind == "qwen2_5_vl" else _layer_norm

@@ -122,6 +122,19 @@ def patch_size(kind: str, vision_config: dict[str, Any]) -> int:
     return int(vision_config.get("patch_size", 16 if kind == "qwen3_vl" else 14))
 
 
+def fits_sequence(visual: VisualInput, grid: ImageGrid, seq_len: int) -> None:
+    """Each image takes `<|vision_start|>`, its tokens and `<|vision_end|>` of the sample's cutoff_len positions;
+    more and LLaMA-Factory truncates them, which transformers refuses (module docstring): a ConfigError."""
+    need = visual.images * (grid.tokens + 2)
+    if need > seq_len:
+        from memplan.errors import ConfigError
+
+        raise ConfigError(f"{visual.images} image{'s' if visual.images > 1 else ''} of {grid.tokens} visual tokens "
+                          f"each (image_max_pixels {visual.image_max_pixels}) need {need} positions of the "
+                          f"{seq_len}-token sequence: LLaMA-Factory truncates them and transformers refuses the "
+                          "batch; raise cutoff_len (--seq-len) or lower image_max_pixels")
+
+
 def costed(kind: str) -> bool:
     """The towers whose image forward memplan models (Family.vision kinds)."""
     return kind in PROCESSOR_PIXELS

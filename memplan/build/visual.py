@@ -13,12 +13,12 @@ from memplan._imports import try_import
 from memplan.errors import ConfigError
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
-from memplan.spec.visual import costed, fits_sequence, image_grid
+from memplan.spec.visual import feeds_images, fits_sequence, image_grid
 
 
 def has_images(spec: ModelSpec, train: TrainConfig) -> bool:
     """The step feeds images: a Qwen-VL tower memplan costs and at least one image per sample."""
-    return train.visual is not None and train.visual.images > 0 and costed(spec.family.vision)
+    return feeds_images(spec.family.vision, train.visual)
 
 
 def visual_batch(model: Any, spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> dict[str, Any]:

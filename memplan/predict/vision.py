@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from memplan.predict.layout import Layout
 from memplan.predict.tape import DROPPED, MADE, T, Tape
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.visual import ImageGrid, costed, fits_sequence, image_grid
+from memplan.spec.visual import ImageGrid, feeds_images, fits_sequence, image_grid
 
 FP32 = 4
 
@@ -57,7 +57,7 @@ def vision_cost(lay: Layout) -> VisionCost:
     """The image forward's bytes for `lay`'s visual input (VisionCost() for text-only steps)."""
     spec, tr = lay.spec, lay.train
     vis = tr.visual
-    if vis is None or vis.images == 0 or not costed(spec.family.vision):
+    if vis is None or not feeds_images(spec.family.vision, vis):
         return VisionCost()
     vc = spec.config.get("vision_config") or {}
     grid = image_grid(spec.family.vision, vc, vis)
@@ -238,6 +238,9 @@ def _tower(lay: Layout, grid: ImageGrid, images: int) -> tuple[int, int, int]:
             held.discard(key)
         peak = max(peak, live)
     kept_bytes = sum(t.storage_bytes for t in {id(t): t for t in kept}.values() if t.storage not in tp.saved)
+    if kind == "qwen3_vl":  # the deepstack mergers' outputs (Qwen3VLVisionModel.forward l.711-722), (tokens, out)
+        # each, kept with the tower's output until the decoder's first layers have added them
+        kept_bytes += len(vc.get("deepstack_visual_indexes", (8, 16, 24))) * p // (merge * merge) * out_h * c
     del kept, x, merged, embeds, mask, cos, sin, x0, text
     return saved, kept_bytes, peak
 

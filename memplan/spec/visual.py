@@ -138,3 +138,8 @@ def fits_sequence(visual: VisualInput, grid: ImageGrid, seq_len: int) -> None:
 def costed(kind: str) -> bool:
     """The towers whose image forward memplan models (Family.vision kinds)."""
     return kind in PROCESSOR_PIXELS
+
+
+def feeds_images(kind: str, visual: VisualInput | None) -> bool:
+    """A step of the tower `kind` (Family.vision) gets images: a tower memplan costs and at least one image."""
+    return visual is not None and visual.images > 0 and costed(kind)

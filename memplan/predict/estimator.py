@@ -307,6 +307,8 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
         note = "KTO: the target rows, a no-grad KL batch, the reference's forwards of both"
     else:
         note = "DPO: chosen + rejected pairs" + (", a no-grad reference forward" if train.dpo_reference else "")
+    if vision_cost(lay).tokens:  # the exact mode feeds no image to a preference step either
+        note += "; images: the policy's tower forward only (the reference's and the KL batch's not costed)"
     return dataclasses.replace(policy, terms=tuple(terms), peak_allocated_bytes=peak,
                                peak_reserved_bytes=policy.peak_reserved_bytes + (peak - policy.peak_allocated_bytes),
                                phase="forward" if what == "reference" else what,

@@ -101,6 +101,9 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         # tensor itself), and PiSSA's SVD is a load-phase transient: traced without them, their delta analytic
         traced_train = traced_train.with_(**analytic)
         note += "; " + ", ".join(k for k in analytic if getattr(train, k)) + ": traced without, added analytically"
+    if has_images(spec, train) and train.stage.value != "sft":
+        raise UnsupportedModel("the exact mode feeds images to sft / pt steps only (its DPO / KTO / RM steps take "
+                               "token ids): the analytic estimate costs the policy's image forward (drop --exact)")
     if train.separate_reference:
         raise UnsupportedModel("the exact mode does not build DPO's / KTO's separate reference model (full / "
                                "freeze / OFT) yet: the analytic estimate models it (drop --exact)")

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from memplan._imports import try_import
+from memplan.build.visual import has_images
 from memplan.spec.dtypes import COMPUTE_DTYPE, param_dtypes
 from memplan.spec.model import ModelSpec
 from memplan.spec.optimizers import facts
@@ -78,6 +79,14 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
                 p.data = p.data.to(getattr(torch, dt.trainable))  # fp32 master weights unless pure_bf16
     if train.checkpointing:
         enable_checkpointing(model, train)
+        if train.is_lora and stack_facts(train.stack).name is Stack.LLAMAFACTORY and has_images(spec, train):
+            # LLaMA-Factory enables checkpointing before its adapters (model/patcher.py patch_model ->
+            # prepare_model_for_training, then init_adapter), so peft's get_peft_model sees a checkpointing model
+            # and calls enable_input_require_grads (peft_model.py l.184-185, l.728-735): a forward hook on every
+            # sub-model's input embeddings, the text embedding and Qwen2-VL / 2.5-VL's vision patch_embed
+            # (`_input_embed_layer = "patch_embed"`, modeling_qwen2_5_vl.py l.389; transformers modeling_utils.py
+            # l.2147-2177), so the frozen tower records its graph. Text-only runs: the same bytes, left as built
+            model.enable_input_require_grads()
     if train.stage is Stage.RM:
         model.v_head = value_head(spec.hidden_size, device)
     return model

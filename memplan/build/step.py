@@ -17,10 +17,13 @@ PHASES = ("forward", "backward", "optimizer")
 
 
 def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mark: Any, steps: int = 2,
-                   record_losses: bool = True, first: int = 1, ref_model: Any = None) -> list[float]:
+                   record_losses: bool = True, first: int = 1, ref_model: Any = None,
+                   visual: dict[str, Any] | None = None) -> list[float]:
     """Run `steps` optimizer steps of the reference step, numbered from `first`; `mark(name)` returns a context
     manager per phase. record_losses=False for fake tensors, whose values cannot be read. A DPO config's loss is
-    `dpo_loss` (`ref_model`: the frozen reference of a full / freeze run; LoRA disables its adapters instead)."""
+    `dpo_loss` (`ref_model`: the frozen reference of a full / freeze run; LoRA disables its adapters instead).
+    `visual`: a vision-language SFT step's other model inputs (memplan.build.visual.visual_batch: pixel_values,
+    image_grid_thw, position_ids and the tower's precomputed indices), passed beside input_ids every micro-step."""
     torch = try_import("torch")
     amp = param_dtypes(train.stack, train.precision, None, train.method).autocast  # spec.dtypes: the flag decides
     if train.stage is Stage.DPO:
@@ -39,8 +42,10 @@ def reference_step(model: Any, optimizer: Any, train: TrainConfig, ids: Any, mar
         def loss_of() -> Any:
             return rm_loss(model, train, pairs)
     else:
+        extra = dict(visual or {})
+
         def loss_of() -> Any:
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
+            return model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
     losses = []
     for step in range(first, first + steps):
         for _ in range(train.grad_accum):

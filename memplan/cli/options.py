@@ -75,6 +75,10 @@ KNOBS = {k.name: k for k in (
                             "default 0 = no evaluation)"),
     Knob("stack", f"{_choices(Stack)}: the training stack's own model preparation (default hf; a LLaMA-Factory "
                   "--config: llamafactory)"),
+    Knob("images", "vision-language models: images per sample, the sample with the most (default: text only; a "
+                   "LLaMA-Factory --config: from its template and dataset)"),
+    Knob("image_max_pixels", "vision-language models: each image's pixels after LLaMA-Factory's resize (default "
+                             "768 x 768 = 589824)"),
 )}
 SINGLE = tuple(KNOBS)  # every knob: estimate, trace, probe
 _LORA_ONLY = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")

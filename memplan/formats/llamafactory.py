@@ -27,6 +27,7 @@ from memplan.formats.llamafactory_rules import (  # noqa: F401 - NOT_TRAINING, R
     predicts_with_generate,
     rejections,
 )
+from memplan.formats.llamafactory_visual import visual_from_yaml
 from memplan.spec import optimizers
 from memplan.spec.generation import Generation
 from memplan.spec.model import ModelSpec
@@ -74,6 +75,7 @@ NOT_MODELLED: dict[str, tuple[object, ...]] = {
     # Megatron-Core runs (hparams/megatron_bridge_args.py l.32-48, finetuning_args.py l.476 use_mca)
     "use_mca": (False,), "tensor_model_parallel_size": (1,), "pipeline_model_parallel_size": (1,),
     "expert_model_parallel_size": (1,), "context_parallel_size": (1,),
+    "freeze_language_model": (False,),  # vision-language runs (memplan.formats.llamafactory_visual)
 }
 _MEGATRON = ("Megatron-Core parallelism (LLaMA-Factory's mcore path, hparams/megatron_bridge_args.py) splits each "
              "layer's weights and activations over the tensor-parallel ranks, the layers over pipeline stages, the "
@@ -114,6 +116,8 @@ WHY_NOT: dict[str, str] = {
                                   "expert_model_parallel_size", "context_parallel_size")},
     "ref_model": "a separate reference model (its weights beside the policy) is not modelled: the policy's own "
                  "weights serve as the reference",
+    "freeze_language_model": "a frozen decoder under a trained tower (model_utils/visual.py get_forbidden_modules): "
+                             "not modelled, the decoder trains as finetuning_type says",
 }
 # The keys memplan reads into the estimate, with what each sets (the README's key table is rendered from these,
 # NOT_MODELLED and WHY_NOT: `key_table`)
@@ -184,6 +188,16 @@ MODELLED: dict[str, str] = {
     "enable_liger_kernel": "Liger's fused linear cross-entropy (no logits, chunked), RMSNorm, SwiGLU for the model "
                            "types LLaMA-Factory patches (memplan.predict.kernels)",
     "use_unsloth_gc": "checkpointed layer inputs offloaded to host memory (UnslothGradientCheckpointing)",
+    # vision-language runs (memplan.formats.llamafactory_visual, memplan.spec.visual, memplan.predict.vision)
+    "template": "a Qwen-VL template (qwen2_vl, qwen3_vl, qwen3_vl_nothink, qwen3_5 ...) feeds the dataset's images to "
+                "the vision tower; any other: text only",
+    "dataset": "with a Qwen-VL template: images per sample (mllm_demo: 2; other image datasets 1; text ones 0; a "
+               "dataset not in LLaMA-Factory's dataset_info.json: 1, said in the output)",
+    "image_max_pixels": "each image's pixels (a square after LLaMA-Factory's resize, then the processor's "
+                        "smart_resize): vision patches and visual tokens",
+    "image_min_pixels": "each image's least pixels",
+    "freeze_vision_tower": "true (default): the tower frozen, its forward saves nothing; false: warned, not modelled",
+    "freeze_multi_modal_projector": "true (default): the merger frozen; false: warned, not modelled",
 }
 
 
@@ -494,6 +508,13 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
                 train = train.with_(**parallel)
         except ConfigError as err:
             problems.extend(err.respelled(keys).problems)
+    visual_warnings: tuple[str, ...] = ()
+    if train is not None and not problems:
+        try:
+            visual, visual_warnings = visual_from_yaml(raw)
+            train = train.with_(visual=visual) if visual is not None else train
+        except ConfigError as err:
+            problems.extend(err.problems)
     if problems or train is None:
         raise ConfigError(problems)
     generation = _generation(raw) if predicts_with_generate(raw) else None
@@ -501,6 +522,7 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
                        if k in raw and raw[k] not in modelled and not (generation and k == "predict_with_generate"))
     if train.is_lora and raw.get("use_llama_pro") is True:
         unmodelled += (_warning("use_llama_pro", True),)
+    unmodelled += visual_warnings
     return LlamaFactoryConfig(model=str(raw["model_name_or_path"]), train=train, raw=dict(raw),
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"),
                               not_modelled=unmodelled, generation=generation)

@@ -32,6 +32,7 @@ from memplan.predict.kernels import fused_ce as fused_ce_bytes
 from memplan.predict.kernels import liger_applies, offloaded_checkpoint_bytes, offloads_checkpoints
 from memplan.predict.layout import Layout
 from memplan.predict.sharding import RankStates, rank_states
+from memplan.predict.vision import vision_cost
 from memplan.predict.weights import ModelStates, model_states, optimizer_bytes
 from memplan.spec.dtypes import deepspeed_half
 from memplan.spec.model import ModelSpec
@@ -128,6 +129,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
                          recomputed_end + adapters.forward_transient_bytes(lay) + rs.layer_backward_bytes)
     # input_ids (B, S) int64, alive through the step (labels=ids: the same tensor)
     base = st.weights_bytes + st.optimizer_states_bytes + comm + 8 * n
+    vis = vision_cost(lay)  # a VL step's images (predict/vision.py): its inputs, the tower's saved and kept tensors
+    base += vis.inputs_bytes
+    acts += vis.saved_bytes
     if value_head:
         base += _value_head(lay, n).resident_bytes
     # eager attention: transformers materialises each mask as (B, 1, S, S) in the embedding dtype; alive for the
@@ -162,7 +166,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     head_cast = lay.head_cast_bytes  # a frozen fp32 head's half copy, saved until the head's backward
     moments = {
         "forward": base + st.autocast_cache_bytes + acts + masks + rope.forward + head.norm_bytes + head_cast
-        + ce_fwd - rs.forward_release_bytes,
+        + ce_fwd - rs.forward_release_bytes + vis.kept_bytes,
         # DoRA: the top layer's weight materialised in its forward, beside everything saved below it
         "forward adapter": base + st.autocast_cache_bytes + acts + masks + rope.forward
         + adapters.forward_transient_bytes(lay),
@@ -174,7 +178,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
             head_grads + layer_grad - top_released + n * spec.hidden_size * c + head.held_bytes),
         # the lowest trained layer's backward, the same transient with the most gradients already made
         "backward bottom": base + rope.backward + rs.backward_bucket_bytes + (masks if train.checkpointing else 0)
-        + _bottom_layer_kept(lay, st) + (0 if train.grad_accum > 1 or per_param else _grads_above_bottom(lay, st))
+        + _bottom_layer_kept(lay, st) + vis.saved_bytes
+        + (0 if train.grad_accum > 1 or per_param else _grads_above_bottom(lay, st))
         + layer_grad + n * spec.hidden_size * c + held - _bottom_held(lay),
         # the gradients once (with accumulation `base` already holds them)
         "optimizer": states_base + st.gradients_bytes + st.optimizer_step_bytes + rs.step_extra_bytes
@@ -184,6 +189,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         "backward end": base + rs.backward_bucket_bytes + (0 if train.grad_accum > 1 else st.gradients_bytes)
         + _tied_embedding_extra(lay) + (previous if holds else held),
     }
+    if vis.tokens:  # the tower's forward, before any decoder layer ran
+        moments["forward vision"] = base + vis.peak_bytes - rs.forward_release_bytes
     if holds:
         # the next forward, up to its logits (their assignment frees the previous ones), beside the previous graph
         # (a 4-bit head: its dequantized weight beside them; fp32 outputs: the cast copy beside the half logits)
@@ -214,7 +221,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     reserved, context = cuda_overheads(peak, lay, st)
     # measured against bitsandbytes 0.50 on the CPU allocator: 4-bit within 1 %, LLM.int8 -8 ... +10 % (its
     # backward's dequantized weight and fp16 copies are not modelled term by term yet)
-    note = "; ".join(n for n in (_quant_note(train), spec.family.limits, spec.quantization) if n)
+    note = "; ".join(n for n in (_quant_note(train), vis.note or spec.family.limits, spec.quantization) if n)
     if head_states_left:
         note += ("; " if note else "") + ("the untied LM head gets no gradient in the reward stage, yet its gradient "
                                           "and optimizer states are counted (an over-estimate)")
@@ -307,6 +314,8 @@ def _dpo(spec: ModelSpec, train: TrainConfig, device: str) -> Breakdown:
         note = "KTO: the target rows, a no-grad KL batch, the reference's forwards of both"
     else:
         note = "DPO: chosen + rejected pairs" + (", a no-grad reference forward" if train.dpo_reference else "")
+    if vision_cost(lay).tokens:  # the exact mode feeds no image to a preference step either
+        note += "; images: the policy's tower forward only (the reference's and the KL batch's not costed)"
     return dataclasses.replace(policy, terms=tuple(terms), peak_allocated_bytes=peak,
                                peak_reserved_bytes=policy.peak_reserved_bytes + (peak - policy.peak_allocated_bytes),
                                phase="forward" if what == "reference" else what,

@@ -44,15 +44,16 @@ def run(req: dict[str, Any], report: Callable[[str], None] = progress) -> ProbeR
     report("build")
     model = build_model(spec, train, device="cpu")
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))  # full length: the worst case
+    ids, visual = _visual(model, spec, train, ids, "cpu")
     tracker = LiveBytes(capacity_bytes=req.get("capacity_bytes"))
-    tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids])
+    tracker.seed(list(model.parameters()) + list(model.buffers()) + [ids] + list((visual or {}).values()))
     with tracker:
         wrapped = parallel.wrap(model, train, "cpu", lambda m: build_optimizer(m, train))
     del model
     if parallel.host_built(train):
         tracker.reset_peak()
     with tracker:
-        times, losses = _steps(wrapped, train, ids, req, lambda: None, report)
+        times, losses = _steps(wrapped, train, ids, req, lambda: None, report, visual)
     return _result(train, "cpu", times, losses, tracker.peak, tracker.peak)
 
 
@@ -69,26 +70,38 @@ def _run_cuda(spec: ModelSpec, train: Any, req: dict[str, Any], report: Callable
     host_built = parallel.host_built(train)
     model = build_model(spec, train, device="cpu" if host_built else "cuda")
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), device="cuda")
+    ids, visual = _visual(model, spec, train, ids, "cuda")
     torch.cuda.reset_peak_memory_stats()
     wrapped = parallel.wrap(model, train, "cuda", lambda m: build_optimizer(m, train))
     del model
     if host_built:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = _steps(wrapped, train, ids, req, torch.cuda.synchronize, report)
+    times, losses = _steps(wrapped, train, ids, req, torch.cuda.synchronize, report, visual)
     return _result(train, torch.cuda.get_device_name(0), times, losses, torch.cuda.max_memory_allocated(),
                    torch.cuda.max_memory_reserved(), _nvml_used())
 
 
+def _visual(model: Any, spec: ModelSpec, train: Any, ids: Any, device: str) -> tuple[Any, dict[str, Any] | None]:
+    """A VL step with images: the collator's batch (memplan.build.visual) on `device`; else (ids, None)."""
+    from memplan.build.visual import has_images, visual_batch
+
+    if not has_images(spec, train):
+        return ids, None
+    batch = visual_batch(model, spec, train)
+    return batch["input_ids"].to(device), {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw",
+                                                                             "position_ids")}
+
+
 def _steps(wrapped: parallel.Wrapped, train: Any, ids: Any, req: dict[str, Any], sync: Any,
-           report: Callable[[str], None]) -> tuple[list, list]:
+           report: Callable[[str], None], visual: dict[str, Any] | None = None) -> tuple[list, list]:
     times, losses = [], []
     total = req["warmup"] + req["steps"]
     for i in range(total):
         report(f"{'warm-up' if i < req['warmup'] else 'step'} {i + 1}/{total}")
         sync()
         t0 = time.perf_counter()
-        losses += wrapped.step(ids)
+        losses += wrapped.step(ids, visual)
         sync()
         if i >= req["warmup"]:
             times.append(time.perf_counter() - t0)

@@ -28,7 +28,7 @@ from memplan.spec.train import Offload, Sharding, TrainConfig
 class Wrapped:
     """One optimizer step of the reference step on the wrapped model (returns the micro-steps' losses)."""
 
-    step: Callable[[Any], list[float]]
+    step: Callable[..., list[float]]  # step(ids, visual=None): visual, a VL step's other inputs (build/visual.py)
 
 
 def host_built(train: TrainConfig) -> bool:
@@ -96,8 +96,9 @@ def wrap(model: Any, train: TrainConfig, device: str, build_optimizer: Callable[
             model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     optimizer = build_optimizer(model)
 
-    def step(ids: Any) -> list[float]:
-        return reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1)
+    def step(ids: Any, visual: dict[str, Any] | None = None) -> list[float]:
+        return reference_step(model, optimizer, train, ids, lambda _: contextlib.nullcontext(), steps=1,
+                              visual=visual)
 
     return Wrapped(step=step)
 
@@ -151,10 +152,10 @@ def _deepspeed(model: Any, train: TrainConfig, device: str, build_optimizer: Cal
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=build_optimizer(model),
                                       config=deepspeed_config(train, model.config.hidden_size))
 
-    def step(ids: Any) -> list[float]:
+    def step(ids: Any, visual: dict[str, Any] | None = None) -> list[float]:
         losses = []
         for _ in range(train.grad_accum):  # the engine scales the loss and steps at the accumulation boundary
-            loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = engine(input_ids=ids, labels=ids, use_cache=False, **(visual or {})).loss
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))

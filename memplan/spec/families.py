@@ -134,6 +134,11 @@ class Family:
 _VL_LIMITS = ("text-only inputs: image/video tokens (image_max_pixels) are not costed; the vision tower and "
               "projector are frozen (LLaMA-Factory's freeze_vision_tower / freeze_multi_modal_projector defaults) "
               "and only their weights are counted")
+# the Qwen-VL towers whose image forward is costed (memplan.spec.visual, memplan.predict.vision): text-only until
+# images are given; videos and a trained tower are not modelled
+_VL_IMAGES = ("text-only inputs unless images are given (--images N, or a LLaMA-Factory Qwen-VL template and "
+              "dataset); videos are not costed; the vision tower and projector are frozen (LLaMA-Factory's "
+              "freeze_vision_tower / freeze_multi_modal_projector defaults)")
 
 # the linear-attention layers as torch's fallbacks run them (CPU, or a GPU without the kernels): the analytic tape
 # (activations.gated_deltanet) and the exact trace alike; transformers runs the fla / causal-conv1d kernels on a GPU
@@ -227,14 +232,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # storage; Qwen2_5_VLRotaryEmbedding (l.530-546) gives cos/sin (B, S, head_dim) in the stream dtype
     Family(model_type="qwen2_5_vl", auto_class="AutoModelForImageTextToText", qkv_bias=True,
            sliding_window_flag="use_sliding_window", frozen_modules=("visual.",), vision="qwen2_5_vl", mrope="sections",
-           tie_from_text=True, limits=_VL_LIMITS),
+           tie_from_text=True, limits=_VL_IMAGES),
     # Qwen2-VL (modeling_qwen2_vl.py): Qwen2VLTextModel is Qwen2.5-VL's decoder (q/k/v bias, o_proj none,
     # l.504-507; text-only position ids arange(S).view(1, 1, -1).expand(3, B, -1), l.766-767; Qwen2VLRotaryEmbedding
     # cos/sin (B, S, head_dim), l.88-136), its window only with use_sliding_window; the ViT of
     # memplan.spec.vision._qwen2_vl, visual.* frozen (LLaMA-Factory _register_composite_model("qwen2_vl"))
     Family(model_type="qwen2_vl", architectures=("Qwen2VLForConditionalGeneration",),
            auto_class="AutoModelForImageTextToText", qkv_bias=True, sliding_window_flag="use_sliding_window",
-           frozen_modules=("visual.",), vision="qwen2_vl", mrope="sections", tie_from_text=True, limits=_VL_LIMITS),
+           frozen_modules=("visual.",), vision="qwen2_vl", mrope="sections", tie_from_text=True, limits=_VL_IMAGES),
     # Qwen3-VL on text (modeling_qwen3_vl.py): Qwen3VLTextModel, the decoder dims nested in text_config, is a qwen3
     # decoder (q_norm / k_norm RMSNorm(head_dim) before the transpose, l.496-511; no bias by default) with
     # create_causal_mask only (no window, l.801); position ids arange(S).view(1, 1, -1).expand(4, B, -1) (l.790-791),
@@ -242,7 +247,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # head_dim) in the stream dtype. Deepstack visual embeds are added only when an image is given (l.827)
     Family(model_type="qwen3_vl", architectures=("Qwen3VLForConditionalGeneration",),
            auto_class="AutoModelForImageTextToText", qk_norm=True, sliding=False, frozen_modules=("visual.",),
-           vision="qwen3_vl", mrope="interleaved", limits=_VL_LIMITS),
+           vision="qwen3_vl", mrope="interleaved", limits=_VL_IMAGES),
     # Qwen3-VL-MoE (modeling_qwen3_vl_moe.py): Qwen3-VL's tower and deepstack mergers, a qwen3_moe text decoder:
     # Qwen3VLMoeTextSparseMoeBlock (l.172-183) = Qwen3VLMoeTextTopKRouter (l.153-169: a (E, H) weight, softmax fp32,
     # top-k renormalised) + the grouped_mm Qwen3VLMoeTextExperts (fused 3D gate_up_proj / down_proj, l.114-151);
@@ -254,7 +259,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="qwen3_vl_moe", architectures=("Qwen3VLMoeForConditionalGeneration",), moe=True,
            intermediate_key="moe_intermediate_size", lora_wraps_experts=False,
            auto_class="AutoModelForImageTextToText", qk_norm=True, sliding=False, frozen_modules=("visual.",),
-           vision="qwen3_vl", mrope="interleaved", limits=_VL_LIMITS),
+           vision="qwen3_vl", mrope="interleaved", limits=_VL_IMAGES),
     # Qwen3.5 (modeling_qwen3_5.py / modeling_qwen3_5_moe.py): layer_types alternate Gated DeltaNet linear
     # attention (Qwen3_5GatedDeltaNet, l.500-656: in_proj_qkv -> causal conv1d + silu -> the chunked gated delta rule,
     # on CPU torch's fallback torch_chunk_gated_delta_rule, l.287-426; a gated RMSNorm, out_proj) with gated full

@@ -10,6 +10,7 @@ from memplan.spec.families import Family
 from memplan.spec.optimizers import Optimizer, facts
 from memplan.spec.parallel import PARALLEL_FIELDS, Offload, Parallelism, Sharding, positive_int
 from memplan.spec.stacks import Stack
+from memplan.spec.visual import VisualInput
 
 
 class Method(str, Enum):
@@ -90,6 +91,8 @@ QUANT_BITS: dict[QuantMethod, tuple[int, ...]] = {QuantMethod.BNB: (4, 8), Quant
                                                   QuantMethod.GPTQ: (2, 3, 4, 8), QuantMethod.AQLM: (1, 2)}
 
 ALL_LINEAR = "all-linear"
+# VisualInput's fields, given flat to TrainConfig.with_ (the CLI's --images / --image-max-pixels)
+VISUAL_FIELDS = ("images", "image_max_pixels", "image_min_pixels", "tower_trains", "projector_trains")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +147,8 @@ class TrainConfig:
     upcast_lmhead_output: bool = False
     # LLaMA-Factory upcast_layernorm: 1-D norm weights cast to fp32 (prepare_model_for_training L171-175)
     upcast_layernorm: bool = False
+    # the images a vision-language run feeds its tower (memplan.spec.visual); None: text-only inputs
+    visual: VisualInput | None = None
 
     def __post_init__(self) -> None:
         problems: list[str | Problem] = []
@@ -194,6 +199,8 @@ class TrainConfig:
                                                            "checkpointing on"))
         if not self.lora_targets:
             problems.append(Problem("lora_targets", "{} is empty: name modules (q_proj,v_proj) or all-linear"))
+        if self.visual is not None:
+            problems += self.visual.problems()
         if problems:
             raise ConfigError(problems)
 
@@ -286,16 +293,21 @@ class TrainConfig:
         flat = {k: changes.pop(k) for k in list(changes) if k in PARALLEL_FIELDS}
         if flat:
             changes["parallel"] = replace(changes.get("parallel", self.parallel), **flat)  # type: ignore[arg-type]
+        seen = {k: changes.pop(k) for k in list(changes) if k in VISUAL_FIELDS}  # images=2: the visual input's
+        if seen:
+            changes["visual"] = replace(changes.get("visual") or self.visual or VisualInput(), **seen)  # type: ignore
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
         """Flat JSON-ready dict (the parallel fields beside the others): probe requests, cache keys, studies."""
         out: dict[str, object] = {}
         for f in fields(self):
-            if f.name != "parallel":
+            if f.name not in ("parallel", "visual"):
                 out[f.name] = _plain(getattr(self, f.name))
         out.update((name, _plain(getattr(self.parallel, name))) for name in PARALLEL_FIELDS)
         out["lora_alpha"] = self.alpha
+        if self.visual is not None:  # text-only runs keep their keys as they were
+            out["visual"] = {f.name: getattr(self.visual, f.name) for f in fields(self.visual)}
         return out
 
 
@@ -332,10 +344,12 @@ CHOICES: dict[str, type[Enum]] = {"method": Method, "precision": Precision, "opt
 def train_from_dict(data: dict[str, object]) -> TrainConfig:
     """Inverse of TrainConfig.to_dict (unknown keys such as effective_batch are ignored)."""
     kw: dict[str, object] = {}
-    for name in [f.name for f in fields(TrainConfig) if f.name != "parallel"] + list(PARALLEL_FIELDS):
+    for name in [f.name for f in fields(TrainConfig) if f.name not in ("parallel", "visual")] + list(PARALLEL_FIELDS):
         if name in data:
             value = data[name]
             kw[name] = CHOICES[name](value) if name in CHOICES else tuple(value) if name in ("lora_targets",
                                                                                              "proj_targets") \
                 else value  # type: ignore[arg-type]
+    if isinstance(data.get("visual"), dict):
+        kw["visual"] = VisualInput(**data["visual"])  # type: ignore[arg-type]
     return TrainConfig().with_(**kw)

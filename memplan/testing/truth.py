@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from memplan._imports import try_import
 from memplan.build.model import build_model, build_optimizer, build_reference_model
 from memplan.build.step import PHASES, reference_step
+from memplan.build.visual import has_images, visual_batch
 from memplan.spec.model import ModelSpec
 from memplan.spec.train import TrainConfig
 
@@ -53,12 +54,17 @@ def measure_cpu_peak(spec: ModelSpec, train: TrainConfig, *, seed: int = 0) -> T
     ref_model = build_reference_model(spec, train, device="cpu")  # DPO full / freeze: its frozen reference
     optimizer = build_optimizer(model, train)
     ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len))
+    visual = None
+    if has_images(spec, train):  # a VL step: the collator's batch (the tower computes its own index tensors)
+        batch = visual_batch(model, spec, train, seed=seed)
+        ids = batch["input_ids"]
+        visual = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "position_ids")}
     baseline = resident_bytes(_resident(model) + (_resident(ref_model) if ref_model is not None else []))
-    baseline += ids.untyped_storage().nbytes()
+    baseline += ids.untyped_storage().nbytes() + resident_bytes(list((visual or {}).values()))
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with no_stray_frees(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        losses = reference_step(model, optimizer, train, ids, record_function, ref_model=ref_model)
+        losses = reference_step(model, optimizer, train, ids, record_function, ref_model=ref_model, visual=visual)
     events = list(prof.profiler.kineto_results.events())
     marks = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
                    if e.name().split(":")[0] in PHASES)

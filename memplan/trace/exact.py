@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
+from memplan.build.visual import has_images
 from memplan.errors import ConfigError, MemplanError, UnsupportedModel
 from memplan.predict.band import band_for
 from memplan.predict.breakdown import Breakdown, Term
@@ -100,6 +101,9 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
         # tensor itself), and PiSSA's SVD is a load-phase transient: traced without them, their delta analytic
         traced_train = traced_train.with_(**analytic)
         note += "; " + ", ".join(k for k in analytic if getattr(train, k)) + ": traced without, added analytically"
+    if has_images(spec, train) and train.stage.value != "sft":
+        raise UnsupportedModel("the exact mode feeds images to sft / pt steps only (its DPO / KTO / RM steps take "
+                               "token ids): the analytic estimate costs the policy's image forward (drop --exact)")
     if train.separate_reference:
         raise UnsupportedModel("the exact mode does not build DPO's / KTO's separate reference model (full / "
                                "freeze / OFT) yet: the analytic estimate models it (drop --exact)")
@@ -121,6 +125,9 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if train.sharding.is_fsdp:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
     first += spec.dense_prefix  # the line starts past the leading dense layers (they are in every traced depth)
+    if has_images(spec, train) and spec.family.vision == "qwen3_vl":  # the decoder layers that add deepstack
+        # features (Qwen3VLTextModel.forward l.827-832: layer_idx < len(deepstack_visual_embeds)) differ from the rest
+        first += len((spec.config.get("vision_config") or {}).get("deepstack_visual_indexes", (8, 16, 24)))
     # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)
     step = spec.layer_period  # whole periods of mixed layer types (Qwen3.5: 4) added per depth: the line is the model's
     first += (spec.num_layers - first) % step  # and the real depth a whole number of periods past the first one

@@ -128,3 +128,25 @@ def no_packed_sequence_detection():  # noqa: ANN202
         yield
     finally:
         mu.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def constant_indices(on: bool = True):  # noqa: ANN202
+    """A vision-language step's small integer inputs (token ids, image_grid_thw, M-RoPE position ids, the tower's
+    cu_seqlens and window index) made by torch.tensor inside FakeTensorMode keep their values as fake-tensor
+    constants, and ops on constants only are computed on them (torch/_subclasses/fake_tensor.py: lift_fresh and
+    all-constant ops keep a constant when `numel() <= CONSTANT_NUMEL_LIMIT`, 1 by default): the data-dependent
+    steps of the tower and the placeholder mask (`.tolist()` of the chunk lengths, `input_ids == image_token_id`,
+    Qwen3-VL's deepstack `hidden_states[visual_pos_masks]`) then see real values. Tensors with a fake input stay
+    fake, so no weight or activation is ever computed."""
+    if not on:
+        yield
+        return
+    from torch._subclasses import fake_tensor
+
+    old = fake_tensor.CONSTANT_NUMEL_LIMIT
+    fake_tensor.CONSTANT_NUMEL_LIMIT = 1 << 24
+    try:
+        yield
+    finally:
+        fake_tensor.CONSTANT_NUMEL_LIMIT = old

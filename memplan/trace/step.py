@@ -50,8 +50,10 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
     from memplan.build.model import build_model, build_optimizer
     from memplan.build.shard import fsdp1_wrap_model, fully_shard_model
     from memplan.build.step import reference_step
+    from memplan.build.visual import has_images, visual_batch
     from memplan.trace.labels import LabelledLiveBytes, label_modules
     from memplan.trace.patches import (
+        constant_indices,
         fake_friendly_experts,
         fake_parameters,
         fake_process_group,
@@ -76,13 +78,17 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         yield
         marks[name] = tracker.live
 
+    batch = visual_batch(model, cut, train) if has_images(cut, train) else None  # real, built outside the mode
     with fake_process_group(train) as mesh, FakeTensorMode(), no_packed_sequence_detection(), \
-            fake_friendly_experts(), quiet():
+            fake_friendly_experts(), quiet(), constant_indices(batch is not None):
         fake_parameters(model, torch)
         vocab = model.get_input_embeddings().num_embeddings  # a VL config may leave vocab_size to its default
         ids = torch.randint(0, vocab, (train.batch_size, train.seq_len))
+        visual, inputs = _fake_visual(batch, torch)
+        if visual is not None:
+            ids = visual.pop("input_ids")
         tensors = list(model.parameters()) + list(model.buffers())
-        tracker.seed(tensors + [ids])
+        tracker.seed(tensors + [ids] + inputs)
         del tensors  # sharding must be able to free the full parameters
         # counted before sharding: FSDP1's original parameters become views of this rank's shard
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -97,7 +103,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
                     fully_shard_model(model, mesh, train)
             tracker.reset_peak()  # frameworks load and shard on the host (or meta): the GPU only sees shards
         optimizer = build_optimizer(model, train)
-        weights = tracker.live - ids.untyped_storage().nbytes()
+        weights = tracker.live - sum(t.untyped_storage().nbytes() for t in [ids] + inputs)
         _create_optimizer_states(model, optimizer)
         state_tensors = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
         tracker.phase = "optimizer"  # by_module: states are the optimizer's, as when step 1 created them
@@ -105,7 +111,7 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
         tracker.phase = ""
         states = sum(_storage_bytes(t) for t in state_tensors)
         with tracker:  # step 2 of the reference step: states exist from the start, as in every later step
-            reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2)
+            reference_step(model, optimizer, train, ids, mark, steps=1, record_losses=False, first=2, visual=visual)
         events, tracker.events = tracker.events or [], None
         made_by = getattr(tracker, "labels", {})
     # the parameters, buffers, ids and states were seeded first, one request each (as when a model is loaded and
@@ -118,6 +124,19 @@ def trace_depth(spec: ModelSpec, train: TrainConfig, layers: int, by_module: boo
                  reserved_allocated=reserved.allocated_at_peak_reserved_bytes,
                  phase_peaks=dict(tracker.phase_peaks),
                  by_module=tracker.peak_by_owner, events=events, labels=made_by)
+
+
+def _fake_visual(batch: dict[str, Any] | None, torch: Any) -> tuple[dict[str, Any] | None, list[Any]]:
+    """The VL batch inside FakeTensorMode: its integer tensors as constants (patches.constant_indices), pixel_values
+    a fake fp32 tensor of its shape; (model kwargs with input_ids, the tensors to seed as the step's inputs)."""
+    if batch is None:
+        return None, []
+    def const(t: Any) -> Any:
+        return torch.tensor(t.tolist(), dtype=t.dtype)
+    out = {k: const(v) for k, v in batch.items() if k not in ("pixel_values", "precomputed")}
+    out["pixel_values"] = torch.empty(batch["pixel_values"].shape, dtype=batch["pixel_values"].dtype)
+    out.update({k: const(v) for k, v in batch["precomputed"].items()})
+    return out, [v for k, v in out.items() if k != "input_ids"]
 
 
 def _storage_bytes(t: Any) -> int:

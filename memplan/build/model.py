@@ -60,6 +60,8 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         targets: Any = "all-linear" if train.lora_targets == ("all-linear",) else list(train.lora_targets)
         # a VL model's vision tower is never an adapter target (peft fullmatches a str exclude_modules)
         skip = spec.family.frozen_modules + spec.family.lora_exclude
+        if train.llama_pro:
+            targets = expanded_modules(model, spec, train, targets, skip)
         frozen = "|".join(f".*{re.escape(f)}.*" for f in skip) or None
         lcfg = adapter_config(train, targets, frozen)
         # peft makes the adapters in the base layer's dtype and upcasts half ones to fp32 with autocast_adapter_dtype
@@ -104,6 +106,21 @@ def value_head(hidden_size: int, device: str) -> Any:
 
     with torch.device(device):
         return ValueHead()
+
+
+def expanded_modules(model: Any, spec: ModelSpec, train: TrainConfig, targets: Any, skip: tuple[str, ...]
+                     ) -> list[str]:
+    """LLaMA Pro under LoRA: the full names of the target modules inside the expanded blocks, as LLaMA-Factory
+    passes them to peft (model_utils/misc.py find_expanded_modules: `target in name` and `.{idx}.` in name for each
+    trained idx; lora_target all is find_all_linear_modules' leaf names of every *Linear* module but lm_head)."""
+    torch = try_import("torch")
+    if targets == "all-linear":
+        targets = sorted({name.split(".")[-1] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+                          and not any(f in name for f in skip)})
+    layers = [f".{i}." for i in train.trainable_layer_ids(spec.num_layers)]
+    return [name for name, _ in model.named_modules()
+            if any(t in name for t in targets) and any(layer in name for layer in layers)]
 
 
 def adapter_config(train: TrainConfig, targets: Any, exclude: str | None) -> Any:

@@ -89,8 +89,6 @@ WHY_NOT: dict[str, str] = {
                             "backward path; not in the estimate",
     "additional_target": "peft modules_to_save: each named module trains whole beside a frozen original copy "
                          "(model/adapter.py _setup_lora_tuning); not in the estimate",
-    "use_llama_pro": "with LoRA, adapters only on the expanded blocks (model_utils/misc.py find_expanded_modules); "
-                     "the estimate puts them on every layer",
     "fp8": "fp8 mixed precision through accelerate (train/fp8_utils.py create_fp8_kwargs: torchao, TE or MS-AMP "
            "by fp8_backend): each backend's fp8 weight copies and scales are not modelled",
     "mixture_of_depths": "MoD routes a fraction of the tokens through each layer (model_utils/mod.py): activations "
@@ -142,7 +140,8 @@ MODELLED: dict[str, str] = {
     "double_quantization": "bnb 4-bit: 8-bit absmax with an fp32 one per 256, else fp32 absmax per 64",
     "freeze_trainable_layers": "freeze: the last N layers train; negative, the first -N (frozen layers above them "
                                "save their input-gradient tape, unchecked)",
-    "use_llama_pro": "freeze: only the expanded blocks train (every L/N-th layer)",
+    "use_llama_pro": "only the expanded blocks (every L/N-th layer, N = freeze_trainable_layers) train: freeze, their "
+                     "weights; LoRA / OFT, their adapters alone (model_utils/misc.py find_expanded_modules)",
     "deepspeed": "ZeRO stage and offload from its JSON (looked for in the working directory, then the YAML's folder "
                  "and each above it)", "fsdp": "FSDP sharding strategy and offload",
     "fsdp_config": "its version: 1 (FSDP1) or 2 (FSDP2 fully_shard); unset, HF Trainer's default 2 "
@@ -478,7 +477,7 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     if raw.get("quantization_bit") is not None:
         kw["quant_bits"] = raw["quantization_bit"]
         problems += _quantization(raw, kw)
-    if kw.get("method") is Method.FREEZE:
+    if kw.get("method") in (Method.FREEZE, Method.LORA, Method.QLORA):
         try:
             kw["llama_pro"] = _bool(raw, "use_llama_pro")
         except ConfigError as err:
@@ -499,8 +498,6 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     generation = _generation(raw) if predicts_with_generate(raw) else None
     unmodelled = tuple(_warning(k, raw[k]) for k, modelled in NOT_MODELLED.items()
                        if k in raw and raw[k] not in modelled and not (generation and k == "predict_with_generate"))
-    if train.is_lora and raw.get("use_llama_pro") is True:
-        unmodelled += (_warning("use_llama_pro", True),)
     return LlamaFactoryConfig(model=str(raw["model_name_or_path"]), train=train, raw=dict(raw),
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"),
                               not_modelled=unmodelled, generation=generation)
@@ -703,10 +700,10 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
             plan["double_quantization"] = False
         if train.quant_type != "nf4":
             plan["quantization_type"] = train.quant_type
-    if train.method is Method.FREEZE:
+    if train.method is Method.FREEZE or train.llama_pro:  # LoRA reads the blocks' count from it too
         plan["freeze_trainable_layers"] = train.freeze_trainable_layers
-        if train.llama_pro:
-            plan["use_llama_pro"] = True
+    if train.llama_pro:
+        plan["use_llama_pro"] = True
     base = base or {}
     if train.sharding.is_deepspeed:
         plan["deepspeed"] = deepspeed or base.get("deepspeed")

@@ -34,6 +34,7 @@ class _Ctx:
     moe: bool = True  # an MoE model's layer has the sparse MLP (False: DeepSeek's leading dense layers)
     linear: bool = False  # a Qwen3.5 Gated DeltaNet layer (layer_types "linear_attention")
     rope: bool = True  # this layer rotates q / k (False: Llama 4's NoPE layers)
+    lora: bool = True  # this layer carries the adapters (False: a layer LLaMA Pro leaves without, Layout.adapted_ids)
 
     @property
     def amp(self) -> bool:
@@ -129,7 +130,7 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
-    adapter = lay.train.adapter if name in lay.lora_modules else None
+    adapter = lay.train.adapter if cx.lora and name in lay.lora_modules else None
     x_in = x
     if adapter is Adapter.OFT:  # the rotation applies to the input; the base layer runs on the rotated copy
         x = adapters.oft_rotate(tp, x, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
@@ -463,7 +464,7 @@ def _moe(cx: _Ctx, h: T) -> T:
     (target_parameters): the experts then run a grouped matmul on merged weights W + BA, saved for backward."""
     s, tp, lay = cx.lay.spec, cx.tape, cx.lay
     n, k = cx.tokens, s.experts_per_token
-    wrapped = lay.experts_wrapped
+    wrapped = lay.experts_wrapped and cx.lora
     router_trains = cx.trains or wrapped
     if s.family.router == "sigmoid":
         weights = _sigmoid_router(cx, h, router_trains, wrapped)
@@ -480,7 +481,7 @@ def _moe(cx: _Ctx, h: T) -> T:
     # the experts' grouped matmul has no autocast rule: transformers casts its input to the expert weights' dtype
     # (`input.to(weight.dtype)`): the stream's, except in freeze's trained layers under AMP (fp32 weights)
     width = lay.trainable_width if cx.trains and not lay.train.is_lora else h.width
-    sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, width, autocast=False)
+    sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, width, autocast=False, lora=cx.lora)
     inter = s.moe_intermediate_size
     routed = tp.cast(routed, width)
     gate = linear(sub, routed, "experts.gate", s.hidden_size, inter)
@@ -627,7 +628,8 @@ def stream_width(lay: Layout) -> int:
 
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
-                at_mlp: bool = False, held: bool = False, layer: int | None = None, worst: bool = False) -> int:
+                at_mlp: bool = False, held: bool = False, layer: int | None = None, worst: bool = False,
+                lora: bool = True) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
     a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
     storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
@@ -635,11 +637,12 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
     engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
     holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward.
     layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace; Qwen3.5: a Gated DeltaNet
-    or full attention; Llama 4: rope or NoPE); None: the mean over all, or with `worst` the largest kind's."""
+    or full attention; Llama 4: rope or NoPE); None: the mean over all, or with `worst` the largest kind's.
+    lora: the layer carries the adapters (a layer LLaMA Pro leaves without runs the frozen base alone)."""
     def saved(windowed: bool, moe: bool = True, linear: bool = False, rope: bool = True) -> int:
         tape = Tape()
         cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe,
-                  linear=linear, rope=rope)
+                  linear=linear, rope=rope, lora=lora)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
         if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward

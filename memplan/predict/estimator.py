@@ -131,7 +131,8 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     # them without checkpointing, the LM head's (+ the recomputed layer's, in layer_grad) with it
     ac_backward = st.autocast_cache_bytes
     if train.checkpointing:
-        cast_layers = lay.trainable_layers if train.method is Method.FREEZE else spec.num_layers
+        cast_layers = lay.trainable_layers if train.method is Method.FREEZE else len(lay.adapted_ids) \
+            if train.is_lora else spec.num_layers
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
     head_grads = 0 if per_param else head_grads
@@ -481,7 +482,7 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     b, s = tr.batch_size, tr.seq_len
     trains = lay.trainable_layers > 0
     full_layer = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True)
-    if tr.method is Method.FREEZE:
+    if lay.sparse_layers:
         return _freeze_activations(lay)
     # layers of different kinds (Qwen3.5): the recomputed / top-of-backward layer is the one that holds the most
     mixed = bool(lay.spec.layer_types)
@@ -529,7 +530,8 @@ def _embedding_dropout_bytes(lay: Layout) -> int:
 
 
 def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
-    """Freeze tuning (any trained layer set: the last N, the first N, LLaMA Pro's stride). Layers below the lowest
+    """Freeze tuning, or LoRA on LLaMA Pro's blocks (any trained layer set: the last N, the first N, LLaMA Pro's
+    stride; a LoRA one trains its adapters, the others run the frozen base alone). Layers below the lowest
     trained one save nothing (their input needs no grad); the lowest sees an input without grad; every layer
     above it is on the backward path: a trained one saves its tape (or, checkpointed, its input), a frozen one
     saves what its input's gradient needs (trains=False, x_rg=True). LLaMA-Factory checkpoints only modules with
@@ -538,30 +540,32 @@ def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
     own checkpointing (the HF stack) wraps them too."""
     tr, L = lay.train, lay.spec.num_layers
     b, s = tr.batch_size, tr.seq_len
-    ids = lay.trained_ids
+    ids = lay.adapted_ids if tr.is_lora else lay.trained_ids
+    own = not tr.is_lora  # the trained layers' own weights train (freeze), else their adapters
     if not ids:
         return 0, 0, 0, 0
     lo = ids[0]
     above = [i for i in range(lo + 1, L) if i not in ids]  # frozen layers on the backward path
     frozen_above = len(above)
-    frozen = layers_saved(lay, above, batch=b, seq=s, trains=False, x_rg=True)
+    frozen = layers_saved(lay, above, batch=b, seq=s, trains=False, x_rg=True, lora=False)
     top_id = ids[-1]  # the highest trained layer: its kind (DeepSeek: dense or MoE) sets the recomputed moment
     lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
     if tr.checkpointing:
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
-        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True,
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=True, input_kept=True, at_mlp=True,
                                  layer=top_id)
-        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, layer=top_id)
+        end = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=True, input_kept=True, layer=top_id)
         # transformers' activation_checkpointing_enable turns input grads on (enable_input_require_grads): the
         # frozen layers below the lowest trained one are then on the backward path too, each keeping its input
         below = 0 if lf else lo * kept
         return len(ids) * kept + (frozen if lf else frozen_above * kept) + below, recomputed, end, 0
-    first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False, layer=lo)
-    trained = layers_saved(lay, ids[1:], batch=b, seq=s, trains=True, x_rg=True)
+    first = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=False, layer=lo)
+    trained = layers_saved(lay, ids[1:], batch=b, seq=s, trains=own, x_rg=True)
     top_trains = top_id == L - 1
-    top = layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, layer=L - 1)
-    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True, layer=L - 1)
-    own_top = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, layer=top_id)
+    top = layer_saved(lay, batch=b, seq=s, trains=top_trains and own, x_rg=True, layer=L - 1, lora=top_trains)
+    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains and own, x_rg=True, at_mlp=True,
+                                 layer=L - 1, lora=top_trains)
+    own_top = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=True, layer=top_id)
     return first + trained + frozen, own_top, own_top, released
 
 

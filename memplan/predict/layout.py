@@ -33,6 +33,7 @@ class Layout:
     device: str = "cuda"  # cuda, or cpu to compare with CPU measurements (dropout keeps a full-width noise there)
     trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; LoRA: 0)
     trained_ids: range = range(0)  # which ones (TrainConfig.trainable_layer_ids: freeze's last / first N, LLaMA Pro)
+    adapted_ids: range = range(0)  # LoRA / QLoRA: the decoder layers carrying adapters (all, or LLaMA Pro's blocks)
     linear4bit_keeps_input: bool = True  # bitsandbytes < 0.43.2 (memplan.spec.packages), or the stack's own NF4
     quantized_head: bool = False  # QLoRA: the stack quantizes the LM head too (spec.stacks)
     only_quantized: frozenset[str] | None = None  # QLoRA: the only decoder linears that are 4-bit, where the stack
@@ -67,6 +68,7 @@ class Layout:
         packed = spec.packed
         upcast = qlora and stack.kbit_upcast and not (packed and packed.method in ("gptq", "aqlm"))
         keeps = linear4bit_keeps_input() if stack.nf4_keeps_input is None else stack.nf4_keeps_input
+        ids = train.trainable_layer_ids(spec.num_layers)
         return cls(
             spec=spec, train=train, attn=resolve_attention(spec.family, train.attn), amp=amp,
             # no autocast: a linear computes in its weights' dtype (full: the trained ones; else the frozen base's)
@@ -82,8 +84,9 @@ class Layout:
             linear4bit_keeps_input=keeps,
             quantized_head=qlora and stack.quantizes_lm_head and not spec.tie_word_embeddings and not packed,
             only_quantized=lora if qlora and stack.quantizes_only_adapted and not packed else None,
-            trainable_layers=len(train.trainable_layer_ids(spec.num_layers)),
-            trained_ids=train.trainable_layer_ids(spec.num_layers),
+            trainable_layers=0 if train.is_lora else len(ids),
+            trained_ids=range(0) if train.is_lora else ids,
+            adapted_ids=ids if train.is_lora else range(0),
         )
 
     @property
@@ -126,13 +129,20 @@ class Layout:
         """LoRA on all-linear wraps an MoE's router and 3D expert parameters too (Family.lora_wraps_experts)."""
         return self.train.is_lora and ALL_LINEAR in self.train.lora_targets and self.spec.family.lora_wraps_experts
 
+    @property
+    def sparse_layers(self) -> bool:
+        """Only some decoder layers train (freeze; LoRA under LLaMA Pro): the layers below the lowest trained one are
+        off the backward path, the frozen ones above it on it (estimator._sparse_activations)."""
+        return self.train.method is Method.FREEZE or len(self.adapted_ids) < self.spec.num_layers and \
+            self.train.is_lora
+
     def lora_params_total(self) -> int:
-        """Adapter parameters of all decoder layers (DeepSeek's leading dense layers have no MoE adapters)."""
-        s = self.spec
+        """Adapter parameters of the adapted decoder layers (DeepSeek's leading dense layers have no MoE adapters)."""
+        s, ids = self.spec, self.adapted_ids
         if s.layer_types:  # Qwen3.5: Gated DeltaNet and full-attention layers adapt different Linears
-            return sum(self.lora_params_per_layer(layer=i) for i in range(s.num_layers))
-        dense = s.num_layers - s.moe_layers if s.dense_layers else 0
-        return (s.num_layers - dense) * self.lora_params_per_layer() + dense * self.lora_params_per_layer(moe=False)
+            return sum(self.lora_params_per_layer(layer=i) for i in ids)
+        dense = sum(i < s.num_layers - s.moe_layers for i in ids) if s.dense_layers else 0
+        return (len(ids) - dense) * self.lora_params_per_layer() + dense * self.lora_params_per_layer(moe=False)
 
     def lora_params_per_layer(self, *, moe: bool = True, layer: int | None = None) -> int:
         """One layer's adapter parameters (moe=False: a DeepSeek dense layer's; all-linear skips its MLP); layer:

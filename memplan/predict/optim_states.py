@@ -36,8 +36,8 @@ def trainable_tensors(lay: Layout) -> list[Tensor]:
         out = []
         for lin in s.layer_linears():
             if lin.name in lay.lora_modules:
-                out += [Tensor("lora", r, lin.in_features, s.num_layers),
-                        Tensor("lora", lin.out_features, r, s.num_layers)]
+                out += [Tensor("lora", r, lin.in_features, len(lay.adapted_ids)),
+                        Tensor("lora", lin.out_features, r, len(lay.adapted_ids))]
         return out
     n = lay.trainable_layers
     out = [Tensor(lin.name, lin.out_features, lin.in_features, n) for lin in s.layer_linears()]

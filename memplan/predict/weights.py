@@ -127,9 +127,9 @@ def model_states(lay: Layout) -> ModelStates:
         if tr.adapter is not Adapter.LORA:  # DoRA's magnitude, OFT's weight: no autocast op casts them
             ac_layer = sum(adapters.autocast_params_per_linear(tr, lin) for lin in linears
                            if lin.name in lay.lora_modules) if lay.lora_width == 4 else 0
-            buffers += s.num_layers * sum(adapters.buffer_bytes_per_linear(tr, lin) for lin in linears
-                                          if lin.name in lay.lora_modules)
-        ac_params = ac_layer * s.num_layers if tr.adapter is not Adapter.LORA or not ac_layer else trainable
+            buffers += len(lay.adapted_ids) * sum(adapters.buffer_bytes_per_linear(tr, lin) for lin in linears
+                                                  if lin.name in lay.lora_modules)
+        ac_params = ac_layer * len(lay.adapted_ids) if tr.adapter is not Adapter.LORA or not ac_layer else trainable
         if tr.method is Method.QLORA:
             # decoder linears (all, or the adapted ones where the stack quantizes only those); bnb through
             # transformers skips lm_head, a stack may quantize it too (spec.stacks)
@@ -232,8 +232,8 @@ def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
         out = []
         for lin in s.layer_linears():
             if lin.name in lay.lora_modules:  # in how many layers (Qwen3.5: its own layer kind's)
-                count = sum(lin in s.layer_linears(i) for i in range(s.num_layers)) if s.layer_types else \
-                    s.num_layers
+                count = sum(lin in s.layer_linears(i) for i in lay.adapted_ids) if s.layer_types else \
+                    len(lay.adapted_ids)
                 out += [(rows, cols, count) for rows, cols in adapters.trainable_shapes(lay.train, lin)]
         return out
     ids = list(lay.trained_ids) if s.layer_types else [s.num_layers - 1] * lay.trainable_layers

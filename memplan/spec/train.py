@@ -121,7 +121,8 @@ class TrainConfig:
     double_quant: bool = True
     quant_type: str = "nf4"  # bitsandbytes 4-bit data type, nf4 or fp4: the same packing (quantization_type)
     # freeze: the last N layers train; negative, the first |N| (LLaMA-Factory adapter.py _setup_freeze_tuning);
-    # llama_pro: every (num_layers / N)-th layer, the expanded blocks (`trainable_layer_ids`)
+    # llama_pro: every (num_layers / N)-th layer, the expanded blocks, train (freeze) or carry the adapters (LoRA:
+    # model_utils/misc.py find_expanded_modules): `trainable_layer_ids`
     freeze_trainable_layers: int = 2
     llama_pro: bool = False
     parallel: Parallelism = Parallelism()  # ranks, nodes, sharding, offload (memplan.spec.parallel)
@@ -153,6 +154,9 @@ class TrainConfig:
         if not isinstance(n, int) or isinstance(n, bool) or n == 0 or (self.llama_pro and n < 0):
             problems.append(Problem("freeze_trainable_layers", f"{{}} must be a non-zero integer (positive with "
                                                                f"llama_pro), got {n!r}"))
+        if self.llama_pro and self.method is Method.FULL:  # finetuning_args.py L592-593 refuses the same
+            problems.append(Problem("llama_pro", "{} is only valid for freeze or LoRA training (it picks the expanded "
+                                                 "blocks that train)"))
         if self.lora_alpha is not None:
             problems += positive_int("lora_alpha", self.lora_alpha)
         if not isinstance(self.eval_batch_size, int) or isinstance(self.eval_batch_size, bool) or \
@@ -233,14 +237,13 @@ class TrainConfig:
         return self.parallel.ds_reduce_bucket
 
     def trainable_layer_ids(self, num_layers: int) -> range:
-        """The decoder layers a freeze run trains, as LLaMA-Factory picks them (model/adapter.py
-        _setup_freeze_tuning): llama_pro every stride-th from stride - 1 (stride = L / N; LLaMA-Factory refuses L not
-        divisible by N); N > 0 the last N; N < 0 the first |N|. Full: all; LoRA: none."""
+        """The decoder layers that train, as LLaMA-Factory picks them: their own weights (full: all; freeze, model/
+        adapter.py _setup_freeze_tuning: N > 0 the last N, N < 0 the first |N|) or their adapters (LoRA / QLoRA:
+        all). llama_pro (freeze or LoRA: model_utils/misc.py find_expanded_modules): every stride-th from stride - 1
+        (stride = L / N; LLaMA-Factory refuses L not divisible by N), the expanded blocks."""
         n = self.freeze_trainable_layers
-        if self.method is Method.FULL:
+        if self.method is Method.FULL or (self.is_lora and not self.llama_pro):
             return range(num_layers)
-        if self.method is not Method.FREEZE:
-            return range(0)
         if self.llama_pro:
             if num_layers % n:
                 raise ConfigError(Problem("freeze_trainable_layers", f"{{}} {n} must divide the {num_layers} layers "

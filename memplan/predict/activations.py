@@ -8,6 +8,7 @@ not, unless checkpointing turned on input grads), so the estimator runs at most 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from memplan.predict import adapters
@@ -602,23 +603,34 @@ def _softmax_fp32_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
     return T(n * k, FP32, probs.rg)
 
 
+def _part(cx: _Ctx, name: str) -> _Ctx:
+    """The context of one sub-module of the layer: its weights train only where the layer's do and freeze's
+    trainable_modules name it (LLaMA-Factory `.{idx}.{name}` in the parameter's name; "norm": a norm the table
+    does not name separately, trained under all only)."""
+    if not cx.trains or cx.lay.part_trains(name):
+        return cx
+    return dataclasses.replace(cx, trains=False)
+
+
 def decoder_layer(cx: _Ctx, x: T) -> T:
     s = cx.lay.spec
+    attn, ffn, norm_ = _part(cx, "self_attn"), _part(cx, "mlp"), _part(cx, "norm")
     if s.family.post_norms:  # OLMo-2: x + norm(attn(x)), then x + norm(mlp(x))
-        a = rms_norm(cx, attention(cx, x), s.hidden_size, gemma=True)
+        a = rms_norm(norm_, attention(attn, x), s.hidden_size, gemma=True)
         x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-        m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
+        m = rms_norm(norm_, mlp(ffn, x), s.hidden_size, gemma=True)
         return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
     # x * (1 + w) in fp32 (Gemma, Qwen3_5RMSNorm), or the weight times the fp32 normalised input (gpt-oss)
     fp32_mul = gemma or s.family.zero_centered_norms or s.family.norm_mul_fp32
-    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
+    first, second = (norm_, norm_) if gemma else (_part(cx, "input_layernorm"), _part(cx, "post_attention_layernorm"))
+    a = dropout(cx, attention(attn, norm(first, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
-        a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
+        a = rms_norm(norm_, a, s.hidden_size, gemma=True)  # post_attention_layernorm
     x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
+    m = dropout(cx, mlp(ffn, norm(second, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
-        m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
+        m = rms_norm(norm_, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
     return T(x.numel, max(x.width, m.width), x.rg or m.rg)
 
 
@@ -731,7 +743,8 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     softcap = n * s.vocab_size * c if s.final_softcap else 0
     # a 4-bit head (LitGPT) keeping its input before bitsandbytes 0.43.2, as the decoder's 4-bit linears do
     held = n * s.hidden_size * lay.compute_width if lay.quantized_head and lay.linear4bit_keeps_input else 0
-    return HeadSaved(norm_bytes=norm_bytes + (n * s.hidden_size * c if lay.full else 0) + held,  # lm_head's input
+    # lm_head's input, saved for its weight's gradient
+    return HeadSaved(norm_bytes=norm_bytes + (n * s.hidden_size * c if lay.head_trains else 0) + held,
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,
                      upcast_bytes=n * s.vocab_size * FP32 if c != FP32 else 0, softcap_bytes=softcap,
                      held_bytes=held)

@@ -63,6 +63,13 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         skip = spec.family.frozen_modules + spec.family.lora_exclude
         if train.llama_pro:
             targets = expanded_modules(model, spec, train, targets, skip)
+        if lf_input_grads(train):
+            # LLaMA-Factory enables checkpointing before the adapters (model/patcher.py patch_model ->
+            # prepare_model_for_training, then adapter.py init_adapter), so peft's PeftModel.__init__ sees
+            # is_gradient_checkpointing and calls enable_input_require_grads (peft_model.py L184-185 in 0.21,
+            # L136-137 in LLaMA-Factory's 0.18.1; _prepare_model_for_gradient_checkpointing skips quantized models):
+            # the embedding's output requires grad
+            model.enable_input_require_grads()
         frozen = "|".join(f".*{re.escape(f)}.*" for f in skip) or None
         lcfg = adapter_config(train, targets, frozen)
         # peft makes the adapters in the base layer's dtype and upcasts half ones to fp32 with autocast_adapter_dtype
@@ -110,6 +117,12 @@ def value_head(hidden_size: int, device: str) -> Any:
 
     with torch.device(device):
         return ValueHead()
+
+
+def lf_input_grads(train: TrainConfig) -> bool:
+    """LLaMA-Factory's LoRA / OFT under checkpointing: peft turns the input embedding's output grads on."""
+    return train.is_lora and train.checkpointing and train.method is not Method.QLORA and \
+        stack_facts(train.stack).name is Stack.LLAMAFACTORY
 
 
 def expanded_modules(model: Any, spec: ModelSpec, train: TrainConfig, targets: Any, skip: tuple[str, ...]

@@ -551,14 +551,17 @@ def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
     own = not tr.is_lora  # the trained layers' own weights train (freeze), else their adapters
     if not ids:
         return 0, 0, 0, 0
-    # a trained embedding (extra_modules) puts every layer on the backward path: the frozen ones below too
-    lo, emb = ids[0], lay.embedding_trains
+    # a trained embedding (extra_modules) puts every layer on the backward path: the frozen ones below too; so does
+    # LLaMA-Factory's LoRA under checkpointing (peft's enable_input_require_grads: memplan.build.model
+    # lf_input_grads), whose frozen layers below are not checkpointed (no trainable parameter)
+    lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
+    lo = ids[0]
+    emb = lay.embedding_trains or (lf and tr.is_lora and tr.checkpointing and tr.method is not Method.QLORA)
     below_ids = range(lo) if emb else range(0)
     above = [i for i in range(lo + 1, L) if i not in ids] + list(below_ids)  # frozen layers on the backward path
     frozen_above = len(above)
     frozen = layers_saved(lay, above, batch=b, seq=s, trains=False, x_rg=True, lora=False)
     top_id = ids[-1]  # the highest trained layer: its kind (DeepSeek: dense or MoE) sets the recomputed moment
-    lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
     if tr.checkpointing:
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
         recomputed = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=True, input_kept=True, at_mlp=True,

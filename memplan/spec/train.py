@@ -278,7 +278,8 @@ class TrainConfig:
         once, as embed_tokens): LLaMA-Factory raises "Module lm_head is not found" (adapter.py
         _setup_freeze_tuning); train embed_tokens, the same tensor."""
         if tie_word_embeddings and self.method is Method.FREEZE and "lm_head" in self.extra_modules:
-            raise ConfigError(Problem("extra_modules", "{} lm_head: the model ties it to embed_tokens, which has the "
+            raise ConfigError(Problem("extra_modules", "{} lm_head (freeze_extra_modules): the model ties it to "
+                                                       "embed_tokens, which has the "
                                                        "only parameter (LLaMA-Factory: Module lm_head is not found); "
                                                        "name embed_tokens"))
 

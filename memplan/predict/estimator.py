@@ -570,6 +570,13 @@ def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
         # transformers' activation_checkpointing_enable turns input grads on (enable_input_require_grads): the
         # frozen layers below the lowest trained one are then on the backward path too, each keeping its input
         below = 0 if lf else (lo - len(below_ids)) * kept
+        if lf and below_ids and not lay.embedding_trains:
+            # the frozen embedding's output, made to require grad by peft's hook, is a leaf its AccumulateGrad node
+            # holds, unless the uncheckpointed frozen layer 0 saves it already (an fp32 stream's norm: `pow` on the
+            # tensor itself; a half one saves its fp32 copy)
+            kw = dict(batch=b, seq=s, trains=False, x_rg=True, lora=False, layer=0)
+            if layer_saved(lay, **kw) == layer_saved(lay, input_kept=True, **kw):  # type: ignore[arg-type]
+                below += kept
         return len(ids) * kept + (frozen if lf else frozen_above * kept) + below, recomputed, end, 0
     first = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=emb, layer=lo)
     trained = layers_saved(lay, ids[1:], batch=b, seq=s, trains=own, x_rg=True)

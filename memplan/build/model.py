@@ -42,6 +42,7 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         # Params4bit refuses a FakeTensor ("Creating a new Tensor subclass Params4bit but the raw Tensor object is
         # already associated to a python object of type FakeTensor"): the exact mode traces QLoRA as LoRA
         raise ConfigError("QLoRA cannot be built on the meta device (bitsandbytes quantizes real tensors)")
+    train.check_extra_modules(spec.tie_word_embeddings)
     half = compute_dtype(train)
     dt = param_dtypes(train.stack, train.precision, spec.checkpoint_dtype, train.method)  # spec.dtypes
     load_dtype = getattr(torch, dt.frozen)  # the stack's load: the compute dtype, or LLaMA-Factory's checkpoint's
@@ -61,11 +62,23 @@ def build_model(spec: ModelSpec, train: TrainConfig, *, device: str = "cpu") -> 
         targets: Any = "all-linear" if train.lora_targets == ("all-linear",) else list(train.lora_targets)
         # a VL model's vision tower is never an adapter target (peft fullmatches a str exclude_modules)
         skip = spec.family.frozen_modules + spec.family.lora_exclude
+        if train.llama_pro:
+            targets = expanded_modules(model, spec, train, targets, skip)
+        if lf_input_grads(train):
+            # LLaMA-Factory enables checkpointing before the adapters (model/patcher.py patch_model ->
+            # prepare_model_for_training, then adapter.py init_adapter), so peft's PeftModel.__init__ sees
+            # is_gradient_checkpointing and calls enable_input_require_grads (peft_model.py L184-185 in 0.21,
+            # L136-137 in LLaMA-Factory's 0.18.1; _prepare_model_for_gradient_checkpointing skips quantized models):
+            # the embedding's output requires grad
+            model.enable_input_require_grads()
         frozen = "|".join(f".*{re.escape(f)}.*" for f in skip) or None
         lcfg = adapter_config(train, targets, frozen)
         # peft makes the adapters in the base layer's dtype and upcasts half ones to fp32 with autocast_adapter_dtype
         # (peft tuners_utils.py cast_adapter_dtype); the stack's rule says which (spec.dtypes)
         model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=dt.adapters == "float32")
+        for name, p in model.named_parameters():  # modules_to_save copies: LLaMA-Factory's cast of what trains
+            if ".modules_to_save." in name and p.requires_grad:  # (adapter.py L286-288; fp32 unless pure_bf16)
+                p.data = p.data.to(getattr(torch, dt.trainable))
         if train.method is Method.QLORA and stack_facts(train.stack).kbit_adapters_bf16:
             for name, p in model.named_parameters():  # TRL SFTTrainer (trl/trainer/sft_trainer.py L908-911)
                 if p.requires_grad and "lora_magnitude_vector" not in name:
@@ -115,6 +128,27 @@ def value_head(hidden_size: int, device: str) -> Any:
         return ValueHead()
 
 
+def lf_input_grads(train: TrainConfig) -> bool:
+    """LLaMA-Factory's LoRA / OFT under checkpointing: peft turns the input embedding's output grads on."""
+    return train.is_lora and train.checkpointing and train.method is not Method.QLORA and \
+        stack_facts(train.stack).name is Stack.LLAMAFACTORY
+
+
+def expanded_modules(model: Any, spec: ModelSpec, train: TrainConfig, targets: Any, skip: tuple[str, ...]
+                     ) -> list[str]:
+    """LLaMA Pro under LoRA: the full names of the target modules inside the expanded blocks, as LLaMA-Factory
+    passes them to peft (model_utils/misc.py find_expanded_modules: `target in name` and `.{idx}.` in name for each
+    trained idx; lora_target all is find_all_linear_modules' leaf names of every *Linear* module but lm_head)."""
+    torch = try_import("torch")
+    if targets == "all-linear":
+        targets = sorted({name.split(".")[-1] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+                          and not any(f in name for f in skip)})
+    layers = [f".{i}." for i in train.trainable_layer_ids(spec.num_layers)]
+    return [name for name, _ in model.named_modules()
+            if any(t in name for t in targets) and any(layer in name for layer in layers)]
+
+
 def adapter_config(train: TrainConfig, targets: Any, exclude: str | None) -> Any:
     """The peft config LLaMA-Factory builds (src/llamafactory/model/adapter.py _setup_lora_tuning L255-313): LoRA
     with use_dora / init_lora_weights "pissa" (pissa_iter -1) or "pissa_niter_{pissa_iter}", or OFTConfig with
@@ -122,13 +156,15 @@ def adapter_config(train: TrainConfig, targets: Any, exclude: str | None) -> Any
     peft = try_import("peft")
     if train.adapter is Adapter.OFT:
         return peft.OFTConfig(r=train.oft_rank, oft_block_size=train.oft_block_size, target_modules=targets,
-                              task_type="CAUSAL_LM", exclude_modules=exclude)
+                              task_type="CAUSAL_LM", exclude_modules=exclude,
+                              modules_to_save=list(train.extra_modules) or None)
     init: Any = True
     if train.pissa_init:
         init = "pissa" if train.pissa_iter == -1 else f"pissa_niter_{train.pissa_iter}"
     return peft.LoraConfig(r=train.lora_rank, lora_alpha=train.alpha, lora_dropout=train.lora_dropout,
                            target_modules=targets, task_type="CAUSAL_LM", exclude_modules=exclude,
-                           use_dora=train.adapter is Adapter.DORA, init_lora_weights=init)
+                           use_dora=train.adapter is Adapter.DORA, init_lora_weights=init,
+                           modules_to_save=list(train.extra_modules) or None)
 
 
 def prepare_for_stack(model: Any, train: TrainConfig) -> None:
@@ -250,9 +286,13 @@ def _quantize_linears(model: Any, train: TrainConfig, half: Any, device: str) ->
 
 
 def _trainable_prefixes(spec: ModelSpec, train: TrainConfig) -> list[str] | None:
+    """What a parameter's name contains when it trains (LLaMA-Factory _setup_freeze_tuning matches substrings):
+    the trained layers' prefix, freeze_extra_modules' names."""
     if train.method is Method.FULL:
         return None
-    return [f"layers.{i}." for i in train.trainable_layer_ids(spec.num_layers)]
+    parts = [""] if "all" in train.trainable_modules else list(train.trainable_modules)  # `.{idx}.{name}`
+    return [f"layers.{i}.{part}" for i in train.trainable_layer_ids(spec.num_layers) for part in parts] + \
+        list(train.extra_modules)
 
 
 def build_optimizer(model: Any, train: TrainConfig) -> Any:

@@ -33,7 +33,18 @@ from memplan.spec.generation import Generation
 from memplan.spec.model import ModelSpec
 from memplan.spec.parallel import Offload, Sharding
 from memplan.spec.stacks import Stack
-from memplan.spec.train import ALL_LINEAR, Adapter, Attention, Method, Precision, ProjType, Stage, TrainConfig
+from memplan.spec.train import (
+    ALL_LINEAR,
+    EXTRA_MODULES,
+    FREEZE_MODULES,
+    Adapter,
+    Attention,
+    Method,
+    Precision,
+    ProjType,
+    Stage,
+    TrainConfig,
+)
 
 # TrainConfig field -> the YAML key that carries it (problems are spelled with these names)
 KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size",
@@ -49,7 +60,8 @@ KEYS = {"method": "finetuning_type", "batch_size": "per_device_train_batch_size"
         "proj_type": "galore_proj_type",
         "adapter": "finetuning_type/use_dora", "oft_block_size": "oft_block_size", "oft_rank": "oft_rank",
         "pissa_init": "pissa_init", "pissa_iter": "pissa_iter", "liger_kernel": "enable_liger_kernel",
-        "offload_checkpoints": "use_unsloth_gc"}
+        "offload_checkpoints": "use_unsloth_gc", "extra_modules": "freeze_extra_modules/additional_target",
+        "trainable_modules": "freeze_trainable_modules"}
 # (YAML key, TrainConfig field, LLaMA-Factory's default) of the integer knobs
 _INTS = (("per_device_train_batch_size", "batch_size", 8), ("gradient_accumulation_steps", "grad_accum", 1),
          ("cutoff_len", "seq_len", 2048), ("lora_rank", "lora_rank", 8),
@@ -67,8 +79,7 @@ _ATTN: dict[Attention, tuple[str, ...]] = {Attention.AUTO: ("auto",), Attention.
 NOT_MODELLED: dict[str, tuple[object, ...]] = {
     "stage": ("sft", "pt", "dpo", "rm", "kto"), "ref_model": (None,),
     "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
-    "use_badam": (False,), "apollo_proj": ("random",), "use_unsloth": (False,), "additional_target": (None,),
-    "freeze_trainable_modules": ("all",), "freeze_extra_modules": (None,),
+    "use_badam": (False,), "apollo_proj": ("random",), "use_unsloth": (False,),
     "fp8": (False,), "mixture_of_depths": (None,), "neat_packing": (False,),
     "shift_attn": (False,),
     "resize_vocab": (False,), "predict_with_generate": (False,), "use_kt": (False,),
@@ -84,15 +95,13 @@ _MEGATRON = ("Megatron-Core parallelism (LLaMA-Factory's mcore path, hparams/meg
 # Why each of these keys (the ones this table's values leave out) is not modelled, in the warning line and README.
 # A key without an entry reads "not modelled yet".
 WHY_NOT: dict[str, str] = {
-    "freeze_trainable_modules": "only those sub-modules of the trained layers train (model/adapter.py "
-                                "_setup_freeze_tuning); the estimate trains whole layers",
-    "freeze_extra_modules": "the named non-layer modules (embed_tokens, norm, lm_head) train too: their fp32 copy, "
-                            "gradient and optimizer states, and an embedding that trains puts every layer on the "
-                            "backward path; not in the estimate",
-    "additional_target": "peft modules_to_save: each named module trains whole beside a frozen original copy "
-                         "(model/adapter.py _setup_lora_tuning); not in the estimate",
-    "use_llama_pro": "with LoRA, adapters only on the expanded blocks (model_utils/misc.py find_expanded_modules); "
-                     "the estimate puts them on every layer",
+    "freeze_trainable_modules": "a name other than all / self_attn / mlp / input_layernorm / "
+                                "post_attention_layernorm: the estimate trains whole layers",
+    "freeze_extra_modules": "a name other than embed_tokens / lm_head (norm: LLaMA-Factory's substring match trains "
+                            "every norm of every layer, which also checkpoints the frozen layers) is left out of the "
+                            "estimate",
+    "additional_target": "a name other than embed_tokens / lm_head (norm: peft's endswith match copies every "
+                         "*norm module of every layer) is left out of the estimate",
     "fp8": "fp8 mixed precision through accelerate (train/fp8_utils.py create_fp8_kwargs: torchao, TE or MS-AMP "
            "by fp8_backend): each backend's fp8 weight copies and scales are not modelled",
     "mixture_of_depths": "MoD routes a fraction of the tokens through each layer (model_utils/mod.py): activations "
@@ -146,7 +155,17 @@ MODELLED: dict[str, str] = {
     "double_quantization": "bnb 4-bit: 8-bit absmax with an fp32 one per 256, else fp32 absmax per 64",
     "freeze_trainable_layers": "freeze: the last N layers train; negative, the first -N (frozen layers above them "
                                "save their input-gradient tape, unchecked)",
-    "use_llama_pro": "freeze: only the expanded blocks train (every L/N-th layer)",
+    "freeze_trainable_modules": "freeze: only these sub-modules of the trained layers train (self_attn, mlp, "
+                                "input_layernorm, post_attention_layernorm; model/adapter.py _setup_freeze_tuning "
+                                "`.{idx}.{name}`): their weights, gradients and states, and what their backward saves",
+    "freeze_extra_modules": "freeze: embed_tokens / lm_head train in place (model/adapter.py _setup_freeze_tuning; "
+                            "fp32 weight, gradient and optimizer states; a trained embedding puts every layer on the "
+                            "backward path and makes the residual stream fp32 under autocast)",
+    "additional_target": "LoRA / OFT: peft modules_to_save of embed_tokens / lm_head, a trainable fp32 copy beside "
+                         "the frozen original (peft utils/other.py ModulesToSaveWrapper; LLaMA-Factory casts it, "
+                         "adapter.py L286-288)",
+    "use_llama_pro": "only the expanded blocks (every L/N-th layer, N = freeze_trainable_layers) train: freeze, their "
+                     "weights; LoRA / OFT, their adapters alone (model_utils/misc.py find_expanded_modules)",
     "deepspeed": "ZeRO stage and offload from its JSON (looked for in the working directory, then the YAML's folder "
                  "and each above it)", "fsdp": "FSDP sharding strategy and offload",
     "fsdp_config": "its version: 1 (FSDP1) or 2 (FSDP2 fully_shard); unset, HF Trainer's default 2 "
@@ -196,7 +215,8 @@ MODELLED: dict[str, str] = {
     "image_max_pixels": "each image's pixels (a square after LLaMA-Factory's resize, then the processor's "
                         "smart_resize): vision patches and visual tokens",
     "image_min_pixels": "each image's least pixels",
-    "freeze_vision_tower": "true (default): the tower frozen, its forward saves nothing; false: warned, not modelled",
+    "freeze_vision_tower": "true (default): the tower frozen (its forward still saves its tape where peft's enable_input_require_grads "
+                           "hooks patch_embed: Qwen2-VL / Qwen2.5-VL LoRA with checkpointing); false: warned, not modelled",
     "freeze_multi_modal_projector": "true (default): the merger frozen; false: warned, not modelled",
 }
 
@@ -459,6 +479,7 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     except (TypeError, ValueError):
         problems.append(f"lora_dropout must be a number in [0, 1), got {raw['lora_dropout']!r}")
     kw["lora_targets"] = _targets(raw.get("lora_target", "all"))
+    extras_warned = _extra_modules(raw, kw)
     try:
         kw.update(_adapter(raw))
         # model_args.py: enable_liger_kernel (model_utils/liger_kernel.py), use_unsloth_gc (checkpointing.py
@@ -492,7 +513,7 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     if raw.get("quantization_bit") is not None:
         kw["quant_bits"] = raw["quantization_bit"]
         problems += _quantization(raw, kw)
-    if kw.get("method") is Method.FREEZE:
+    if kw.get("method") in (Method.FREEZE, Method.LORA, Method.QLORA):
         try:
             kw["llama_pro"] = _bool(raw, "use_llama_pro")
         except ConfigError as err:
@@ -520,12 +541,35 @@ def config_from_llamafactory(raw: dict[str, Any]) -> LlamaFactoryConfig:
     generation = _generation(raw) if predicts_with_generate(raw) else None
     unmodelled = tuple(_warning(k, raw[k]) for k, modelled in NOT_MODELLED.items()
                        if k in raw and raw[k] not in modelled and not (generation and k == "predict_with_generate"))
-    if train.is_lora and raw.get("use_llama_pro") is True:
-        unmodelled += (_warning("use_llama_pro", True),)
-    unmodelled += visual_warnings
+    unmodelled += extras_warned + visual_warnings
     return LlamaFactoryConfig(model=str(raw["model_name_or_path"]), train=train, raw=dict(raw),
                               output_dir=raw.get("output_dir"), deepspeed=raw.get("deepspeed"),
                               not_modelled=unmodelled, generation=generation)
+
+
+def _extra_modules(raw: dict[str, Any], kw: dict[str, Any]) -> tuple[str, ...]:
+    """freeze_trainable_modules -> TrainConfig.trainable_modules (freeze; "all" when a name is not modelled);
+    freeze_extra_modules (freeze) or additional_target (LoRA / OFT) -> TrainConfig.extra_modules: the names
+    memplan models (EXTRA_MODULES); the warning line of any other name. Each key is read by its own method only
+    (finetuning_args.py split_arg: comma-separated; adapter.py reads freeze_extra_modules in _setup_freeze_tuning,
+    additional_target in _setup_lora_tuning)."""
+    method = kw.get("method")
+    warned: tuple[str, ...] = ()
+    if method is Method.FREEZE and raw.get("freeze_trainable_modules") not in (None, "", []):
+        parts = _targets(raw["freeze_trainable_modules"])
+        parts = ("all",) if parts == (ALL_LINEAR,) else parts
+        if set(parts) <= set(FREEZE_MODULES):
+            kw["trainable_modules"] = parts
+        else:  # estimated as all (whole layers), named in the warning line
+            warned += (_warning("freeze_trainable_modules", raw["freeze_trainable_modules"]),)
+    key = "freeze_extra_modules" if method is Method.FREEZE else "additional_target" if method in (
+        Method.LORA, Method.QLORA) else None
+    if key is None or raw.get(key) in (None, "", []):
+        return warned
+    names = _targets(raw[key])
+    kw["extra_modules"] = tuple(n for n in names if n in EXTRA_MODULES)
+    other = [n for n in names if n not in EXTRA_MODULES]
+    return warned + ((_warning(key, ",".join(other)),) if other else ())
 
 
 def _generation(raw: dict[str, Any]) -> Generation:
@@ -725,10 +769,15 @@ def llamafactory_yaml(spec: ModelSpec, train: TrainConfig, base: dict[str, Any] 
             plan["double_quantization"] = False
         if train.quant_type != "nf4":
             plan["quantization_type"] = train.quant_type
-    if train.method is Method.FREEZE:
+    if train.method is Method.FREEZE and "all" not in train.trainable_modules:
+        plan["freeze_trainable_modules"] = ",".join(train.trainable_modules)
+    if train.extra_modules:
+        plan["freeze_extra_modules" if train.method is Method.FREEZE else "additional_target"] = \
+            ",".join(train.extra_modules)
+    if train.method is Method.FREEZE or train.llama_pro:  # LoRA reads the blocks' count from it too
         plan["freeze_trainable_layers"] = train.freeze_trainable_layers
-        if train.llama_pro:
-            plan["use_llama_pro"] = True
+    if train.llama_pro:
+        plan["use_llama_pro"] = True
     base = base or {}
     if train.sharding.is_deepspeed:
         plan["deepspeed"] = deepspeed or base.get("deepspeed")

@@ -8,6 +8,7 @@ not, unless checkpointing turned on input grads), so the estimator runs at most 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from memplan.predict import adapters
@@ -34,6 +35,7 @@ class _Ctx:
     moe: bool = True  # an MoE model's layer has the sparse MLP (False: DeepSeek's leading dense layers)
     linear: bool = False  # a Qwen3.5 Gated DeltaNet layer (layer_types "linear_attention")
     rope: bool = True  # this layer rotates q / k (False: Llama 4's NoPE layers)
+    lora: bool = True  # this layer carries the adapters (False: a layer LLaMA Pro leaves without, Layout.adapted_ids)
 
     @property
     def amp(self) -> bool:
@@ -129,7 +131,7 @@ def linear(cx: _Ctx, x: T, name: str, in_f: int, out_f: int, *, trains: bool | N
     """nn.Linear under autocast (a fresh half copy of x per call), plus the LoRA branch when `name` is targeted."""
     tp, lay = cx.tape, cx.lay
     w_trains = cx.trains if trains is None else trains
-    adapter = lay.train.adapter if name in lay.lora_modules else None
+    adapter = lay.train.adapter if cx.lora and name in lay.lora_modules else None
     x_in = x
     if adapter is Adapter.OFT:  # the rotation applies to the input; the base layer runs on the rotated copy
         x = adapters.oft_rotate(tp, x, lay.train, Linear(name=name, in_features=in_f, out_features=out_f),
@@ -463,7 +465,7 @@ def _moe(cx: _Ctx, h: T) -> T:
     (target_parameters): the experts then run a grouped matmul on merged weights W + BA, saved for backward."""
     s, tp, lay = cx.lay.spec, cx.tape, cx.lay
     n, k = cx.tokens, s.experts_per_token
-    wrapped = lay.experts_wrapped
+    wrapped = lay.experts_wrapped and cx.lora
     router_trains = cx.trains or wrapped
     if s.family.router == "sigmoid":
         weights = _sigmoid_router(cx, h, router_trains, wrapped)
@@ -480,7 +482,7 @@ def _moe(cx: _Ctx, h: T) -> T:
     # the experts' grouped matmul has no autocast rule: transformers casts its input to the expert weights' dtype
     # (`input.to(weight.dtype)`): the stream's, except in freeze's trained layers under AMP (fp32 weights)
     width = lay.trainable_width if cx.trains and not lay.train.is_lora else h.width
-    sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, width, autocast=False)
+    sub = _Ctx(tp, lay, n * k, cx.batch, cx.seq, cx.trains or wrapped, width, autocast=False, lora=cx.lora)
     inter = s.moe_intermediate_size
     routed = tp.cast(routed, width)
     if wrapped:  # merged expert weights (E, 2I, H) and (E, H, I) in the compute dtype: peft's ParamWrapper
@@ -624,23 +626,34 @@ def _softmax_fp32_router(cx: _Ctx, h: T, trains: bool, wrapped: bool) -> T:
     return T(n * k, FP32, probs.rg)
 
 
+def _part(cx: _Ctx, name: str) -> _Ctx:
+    """The context of one sub-module of the layer: its weights train only where the layer's do and freeze's
+    trainable_modules name it (LLaMA-Factory `.{idx}.{name}` in the parameter's name; "norm": a norm the table
+    does not name separately, trained under all only)."""
+    if not cx.trains or cx.lay.part_trains(name):
+        return cx
+    return dataclasses.replace(cx, trains=False)
+
+
 def decoder_layer(cx: _Ctx, x: T) -> T:
     s = cx.lay.spec
+    attn, ffn, norm_ = _part(cx, "self_attn"), _part(cx, "mlp"), _part(cx, "norm")
     if s.family.post_norms:  # OLMo-2: x + norm(attn(x)), then x + norm(mlp(x))
-        a = rms_norm(cx, attention(cx, x), s.hidden_size, gemma=True)
+        a = rms_norm(norm_, attention(attn, x), s.hidden_size, gemma=True)
         x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-        m = rms_norm(cx, mlp(cx, x), s.hidden_size, gemma=True)
+        m = rms_norm(norm_, mlp(ffn, x), s.hidden_size, gemma=True)
         return T(x.numel, max(x.width, m.width), x.rg or m.rg)
     gemma = s.family.sandwich_norms
     # x * (1 + w) in fp32 (Gemma, Qwen3_5RMSNorm), or the weight times the fp32 normalised input (gpt-oss)
     fp32_mul = gemma or s.family.zero_centered_norms or s.family.norm_mul_fp32
-    a = dropout(cx, attention(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
+    first, second = (norm_, norm_) if gemma else (_part(cx, "input_layernorm"), _part(cx, "post_attention_layernorm"))
+    a = dropout(cx, attention(attn, norm(first, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
-        a = rms_norm(cx, a, s.hidden_size, gemma=True)  # post_attention_layernorm
+        a = rms_norm(norm_, a, s.hidden_size, gemma=True)  # post_attention_layernorm
     x = T(x.numel, max(x.width, a.width), x.rg or a.rg)
-    m = dropout(cx, mlp(cx, norm(cx, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
+    m = dropout(cx, mlp(ffn, norm(second, x, s.hidden_size, gemma=fp32_mul)), s.residual_dropout)
     if gemma:
-        m = rms_norm(cx, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
+        m = rms_norm(norm_, m, s.hidden_size, gemma=True)  # post_feedforward_layernorm
     return T(x.numel, max(x.width, m.width), x.rg or m.rg)
 
 
@@ -650,7 +663,8 @@ def stream_width(lay: Layout) -> int:
 
 
 def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, input_kept: bool = False,
-                at_mlp: bool = False, held: bool = False, layer: int | None = None, worst: bool = False) -> int:
+                at_mlp: bool = False, held: bool = False, layer: int | None = None, worst: bool = False,
+                lora: bool = True) -> int:
     """Bytes one decoder layer saves for backward (its input included when it is saved, unless `input_kept`:
     a recomputed checkpointed layer, whose input the checkpoint already holds: the norm's `pow` saves that very
     storage when the stream is fp32, so it is not a second copy). at_mlp: what is still saved when its backward
@@ -658,11 +672,12 @@ def layer_saved(lay: Layout, *, batch: int, seq: int, trains: bool, x_rg: bool, 
     engine.cpp, retain_graph=False; the down projection's saved input is gone by then, unless a ctx attribute
     holds it). held: only the bytes held by ctx attributes (Tape.held), which outlive the layer's backward.
     layer: that decoder layer's own kind (DeepSeek: dense below first_k_dense_replace; Qwen3.5: a Gated DeltaNet
-    or full attention; Llama 4: rope or NoPE); None: the mean over all, or with `worst` the largest kind's."""
+    or full attention; Llama 4: rope or NoPE); None: the mean over all, or with `worst` the largest kind's.
+    lora: the layer carries the adapters (a layer LLaMA Pro leaves without runs the frozen base alone)."""
     def saved(windowed: bool, moe: bool = True, linear: bool = False, rope: bool = True) -> int:
         tape = Tape()
         cx = _Ctx(tape, lay, batch * seq, batch, seq, trains, stream_width(lay), windowed=windowed, moe=moe,
-                  linear=linear, rope=rope)
+                  linear=linear, rope=rope, lora=lora)
         x = T(batch * seq * lay.spec.hidden_size, stream_width(lay), x_rg)
         decoder_layer(cx, x)
         if held:  # only what a ctx attribute holds (Tape.held): what outlives the layer's backward
@@ -751,7 +766,8 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     softcap = n * s.vocab_size * c if s.final_softcap else 0
     # a 4-bit head (LitGPT) keeping its input before bitsandbytes 0.43.2, as the decoder's 4-bit linears do
     held = n * s.hidden_size * lay.compute_width if lay.quantized_head and lay.linear4bit_keeps_input else 0
-    return HeadSaved(norm_bytes=norm_bytes + (n * s.hidden_size * c if lay.full else 0) + held,  # lm_head's input
+    # lm_head's input, saved for its weight's gradient
+    return HeadSaved(norm_bytes=norm_bytes + (n * s.hidden_size * c if lay.head_trains else 0) + held,
                      logits_bytes=n * s.vocab_size * c, logprobs_bytes=n * s.vocab_size * FP32,
                      upcast_bytes=n * s.vocab_size * FP32 if c != FP32 else 0, softcap_bytes=softcap,
                      held_bytes=held)

@@ -88,6 +88,13 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     # per-parameter moment below: LOMO fp32 / AMP / pure bf16 within 0.2 %)
     head_bwd = head.norm_bytes + lay.head_cast_bytes + grad_logits + n * spec.hidden_size * c + (
         spec.vocab_size * spec.hidden_size * c if per_param and lay.full else _lm_head_grad_peak(lay))
+    if lay.head_trains and not lay.full and lay.amp and lay.trainable_width != c:
+        # an extra trained head (extra_modules) under AMP: MmBackward makes the half weight gradient, then frees
+        # the logits' gradient before ToCopyBackward casts it to the fp32 weight's dtype (measured on the exact
+        # trace: the two are never alive together)
+        vh = spec.vocab_size * spec.hidden_size
+        head_bwd = head.norm_bytes + lay.head_cast_bytes + n * spec.hidden_size * c + vh * c + \
+            max(grad_logits, vh * lay.trainable_width)
     head_dq = dequantized_bytes(lay, v * spec.hidden_size) if lay.quantized_head else 0
     if head_dq:  # a 4-bit LM head (LitGPT): its weight dequantized for the hidden states' gradient, and in its
         # forward before the logits exist (bitsandbytes 0.42 MatMul4Bit.forward: `F.dequantize_4bit(B,
@@ -97,7 +104,7 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     if fused_ce and liger_applies(spec.model_type, train.liger_kernel):
         # Liger's fused linear cross-entropy (predict/kernels.py): no logits; both head gradients made in forward
         f = fused_ce_bytes(tokens=n, vocab=v, hidden=spec.hidden_size, input_width=stream_width(lay),
-                           compute_width=c, head_width=lay.trainable_width, head_trains=lay.full)
+                           compute_width=c, head_width=lay.trainable_width, head_trains=lay.head_trains)
         ce_fwd, ce_bwd = f.forward_peak_bytes, f.grad_input_bytes + f.grad_weight_bytes
         head = dataclasses.replace(head, logits_bytes=0, upcast_bytes=0, logprobs_bytes=0, softcap_bytes=0)
         head_bwd = head.norm_bytes + ce_bwd
@@ -140,9 +147,10 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
         spec.mask_types * b * s * s if sdpa_masked(lay) else 0  # sdpa: the bool sliding-window mask
     # autocast's weight copies live until forward ends; in backward only those saved by a graph remain: all of
     # them without checkpointing, the LM head's (+ the recomputed layer's, in layer_grad) with it
-    ac_backward = st.autocast_cache_bytes
+    ac_backward = st.autocast_cache_bytes - _unsaved_casts(lay)
     if train.checkpointing:
-        cast_layers = lay.trainable_layers if train.method is Method.FREEZE else spec.num_layers
+        cast_layers = lay.trainable_layers if train.method is Method.FREEZE else len(lay.adapted_ids) \
+            if train.is_lora else spec.num_layers
         ac_backward -= cast_layers * st.autocast_layer_bytes
         layer_grad += st.autocast_layer_bytes
     head_grads = 0 if per_param else head_grads
@@ -497,7 +505,7 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     b, s = tr.batch_size, tr.seq_len
     trains = lay.trainable_layers > 0
     full_layer = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True)
-    if tr.method is Method.FREEZE:
+    if lay.sparse_layers:
         return _freeze_activations(lay)
     # layers of different kinds (Qwen3.5): the recomputed / top-of-backward layer is the one that holds the most
     mixed = bool(lay.spec.layer_types)
@@ -513,7 +521,7 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
             # LLaMA-Factory's UnslothGradientCheckpointing: each input saved as a host copy, so the device keeps
             # none (a layer's input is freed once the next runs) but the bottom one where it is a leaf (frozen
             # embedding: its AccumulateGrad node holds it); in backward, one input back on the device per recompute
-            return (0 if lay.full else kept), recomputed + kept, end + kept, 0
+            return (0 if lay.embedding_trains else kept), recomputed + kept, end + kept, 0
         return L * kept, recomputed, end, 0
     top = L - 1 if mixed else None
     released = layer_saved(lay, batch=b, seq=s, trains=trains, x_rg=True, layer=top) - \
@@ -521,8 +529,8 @@ def _activations(lay: Layout) -> tuple[int, int, int, int]:
     if lay.full:
         return (layers_saved(lay, range(L), batch=b, seq=s, trains=trains, x_rg=True) if mixed else
                 L * full_layer), full_layer, full_layer, released
-    # LoRA: the first layer's input does not require grad (frozen embedding)
-    first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=False, layer=0 if mixed else None)
+    # LoRA: the first layer's input does not require grad (frozen embedding; a trained copy's output does)
+    first = layer_saved(lay, batch=b, seq=s, trains=False, x_rg=lay.embedding_trains, layer=0 if mixed else None)
     rest = layers_saved(lay, range(1, L), batch=b, seq=s, trains=trains, x_rg=True) if mixed else \
         (L - 1) * full_layer
     return first + rest, full_layer, full_layer, released
@@ -536,16 +544,17 @@ def _embedding_dropout_bytes(lay: Layout) -> int:
     # LLaMA-Factory's checkpointing wrapper sets requires_grad on each trained layer's input instead (memplan.build.
     # model.enable_checkpointing): after the dropout
     hook = tr.checkpointing and stack_facts(tr.stack).name is not Stack.LLAMAFACTORY
-    if not s.embedding_dropout or not (lay.full or hook):
+    if not s.embedding_dropout or not (lay.embedding_trains or hook):
         return 0
     hidden = tr.batch_size * tr.seq_len * s.hidden_size
     noise = hidden * (1 if lay.device == "cuda" else stream_width(lay))
     # a frozen embedding's output made to require grad by the hook is a leaf, held by its AccumulateGrad node
-    return noise + (0 if lay.full else hidden * stream_width(lay))
+    return noise + (0 if lay.embedding_trains else hidden * stream_width(lay))
 
 
 def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
-    """Freeze tuning (any trained layer set: the last N, the first N, LLaMA Pro's stride). Layers below the lowest
+    """Freeze tuning, or LoRA on LLaMA Pro's blocks (any trained layer set: the last N, the first N, LLaMA Pro's
+    stride; a LoRA one trains its adapters, the others run the frozen base alone). Layers below the lowest
     trained one save nothing (their input needs no grad); the lowest sees an input without grad; every layer
     above it is on the backward path: a trained one saves its tape (or, checkpointed, its input), a frozen one
     saves what its input's gradient needs (trains=False, x_rg=True). LLaMA-Factory checkpoints only modules with
@@ -554,31 +563,64 @@ def _freeze_activations(lay: Layout) -> tuple[int, int, int, int]:
     own checkpointing (the HF stack) wraps them too."""
     tr, L = lay.train, lay.spec.num_layers
     b, s = tr.batch_size, tr.seq_len
-    ids = lay.trained_ids
+    ids = lay.adapted_ids if tr.is_lora else lay.trained_ids
+    own = not tr.is_lora  # the trained layers' own weights train (freeze), else their adapters
     if not ids:
         return 0, 0, 0, 0
-    lo = ids[0]
-    above = [i for i in range(lo + 1, L) if i not in ids]  # frozen layers on the backward path
-    frozen_above = len(above)
-    frozen = layers_saved(lay, above, batch=b, seq=s, trains=False, x_rg=True)
-    top_id = ids[-1]  # the highest trained layer: its kind (DeepSeek: dense or MoE) sets the recomputed moment
+    # a trained embedding (extra_modules) puts every layer on the backward path: the frozen ones below too; so does
+    # LLaMA-Factory's LoRA under checkpointing (peft's enable_input_require_grads: memplan.build.model
+    # lf_input_grads), whose frozen layers below are not checkpointed (no trainable parameter)
     lf = stack_facts(tr.stack).name is Stack.LLAMAFACTORY
+    lo = ids[0]
+    emb = lay.embedding_trains or (lf and tr.is_lora and tr.checkpointing and tr.method is not Method.QLORA)
+    below_ids = range(lo) if emb else range(0)
+    above = [i for i in range(lo + 1, L) if i not in ids] + list(below_ids)  # frozen layers on the backward path
+    frozen_above = len(above)
+    frozen = layers_saved(lay, above, batch=b, seq=s, trains=False, x_rg=True, lora=False)
+    top_id = ids[-1]  # the highest trained layer: its kind (DeepSeek: dense or MoE) sets the recomputed moment
     if tr.checkpointing:
         kept = b * s * lay.spec.hidden_size * stream_width(lay)
-        recomputed = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, at_mlp=True,
+        recomputed = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=True, input_kept=True, at_mlp=True,
                                  layer=top_id)
-        end = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, input_kept=True, layer=top_id)
+        end = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=True, input_kept=True, layer=top_id)
         # transformers' activation_checkpointing_enable turns input grads on (enable_input_require_grads): the
         # frozen layers below the lowest trained one are then on the backward path too, each keeping its input
-        below = 0 if lf else lo * kept
+        below = 0 if lf else (lo - len(below_ids)) * kept
+        if lf and below_ids and not lay.embedding_trains:
+            # the frozen embedding's output, made to require grad by peft's hook, is a leaf its AccumulateGrad node
+            # holds, unless the uncheckpointed frozen layer 0 saves it already (an fp32 stream's norm: `pow` on the
+            # tensor itself; a half one saves its fp32 copy)
+            kw = dict(batch=b, seq=s, trains=False, x_rg=True, lora=False, layer=0)
+            if layer_saved(lay, **kw) == layer_saved(lay, input_kept=True, **kw):  # type: ignore[arg-type]
+                below += kept
         return len(ids) * kept + (frozen if lf else frozen_above * kept) + below, recomputed, end, 0
-    first = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=False, layer=lo)
-    trained = layers_saved(lay, ids[1:], batch=b, seq=s, trains=True, x_rg=True)
+    first = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=emb, layer=lo)
+    trained = layers_saved(lay, ids[1:], batch=b, seq=s, trains=own, x_rg=True)
     top_trains = top_id == L - 1
-    top = layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, layer=L - 1)
-    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains, x_rg=True, at_mlp=True, layer=L - 1)
-    own_top = layer_saved(lay, batch=b, seq=s, trains=True, x_rg=True, layer=top_id)
+    top = layer_saved(lay, batch=b, seq=s, trains=top_trains and own, x_rg=True, layer=L - 1, lora=top_trains)
+    released = top - layer_saved(lay, batch=b, seq=s, trains=top_trains and own, x_rg=True, at_mlp=True,
+                                 layer=L - 1, lora=top_trains)
+    own_top = layer_saved(lay, batch=b, seq=s, trains=own, x_rg=True, layer=top_id)
     return first + trained + frozen, own_top, own_top, released
+
+
+def _unsaved_casts(lay: Layout) -> int:
+    """Autocast's cached half copies no graph saves (freed with the cache as forward ends): in the lowest trained
+    layer under freeze's trainable_modules, a trained Linear whose input needs no gradient saves only that input
+    for its weight's gradient, not the weight (MmBackward: the weight is needed for the input's gradient alone).
+    Its input needs none when nothing trains before it in that layer: q / k / v without input_layernorm, the MLP's
+    input projections without self_attn and either norm (the down projection's input always does)."""
+    s, tr = lay.spec, lay.train
+    if tr.checkpointing or not lay.amp or lay.trainable_width != 4 or tr.method is not Method.FREEZE or \
+            "all" in tr.trainable_modules or lay.embedding_trains or not lay.trained_ids:
+        return 0
+    attn = [lin for lin in s.attention_linears() if lin.name != "o_proj" and lin.in_features == s.hidden_size]
+    n = sum(lin.params for lin in attn) if lay.part_trains("self_attn") and \
+        not lay.part_trains("input_layernorm") else 0
+    before_mlp = any(lay.part_trains(p) for p in ("self_attn", "input_layernorm", "post_attention_layernorm"))
+    if lay.part_trains("mlp") and not before_mlp and not s.is_moe:
+        n += sum(lin.params for lin in s.mlp_linears()[:-1])
+    return 2 * n
 
 
 def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
@@ -590,7 +632,7 @@ def _bottom_layer_kept(lay: Layout, st: ModelStates) -> int:
     b, sq = tr.batch_size, tr.seq_len
     if tr.checkpointing:
         return b * sq * s.hidden_size * stream_width(lay)
-    x_rg = lay.full  # the embedding trains (full); else the first trained layer's input needs no grad
+    x_rg = lay.embedding_trains  # the embedding trains; else the first trained layer's input needs no grad
     bottom = (lay.trained_ids[0] if lay.trained_ids else 0) if s.layer_types else None
     return layer_saved(lay, batch=b, seq=sq, trains=lay.trainable_layers > 0, x_rg=x_rg, at_mlp=True,
                        layer=bottom) + \
@@ -611,7 +653,8 @@ def _bottom_held(lay: Layout) -> int:
     """What the lowest layer's ctx attributes hold (LoRA: its input needs no grad)."""
     tr = lay.train
     trains = lay.trainable_layers > 0
-    return layer_saved(lay, batch=tr.batch_size, seq=tr.seq_len, trains=trains, x_rg=lay.full, held=True)
+    return layer_saved(lay, batch=tr.batch_size, seq=tr.seq_len, trains=trains, x_rg=lay.embedding_trains,
+                       held=True)
 
 
 def _grads_above_bottom(lay: Layout, st: ModelStates) -> int:
@@ -621,9 +664,11 @@ def _grads_above_bottom(lay: Layout, st: ModelStates) -> int:
     if tr.is_lora:
         own = lay.lora_params_per_layer() * lay.lora_width
     else:
-        own = (s.params_of_layer(lay.trained_ids[0] if lay.trained_ids else 0) if s.layer_types else s.layer_params) \
-            * lay.trainable_width
-    embedding = s.vocab_size * s.hidden_size * lay.trainable_width if lay.full and not s.tie_word_embeddings else 0
+        own = (lay.trained_params_of_layer(lay.trained_ids[0] if lay.trained_ids else 0)
+               if s.layer_types or "all" not in tr.trainable_modules else s.layer_params) * lay.trainable_width
+    # the embedding's gradient is made last, unless it is the LM head's tied tensor (made at the head)
+    embedding = s.vocab_size * s.hidden_size * lay.trainable_width if lay.embedding_trains and not lay.tied_trains \
+        else 0
     return st.gradients_bytes - own - embedding
 
 
@@ -683,23 +728,24 @@ def dequantized_bytes(lay: Layout, numel: int) -> int:
 def _head_grad_bytes(lay: Layout) -> int:
     """Gradients of the final norm and lm_head once the head's backward is done (tied or not, lm_head's grad
     is a dense (V, H) tensor)."""
-    if not lay.full:
-        return 0
-    return (lay.spec.hidden_size + lay.spec.vocab_size * lay.spec.hidden_size) * lay.trainable_width
+    norm = lay.spec.hidden_size if lay.full else 0
+    return (norm + (lay.spec.vocab_size * lay.spec.hidden_size if lay.head_trains else 0)) * lay.trainable_width
 
 
 def _tied_embedding_extra(lay: Layout) -> int:
-    if not (lay.full and lay.spec.tie_word_embeddings):
+    if not lay.tied_trains:
         return 0
     return 2 * lay.spec.vocab_size * lay.spec.hidden_size * lay.trainable_width
 
 
 def _lm_head_grad_peak(lay: Layout) -> int:
-    """lm_head's weight gradient being made: (V, H) in the compute dtype, plus its fp32 copy under AMP."""
-    if not lay.full:
+    """lm_head's weight gradient being made: (V, H) in the compute dtype, plus its cast to the weight's dtype
+    under AMP (fp32 master weights; a half trained copy takes the gradient as it is)."""
+    if not lay.head_trains:
         return 0
     vh = lay.spec.vocab_size * lay.spec.hidden_size
-    return vh * lay.compute_width + (vh * FP32 if lay.amp else 0)
+    return vh * lay.compute_width + (vh * lay.trainable_width if lay.amp and lay.trainable_width !=
+                                     lay.compute_width else 0)
 
 
 def _check_targets(lay: Layout) -> None:

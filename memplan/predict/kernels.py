@@ -87,5 +87,6 @@ def offloaded_checkpoint_bytes(lay: Layout) -> int:
     if not offloads_checkpoints(lay):
         return 0
     tr, s = lay.train, lay.spec
-    layers = lay.trainable_layers if tr.method is Method.FREEZE else s.num_layers
+    layers = lay.trainable_layers if tr.method is Method.FREEZE else len(lay.adapted_ids) if tr.is_lora else \
+        s.num_layers
     return layers * tr.batch_size * tr.seq_len * s.hidden_size * lay.stream_width

@@ -27,6 +27,13 @@ class Tensor:
         return self.rows * (self.cols or 1)
 
 
+def _extra_tensors(lay: Layout) -> list[Tensor]:
+    """TrainConfig.extra_modules' trainable (V, H) tensors, named as full fine-tuning names them."""
+    n = lay.extra_params() // (lay.spec.vocab_size * lay.spec.hidden_size)
+    names = [{"embed_tokens": "embed"}.get(m, m) for m in lay.train.extra_modules][:n]
+    return [Tensor(name, lay.spec.vocab_size, lay.spec.hidden_size, 1) for name in names]
+
+
 def trainable_tensors(lay: Layout) -> list[Tensor]:
     """Every trainable tensor's shape, grouped (count: how many alike); biases are not listed."""
     s = lay.spec
@@ -36,18 +43,20 @@ def trainable_tensors(lay: Layout) -> list[Tensor]:
         out = []
         for lin in s.layer_linears():
             if lin.name in lay.lora_modules:
-                out += [Tensor("lora", r, lin.in_features, s.num_layers),
-                        Tensor("lora", lin.out_features, r, s.num_layers)]
-        return out
+                out += [Tensor("lora", r, lin.in_features, len(lay.adapted_ids)),
+                        Tensor("lora", lin.out_features, r, len(lay.adapted_ids))]
+        return out + _extra_tensors(lay)
     n = lay.trainable_layers
-    out = [Tensor(lin.name, lin.out_features, lin.in_features, n) for lin in s.layer_linears()]
-    out.append(Tensor("norm", h, 0, s.norms_per_layer * n))
+    trained = lay.trained_linear_names()
+    out = [Tensor(lin.name, lin.out_features, lin.in_features, n) for lin in s.layer_linears() if lin.name in trained]
+    norms = sum(lay.part_trains(p) for p in ("input_layernorm", "post_attention_layernorm")) * s.norms_per_layer // 2
+    out.append(Tensor("norm", h, 0, norms * n))
     if lay.full:
         out.append(Tensor("embed", s.vocab_size, h, 1))
         if not s.tie_word_embeddings:
             out.append(Tensor("lm_head", s.vocab_size, h, 1))
         out.append(Tensor("norm", h, 0, s.family.norm_tensors))
-    return out
+    return out + _extra_tensors(lay)
 
 
 def _projected(lay: Layout, t: Tensor) -> bool:

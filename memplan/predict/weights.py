@@ -108,6 +108,12 @@ def model_states(lay: Layout) -> ModelStates:
     router_fp32 = s.moe_layers * s.num_experts * s.hidden_size if s.family.router != "softmax" else 0
     buffers += s.moe_layers * s.num_experts * 4 if s.family.router == "sigmoid" else 0
     quantized = 0
+    # TrainConfig.extra_modules: freeze trains them in place, LoRA a copy of each beside the frozen original (peft
+    # ModulesToSaveWrapper deep-copies the module), both in the trainable dtype (LLaMA-Factory's
+    # cast_trainable_params_to_fp32, adapter.py L286-288: fp32 unless pure_bf16). A trained fp32 LM head is an
+    # autocast leaf: its half copy is cached for the forward (aten/src/ATen/autocast_mode.cpp cached_cast)
+    extra = lay.extra_params()
+    head_cast = s.vocab_size * s.hidden_size if lay.head_trains and not lay.full and lay.trainable_width == 4 else 0
     vision = s.vision_params  # a VL tower: frozen, kept in the load dtype (memplan.build.model.build_model)
     if tr.method is Method.FULL:
         trainable = total - vision
@@ -116,20 +122,27 @@ def model_states(lay: Layout) -> ModelStates:
         ac_layer = s.top_linear_params()
         ac_params = s.linear_params_total() + s.vocab_size * s.hidden_size  # all linears incl. lm_head
     elif tr.method is Method.FREEZE:
-        trainable = s.params_of_layers(lay.trained_ids)
+        # the trained layers and the extra modules (freeze_extra_modules), cast to the trainable dtype in place
+        trainable = (s.params_of_layers(lay.trained_ids) if "all" in tr.trainable_modules else
+                     sum(lay.trained_params_of_layer(i) for i in lay.trained_ids)) + extra
         weights = trainable * lay.trainable_width + (total - trainable) * lay.base_width
         # the trained layers are the top ones (DeepSeek: MoE layers with the shared experts' Linears)
         ac_layer = s.top_linear_params() if lay.trainable_width == 4 else 0
-        ac_params = ac_layer * lay.trainable_layers
+        if "all" not in tr.trainable_modules and ac_layer:  # only the trained parts' Linears are autocast leaves
+            attn = sum(lin.params for lin in s.attention_linears())
+            ac_layer = (attn if lay.part_trains("self_attn") else 0) + \
+                (ac_layer - attn if lay.part_trains("mlp") else 0)
+        ac_params = ac_layer * lay.trainable_layers + head_cast
     else:
         trainable = lay.lora_params_total()
         ac_layer = lay.lora_params_per_layer() if lay.lora_width == 4 else 0
         if tr.adapter is not Adapter.LORA:  # DoRA's magnitude, OFT's weight: no autocast op casts them
             ac_layer = sum(adapters.autocast_params_per_linear(tr, lin) for lin in linears
                            if lin.name in lay.lora_modules) if lay.lora_width == 4 else 0
-            buffers += s.num_layers * sum(adapters.buffer_bytes_per_linear(tr, lin) for lin in linears
-                                          if lin.name in lay.lora_modules)
-        ac_params = ac_layer * s.num_layers if tr.adapter is not Adapter.LORA or not ac_layer else trainable
+            buffers += len(lay.adapted_ids) * sum(adapters.buffer_bytes_per_linear(tr, lin) for lin in linears
+                                                  if lin.name in lay.lora_modules)
+        ac_params = ac_layer * len(lay.adapted_ids) if tr.adapter is not Adapter.LORA or not ac_layer else trainable
+        ac_params += head_cast
         if tr.method is Method.QLORA:
             # decoder linears (all, or the adapted ones where the stack quantizes only those); bnb through
             # transformers skips lm_head, a stack may quantize it too (spec.stacks)
@@ -151,7 +164,8 @@ def model_states(lay: Layout) -> ModelStates:
         else:
             stored = quantized_bytes(quantized, tr, outs, len(qall) + lay.quantized_head) if quantized else 0
         weights = (total - quantized) * lay.kept_width + trainable * lay.lora_width + stored + \
-            router_fp32 * (4 - lay.kept_width)
+            router_fp32 * (4 - lay.kept_width) + extra * lay.trainable_width
+        trainable += extra
     if lay.norms_fp32:  # upcast_layernorm: the frozen norms' half weights become fp32 (trained ones are already)
         frozen_layers = s.num_layers - (lay.trainable_layers if tr.method is Method.FREEZE else 0)
         frozen_width = lay.base_width if tr.method is Method.FREEZE else lay.kept_width
@@ -159,8 +173,17 @@ def model_states(lay: Layout) -> ModelStates:
     if not lay.amp:
         ac_params = ac_layer = 0
     grads = trainable * (lay.trainable_width if not lay.train.is_lora else lay.lora_width)
+    if lay.train.is_lora and extra:  # the copies' gradients in their own dtype
+        grads += extra * (lay.trainable_width - lay.lora_width)
     width = grads // trainable if trainable else 4
-    states, step = optimizer_bytes(lay, trainable, width)
+    if lay.train.is_lora and extra and lay.lora_width != lay.trainable_width and \
+            facts(tr.optimizer).states in (States.ADAM, States.ADAM_FP32, States.MOMENTUM, States.NONE):
+        # per-element states in each group's dtype (LLaMA-Factory pure_bf16: fp32 adapters, half copies)
+        (s1, t1), (s2, t2) = (optimizer_bytes(lay, trainable - extra, lay.lora_width),
+                              optimizer_bytes(lay, extra, lay.trainable_width))
+        states, step = s1 + s2, t1 + t2
+    else:
+        states, step = optimizer_bytes(lay, trainable, width)
     if facts(tr.optimizer).per_param and trainable:
         # the step runs in backward, parameter by parameter, each gradient freed after it (LF's layer-wise
         # post-accumulate-grad hooks; LOMO's tensor hooks): one gradient alive at a time, the largest
@@ -232,18 +255,21 @@ def _trainable_shapes(lay: Layout) -> list[tuple[int, int, int]]:
         out = []
         for lin in s.layer_linears():
             if lin.name in lay.lora_modules:  # in how many layers (Qwen3.5: its own layer kind's)
-                count = sum(lin in s.layer_linears(i) for i in range(s.num_layers)) if s.layer_types else \
-                    s.num_layers
+                count = sum(lin in s.layer_linears(i) for i in lay.adapted_ids) if s.layer_types else \
+                    len(lay.adapted_ids)
                 out += [(rows, cols, count) for rows, cols in adapters.trainable_shapes(lay.train, lin)]
-        return out
+        return out + lay.extra_shapes()
     ids = list(lay.trained_ids) if s.layer_types else [s.num_layers - 1] * lay.trainable_layers
     shapes = []
     for lins in dict.fromkeys(s.layer_linears(i) for i in ids) if s.layer_types else [s.layer_linears()]:
         n = sum(s.layer_linears(i) == lins for i in ids) if s.layer_types else lay.trainable_layers
+        trained = lay.trained_linear_names()
+        lins = tuple(lin for lin in lins if lin.name in trained)
         layer = [(lin.out_features, lin.in_features, 1) for lin in lins]
         layer += [(lin.out_features, 0, 1) for lin in lins if lin.bias]  # qwen2's q/k/v biases
-        layer += [(h, 0, s.norms_per_layer)]
+        layer += [(h, 0, sum(lay.part_trains(p) for p in ("input_layernorm", "post_attention_layernorm"))
+                   * s.norms_per_layer // 2)]
         shapes += [(r, c, k * n) for r, c, k in layer]
     if lay.full:
         shapes += [(s.vocab_size, h, 1 if s.tie_word_embeddings else 2), (h, 0, s.family.norm_tensors)]
-    return shapes
+    return shapes + lay.extra_shapes()

@@ -93,6 +93,10 @@ QUANT_BITS: dict[QuantMethod, tuple[int, ...]] = {QuantMethod.BNB: (4, 8), Quant
 ALL_LINEAR = "all-linear"
 # VisualInput's fields, given flat to TrainConfig.with_ (the CLI's --images / --image-max-pixels)
 VISUAL_FIELDS = ("images", "image_max_pixels", "image_min_pixels", "tower_trains", "projector_trains")
+# the decoder-layer sub-modules TrainConfig.trainable_modules may name ("all": every one)
+FREEZE_MODULES = ("all", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+# the non-layer modules TrainConfig.extra_modules may name (their names in every transformers family memplan models)
+EXTRA_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,9 +128,17 @@ class TrainConfig:
     double_quant: bool = True
     quant_type: str = "nf4"  # bitsandbytes 4-bit data type, nf4 or fp4: the same packing (quantization_type)
     # freeze: the last N layers train; negative, the first |N| (LLaMA-Factory adapter.py _setup_freeze_tuning);
-    # llama_pro: every (num_layers / N)-th layer, the expanded blocks (`trainable_layer_ids`)
+    # llama_pro: every (num_layers / N)-th layer, the expanded blocks, train (freeze) or carry the adapters (LoRA:
+    # model_utils/misc.py find_expanded_modules): `trainable_layer_ids`
     freeze_trainable_layers: int = 2
     llama_pro: bool = False
+    # modules outside the decoder layers that train whole (EXTRA_MODULES): freeze, in place (LLaMA-Factory
+    # freeze_extra_modules, adapter.py _setup_freeze_tuning); LoRA / QLoRA, as peft modules_to_save: a trainable copy
+    # beside the frozen original (additional_target, _setup_lora_tuning; peft utils/other.py ModulesToSaveWrapper)
+    extra_modules: tuple[str, ...] = ()
+    # freeze: the sub-modules of each trained layer that train (LLaMA-Factory freeze_trainable_modules: the first
+    # name under the layer, matched as `.{idx}.{name}`); FREEZE_MODULES
+    trainable_modules: tuple[str, ...] = ("all",)
     parallel: Parallelism = Parallelism()  # ranks, nodes, sharding, offload (memplan.spec.parallel)
     # the training stack (memplan.spec.stacks): hf unless the input names one (a LLaMA-Factory YAML: llamafactory)
     stack: Stack = Stack.HF
@@ -158,8 +170,21 @@ class TrainConfig:
         if not isinstance(n, int) or isinstance(n, bool) or n == 0 or (self.llama_pro and n < 0):
             problems.append(Problem("freeze_trainable_layers", f"{{}} must be a non-zero integer (positive with "
                                                                f"llama_pro), got {n!r}"))
+        if self.llama_pro and self.method is Method.FULL:  # finetuning_args.py L592-593 refuses the same
+            problems.append(Problem("llama_pro", "{} is only valid for freeze or LoRA training (it picks the expanded "
+                                                 "blocks that train)"))
         if self.lora_alpha is not None:
             problems += positive_int("lora_alpha", self.lora_alpha)
+        if unknown := [m for m in self.extra_modules if m not in EXTRA_MODULES]:
+            problems.append(Problem("extra_modules", f"{{}} {','.join(map(str, unknown))}: memplan models "
+                                                     f"{' and '.join(EXTRA_MODULES)}"))
+        if not self.trainable_modules or [m for m in self.trainable_modules if m not in FREEZE_MODULES]:
+            problems.append(Problem("trainable_modules", f"{{}} {','.join(map(str, self.trainable_modules))}: memplan "
+                                                         f"models {', '.join(FREEZE_MODULES)}"))
+        elif "all" not in self.trainable_modules and self.method is not Method.FREEZE:
+            problems.append(Problem("trainable_modules", "{} apply to freeze training (the trained layers' parts)"))
+        if self.extra_modules and self.method is Method.FULL:
+            problems.append(Problem("extra_modules", "{} apply to freeze or LoRA training (full trains every module)"))
         if not isinstance(self.eval_batch_size, int) or isinstance(self.eval_batch_size, bool) or \
                 self.eval_batch_size < 0:
             problems.append(Problem("eval_batch_size", f"{{}} must be 0 (no evaluation) or a positive integer, got "
@@ -240,14 +265,13 @@ class TrainConfig:
         return self.parallel.ds_reduce_bucket
 
     def trainable_layer_ids(self, num_layers: int) -> range:
-        """The decoder layers a freeze run trains, as LLaMA-Factory picks them (model/adapter.py
-        _setup_freeze_tuning): llama_pro every stride-th from stride - 1 (stride = L / N; LLaMA-Factory refuses L not
-        divisible by N); N > 0 the last N; N < 0 the first |N|. Full: all; LoRA: none."""
+        """The decoder layers that train, as LLaMA-Factory picks them: their own weights (full: all; freeze, model/
+        adapter.py _setup_freeze_tuning: N > 0 the last N, N < 0 the first |N|) or their adapters (LoRA / QLoRA:
+        all). llama_pro (freeze or LoRA: model_utils/misc.py find_expanded_modules): every stride-th from stride - 1
+        (stride = L / N; LLaMA-Factory refuses L not divisible by N), the expanded blocks."""
         n = self.freeze_trainable_layers
-        if self.method is Method.FULL:
+        if self.method is Method.FULL or (self.is_lora and not self.llama_pro):
             return range(num_layers)
-        if self.method is not Method.FREEZE:
-            return range(0)
         if self.llama_pro:
             if num_layers % n:
                 raise ConfigError(Problem("freeze_trainable_layers", f"{{}} {n} must divide the {num_layers} layers "
@@ -255,6 +279,16 @@ class TrainConfig:
             stride = num_layers // n
             return range(stride - 1, num_layers + stride - 1, stride)
         return range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
+
+    def check_extra_modules(self, tie_word_embeddings: bool) -> None:
+        """Freeze over tied embeddings has no lm_head parameter to name (named_parameters lists the tied weight
+        once, as embed_tokens): LLaMA-Factory raises "Module lm_head is not found" (adapter.py
+        _setup_freeze_tuning); train embed_tokens, the same tensor."""
+        if tie_word_embeddings and self.method is Method.FREEZE and "lm_head" in self.extra_modules:
+            raise ConfigError(Problem("extra_modules", "{} lm_head (freeze_extra_modules): the model ties it to "
+                                                       "embed_tokens, which has the "
+                                                       "only parameter (LLaMA-Factory: Module lm_head is not found); "
+                                                       "name embed_tokens"))
 
     @property
     def fsdp_version(self) -> int:
@@ -347,9 +381,8 @@ def train_from_dict(data: dict[str, object]) -> TrainConfig:
     for name in [f.name for f in fields(TrainConfig) if f.name not in ("parallel", "visual")] + list(PARALLEL_FIELDS):
         if name in data:
             value = data[name]
-            kw[name] = CHOICES[name](value) if name in CHOICES else tuple(value) if name in ("lora_targets",
-                                                                                             "proj_targets") \
-                else value  # type: ignore[arg-type]
+            kw[name] = CHOICES[name](value) if name in CHOICES else tuple(value) if name in (
+                "lora_targets", "proj_targets", "extra_modules", "trainable_modules") else value  # type: ignore[arg-type]
     if isinstance(data.get("visual"), dict):
         kw["visual"] = VisualInput(**data["visual"])  # type: ignore[arg-type]
     return TrainConfig().with_(**kw)

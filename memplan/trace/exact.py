@@ -117,10 +117,9 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if spec.is_moe or spec.family.moe:
         note += ("; MoE: experts run as grouped matmuls over the tokens x experts_per_token routed rows, so memory "
                  "does not depend on how the router balances them")
-    if train.method is Method.FREEZE and (train.llama_pro or train.freeze_trainable_layers < 0):
-        # the depth line adds frozen layers below the trained ones; these runs train lower layers
-        raise UnsupportedModel("the exact mode extrapolates freeze tuning of the last N layers only; the first N "
-                               "layers or LLaMA Pro's blocks are modelled by the analytic estimate (drop --exact)")
+    # the depth line adds frozen layers below the trained ones; the first N layers or LLaMA Pro's blocks (freeze
+    # or LoRA) depend on the depth itself: traced at the real depth
+    real_depth = train.llama_pro or (train.method is Method.FREEZE and train.freeze_trainable_layers < 0)
     first = min(train.freeze_trainable_layers, spec.num_layers) if train.method is Method.FREEZE else 0
     if train.sharding.is_fsdp:  # FSDP's prefetching only settles from three layers on (measured on 7B:
         first += 2  # the backward peak grows 0.73, 0.40, 0.40 GiB from 2 to 5 layers)
@@ -131,8 +130,8 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     # (freeze training every layer: no frozen layer to add, so the real depth is the one traced)
     step = spec.layer_period  # whole periods of mixed layer types (Qwen3.5: 4) added per depth: the line is the model's
     first += (spec.num_layers - first) % step  # and the real depth a whole number of periods past the first one
-    depths = [d for d in (first + step, first + 2 * step, first + 3 * step) if d <= spec.num_layers] \
-        or [spec.num_layers]
+    depths = [d for d in (first + step, first + 2 * step, first + 3 * step)
+              if d <= spec.num_layers and not real_depth] or [spec.num_layers]
     if traced_train != train.with_(attn=traced_train.attn) and not spec.analytic:  # the delta below needs formulas
         raise UnsupportedModel(f"{spec.name}: the exact mode traces this configuration without what it cannot run on "
                                f"fake tensors{note} and adds that analytically, but {spec.model_type} is not in the "

@@ -215,8 +215,9 @@ MODELLED: dict[str, str] = {
     "image_max_pixels": "each image's pixels (a square after LLaMA-Factory's resize, then the processor's "
                         "smart_resize): vision patches and visual tokens",
     "image_min_pixels": "each image's least pixels",
-    "freeze_vision_tower": "true (default): the tower frozen (its forward still saves its tape where peft's enable_input_require_grads "
-                           "hooks patch_embed: Qwen2-VL / Qwen2.5-VL LoRA with checkpointing); false: warned, not modelled",
+    "freeze_vision_tower": "true (default): the tower frozen (its forward still saves its tape where peft's "
+                           "enable_input_require_grads hooks patch_embed: Qwen2-VL / Qwen2.5-VL LoRA with "
+                           "checkpointing); false: warned, not modelled",
     "freeze_multi_modal_projector": "true (default): the merger frozen; false: warned, not modelled",
 }
 

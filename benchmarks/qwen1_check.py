@@ -2,15 +2,17 @@
 allocator's peak, on a tiny Qwen-1 config. transformers ships no Qwen-1 and memplan ships none of its code, so this
 benchmark runs on a copy the user puts in a folder (QWEN1_CODE, default /tmp/qwen1/pkg/qwen_remote): Qwen/Qwen-7B's
 modeling_qwen.py, configuration_qwen.py and qwen_generation_utils.py, the revision with flash_attn_func and the
-sdpa path (HF repository history "remove fix-sized causal mask", mirrored on GitHub as zhangningboo/Qwen-7B; the
-code index's copy id 1777346645). The folder is registered with transformers' Auto classes for this process only.
+sdpa path: the GitHub mirror of the Hugging Face repository, zhangningboo/Qwen-7B @ffe04dd (its history follows the
+hub's: "remove fix-sized causal mask", "update modeling_qwen.py"; the code index holds the same file at 1ff20863,
+id 1777346645). The folder is registered with transformers' Auto classes for this process only.
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python benchmarks/qwen1_check.py   ->   benchmarks/results/qwen1_check.md
 
 Two shims, neither touching what runs in a step: transformers 5 dropped get_head_mask (4.x returned
-`[None] * num_hidden_layers` for no mask), given back here; and it refuses `attn_implementation="sdpa"` for a class without `_supports_sdpa`; Qwen-1 picks its
-attention by its own flags (use_flash_attn, SUPPORT_TORCH2: F.scaled_dot_product_attention with its own causal mask)
-whatever transformers' setting says, so the flag is set on QWenPreTrainedModel here.
+`[None] * num_hidden_layers` for no mask), given back here; and it refuses `attn_implementation="sdpa"` for a
+class without `_supports_sdpa`, while Qwen-1 picks its attention by its own flags (use_flash_attn, SUPPORT_TORCH2:
+F.scaled_dot_product_attention with its own causal mask) whatever transformers' setting says, so the flag is set
+on QWenPreTrainedModel here.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 from memplan.spec.model import ModelSpec
-from memplan.spec.train import TrainConfig
+from memplan.spec.train import Method, Precision, TrainConfig
 
 CODE = Path(os.environ.get("QWEN1_CODE", "/tmp/qwen1/pkg/qwen_remote"))
 OUT = Path(__file__).parent / "results" / "qwen1_check.md"
@@ -34,12 +36,15 @@ TINY = dict(model_type="qwen", architectures=["QWenLMHeadModel"], hidden_size=12
             layer_norm_epsilon=1e-6, rotary_pct=1.0, rotary_emb_base=10000, use_dynamic_ntk=True,
             use_logn_attn=True, emb_dropout_prob=0.0, attn_dropout_prob=0.0)
 TARGETS = ("c_attn", "c_proj", "w1", "w2")  # QwenLM/Qwen finetune.py LoraArguments.lora_target_modules
+LORA, FULL, FP32, BF16 = Method.LORA, Method.FULL, Precision.FP32, Precision.BF16
 CASES = [
-    ("lora fp32", dict(method="lora", precision="fp32", lora_targets=TARGETS)),
-    ("lora bf16 AMP", dict(method="lora", precision="bf16", lora_targets=TARGETS)),
-    ("full fp32", dict(method="full", precision="fp32")),
-    ("full bf16 AMP", dict(method="full", precision="bf16")),
-    ("lora bf16 AMP, b2", dict(method="lora", precision="bf16", lora_targets=TARGETS, batch_size=2)),
+    ("lora fp32", dict(method=LORA, precision=FP32, lora_targets=TARGETS)),
+    ("lora bf16 AMP", dict(method=LORA, precision=BF16, lora_targets=TARGETS)),
+    ("full fp32", dict(method=FULL, precision=FP32)),
+    ("full bf16 AMP", dict(method=FULL, precision=BF16)),
+    ("lora bf16 AMP, batch 2", dict(method=LORA, precision=BF16, lora_targets=TARGETS, batch_size=2)),
+    ("lora bf16 AMP, no checkpointing", dict(method=LORA, precision=BF16, lora_targets=TARGETS, checkpointing=False)),
+    ("full bf16 AMP, no checkpointing", dict(method=FULL, precision=BF16, checkpointing=False)),
 ]
 
 
@@ -88,7 +93,7 @@ def count_check() -> tuple[int, int]:
 
     spec = ModelSpec.from_config_dict(TINY, name="tiny-qwen1")
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(spec, TrainConfig(method="full")))
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(spec, TrainConfig(method=FULL)))
     return spec.num_parameters, sum(p.numel() for p in model.parameters())
 
 
@@ -102,7 +107,11 @@ def main() -> None:
              "peft 0.21), Qwen/Qwen-7B's modeling_qwen.py (see the script's docstring for the copy), a tiny config: "
              f"hidden {TINY['hidden_size']}, {TINY['num_hidden_layers']} layers, {TINY['num_attention_heads']} "
              f"heads, intermediate_size {TINY['intermediate_size']} (MLP {TINY['intermediate_size'] // 2}), vocab "
-             f"{TINY['vocab_size']}; seq 256, sdpa (Qwen-1's torch path), no checkpointing, AdamW, 2 steps.", "",
+             f"{TINY['vocab_size']}; seq 256, batch 1 unless said, sdpa (Qwen-1's torch path), AdamW, 2 steps; "
+             "checkpointing unless said: Qwen-1's own (QWenModel.forward calls torch.utils.checkpoint without "
+             "use_reentrant, so reentrant; transformers 5 enables it through the old _set_gradient_checkpointing)."
+             " Exact and analytic with device=\"cpu\" (the CPU kernels, no CUDA terms); all bytes are allocated "
+             "peaks.", "",
              f"Parameters: memplan {ours:,}, the built model {real:,}.", "",
              "| case | analytic | exact | CPU truth | analytic vs truth | exact vs truth | truth's phase |",
              "|---|---:|---:|---:|---:|---:|---|"]

@@ -37,3 +37,28 @@ def test_qwen1_is_qwen2_in_parameters_and_its_lora_roles_map() -> None:
 def test_qwen_7b_catalog_count() -> None:
     # Qwen/Qwen-7B's safetensors index: 15,442,649,088 bytes of bf16
     assert resolve_model("Qwen/Qwen-7B").num_parameters == 7_721_324_544
+
+
+def test_qwen1_loss_terms_agree_with_transformers_5_where_its_code_does_the_same() -> None:
+    """Under autocast both losses hold the half logits, one fp32 copy and fp32 log-probs: Qwen-1's shifted
+    `.contiguous()` is the logits themselves at batch 1 (a (1, S-1, V) slice of a contiguous tensor is contiguous)
+    and cross_entropy makes the fp32 copy ForCausalLMLoss's `logits.float()` makes. At batch 2 the shift is a real
+    (B, S-1, V) copy in the logits' dtype; without autocast Qwen-1's log-probs stay in that dtype."""
+    from memplan.predict.activations import head_saved
+    from memplan.predict.weights import model_states
+    from memplan.spec.train import Method, Precision
+
+    q1, q2 = ModelSpec.from_config_dict(QWEN1), ModelSpec.from_config_dict(QWEN2)
+    amp = TrainConfig(method=Method.LORA, precision=Precision.BF16, seq_len=128, lora_targets=("c_proj", "w1", "w2"))
+    amp2 = amp.with_(lora_targets=("o_proj", "gate_proj", "up_proj", "down_proj"))
+    h1, h2 = head_saved(Layout.of(q1, amp), batch=1, seq=128), head_saved(Layout.of(q2, amp2), batch=1, seq=128)
+    assert (h1.logits_bytes, h1.upcast_bytes, h1.logprobs_bytes) == (h2.logits_bytes, h2.upcast_bytes,
+                                                                      h2.logprobs_bytes)
+    b1, b2 = head_saved(Layout.of(q1, amp), batch=2, seq=128), head_saved(Layout.of(q2, amp2), batch=2, seq=128)
+    assert b1.upcast_bytes - b2.upcast_bytes == 2 * 128 * 4096 * 2  # the shifted bf16 copy
+    pure = amp.with_(precision=Precision.PURE_BF16)
+    p1 = head_saved(Layout.of(q1, pure), batch=1, seq=128)
+    assert p1.logprobs_bytes == 128 * 4096 * 2 and p1.upcast_bytes == 0
+    # the same adapters train: the same optimizer states
+    assert model_states(Layout.of(q1, amp)).optimizer_states_bytes == \
+        model_states(Layout.of(q2, amp2)).optimizer_states_bytes

@@ -62,3 +62,18 @@ def test_qwen1_loss_terms_agree_with_transformers_5_where_its_code_does_the_same
     # the same adapters train: the same optimizer states
     assert model_states(Layout.of(q1, amp)).optimizer_states_bytes == \
         model_states(Layout.of(q2, amp2)).optimizer_states_bytes
+
+
+def test_qwen1_errors_name_its_own_modules_and_why_the_exact_mode_cannot_build_it() -> None:
+    import pytest
+
+    from memplan.errors import ConfigError, UnsupportedModel
+    from memplan.predict.estimator import estimate
+    from memplan.trace.exact import exact_estimate
+
+    spec = resolve_model("qwen-7b")
+    with pytest.raises(ConfigError, match="choose from c_attn,c_proj,w1,w2 or all-linear"):
+        estimate(spec, TrainConfig(lora_targets=("q_proj",)))
+    # transformers 5 ships no "qwen" and memplan no remote code: one clear refusal, not transformers' own error
+    with pytest.raises(UnsupportedModel, match="cannot build it here.*drop --exact"):
+        exact_estimate(spec, TrainConfig(), trust_remote_code=True)

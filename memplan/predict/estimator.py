@@ -692,8 +692,9 @@ def _check_targets(lay: Layout) -> None:
     names = {lin.name for lin in lay.spec.layer_linears()}
     unknown = sorted(set(lay.lora_modules) - names)
     if unknown:
+        real = dict(lay.spec.family.module_names)  # the architecture's own names (Qwen-1: c_attn, c_proj, w1, w2)
         raise ConfigError(f"--lora-targets {','.join(unknown)} not in {lay.spec.model_type} layers; "
-                          f"choose from {','.join(sorted(names))} or all-linear")
+                          f"choose from {','.join(sorted({real.get(n, n) for n in names}))} or all-linear")
 
 
 def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: int,

@@ -133,9 +133,10 @@ class Family:
     # .forward l.500-531), never is_causal; flash-attn (Attention.FLASH_ATTENTION_2) takes none
     sdpa_causal_mask: bool = False
     # the model computes its own loss as transformers 4 models did (QWenLMHeadModel.forward l.1063-1070):
-    # `lm_logits[..., :-1, :].contiguous()`, a (B, S-1, V) copy in the logits' dtype, then CrossEntropyLoss on it,
-    # whose log_softmax autocasts to fp32 (half_to_float: no fp32 copy of the logits) or stays in the logits'
-    # dtype without autocast; not transformers 5's ForCausalLMLoss `logits.float()`
+    # `lm_logits[..., :-1, :].contiguous()`, a (B, S-1, V) copy in the logits' dtype (the logits themselves at
+    # batch 1), then CrossEntropyLoss on it: under autocast an fp32 copy and fp32 log-probs (measured on CPU; on
+    # CUDA log_softmax(dtype=float32) converts a bf16 input first, SoftMax.cpp: not checked on a GPU), without it
+    # log-probs in the logits' dtype; not transformers 5's ForCausalLMLoss `logits.float()`
     shifted_loss: bool = False
     # buffers each attention layer registers, in the load dtype: Qwen-1's masked_bias (a scalar) and logn_tensor,
     # (1, 32767, 1, 1) made by torch.tensor of a Python list (modeling_qwen.py l.251, l.289-294)
@@ -208,9 +209,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # revision with flash_attn_func and the sdpa path): QWenAttention.c_attn = Linear(h, 3 h) with its bias always
     # (l.269), c_proj Linear(h, h, bias=not no_bias) (l.271-273); QWenMLP w1, w2 Linear(h, intermediate_size // 2),
     # `c_proj(w1(x) * silu(w2(x)))` (l.558-575): w2 is the gate; RMSNorm ln_1 / ln_2 / ln_f as LlamaRMSNorm in the
-    # torch path (l.1349-1363: `_norm(x.float()).type_as(x) * weight`); lm_head untied. The rows of this entry are
-    # the torch / flash-attn attention paths (sdpa with an explicit mask, or flash_attn_func); flash-attn's fused
-    # rotary and rms_norm kernels (used on CUDA when their extensions are installed) are not modelled
+    # torch path (l.1349-1363: `_norm(x.float()).type_as(x) * weight`); lm_head untied. Modelled: its torch path
+    # with sdpa (an explicit mask) or flash_attn_func (Attention.FLASH_ATTENTION_2, l.182-192); flash-attn's fused
+    # rotary and rms_norm kernels (used on CUDA when their extensions are installed) are not
     Family(model_type="qwen", architectures=("QWenLMHeadModel",), fused_qkv=True, qkv_bias=True, remote_code=True,
            module_names=(("qkv_proj", "c_attn"), ("o_proj", "c_proj"), ("gate_proj", "w2"), ("up_proj", "w1"),
                          ("down_proj", "c_proj")),

@@ -53,10 +53,13 @@ def all_rows(path: Path) -> list[dict[str, object]]:
 
 
 def source_of(row: dict[str, object]) -> str:
-    """Rows of one publication share a source (torchtune tutorials / torchtune README tables / LitGPT)."""
+    """Rows of one publication share a source (torchtune tutorials / torchtune README tables / LitGPT / QwenLM's
+    README)."""
     name = str(row["source"]).lower()
     if "litgpt" in name:
         return "LitGPT"
+    if "qwenlm" in name:
+        return "QwenLM/Qwen README"
     if "tutorial" in name:
         return "torchtune tutorials"
     return "torchtune README"

@@ -26,7 +26,7 @@ from memplan.predict.estimator import estimate
 from memplan.spec.catalog import resolve_model
 from memplan.spec.packages import bitsandbytes_version, torchao_version
 from memplan.spec.stacks import Stack, stack_facts
-from memplan.spec.train import Method, Offload, Precision, Sharding, TrainConfig
+from memplan.spec.train import Attention, Method, Offload, Precision, Sharding, TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_measurements.csv"
@@ -45,9 +45,21 @@ LITGPT_QV = dict(precision=PURE, seq_len=512, checkpointing=False, lora_rank=32,
 LITGPT_NF4 = dict(double_quant=False)
 
 QKV = ("q_proj", "k_proj", "v_proj")
+# QwenLM/Qwen's LoRA runs (README 'Profiling of Memory and Speed'; finetune/finetune_lora_single_gpu.sh: finetune.py
+# --bf16 True --gradient_checkpointing --use_lora, HF Trainer autocast; finetune.py LoraArguments: r 64, alpha 16,
+# dropout 0.05 on c_attn, c_proj, w1, w2; no modules_to_save on a chat model, the README's plain "LoRA" rows; the
+# README: batch 1, accumulation 8, flash attention 2). Not stated in memplan's knobs: the era's peft (0.5-0.6) made
+# the adapters in the base layer's bf16 where peft 0.21 makes them fp32, and Qwen-1's own checkpoint call is
+# reentrant (torch 2.0's default)
+QWEN1_LORA = dict(method=Method.LORA, precision=Precision.BF16, batch_size=1, grad_accum=8, checkpointing=True,
+                  attn=Attention.FLASH_ATTENTION_2, lora_rank=64, lora_alpha=16, lora_dropout=0.05,
+                  lora_targets=("c_attn", "c_proj", "w1", "w2"))
 # row id -> (catalog model, knobs). Targets "all (incl. lm head)" are approximated by all-linear. Left out: row 28
 # (7B full fine-tune at 13.9 GB: torchtune's optimizer-in-backward frees each gradient at once), rows 10, 12-19
-# (unpacked baseline, torch.compile, chunked CE, offloading), BERT/Qwen-1; multi-GPU rows: MULTI_ROWS below.
+# (unpacked baseline, torch.compile, chunked CE, offloading), BERT; Qwen-1 row 123 ("LoRA (emb)": wte and lm_head
+# trained whole through peft's modules_to_save, which TrainConfig does not state yet), rows 124-125 (Q-LoRA on the
+# GPTQ-Int4 chat model: no catalog entry for it, and finetune_qlora_single_gpu.sh trains under DeepSpeed ZeRO-2
+# fp16 on one GPU); multi-GPU rows: MULTI_ROWS below.
 ROWS: dict[str, tuple[str, dict[str, object]]] = {
     "11": ("llama-3.2-3b", dict(method=Method.FULL, precision=PURE, batch_size=2, seq_len=4096, checkpointing=False)),
     "20": ("llama-2-7b", dict(method=Method.LORA, precision=PURE, batch_size=2, seq_len=512, lora_rank=8,
@@ -76,6 +88,12 @@ ROWS: dict[str, tuple[str, dict[str, object]]] = {
     "111": ("mistral-7b-v0.1", dict(method=Method.LORA, **LITGPT_QV, batch_size=2, grad_accum=4)),
     "112": ("mistral-7b-v0.1", dict(method=Method.QLORA, **LITGPT_QV, **LITGPT_NF4, batch_size=2, grad_accum=4)),
     "114": ("llama-3.2-3b", dict(method=Method.LORA, **LITGPT_QV, batch_size=1, grad_accum=8)),
+    "117": ("qwen-1_8b", dict(**QWEN1_LORA, seq_len=256)),
+    "118": ("qwen-1_8b", dict(**QWEN1_LORA, seq_len=2048)),
+    "119": ("qwen-1_8b", dict(**QWEN1_LORA, seq_len=8192)),
+    "120": ("qwen-7b", dict(**QWEN1_LORA, seq_len=256)),
+    "121": ("qwen-7b", dict(**QWEN1_LORA, seq_len=2048)),
+    "122": ("qwen-7b", dict(**QWEN1_LORA, seq_len=8192)),
 }
 
 
@@ -109,7 +127,7 @@ MULTI_ROWS: dict[str, tuple[str, dict[str, object]]] = {
 MULTI_LEFT_OUT = {
     "36": "llama2 70B full with PagedAdamW: no llama2/70B_full config exists at 0217d44 (git ls-tree "
           "recipes/configs/llama2), so checkpointing, data and the optimizer's settings are not stated",
-    "126, 127": "Qwen-1 (QWenLMHeadModel, remote code: fused c_attn) has no catalog entry; 127 is probably the total "
+    "126, 127": "Qwen-1 full fine-tuning: 127 is probably the total "
                 "of two GPUs (the CSV's note); and QwenLM/Qwen finetune/finetune_ds.sh (stored version 0400505d) "
                 "passes --deepspeed finetune/ds_config_zero2.json and --gradient_accumulation_steps 16, not the "
                 "ZeRO-3 and accumulation 8 the rows state, so which run the README profiled is not recoverable",
@@ -196,6 +214,12 @@ RESIDUALS = {
     "the README's 17.18 GB ('~17.1GB' in its text). Compared as reserved, row 27 would be -14.0 %.",
     "LitGPT full TinyLlama (104)": "explained: was -19.5 % at one micro-step; tiny-llama/full.yaml accumulates "
     "global_batch_size 32 // micro_batch_size 4 = 8 micro-steps, which run with every bf16 gradient alive (-3.4 %).",
+    "QwenLM/Qwen README LoRA (117-122)": "not explained; Qwen-1's own code is modelled (checked against it on CPU, "
+    "benchmarks/results/qwen1_check.md). The README names no measurement tool, and at 256 tokens both sizes read "
+    "about 1.45 GiB above the allocated estimate (1.8B: 6.24 vs 4.78, 7B: 18.72 vs 17.28), a near-constant that "
+    "allocated memory does not have; against reserved + CUDA context (total_bytes) the six rows read -11.4, -7.2, "
+    "+13.9, -3.9, +2.5, +11.1 %. Not modelled, both lowering the estimate: the era's peft made the r64 adapters "
+    "bf16 (fp32 here), and the README's CUDA rotary / rms_norm kernels if flash-attn's extensions were installed.",
     "the rest": "within -7.8 ... +5.3 %: LitGPT's and torchtune's own model code (fused qkv, fp32 RoPE, one dropout "
     "on the fused input) against the transformers llama memplan models, and padded variable-length batches.",
 }

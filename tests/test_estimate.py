@@ -88,6 +88,7 @@ def test_every_catalog_model_has_consistent_terms(entry):
     vision = spec.vision_params
     router = spec.moe_layers * spec.num_experts * spec.hidden_size if spec.family.router != "softmax" else 0
     rotary += spec.moe_layers * spec.num_experts * 4 if spec.family.router == "sigmoid" else 0
+    rotary += spec.num_layers * spec.family.layer_buffer_elems * 2  # Qwen-1's logn_tensor, in the bf16 load dtype
     trained = n - vision
     # full bf16 AMP with AdamW: fp32 master weights, gradients, two states and the foreach step copy coexist
     full = estimate(spec, TrainConfig(method=Method.FULL))

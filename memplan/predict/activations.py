@@ -252,7 +252,9 @@ def attention(cx: _Ctx, h: T) -> T:
             if q.rg:
                 tp.save(T(cx.seq, FP32, False))  # attn_scales (1, S, 1, 1) expanded over the batch
             q = tp.new(q)
-    elif s.family.rope_complex:  # apply_rotary_emb (l.225-234): complex products on float copies, `.type_as(x)`
+    elif s.family.rope_complex or s.family.rope_fp32_cache:
+        # apply_rotary_emb (l.225-234): complex products on float copies, `.type_as(x)`; Qwen-1's
+        # apply_rotary_pos_emb: fp32 products on `t.float()`, `.type_as(t)` (Family.rope_fp32_cache)
         q, k = tp.new(q), tp.new(k)
         if s.family.nope_layers and s.config.get("use_qk_norm", True):  # Llama4TextL2Norm (l.106-118) on q, k
             q, k = l2_norm(cx, q, s.head_dim), l2_norm(cx, k, s.head_dim)
@@ -279,12 +281,14 @@ def attention(cx: _Ctx, h: T) -> T:
         # (B, S, H, D) memory, so transformers' transpose(1, 2).contiguous() is free; the CPU kernel follows the
         # query's layout, which a torch.cat rope (phi3) makes (B, H, S, D): then it is a copy.
         out = T(n * s.q_dim, cx.c, rg)
-        # an explicit mask (windowed layers): no enable_gqa (repeat_kv copies), and sdpa converts the bool mask to
-        if cx.windowed and sdpa_masked(lay):  # the query dtype, saved per layer
+        # an explicit mask (windowed layers; Qwen-1's own (1, 1, S, S) causal one): no enable_gqa (repeat_kv
+        # copies), and sdpa converts the bool mask to the query dtype, saved per layer
+        qwen_mask = s.family.sdpa_causal_mask and lay.attn is Attention.SDPA
+        if cx.windowed and sdpa_masked(lay) or qwen_mask:
             if s.num_kv_heads != s.num_heads:
                 k, v = tp.new(k, numel=q.numel), tp.new(v, numel=q.numel)
             if rg:
-                tp.save(T(cx.batch * cx.seq * cx.seq, q.width, False))
+                tp.save(T((1 if qwen_mask else cx.batch) * cx.seq * cx.seq, q.width, False))
         if rg:
             tp.save(q, k, v, out, T(n * s.num_heads, FP32, False))
         if lay.device == "cpu" and s.rope_concat:
@@ -764,6 +768,16 @@ def head_saved(lay: Layout, *, batch: int, seq: int) -> HeadSaved:
     # and the loss's logits.float() is then a no-op (transformers loss_utils ForCausalLMLoss)
     c = FP32 if lay.head_output_fp32 else lay.logits_width
     softcap = n * s.vocab_size * c if s.final_softcap else 0
+    if s.family.shifted_loss:  # Qwen-1's own loss (Family.shifted_loss): the shifted contiguous copy in the logits'
+        # dtype (none at batch 1: `logits[..., :-1, :]` of a (1, S, V) tensor is contiguous already, so
+        # .contiguous() returns it), then under autocast cross_entropy's fp32 copy of it (CPU: cross_entropy_loss is
+        # an fp32 autocast op; CUDA: log_softmax(dtype=float32) converts a bf16 input first, SoftMax.cpp
+        # log_softmax) and fp32 log-probs; without autocast log_softmax runs in the logits' dtype
+        shifted = c if batch > 1 else 0
+        up = n * s.vocab_size * (shifted + (FP32 if lay.amp and c != FP32 else 0))
+        return HeadSaved(norm_bytes=norm_bytes + (n * s.hidden_size * c if lay.full else 0),
+                         logits_bytes=n * s.vocab_size * c, upcast_bytes=up,
+                         logprobs_bytes=n * s.vocab_size * (FP32 if lay.amp else c), softcap_bytes=softcap)
     # a 4-bit head (LitGPT) keeping its input before bitsandbytes 0.43.2, as the decoder's 4-bit linears do
     held = n * s.hidden_size * lay.compute_width if lay.quantized_head and lay.linear4bit_keeps_input else 0
     # lm_head's input, saved for its weight's gradient

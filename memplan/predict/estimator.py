@@ -80,6 +80,9 @@ def estimate(spec: ModelSpec, train: TrainConfig, *, device: str = "cuda", fused
     head = head_saved(lay, batch=b, seq=s)
     # cross-entropy backward: log-probs (saved) + their gradient + the logits' gradient, all fp32 (B, S, V)
     ce_bwd = head.logprobs_bytes + 2 * n * v * FP32
+    if spec.family.shifted_loss:  # Qwen-1 (Family.shifted_loss): log_softmax's backward, its saved output, the
+        # incoming gradient and its result all in the log-probs' dtype (the logits' without autocast)
+        ce_bwd = 3 * head.logprobs_bytes
     ce_fwd = head.logits_bytes + head.upcast_bytes + head.logprobs_bytes + head.softcap_bytes
     grad_logits = n * v * lay.logits_width  # the logits' gradient, back in the logits' dtype
     per_param = facts(train.optimizer).per_param  # each gradient freed by its step in backward (weights.py)
@@ -485,6 +488,9 @@ def _rope_bytes(lay: Layout) -> _Rope:
         cos_sin //= 2
     if s.family.rope_complex:  # DeepSeek-V2: one complex64 freqs_cis (1, S, rope / 2) in place of cos and sin
         cos_sin = tr.seq_len * (s.rotary_dim // 2) * 8
+    if s.family.rope_fp32_cache:  # Qwen-1: fp32 cos and sin cached for max(2 S, 16) positions, alive for good
+        cos_sin = 2 * max(2 * tr.seq_len, 16) * s.rotary_dim * FP32
+        return _Rope(cos_sin + 8 * tr.seq_len, cos_sin)  # position ids: not passed to the blocks
     ids = 8 * tr.seq_len
     # M-RoPE: cos/sin (B, S, D), one per sample (Qwen2_5_VLRotaryEmbedding.forward l.530-540, Qwen2VLRotaryEmbedding
     # l.126-136; Qwen3VLTextRotaryEmbedding l.396-419 interleaves the sections in place, then one cat, one cast)
@@ -752,8 +758,9 @@ def _check_targets(lay: Layout) -> None:
     names = {lin.name for lin in lay.spec.layer_linears()}
     unknown = sorted(set(lay.lora_modules) - names)
     if unknown:
+        real = dict(lay.spec.family.module_names)  # the architecture's own names (Qwen-1: c_attn, c_proj, w1, w2)
         raise ConfigError(f"--lora-targets {','.join(unknown)} not in {lay.spec.model_type} layers; "
-                          f"choose from {','.join(sorted(names))} or all-linear")
+                          f"choose from {','.join(sorted({real.get(n, n) for n in names}))} or all-linear")
 
 
 def _terms(lay: Layout, st: ModelStates, acts: int, ac: int, phase: str, peak: int,

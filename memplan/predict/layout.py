@@ -59,7 +59,7 @@ class Layout:
         elif ALL_LINEAR in train.lora_targets:
             lora = frozenset(names - set(spec.family.all_linear_skips))
         else:
-            lora = frozenset(train.lora_targets)
+            lora = frozenset(spec.family.roles(train.lora_targets))  # real module names as roles (Qwen-1)
         base_width = trainable_width if full else dt.frozen_width
         stack = stack_facts(train.stack)
         qlora = train.method is Method.QLORA

@@ -102,6 +102,7 @@ def model_states(lay: Layout) -> ModelStates:
     # rotary inv_freq and original_inv_freq, fp32 (rot_dim / 2) each: transformers 5 LlamaRotaryEmbedding.__init__
     # registers both (`self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)`)
     buffers = 2 * (s.rotary_dim // 2) * 4
+    buffers += s.num_layers * s.family.layer_buffer_elems * lay.load_width  # Qwen-1's logn_tensor (Family)
     # DeepseekV3TopkRouter: the fp32 e_score_correction_bias buffer (E,) and its fp32 weight (E, H), kept fp32
     # whatever the load dtype (_keep_in_fp32_modules_strict, modeling_deepseek_v3.py l.131, l.551)
     # (DeepseekV2TopkRouter l.92: created fp32, which the built model keeps)

@@ -119,6 +119,34 @@ class Family:
     # fused routed experts, Family.all_linear_skips)
     shared_prefix: str = "shared_experts."
     shared_in_all_linear: bool = False
+    # the architecture's own nn.Linear names for the roles the formulas use (qkv_proj, o_proj, gate_proj, up_proj,
+    # down_proj): LoRA targets name the real modules and are mapped onto the roles, one name filling every role it
+    # has (Qwen-1's c_proj is both the attention's output and the MLP's down projection, as peft's suffix match)
+    module_names: tuple[tuple[str, str], ...] = ()
+    mlp_width_divisor: int = 1  # the config's intermediate_size over the MLP's width (QWenMLP: // 2)
+    # Qwen-1's rotary (modeling_qwen.py RotaryEmbedding l.1272-1313, apply_rotary_pos_emb l.1324-1346): fp32 cos/sin
+    # cached as module state for max(2 S, 16) positions, (1, 2S, 1, D) each, kept across steps; q and k rotated as
+    # `t.float()` copies and cast back `.type_as(t)` (the input's dtype, whatever the stream's); the products save
+    # only cos / sin views
+    rope_fp32_cache: bool = False
+    # the attention gives sdpa an explicit causal mask, torch.tril of a (S, S) bool made in each layer (QWenAttention
+    # .forward l.500-531), never is_causal; flash-attn (Attention.FLASH_ATTENTION_2) takes none
+    sdpa_causal_mask: bool = False
+    # the model computes its own loss as transformers 4 models did (QWenLMHeadModel.forward l.1063-1070):
+    # `lm_logits[..., :-1, :].contiguous()`, a (B, S-1, V) copy in the logits' dtype (the logits themselves at
+    # batch 1), then CrossEntropyLoss on it: under autocast an fp32 copy and fp32 log-probs (measured on CPU; on
+    # CUDA log_softmax(dtype=float32) converts a bf16 input first, SoftMax.cpp: not checked on a GPU), without it
+    # log-probs in the logits' dtype; not transformers 5's ForCausalLMLoss `logits.float()`
+    shifted_loss: bool = False
+    # buffers each attention layer registers, in the load dtype: Qwen-1's masked_bias (a scalar) and logn_tensor,
+    # (1, 32767, 1, 1) made by torch.tensor of a Python list (modeling_qwen.py l.251, l.289-294)
+    layer_buffer_elems: int = 0
+
+    def roles(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """LoRA target names as the formulas' roles (module_names): a real module name becomes every role it
+        fills; others stay as they are."""
+        table = self.module_names
+        return tuple(r for n in names for r in ([role for role, real in table if real == n] or [n]))
 
     @property
     def norm_tensors(self) -> int:
@@ -182,6 +210,20 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            dropout_keys=("embedding_dropout", "residual_dropout", "attention_dropout")),
     # wqkv + wo, w1/w3/w2 (trust_remote_code)
     Family(model_type="internlm2", fused_qkv=True, remote_code=True),
+    # Qwen-1 (QWenLMHeadModel, trust_remote_code; Qwen/Qwen-7B modeling_qwen.py / configuration_qwen.py, the
+    # revision with flash_attn_func and the sdpa path): QWenAttention.c_attn = Linear(h, 3 h) with its bias always
+    # (l.269), c_proj Linear(h, h, bias=not no_bias) (l.271-273); QWenMLP w1, w2 Linear(h, intermediate_size // 2),
+    # `c_proj(w1(x) * silu(w2(x)))` (l.558-575): w2 is the gate; RMSNorm ln_1 / ln_2 / ln_f as LlamaRMSNorm in the
+    # torch path (l.1349-1363: `_norm(x.float()).type_as(x) * weight`); lm_head untied. Modelled: its torch path
+    # with sdpa (an explicit mask) or flash_attn_func (Attention.FLASH_ATTENTION_2, l.182-192); flash-attn's fused
+    # rotary and rms_norm kernels (used on CUDA when their extensions are installed) are not
+    Family(model_type="qwen", architectures=("QWenLMHeadModel",), fused_qkv=True, qkv_bias=True, remote_code=True,
+           module_names=(("qkv_proj", "c_attn"), ("o_proj", "c_proj"), ("gate_proj", "w2"), ("up_proj", "w1"),
+                         ("down_proj", "c_proj")),
+           mlp_width_divisor=2, rope_fp32_cache=True, sdpa_causal_mask=True, shifted_loss=True,
+           layer_buffer_elems=1 + 32767,
+           limits="Qwen-1's own kernels on CUDA (flash-attn's rotary and rms_norm extensions) costed as its torch "
+                  "path; no_bias false (biases on c_proj / the MLP) is not modelled"),
     # BloomForCausalLM: ALiBi + LayerNorm, not in the formulas; `_supports_sdpa = False`
     Family(model_type="bloom", analytic=False, sdpa=False),
     # ---- exact mode only: structures the tape programs do not have --------------------------------------------

@@ -557,7 +557,7 @@ class ModelSpec:
             num_heads=heads,
             num_kv_heads=kv,
             head_dim=head_dim,
-            intermediate_size=cfg.get("intermediate_size", 0),
+            intermediate_size=cfg.get("intermediate_size", 0) // fam.mlp_width_divisor,
             vocab_size=cfg["vocab_size"],
             tie_word_embeddings=bool(fam.tied_default if tied is None else tied),
             qkv_bias=bool(bias),

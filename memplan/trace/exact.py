@@ -55,6 +55,13 @@ def estimate_any(spec: ModelSpec, train: TrainConfig, *, exact: bool = False, tr
     return dataclasses.replace(bd, note=f"{why}: using the exact mode (fake-tensor trace){limits}")
 
 
+def _registered(model_type: str) -> bool:
+    """transformers' AutoConfig knows this model_type (shipped, or registered in this process)."""
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
 def exact_estimate(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = False,
                    by_module: bool = False, device: str = "cuda") -> Breakdown:
     """Peak memory from traces of the real model, extrapolated in depth; same Breakdown as the analytic one.
@@ -79,6 +86,12 @@ def exact_run(spec: ModelSpec, train: TrainConfig, *, trust_remote_code: bool = 
     if spec.remote_code and not trust_remote_code:
         raise UnsupportedModel(f"{spec.name}: model_type {spec.model_type!r} needs trust_remote_code; "
                                "pass --trust-remote-code to run its code")
+    if spec.remote_code and not _registered(spec.model_type):
+        # memplan ships no remote code and builds the model from its config alone (build.model.hf_config)
+        raise UnsupportedModel(f"{spec.name}: transformers has no {spec.model_type!r} model and memplan ships none "
+                               "of its remote code, so the exact mode cannot build it here (register the model's "
+                               "classes with transformers' Auto classes in-process, as benchmarks/qwen1_check.py "
+                               "does); the analytic estimate models it: drop --exact")
     if not stack_facts(train.stack).traced:
         raise UnsupportedModel(f"the exact mode builds the transformers model; the {train.stack.value} stack's own "
                                "model code and quantizer are modelled analytically only: drop --exact")

@@ -557,7 +557,9 @@ class ModelSpec:
             num_heads=heads,
             num_kv_heads=kv,
             head_dim=head_dim,
-            intermediate_size=cfg.get("intermediate_size", 0) // fam.mlp_width_divisor,
+            # None where a config has no dense MLP (Qwen3.5 MoE: kept as read); Qwen-1 states twice its width
+            intermediate_size=(cfg.get("intermediate_size", 0) or 0) // fam.mlp_width_divisor
+            if cfg.get("intermediate_size", 0) else cfg.get("intermediate_size", 0),
             vocab_size=cfg["vocab_size"],
             tie_word_embeddings=bool(fam.tied_default if tied is None else tied),
             qkv_bias=bool(bias),

@@ -80,6 +80,13 @@ def test_images_raise_a_catalog_vl_estimate_and_must_fit_the_sequence(capsys):
         estimate(spec, train.with_(images=2, seq_len=1024))
     assert main(["estimate", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--images", "3", "--seq-len", "1024"]) == 2
     assert "raise cutoff_len" in capsys.readouterr().err
+    # a count inferred from the dataset (its sample with the most images, each at the largest size) is cut to the
+    # images that fit: a real two-image sample of a run that trains has smaller images (LLaMA-Factory's own
+    # ktransformers qwen3vlmoe example: mllm_demo's 2 images x 256 tokens in cutoff_len 512)
+    inferred = train.with_(seq_len=1024).with_(visual=VisualInput(images=2, source="dataset mllm_demo's most"))
+    cut = estimate(spec, inferred)
+    assert cut.peak_allocated_bytes == estimate(spec, train.with_(images=1, seq_len=1024)).peak_allocated_bytes
+    assert "1 of its 2 at image_max_pixels fit cutoff_len 1024" in cut.note
 
 
 @pytest.mark.parametrize(("arch", "method", "stack", "precision", "images"), [

@@ -30,9 +30,9 @@ def visual_batch(model: Any, spec: ModelSpec, train: TrainConfig, *, seed: int =
     assert train.visual is not None
     vc = spec.config.get("vision_config") or {}
     grid = image_grid(spec.family.vision, vc, train.visual)
-    n, b, s = train.visual.images, train.batch_size, train.seq_len
+    visual = fits_sequence(train.visual, grid, train.seq_len)
+    n, b, s = visual.images, train.batch_size, train.seq_len
     cfg = model.config
-    fits_sequence(train.visual, grid, s)
     vocab = model.get_input_embeddings().num_embeddings
     special = (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
     if max(special) >= vocab:

@@ -61,13 +61,13 @@ def vision_cost(lay: Layout) -> VisionCost:
         return VisionCost()
     vc = spec.config.get("vision_config") or {}
     grid = image_grid(spec.family.vision, vc, vis)
+    vis = fits_sequence(vis, grid, tr.seq_len)
     n = tr.batch_size * vis.images  # images in the micro-batch
     width = vc.get("in_channels", 3) * vc.get("temporal_patch_size", 2) * (grid.patches and _patch(vc, spec)) ** 2
     b, s = tr.batch_size, tr.seq_len
     # pixel_values (patches, C x T x P x P) fp32 from the image processor, image_grid_thw (n, 3) int64, and the
     # collator's M-RoPE position ids (3, B, S) int64 in place of the text path's arange(S) (estimator._rope_bytes)
     inputs = n * grid.patches * width * FP32 + n * 3 * 8 + 3 * b * s * 8 - 8 * s
-    fits_sequence(vis, grid, s)
     saved, kept, peak = _tower(lay, grid, n)
     return VisionCost(inputs_bytes=inputs, saved_bytes=saved, kept_bytes=kept, peak_bytes=peak, tokens=grid.tokens,
                       note=f"images: {vis.describe()}, {grid.tokens} visual tokens each ({grid.h} x {grid.w} "

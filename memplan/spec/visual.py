@@ -16,6 +16,7 @@ match"): the visual tokens of a sample must fit in its sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -122,17 +123,27 @@ def patch_size(kind: str, vision_config: dict[str, Any]) -> int:
     return int(vision_config.get("patch_size", 16 if kind == "qwen3_vl" else 14))
 
 
-def fits_sequence(visual: VisualInput, grid: ImageGrid, seq_len: int) -> None:
+def fits_sequence(visual: VisualInput, grid: ImageGrid, seq_len: int) -> VisualInput:
     """Each image takes `<|vision_start|>`, its tokens and `<|vision_end|>` of the sample's cutoff_len positions;
-    more and LLaMA-Factory truncates them, which transformers refuses (module docstring): a ConfigError."""
-    need = visual.images * (grid.tokens + 2)
-    if need > seq_len:
-        from memplan.errors import ConfigError
+    more and LLaMA-Factory truncates them, which transformers refuses (module docstring). An image count inferred
+    from the dataset (`source`: its sample with the most images, each at image_max_pixels) that does not fit is cut
+    to the images that do (a real sample with that many images has smaller ones, or the run would fail): the
+    VisualInput to cost. A count the user gave that does not fit, or not even one image: a ConfigError."""
+    per = grid.tokens + 2
+    need = visual.images * per
+    if need <= seq_len:
+        return visual
+    inferred = visual.source.startswith(("dataset ", "assumed "))
+    if inferred and seq_len // per >= 1:
+        fit = seq_len // per
+        return dataclasses.replace(visual, images=fit, source=f"{visual.source}; {fit} of its {visual.images} at "
+                                                               f"image_max_pixels fit cutoff_len {seq_len}")
+    from memplan.errors import ConfigError
 
-        raise ConfigError(f"{visual.images} image{'s' if visual.images > 1 else ''} of {grid.tokens} visual tokens "
-                          f"each (image_max_pixels {visual.image_max_pixels}) need {need} positions of the "
-                          f"{seq_len}-token sequence: LLaMA-Factory truncates them and transformers refuses the "
-                          "batch; raise cutoff_len (--seq-len) or lower image_max_pixels")
+    raise ConfigError(f"{visual.images} image{'s' if visual.images > 1 else ''} of {grid.tokens} visual tokens "
+                      f"each (image_max_pixels {visual.image_max_pixels}) need {need} positions of the "
+                      f"{seq_len}-token sequence: LLaMA-Factory truncates them and transformers refuses the "
+                      "batch; raise cutoff_len (--seq-len) or lower image_max_pixels")
 
 
 def costed(kind: str) -> bool:

@@ -57,7 +57,9 @@ QWEN1_LORA = dict(method=Method.LORA, precision=Precision.BF16, batch_size=1, gr
 # row id -> (catalog model, knobs). Targets "all (incl. lm head)" are approximated by all-linear. Left out: row 28
 # (7B full fine-tune at 13.9 GB: torchtune's optimizer-in-backward frees each gradient at once), rows 10, 12-19
 # (unpacked baseline, torch.compile, chunked CE, offloading), BERT; Qwen-1 row 123 ("LoRA (emb)": wte and lm_head
-# trained whole through peft's modules_to_save, which TrainConfig does not state yet), rows 124-125 (Q-LoRA on the
+# trained whole through peft's modules_to_save: TrainConfig.extra_modules states it now, and peft 0.21's fp32
+# copies with fp32 AdamW states give 40.3 GiB against 31.4 measured; the era's peft 0.5 copied the bf16 modules,
+# whose states would be bf16: not stated in memplan's knobs, not checked), rows 124-125 (Q-LoRA on the
 # GPTQ-Int4 chat model: no catalog entry for it, and finetune_qlora_single_gpu.sh trains under DeepSpeed ZeRO-2
 # fp16 on one GPU); multi-GPU rows: MULTI_ROWS below.
 ROWS: dict[str, tuple[str, dict[str, object]]] = {

@@ -149,8 +149,6 @@ LATER_CASES = 12
 LATER_XFAIL: dict[int, str] = {
     0: "-7.89 %: freeze pure_bf16, LLaMA-Factory, Adafactor: shared, a llama of the same dimensions is -6.89 % "
        "(the freeze moments, as cases 21 / 24 above)",
-    1: "+5.17 %: QLoRA fp32 + dropouts, LLaMA-Factory's reentrant checkpointing: the same llama is exact; "
-       "suspected: the CPU math-path attention's saved tensors under a reentrant recompute (not isolated)",
     4: "+7.14 %: freeze fp32 + Adafactor, h64 / I880: the optimizer moment; the same llama is exact (not isolated: "
        "the Adafactor temporaries of c_fc against llama's gate/up)",
     6: "-12.43 %: LoRA pure_bf16 eager, checkpointed: the recomputed layer's attention backward ((B, H, S, S) fp32 "

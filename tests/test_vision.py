@@ -50,7 +50,8 @@ def _lf(**keys: object) -> dict:
 def test_a_yaml_names_its_images_through_template_and_dataset():
     """examples/train_lora/qwen3vl_lora_sft.yaml: mllm_demo (two images in its largest samples) beside text data."""
     lf = config_from_llamafactory(_lf(dataset="mllm_demo,identity,alpaca_en_demo", image_max_pixels=262144))
-    assert lf.train.visual == VisualInput(images=2, image_max_pixels=262144, source=lf.train.visual.source)
+    assert lf.train.visual == VisualInput(images=2, image_max_pixels=262144, source=lf.train.visual.source,
+                                            inferred=True)
     assert "mllm_demo" in lf.train.visual.source
     # a text template feeds no image; text datasets under a VL template neither; an unknown one: 1, said so
     assert config_from_llamafactory(_lf(template="qwen3", dataset="mllm_demo")).train.visual is None
@@ -83,7 +84,8 @@ def test_images_raise_a_catalog_vl_estimate_and_must_fit_the_sequence(capsys):
     # a count inferred from the dataset (its sample with the most images, each at the largest size) is cut to the
     # images that fit: a real two-image sample of a run that trains has smaller images (LLaMA-Factory's own
     # ktransformers qwen3vlmoe example: mllm_demo's 2 images x 256 tokens in cutoff_len 512)
-    inferred = train.with_(seq_len=1024).with_(visual=VisualInput(images=2, source="dataset mllm_demo's most"))
+    inferred = train.with_(seq_len=1024, visual=VisualInput(images=2, source="dataset mllm_demo's most",
+                                                            inferred=True))
     cut = estimate(spec, inferred)
     assert cut.peak_allocated_bytes == estimate(spec, train.with_(images=1, seq_len=1024)).peak_allocated_bytes
     assert "1 of its 2 at image_max_pixels fit cutoff_len 1024" in cut.note

@@ -88,4 +88,4 @@ def visual_from_yaml(raw: dict[str, Any]) -> tuple[VisualInput | None, tuple[str
                       for key, what, on in (("freeze_vision_tower", "vision tower", trains["tower_trains"]),
                                             ("freeze_multi_modal_projector", "merger", trains["projector_trains"]))
                       if on)
-    return VisualInput(images=images, source=source, **values, **trains), warnings
+    return VisualInput(images=images, source=source, inferred=True, **values, **trains), warnings

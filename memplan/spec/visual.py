@@ -45,6 +45,7 @@ class VisualInput:
     tower_trains: bool = False  # freeze_vision_tower: false (the patch embedding and the blocks)
     projector_trains: bool = False  # freeze_multi_modal_projector: false (the merger)
     source: str = ""
+    inferred: bool = False  # `images` guessed from the dataset (its sample with the most), not given by the user
 
     def problems(self) -> list[str | Problem]:
         out: list[str | Problem] = []
@@ -133,8 +134,7 @@ def fits_sequence(visual: VisualInput, grid: ImageGrid, seq_len: int) -> VisualI
     need = visual.images * per
     if need <= seq_len:
         return visual
-    inferred = visual.source.startswith(("dataset ", "assumed "))
-    if inferred and seq_len // per >= 1:
+    if visual.inferred and seq_len // per >= 1:
         fit = seq_len // per
         return dataclasses.replace(visual, images=fit, source=f"{visual.source}; {fit} of its {visual.images} at "
                                                                f"image_max_pixels fit cutoff_len {seq_len}")
